@@ -1,0 +1,14 @@
+//! `thinpool`: a thin-provisioning pool engine whose metadata is bit-compatible with the
+//! Linux kernel's dm-thin target (and so with thin-provisioning-tools).
+//!
+//! Layers, bottom up: [`storage`] (the device seam) → [`pdata`] (checksummed blocks, cache,
+//! transaction manager, copy-on-write B-trees, reference-counted space maps) → [`thin`]
+//! (superblock, device details, the two-level mapping tree) → [`pool`] (the data path with
+//! per-block locking, modes, commit policy). [`check`] verifies a pool the way `thin_check`
+//! does; [`xml`] reads and writes `thin_dump` XML; [`registry`] keeps names and sizes.
+
+pub mod error;
+pub mod pdata;
+pub mod storage;
+
+pub use error::{Error, Result};
