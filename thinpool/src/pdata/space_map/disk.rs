@@ -1,0 +1,144 @@
+//! The data space map on disk ("disk" space map in the kernel).
+//!
+//! Bitmaps live on the metadata device; their index is a B-tree keyed by bitmap number
+//! (0, 1, 2, …) whose 16-byte values are index entries; counts of 3 and more are in an
+//! overflow B-tree keyed by data block with u32 values.
+
+use super::bitmap::{self, IndexEntry};
+use super::root::SmRoot;
+use super::{BitmapState, SpaceMap};
+use crate::pdata::block::BlockKind;
+use crate::pdata::btree::{self, ValueKind};
+use crate::pdata::tm::Tm;
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+
+pub const INDEX_VALUE: ValueKind = ValueKind::Plain(16);
+pub const OVERFLOW_VALUE: ValueKind = ValueKind::Plain(4);
+
+/// Loads the whole data space map into memory.
+pub fn load(tm: &mut Tm, root: &SmRoot) -> Result<SpaceMap> {
+    let entries = btree::entries(tm, root.bitmap_root, INDEX_VALUE)?;
+    let mut bitmaps = Vec::with_capacity(entries.len());
+    for (i, (k, v)) in entries.iter().enumerate() {
+        if *k != i as u64 {
+            return Err(Error::corrupt(format!(
+                "data space map index has key {k} where {i} was expected"
+            )));
+        }
+        let e = IndexEntry::unpack(v);
+        bitmaps.push(load_bitmap(tm, e)?);
+    }
+    let overflow = load_overflow(tm, root.ref_count_root)?;
+    SpaceMap::loaded(
+        "data",
+        root.nr_blocks,
+        bitmaps,
+        overflow,
+        (root.bitmap_root, root.ref_count_root),
+    )
+}
+
+pub fn load_bitmap(tm: &mut Tm, e: IndexEntry) -> Result<BitmapState> {
+    let blk = tm.read(e.blocknr, BlockKind::Bitmap)?;
+    Ok(BitmapState::loaded(bitmap::unpack(&blk), e))
+}
+
+pub fn load_overflow(tm: &mut Tm, root: u64) -> Result<BTreeMap<u64, u32>> {
+    let mut m = BTreeMap::new();
+    for (k, v) in btree::entries(tm, root, OVERFLOW_VALUE)? {
+        m.insert(k, u32::from_le_bytes(v[..4].try_into().unwrap()));
+    }
+    Ok(m)
+}
+
+/// Which space map a commit step works on.
+#[derive(Clone, Copy)]
+pub enum Which {
+    Data,
+    Metadata,
+}
+
+fn sm(tm: &mut Tm, which: Which) -> &mut SpaceMap {
+    match which {
+        Which::Data => &mut tm.data_sm,
+        Which::Metadata => &mut tm.meta_sm,
+    }
+}
+
+/// Writes changed overflow counts into the overflow tree. Returns whether anything changed.
+pub fn sync_overflow(tm: &mut Tm, which: Which) -> Result<bool> {
+    let dirty = std::mem::take(&mut sm(tm, which).overflow_dirty);
+    if dirty.is_empty() {
+        return Ok(false);
+    }
+    for b in dirty {
+        let root = sm(tm, which).overflow_root;
+        let count = sm(tm, which).overflow().get(&b).copied();
+        let new_root = match count {
+            Some(c) => btree::insert(tm, root, b, &c.to_le_bytes(), OVERFLOW_VALUE)?.0,
+            None => btree::remove(tm, root, b, OVERFLOW_VALUE)?.0,
+        };
+        sm(tm, which).overflow_root = new_root;
+    }
+    Ok(true)
+}
+
+/// Gives every changed bitmap a block of this transaction. Returns whether any moved.
+pub fn place_bitmaps(tm: &mut Tm, which: Which) -> Result<bool> {
+    let mut moved = false;
+    let mut i = 0;
+    while i < sm(tm, which).bitmaps.len() {
+        let (dirty, loc) = {
+            let bm = &sm(tm, which).bitmaps[i];
+            (bm.dirty, bm.location)
+        };
+        if dirty && (loc == 0 || tm.meta_sm.committed_in_use(loc)) {
+            let n = tm.new_block(BlockKind::Bitmap)?;
+            if loc != 0 {
+                tm.dec_meta(loc)?;
+            }
+            sm(tm, which).bitmaps[i].location = n;
+            moved = true;
+        }
+        i += 1;
+    }
+    Ok(moved)
+}
+
+/// Copies the in-core counts of changed bitmaps into their blocks.
+pub fn write_bitmaps(tm: &mut Tm, which: Which) -> Result<()> {
+    for i in 0..sm(tm, which).bitmaps.len() {
+        if !sm(tm, which).bitmaps[i].dirty {
+            continue;
+        }
+        let words = sm(tm, which).bitmaps[i].words.clone();
+        let loc = sm(tm, which).bitmaps[i].location;
+        bitmap::pack(&words, tm.get_mut(loc, BlockKind::Bitmap)?);
+    }
+    Ok(())
+}
+
+/// Commits the data space map: overflow tree, bitmap blocks, index tree.
+pub fn commit(tm: &mut Tm) -> Result<()> {
+    sync_overflow(tm, Which::Data)?;
+    place_bitmaps(tm, Which::Data)?;
+    for i in 0..tm.data_sm.bitmaps.len() {
+        if !tm.data_sm.bitmaps[i].dirty {
+            continue;
+        }
+        let e = tm.data_sm.bitmaps[i].index_entry();
+        let root = tm.data_sm.index_root;
+        tm.data_sm.index_root = btree::insert(tm, root, i as u64, &e.pack(), INDEX_VALUE)?.0;
+    }
+    write_bitmaps(tm, Which::Data)
+}
+
+pub fn root_of(sm: &SpaceMap) -> SmRoot {
+    SmRoot {
+        nr_blocks: sm.nr_blocks(),
+        nr_allocated: sm.nr_allocated(),
+        bitmap_root: sm.index_root,
+        ref_count_root: sm.overflow_root,
+    }
+}

@@ -16,6 +16,7 @@
 pub mod bitmap;
 pub mod disk;
 pub mod metadata;
+pub mod root;
 
 use crate::{Error, Result};
 use bitmap::{Words, ENTRIES_PER_BITMAP};

@@ -1,0 +1,618 @@
+//! Thin metadata: one transaction over the superblock, the mapping trees, the details
+//! tree and both space maps.
+//!
+//! Everything here is single-threaded; [`crate::pool::Pool`] puts it behind a lock and
+//! keeps data I/O outside. A commit writes every new block, flushes, then writes the
+//! superblock and flushes again (the caller flushes the data device first, so committed
+//! mappings never point at data that is not durable).
+
+use super::device::{DeviceDetails, Mapping, DETAILS_SIZE, MAX_DATA_BLOCKS, MAX_THIN_ID, MAX_TIME};
+use super::superblock::{self, Superblock, METADATA_BLOCK_SECTORS, NEEDS_CHECK, VERSION};
+use crate::pdata::block::{BlockKind, BLOCK_SIZE};
+use crate::pdata::block_manager::{BlockManager, DEFAULT_CACHE_BLOCKS};
+use crate::pdata::btree::{self, node, ValueKind};
+use crate::pdata::space_map::metadata::MAX_METADATA_BLOCKS;
+use crate::pdata::space_map::{self, disk, SpaceMap};
+use crate::pdata::tm::Tm;
+use crate::storage::Storage;
+use crate::{Error, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+pub const DETAILS_VALUE: ValueKind = ValueKind::Plain(DETAILS_SIZE);
+/// Smallest metadata device we format: 64 blocks (256 KiB).
+pub const MIN_METADATA_BLOCKS: u64 = 64;
+
+#[derive(Clone, Debug)]
+pub struct MetadataOptions {
+    /// Clean metadata blocks kept in memory.
+    pub cache_blocks: usize,
+    /// Open without ever writing (inspection, checking, export).
+    pub read_only: bool,
+}
+
+impl Default for MetadataOptions {
+    fn default() -> Self {
+        MetadataOptions {
+            cache_blocks: DEFAULT_CACHE_BLOCKS,
+            read_only: false,
+        }
+    }
+}
+
+pub struct ThinMetadata {
+    pub(crate) tm: Tm,
+    sb: Superblock,
+    devices: BTreeMap<u32, DeviceDetails>,
+    dirty_devices: BTreeSet<u32>,
+    changed: bool,
+    opts: MetadataOptions,
+    /// Warnings found at format or open (e.g. unusable metadata space).
+    pub warnings: Vec<String>,
+}
+
+/// Snapshot of the pool's space, for status reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpaceUsage {
+    pub data_blocks: u64,
+    pub data_used: u64,
+    pub metadata_blocks: u64,
+    pub metadata_used: u64,
+    pub metadata_reserve: u64,
+}
+
+fn metadata_reserve(nr_blocks: u64) -> u64 {
+    (nr_blocks / 10).min(4096)
+}
+
+impl ThinMetadata {
+    /// Formats a new pool on `storage`: `data_blocks` data blocks of `data_block_sectors`.
+    pub fn format(
+        storage: Arc<dyn Storage>,
+        data_block_sectors: u32,
+        data_blocks: u64,
+        opts: MetadataOptions,
+    ) -> Result<Self> {
+        superblock::check_data_block_size(data_block_sectors)?;
+        if data_blocks > MAX_DATA_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "{data_blocks} data blocks: the format addresses at most 2^40"
+            )));
+        }
+        let device_blocks = storage.len() / BLOCK_SIZE as u64;
+        let mut warnings = Vec::new();
+        if device_blocks > MAX_METADATA_BLOCKS {
+            let w = format!(
+                "metadata device has {device_blocks} blocks ({} bytes); the format can use only {MAX_METADATA_BLOCKS} ({} bytes), the rest is ignored",
+                device_blocks * BLOCK_SIZE as u64,
+                MAX_METADATA_BLOCKS * BLOCK_SIZE as u64
+            );
+            log::warn!("{w}");
+            warnings.push(w);
+        }
+        let nr_blocks = device_blocks.min(MAX_METADATA_BLOCKS);
+        if nr_blocks < MIN_METADATA_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "metadata device of {} bytes is too small (at least {} bytes)",
+                storage.len(),
+                MIN_METADATA_BLOCKS * BLOCK_SIZE as u64
+            )));
+        }
+        let mut tm = Tm {
+            bm: BlockManager::new(storage, opts.cache_blocks),
+            meta_sm: SpaceMap::new("metadata", nr_blocks),
+            data_sm: SpaceMap::new("data", data_blocks),
+        };
+        // Same order as the kernel's format: superblock, index, overflow root, bitmaps,
+        // data-sm index root, data-sm overflow root, mapping root, details root.
+        let sb_block = tm.meta_sm.alloc().expect("fresh space map");
+        debug_assert_eq!(sb_block, 0);
+        tm.meta_sm.index_root = tm.new_block(BlockKind::Index)?;
+        tm.meta_sm.overflow_root = btree::empty(&mut tm, disk::OVERFLOW_VALUE)?;
+        for i in 0..tm.meta_sm.bitmaps.len() {
+            tm.meta_sm.bitmaps[i].location = tm.new_block(BlockKind::Bitmap)?;
+        }
+        tm.data_sm.index_root = btree::empty(&mut tm, disk::INDEX_VALUE)?;
+        tm.data_sm.overflow_root = btree::empty(&mut tm, disk::OVERFLOW_VALUE)?;
+        let mapping_root = btree::empty(&mut tm, ValueKind::Subtree)?;
+        let details_root = btree::empty(&mut tm, DETAILS_VALUE)?;
+        let sb = Superblock {
+            version: VERSION,
+            mapping_root,
+            details_root,
+            data_block_size: data_block_sectors,
+            metadata_block_size: METADATA_BLOCK_SECTORS,
+            metadata_nr_blocks: nr_blocks,
+            ..Default::default()
+        };
+        let mut md = ThinMetadata {
+            tm,
+            sb,
+            devices: BTreeMap::new(),
+            dirty_devices: BTreeSet::new(),
+            changed: true,
+            opts,
+            warnings,
+        };
+        md.commit()?;
+        Ok(md)
+    }
+
+    /// Opens an existing pool.
+    pub fn open(storage: Arc<dyn Storage>, opts: MetadataOptions) -> Result<Self> {
+        let mut bm = BlockManager::new(storage, opts.cache_blocks);
+        bm.set_read_only(opts.read_only);
+        let raw = bm.read_raw(0)?;
+        if raw.iter().all(|&b| b == 0) {
+            return Err(Error::NotThinMetadata(
+                "block 0 is all zeroes (an unformatted metadata device)".into(),
+            ));
+        }
+        let sb = Superblock::unpack(&raw, 0)?;
+        let mut warnings = Vec::new();
+        if sb.version != 1 && sb.version != 2 {
+            warnings.push(format!("unknown metadata version {}", sb.version));
+        }
+        let mut tm = Tm {
+            bm,
+            meta_sm: SpaceMap::new("metadata", 0),
+            data_sm: SpaceMap::new("data", 0),
+        };
+        let device_blocks = tm.bm.device_blocks();
+        if sb.metadata_sm_root.nr_blocks > device_blocks {
+            return Err(Error::corrupt(format!(
+                "metadata space map covers {} blocks but the device has only {device_blocks}",
+                sb.metadata_sm_root.nr_blocks
+            )));
+        }
+        tm.meta_sm = space_map::metadata::load(&mut tm, &sb.metadata_sm_root)?;
+        tm.data_sm = disk::load(&mut tm, &sb.data_sm_root)?;
+        let mut devices = BTreeMap::new();
+        for (k, v) in btree::entries(&mut tm, sb.details_root, DETAILS_VALUE)? {
+            let id = u32::try_from(k)
+                .map_err(|_| Error::corrupt(format!("device details for thin id {k} > 2^32")))?;
+            devices.insert(id, DeviceDetails::unpack(&v));
+        }
+        if device_blocks > sb.metadata_sm_root.nr_blocks
+            && sb.metadata_sm_root.nr_blocks < MAX_METADATA_BLOCKS
+        {
+            warnings.push(format!(
+                "metadata device has {device_blocks} blocks, the pool uses {}; `pool grow` puts the rest to use",
+                sb.metadata_sm_root.nr_blocks
+            ));
+        }
+        Ok(ThinMetadata {
+            tm,
+            sb,
+            devices,
+            dirty_devices: BTreeSet::new(),
+            changed: false,
+            opts,
+            warnings,
+        })
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.tm.bm.storage().clone()
+    }
+
+    pub fn options(&self) -> &MetadataOptions {
+        &self.opts
+    }
+
+    pub fn data_block_sectors(&self) -> u32 {
+        self.sb.data_block_size
+    }
+
+    pub fn data_block_bytes(&self) -> u64 {
+        self.sb.data_block_size as u64 * 512
+    }
+
+    pub fn transaction_id(&self) -> u64 {
+        self.sb.trans_id
+    }
+
+    pub fn time(&self) -> u32 {
+        self.sb.time
+    }
+
+    pub fn held_root(&self) -> Option<u64> {
+        (self.sb.held_root != 0).then_some(self.sb.held_root)
+    }
+
+    pub fn needs_check(&self) -> bool {
+        self.sb.needs_check()
+    }
+
+    /// Uncommitted changes exist.
+    pub fn is_dirty(&self) -> bool {
+        self.changed
+    }
+
+    pub fn devices(&self) -> &BTreeMap<u32, DeviceDetails> {
+        &self.devices
+    }
+
+    pub fn device(&self, id: u32) -> Result<DeviceDetails> {
+        self.devices.get(&id).copied().ok_or(Error::NoSuchDevice(id))
+    }
+
+    pub fn usage(&self) -> SpaceUsage {
+        SpaceUsage {
+            data_blocks: self.tm.data_sm.nr_blocks(),
+            data_used: self.tm.data_sm.nr_allocated(),
+            metadata_blocks: self.tm.meta_sm.nr_blocks(),
+            metadata_used: self.tm.meta_sm.nr_allocated(),
+            metadata_reserve: metadata_reserve(self.tm.meta_sm.nr_blocks()),
+        }
+    }
+
+    /// Data blocks freed since the last commit (usable after the next one).
+    pub fn pending_data_frees(&self) -> u64 {
+        self.tm.data_sm.pending_frees()
+    }
+
+    pub fn data_block_count(&self, b: u64) -> Result<u32> {
+        self.tm.data_sm.get(b)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly("metadata opened read-only"));
+        }
+        Ok(())
+    }
+
+    /// Refuses work that allocates metadata once only the reserve is left: the reserve
+    /// is kept for the commit that may free space.
+    fn check_metadata_space(&self) -> Result<()> {
+        self.check_writable()?;
+        let free = self.tm.meta_sm.nr_free();
+        let reserve = metadata_reserve(self.tm.meta_sm.nr_blocks());
+        if free <= reserve {
+            return Err(Error::OutOfMetadataSpace { free, reserve });
+        }
+        Ok(())
+    }
+
+    fn check_id(id: u32) -> Result<()> {
+        if id > MAX_THIN_ID {
+            return Err(Error::InvalidArgument(format!(
+                "thin id {id} is above the maximum {MAX_THIN_ID}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn touch(&mut self, id: u32) {
+        self.dirty_devices.insert(id);
+        self.changed = true;
+    }
+
+    pub fn create_thin(&mut self, id: u32) -> Result<()> {
+        Self::check_id(id)?;
+        if self.devices.contains_key(&id) {
+            return Err(Error::DeviceExists(id));
+        }
+        self.check_metadata_space()?;
+        let leaf = btree::empty(&mut self.tm, ValueKind::Data)?;
+        self.sb.mapping_root =
+            btree::insert(&mut self.tm, self.sb.mapping_root, id as u64, &leaf.to_le_bytes(), ValueKind::Subtree)?.0;
+        self.devices.insert(
+            id,
+            DeviceDetails {
+                mapped_blocks: 0,
+                transaction_id: self.sb.trans_id,
+                creation_time: self.sb.time,
+                snapshotted_time: self.sb.time,
+            },
+        );
+        self.touch(id);
+        Ok(())
+    }
+
+    /// Snapshot in O(1): the new device shares the origin's mapping tree root.
+    pub fn create_snap(&mut self, id: u32, origin: u32) -> Result<()> {
+        Self::check_id(id)?;
+        if self.devices.contains_key(&id) {
+            return Err(Error::DeviceExists(id));
+        }
+        let origin_details = self.device(origin)?;
+        if self.sb.time >= MAX_TIME {
+            return Err(Error::TimeExhausted);
+        }
+        self.check_metadata_space()?;
+        let root = btree::lookup_u64(&mut self.tm, self.sb.mapping_root, origin as u64, ValueKind::Subtree)?
+            .ok_or_else(|| Error::corrupt(format!("thin device {origin} has details but no mapping tree")))?;
+        self.tm.inc_meta(root)?;
+        self.sb.mapping_root =
+            btree::insert(&mut self.tm, self.sb.mapping_root, id as u64, &root.to_le_bytes(), ValueKind::Subtree)?.0;
+        self.sb.time += 1;
+        let t = self.sb.time;
+        self.devices.insert(
+            id,
+            DeviceDetails {
+                mapped_blocks: origin_details.mapped_blocks,
+                transaction_id: self.sb.trans_id,
+                creation_time: t,
+                snapshotted_time: t,
+            },
+        );
+        self.devices.get_mut(&origin).expect("checked").snapshotted_time = t;
+        self.touch(id);
+        self.touch(origin);
+        Ok(())
+    }
+
+    /// Deletes a device; blocks it shared with others stay, the rest are released.
+    pub fn delete(&mut self, id: u32) -> Result<()> {
+        self.device(id)?;
+        self.check_writable()?;
+        self.sb.mapping_root = btree::remove(&mut self.tm, self.sb.mapping_root, id as u64, ValueKind::Subtree)?.0;
+        self.sb.details_root = btree::remove(&mut self.tm, self.sb.details_root, id as u64, DETAILS_VALUE)?.0;
+        self.devices.remove(&id);
+        self.dirty_devices.remove(&id);
+        self.changed = true;
+        Ok(())
+    }
+
+    fn bottom_root(&mut self, id: u32) -> Result<u64> {
+        btree::lookup_u64(&mut self.tm, self.sb.mapping_root, id as u64, ValueKind::Subtree)?
+            .ok_or(Error::NoSuchDevice(id))
+    }
+
+    pub fn lookup(&mut self, id: u32, vblock: u64) -> Result<Option<Mapping>> {
+        let root = self.bottom_root(id)?;
+        Ok(btree::lookup_u64(&mut self.tm, root, vblock, ValueKind::Data)?.map(Mapping::unpack))
+    }
+
+    /// Allocates a data block (count 1, owned by the caller until mapped or released).
+    pub fn alloc_data_block(&mut self) -> Result<u64> {
+        self.check_writable()?;
+        let b = self.tm.data_sm.alloc().ok_or(Error::OutOfDataSpace {
+            nr_blocks: self.tm.data_sm.nr_blocks(),
+        })?;
+        self.changed = true;
+        Ok(b)
+    }
+
+    /// Drops a reference on a data block (e.g. one allocated for a write that failed).
+    pub fn release_data_block(&mut self, b: u64) -> Result<()> {
+        self.tm.dec_data(b)?;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Maps `vblock` of device `id` to `data_block` (whose reference the caller hands
+    /// over) stamped with the current time. A previous mapping is released.
+    pub fn insert_mapping(&mut self, id: u32, vblock: u64, data_block: u64) -> Result<()> {
+        let time = self.sb.time;
+        self.insert_mapping_at(id, vblock, Mapping { data_block, time })
+    }
+
+    pub fn insert_mapping_at(&mut self, id: u32, vblock: u64, m: Mapping) -> Result<()> {
+        self.device(id)?;
+        self.check_metadata_space()?;
+        if m.data_block >= self.tm.data_sm.nr_blocks() || m.time > MAX_TIME {
+            return Err(Error::InvalidArgument(format!(
+                "mapping to data block {} (time {}) is outside the pool",
+                m.data_block, m.time
+            )));
+        }
+        let mut inserted = false;
+        let value = m.pack().to_le_bytes();
+        self.sb.mapping_root = btree::update_in_place(
+            &mut self.tm,
+            self.sb.mapping_root,
+            id as u64,
+            ValueKind::Subtree,
+            |tm, root| {
+                let (r, new) = btree::insert(tm, root, vblock, &value, ValueKind::Data)?;
+                inserted = new;
+                Ok(r)
+            },
+        )?;
+        if inserted {
+            self.devices.get_mut(&id).expect("checked").mapped_blocks += 1;
+        }
+        self.touch(id);
+        Ok(())
+    }
+
+    /// Unmaps every block in `[begin, end)`; returns how many were mapped.
+    pub fn remove_range(&mut self, id: u32, begin: u64, end: u64) -> Result<u64> {
+        self.device(id)?;
+        self.check_writable()?;
+        let root = self.bottom_root(id)?;
+        if btree::lookup_ge(&mut self.tm, root, begin, ValueKind::Data)?.is_none_or(|(k, _)| k >= end) {
+            return Ok(0);
+        }
+        let mut removed = 0u64;
+        self.sb.mapping_root = btree::update_in_place(
+            &mut self.tm,
+            self.sb.mapping_root,
+            id as u64,
+            ValueKind::Subtree,
+            |tm, mut root| {
+                let mut next = begin;
+                while let Some((k, _)) = btree::lookup_ge(tm, root, next, ValueKind::Data)? {
+                    if k >= end {
+                        break;
+                    }
+                    root = btree::remove(tm, root, k, ValueKind::Data)?.0;
+                    removed += 1;
+                    next = k + 1;
+                }
+                Ok(root)
+            },
+        )?;
+        let d = self.devices.get_mut(&id).expect("checked");
+        d.mapped_blocks = d.mapped_blocks.saturating_sub(removed);
+        self.touch(id);
+        Ok(removed)
+    }
+
+    /// Calls `f(vblock, mapping)` for every mapping of `id` in `[begin, end)` in order.
+    pub fn for_each_mapping(
+        &mut self,
+        id: u32,
+        begin: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, Mapping) -> Result<()>,
+    ) -> Result<()> {
+        let root = self.bottom_root(id)?;
+        btree::for_each_leaf_in(&mut self.tm, root, ValueKind::Data, begin, end, &mut |n| {
+            for i in 0..node::nr_entries(n) {
+                let k = node::key(n, i);
+                if k >= begin && k < end {
+                    f(k, Mapping::unpack(node::value_u64(n, i)))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Compare-and-swap of the userspace transaction id.
+    pub fn set_transaction_id(&mut self, old: u64, new: u64) -> Result<()> {
+        self.check_writable()?;
+        if self.sb.trans_id != old {
+            return Err(Error::TransactionIdMismatch {
+                expected: old,
+                actual: self.sb.trans_id,
+            });
+        }
+        self.sb.trans_id = new;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Grows the data device's space map (it can never shrink).
+    pub fn resize_data(&mut self, new_blocks: u64) -> Result<()> {
+        self.check_writable()?;
+        let cur = self.tm.data_sm.nr_blocks();
+        if new_blocks < cur {
+            return Err(Error::InvalidArgument(format!(
+                "cannot shrink the data space map from {cur} to {new_blocks} blocks"
+            )));
+        }
+        if new_blocks > MAX_DATA_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "{new_blocks} data blocks: the format addresses at most 2^40"
+            )));
+        }
+        if new_blocks > cur {
+            self.tm.data_sm.extend(new_blocks);
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    /// Holds a read-only copy of the committed metadata (for `thin_dump -m`, deltas).
+    pub fn reserve_metadata_snap(&mut self) -> Result<u64> {
+        self.check_writable()?;
+        if self.sb.held_root != 0 {
+            return Err(Error::MetadataSnapExists(self.sb.held_root));
+        }
+        self.check_metadata_space()?;
+        self.commit()?;
+        let mut copy = self.sb.clone();
+        copy.data_sm_root = Default::default();
+        copy.metadata_sm_root = Default::default();
+        copy.held_root = 0;
+        let h = self.tm.new_block_with(BlockKind::Superblock, copy.pack())?;
+        self.tm.inc_meta(self.sb.mapping_root)?;
+        self.tm.inc_meta(self.sb.details_root)?;
+        self.sb.held_root = h;
+        self.changed = true;
+        self.commit()?;
+        Ok(h)
+    }
+
+    pub fn release_metadata_snap(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let h = self.sb.held_root;
+        if h == 0 {
+            return Err(Error::NoMetadataSnap);
+        }
+        let blk = self.tm.read(h, BlockKind::Superblock)?;
+        let copy = Superblock::unpack(&blk, h)?;
+        btree::dec_tree(&mut self.tm, copy.mapping_root, ValueKind::Subtree)?;
+        btree::dec_tree(&mut self.tm, copy.details_root, DETAILS_VALUE)?;
+        self.tm.dec_meta(h)?;
+        self.sb.held_root = 0;
+        self.changed = true;
+        self.commit()
+    }
+
+    /// Reads the held metadata snapshot's superblock copy.
+    pub fn metadata_snap(&mut self) -> Result<Superblock> {
+        let h = self.sb.held_root;
+        if h == 0 {
+            return Err(Error::NoMetadataSnap);
+        }
+        let blk = self.tm.read(h, BlockKind::Superblock)?;
+        Superblock::unpack(&blk, h)
+    }
+
+    /// Makes the transaction durable. The caller must have flushed the data device.
+    pub fn commit(&mut self) -> Result<()> {
+        if !self.changed {
+            return Ok(());
+        }
+        self.check_writable()?;
+        for id in std::mem::take(&mut self.dirty_devices) {
+            if let Some(d) = self.devices.get(&id) {
+                self.sb.details_root =
+                    btree::insert(&mut self.tm, self.sb.details_root, id as u64, &d.pack(), DETAILS_VALUE)?.0;
+            }
+        }
+        disk::commit(&mut self.tm)?;
+        space_map::metadata::commit(&mut self.tm)?;
+        self.sb.data_sm_root = disk::root_of(&self.tm.data_sm);
+        self.sb.metadata_sm_root = disk::root_of(&self.tm.meta_sm);
+        self.sb.version = VERSION;
+        self.sb.blocknr = 0;
+        self.tm.bm.write_dirty()?;
+        self.tm.bm.sync()?;
+        self.tm.bm.write_direct(0, BlockKind::Superblock, self.sb.pack())?;
+        self.tm.bm.sync()?;
+        self.tm.meta_sm.commit_done();
+        self.tm.data_sm.commit_done();
+        self.changed = false;
+        Ok(())
+    }
+
+    /// Drops everything since the last commit by reopening from disk.
+    pub fn abort(&mut self) -> Result<()> {
+        let storage = self.storage();
+        let fresh = ThinMetadata::open(storage, self.opts.clone())?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Sets or clears NEEDS_CHECK in the committed superblock on disk (and in core).
+    /// Only block 0 is rewritten; nothing of the current transaction is committed.
+    pub fn write_needs_check(&mut self, set: bool) -> Result<()> {
+        self.check_writable()?;
+        let raw = self.tm.bm.read_raw(0)?;
+        let mut on_disk = Superblock::unpack(&raw, 0)?;
+        if set {
+            on_disk.flags |= NEEDS_CHECK;
+            self.sb.flags |= NEEDS_CHECK;
+        } else {
+            on_disk.flags &= !NEEDS_CHECK;
+            self.sb.flags &= !NEEDS_CHECK;
+        }
+        self.tm.bm.write_direct(0, BlockKind::Superblock, on_disk.pack())?;
+        self.tm.bm.sync()
+    }
+
+    /// Raw access to the transaction manager, for the checker and tests.
+    pub fn tm(&mut self) -> &mut Tm {
+        &mut self.tm
+    }
+}
