@@ -67,7 +67,9 @@ impl Checker {
                 true
             }
             None => {
-                self.error(format!("{what} points at metadata block {b}, beyond the space map"));
+                self.error(format!(
+                    "{what} points at metadata block {b}, beyond the space map"
+                ));
                 false
             }
         }
@@ -78,7 +80,16 @@ impl Checker {
     fn walk(&mut self, root: u64, vk: ValueKind, what: &str) -> u64 {
         let mut leaf_depth = None;
         let mut last_key = None;
-        self.walk_node(root, vk, what, true, 0, None, &mut leaf_depth, &mut last_key)
+        self.walk_node(
+            root,
+            vk,
+            what,
+            true,
+            0,
+            None,
+            &mut leaf_depth,
+            &mut last_key,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -94,7 +105,9 @@ impl Checker {
         last_key: &mut Option<u64>,
     ) -> u64 {
         if depth > 32 {
-            self.error(format!("{what}: tree deeper than 32 levels at block {b} (a cycle?)"));
+            self.error(format!(
+                "{what}: tree deeper than 32 levels at block {b} (a cycle?)"
+            ));
             return 0;
         }
         if !self.visited.insert(b) {
@@ -133,7 +146,10 @@ impl Checker {
             }
             if let (Some(prev), true) = (*last_key, count > 0) {
                 if node::key(&n, 0) <= prev {
-                    self.error(format!("{what}: leaf {b} starts at key {} after key {prev}", node::key(&n, 0)));
+                    self.error(format!(
+                        "{what}: leaf {b} starts at key {} after key {prev}",
+                        node::key(&n, 0)
+                    ));
                 }
             }
             if count > 0 {
@@ -156,7 +172,11 @@ impl Checker {
                     ValueKind::Subtree => {
                         let dev = node::key(&n, i);
                         if self.meta_ref(v, "mapping tree") {
-                            let sub = self.walk(v, ValueKind::Data, &format!("mapping tree of device {dev}"));
+                            let sub = self.walk(
+                                v,
+                                ValueKind::Data,
+                                &format!("mapping tree of device {dev}"),
+                            );
                             self.subtree_entries.insert(v, sub);
                         }
                     }
@@ -167,7 +187,16 @@ impl Checker {
             for i in 0..count {
                 let c = node::value_u64(&n, i);
                 if self.meta_ref(c, what) {
-                    entries += self.walk_node(c, vk, what, false, depth + 1, Some(node::key(&n, i)), leaf_depth, last_key);
+                    entries += self.walk_node(
+                        c,
+                        vk,
+                        what,
+                        false,
+                        depth + 1,
+                        Some(node::key(&n, i)),
+                        leaf_depth,
+                        last_key,
+                    );
                 }
             }
         }
@@ -226,20 +255,36 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
         c.meta_ref(bm.location, &format!("metadata space map bitmap {i}"));
     }
     c.meta_ref(meta_sm.overflow_root, "metadata space map");
-    c.walk(meta_sm.overflow_root, disk::OVERFLOW_VALUE, "metadata ref-count tree");
+    c.walk(
+        meta_sm.overflow_root,
+        disk::OVERFLOW_VALUE,
+        "metadata ref-count tree",
+    );
     c.meta_ref(data_sm.index_root, "data space map");
-    c.walk(data_sm.index_root, disk::INDEX_VALUE, "data space map index");
+    c.walk(
+        data_sm.index_root,
+        disk::INDEX_VALUE,
+        "data space map index",
+    );
     for (i, bm) in data_sm.bitmaps.iter().enumerate() {
         c.meta_ref(bm.location, &format!("data space map bitmap {i}"));
     }
     c.meta_ref(data_sm.overflow_root, "data space map");
-    c.walk(data_sm.overflow_root, disk::OVERFLOW_VALUE, "data ref-count tree");
+    c.walk(
+        data_sm.overflow_root,
+        disk::OVERFLOW_VALUE,
+        "data ref-count tree",
+    );
 
     // Live trees, then the metadata snapshot's.
     let mut roots = vec![(sb.mapping_root, sb.details_root, "")];
     if sb.held_root != 0 {
         if c.meta_ref(sb.held_root, "held metadata snapshot") {
-            match c.tm.read(sb.held_root, BlockKind::Superblock).and_then(|b| Superblock::unpack(&b, sb.held_root)) {
+            match c
+                .tm
+                .read(sb.held_root, BlockKind::Superblock)
+                .and_then(|b| Superblock::unpack(&b, sb.held_root))
+            {
                 Ok(h) => roots.push((h.mapping_root, h.details_root, "metadata snapshot: ")),
                 Err(e) => c.error(format!("held metadata snapshot: {e}")),
             }
@@ -249,16 +294,28 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
         let live = i == 0;
         c.meta_ref(mapping_root, "superblock");
         c.meta_ref(details_root, "superblock");
-        c.walk(mapping_root, ValueKind::Subtree, &format!("{prefix}top-level mapping tree"));
-        c.walk(details_root, DETAILS_VALUE, &format!("{prefix}device details tree"));
+        c.walk(
+            mapping_root,
+            ValueKind::Subtree,
+            &format!("{prefix}top-level mapping tree"),
+        );
+        c.walk(
+            details_root,
+            DETAILS_VALUE,
+            &format!("{prefix}device details tree"),
+        );
         let tops = match btree::entries(&mut c.tm, mapping_root, ValueKind::Subtree) {
             Ok(t) => t,
             Err(_) => continue,
         };
-        let details: BTreeMap<u64, DeviceDetails> = match btree::entries(&mut c.tm, details_root, DETAILS_VALUE) {
-            Ok(d) => d.into_iter().map(|(k, v)| (k, DeviceDetails::unpack(&v))).collect(),
-            Err(_) => continue,
-        };
+        let details: BTreeMap<u64, DeviceDetails> =
+            match btree::entries(&mut c.tm, details_root, DETAILS_VALUE) {
+                Ok(d) => d
+                    .into_iter()
+                    .map(|(k, v)| (k, DeviceDetails::unpack(&v)))
+                    .collect(),
+                Err(_) => continue,
+            };
         let top_ids: Vec<u64> = tops.iter().map(|(k, _)| *k).collect();
         let detail_ids: Vec<u64> = details.keys().copied().collect();
         if top_ids != detail_ids {
@@ -277,7 +334,10 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
                     ));
                 }
                 if d.creation_time > sb.time || d.snapshotted_time > sb.time {
-                    c.error(format!("{prefix}device {id}: times are ahead of the pool's time {}", sb.time));
+                    c.error(format!(
+                        "{prefix}device {id}: times are ahead of the pool's time {}",
+                        sb.time
+                    ));
                 }
             }
             if live {
@@ -294,7 +354,10 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
     // Compare recomputed counts with the space maps.
     let meta_refs = std::mem::take(&mut c.meta_refs);
     let data_refs = std::mem::take(&mut c.data_refs);
-    for (name, sm, refs) in [("metadata", &meta_sm, &meta_refs), ("data", &data_sm, &data_refs)] {
+    for (name, sm, refs) in [
+        ("metadata", &meta_sm, &meta_refs),
+        ("data", &data_sm, &data_refs),
+    ] {
         let mut diffs = Vec::new();
         let mut used = 0u64;
         for (b, &want) in refs.iter().enumerate() {
@@ -324,7 +387,11 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
             ));
         }
         for bm in &sm.bitmaps {
-            let free = bm.words.iter().map(|w| 32 - space_map::bitmap::used_mask(*w).count_ones()).sum::<u32>();
+            let free = bm
+                .words
+                .iter()
+                .map(|w| 32 - space_map::bitmap::used_mask(*w).count_ones())
+                .sum::<u32>();
             if bm.nr_free != free {
                 c.report.warnings.push(format!(
                     "{name} space map bitmap at block {}: index says {} free, bitmap has {free}",

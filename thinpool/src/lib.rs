@@ -7,11 +7,13 @@
 //! per-block locking, modes, commit policy). [`check`] verifies a pool the way `thin_check`
 //! does; [`xml`] reads and writes `thin_dump` XML; [`registry`] keeps names and sizes.
 
+pub mod cells;
 pub mod check;
 pub mod error;
 pub mod pdata;
 pub mod storage;
 
 pub use error::{Error, Result};
+pub mod pool;
 pub mod thin;
 pub mod xml;

@@ -34,7 +34,10 @@ impl Tm {
     }
 
     pub fn get_mut(&mut self, b: u64, kind: BlockKind) -> Result<&mut Block> {
-        debug_assert!(self.meta_sm.is_new(b), "in-place write to block {b} of an older transaction");
+        debug_assert!(
+            self.meta_sm.is_new(b),
+            "in-place write to block {b} of an older transaction"
+        );
         self.bm.get_mut(b, kind)
     }
 

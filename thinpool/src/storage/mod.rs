@@ -181,7 +181,12 @@ impl Storage for FileStorage {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
             }
             done += n as usize;
-            advance(bufs.iter().map(|b| b.len()), &mut idx, &mut skip, n as usize);
+            advance(
+                bufs.iter().map(|b| b.len()),
+                &mut idx,
+                &mut skip,
+                n as usize,
+            );
         }
         Ok(())
     }
@@ -225,7 +230,12 @@ impl Storage for FileStorage {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
             }
             done += n as usize;
-            advance(bufs.iter().map(|b| b.len()), &mut idx, &mut skip, n as usize);
+            advance(
+                bufs.iter().map(|b| b.len()),
+                &mut idx,
+                &mut skip,
+                n as usize,
+            );
         }
         Ok(())
     }
@@ -334,8 +344,11 @@ mod tests {
             .unwrap();
         let mut x = vec![0u8; 3000];
         let mut y = vec![0u8; 3000];
-        s.read_vectored_at(&mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)], 4096)
-            .unwrap();
+        s.read_vectored_at(
+            &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)],
+            4096,
+        )
+        .unwrap();
         assert_eq!(&x[..1000], &a[..]);
         assert!(x[1000..].iter().all(|&v| v == 2));
         assert!(y.iter().all(|&v| v == 2));

@@ -238,7 +238,10 @@ impl ThinMetadata {
     }
 
     pub fn device(&self, id: u32) -> Result<DeviceDetails> {
-        self.devices.get(&id).copied().ok_or(Error::NoSuchDevice(id))
+        self.devices
+            .get(&id)
+            .copied()
+            .ok_or(Error::NoSuchDevice(id))
     }
 
     pub fn usage(&self) -> SpaceUsage {
@@ -300,8 +303,14 @@ impl ThinMetadata {
         }
         self.check_metadata_space()?;
         let leaf = btree::empty(&mut self.tm, ValueKind::Data)?;
-        self.sb.mapping_root =
-            btree::insert(&mut self.tm, self.sb.mapping_root, id as u64, &leaf.to_le_bytes(), ValueKind::Subtree)?.0;
+        self.sb.mapping_root = btree::insert(
+            &mut self.tm,
+            self.sb.mapping_root,
+            id as u64,
+            &leaf.to_le_bytes(),
+            ValueKind::Subtree,
+        )?
+        .0;
         self.devices.insert(
             id,
             DeviceDetails {
@@ -326,11 +335,26 @@ impl ThinMetadata {
             return Err(Error::TimeExhausted);
         }
         self.check_metadata_space()?;
-        let root = btree::lookup_u64(&mut self.tm, self.sb.mapping_root, origin as u64, ValueKind::Subtree)?
-            .ok_or_else(|| Error::corrupt(format!("thin device {origin} has details but no mapping tree")))?;
+        let root = btree::lookup_u64(
+            &mut self.tm,
+            self.sb.mapping_root,
+            origin as u64,
+            ValueKind::Subtree,
+        )?
+        .ok_or_else(|| {
+            Error::corrupt(format!(
+                "thin device {origin} has details but no mapping tree"
+            ))
+        })?;
         self.tm.inc_meta(root)?;
-        self.sb.mapping_root =
-            btree::insert(&mut self.tm, self.sb.mapping_root, id as u64, &root.to_le_bytes(), ValueKind::Subtree)?.0;
+        self.sb.mapping_root = btree::insert(
+            &mut self.tm,
+            self.sb.mapping_root,
+            id as u64,
+            &root.to_le_bytes(),
+            ValueKind::Subtree,
+        )?
+        .0;
         self.sb.time += 1;
         let t = self.sb.time;
         self.devices.insert(
@@ -342,7 +366,10 @@ impl ThinMetadata {
                 snapshotted_time: t,
             },
         );
-        self.devices.get_mut(&origin).expect("checked").snapshotted_time = t;
+        self.devices
+            .get_mut(&origin)
+            .expect("checked")
+            .snapshotted_time = t;
         self.touch(id);
         self.touch(origin);
         Ok(())
@@ -352,8 +379,15 @@ impl ThinMetadata {
     pub fn delete(&mut self, id: u32) -> Result<()> {
         self.device(id)?;
         self.check_writable()?;
-        self.sb.mapping_root = btree::remove(&mut self.tm, self.sb.mapping_root, id as u64, ValueKind::Subtree)?.0;
-        self.sb.details_root = btree::remove(&mut self.tm, self.sb.details_root, id as u64, DETAILS_VALUE)?.0;
+        self.sb.mapping_root = btree::remove(
+            &mut self.tm,
+            self.sb.mapping_root,
+            id as u64,
+            ValueKind::Subtree,
+        )?
+        .0;
+        self.sb.details_root =
+            btree::remove(&mut self.tm, self.sb.details_root, id as u64, DETAILS_VALUE)?.0;
         self.devices.remove(&id);
         self.dirty_devices.remove(&id);
         self.changed = true;
@@ -361,8 +395,13 @@ impl ThinMetadata {
     }
 
     fn bottom_root(&mut self, id: u32) -> Result<u64> {
-        btree::lookup_u64(&mut self.tm, self.sb.mapping_root, id as u64, ValueKind::Subtree)?
-            .ok_or(Error::NoSuchDevice(id))
+        btree::lookup_u64(
+            &mut self.tm,
+            self.sb.mapping_root,
+            id as u64,
+            ValueKind::Subtree,
+        )?
+        .ok_or(Error::NoSuchDevice(id))
     }
 
     pub fn lookup(&mut self, id: u32, vblock: u64) -> Result<Option<Mapping>> {
@@ -428,7 +467,9 @@ impl ThinMetadata {
         self.device(id)?;
         self.check_writable()?;
         let root = self.bottom_root(id)?;
-        if btree::lookup_ge(&mut self.tm, root, begin, ValueKind::Data)?.is_none_or(|(k, _)| k >= end) {
+        if btree::lookup_ge(&mut self.tm, root, begin, ValueKind::Data)?
+            .is_none_or(|(k, _)| k >= end)
+        {
             return Ok(0);
         }
         let mut removed = 0u64;
@@ -454,6 +495,16 @@ impl ThinMetadata {
         d.mapped_blocks = d.mapped_blocks.saturating_sub(removed);
         self.touch(id);
         Ok(removed)
+    }
+
+    /// The first mapped virtual block of `id` in `[begin, end)`.
+    pub fn next_mapped(&mut self, id: u32, begin: u64, end: u64) -> Result<Option<u64>> {
+        let root = self.bottom_root(id)?;
+        Ok(
+            btree::lookup_ge(&mut self.tm, root, begin, ValueKind::Data)?
+                .map(|(k, _)| k)
+                .filter(|&k| k < end),
+        )
     }
 
     /// Calls `f(vblock, mapping)` for every mapping of `id` in `[begin, end)` in order.
@@ -566,8 +617,14 @@ impl ThinMetadata {
         self.check_writable()?;
         for id in std::mem::take(&mut self.dirty_devices) {
             if let Some(d) = self.devices.get(&id) {
-                self.sb.details_root =
-                    btree::insert(&mut self.tm, self.sb.details_root, id as u64, &d.pack(), DETAILS_VALUE)?.0;
+                self.sb.details_root = btree::insert(
+                    &mut self.tm,
+                    self.sb.details_root,
+                    id as u64,
+                    &d.pack(),
+                    DETAILS_VALUE,
+                )?
+                .0;
             }
         }
         disk::commit(&mut self.tm)?;
@@ -578,7 +635,9 @@ impl ThinMetadata {
         self.sb.blocknr = 0;
         self.tm.bm.write_dirty()?;
         self.tm.bm.sync()?;
-        self.tm.bm.write_direct(0, BlockKind::Superblock, self.sb.pack())?;
+        self.tm
+            .bm
+            .write_direct(0, BlockKind::Superblock, self.sb.pack())?;
         self.tm.bm.sync()?;
         self.tm.meta_sm.commit_done();
         self.tm.data_sm.commit_done();
@@ -607,7 +666,9 @@ impl ThinMetadata {
             on_disk.flags &= !NEEDS_CHECK;
             self.sb.flags &= !NEEDS_CHECK;
         }
-        self.tm.bm.write_direct(0, BlockKind::Superblock, on_disk.pack())?;
+        self.tm
+            .bm
+            .write_direct(0, BlockKind::Superblock, on_disk.pack())?;
         self.tm.bm.sync()
     }
 

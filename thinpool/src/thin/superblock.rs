@@ -178,6 +178,9 @@ mod tests {
         assert_eq!(get_u32(&b[..], 0), 0xCAFF_9186);
         assert_eq!(Superblock::unpack(&b, 0).unwrap(), sb);
         b[40] = 9;
-        assert!(matches!(Superblock::unpack(&b, 0), Err(Error::Checksum { .. })));
+        assert!(matches!(
+            Superblock::unpack(&b, 0),
+            Err(Error::Checksum { .. })
+        ));
     }
 }

@@ -131,7 +131,12 @@ pub fn lookup_u64(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<Opt
 }
 
 /// The first entry with a key >= `key`.
-pub fn lookup_ge(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<Option<(u64, Vec<u8>)>> {
+pub fn lookup_ge(
+    tm: &mut Tm,
+    root: u64,
+    key: u64,
+    vk: ValueKind,
+) -> Result<Option<(u64, Vec<u8>)>> {
     lookup_ge_rec(tm, root, key, vk, 0)
 }
 
@@ -167,7 +172,13 @@ fn lookup_ge_rec(
 /// Inserts or overwrites `key`. Returns the new root and whether the key is new.
 /// A new value's reference is the caller's (nothing is incremented); an overwritten
 /// value is released unless it references the same thing.
-pub fn insert(tm: &mut Tm, root: u64, key: u64, value: &[u8], vk: ValueKind) -> Result<(u64, bool)> {
+pub fn insert(
+    tm: &mut Tm,
+    root: u64,
+    key: u64,
+    value: &[u8],
+    vk: ValueKind,
+) -> Result<(u64, bool)> {
     let root = shadow_node(tm, root, vk)?;
     {
         let n = tm.read(root, BlockKind::Node)?;
@@ -276,7 +287,12 @@ fn split_child(tm: &mut Tm, parent: u64, i: usize, c: u64) -> Result<(u64, u64)>
         node::init(r, flags, vs);
         node::set_entries(r, &keys[mid..], &values[mid * vs..]);
     }
-    node::insert_at(node_mut(tm, parent)?, i + 1, keys[mid], &right.to_le_bytes());
+    node::insert_at(
+        node_mut(tm, parent)?,
+        i + 1,
+        keys[mid],
+        &right.to_le_bytes(),
+    );
     Ok((right, keys[mid]))
 }
 
@@ -291,8 +307,9 @@ pub fn remove(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<(u64, b
     for _ in 0..MAX_DEPTH * 2 {
         let n = tm.read(cur, BlockKind::Node)?;
         if node::is_leaf(&n) {
-            let i = node::find(&n, key)
-                .ok_or_else(|| Error::corrupt(format!("key {key} vanished from btree leaf {cur}")))?;
+            let i = node::find(&n, key).ok_or_else(|| {
+                Error::corrupt(format!("key {key} vanished from btree leaf {cur}"))
+            })?;
             let old = node::value(&n, i).to_vec();
             drop(n);
             node::remove_at(node_mut(tm, cur)?, i);
@@ -397,8 +414,9 @@ pub fn update_in_place(
     for _ in 0..MAX_DEPTH {
         let n = tm.read(cur, BlockKind::Node)?;
         if node::is_leaf(&n) {
-            let i = node::find(&n, key)
-                .ok_or_else(|| Error::corrupt(format!("key {key} missing from btree leaf {cur}")))?;
+            let i = node::find(&n, key).ok_or_else(|| {
+                Error::corrupt(format!("key {key} missing from btree leaf {cur}"))
+            })?;
             let old = node::value_u64(&n, i);
             drop(n);
             let new = f(tm, old)?;

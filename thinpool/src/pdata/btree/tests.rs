@@ -26,7 +26,18 @@ fn check_tree(
 ) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut leaf_depth = None;
-    check_rec(tm, root, vk, true, 0, &mut leaf_depth, None, refs, seen, &mut out);
+    check_rec(
+        tm,
+        root,
+        vk,
+        true,
+        0,
+        &mut leaf_depth,
+        None,
+        refs,
+        seen,
+        &mut out,
+    );
     for w in out.windows(2) {
         assert!(w[0].0 < w[1].0, "keys out of order across leaves");
     }
@@ -71,7 +82,18 @@ fn check_rec(
         if first_visit {
             *refs.entry(c).or_default() += 1;
         }
-        check_rec(tm, c, vk, false, depth + 1, leaf_depth, Some(node::key(&n, i)), refs, seen, out);
+        check_rec(
+            tm,
+            c,
+            vk,
+            false,
+            depth + 1,
+            leaf_depth,
+            Some(node::key(&n, i)),
+            refs,
+            seen,
+            out,
+        );
     }
 }
 
@@ -90,7 +112,11 @@ fn assert_counts(tm: &mut Tm, roots: &[u64], vk: ValueKind) -> Vec<Vec<(u64, u64
     }
     for b in 0..tm.meta_sm.nr_blocks() {
         let want = refs.get(&b).copied().unwrap_or(0);
-        assert_eq!(tm.meta_sm.get(b).unwrap(), want, "count of metadata block {b}");
+        assert_eq!(
+            tm.meta_sm.get(b).unwrap(),
+            want,
+            "count of metadata block {b}"
+        );
     }
     all
 }
@@ -118,7 +144,10 @@ fn insert_lookup_remove_against_a_model() {
         }
         if step % 2000 == 0 {
             let got = assert_counts(&mut tm, &[root], vk);
-            assert_eq!(got[0], model.iter().map(|(&k, &v)| (k, v)).collect::<Vec<_>>());
+            assert_eq!(
+                got[0],
+                model.iter().map(|(&k, &v)| (k, v)).collect::<Vec<_>>()
+            );
         }
     }
     for (&k, &val) in &model {
@@ -144,7 +173,11 @@ fn sequential_and_reverse_inserts_keep_fill() {
         let mut tm = test_tm();
         let vk = ValueKind::Plain(24);
         let mut root = empty(&mut tm, vk).unwrap();
-        let keys: Vec<u64> = if reverse { (0..30000).rev().collect() } else { (0..30000).collect() };
+        let keys: Vec<u64> = if reverse {
+            (0..30000).rev().collect()
+        } else {
+            (0..30000).collect()
+        };
         for &k in &keys {
             let mut val = [0u8; 24];
             val[..8].copy_from_slice(&k.to_le_bytes());
@@ -199,7 +232,11 @@ fn shared_trees_diverge_and_release_cleanly() {
         .unwrap();
         for l in leaves {
             // Leaves carry their own location only once written; identify by content+path instead.
-            let key = (node::key(&l, 0), node::nr_entries(&l), node::value_u64(&l, 0));
+            let key = (
+                node::key(&l, 0),
+                node::nr_entries(&l),
+                node::value_u64(&l, 0),
+            );
             if seen.insert(key) {
                 for i in 0..node::nr_entries(&l) {
                     *data_refs.entry(node::value_u64(&l, i) >> 24).or_default() += 1;
@@ -228,5 +265,8 @@ fn corrupt_node_is_an_error_not_a_panic() {
     let mut raw = tm.bm.read_raw(root).unwrap();
     raw[100] ^= 0xff;
     tm.bm.storage().write_at(&raw[..], root * 4096).unwrap();
-    assert!(matches!(lookup(&mut tm, root, 1, vk), Err(Error::Checksum { .. })));
+    assert!(matches!(
+        lookup(&mut tm, root, 1, vk),
+        Err(Error::Checksum { .. })
+    ));
 }

@@ -35,7 +35,9 @@ pub fn load(tm: &mut Tm, root: &SmRoot) -> Result<SpaceMap> {
         let o = INDEX_HEADER + i * INDEX_ENTRY_SIZE;
         let e = IndexEntry::unpack(&idx[o..o + INDEX_ENTRY_SIZE]);
         if e.blocknr == 0 {
-            return Err(Error::corrupt(format!("metadata space map index lacks bitmap {i}")));
+            return Err(Error::corrupt(format!(
+                "metadata space map index lacks bitmap {i}"
+            )));
         }
         bitmaps.push(disk::load_bitmap(tm, e)?);
     }

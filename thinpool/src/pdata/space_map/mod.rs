@@ -213,10 +213,12 @@ impl SpaceMap {
         if v < 3 {
             return Ok(v as u32);
         }
-        self.overflow
-            .get(&b)
-            .copied()
-            .ok_or_else(|| Error::corrupt(format!("{} block {b}: count 3+ without an overflow entry", self.name)))
+        self.overflow.get(&b).copied().ok_or_else(|| {
+            Error::corrupt(format!(
+                "{} block {b}: count 3+ without an overflow entry",
+                self.name
+            ))
+        })
     }
 
     /// Was `b` in use at the last commit?
@@ -276,7 +278,10 @@ impl SpaceMap {
     pub fn inc(&mut self, b: u64) -> Result<()> {
         let c = self.get(b)?;
         if c == u32::MAX {
-            return Err(Error::corrupt(format!("{} block {b}: reference count overflow", self.name)));
+            return Err(Error::corrupt(format!(
+                "{} block {b}: reference count overflow",
+                self.name
+            )));
         }
         self.set(b, c + 1)
     }

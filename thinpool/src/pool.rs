@@ -1,0 +1,743 @@
+//! The pool: thin devices over a data device, with the data path the daemon calls.
+//!
+//! Locking: the metadata sits behind one mutex, held only for lookups and metadata
+//! changes; data I/O happens outside it. Per-block cells (see [`crate::cells`]) order
+//! the operations on one virtual block, and a per-device gate lets a snapshot wait for
+//! in-flight writes to its origin and hold new ones for the moment it takes.
+//!
+//! A write to an unmapped block allocates a data block, writes the data (zero-filling the
+//! rest of the block unless `skip_block_zeroing`), then maps it. A write to a block that
+//! may be shared with a snapshot copies the old block (unless the write covers it all)
+//! into a new one and remaps. A write to an exclusively owned block goes in place, with no
+//! metadata change. New mappings become durable at [`Pool::commit`], which flushes the
+//! data device first — the contract of a disk with a volatile write cache.
+//!
+//! Failures: a metadata error aborts the transaction back to the last commit, sets
+//! NEEDS_CHECK and leaves the pool read-only (reads and in-place writes still work); if
+//! the abort fails too, or the data device cannot be flushed, the pool fails. A data
+//! read or write error fails only that request.
+
+use crate::cells::CellTable;
+use crate::pdata::block::SECTOR_SIZE;
+use crate::storage::Storage;
+use crate::thin::device::{DeviceDetails, Mapping};
+use crate::thin::metadata::{MetadataOptions, SpaceUsage, ThinMetadata};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Do not zero the unwritten part of a newly provisioned block (faster; a guest may
+    /// then read stale data from a previously freed block — only for trusted guests).
+    pub skip_block_zeroing: bool,
+    /// Metadata cache size in 4 KiB blocks.
+    pub cache_blocks: usize,
+    /// Open without writing anything.
+    pub read_only: bool,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            skip_block_zeroing: false,
+            cache_blocks: crate::pdata::block_manager::DEFAULT_CACHE_BLOCKS,
+            read_only: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// Normal operation.
+    Write,
+    /// Reads work, and writes to blocks the device owns alone; nothing that changes
+    /// metadata is allowed.
+    ReadOnly,
+    /// Every request fails.
+    Fail,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PoolStatus {
+    pub transaction_id: u64,
+    pub time: u32,
+    pub data_block_bytes: u64,
+    #[serde(flatten)]
+    pub usage: SpaceUsage,
+    pub held_metadata_root: Option<u64>,
+    pub mode: PoolMode,
+    pub mode_reason: Option<String>,
+    pub needs_check: bool,
+    pub devices: usize,
+    pub uncommitted_changes: bool,
+}
+
+struct Inner {
+    md: ThinMetadata,
+    mode: PoolMode,
+    reason: Option<String>,
+    /// Bumped by every abort: data blocks allocated before it are gone from the space map.
+    generation: u64,
+}
+
+pub struct Pool {
+    inner: Mutex<Inner>,
+    data: Arc<dyn Storage>,
+    block_bytes: u64,
+    cells: CellTable,
+    gates: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
+    opts: PoolOptions,
+    zeroes: Vec<u8>,
+}
+
+fn md_opts(opts: &PoolOptions) -> MetadataOptions {
+    MetadataOptions {
+        cache_blocks: opts.cache_blocks,
+        read_only: opts.read_only,
+    }
+}
+
+/// What a write found at its block.
+enum Target {
+    InPlace(u64),
+    Provision,
+    BreakSharing(u64),
+}
+
+impl Pool {
+    /// Formats a new pool whose data device is all of `data`.
+    pub fn create(
+        metadata: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        block_sectors: u32,
+        opts: PoolOptions,
+    ) -> Result<Self> {
+        crate::thin::superblock::check_data_block_size(block_sectors)?;
+        let block_bytes = block_sectors as u64 * SECTOR_SIZE;
+        let data_blocks = data.len() / block_bytes;
+        if data_blocks == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "data device of {} bytes holds no whole {block_bytes}-byte block",
+                data.len()
+            )));
+        }
+        let md = ThinMetadata::format(metadata, block_sectors, data_blocks, md_opts(&opts))?;
+        Ok(Self::assemble(md, data, opts, PoolMode::Write, None))
+    }
+
+    /// Opens an existing pool (kernel-made pools included). A data device that grew is
+    /// put to use; one that shrank below the pool's size is refused.
+    pub fn open(
+        metadata: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        opts: PoolOptions,
+    ) -> Result<Self> {
+        let mut md = ThinMetadata::open(metadata, md_opts(&opts))?;
+        let block_bytes = md.data_block_bytes();
+        let have = data.len() / block_bytes;
+        let need = md.usage().data_blocks;
+        if have < need {
+            return Err(Error::InvalidArgument(format!(
+                "data device holds {have} blocks of {block_bytes} bytes, the pool has {need}"
+            )));
+        }
+        let (mode, reason) = if md.needs_check() {
+            (
+                PoolMode::ReadOnly,
+                Some("metadata flagged needs_check".to_string()),
+            )
+        } else if opts.read_only {
+            (PoolMode::ReadOnly, Some("opened read-only".to_string()))
+        } else {
+            (PoolMode::Write, None)
+        };
+        if mode == PoolMode::Write && have > need {
+            md.resize_data(have)?;
+        }
+        Ok(Self::assemble(md, data, opts, mode, reason))
+    }
+
+    fn assemble(
+        md: ThinMetadata,
+        data: Arc<dyn Storage>,
+        opts: PoolOptions,
+        mode: PoolMode,
+        reason: Option<String>,
+    ) -> Self {
+        let block_bytes = md.data_block_bytes();
+        Pool {
+            inner: Mutex::new(Inner {
+                md,
+                mode,
+                reason,
+                generation: 0,
+            }),
+            data,
+            block_bytes,
+            cells: CellTable::default(),
+            gates: Mutex::new(HashMap::new()),
+            opts,
+            zeroes: vec![0; block_bytes.min(1 << 20) as usize],
+        }
+    }
+
+    pub fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
+
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        &self.data
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gate(&self, dev: u32) -> Arc<RwLock<()>> {
+        self.gates
+            .lock()
+            .unwrap()
+            .entry(dev)
+            .or_insert_with(|| Arc::new(RwLock::new(())))
+            .clone()
+    }
+
+    fn check_not_failed(inner: &Inner) -> Result<()> {
+        if inner.mode == PoolMode::Fail {
+            return Err(Error::Failed(inner.reason.clone().unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    fn check_writable(inner: &Inner) -> Result<()> {
+        Self::check_not_failed(inner)?;
+        if inner.mode == PoolMode::ReadOnly {
+            if inner.md.needs_check() {
+                return Err(Error::NeedsCheck);
+            }
+            return Err(Error::ReadOnly(if inner.md.options().read_only {
+                "opened read-only"
+            } else {
+                "after a metadata error"
+            }));
+        }
+        Ok(())
+    }
+
+    /// Runs a metadata change; a metadata failure rolls back to the last commit.
+    fn meta<T>(
+        &self,
+        inner: &mut Inner,
+        f: impl FnOnce(&mut ThinMetadata) -> Result<T>,
+    ) -> Result<T> {
+        Self::check_writable(inner)?;
+        match f(&mut inner.md) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_metadata_failure() {
+                    Self::metadata_failed(inner, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn metadata_failed(inner: &mut Inner, e: &Error) {
+        log::error!("metadata operation failed: {e}; rolling back to the last commit");
+        inner.generation += 1;
+        match inner.md.abort() {
+            Ok(()) => {
+                if let Err(e2) = inner.md.write_needs_check(true) {
+                    log::error!("cannot flag the metadata needs_check: {e2}");
+                }
+                inner.mode = PoolMode::ReadOnly;
+                inner.reason = Some(format!("metadata error: {e}"));
+            }
+            Err(e2) => {
+                inner.mode = PoolMode::Fail;
+                inner.reason = Some(format!("metadata error: {e}; rollback failed: {e2}"));
+            }
+        }
+    }
+
+    fn data_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::DataIo { op, offset, source }
+    }
+
+    // ----- devices -----
+
+    pub fn create_thin(&self, id: u32) -> Result<()> {
+        let mut g = self.lock();
+        self.meta(&mut g, |md| md.create_thin(id))
+    }
+
+    /// Snapshots `origin` as `id`. Waits for writes in flight to the origin and holds new
+    /// ones while it works, so the snapshot is a consistent point in time.
+    pub fn create_snap(&self, id: u32, origin: u32) -> Result<()> {
+        let gate = self.gate(origin);
+        let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
+        self.meta(&mut g, |md| md.create_snap(id, origin))
+    }
+
+    pub fn delete(&self, id: u32) -> Result<()> {
+        let gate = self.gate(id);
+        let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
+        self.meta(&mut g, |md| md.delete(id))?;
+        drop(g);
+        self.gates.lock().unwrap().remove(&id);
+        Ok(())
+    }
+
+    pub fn device(&self, id: u32) -> Result<DeviceDetails> {
+        self.lock().md.device(id)
+    }
+
+    pub fn devices(&self) -> Vec<(u32, DeviceDetails)> {
+        self.lock()
+            .md
+            .devices()
+            .iter()
+            .map(|(&k, &v)| (k, v))
+            .collect()
+    }
+
+    pub fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
+        let mut g = self.lock();
+        self.meta(&mut g, |md| md.set_transaction_id(old, new))
+    }
+
+    pub fn reserve_metadata_snap(&self) -> Result<u64> {
+        let mut g = self.lock();
+        self.data.sync().map_err(Self::data_err("sync", 0))?;
+        self.meta(&mut g, |md| md.reserve_metadata_snap())
+    }
+
+    pub fn release_metadata_snap(&self) -> Result<()> {
+        let mut g = self.lock();
+        self.data.sync().map_err(Self::data_err("sync", 0))?;
+        self.meta(&mut g, |md| md.release_metadata_snap())
+    }
+
+    /// Grows the pool to the data device's current length.
+    pub fn grow_data(&self) -> Result<u64> {
+        let blocks = self.data.len() / self.block_bytes;
+        let mut g = self.lock();
+        self.meta(&mut g, |md| md.resize_data(blocks))?;
+        Ok(blocks)
+    }
+
+    /// Clears NEEDS_CHECK (after a check passed) and returns to write mode.
+    pub fn clear_needs_check(&self) -> Result<()> {
+        let mut g = self.lock();
+        Self::check_not_failed(&g)?;
+        g.md.write_needs_check(false)?;
+        if !g.md.options().read_only {
+            g.mode = PoolMode::Write;
+            g.reason = None;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let g = self.lock();
+        PoolStatus {
+            transaction_id: g.md.transaction_id(),
+            time: g.md.time(),
+            data_block_bytes: self.block_bytes,
+            usage: g.md.usage(),
+            held_metadata_root: g.md.held_root(),
+            mode: g.mode,
+            mode_reason: g.reason.clone(),
+            needs_check: g.md.needs_check(),
+            devices: g.md.devices().len(),
+            uncommitted_changes: g.md.is_dirty(),
+        }
+    }
+
+    /// Flushes the data device, then commits the metadata. Does nothing when nothing
+    /// changed since the last commit.
+    pub fn commit(&self) -> Result<()> {
+        let mut g = self.lock();
+        Self::check_not_failed(&g)?;
+        if !g.md.is_dirty() {
+            return Ok(());
+        }
+        Self::check_writable(&g)?;
+        if let Err(source) = self.data.sync() {
+            // Once a flush failed the page cache may have dropped the data: nothing written
+            // since the last commit can be trusted, so stop here.
+            g.mode = PoolMode::Fail;
+            g.reason = Some(format!("data device flush failed: {source}"));
+            return Err(Error::DataIo {
+                op: "sync",
+                offset: 0,
+                source,
+            });
+        }
+        let r = g.md.commit();
+        if let Err(e) = &r {
+            Self::metadata_failed(&mut g, e);
+        }
+        r
+    }
+
+    /// Drops every change since the last commit (the kernel's abort).
+    pub fn abort(&self) -> Result<()> {
+        let mut g = self.lock();
+        g.generation += 1;
+        if let Err(e) = g.md.abort() {
+            g.mode = PoolMode::Fail;
+            g.reason = Some(format!("abort failed: {e}"));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the metadata locked (checker, dump, tests).
+    pub fn with_metadata<T>(&self, f: impl FnOnce(&mut ThinMetadata) -> T) -> T {
+        f(&mut self.lock().md)
+    }
+
+    // ----- data path -----
+
+    fn lookup(&self, dev: u32, vb: u64) -> Result<(Option<Mapping>, DeviceDetails)> {
+        let mut g = self.lock();
+        Self::check_not_failed(&g)?;
+        let details = g.md.device(dev)?;
+        let m = g.md.lookup(dev, vb);
+        match m {
+            Ok(m) => Ok((m, details)),
+            Err(e) => {
+                if e.is_metadata_failure() && g.mode == PoolMode::Write {
+                    Self::metadata_failed(&mut g, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes of device `dev` at byte `offset`; unmapped blocks read as zeroes.
+    pub fn read(&self, dev: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_vectored(dev, offset, &mut [IoSliceMut::new(buf)])
+    }
+
+    pub fn read_vectored(&self, dev: u32, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        check_span(offset, total)?;
+        let bs = self.block_bytes;
+        let mut pos = 0u64;
+        while pos < total {
+            let off = offset + pos;
+            let (vb, within) = (off / bs, off % bs);
+            let n = (bs - within).min(total - pos);
+            let mut segs = slices_mut(bufs, pos as usize, n as usize);
+            let _cell = self.cells.lock(dev, vb, false);
+            match self.lookup(dev, vb)?.0 {
+                Some(m) => {
+                    let at = m.data_block * bs + within;
+                    let mut iov: Vec<IoSliceMut<'_>> =
+                        segs.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+                    self.data
+                        .read_vectored_at(&mut iov, at)
+                        .map_err(Self::data_err("read", at))?;
+                }
+                None => segs.iter_mut().for_each(|s| s.fill(0)),
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` to device `dev` at byte `offset`.
+    pub fn write(&self, dev: u32, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_vectored(dev, offset, &[IoSlice::new(buf)])
+    }
+
+    pub fn write_vectored(&self, dev: u32, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        check_span(offset, total)?;
+        let gate = self.gate(dev);
+        let _open = gate.read().unwrap_or_else(|p| p.into_inner());
+        let bs = self.block_bytes;
+        let mut pos = 0u64;
+        while pos < total {
+            let off = offset + pos;
+            let (vb, within) = (off / bs, off % bs);
+            let n = (bs - within).min(total - pos);
+            let segs = slices(bufs, pos as usize, n as usize);
+            self.write_block(dev, vb, within, &segs, false)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `segs` (together less than a block) at `within` of virtual block `vb`.
+    /// With `only_if_mapped`, an unmapped block is left alone (it reads as zeroes).
+    fn write_block(
+        &self,
+        dev: u32,
+        vb: u64,
+        within: u64,
+        segs: &[&[u8]],
+        only_if_mapped: bool,
+    ) -> Result<()> {
+        let bs = self.block_bytes;
+        let len: u64 = segs.iter().map(|s| s.len() as u64).sum();
+        let whole = within == 0 && len == bs;
+        let _cell = self.cells.lock(dev, vb, true);
+        let mut g = self.lock();
+        Self::check_not_failed(&g)?;
+        let details = g.md.device(dev)?;
+        let m = match g.md.lookup(dev, vb) {
+            Ok(m) => m,
+            Err(e) => {
+                if e.is_metadata_failure() && g.mode == PoolMode::Write {
+                    Self::metadata_failed(&mut g, &e);
+                }
+                return Err(e);
+            }
+        };
+        let target = match m {
+            Some(m) if !m.maybe_shared(&details) => Target::InPlace(m.data_block),
+            None if only_if_mapped => return Ok(()),
+            None => Target::Provision,
+            Some(m) => Target::BreakSharing(m.data_block),
+        };
+        if let Target::InPlace(b) = target {
+            drop(g);
+            let at = b * bs + within;
+            let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
+            return self
+                .data
+                .write_vectored_at(&iov, at)
+                .map_err(Self::data_err("write", at));
+        }
+        let new = self.alloc_data(&mut g)?;
+        let generation = g.generation;
+        drop(g);
+        self.write_new_block(dev, vb, within, segs, whole, target, new, generation)
+    }
+
+    fn alloc_data(&self, g: &mut MutexGuard<'_, Inner>) -> Result<u64> {
+        Self::check_writable(g)?;
+        match self.meta(g, |md| md.alloc_data_block()) {
+            Err(Error::OutOfDataSpace { .. }) if g.md.pending_data_frees() > 0 => {
+                // Blocks freed in this transaction become usable once it is committed.
+                self.data.sync().map_err(Self::data_err("sync", 0))?;
+                if let Err(e) = g.md.commit() {
+                    Self::metadata_failed(g, &e);
+                    return Err(e);
+                }
+                self.meta(g, |md| md.alloc_data_block())
+            }
+            r => r,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_new_block(
+        &self,
+        dev: u32,
+        vb: u64,
+        within: u64,
+        segs: &[&[u8]],
+        whole: bool,
+        target: Target,
+        new: u64,
+        generation: u64,
+    ) -> Result<()> {
+        let bs = self.block_bytes;
+        let at = new * bs;
+        let io = (|| -> Result<()> {
+            if whole {
+                let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
+                return self
+                    .data
+                    .write_vectored_at(&iov, at)
+                    .map_err(Self::data_err("write", at));
+            }
+            match target {
+                Target::BreakSharing(old) => {
+                    // Copy the old block, overlay the new bytes, write the whole block.
+                    let mut buf = vec![0u8; bs as usize];
+                    self.data
+                        .read_at(&mut buf, old * bs)
+                        .map_err(Self::data_err("read", old * bs))?;
+                    let mut o = within as usize;
+                    for s in segs {
+                        buf[o..o + s.len()].copy_from_slice(s);
+                        o += s.len();
+                    }
+                    self.data
+                        .write_at(&buf, at)
+                        .map_err(Self::data_err("write", at))
+                }
+                _ if self.opts.skip_block_zeroing => {
+                    let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
+                    self.data
+                        .write_vectored_at(&iov, at + within)
+                        .map_err(Self::data_err("write", at + within))
+                }
+                _ => {
+                    // Zero the rest of the new block in the same write.
+                    let len: u64 = segs.iter().map(|s| s.len() as u64).sum();
+                    let mut iov: Vec<IoSlice<'_>> = Vec::new();
+                    self.push_zeroes(&mut iov, within);
+                    iov.extend(segs.iter().map(|s| IoSlice::new(s)));
+                    self.push_zeroes(&mut iov, bs - within - len);
+                    self.data
+                        .write_vectored_at(&iov, at)
+                        .map_err(Self::data_err("write", at))
+                }
+            }
+        })();
+        let mut g = self.lock();
+        if g.generation != generation {
+            // An abort in between already forgot the allocation.
+            return io.and(Err(Error::ReadOnly("the transaction was rolled back")));
+        }
+        if let Err(e) = io {
+            if let Err(e2) = self.meta(&mut g, |md| md.release_data_block(new)) {
+                log::error!("releasing data block {new} after a failed write: {e2}");
+            }
+            return Err(e);
+        }
+        self.meta(&mut g, |md| md.insert_mapping(dev, vb, new))
+    }
+
+    fn push_zeroes<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>, mut n: u64) {
+        while n > 0 {
+            let k = n.min(self.zeroes.len() as u64);
+            iov.push(IoSlice::new(&self.zeroes[..k as usize]));
+            n -= k;
+        }
+    }
+
+    /// Unmaps the whole blocks in the range, as dm-thin does: partial blocks at either end
+    /// are left alone, and a block shared with a snapshot stays mapped there.
+    /// Returns the number of blocks unmapped.
+    pub fn discard(&self, dev: u32, offset: u64, len: u64) -> Result<u64> {
+        check_span(offset, len)?;
+        let bs = self.block_bytes;
+        let first = offset.div_ceil(bs);
+        let end = (offset + len) / bs;
+        self.unmap_blocks(dev, first, end)
+    }
+
+    fn unmap_blocks(&self, dev: u32, first: u64, end: u64) -> Result<u64> {
+        if first >= end {
+            self.device(dev)?;
+            return Ok(0);
+        }
+        let gate = self.gate(dev);
+        let _open = gate.read().unwrap_or_else(|p| p.into_inner());
+        let mut removed = 0;
+        let mut next = first;
+        while next < end {
+            // Find the next mapped block, then take its cell and unmap it.
+            let k = {
+                let mut g = self.lock();
+                match self.meta(&mut g, |md| md.next_mapped(dev, next, end))? {
+                    Some(k) => k,
+                    None => break,
+                }
+            };
+            let _cell = self.cells.lock(dev, k, true);
+            let mut g = self.lock();
+            removed += self.meta(&mut g, |md| md.remove_range(dev, k, k + 1))?;
+            next = k + 1;
+        }
+        Ok(removed)
+    }
+
+    /// Makes the range read as zeroes. With `unmap`, whole blocks are unmapped (their space
+    /// returns to the pool); otherwise mapped blocks are overwritten with zeroes. Partial
+    /// blocks are zeroed where mapped; unmapped blocks already read as zeroes.
+    pub fn write_zeroes(&self, dev: u32, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_span(offset, len)?;
+        let bs = self.block_bytes;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let (vb, within) = (pos / bs, pos % bs);
+            let n = (bs - within).min(end - pos);
+            if n == bs && unmap {
+                // Run of whole blocks.
+                let last = end / bs;
+                self.unmap_blocks(dev, vb, last)?;
+                pos = last * bs;
+                continue;
+            }
+            let gate = self.gate(dev);
+            let _open = gate.read().unwrap_or_else(|p| p.into_inner());
+            let mut segs: Vec<&[u8]> = Vec::new();
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(self.zeroes.len() as u64);
+                segs.push(&self.zeroes[..k as usize]);
+                left -= k;
+            }
+            self.write_block(dev, vb, within, &segs, true)?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+fn check_span(offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|e| e > (1u64 << 62)) {
+        return Err(Error::InvalidArgument(format!(
+            "range of {len} bytes at {offset} is beyond any device"
+        )));
+    }
+    Ok(())
+}
+
+/// Sub-slices covering bytes `[pos, pos + n)` of the concatenation of `bufs`.
+fn slices<'a>(bufs: &'a [IoSlice<'_>], mut pos: usize, mut n: usize) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    for b in bufs {
+        if n == 0 {
+            break;
+        }
+        if pos >= b.len() {
+            pos -= b.len();
+            continue;
+        }
+        let k = (b.len() - pos).min(n);
+        out.push(&b[pos..pos + k]);
+        n -= k;
+        pos = 0;
+    }
+    out
+}
+
+fn slices_mut<'a>(
+    bufs: &'a mut [IoSliceMut<'_>],
+    mut pos: usize,
+    mut n: usize,
+) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::new();
+    for b in bufs.iter_mut() {
+        if n == 0 {
+            break;
+        }
+        if pos >= b.len() {
+            pos -= b.len();
+            continue;
+        }
+        let k = (b.len() - pos).min(n);
+        out.push(&mut b[pos..pos + k]);
+        n -= k;
+        pos = 0;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+use super::*;
+use crate::storage::testing::{FaultOp, FaultyStorage};
+use crate::storage::MemStorage;
+
+const BS: u64 = 64 * 1024;
+
+fn mem_pool(data_blocks: u64) -> Pool {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data: Arc<dyn Storage> = Arc::new(MemStorage::new(data_blocks * BS));
+    Pool::create(meta, data, 128, PoolOptions::default()).unwrap()
+}
+
+fn read_vec(p: &Pool, dev: u32, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0xEEu8; len];
+    p.read(dev, off, &mut b).unwrap();
+    b
+}
+
+#[test]
+fn provisioning_zeroes_the_rest_of_a_block() {
+    let p = mem_pool(16);
+    p.create_thin(0).unwrap();
+    assert_eq!(read_vec(&p, 0, 0, 4096), vec![0; 4096]);
+    // Dirty the data device where the first block will land, then write 512 bytes.
+    p.data_storage()
+        .write_at(&vec![0xAB; BS as usize], 0)
+        .unwrap();
+    p.write(0, 1000, &[7u8; 512]).unwrap();
+    let b = read_vec(&p, 0, 0, BS as usize);
+    assert!(b[..1000].iter().all(|&x| x == 0));
+    assert!(b[1000..1512].iter().all(|&x| x == 7));
+    assert!(b[1512..].iter().all(|&x| x == 0));
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 1);
+    // A write spanning a block boundary provisions both.
+    p.write(0, BS - 10, &[9u8; 20]).unwrap();
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 2);
+    assert_eq!(
+        read_vec(&p, 0, BS - 12, 24)[1..23],
+        [0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0]
+    );
+}
+
+#[test]
+fn snapshots_copy_on_write_both_ways() {
+    let p = mem_pool(32);
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.create_snap(1, 0).unwrap();
+    p.write(0, 100, &[2u8; 10]).unwrap();
+    p.write(1, BS + 5, &[3u8; 10]).unwrap();
+    assert_eq!(read_vec(&p, 1, 100, 10), vec![1; 10]);
+    assert_eq!(read_vec(&p, 0, 100, 10), vec![2; 10]);
+    assert_eq!(read_vec(&p, 0, BS + 5, 10), vec![1; 10]);
+    assert_eq!(read_vec(&p, 1, BS + 5, 10), vec![3; 10]);
+    assert_eq!(read_vec(&p, 1, 0, 100), vec![1; 100]);
+    // 2 original + 2 copies.
+    assert_eq!(p.status().usage.data_used, 4);
+    // Snapshot of snapshot, then delete the middle one.
+    p.create_snap(2, 1).unwrap();
+    p.delete(1).unwrap();
+    assert_eq!(read_vec(&p, 2, BS + 5, 10), vec![3; 10]);
+    p.commit().unwrap();
+    p.delete(0).unwrap();
+    p.delete(2).unwrap();
+    p.commit().unwrap();
+    assert_eq!(p.status().usage.data_used, 0);
+    let r = p
+        .with_metadata(|md| crate::check::check(md.storage()))
+        .unwrap();
+    assert!(r.is_clean(), "{r:?}");
+}
+
+#[test]
+fn discard_unmaps_only_whole_blocks() {
+    let p = mem_pool(16);
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![5u8; 3 * BS as usize]).unwrap();
+    // Covers the end of block 0, all of block 1, the start of block 2.
+    assert_eq!(p.discard(0, 100, 2 * BS).unwrap(), 1);
+    assert_eq!(read_vec(&p, 0, 0, 10), vec![5; 10]);
+    assert_eq!(read_vec(&p, 0, BS, 10), vec![0; 10]);
+    assert_eq!(read_vec(&p, 0, 2 * BS, 10), vec![5; 10]);
+    // Covers no whole block: nothing changes.
+    assert_eq!(p.discard(0, 10, 4096).unwrap(), 0);
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 2);
+    // Discard on a snapshot leaves the origin's block mapped.
+    p.create_snap(1, 0).unwrap();
+    assert_eq!(p.discard(1, 0, BS).unwrap(), 1);
+    assert_eq!(read_vec(&p, 0, 0, 10), vec![5; 10]);
+    assert_eq!(read_vec(&p, 1, 0, 10), vec![0; 10]);
+}
+
+#[test]
+fn write_zeroes_partial_and_whole() {
+    let p = mem_pool(16);
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![5u8; 2 * BS as usize]).unwrap();
+    p.write_zeroes(0, 10, 20, false).unwrap();
+    assert_eq!(read_vec(&p, 0, 8, 24)[..4], [5, 5, 0, 0]);
+    assert_eq!(read_vec(&p, 0, 28, 4), vec![0, 0, 5, 5]);
+    p.write_zeroes(0, BS, BS, true).unwrap();
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 1);
+    // Zeroing an unmapped range provisions nothing.
+    p.write_zeroes(0, 10 * BS + 7, 100, false).unwrap();
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 1);
+}
+
+#[test]
+fn out_of_data_space_is_typed_and_recovers_after_frees() {
+    let p = mem_pool(4);
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![1u8; 4 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    let e = p.write(0, 4 * BS, &[1]).unwrap_err();
+    assert!(matches!(e, Error::OutOfDataSpace { .. }), "{e}");
+    // Existing data is intact and still writable in place.
+    p.write(0, 0, &[9]).unwrap();
+    assert_eq!(read_vec(&p, 0, 0, 2), vec![9, 1]);
+    // Free a block: the allocator commits to reuse it.
+    p.discard(0, BS, BS).unwrap();
+    p.write(0, 4 * BS, &[2]).unwrap();
+    assert_eq!(p.status().mode, PoolMode::Write);
+}
+
+#[test]
+fn racing_writers_provision_one_block_once() {
+    let p = Arc::new(mem_pool(64));
+    p.create_thin(0).unwrap();
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    p.write(0, (i % 8) * BS + t as u64 * 512, &[t + 1; 512])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 8);
+    assert_eq!(p.status().usage.data_used, 8);
+    for b in 0..8 {
+        let d = read_vec(&p, 0, b * BS, 2048);
+        for t in 0..4 {
+            assert!(d[t * 512..(t + 1) * 512].iter().all(|&x| x == t as u8 + 1));
+        }
+    }
+}
+
+#[test]
+fn metadata_write_error_rolls_back_and_goes_read_only() {
+    let meta = Arc::new(FaultyStorage::new(MemStorage::new(4 << 20)));
+    let data: Arc<dyn Storage> = Arc::new(MemStorage::new(16 * BS));
+    let p = Pool::create(meta.clone(), data, 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.commit().unwrap();
+    p.write(0, BS, &[2u8; 4096]).unwrap();
+    meta.fail_nth(FaultOp::Write, 1, false);
+    let e = p.commit().unwrap_err();
+    assert!(matches!(e, Error::MetadataIo { .. }), "{e}");
+    let st = p.status();
+    assert_eq!(st.mode, PoolMode::ReadOnly);
+    assert!(st.needs_check);
+    // Reads keep working, the uncommitted block is gone, writes needing metadata fail.
+    assert_eq!(read_vec(&p, 0, 0, 4), vec![1; 4]);
+    assert_eq!(read_vec(&p, 0, BS, 4), vec![0; 4]);
+    assert!(matches!(p.write(0, 2 * BS, &[1]), Err(Error::NeedsCheck)));
+    // In-place writes to owned blocks still work, as in dm-thin's read-only mode.
+    p.write(0, 0, &[3]).unwrap();
+}
+
+#[test]
+fn data_sync_error_fails_the_pool() {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(FaultyStorage::new(MemStorage::new(16 * BS)));
+    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    data.fail_nth(FaultOp::Write, 1, false);
+    assert!(matches!(
+        p.write(0, BS, &[1u8; 10]),
+        Err(Error::DataIo { .. })
+    ));
+    // The failed write's block went back to the pool.
+    assert_eq!(p.status().usage.data_used, 1);
+    data.fail_nth(FaultOp::Sync, 1, false);
+    assert!(matches!(p.commit(), Err(Error::DataIo { .. })));
+    assert_eq!(p.status().mode, PoolMode::Fail);
+    assert!(matches!(p.read(0, 0, &mut [0u8; 4]), Err(Error::Failed(_))));
+}
