@@ -1,1 +1,45 @@
-fn main() {}
+//! `vhost-thin`: thin-provisioned VM disks. For now the offline pool and device commands.
+
+mod offline;
+mod progress;
+mod size;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vhost-thin",
+    version,
+    about = "Thin-provisioned VM disks with instant snapshots, on a dm-thin-compatible pool"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Pool commands: create, check, status, dump, restore.
+    #[command(subcommand)]
+    Pool(offline::pool_cmd::PoolCmd),
+    /// Thin device commands: create, snapshot, delete, ls, import, export.
+    #[command(subcommand)]
+    Thin(offline::thin_cmd::ThinCmd),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Pool(c) => offline::pool_cmd::run(c),
+        Cmd::Thin(c) => offline::thin_cmd::run(c),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vhost-thin: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

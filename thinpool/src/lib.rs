@@ -9,11 +9,13 @@
 
 pub mod cells;
 pub mod check;
+pub mod dump;
 pub mod error;
 pub mod pdata;
 pub mod storage;
 
 pub use error::{Error, Result};
 pub mod pool;
+pub mod registry;
 pub mod thin;
 pub mod xml;

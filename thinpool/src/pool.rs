@@ -53,8 +53,8 @@ impl Default for PoolOptions {
 pub enum PoolMode {
     /// Normal operation.
     Write,
-    /// Reads work, and writes to blocks the device owns alone; nothing that changes
-    /// metadata is allowed.
+    /// After a metadata error or with needs_check set: reads work, and writes to blocks
+    /// the device owns alone; nothing that changes metadata is allowed.
     ReadOnly,
     /// Every request fails.
     Fail,
@@ -70,6 +70,8 @@ pub struct PoolStatus {
     pub held_metadata_root: Option<u64>,
     pub mode: PoolMode,
     pub mode_reason: Option<String>,
+    /// This process opened the pool read-only (inspection); says nothing of its health.
+    pub opened_read_only: bool,
     pub needs_check: bool,
     pub devices: usize,
     pub uncommitted_changes: bool,
@@ -149,8 +151,6 @@ impl Pool {
                 PoolMode::ReadOnly,
                 Some("metadata flagged needs_check".to_string()),
             )
-        } else if opts.read_only {
-            (PoolMode::ReadOnly, Some("opened read-only".to_string()))
         } else {
             (PoolMode::Write, None)
         };
@@ -214,15 +214,14 @@ impl Pool {
 
     fn check_writable(inner: &Inner) -> Result<()> {
         Self::check_not_failed(inner)?;
+        if inner.md.options().read_only {
+            return Err(Error::ReadOnly("opened read-only"));
+        }
         if inner.mode == PoolMode::ReadOnly {
             if inner.md.needs_check() {
                 return Err(Error::NeedsCheck);
             }
-            return Err(Error::ReadOnly(if inner.md.options().read_only {
-                "opened read-only"
-            } else {
-                "after a metadata error"
-            }));
+            return Err(Error::ReadOnly("after a metadata error"));
         }
         Ok(())
     }
@@ -353,6 +352,7 @@ impl Pool {
             held_metadata_root: g.md.held_root(),
             mode: g.mode,
             mode_reason: g.reason.clone(),
+            opened_read_only: g.md.options().read_only,
             needs_check: g.md.needs_check(),
             devices: g.md.devices().len(),
             uncommitted_changes: g.md.is_dirty(),

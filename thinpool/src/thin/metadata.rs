@@ -462,6 +462,81 @@ impl ThinMetadata {
         Ok(())
     }
 
+    /// Maps `vblock` of device `id` to `m.data_block`, taking a *new* reference on that
+    /// data block (unlike [`insert_mapping_at`](Self::insert_mapping_at), which consumes
+    /// one the caller already owns). For rebuilding sharing that exists elsewhere, e.g.
+    /// restoring a dump in which several devices map the same data block. The block need
+    /// not be allocated yet. A previous mapping of `vblock` is released; re-inserting the
+    /// same data block leaves its count unchanged.
+    pub fn insert_mapping_ref(&mut self, id: u32, vblock: u64, m: Mapping) -> Result<()> {
+        self.device(id)?;
+        self.check_metadata_space()?;
+        if m.data_block >= self.tm.data_sm.nr_blocks() || m.time > MAX_TIME {
+            return Err(Error::InvalidArgument(format!(
+                "mapping to data block {} (time {}) is outside the pool",
+                m.data_block, m.time
+            )));
+        }
+        if self
+            .lookup(id, vblock)?
+            .is_some_and(|old| old.data_block == m.data_block)
+        {
+            // `btree::insert` keeps the reference of an overwritten value that names
+            // the same block, so no new one is taken.
+            return self.insert_mapping_at(id, vblock, m);
+        }
+        self.tm.inc_data(m.data_block)?;
+        self.changed = true;
+        if let Err(e) = self.insert_mapping_at(id, vblock, m) {
+            // Best effort: the transaction is aborted after a metadata failure anyway.
+            let _ = self.tm.dec_data(m.data_block);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Restore support: sets the pool-wide superblock fields a `thin_dump` records (the
+    /// snapshot time counter, the userspace transaction id, the flags and the uuid).
+    /// Written at the next commit.
+    pub(crate) fn restore_superblock_fields(
+        &mut self,
+        time: u32,
+        trans_id: u64,
+        flags: u32,
+        uuid: [u8; 16],
+    ) -> Result<()> {
+        self.check_writable()?;
+        if time > MAX_TIME {
+            return Err(Error::InvalidArgument(format!(
+                "time {time} is above the maximum {MAX_TIME}"
+            )));
+        }
+        self.sb.time = time;
+        self.sb.trans_id = trans_id;
+        self.sb.flags = flags;
+        self.sb.uuid = uuid;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Restore support: sets a device's transaction id and times. Its mapped-block count
+    /// is not settable: the engine keeps it equal to the mapping tree.
+    pub(crate) fn restore_device_details(
+        &mut self,
+        id: u32,
+        transaction_id: u64,
+        creation_time: u32,
+        snapshotted_time: u32,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let d = self.devices.get_mut(&id).ok_or(Error::NoSuchDevice(id))?;
+        d.transaction_id = transaction_id;
+        d.creation_time = creation_time;
+        d.snapshotted_time = snapshotted_time;
+        self.touch(id);
+        Ok(())
+    }
+
     /// Unmaps every block in `[begin, end)`; returns how many were mapped.
     pub fn remove_range(&mut self, id: u32, begin: u64, end: u64) -> Result<u64> {
         self.device(id)?;

@@ -4,3 +4,4 @@
 pub mod device;
 pub mod metadata;
 pub mod superblock;
+pub mod usage;

@@ -1,0 +1,115 @@
+//! The offline CLI: pool and thin-device commands that work on the metadata and data
+//! devices directly (the daemon must not be serving the pool at the same time).
+
+pub mod pool_cmd;
+pub mod thin_cmd;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thinpool::pool::{Pool, PoolOptions};
+use thinpool::registry::Registry;
+use thinpool::storage::{FileStorage, Storage};
+
+/// Where the pool lives.
+#[derive(Args, Debug, Clone)]
+pub struct PoolPaths {
+    /// Metadata device or file.
+    #[arg(long, short = 'm', value_name = "PATH")]
+    pub metadata: PathBuf,
+    /// Data device or file.
+    #[arg(long, short = 'd', value_name = "PATH")]
+    pub data: PathBuf,
+    /// Registry file (names, sizes, serials); default: METADATA.registry.json when the
+    /// metadata is a regular file.
+    #[arg(long, value_name = "PATH")]
+    pub registry: Option<PathBuf>,
+    /// Metadata cache size in 4 KiB blocks.
+    #[arg(long, default_value_t = 16384, value_name = "BLOCKS")]
+    pub cache_blocks: usize,
+}
+
+pub fn open_file(path: &Path, what: &str, writable: bool) -> Result<Arc<dyn Storage>> {
+    let s = if writable {
+        FileStorage::open(path)
+    } else {
+        FileStorage::open_read_only(path)
+    }
+    .with_context(|| format!("cannot open {what} {}", path.display()))?;
+    Ok(Arc::new(s))
+}
+
+pub fn registry_path(paths: &PoolPaths) -> Option<PathBuf> {
+    if let Some(r) = &paths.registry {
+        return Some(r.clone());
+    }
+    let regular = std::fs::metadata(&paths.metadata)
+        .map(|m| m.is_file())
+        .unwrap_or(false);
+    regular.then(|| Registry::default_path(&paths.metadata))
+}
+
+pub fn open_pool(paths: &PoolPaths, writable: bool) -> Result<Pool> {
+    let meta = open_file(&paths.metadata, "metadata device", writable)?;
+    let data = open_file(&paths.data, "data device", writable)?;
+    let opts = PoolOptions {
+        cache_blocks: paths.cache_blocks,
+        read_only: !writable,
+        ..Default::default()
+    };
+    let pool = Pool::open(meta, data, opts).with_context(|| {
+        format!(
+            "cannot open the pool (metadata {}, data {})",
+            paths.metadata.display(),
+            paths.data.display()
+        )
+    })?;
+    if writable {
+        let st = pool.status();
+        if st.needs_check {
+            bail!(
+                "the pool's metadata {} is flagged needs_check: run `vhost-thin pool check --metadata {} --clear-needs-check` first",
+                paths.metadata.display(),
+                paths.metadata.display()
+            );
+        }
+    }
+    Ok(pool)
+}
+
+/// Loads the registry if there is one, printing any disagreement with the pool.
+pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>> {
+    let Some(path) = registry_path(paths) else {
+        return Ok(None);
+    };
+    let Some(reg) = Registry::load(&path)? else {
+        return Ok(None);
+    };
+    let ids: Vec<u32> = pool.devices().iter().map(|(id, _)| *id).collect();
+    let rec = reg.reconcile(pool.status().transaction_id, &ids);
+    for m in &rec.messages {
+        eprintln!("vhost-thin: warning: {}: {m}", path.display());
+    }
+    Ok(Some(reg))
+}
+
+/// Commits a change: registry first (with the next transaction id), then the pool
+/// carrying the same id — so after a crash in between the registry is exactly one ahead.
+pub fn commit_change(pool: &Pool, registry: Option<&mut Registry>) -> Result<()> {
+    if let Some(reg) = registry {
+        let old = pool.status().transaction_id;
+        reg.transaction_id = old + 1;
+        reg.save()?;
+        pool.set_transaction_id(old, old + 1)?;
+    }
+    pool.commit().context("commit failed")?;
+    Ok(())
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,358 @@
+//! `vhost-thin thin …`
+
+use super::{commit_change, load_registry, now_secs, open_pool, PoolPaths};
+use crate::progress::Progress;
+use crate::size::{human, parse_size};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use thinpool::pool::Pool;
+use thinpool::registry::{make_serial, DeviceEntry, Registry};
+
+#[derive(Subcommand, Debug)]
+pub enum ThinCmd {
+    /// Create an empty thin device.
+    Create(CreateArgs),
+    /// Snapshot a thin device (O(1), any depth).
+    Snapshot(SnapshotArgs),
+    /// Delete a thin device; blocks shared with other devices stay.
+    Delete(IdArgs),
+    /// List thin devices.
+    Ls(LsArgs),
+    /// Copy a file into a thin device (all-zero blocks are not provisioned).
+    Import(ImportArgs),
+    /// Copy a thin device's contents out to a file or stdout.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    paths: PoolPaths,
+    /// Thin id (0 to 16777215).
+    #[arg(long)]
+    id: u32,
+    /// Virtual size, recorded in the registry.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Name, recorded in the registry.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    paths: PoolPaths,
+    /// Device to snapshot.
+    #[arg(long)]
+    origin: u32,
+    /// Thin id of the new snapshot.
+    #[arg(long)]
+    id: u32,
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    #[command(flatten)]
+    paths: PoolPaths,
+    #[arg(long)]
+    id: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    #[command(flatten)]
+    paths: PoolPaths,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    paths: PoolPaths,
+    #[arg(long)]
+    id: u32,
+    /// File to read.
+    #[arg(long, short = 'i')]
+    input: PathBuf,
+    /// Byte offset in the device where the file goes.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    offset: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    paths: PoolPaths,
+    #[arg(long)]
+    id: u32,
+    /// Bytes to export (default: the size in the registry).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Output file, or - for stdout.
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+}
+
+pub fn run(cmd: ThinCmd) -> Result<ExitCode> {
+    match cmd {
+        ThinCmd::Create(a) => create(a),
+        ThinCmd::Snapshot(a) => snapshot(a),
+        ThinCmd::Delete(a) => delete(a),
+        ThinCmd::Ls(a) => ls(a),
+        ThinCmd::Import(a) => import(a),
+        ThinCmd::Export(a) => export(a),
+    }
+}
+
+fn serial_salt(paths: &PoolPaths) -> u64 {
+    paths
+        .metadata
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+}
+
+fn create(a: CreateArgs) -> Result<ExitCode> {
+    let pool = open_pool(&a.paths, true)?;
+    let mut reg = load_registry(&a.paths, &pool)?;
+    if reg.is_none() && (a.size.is_some() || a.name.is_some()) {
+        bail!("this pool has no registry, so --size and --name cannot be recorded (give --registry PATH to keep one)");
+    }
+    pool.create_thin(a.id)
+        .with_context(|| format!("cannot create thin device {}", a.id))?;
+    if let Some(reg) = reg.as_mut() {
+        let created = now_secs();
+        reg.insert(
+            a.id,
+            DeviceEntry {
+                name: a.name.clone(),
+                size: a.size.unwrap_or(0),
+                serial: make_serial(a.id, created, serial_salt(&a.paths)),
+                created,
+                ..Default::default()
+            },
+        )?;
+    }
+    commit_change(&pool, reg.as_mut())?;
+    println!("created thin device {}", a.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
+    let pool = open_pool(&a.paths, true)?;
+    let mut reg = load_registry(&a.paths, &pool)?;
+    pool.create_snap(a.id, a.origin)
+        .with_context(|| format!("cannot snapshot thin device {} as {}", a.origin, a.id))?;
+    if let Some(reg) = reg.as_mut() {
+        let created = now_secs();
+        let size = reg.devices.get(&a.origin).map(|e| e.size).unwrap_or(0);
+        reg.insert(
+            a.id,
+            DeviceEntry {
+                name: a.name.clone(),
+                size,
+                serial: make_serial(a.id, created, serial_salt(&a.paths)),
+                origin: Some(a.origin),
+                created,
+                ..Default::default()
+            },
+        )?;
+    }
+    commit_change(&pool, reg.as_mut())?;
+    println!("created snapshot {} of thin device {}", a.id, a.origin);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn delete(a: IdArgs) -> Result<ExitCode> {
+    let pool = open_pool(&a.paths, true)?;
+    let mut reg = load_registry(&a.paths, &pool)?;
+    pool.delete(a.id)
+        .with_context(|| format!("cannot delete thin device {}", a.id))?;
+    if let Some(reg) = reg.as_mut() {
+        reg.devices.remove(&a.id);
+    }
+    commit_change(&pool, reg.as_mut())?;
+    println!("deleted thin device {}", a.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Serialize)]
+struct LsRow {
+    id: u32,
+    name: Option<String>,
+    size: Option<u64>,
+    serial: Option<String>,
+    origin: Option<u32>,
+    mapped_bytes: u64,
+    exclusive_bytes: u64,
+    shared_bytes: u64,
+    #[serde(flatten)]
+    details: thinpool::thin::device::DeviceDetails,
+}
+
+fn ls(a: LsArgs) -> Result<ExitCode> {
+    let pool = open_pool(&a.paths, false)?;
+    let reg = load_registry(&a.paths, &pool)?;
+    let bs = pool.block_bytes();
+    let usage = pool.with_metadata(thinpool::thin::usage::device_usage)?;
+    let rows: Vec<LsRow> = usage
+        .iter()
+        .map(|u| {
+            let e = reg.as_ref().and_then(|r| r.devices.get(&u.id));
+            LsRow {
+                id: u.id,
+                name: e.and_then(|e| e.name.clone()),
+                size: e.map(|e| e.size),
+                serial: e.map(|e| e.serial.clone()),
+                origin: e.and_then(|e| e.origin),
+                mapped_bytes: u.mapped_blocks * bs,
+                exclusive_bytes: u.exclusive_blocks * bs,
+                shared_bytes: u.shared_blocks * bs,
+                details: pool.device(u.id).unwrap_or_default(),
+            }
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>8}  {:<16} {:>10} {:>10} {:>10} {:>10} {:>6}  {}",
+        "ID", "NAME", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "ORIGIN", "SERIAL"
+    );
+    for r in rows {
+        println!(
+            "{:>8}  {:<16} {:>10} {:>10} {:>10} {:>10} {:>6}  {}",
+            r.id,
+            r.name.unwrap_or_else(|| "-".into()),
+            r.size.map(human).unwrap_or_else(|| "-".into()),
+            human(r.mapped_bytes),
+            human(r.exclusive_bytes),
+            human(r.shared_bytes),
+            r.origin
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.serial.unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn registered_size(reg: &Option<Registry>, id: u32) -> Option<u64> {
+    reg.as_ref()
+        .and_then(|r| r.devices.get(&id))
+        .map(|e| e.size)
+        .filter(|&s| s > 0)
+}
+
+fn import(a: ImportArgs) -> Result<ExitCode> {
+    let pool = open_pool(&a.paths, true)?;
+    let mut reg = load_registry(&a.paths, &pool)?;
+    pool.device(a.id)
+        .with_context(|| format!("cannot import into thin device {}", a.id))?;
+    let mut input = std::fs::File::open(&a.input)
+        .with_context(|| format!("cannot open {}", a.input.display()))?;
+    let len = input.metadata()?.len();
+    if let Some(size) = registered_size(&reg, a.id) {
+        if a.offset + len > size {
+            bail!(
+                "{} ({} bytes at offset {}) does not fit in thin device {} of {} bytes",
+                a.input.display(),
+                len,
+                a.offset,
+                a.id,
+                size
+            );
+        }
+    }
+    let bs = pool.block_bytes();
+    let mut buf = vec![0u8; bs as usize];
+    let mut pos = 0u64;
+    let mut progress = Progress::new("importing", len);
+    let mut provisioned = 0u64;
+    while pos < len {
+        // Chunks end on pool block boundaries, so a zero chunk is a whole or partial block.
+        let dev_off = a.offset + pos;
+        let n = (bs - dev_off % bs).min(len - pos) as usize;
+        input
+            .read_exact(&mut buf[..n])
+            .with_context(|| format!("reading {} at {pos}", a.input.display()))?;
+        if buf[..n].iter().all(|&b| b == 0) {
+            pool.write_zeroes(a.id, dev_off, n as u64, true)
+        } else {
+            provisioned += 1;
+            pool.write(a.id, dev_off, &buf[..n])
+        }
+        .with_context(|| format!("writing thin device {} at {dev_off}", a.id))?;
+        pos += n as u64;
+        progress.update(pos);
+    }
+    progress.finish();
+    if let Some(reg) = reg.as_mut() {
+        if let Some(e) = reg.devices.get_mut(&a.id) {
+            if e.size == 0 {
+                e.size = a.offset + len;
+            }
+        }
+    }
+    commit_change(&pool, reg.as_mut())?;
+    println!(
+        "imported {} into thin device {} ({} blocks with data)",
+        human(len),
+        a.id,
+        provisioned
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(a: ExportArgs) -> Result<ExitCode> {
+    let pool = open_pool(&a.paths, false)?;
+    let reg = load_registry(&a.paths, &pool)?;
+    pool.device(a.id)
+        .with_context(|| format!("cannot export thin device {}", a.id))?;
+    let Some(size) = a.size.or_else(|| registered_size(&reg, a.id)) else {
+        bail!("the size of thin device {} is not known: give --size", a.id);
+    };
+    let mut out: Box<dyn Write> = if a.output.as_os_str() == "-" {
+        Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout().lock(),
+        ))
+    } else {
+        Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&a.output)
+                .with_context(|| format!("cannot create {}", a.output.display()))?,
+        ))
+    };
+    export_to(&pool, a.id, size, &mut out)?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn export_to(pool: &Pool, id: u32, size: u64, out: &mut dyn Write) -> Result<()> {
+    let chunk = pool.block_bytes().max(1 << 20);
+    let mut buf = vec![0u8; chunk as usize];
+    let mut pos = 0u64;
+    let mut progress = Progress::new("exporting", size);
+    while pos < size {
+        let n = chunk.min(size - pos) as usize;
+        pool.read(id, pos, &mut buf[..n])
+            .with_context(|| format!("reading thin device {id} at {pos}"))?;
+        out.write_all(&buf[..n])?;
+        pos += n as u64;
+        progress.update(pos);
+    }
+    progress.finish();
+    Ok(())
+}

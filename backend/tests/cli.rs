@@ -1,0 +1,342 @@
+//! End-to-end tests of the offline CLI, against the real thin-provisioning-tools when
+//! they are installed (required when VHOST_THIN_REQUIRE_TOOLS=1, as in CI).
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vhost-thin")
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run vhost-thin");
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "vhost-thin {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    if std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{name} is required (VHOST_THIN_REQUIRE_TOOLS=1) but not installed");
+    }
+    eprintln!("note: {name} not installed, skipping that part");
+    None
+}
+
+struct PoolFiles {
+    _dir: tempfile::TempDir,
+    m: String,
+    d: String,
+    root: PathBuf,
+}
+
+fn new_pool(data_size: &str) -> PoolFiles {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("meta").to_str().unwrap().to_string();
+    let d = dir.path().join("data").to_str().unwrap().to_string();
+    ok(&[
+        "pool",
+        "create",
+        "-m",
+        &m,
+        "-d",
+        &d,
+        "--data-size",
+        data_size,
+    ]);
+    PoolFiles {
+        root: dir.path().to_path_buf(),
+        _dir: dir,
+        m,
+        d,
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+#[test]
+fn create_import_snapshot_export_check() {
+    let p = new_pool("64MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    ok(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "8MiB", "--name", "golden",
+    ]);
+    // 1 MiB of data, then 1 MiB of zeroes (not provisioned), then 512 KiB of data.
+    let mut image = pattern(1 << 20, 1);
+    image.extend(vec![0u8; 1 << 20]);
+    image.extend(pattern(512 << 10, 2));
+    let img = p.root.join("image");
+    std::fs::write(&img, &image).unwrap();
+    let out = ok(&[
+        "thin",
+        "import",
+        "-m",
+        m,
+        "-d",
+        d,
+        "--id",
+        "0",
+        "-i",
+        img.to_str().unwrap(),
+    ]);
+    assert!(out.contains("24 blocks with data"), "{out}");
+    ok(&[
+        "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", "1", "--name", "vm1",
+    ]);
+    let patch = p.root.join("patch");
+    std::fs::write(&patch, pattern(4096, 9)).unwrap();
+    ok(&[
+        "thin",
+        "import",
+        "-m",
+        m,
+        "-d",
+        d,
+        "--id",
+        "0",
+        "-i",
+        patch.to_str().unwrap(),
+        "--offset",
+        "4096",
+    ]);
+
+    // The snapshot keeps the original, the origin has the patch; sizes come from the registry.
+    let exp = p.root.join("snap.out");
+    ok(&[
+        "thin",
+        "export",
+        "-m",
+        m,
+        "-d",
+        d,
+        "--id",
+        "1",
+        "-o",
+        exp.to_str().unwrap(),
+    ]);
+    let mut want = image.clone();
+    want.resize(8 << 20, 0);
+    assert_eq!(std::fs::read(&exp).unwrap(), want);
+    let out = Command::new(bin())
+        .args([
+            "thin", "export", "-m", m, "-d", d, "--id", "0", "--size", "8192", "-o", "-",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(&out.stdout[4096..], &pattern(4096, 9)[..]);
+    assert_eq!(&out.stdout[..4096], &image[..4096]);
+
+    let ls = ok(&["thin", "ls", "-m", m, "-d", d, "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    assert_eq!(rows[0]["name"], "golden");
+    assert_eq!(rows[1]["origin"], 0);
+    assert_eq!(rows[0]["mapped_blocks"], 24);
+    assert_eq!(rows[0]["exclusive_bytes"], 65536);
+    assert_eq!(rows[1]["exclusive_bytes"], 65536);
+    assert_ne!(rows[0]["serial"], rows[1]["serial"]);
+
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&["pool", "status", "-m", m, "-d", d, "--json"])).unwrap();
+    assert_eq!(st["data_used"], 25);
+    assert_eq!(st["mode"], "write");
+    let chk = ok(&["pool", "check", "-m", m, "-d", d]);
+    assert!(chk.contains("clean"), "{chk}");
+
+    if let Some(tc) = tool("thin_check") {
+        let o = Command::new(tc).arg(m).output().unwrap();
+        assert!(
+            o.status.success(),
+            "thin_check: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    if let Some(td) = tool("thin_dump") {
+        let o = Command::new(td).arg(m).output().unwrap();
+        assert!(o.status.success());
+        assert_eq!(
+            String::from_utf8(o.stdout).unwrap(),
+            ok(&["pool", "dump", "-m", m])
+        );
+    }
+
+    // Delete the origin: the snapshot's data survives.
+    ok(&["thin", "delete", "-m", m, "-d", d, "--id", "0"]);
+    ok(&[
+        "thin",
+        "export",
+        "-m",
+        m,
+        "-d",
+        d,
+        "--id",
+        "1",
+        "-o",
+        exp.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&exp).unwrap(), want);
+    assert!(ok(&["pool", "check", "-m", m]).contains("clean"));
+}
+
+#[test]
+fn errors_name_the_file_and_the_fix() {
+    let p = new_pool("16MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    let o = run(&["thin", "create", "-m", m, "-d", d, "--id", "16777216"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("above the maximum"));
+    let o = run(&[
+        "thin", "snapshot", "-m", m, "-d", d, "--origin", "5", "--id", "6",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("thin device 5 does not exist"));
+    let o = run(&["pool", "create", "-m", m, "-d", d]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    let missing = p.root.join("nope");
+    let o = run(&["pool", "status", "-m", missing.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("nope") && e.contains("No such file"), "{e}");
+    let o = run(&[
+        "pool",
+        "create",
+        "-m",
+        &format!("{m}2"),
+        "-d",
+        &format!("{d}2"),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--data-size"));
+    let o = run(&[
+        "pool",
+        "create",
+        "-m",
+        &format!("{m}3"),
+        "-d",
+        &format!("{d}3"),
+        "--data-size",
+        "1GiB",
+        "--block-size",
+        "96KiB",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 64KiB"));
+    let o = run(&["thin", "export", "-m", m, "-d", d, "--id", "0", "-o", "-"]);
+    assert!(!o.status.success());
+
+    // Damage the metadata: check reports it and exits 1; the CLI refuses to write.
+    let mut raw = std::fs::read(m).unwrap();
+    for b in &mut raw[4096 * 6 + 100..4096 * 6 + 200] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(m, &raw).unwrap();
+    let o = run(&["pool", "check", "-m", m]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("DAMAGED"));
+}
+
+#[test]
+fn dump_and_restore_round_trip() {
+    let p = new_pool("32MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    ok(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "3", "--size", "4MiB",
+    ]);
+    let img = p.root.join("image");
+    std::fs::write(&img, pattern(3 << 20, 4)).unwrap();
+    ok(&[
+        "thin",
+        "import",
+        "-m",
+        m,
+        "-d",
+        d,
+        "--id",
+        "3",
+        "-i",
+        img.to_str().unwrap(),
+    ]);
+    ok(&[
+        "thin", "snapshot", "-m", m, "-d", d, "--origin", "3", "--id", "4",
+    ]);
+    let xml = ok(&["pool", "dump", "-m", m]);
+    let xml_path = p.root.join("dump.xml");
+    std::fs::write(&xml_path, &xml).unwrap();
+    let m2 = p.root.join("meta2");
+    ok(&[
+        "pool",
+        "restore",
+        "-i",
+        xml_path.to_str().unwrap(),
+        "-m",
+        m2.to_str().unwrap(),
+        "--metadata-size",
+        "4MiB",
+    ]);
+    assert_eq!(ok(&["pool", "dump", "-m", m2.to_str().unwrap()]), xml);
+    assert!(ok(&["pool", "check", "-m", m2.to_str().unwrap()]).contains("clean"));
+    // The restored metadata serves the same data (no registry: sizes given explicitly).
+    let out = Command::new(bin())
+        .args([
+            "thin",
+            "export",
+            "-m",
+            m2.to_str().unwrap(),
+            "-d",
+            d,
+            "--id",
+            "4",
+            "--size",
+            "3MiB",
+            "-o",
+            "-",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = Sha256::digest(pattern(3 << 20, 4));
+    assert_eq!(Sha256::digest(&out.stdout), want);
+    let bad = p.root.join("bad.xml");
+    std::fs::write(&bad, "<superblock uuid=\"\">\n<device>\n").unwrap();
+    let o = run(&[
+        "pool",
+        "restore",
+        "-i",
+        bad.to_str().unwrap(),
+        "-m",
+        m2.to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("bad.xml") && e.contains("line"),
+        "{e}"
+    );
+}
