@@ -278,16 +278,14 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
 
     // Live trees, then the metadata snapshot's.
     let mut roots = vec![(sb.mapping_root, sb.details_root, "")];
-    if sb.held_root != 0 {
-        if c.meta_ref(sb.held_root, "held metadata snapshot") {
-            match c
-                .tm
-                .read(sb.held_root, BlockKind::Superblock)
-                .and_then(|b| Superblock::unpack(&b, sb.held_root))
-            {
-                Ok(h) => roots.push((h.mapping_root, h.details_root, "metadata snapshot: ")),
-                Err(e) => c.error(format!("held metadata snapshot: {e}")),
-            }
+    if sb.held_root != 0 && c.meta_ref(sb.held_root, "held metadata snapshot") {
+        match c
+            .tm
+            .read(sb.held_root, BlockKind::Superblock)
+            .and_then(|b| Superblock::unpack(&b, sb.held_root))
+        {
+            Ok(h) => roots.push((h.mapping_root, h.details_root, "metadata snapshot: ")),
+            Err(e) => c.error(format!("held metadata snapshot: {e}")),
         }
     }
     for (i, (mapping_root, details_root, prefix)) in roots.into_iter().enumerate() {

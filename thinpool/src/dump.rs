@@ -640,8 +640,8 @@ mod tests {
             assert!(matches!(e, RestoreError::Superblock(_)), "{to}: {e}");
         }
         // Running out of metadata space is reported with the device and block.
-        let n = 20_000u64;
-        let mut xml = HEAD.replacen("nr_data_blocks=\"100\"", "nr_data_blocks=\"20000\"", 1);
+        let n = 100_000u64;
+        let mut xml = HEAD.replacen("nr_data_blocks=\"100\"", "nr_data_blocks=\"100000\"", 1);
         xml.push_str(&format!("  <device dev_id=\"1\" mapped_blocks=\"{n}\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n"));
         for i in 0..n {
             xml.push_str(&format!(
@@ -651,7 +651,7 @@ mod tests {
         }
         xml.push_str("  </device>\n</superblock>\n");
         let parsed = parse(&xml).unwrap();
-        let e = restore(&parsed, mem(64 * 4096), Default::default())
+        let e = restore(&parsed, mem(512 * 4096), Default::default())
             .err()
             .unwrap();
         assert!(

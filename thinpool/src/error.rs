@@ -41,6 +41,8 @@ pub enum Error {
     OutOfDataSpace { nr_blocks: u64 },
     #[error("the pool is out of metadata space ({free} free metadata blocks, {reserve} held in reserve)")]
     OutOfMetadataSpace { free: u64, reserve: u64 },
+    #[error("the metadata device ran out of space in the middle of an operation ({free} blocks free); the transaction is rolled back")]
+    MetadataExhausted { free: u64 },
     #[error("the pool is read-only ({0}); reads work, changes are refused")]
     ReadOnly(&'static str),
     #[error("the pool has failed ({0}); only teardown is possible")]
@@ -77,6 +79,7 @@ impl Error {
                 | Error::Checksum { .. }
                 | Error::WrongLocation { .. }
                 | Error::Corrupt(_)
+                | Error::MetadataExhausted { .. }
         )
     }
 }

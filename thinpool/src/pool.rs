@@ -25,7 +25,7 @@ use crate::thin::metadata::{MetadataOptions, SpaceUsage, ThinMetadata};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 #[derive(Clone, Debug)]
 pub struct PoolOptions {
@@ -83,10 +83,14 @@ struct Inner {
     reason: Option<String>,
     /// Bumped by every abort: data blocks allocated before it are gone from the space map.
     generation: u64,
+    /// A commit is flushing the data device: new mappings must wait for it.
+    committing: bool,
 }
 
 pub struct Pool {
     inner: Mutex<Inner>,
+    commit_lock: Mutex<()>,
+    commit_done: Condvar,
     data: Arc<dyn Storage>,
     block_bytes: u64,
     cells: CellTable,
@@ -154,8 +158,11 @@ impl Pool {
         } else {
             (PoolMode::Write, None)
         };
-        if mode == PoolMode::Write && have > need {
-            md.resize_data(have)?;
+        if mode == PoolMode::Write && !opts.read_only {
+            if have > need {
+                md.resize_data(have)?;
+            }
+            md.resize_metadata()?;
         }
         Ok(Self::assemble(md, data, opts, mode, reason))
     }
@@ -174,7 +181,10 @@ impl Pool {
                 mode,
                 reason,
                 generation: 0,
+                committing: false,
             }),
+            commit_lock: Mutex::new(()),
+            commit_done: Condvar::new(),
             data,
             block_bytes,
             cells: CellTable::default(),
@@ -226,22 +236,48 @@ impl Pool {
         Ok(())
     }
 
-    /// Runs a metadata change; a metadata failure rolls back to the last commit.
+    /// Runs a metadata change; a metadata failure rolls back to the last commit. When
+    /// only blocks freed in this transaction stand between the change and the metadata
+    /// reserve, commits (which makes them reusable) and tries once more.
     fn meta<T>(
         &self,
         inner: &mut Inner,
-        f: impl FnOnce(&mut ThinMetadata) -> Result<T>,
+        mut f: impl FnMut(&mut ThinMetadata) -> Result<T>,
     ) -> Result<T> {
         Self::check_writable(inner)?;
-        match f(&mut inner.md) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if e.is_metadata_failure() {
-                    Self::metadata_failed(inner, &e);
+        let r = match f(&mut inner.md) {
+            Err(Error::OutOfMetadataSpace { .. }) if inner.md.pending_metadata_frees() > 0 => {
+                match self.commit_locked(inner) {
+                    Ok(()) => f(&mut inner.md),
+                    Err(e) => Err(e),
                 }
-                Err(e)
+            }
+            r => r,
+        };
+        if let Err(e) = &r {
+            if e.is_metadata_failure() && inner.mode == PoolMode::Write {
+                Self::metadata_failed(inner, e);
             }
         }
+        r
+    }
+
+    /// Commits with the metadata lock held throughout (rare paths: out of space).
+    fn commit_locked(&self, inner: &mut Inner) -> Result<()> {
+        if let Err(source) = self.data.sync() {
+            inner.mode = PoolMode::Fail;
+            inner.reason = Some(format!("data device flush failed: {source}"));
+            return Err(Error::DataIo {
+                op: "sync",
+                offset: 0,
+                source,
+            });
+        }
+        let r = inner.md.commit();
+        if let Err(e) = &r {
+            Self::metadata_failed(inner, e);
+        }
+        r
     }
 
     fn metadata_failed(inner: &mut Inner, e: &Error) {
@@ -330,6 +366,12 @@ impl Pool {
         Ok(blocks)
     }
 
+    /// Puts a grown metadata device to use.
+    pub fn grow_metadata(&self) -> Result<u64> {
+        let mut g = self.lock();
+        self.meta(&mut g, |md| md.resize_metadata())
+    }
+
     /// Clears NEEDS_CHECK (after a check passed) and returns to write mode.
     pub fn clear_needs_check(&self) -> Result<()> {
         let mut g = self.lock();
@@ -361,14 +403,26 @@ impl Pool {
 
     /// Flushes the data device, then commits the metadata. Does nothing when nothing
     /// changed since the last commit.
+    ///
+    /// The data flush runs without the metadata lock, so lookups and in-place writes go on
+    /// during it; only new mappings wait (their data might otherwise miss the flush while
+    /// their mapping makes the commit). The metadata writes then run under the lock.
     pub fn commit(&self) -> Result<()> {
-        let mut g = self.lock();
-        Self::check_not_failed(&g)?;
-        if !g.md.is_dirty() {
-            return Ok(());
+        let _one_at_a_time = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut g = self.lock();
+            Self::check_not_failed(&g)?;
+            if !g.md.is_dirty() {
+                return Ok(());
+            }
+            Self::check_writable(&g)?;
+            g.committing = true;
         }
-        Self::check_writable(&g)?;
-        if let Err(source) = self.data.sync() {
+        let synced = self.data.sync();
+        let mut g = self.lock();
+        g.committing = false;
+        self.commit_done.notify_all();
+        if let Err(source) = synced {
             // Once a flush failed the page cache may have dropped the data: nothing written
             // since the last commit can be trusted, so stop here.
             g.mode = PoolMode::Fail;
@@ -379,6 +433,7 @@ impl Pool {
                 source,
             });
         }
+        Self::check_writable(&g)?;
         let r = g.md.commit();
         if let Err(e) = &r {
             Self::metadata_failed(&mut g, e);
@@ -524,15 +579,10 @@ impl Pool {
     }
 
     fn alloc_data(&self, g: &mut MutexGuard<'_, Inner>) -> Result<u64> {
-        Self::check_writable(g)?;
         match self.meta(g, |md| md.alloc_data_block()) {
             Err(Error::OutOfDataSpace { .. }) if g.md.pending_data_frees() > 0 => {
                 // Blocks freed in this transaction become usable once it is committed.
-                self.data.sync().map_err(Self::data_err("sync", 0))?;
-                if let Err(e) = g.md.commit() {
-                    Self::metadata_failed(g, &e);
-                    return Err(e);
-                }
+                self.commit_locked(g)?;
                 self.meta(g, |md| md.alloc_data_block())
             }
             r => r,
@@ -597,6 +647,9 @@ impl Pool {
             }
         })();
         let mut g = self.lock();
+        while g.committing {
+            g = self.commit_done.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
         if g.generation != generation {
             // An abort in between already forgot the allocation.
             return io.and(Err(Error::ReadOnly("the transaction was rolled back")));

@@ -42,9 +42,8 @@ impl Tm {
     }
 
     fn alloc_meta(&mut self) -> Result<u64> {
-        self.meta_sm.alloc().ok_or(Error::OutOfMetadataSpace {
-            free: 0,
-            reserve: 0,
+        self.meta_sm.alloc().ok_or(Error::MetadataExhausted {
+            free: self.meta_sm.nr_free(),
         })
     }
 

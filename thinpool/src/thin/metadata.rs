@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 pub const DETAILS_VALUE: ValueKind = ValueKind::Plain(DETAILS_SIZE);
-/// Smallest metadata device we format: 64 blocks (256 KiB).
-pub const MIN_METADATA_BLOCKS: u64 = 64;
+/// Smallest metadata device we format: 512 blocks (2 MiB, LVM's minimum too).
+pub const MIN_METADATA_BLOCKS: u64 = 512;
 
 #[derive(Clone, Debug)]
 pub struct MetadataOptions {
@@ -134,8 +134,15 @@ impl ThinMetadata {
             opts,
             warnings,
         };
-        md.commit()?;
-        Ok(md)
+        match md.commit() {
+            Err(Error::MetadataExhausted { .. }) => Err(Error::InvalidArgument(format!(
+                "a metadata device of {nr_blocks} blocks is too small for {data_blocks} data blocks \
+                 (their space map alone needs {} blocks)",
+                data_blocks.div_ceil(crate::pdata::space_map::bitmap::ENTRIES_PER_BITMAP)
+            ))),
+            Err(e) => Err(e),
+            Ok(()) => Ok(md),
+        }
     }
 
     /// Opens an existing pool.
@@ -254,6 +261,11 @@ impl ThinMetadata {
         }
     }
 
+    /// Metadata blocks freed since the last commit (usable after the next one).
+    pub fn pending_metadata_frees(&self) -> u64 {
+        self.tm.meta_sm.pending_frees()
+    }
+
     /// Data blocks freed since the last commit (usable after the next one).
     pub fn pending_data_frees(&self) -> u64 {
         self.tm.data_sm.pending_frees()
@@ -274,7 +286,7 @@ impl ThinMetadata {
     /// is kept for the commit that may free space.
     fn check_metadata_space(&self) -> Result<()> {
         self.check_writable()?;
-        let free = self.tm.meta_sm.nr_free();
+        let free = self.tm.meta_sm.nr_allocatable();
         let reserve = metadata_reserve(self.tm.meta_sm.nr_blocks());
         if free <= reserve {
             return Err(Error::OutOfMetadataSpace { free, reserve });
@@ -637,6 +649,26 @@ impl ThinMetadata {
         Ok(())
     }
 
+    /// Puts a grown metadata device to use (up to the format's limit). Returns the new
+    /// number of metadata blocks.
+    pub fn resize_metadata(&mut self) -> Result<u64> {
+        self.check_writable()?;
+        let device = self.tm.bm.device_blocks();
+        let cur = self.tm.meta_sm.nr_blocks();
+        let new = device.min(MAX_METADATA_BLOCKS);
+        if new < cur {
+            return Err(Error::InvalidArgument(format!(
+                "the metadata device shrank to {device} blocks; the pool uses {cur}"
+            )));
+        }
+        if new > cur {
+            // New bitmaps are placed (allocated from the grown space itself) at commit.
+            self.tm.meta_sm.extend(new);
+            self.changed = true;
+        }
+        Ok(new)
+    }
+
     /// Holds a read-only copy of the committed metadata (for `thin_dump -m`, deltas).
     pub fn reserve_metadata_snap(&mut self) -> Result<u64> {
         self.check_writable()?;
@@ -752,3 +784,6 @@ impl ThinMetadata {
         &mut self.tm
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -177,6 +177,11 @@ impl SpaceMap {
         self.nr_blocks - self.nr_allocated
     }
 
+    /// Blocks that can be allocated before the next commit.
+    pub fn nr_allocatable(&self) -> u64 {
+        self.nr_free() - self.pending_frees
+    }
+
     /// Blocks freed in this transaction that become allocatable after the next commit.
     pub fn pending_frees(&self) -> u64 {
         self.pending_frees
