@@ -340,3 +340,42 @@ fn dump_and_restore_round_trip() {
         "{e}"
     );
 }
+
+#[test]
+fn a_crash_between_registry_and_pool_loses_no_device() {
+    let p = new_pool("16MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    ok(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "1MiB", "--name", "a",
+    ]);
+    // Simulate a crash after the registry of the next change was written but before the
+    // pool committed: the registry is one transaction ahead and names a device 7 that the
+    // pool never got; the pool has device 0 only.
+    let reg_path = format!("{m}.registry.json");
+    let mut reg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&reg_path).unwrap()).unwrap();
+    let tid = reg["transaction_id"].as_u64().unwrap();
+    reg["transaction_id"] = (tid + 1).into();
+    reg["devices"]["7"] = serde_json::json!({"name": "b", "size": 4096, "serial": "vt-x"});
+    std::fs::write(&reg_path, serde_json::to_string(&reg).unwrap()).unwrap();
+    let o = run(&["thin", "ls", "-m", m, "-d", d]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("one transaction ahead"), "{err}");
+    assert!(
+        err.contains("registry entries [7] have no thin device"),
+        "{err}"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(" a "), "{out}");
+    // A bare pool without a registry: devices by thin id.
+    std::fs::remove_file(&reg_path).unwrap();
+    ok(&["thin", "create", "-m", m, "-d", d, "--id", "9"]);
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&["thin", "ls", "-m", m, "-d", d, "--json"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 2);
+    let o = run(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "10", "--name", "x",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no registry"));
+}

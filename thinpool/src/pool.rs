@@ -85,6 +85,8 @@ struct Inner {
     generation: u64,
     /// A commit is flushing the data device: new mappings must wait for it.
     committing: bool,
+    /// Read-only mode was asked for (not caused by an error).
+    read_only_requested: bool,
 }
 
 pub struct Pool {
@@ -182,6 +184,7 @@ impl Pool {
                 reason,
                 generation: 0,
                 committing: false,
+                read_only_requested: false,
             }),
             commit_lock: Mutex::new(()),
             commit_done: Condvar::new(),
@@ -231,7 +234,11 @@ impl Pool {
             if inner.md.needs_check() {
                 return Err(Error::NeedsCheck);
             }
-            return Err(Error::ReadOnly("after a metadata error"));
+            return Err(Error::ReadOnly(if inner.read_only_requested {
+                "set read-only on request"
+            } else {
+                "after a metadata error"
+            }));
         }
         Ok(())
     }
@@ -290,6 +297,7 @@ impl Pool {
                 }
                 inner.mode = PoolMode::ReadOnly;
                 inner.reason = Some(format!("metadata error: {e}"));
+                inner.read_only_requested = false;
             }
             Err(e2) => {
                 inner.mode = PoolMode::Fail;
@@ -364,6 +372,30 @@ impl Pool {
         let mut g = self.lock();
         self.meta(&mut g, |md| md.resize_data(blocks))?;
         Ok(blocks)
+    }
+
+    /// Switches to read-only mode on request (reads and in-place writes go on), or back to
+    /// write mode — refused while needs_check is set or after a failure.
+    pub fn set_read_only(&self, read_only: bool) -> Result<()> {
+        let mut g = self.lock();
+        Self::check_not_failed(&g)?;
+        if read_only {
+            g.mode = PoolMode::ReadOnly;
+            g.reason = Some("set read-only on request".into());
+        } else {
+            if g.md.needs_check() {
+                return Err(Error::NeedsCheck);
+            }
+            if g.mode == PoolMode::ReadOnly && !g.read_only_requested {
+                return Err(Error::ReadOnly(
+                    "after a metadata error; check the pool and reopen it",
+                ));
+            }
+            g.mode = PoolMode::Write;
+            g.reason = None;
+        }
+        g.read_only_requested = read_only;
+        Ok(())
     }
 
     /// Puts a grown metadata device to use.

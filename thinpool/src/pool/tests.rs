@@ -192,3 +192,21 @@ fn data_sync_error_fails_the_pool() {
     assert_eq!(p.status().mode, PoolMode::Fail);
     assert!(matches!(p.read(0, 0, &mut [0u8; 4]), Err(Error::Failed(_))));
 }
+
+#[test]
+fn read_only_on_request_keeps_reads_and_owned_writes() {
+    let p = mem_pool(16);
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.set_read_only(true).unwrap();
+    assert_eq!(p.status().mode, PoolMode::ReadOnly);
+    assert!(matches!(
+        p.write(0, BS, &[1]),
+        Err(Error::ReadOnly("set read-only on request"))
+    ));
+    assert!(matches!(p.create_thin(1), Err(Error::ReadOnly(_))));
+    p.write(0, 0, &[2]).unwrap();
+    assert_eq!(read_vec(&p, 0, 0, 2), vec![2, 1]);
+    p.set_read_only(false).unwrap();
+    p.write(0, BS, &[1]).unwrap();
+}
