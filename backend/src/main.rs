@@ -1,8 +1,6 @@
 //! `vhost-thin`: thin-provisioned VM disks. For now the offline pool and device commands.
 
-mod offline;
-mod progress;
-mod size;
+use vhost_thin::offline;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,14 +24,23 @@ enum Cmd {
     /// Thin device commands: create, snapshot, delete, ls, import, export.
     #[command(subcommand)]
     Thin(offline::thin_cmd::ThinCmd),
+    /// Serve thin devices to VMs over vhost-user-blk.
+    Serve(vhost_thin::serve_cmd::ServeArgs),
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let default_level = if matches!(std::env::args().nth(1).as_deref(), Some("serve")) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Pool(c) => offline::pool_cmd::run(c),
         Cmd::Thin(c) => offline::thin_cmd::run(c),
+        Cmd::Serve(a) => vhost_thin::serve_cmd::run(a),
     };
     match r {
         Ok(code) => code,

@@ -1,0 +1,292 @@
+//! The vhost-user-blk backend of one disk: features, config space, and one worker thread
+//! per virtqueue (`VhostUserBackend` with interior mutability, so queues run in parallel).
+//!
+//! A new backend is made for every connection (the library's per-connection state must not
+//! be reused); the disk and its pool live on across connections.
+
+use super::disk::{Disk, Stats};
+use super::execute::execute;
+use super::request::{parse, Desc, GuestView, Limits};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Most segments in one discard or write-zeroes request.
+pub const MAX_DISCARD_SEG: u32 = 16;
+/// Most sectors in one discard or write-zeroes segment (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Largest data segment the guest may use.
+pub const SIZE_MAX: u32 = 1 << 20;
+
+#[derive(Copy, Clone, Default)]
+#[repr(transparent)]
+struct BlkConfig(virtio_blk_config);
+// SAFETY: a plain bindgen struct of integers, no padding that matters for reads.
+unsafe impl ByteValued for BlkConfig {}
+
+/// Guest memory as the request parser sees it.
+struct View<'a>(&'a GuestMemoryMmap);
+
+impl GuestView for View<'_> {
+    fn contains(&self, addr: u64, len: u64) -> bool {
+        usize::try_from(len).is_ok_and(|len| self.0.get_slice(GuestAddress(addr), len).is_ok())
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        self.0.read_slice(buf, GuestAddress(addr)).is_ok()
+    }
+}
+
+pub struct BlkBackend {
+    disk: Arc<Disk>,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    exit_notifiers: Mutex<Vec<Option<EventNotifier>>>,
+}
+
+impl BlkBackend {
+    pub fn new(disk: Arc<Disk>) -> Self {
+        let n = disk.num_queues;
+        BlkBackend {
+            disk,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            exit_notifiers: Mutex::new((0..n).map(|_| None).collect()),
+        }
+    }
+
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Asks every worker thread to leave its loop.
+    pub fn signal_exit(&self) {
+        for n in self.exit_notifiers.lock().unwrap().iter().flatten() {
+            let _ = n.notify();
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity_sectors: self.disk.size / 512,
+            read_only: self.disk.read_only,
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+        }
+    }
+
+    fn config(&self) -> BlkConfig {
+        let bs = self.disk.pool.block_bytes();
+        let block_sectors = (bs / 512) as u32;
+        BlkConfig(virtio_blk_config {
+            capacity: (self.disk.size / 512).to_le(),
+            size_max: SIZE_MAX.to_le(),
+            seg_max: ((self.disk.queue_size as u32).saturating_sub(2).max(1)).to_le(),
+            blk_size: 512u32.to_le(),
+            // Physical block = pool block: writes of whole blocks avoid zeroing and copying.
+            physical_block_exp: block_sectors.trailing_zeros() as u8,
+            min_io_size: 8u16.to_le(),
+            opt_io_size: block_sectors.to_le(),
+            num_queues: (self.disk.num_queues as u16).to_le(),
+            max_discard_sectors: MAX_DISCARD_SECTORS.to_le(),
+            max_discard_seg: MAX_DISCARD_SEG.to_le(),
+            discard_sector_alignment: block_sectors.to_le(),
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS.to_le(),
+            max_write_zeroes_seg: MAX_DISCARD_SEG.to_le(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        })
+    }
+
+    /// Pops, executes and completes every available request. Returns whether any was used.
+    pub fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+        let Some(atomic) = self.mem.read().unwrap().clone() else {
+            return Ok(false);
+        };
+        let mem = atomic.memory();
+        let limits = self.limits();
+        let mut used_any = false;
+        loop {
+            // Held while this request runs, so shutdown and snapshots can drain I/O.
+            let _io = self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            // The vring lock is held only to pop: never across I/O.
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let descs: Vec<Desc> = chain
+                .map(|d| Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                })
+                .collect();
+            let parsed = parse(&descs, &View(&mem), &limits);
+            Stats::add(&self.disk.stats.requests, 1);
+            let (status, written) = match &parsed.request {
+                Ok(req) => {
+                    let done = execute(&req.op, &mem, &self.disk);
+                    (Some((req.status, done.status)), done.written + 1)
+                }
+                Err(e) => {
+                    log::warn!("{}: bad request (chain {head}): {e}", self.disk.name);
+                    Stats::add(&self.disk.stats.errors, 1);
+                    let code = if e.is_unsupported() {
+                        VIRTIO_BLK_S_UNSUPP
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    } as u8;
+                    match parsed.status {
+                        Some(at) => (Some((at, code)), 1),
+                        None => (None, 0),
+                    }
+                }
+            };
+            if let Some((at, code)) = status {
+                if mem.write_obj(code, GuestAddress(at)).is_err() {
+                    log::warn!(
+                        "{}: cannot write the status byte at {at:#x}",
+                        self.disk.name
+                    );
+                }
+            }
+            vring
+                .add_used(head, written)
+                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.disk.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.disk.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.disk.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Exactly `size` bytes, whatever the range: anything else is an empty reply.
+        let cfg = self.config();
+        let bytes = cfg.as_slice();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(bytes.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(bytes.len());
+        out[..end - start].copy_from_slice(&bytes[start..end]);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        log::debug!(
+            "{}: guest memory has {} region(s)",
+            self.disk.name,
+            mem.memory().num_regions()
+        );
+        *self.mem.write().unwrap() = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.disk.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        let keep = n.try_clone().ok()?;
+        if let Some(slot) = self.exit_notifiers.lock().unwrap().get_mut(thread_index) {
+            *slot = Some(keep);
+        }
+        Some((c, n))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // With one queue per thread, device_event indexes this thread's vrings: always 0.
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Ok(());
+        };
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                vring
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                self.process_queue(vring)?;
+                if !vring
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(e.to_string()))?
+                {
+                    break;
+                }
+            }
+            if vring
+                .needs_notification()
+                .map_err(|e| io::Error::other(e.to_string()))?
+            {
+                vring.signal_used_queue()?;
+            }
+        } else if self.process_queue(vring)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! Executes a parsed request against the disk's thin device, moving data straight between
+//! guest memory and the data device (vectored I/O on the guest's own buffers).
+
+use super::disk::{Disk, Stats};
+use super::request::{Op, Seg};
+use std::io::{IoSlice, IoSliceMut};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Outcome: the status byte and how many bytes went into the guest's data buffers.
+pub struct Done {
+    pub status: u8,
+    pub written: u32,
+}
+
+fn fail(disk: &Disk, what: &str, e: &dyn std::fmt::Display) -> Done {
+    log::warn!("{}: {what}: {e}", disk.name);
+    Stats::add(&disk.stats.errors, 1);
+    Done {
+        status: VIRTIO_BLK_S_IOERR as u8,
+        written: 0,
+    }
+}
+
+/// Host views of guest buffers. Fails if a buffer is not within one memory region.
+fn host_slices(mem: &GuestMemoryMmap, data: &[Seg]) -> Option<Vec<(*mut u8, usize)>> {
+    data.iter()
+        .map(|s| {
+            let vs = mem.get_slice(GuestAddress(s.addr), s.len as usize).ok()?;
+            Some((vs.ptr_guard_mut().as_ptr(), s.len as usize))
+        })
+        .collect()
+}
+
+pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
+    let ok = |written: u32| Done {
+        status: VIRTIO_BLK_S_OK as u8,
+        written,
+    };
+    match op {
+        Op::Read { offset, data } => {
+            let Some(raw) = host_slices(mem, data) else {
+                return fail(disk, "read", &"buffer spans guest memory regions");
+            };
+            // SAFETY: each pointer comes from vm-memory for a range it verified lies in a
+            // mapped region, which stays mapped while `mem` (a guard of the memory table)
+            // lives. The guest gave these buffers to the device for this request and must
+            // not touch them until it is completed (virtio's contract); the pointers are
+            // used only for this call.
+            let mut iov: Vec<IoSliceMut<'_>> = raw
+                .iter()
+                .map(|&(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
+                .collect();
+            let len: u64 = data.iter().map(|s| s.len as u64).sum();
+            match disk.pool.read_vectored(disk.thin_id, *offset, &mut iov) {
+                Ok(()) => {
+                    Stats::add(&disk.stats.bytes_read, len);
+                    ok(len as u32)
+                }
+                Err(e) => fail(disk, "read", &e),
+            }
+        }
+        Op::Write { offset, data } => {
+            let Some(raw) = host_slices(mem, data) else {
+                return fail(disk, "write", &"buffer spans guest memory regions");
+            };
+            // SAFETY: as for reads; the slices are only read from.
+            let iov: Vec<IoSlice<'_>> = raw
+                .iter()
+                .map(|&(p, n)| {
+                    IoSlice::new(unsafe { std::slice::from_raw_parts(p as *const u8, n) })
+                })
+                .collect();
+            let len: u64 = data.iter().map(|s| s.len as u64).sum();
+            match disk.pool.write_vectored(disk.thin_id, *offset, &iov) {
+                Ok(()) => {
+                    Stats::add(&disk.stats.bytes_written, len);
+                    ok(0)
+                }
+                Err(e) => fail(disk, "write", &e),
+            }
+        }
+        Op::Flush => match disk.pool.commit() {
+            Ok(()) => ok(0),
+            Err(e) => fail(disk, "flush", &e),
+        },
+        Op::GetId { data } => {
+            let mut written = 0usize;
+            for s in data {
+                let n = (s.len as usize).min(disk.serial.len() - written);
+                if mem
+                    .write_slice(&disk.serial[written..written + n], GuestAddress(s.addr))
+                    .is_err()
+                {
+                    return fail(disk, "get-id", &"buffer outside guest memory");
+                }
+                written += n;
+            }
+            ok(written as u32)
+        }
+        Op::Discard(ranges) => {
+            for r in ranges {
+                if let Err(e) = disk.pool.discard(disk.thin_id, r.offset, r.len) {
+                    return fail(disk, "discard", &e);
+                }
+            }
+            ok(0)
+        }
+        Op::WriteZeroes(ranges) => {
+            for r in ranges {
+                if let Err(e) = disk
+                    .pool
+                    .write_zeroes(disk.thin_id, r.offset, r.len, r.unmap)
+                {
+                    return fail(disk, "write-zeroes", &e);
+                }
+            }
+            ok(0)
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The daemon: serves each disk on its own vhost-user socket, commits the pool at least
+//! once a second (like dm-thin) and on every disconnect, and on SIGTERM/SIGINT drains the
+//! requests in flight, commits and exits.
+
+use crate::blk::backend::BlkBackend;
+use crate::blk::disk::Disk;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thinpool::pool::Pool;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// `--disk` on the command line: `id=N|name=NAME,socket=PATH[,size=SIZE][,num-queues=N][,queue-size=N][,read-only][,serial=S]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub id: Option<u32>,
+    pub name: Option<String>,
+    pub socket: PathBuf,
+    pub size: Option<u64>,
+    pub num_queues: Option<usize>,
+    pub queue_size: Option<usize>,
+    pub read_only: bool,
+    pub serial: Option<String>,
+}
+
+pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, String> {
+    let mut d = DiskSpec::default();
+    let mut socket = None;
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        let num = |v: &str| {
+            v.parse::<usize>()
+                .map_err(|_| format!("--disk {k}={v:?}: not a number"))
+        };
+        match k {
+            "id" => d.id = Some(v.parse().map_err(|_| format!("--disk id={v:?}: not a thin id"))?),
+            "name" => d.name = Some(v.to_string()),
+            "socket" => socket = Some(PathBuf::from(v)),
+            "size" => d.size = Some(crate::size::parse_size(v)?),
+            "num-queues" => d.num_queues = Some(num(v)?),
+            "queue-size" => d.queue_size = Some(num(v)?),
+            "read-only" | "ro" if v.is_empty() || v == "on" || v == "true" => d.read_only = true,
+            "serial" => d.serial = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "--disk: unknown option {part:?} (use id=, name=, socket=, size=, num-queues=, queue-size=, read-only, serial=)"
+                ))
+            }
+        }
+    }
+    d.socket = socket.ok_or("--disk needs socket=PATH")?;
+    if d.id.is_none() && d.name.is_none() {
+        return Err("--disk needs id=N or name=NAME".into());
+    }
+    if let Some(n) = d.num_queues {
+        if !(1..=64).contains(&n) {
+            return Err(format!("--disk num-queues={n}: must be 1 to 64"));
+        }
+    }
+    if let Some(q) = d.queue_size {
+        if !q.is_power_of_two() || !(2..=32768).contains(&q) {
+            return Err(format!(
+                "--disk queue-size={q}: must be a power of two, 2 to 32768"
+            ));
+        }
+    }
+    Ok(d)
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and every thread it starts afterwards, so that
+/// [`wait_for_signal`] receives them.
+pub fn block_signals() {
+    // SAFETY: plain signal-mask calls on a local, initialised sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_for_signal() -> i32 {
+    // SAFETY: as above; sigwait writes the signal number into `sig`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+        sig
+    }
+}
+
+/// Serves one disk: a fresh backend and vhost-user daemon for every connection.
+fn serve_disk(disk: Arc<Disk>, socket: PathBuf, stopping: Arc<AtomicBool>) -> Result<()> {
+    let mut listener = Listener::new(&socket, true)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    log::info!("{}: listening on {}", disk.name, socket.display());
+    loop {
+        let backend = Arc::new(BlkBackend::new(disk.clone()));
+        let mut daemon = VhostUserDaemon::new(
+            format!("vhost-thin-{}", disk.name),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: cannot start the vhost-user daemon: {e:?}", disk.name))?;
+        if let Err(e) = daemon.start(&mut listener) {
+            log::error!("{}: accept failed: {e:?}", disk.name);
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        disk.connected.store(true, Ordering::SeqCst);
+        log::info!("{}: frontend connected", disk.name);
+        let r = daemon.wait();
+        backend.signal_exit();
+        disk.connected.store(false, Ordering::SeqCst);
+        match r {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("{}: frontend disconnected", disk.name),
+            Err(e) => log::warn!("{}: connection ended: {e:?}", disk.name),
+        }
+        if let Err(e) = disk.pool.commit() {
+            log::error!("{}: commit after disconnect failed: {e}", disk.name);
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT. Call [`block_signals`] first, before any thread starts.
+pub fn run(
+    pool: Arc<Pool>,
+    disks: Vec<(Arc<Disk>, PathBuf)>,
+    commit_interval: Duration,
+) -> Result<()> {
+    if disks.is_empty() {
+        bail!("no disks to serve: give at least one --disk");
+    }
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (pool, stopping) = (pool.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name("commit-timer".into())
+            .spawn(move || {
+                // dm-thin commits at least every second; so do we, when anything changed.
+                while !stopping.load(Ordering::SeqCst) {
+                    std::thread::sleep(commit_interval);
+                    if let Err(e) = pool.commit() {
+                        log::error!("periodic commit failed: {e}");
+                    }
+                }
+            })?;
+    }
+    for (disk, socket) in &disks {
+        let (disk, socket, stopping) = (disk.clone(), socket.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name(format!("disk-{}", disk.name))
+            .spawn(move || {
+                if let Err(e) = serve_disk(disk.clone(), socket, stopping) {
+                    log::error!("{}: {e:#}", disk.name);
+                }
+            })?;
+    }
+    let sig = wait_for_signal();
+    log::info!("signal {sig}: draining requests in flight");
+    stopping.store(true, Ordering::SeqCst);
+    // Hold every disk's I/O gate: requests being executed finish, no new one starts.
+    let _drained: Vec<_> = disks
+        .iter()
+        .map(|(d, _)| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
+        .collect();
+    pool.commit().context("final commit failed")?;
+    for (d, socket) in &disks {
+        let _ = std::fs::remove_file(socket);
+        log::info!(
+            "{}: served {} requests",
+            d.name,
+            d.stats.requests.load(Ordering::Relaxed)
+        );
+    }
+    log::info!("pool committed; exiting");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        let d =
+            parse_disk_spec("id=3,socket=/tmp/a.sock,size=1GiB,num-queues=4,read-only").unwrap();
+        assert_eq!(d.id, Some(3));
+        assert_eq!(d.size, Some(1 << 30));
+        assert!(d.read_only);
+        assert_eq!(d.num_queues, Some(4));
+        assert!(parse_disk_spec("id=3").unwrap_err().contains("socket"));
+        assert!(parse_disk_spec("socket=/x")
+            .unwrap_err()
+            .contains("id=N or name"));
+        assert!(parse_disk_spec("id=1,socket=/x,bogus=2")
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(parse_disk_spec("id=1,socket=/x,num-queues=0").is_err());
+        assert!(parse_disk_spec("id=1,socket=/x,queue-size=100").is_err());
+    }
+}

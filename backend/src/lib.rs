@@ -1,0 +1,9 @@
+//! vhost-thin: a vhost-user-blk daemon serving thin devices of a dm-thin-compatible pool,
+//! and its offline CLI.
+
+pub mod blk;
+pub mod daemon;
+pub mod offline;
+pub mod progress;
+pub mod serve_cmd;
+pub mod size;

@@ -1,0 +1,400 @@
+//! A vhost-user-blk *frontend* for tests: guest RAM is a memfd mapped in this process and
+//! shared with the daemon; queues are laid out with virtio-queue's mock driver.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::thread;
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const MEM_SIZE: u64 = 64 << 20;
+pub const QSIZE: u16 = 64;
+const QUEUE_AREA: u64 = 0x10_0000;
+const BUF_AREA: u64 = 0x100_0000;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vhost-thin")
+}
+
+fn memfd(size: u64) -> File {
+    // SAFETY: plain syscall with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"vhost-thin-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: the fd was just created and is owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    f
+}
+
+pub struct Queue {
+    pub vq: MockSplitQueue<'static, GuestMemoryMmap>,
+    pub kick: EventFd,
+    pub call: EventFd,
+    next_desc: u16,
+    submitted: u16,
+}
+
+pub struct Guest {
+    pub mem: &'static GuestMemoryMmap,
+    pub fe: Frontend,
+    pub queues: Vec<Queue>,
+    pub features: u64,
+}
+
+/// One descriptor as the test builds it: guest address, length, device-writable.
+#[derive(Clone, Copy, Debug)]
+pub struct D(pub u64, pub u32, pub bool);
+
+impl Guest {
+    pub fn connect(sock: &Path, nq: usize) -> Guest {
+        Self::connect_with(sock, nq, u64::MAX)
+    }
+
+    /// Handshake; `feature_mask` limits what the "driver" acknowledges.
+    pub fn connect_with(sock: &Path, nq: usize, feature_mask: u64) -> Guest {
+        // Leaked so that the mock queues can borrow it for 'static; one per connection.
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+                GuestAddress(0),
+                MEM_SIZE as usize,
+                Some(FileOffset::new(memfd(MEM_SIZE), 0)),
+            )])
+            .unwrap(),
+        ));
+        let info =
+            VhostUserMemoryRegionInfo::from_guest_region(mem.find_region(GuestAddress(0)).unwrap())
+                .unwrap();
+        let hva = |gpa: u64| info.userspace_addr + gpa;
+        let mut fe = Frontend::connect(sock, nq as u64).unwrap();
+        let features = fe.get_features().unwrap() & feature_mask;
+        let proto = fe.get_protocol_features().unwrap();
+        assert!(proto.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+        fe.set_protocol_features(proto).unwrap();
+        fe.set_owner().unwrap();
+        assert_eq!(fe.get_queue_num().unwrap(), nq as u64);
+        fe.set_features(features).unwrap();
+        fe.set_mem_table(&[info]).unwrap();
+        let mut queues = Vec::new();
+        for q in 0..nq {
+            let vq =
+                MockSplitQueue::create(mem, GuestAddress(QUEUE_AREA + 0x10000 * q as u64), QSIZE);
+            fe.set_vring_num(q, QSIZE).unwrap();
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QSIZE,
+                    queue_size: QSIZE,
+                    flags: 0,
+                    desc_table_addr: hva(vq.desc_table_addr().0),
+                    used_ring_addr: hva(vq.used_addr().0),
+                    avail_ring_addr: hva(vq.avail_addr().0),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(q, 0).unwrap();
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            fe.set_vring_call(q, &call).unwrap();
+            fe.set_vring_kick(q, &kick).unwrap();
+            fe.set_vring_enable(q, true).unwrap();
+            queues.push(Queue {
+                vq,
+                kick,
+                call,
+                next_desc: 0,
+                submitted: 0,
+            });
+        }
+        Guest {
+            mem,
+            fe,
+            queues,
+            features,
+        }
+    }
+
+    pub fn config(&mut self, len: u32) -> Vec<u8> {
+        let (_, cfg) = self
+            .fe
+            .get_config(
+                0,
+                len,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0u8; len as usize],
+            )
+            .unwrap();
+        cfg
+    }
+
+    /// Buffer area for request slot `slot` (1 MiB + a page each).
+    pub fn buf(slot: u64) -> u64 {
+        BUF_AREA + slot * 0x11_0000
+    }
+
+    /// Publishes a chain on queue `q` without waiting; returns its sequence number.
+    pub fn submit(&mut self, q: usize, descs: &[D]) -> u16 {
+        let queue = &mut self.queues[q];
+        let first = queue.next_desc;
+        let n = descs.len() as u16;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let last = i + 1 == descs.len();
+                let mut flags = if d.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let next = if last {
+                    0
+                } else {
+                    (first + i as u16 + 1) % QSIZE
+                };
+                RawDescriptor::from(Descriptor::new(d.0, d.1, flags, next))
+            })
+            .collect();
+        queue.vq.add_desc_chains(&raw, first).unwrap();
+        queue.next_desc = (first + n) % QSIZE;
+        queue.submitted += 1;
+        queue.kick.write(1).unwrap();
+        queue.submitted
+    }
+
+    /// Waits until `count` requests of queue `q` have been used.
+    pub fn wait_used(&self, q: usize, count: u16) {
+        let queue = &self.queues[q];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let idx: u16 = self
+                .mem
+                .read_obj(GuestAddress(queue.vq.used_addr().0 + 2))
+                .unwrap();
+            if idx >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue {q}: timeout waiting for used idx {count}, at {idx}"
+            );
+            let _ = queue.call.read();
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Submits a chain and waits for it; returns the used length.
+    pub fn run(&mut self, q: usize, descs: &[D]) -> u32 {
+        let seq = self.submit(q, descs);
+        self.wait_used(q, seq);
+        let slot = (seq - 1) % QSIZE;
+        self.queues[q]
+            .vq
+            .used()
+            .ring()
+            .ref_at(slot as usize)
+            .unwrap()
+            .load()
+            .len()
+    }
+
+    pub fn header(&self, at: u64, kind: u32, sector: u64) {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+    }
+
+    pub fn status(&self, at: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    /// READ: returns (status, data).
+    pub fn read(&mut self, q: usize, sector: u64, len: u32) -> (u8, Vec<u8>) {
+        let b = Self::buf(0);
+        self.header(b, VIRTIO_BLK_T_IN, sector);
+        self.mem
+            .write_obj(0xAAu8, GuestAddress(b + 0x10_0000 + 0x800))
+            .unwrap();
+        let used = self.run(
+            q,
+            &[
+                D(b, 16, false),
+                D(b + 0x1000, len, true),
+                D(b + 0x10_0000 + 0x800, 1, true),
+            ],
+        );
+        let mut data = vec![0u8; len as usize];
+        self.mem
+            .read_slice(&mut data, GuestAddress(b + 0x1000))
+            .unwrap();
+        let st = self.status(b + 0x10_0000 + 0x800);
+        if st == 0 {
+            assert_eq!(used, len + 1);
+        }
+        (st, data)
+    }
+
+    /// WRITE from `data`, split into `pieces` descriptors.
+    pub fn write(&mut self, q: usize, sector: u64, data: &[u8], pieces: usize) -> u8 {
+        let b = Self::buf(1);
+        self.header(b, VIRTIO_BLK_T_OUT, sector);
+        self.mem
+            .write_slice(data, GuestAddress(b + 0x1000))
+            .unwrap();
+        let mut descs = vec![D(b, 16, false)];
+        let chunk = data.len().div_ceil(pieces.max(1));
+        let mut off = 0;
+        while off < data.len() {
+            let n = chunk.min(data.len() - off);
+            descs.push(D(b + 0x1000 + off as u64, n as u32, false));
+            off += n;
+        }
+        descs.push(D(b + 0x10_0000 + 0x800, 1, true));
+        self.run(q, &descs);
+        self.status(b + 0x10_0000 + 0x800)
+    }
+
+    pub fn simple(&mut self, q: usize, kind: u32) -> u8 {
+        let b = Self::buf(2);
+        self.header(b, kind, 0);
+        self.run(q, &[D(b, 16, false), D(b + 0x800, 1, true)]);
+        self.status(b + 0x800)
+    }
+
+    pub fn get_id(&mut self, q: usize) -> (u8, Vec<u8>) {
+        let b = Self::buf(2);
+        self.header(b, VIRTIO_BLK_T_GET_ID, 0);
+        self.run(
+            q,
+            &[
+                D(b, 16, false),
+                D(b + 0x100, 20, true),
+                D(b + 0x800, 1, true),
+            ],
+        );
+        let mut id = vec![0u8; 20];
+        self.mem
+            .read_slice(&mut id, GuestAddress(b + 0x100))
+            .unwrap();
+        (self.status(b + 0x800), id)
+    }
+
+    /// DISCARD or WRITE_ZEROES with (sector, sectors, flags) segments.
+    pub fn ranges(&mut self, q: usize, kind: u32, segs: &[(u64, u32, u32)]) -> u8 {
+        let b = Self::buf(3);
+        self.header(b, kind, 0);
+        for (i, (s, n, f)) in segs.iter().enumerate() {
+            let mut e = [0u8; 16];
+            e[0..8].copy_from_slice(&s.to_le_bytes());
+            e[8..12].copy_from_slice(&n.to_le_bytes());
+            e[12..16].copy_from_slice(&f.to_le_bytes());
+            self.mem
+                .write_slice(&e, GuestAddress(b + 0x100 + 16 * i as u64))
+                .unwrap();
+        }
+        self.run(
+            q,
+            &[
+                D(b, 16, false),
+                D(b + 0x100, 16 * segs.len() as u32, false),
+                D(b + 0x800, 1, true),
+            ],
+        );
+        self.status(b + 0x800)
+    }
+
+    pub fn stop(self) {
+        for q in 0..self.queues.len() {
+            let _ = self.fe.get_vring_base(q);
+        }
+    }
+}
+
+/// A pool made with the CLI, and a running daemon serving device 0 on `sock`.
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub m: String,
+    pub d: String,
+    pub sock: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub fn cli(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "vhost-thin {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+impl Served {
+    pub fn new(disk_opts: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("meta").to_str().unwrap().to_string();
+        let d = dir.path().join("data").to_str().unwrap().to_string();
+        cli(&["pool", "create", "-m", &m, "-d", &d, "--data-size", "64MiB"]);
+        cli(&[
+            "thin", "create", "-m", &m, "-d", &d, "--id", "0", "--size", "16MiB", "--name", "disk0",
+        ]);
+        let sock = dir.path().join("disk0.sock");
+        let mut s = Served {
+            dir,
+            m,
+            d,
+            sock,
+            child: None,
+        };
+        s.start(disk_opts);
+        s
+    }
+
+    pub fn start(&mut self, disk_opts: &str) {
+        let _ = std::fs::remove_file(&self.sock);
+        let spec = format!("id=0,socket={}{disk_opts}", self.sock.display());
+        let child = Command::new(bin())
+            .args(["serve", "-m", &self.m, "-d", &self.d, "--disk", &spec])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its socket"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

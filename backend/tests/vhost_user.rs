@@ -1,0 +1,206 @@
+//! Tier-2 tests: the real vhost-user protocol between a frontend in this process and the
+//! `vhost-thin serve` daemon in a child process.
+
+mod common;
+use common::{cli, Guest, Served, D};
+use virtio_bindings::virtio_blk::*;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+#[test]
+fn io_flush_discard_zeroes_get_id_and_sigterm() {
+    let mut s = Served::new(",num-queues=2");
+    let mut g = Guest::connect(&s.sock, 2);
+    // Config: capacity 16 MiB in sectors, topology from the 64 KiB pool block.
+    let cfg = g.config(60);
+    assert_eq!(
+        u64::from_le_bytes(cfg[0..8].try_into().unwrap()),
+        (16 << 20) / 512
+    );
+    assert_eq!(cfg[24], 7, "physical_block_exp: 64 KiB = 512 << 7");
+    assert_eq!(
+        u16::from_le_bytes(cfg[34..36].try_into().unwrap()),
+        2,
+        "num_queues"
+    );
+    assert_eq!(
+        g.config(7).len(),
+        7,
+        "get_config returns exactly the bytes asked for"
+    );
+    assert_eq!(g.config(96).len(), 96);
+
+    // Writes of any alignment and layout, on both queues.
+    let a = pattern(128 << 10, 1);
+    assert_eq!(g.write(0, 0, &a, 3), 0);
+    let b = pattern(4096, 2);
+    assert_eq!(g.write(1, 130, &b, 1), 0); // inside block 1, not aligned to it
+    let (st, got) = g.read(1, 0, 128 << 10);
+    assert_eq!(st, 0);
+    let mut want = a.clone();
+    want[130 * 512..130 * 512 + 4096].copy_from_slice(&b);
+    assert_eq!(got, want);
+    let (st, got) = g.read(0, 256, 64 << 10);
+    assert_eq!(
+        (st, got),
+        (0, vec![0u8; 64 << 10]),
+        "unwritten space reads as zeroes"
+    );
+    assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+
+    let (st, id) = g.get_id(0);
+    assert_eq!(st, 0);
+    assert!(id.starts_with(b"vt-"), "{id:?}");
+
+    // Discard the second 64 KiB block: it reads as zeroes and leaves the pool.
+    let used = |s: &Served| -> u64 {
+        let st: serde_json::Value =
+            serde_json::from_str(&cli(&["pool", "status", "-m", &s.m, "--json"])).unwrap();
+        st["data_used"].as_u64().unwrap()
+    };
+    assert_eq!(g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(128, 128, 0)]), 0);
+    assert_eq!(g.read(0, 128, 512).1, vec![0u8; 512]);
+    // Write-zeroes with and without unmap, partial block.
+    assert_eq!(
+        g.ranges(1, VIRTIO_BLK_T_WRITE_ZEROES, &[(1, 2, 0), (0, 0, 1)]),
+        0
+    );
+    let (_, got) = g.read(0, 0, 2048);
+    assert_eq!(&got[..512], &a[..512]);
+    assert_eq!(&got[512..1536], &[0u8; 1024][..]);
+    assert_eq!(&got[1536..], &a[1536..2048]);
+    assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+    assert_eq!(used(&s), 1, "one block left mapped after the discard");
+    g.stop();
+
+    // SIGTERM: drain, commit, exit 0; the pool is clean and holds what the guest wrote.
+    let status = s.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "thin", "export", "-m", &s.m, "-d", &s.d, "--id", "0", "--size", "65536", "-o", "-",
+        ])
+        .output()
+        .unwrap();
+    let mut want0 = want[..65536].to_vec();
+    want0[512..1536].fill(0);
+    assert_eq!(out.stdout, want0);
+}
+
+#[test]
+fn malformed_chains_get_errors_and_the_daemon_keeps_serving() {
+    let s = Served::new("");
+    let mut g = Guest::connect(&s.sock, 1);
+    let b = Guest::buf(5);
+    // Unknown request type: UNSUPP.
+    assert_eq!(g.simple(0, 99), VIRTIO_BLK_S_UNSUPP as u8);
+    // Unaligned length, beyond capacity, wrong direction: IOERR.
+    g.header(b, VIRTIO_BLK_T_IN, 0);
+    g.run(
+        0,
+        &[
+            D(b, 16, false),
+            D(b + 0x1000, 100, true),
+            D(b + 0x800, 1, true),
+        ],
+    );
+    assert_eq!(g.status(b + 0x800), VIRTIO_BLK_S_IOERR as u8);
+    g.header(b, VIRTIO_BLK_T_IN, (16 << 20) / 512);
+    g.run(
+        0,
+        &[
+            D(b, 16, false),
+            D(b + 0x1000, 512, true),
+            D(b + 0x800, 1, true),
+        ],
+    );
+    assert_eq!(g.status(b + 0x800), VIRTIO_BLK_S_IOERR as u8);
+    g.header(b, VIRTIO_BLK_T_OUT, 0);
+    g.run(
+        0,
+        &[
+            D(b, 16, false),
+            D(b + 0x1000, 512, true),
+            D(b + 0x800, 1, true),
+        ],
+    );
+    assert_eq!(g.status(b + 0x800), VIRTIO_BLK_S_IOERR as u8);
+    // Short header, no status byte, buffers outside guest memory: used with length 0 or
+    // an error status, never a crash.
+    g.header(b, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(g.run(0, &[D(b, 8, false), D(b + 0x800, 1, true)]), 1);
+    assert_eq!(g.status(b + 0x800), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(g.run(0, &[D(b, 16, false)]), 0);
+    g.run(
+        0,
+        &[
+            D(b, 16, false),
+            D(1 << 40, 512, true),
+            D(b + 0x800, 1, true),
+        ],
+    );
+    assert_eq!(g.status(b + 0x800), VIRTIO_BLK_S_IOERR as u8);
+    // Still serving.
+    assert_eq!(g.write(0, 0, &[7u8; 512], 1), 0);
+    assert_eq!(g.read(0, 0, 512), (0, vec![7u8; 512]));
+}
+
+#[test]
+fn reconnect_and_restart_keep_the_data() {
+    let mut s = Served::new(",num-queues=2");
+    let mut g = Guest::connect(&s.sock, 2);
+    assert_eq!(g.write(1, 2048, &pattern(8192, 3), 2), 0);
+    g.stop();
+    // A new frontend on the same daemon (as after the VM restarts).
+    let mut g = Guest::connect(&s.sock, 2);
+    assert_eq!(g.read(0, 2048, 8192), (0, pattern(8192, 3)));
+    drop(g);
+    // A restarted daemon (the commit on disconnect made it durable).
+    assert!(s.stop().success());
+    s.start(",num-queues=2");
+    let mut g = Guest::connect(&s.sock, 2);
+    assert_eq!(g.read(1, 2048, 8192), (0, pattern(8192, 3)));
+}
+
+#[test]
+fn read_only_disk_refuses_writes_and_serves_reads() {
+    let mut s = Served::new("");
+    let mut g = Guest::connect(&s.sock, 1);
+    assert_eq!(g.write(0, 0, &[9u8; 4096], 1), 0);
+    drop(g);
+    assert!(s.stop().success());
+    s.start(",read-only");
+    let mut g = Guest::connect(&s.sock, 1);
+    assert_ne!(g.features & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(g.features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    assert_eq!(g.write(0, 8, &[1u8; 512], 1), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(
+        g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(0, 128, 0)]),
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    assert_eq!(g.read(0, 0, 4096), (0, vec![9u8; 4096]));
+}
+
+#[test]
+fn without_event_idx_too() {
+    let s = Served::new(",num-queues=2");
+    let mask = !(1u64 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+    let mut g = Guest::connect_with(&s.sock, 2, mask);
+    for i in 0..20u64 {
+        assert_eq!(
+            g.write((i % 2) as usize, i * 8, &pattern(4096, i as u8), 1),
+            0
+        );
+    }
+    for i in 0..20u64 {
+        assert_eq!(
+            g.read((i % 2) as usize, i * 8, 4096),
+            (0, pattern(4096, i as u8))
+        );
+    }
+}
