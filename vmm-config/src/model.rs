@@ -1,0 +1,194 @@
+//! The configuration model. Field names are kebab-case in YAML.
+
+use crate::size::Size;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub management: Option<ManagementConfig>,
+    #[serde(default)]
+    pub logging: Option<LoggingConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PoolConfig {
+    pub name: String,
+    pub metadata: PathBuf,
+    pub data: PathBuf,
+    /// Data block size, 64KiB to 1GiB in multiples of 64KiB (used when creating).
+    #[serde(default = "default_block_size")]
+    pub block_size: Size,
+    /// Sizes of the files to create when they do not exist.
+    #[serde(default)]
+    pub create: Option<CreateSizes>,
+    /// Zero the rest of a newly provisioned block (dm-thin's default; `false` is
+    /// `skip_block_zeroing`).
+    #[serde(default = "yes")]
+    pub zeroing: bool,
+    /// What guest discards do.
+    #[serde(default)]
+    pub discard: DiscardMode,
+    #[serde(default)]
+    pub out_of_space: OutOfSpace,
+    #[serde(default)]
+    pub low_water: LowWater,
+    /// Metadata cache size.
+    #[serde(default)]
+    pub metadata_cache: Option<Size>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CreateSizes {
+    pub data_size: Size,
+    #[serde(default)]
+    pub metadata_size: Option<Size>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscardMode {
+    /// Unmap the whole pool blocks a discard covers (space returns to the pool).
+    #[default]
+    Unmap,
+    /// Accept discards and do nothing (dm-thin's `ignore_discard`).
+    Ignore,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OutOfSpace {
+    #[serde(default)]
+    pub policy: OutOfSpacePolicy,
+    /// With `queue`: seconds to hold writes before failing them (dm-thin: 60; 0 = forever).
+    #[serde(default = "default_timeout")]
+    pub timeout: u64,
+}
+
+impl Default for OutOfSpace {
+    fn default() -> Self {
+        OutOfSpace {
+            policy: OutOfSpacePolicy::default(),
+            timeout: default_timeout(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutOfSpacePolicy {
+    /// Fail writes that need a new block at once.
+    #[default]
+    Error,
+    /// Hold them until space appears or the timeout passes.
+    Queue,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LowWater {
+    /// Percent of data blocks in use that raises POOL_LOW_WATERMARK.
+    #[serde(default = "default_low_water")]
+    pub data: u8,
+    #[serde(default = "default_low_water")]
+    pub metadata: u8,
+}
+
+impl Default for LowWater {
+    fn default() -> Self {
+        LowWater {
+            data: default_low_water(),
+            metadata: default_low_water(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskConfig {
+    pub name: String,
+    /// Pool name; may be left out when there is exactly one pool.
+    #[serde(default)]
+    pub pool: Option<String>,
+    pub size: Size,
+    pub socket: PathBuf,
+    #[serde(default = "default_queues")]
+    pub num_queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub read_only: bool,
+    /// What the guest sees as the serial (at most 20 bytes); default: generated.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Create the disk as a clone (snapshot) of this disk or snapshot when it does not exist.
+    #[serde(default)]
+    pub clone_from: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ManagementConfig {
+    pub socket: PathBuf,
+    /// File mode of the socket, octal (default 0600).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LoggingConfig {
+    #[serde(default = "default_level")]
+    pub level: LogLevel,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+fn default_block_size() -> Size {
+    Size(64 << 10)
+}
+fn yes() -> bool {
+    true
+}
+fn default_timeout() -> u64 {
+    60
+}
+fn default_low_water() -> u8 {
+    80
+}
+fn default_queues() -> u16 {
+    1
+}
+fn default_queue_size() -> u16 {
+    256
+}
+fn default_mode() -> String {
+    "0600".into()
+}
+fn default_level() -> LogLevel {
+    LogLevel::Info
+}
+
+/// Every field name of the model, for "did you mean" hints.
+pub(crate) const FIELD_NAMES: &[&str] = &[
+    "pools", "disks", "management", "logging", "name", "metadata", "data", "block-size", "create",
+    "zeroing", "discard", "out-of-space", "low-water", "metadata-cache", "data-size",
+    "metadata-size", "policy", "timeout", "pool", "size", "socket", "num-queues", "queue-size",
+    "read-only", "serial", "clone-from", "mode", "level",
+];

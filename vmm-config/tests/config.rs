@@ -1,0 +1,158 @@
+//! Table-driven tests of valid and invalid configuration files, with the exact messages.
+
+use vmm_config::{parse, DiscardMode, OutOfSpacePolicy, Size};
+
+const GOOD: &str = r#"
+pools:
+  - name: main
+    metadata: /var/lib/vhost-thin/pool.meta
+    data: /var/lib/vhost-thin/pool.data
+    block-size: 128KiB
+    create:
+      data-size: 100GiB
+    zeroing: false
+    out-of-space:
+      policy: queue
+      timeout: 30
+    low-water: { data: 90 }
+disks:
+  - name: disk0
+    size: 10GiB
+    socket: /run/vhost-thin/disk0.sock
+    num-queues: 4
+  - name: ci-1
+    pool: main
+    size: 10737418240
+    socket: /run/vhost-thin/ci-1.sock
+    read-only: true
+    clone-from: disk0
+management:
+  socket: /run/vhost-thin/qmp.sock
+logging:
+  level: debug
+"#;
+
+#[test]
+fn a_good_file_parses_with_defaults() {
+    let c = parse(GOOD, "good.yaml").unwrap();
+    let p = &c.pools[0];
+    assert_eq!(p.block_size, Size(128 << 10));
+    assert_eq!(p.create.as_ref().unwrap().data_size, Size(100 << 30));
+    assert!(!p.zeroing);
+    assert_eq!(p.discard, DiscardMode::Unmap);
+    assert_eq!(p.out_of_space.policy, OutOfSpacePolicy::Queue);
+    assert_eq!(p.out_of_space.timeout, 30);
+    assert_eq!((p.low_water.data, p.low_water.metadata), (90, 80));
+    assert_eq!(c.disks[0].num_queues, 4);
+    assert_eq!(c.disks[0].queue_size, 256);
+    assert_eq!(c.disks[1].size, Size(10 << 30));
+    assert!(c.disks[1].read_only);
+    assert_eq!(c.management.as_ref().unwrap().mode, "0600");
+    assert_eq!(parse("", "empty.yaml").unwrap(), Default::default());
+}
+
+#[test]
+fn bad_files_say_where_and_how_to_fix() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "typo in a field",
+            "disks:\n  - name: d\n    size: 1GiB\n    socket: /s\n    num_queue: 2\n",
+            "f.yaml:5:5: disks[0]: unknown field `num_queue`; did you mean `num-queues`?",
+        ),
+        (
+            "unknown top-level field",
+            "pool:\n  - name: x\n",
+            "f.yaml:1:1: unknown field `pool`; did you mean `pools`?",
+        ),
+        (
+            "bad size",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\n    block-size: 64kb\n",
+            "f.yaml:5:17: pools[0].block-size: \"64kb\" has an unknown unit \"kb\": use KiB, MiB, GiB or TiB",
+        ),
+        (
+            "bad block size",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\n    block-size: 96KiB\n",
+            "f.yaml:5: pools[0].block-size: 98304 bytes is not a valid block size; use 64KiB to 1GiB in multiples of 64KiB",
+        ),
+        (
+            "bad enum value",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\n    out-of-space:\n      policy: queu\n",
+            "f.yaml:6:15: pools[0].out-of-space.policy: unknown value `queu`; did you mean `queue`?",
+        ),
+        (
+            "unknown pool",
+            "pools:\n  - name: main\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    pool: mian\n    size: 1GiB\n    socket: /s\n",
+            "f.yaml:7: disks[0].pool: no pool named `mian`; did you mean `main`?",
+        ),
+        (
+            "pool left out with two pools",
+            "pools:\n  - name: a\n    metadata: /m\n    data: /d\n  - name: b\n    metadata: /m2\n    data: /d2\ndisks:\n  - name: d\n    size: 1GiB\n    socket: /s\n",
+            "f.yaml:9: disks[0].pool: which pool?; add `pool:` naming one of: a, b",
+        ),
+        (
+            "queues out of range",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1GiB\n    socket: /s\n    num-queues: 100\n",
+            "f.yaml:9: disks[0].num-queues: 100 queues; use 1 to 64",
+        ),
+        (
+            "queue size not a power of two",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1GiB\n    socket: /s\n    queue-size: 100\n",
+            "f.yaml:9: disks[0].queue-size: 100 is not a power of two; use 2 to 32768, a power of two (256 is usual)",
+        ),
+        (
+            "duplicate disk",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1GiB\n    socket: /s\n  - name: d\n    size: 1GiB\n    socket: /t\n",
+            "f.yaml:6: disks[1].name: disk `d` is defined twice; give each disk its own name",
+        ),
+        (
+            "shared socket",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1GiB\n    socket: /s\n  - name: e\n    size: 1GiB\n    socket: /s\n",
+            "f.yaml:8: disks[1].socket: two disks on one socket; give each disk its own socket path",
+        ),
+        (
+            "odd disk size",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1000\n    socket: /s\n",
+            "f.yaml:7: disks[0].size: 1000 bytes is not a disk size; use a positive multiple of 512 bytes, like 10GiB",
+        ),
+        (
+            "missing field",
+            "disks:\n  - name: d\n    size: 1GiB\n",
+            "f.yaml:2:5: disks[0]: missing field `socket`",
+        ),
+        (
+            "wrong type",
+            "disks:\n  - name: d\n    size: 1GiB\n    socket: /s\n    read-only: maybe\n",
+            "f.yaml:5:16: disks[0].read-only: invalid type: string \"maybe\", expected a boolean",
+        ),
+        (
+            "not YAML",
+            "pools: [\n",
+            "f.yaml:2:1: did not find expected node content",
+        ),
+        (
+            "bad mode",
+            "management:\n  socket: /q\n  mode: rw\n",
+            "f.yaml:3: management.mode: `rw` is not an octal file mode; like \"0600\"",
+        ),
+        (
+            "serial too long",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1GiB\n    socket: /s\n    serial: abcdefghijklmnopqrstuvwxyz\n",
+            "f.yaml:9: disks[0].serial: the serial must be at most 20 ASCII bytes",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, text, want) in cases {
+        match parse(text, "f.yaml") {
+            Ok(_) => failures.push(format!("{what}: parsed, expected {want:?}")),
+            Err(e) if e.to_string() != *want => failures.push(format!("{what}:\n   got {:?}\n  want {want:?}", e.to_string())),
+            Err(_) => {}
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn load_names_the_file() {
+    let e = vmm_config::load(std::path::Path::new("/nonexistent/x.yaml")).unwrap_err();
+    assert!(e.to_string().starts_with("/nonexistent/x.yaml: cannot read the file"), "{e}");
+}
