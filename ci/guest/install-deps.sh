@@ -6,8 +6,8 @@
 #   qemu-utils        qemu-img (and the same release as qemu-system-x86: see below)
 #   binutils          readelf (build-guest.sh)
 #   xz-utils          xz (build-guest.sh unpacks the kernel's xz payload)
-# --no-install-recommends keeps qemu-system-x86 to about 27 packages instead of about 180
-# (GUI, audio, GStreamer).
+# --no-install-recommends keeps qemu-system-x86 to a few dozen packages instead of a large GUI,
+# audio and GStreamer closure.
 #
 # Pitfall handled here: on Debian 12, installing qemu-system-x86 (7.2) removes a newer
 # qemu-utils (e.g. 10.0 from bookworm-backports), which leaves no qemu-img. So qemu-utils is

@@ -16,9 +16,10 @@
 #   --smp N             vCPUs (default 2)
 #   --disk FILE         attach FILE (raw) through QEMU's built-in virtio-blk, cache=none,
 #                       aio=native; repeatable; disks appear in the order given
-#   --vhost-user-blk SOCK[,num-queues=N]
+#   --vhost-user-blk SOCK[,num-queues=N][,reconnect=SECS]
 #                       attach a vhost-user-blk disk served on the unix socket SOCK
-#                       (num-queues default 1); repeatable
+#                       (num-queues default 1; reconnect: QEMU reconnects after the server
+#                       restarts); repeatable
 #   --file SRC=DEST     copy host file SRC into the guest at DEST; repeatable
 #   --env NAME=VALUE    export NAME=VALUE before TEST_SCRIPT runs; repeatable
 #   --accel kvm|tcg|auto
@@ -57,9 +58,10 @@ while [ $# -gt 0 ]; do
                  -device "virtio-blk-pci,drive=hd$ndisk")
       ndisk=$((ndisk + 1)); shift 2 ;;
     --vhost-user-blk)
-      sock=${2%%,*} nq=1
-      case $2 in *,num-queues=*) nq=${2##*,num-queues=} ;; esac
-      DEV_ARGS+=(-chardev "socket,id=vub$nvub,path=$sock"
+      sock=${2%%,*} nq=1 rc_opt=""
+      case $2 in *,num-queues=*) nq=${2##*,num-queues=}; nq=${nq%%,*} ;; esac
+      case $2 in *,reconnect=*) rc_opt=",reconnect=${2##*,reconnect=}"; rc_opt=${rc_opt%%,*} ;; esac
+      DEV_ARGS+=(-chardev "socket,id=vub$nvub,path=$sock$rc_opt"
                  -device "vhost-user-blk-pci,chardev=vub$nvub,num-queues=$nq")
       nvub=$((nvub + 1)); shift 2 ;;
     --file) FILES+=("$2"); shift 2 ;;
