@@ -1,6 +1,6 @@
 //! `vhost-thin serve`: open the pool, resolve the disks, run the daemon.
 
-use crate::blk::disk::Disk;
+use crate::blk::disk::{Disk, DiskOptions};
 use crate::daemon::{self, parse_disk_spec, DiskSpec};
 use crate::offline::{load_registry, open_pool, PoolPaths};
 use anyhow::{bail, Context, Result};
@@ -62,14 +62,16 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| format!("thin{id}"));
         let read_only = spec.read_only || entry.is_some_and(|e| e.read_only);
         let disk = Arc::new(Disk::new(
-            name,
             pool.clone(),
-            id,
-            size,
-            read_only,
-            &serial,
-            spec.num_queues.unwrap_or(1),
-            spec.queue_size.unwrap_or(256),
+            DiskOptions {
+                name,
+                thin_id: id,
+                size,
+                read_only,
+                serial,
+                num_queues: spec.num_queues.unwrap_or(1),
+                queue_size: spec.queue_size.unwrap_or(256),
+            },
         ));
         println!(
             "serving thin device {id} ({}, {} bytes{}) on {}\n  qemu: -chardev socket,id=c{id},path={},reconnect=1 -device vhost-user-blk-pci,chardev=c{id},num-queues={}\n  (guest memory must be shared: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem)",

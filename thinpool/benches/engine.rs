@@ -125,7 +125,7 @@ fn main() {
         st.devices,
         st.usage.data_used,
         st.usage.metadata_used,
-        st.usage.metadata_used * 4096 >> 20
+        (st.usage.metadata_used * 4096) >> 20
     );
     drop(pool);
 

@@ -5,6 +5,10 @@
 //! `num-queues`?`). The YAML crate is `serde_norway`, a maintained fork of the archived
 //! `serde_yaml` 0.9 with the same API and error locations.
 
+// Configuration errors are rare, carry their location and hint, and are never on a hot
+// path: their size does not matter.
+#![allow(clippy::result_large_err)]
+
 mod error;
 mod model;
 mod size;

@@ -12,7 +12,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("{s:?} is not a size: write bytes or a number with KiB, MiB, GiB or TiB"));
+        return Err(format!(
+            "{s:?} is not a size: write bytes or a number with KiB, MiB, GiB or TiB"
+        ));
     }
     let n: u64 = num.parse().map_err(|_| format!("{s:?} is too large"))?;
     let mult: u64 = match unit.trim() {
@@ -21,9 +23,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "M" | "MiB" => 1 << 20,
         "G" | "GiB" => 1 << 30,
         "T" | "TiB" => 1 << 40,
-        u => return Err(format!("{s:?} has an unknown unit {u:?}: use KiB, MiB, GiB or TiB")),
+        u => {
+            return Err(format!(
+                "{s:?} has an unknown unit {u:?}: use KiB, MiB, GiB or TiB"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 impl<'de> Deserialize<'de> for Size {
@@ -38,7 +45,9 @@ impl<'de> Deserialize<'de> for Size {
                 Ok(Size(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
-                u64::try_from(v).map(Size).map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
                 parse_size(v).map(Size).map_err(E::custom)

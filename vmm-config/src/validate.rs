@@ -13,36 +13,70 @@ fn find_line(text: &str, key: &str, value: &str) -> Option<usize> {
             .and_then(|r| r.trim_start().strip_prefix(':'))
             .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
     };
-    let exact = text.lines().position(|l| value_of(l).as_deref() == Some(value));
+    let exact = text
+        .lines()
+        .position(|l| value_of(l).as_deref() == Some(value));
     exact
-        .or_else(|| text.lines().position(|l| value.is_empty() && value_of(l).is_some()))
+        .or_else(|| {
+            text.lines()
+                .position(|l| value.is_empty() && value_of(l).is_some())
+        })
         .map(|i| i + 1)
 }
 
 pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), ConfigError> {
-    let err = |field: String, key: &str, value: &str, message: String, hint: Option<String>| ConfigError {
-        file: file.to_string(),
-        line: find_line(text, key, value),
-        column: None,
-        field: Some(field),
-        message,
-        hint,
+    let err = |field: String, key: &str, value: &str, message: String, hint: Option<String>| {
+        ConfigError {
+            file: file.to_string(),
+            line: find_line(text, key, value),
+            column: None,
+            field: Some(field),
+            message,
+            hint,
+        }
     };
     let mut names = HashSet::new();
     for (i, p) in cfg.pools.iter().enumerate() {
         if !names.insert(p.name.as_str()) {
-            return Err(err(format!("pools[{i}].name"), "name", &p.name, format!("pool `{}` is defined twice", p.name), Some("give each pool its own name".into())));
+            return Err(err(
+                format!("pools[{i}].name"),
+                "name",
+                &p.name,
+                format!("pool `{}` is defined twice", p.name),
+                Some("give each pool its own name".into()),
+            ));
         }
         let bs = p.block_size.0;
         if bs % (64 << 10) != 0 || !((64 << 10)..=(1 << 30)).contains(&bs) {
-            return Err(err(format!("pools[{i}].block-size"), "block-size", "", format!("{bs} bytes is not a valid block size"), Some("use 64KiB to 1GiB in multiples of 64KiB".into())));
+            return Err(err(
+                format!("pools[{i}].block-size"),
+                "block-size",
+                "",
+                format!("{bs} bytes is not a valid block size"),
+                Some("use 64KiB to 1GiB in multiples of 64KiB".into()),
+            ));
         }
         if p.metadata == p.data {
-            return Err(err(format!("pools[{i}].data"), "data", &p.data.display().to_string(), "metadata and data are the same path".into(), Some("dm-thin pools need two devices or files".into())));
+            return Err(err(
+                format!("pools[{i}].data"),
+                "data",
+                &p.data.display().to_string(),
+                "metadata and data are the same path".into(),
+                Some("dm-thin pools need two devices or files".into()),
+            ));
         }
-        for (what, v) in [("data", p.low_water.data), ("metadata", p.low_water.metadata)] {
+        for (what, v) in [
+            ("data", p.low_water.data),
+            ("metadata", p.low_water.metadata),
+        ] {
             if v > 100 {
-                return Err(err(format!("pools[{i}].low-water.{what}"), what, &v.to_string(), format!("{v} is not a percentage"), Some("use 0 to 100".into())));
+                return Err(err(
+                    format!("pools[{i}].low-water.{what}"),
+                    what,
+                    &v.to_string(),
+                    format!("{v} is not a percentage"),
+                    Some("use 0 to 100".into()),
+                ));
             }
         }
     }
@@ -52,44 +86,110 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
     for (i, d) in cfg.disks.iter().enumerate() {
         let f = |k: &str| format!("disks[{i}].{k}");
         if !disk_names.insert(d.name.as_str()) {
-            return Err(err(f("name"), "name", &d.name, format!("disk `{}` is defined twice", d.name), Some("give each disk its own name".into())));
+            return Err(err(
+                f("name"),
+                "name",
+                &d.name,
+                format!("disk `{}` is defined twice", d.name),
+                Some("give each disk its own name".into()),
+            ));
         }
         match &d.pool {
             Some(p) if !pool_names.contains(&p.as_str()) => {
                 let hint = suggest(p, &pool_names)
                     .map(|s| format!("did you mean `{s}`?"))
                     .unwrap_or_else(|| format!("defined pools: {}", pool_names.join(", ")));
-                return Err(err(f("pool"), "pool", p, format!("no pool named `{p}`"), Some(hint)));
+                return Err(err(
+                    f("pool"),
+                    "pool",
+                    p,
+                    format!("no pool named `{p}`"),
+                    Some(hint),
+                ));
             }
             None if cfg.pools.len() != 1 => {
-                return Err(err(f("pool"), "name", &d.name, "which pool?".into(), Some(format!("add `pool:` naming one of: {}", pool_names.join(", ")))));
+                return Err(err(
+                    f("pool"),
+                    "name",
+                    &d.name,
+                    "which pool?".into(),
+                    Some(format!(
+                        "add `pool:` naming one of: {}",
+                        pool_names.join(", ")
+                    )),
+                ));
             }
             _ => {}
         }
         if d.size.0 == 0 || d.size.0 % 512 != 0 {
-            return Err(err(f("size"), "size", "", format!("{} bytes is not a disk size", d.size.0), Some("use a positive multiple of 512 bytes, like 10GiB".into())));
+            return Err(err(
+                f("size"),
+                "size",
+                "",
+                format!("{} bytes is not a disk size", d.size.0),
+                Some("use a positive multiple of 512 bytes, like 10GiB".into()),
+            ));
         }
         if !(1..=64).contains(&d.num_queues) {
-            return Err(err(f("num-queues"), "num-queues", &d.num_queues.to_string(), format!("{} queues", d.num_queues), Some("use 1 to 64".into())));
+            return Err(err(
+                f("num-queues"),
+                "num-queues",
+                &d.num_queues.to_string(),
+                format!("{} queues", d.num_queues),
+                Some("use 1 to 64".into()),
+            ));
         }
         if !d.queue_size.is_power_of_two() || d.queue_size < 2 {
-            return Err(err(f("queue-size"), "queue-size", &d.queue_size.to_string(), format!("{} is not a power of two", d.queue_size), Some("use 2 to 32768, a power of two (256 is usual)".into())));
+            return Err(err(
+                f("queue-size"),
+                "queue-size",
+                &d.queue_size.to_string(),
+                format!("{} is not a power of two", d.queue_size),
+                Some("use 2 to 32768, a power of two (256 is usual)".into()),
+            ));
         }
         if let Some(s) = &d.serial {
             if s.len() > 20 || !s.is_ascii() {
-                return Err(err(f("serial"), "serial", s, "the serial must be at most 20 ASCII bytes".into(), None));
+                return Err(err(
+                    f("serial"),
+                    "serial",
+                    s,
+                    "the serial must be at most 20 ASCII bytes".into(),
+                    None,
+                ));
             }
         }
         if !sockets.insert(d.socket.clone()) {
-            return Err(err(f("socket"), "socket", &d.socket.display().to_string(), "two disks on one socket".into(), Some("give each disk its own socket path".into())));
+            return Err(err(
+                f("socket"),
+                "socket",
+                &d.socket.display().to_string(),
+                "two disks on one socket".into(),
+                Some("give each disk its own socket path".into()),
+            ));
         }
         if d.clone_from.as_deref() == Some(d.name.as_str()) {
-            return Err(err(f("clone-from"), "clone-from", &d.name, "a disk cannot be a clone of itself".into(), None));
+            return Err(err(
+                f("clone-from"),
+                "clone-from",
+                &d.name,
+                "a disk cannot be a clone of itself".into(),
+                None,
+            ));
         }
     }
     if let Some(m) = &cfg.management {
-        if u32::from_str_radix(&m.mode, 8).map(|v| v > 0o777).unwrap_or(true) {
-            return Err(err("management.mode".into(), "mode", &m.mode, format!("`{}` is not an octal file mode", m.mode), Some("like \"0600\"".into())));
+        if u32::from_str_radix(&m.mode, 8)
+            .map(|v| v > 0o777)
+            .unwrap_or(true)
+        {
+            return Err(err(
+                "management.mode".into(),
+                "mode",
+                &m.mode,
+                format!("`{}` is not an octal file mode", m.mode),
+                Some("like \"0600\"".into()),
+            ));
         }
     }
     Ok(())

@@ -144,7 +144,10 @@ fn bad_files_say_where_and_how_to_fix() {
     for (what, text, want) in cases {
         match parse(text, "f.yaml") {
             Ok(_) => failures.push(format!("{what}: parsed, expected {want:?}")),
-            Err(e) if e.to_string() != *want => failures.push(format!("{what}:\n   got {:?}\n  want {want:?}", e.to_string())),
+            Err(e) if e.to_string() != *want => failures.push(format!(
+                "{what}:\n   got {:?}\n  want {want:?}",
+                e.to_string()
+            )),
             Err(_) => {}
         }
     }
@@ -154,5 +157,9 @@ fn bad_files_say_where_and_how_to_fix() {
 #[test]
 fn load_names_the_file() {
     let e = vmm_config::load(std::path::Path::new("/nonexistent/x.yaml")).unwrap_err();
-    assert!(e.to_string().starts_with("/nonexistent/x.yaml: cannot read the file"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/x.yaml: cannot read the file"),
+        "{e}"
+    );
 }

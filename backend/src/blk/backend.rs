@@ -307,14 +307,16 @@ mod tests {
         let pool = Arc::new(Pool::create(meta, data, 128, PoolOptions::default()).unwrap());
         pool.create_thin(0).unwrap();
         Arc::new(Disk::new(
-            "t",
             pool,
-            0,
-            8 << 20,
-            read_only,
-            "serial-1",
-            1,
-            64,
+            crate::blk::disk::DiskOptions {
+                name: "t".into(),
+                thin_id: 0,
+                size: 8 << 20,
+                read_only,
+                serial: "serial-1".into(),
+                num_queues: 1,
+                queue_size: 64,
+            },
         ))
     }
 

@@ -36,30 +36,34 @@ impl Stats {
     }
 }
 
+/// What a disk is, apart from its pool.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    pub name: String,
+    pub thin_id: u32,
+    /// Virtual size in bytes (rounded down to a multiple of 512).
+    pub size: u64,
+    pub read_only: bool,
+    pub serial: String,
+    pub num_queues: usize,
+    pub queue_size: usize,
+}
+
 impl Disk {
-    pub fn new(
-        name: impl Into<String>,
-        pool: Arc<Pool>,
-        thin_id: u32,
-        size: u64,
-        read_only: bool,
-        serial: &str,
-        num_queues: usize,
-        queue_size: usize,
-    ) -> Self {
+    pub fn new(pool: Arc<Pool>, o: DiskOptions) -> Self {
         let mut s = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-        let b = serial.as_bytes();
+        let b = o.serial.as_bytes();
         let n = b.len().min(s.len());
         s[..n].copy_from_slice(&b[..n]);
         Disk {
-            name: name.into(),
+            name: o.name,
             pool,
-            thin_id,
-            size: size / 512 * 512,
-            read_only,
+            thin_id: o.thin_id,
+            size: o.size / 512 * 512,
+            read_only: o.read_only,
             serial: s,
-            num_queues,
-            queue_size,
+            num_queues: o.num_queues,
+            queue_size: o.queue_size,
             io_gate: RwLock::new(()),
             connected: AtomicBool::new(false),
             stats: Stats::default(),

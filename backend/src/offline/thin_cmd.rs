@@ -227,8 +227,8 @@ fn ls(a: LsArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>8}  {:<16} {:>10} {:>10} {:>10} {:>10} {:>6}  {}",
-        "ID", "NAME", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "ORIGIN", "SERIAL"
+        "{:>8}  {:<16} {:>10} {:>10} {:>10} {:>10} {:>6}  SERIAL",
+        "ID", "NAME", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "ORIGIN"
     );
     for r in rows {
         println!(
