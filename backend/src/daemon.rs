@@ -2,17 +2,12 @@
 //! once a second (like dm-thin) and on every disconnect, and on SIGTERM/SIGINT drains the
 //! requests in flight, commits and exits.
 
-use crate::blk::backend::BlkBackend;
-use crate::blk::disk::Disk;
-use anyhow::{bail, Context, Result};
+use crate::manager::Manager;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use thinpool::pool::Pool;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// `--disk` on the command line: `id=N|name=NAME,socket=PATH[,size=SIZE][,num-queues=N][,queue-size=N][,read-only][,serial=S]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,59 +92,19 @@ fn wait_for_signal() -> i32 {
     }
 }
 
-/// Serves one disk: a fresh backend and vhost-user daemon for every connection.
-fn serve_disk(disk: Arc<Disk>, socket: PathBuf, stopping: Arc<AtomicBool>) -> Result<()> {
-    let mut listener = Listener::new(&socket, true)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    log::info!("{}: listening on {}", disk.name, socket.display());
-    loop {
-        let backend = Arc::new(BlkBackend::new(disk.clone()));
-        let mut daemon = VhostUserDaemon::new(
-            format!("vhost-thin-{}", disk.name),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: cannot start the vhost-user daemon: {e:?}", disk.name))?;
-        if let Err(e) = daemon.start(&mut listener) {
-            log::error!("{}: accept failed: {e:?}", disk.name);
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        if stopping.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        disk.connected.store(true, Ordering::SeqCst);
-        log::info!("{}: frontend connected", disk.name);
-        let r = daemon.wait();
-        backend.signal_exit();
-        disk.connected.store(false, Ordering::SeqCst);
-        match r {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => log::info!("{}: frontend disconnected", disk.name),
-            Err(e) => log::warn!("{}: connection ended: {e:?}", disk.name),
-        }
-        if let Err(e) = disk.pool.commit() {
-            log::error!("{}: commit after disconnect failed: {e}", disk.name);
-        }
-    }
-}
-
-/// Runs until SIGTERM or SIGINT. Call [`block_signals`] first, before any thread starts.
+/// Runs until SIGTERM or SIGINT: commit timers, the pool monitor, the management socket.
+/// Call [`block_signals`] first, before any thread starts. On the signal, requests being
+/// executed finish, new ones wait, every pool is committed.
 pub fn run(
-    pool: Arc<Pool>,
-    disks: Vec<(Arc<Disk>, PathBuf)>,
+    manager: Arc<Manager>,
     commit_interval: Duration,
+    qmp: Option<(PathBuf, u32)>,
 ) -> Result<()> {
-    if disks.is_empty() {
-        bail!("no disks to serve: give at least one --disk");
-    }
     let stopping = Arc::new(AtomicBool::new(false));
-    {
-        let (pool, stopping) = (pool.clone(), stopping.clone());
+    for p in manager.pools.values() {
+        let (pool, stopping) = (p.pool.clone(), stopping.clone());
         std::thread::Builder::new()
-            .name("commit-timer".into())
+            .name(format!("commit-{}", p.name))
             .spawn(move || {
                 // dm-thin commits at least every second; so do we, when anything changed.
                 while !stopping.load(Ordering::SeqCst) {
@@ -160,34 +115,19 @@ pub fn run(
                 }
             })?;
     }
-    for (disk, socket) in &disks {
-        let (disk, socket, stopping) = (disk.clone(), socket.clone(), stopping.clone());
-        std::thread::Builder::new()
-            .name(format!("disk-{}", disk.name))
-            .spawn(move || {
-                if let Err(e) = serve_disk(disk.clone(), socket, stopping) {
-                    log::error!("{}: {e:#}", disk.name);
-                }
-            })?;
+    manager.monitor(stopping.clone())?;
+    if let Some((path, mode)) = &qmp {
+        crate::mgmt::server::spawn(manager.clone(), path, *mode)
+            .with_context(|| format!("cannot open the management socket {}", path.display()))?;
     }
     let sig = wait_for_signal();
     log::info!("signal {sig}: draining requests in flight");
     stopping.store(true, Ordering::SeqCst);
-    // Hold every disk's I/O gate: requests being executed finish, no new one starts.
-    let _drained: Vec<_> = disks
-        .iter()
-        .map(|(d, _)| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
-        .collect();
-    pool.commit().context("final commit failed")?;
-    for (d, socket) in &disks {
-        let _ = std::fs::remove_file(socket);
-        log::info!(
-            "{}: served {} requests",
-            d.name,
-            d.stats.requests.load(Ordering::Relaxed)
-        );
+    manager.shutdown()?;
+    if let Some((path, _)) = &qmp {
+        let _ = std::fs::remove_file(path);
     }
-    log::info!("pool committed; exiting");
+    log::info!("pools committed; exiting");
     Ok(())
 }
 

@@ -3,6 +3,8 @@
 
 pub mod blk;
 pub mod daemon;
+pub mod manager;
+pub mod mgmt;
 pub mod offline;
 pub mod progress;
 pub mod serve_cmd;

@@ -43,6 +43,9 @@ pub struct DeviceEntry {
     pub read_only: bool,
     /// The serial the guest sees (virtio-blk GET_ID, at most 20 bytes).
     pub serial: String,
+    /// A snapshot (kept, not served) rather than a disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
     /// The thin id this device was snapshotted or cloned from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<u32>,
@@ -160,6 +163,12 @@ impl Registry {
         };
         File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
         Ok(())
+    }
+
+    /// A thin id not used in the registry nor in `pool_ids`.
+    pub fn next_id(&self, pool_ids: &[u32]) -> u32 {
+        let max = self.devices.keys().chain(pool_ids).max().copied();
+        max.map(|m| m + 1).unwrap_or(0)
     }
 
     pub fn find(&self, name: &str) -> Option<u32> {

@@ -81,8 +81,8 @@ impl BlkBackend {
 
     pub fn limits(&self) -> Limits {
         Limits {
-            capacity_sectors: self.disk.size / 512,
-            read_only: self.disk.read_only,
+            capacity_sectors: self.disk.size() / 512,
+            read_only: self.disk.read_only(),
             max_discard_seg: MAX_DISCARD_SEG,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_seg: MAX_DISCARD_SEG,
@@ -94,7 +94,7 @@ impl BlkBackend {
         let bs = self.disk.pool.block_bytes();
         let block_sectors = (bs / 512) as u32;
         BlkConfig(virtio_blk_config {
-            capacity: (self.disk.size / 512).to_le(),
+            capacity: (self.disk.size() / 512).to_le(),
             size_max: SIZE_MAX.to_le(),
             seg_max: ((self.disk.queue_size as u32).saturating_sub(2).max(1)).to_le(),
             blk_size: 512u32.to_le(),
@@ -199,7 +199,7 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_MQ
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.disk.read_only {
+        if self.disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;

@@ -1,20 +1,92 @@
 //! A disk served to a guest: one thin device of a pool, plus what the guest is told.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use thinpool::pool::Pool;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
+
+/// What a write does when the pool has no free data block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutOfSpace {
+    /// Fail it at once (IOERR).
+    Error,
+    /// Hold it until space appears or `timeout` passes (None: forever), then IOERR.
+    Queue { timeout: Option<Duration> },
+}
+
+/// The out-of-space policy of a pool, shared by its disks. `space_changed` wakes held
+/// writes when the pool grows or blocks are freed.
+pub struct SpacePolicy {
+    mode: Mutex<OutOfSpace>,
+    changed: Mutex<u64>,
+    cv: Condvar,
+    /// Writes being held now.
+    pub waiting: AtomicU64,
+}
+
+impl SpacePolicy {
+    pub fn new(mode: OutOfSpace) -> Self {
+        SpacePolicy {
+            mode: Mutex::new(mode),
+            changed: Mutex::new(0),
+            cv: Condvar::new(),
+            waiting: AtomicU64::new(0),
+        }
+    }
+
+    pub fn mode(&self) -> OutOfSpace {
+        *self.mode.lock().unwrap()
+    }
+
+    pub fn set_mode(&self, m: OutOfSpace) {
+        *self.mode.lock().unwrap() = m;
+        self.space_changed();
+    }
+
+    /// Space may have appeared (pool grown, blocks freed, policy changed).
+    pub fn space_changed(&self) {
+        *self.changed.lock().unwrap() += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits for a change of space or policy, up to `deadline`. False when the deadline passed.
+    pub fn wait(&self, deadline: Option<Instant>) -> bool {
+        let g = self.changed.lock().unwrap();
+        let seen = *g;
+        let step = Duration::from_millis(200);
+        let timeout = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) => left.min(step),
+                None => return false,
+            },
+            None => step,
+        };
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |c| *c == seen)
+            .unwrap();
+        drop(g);
+        deadline.is_none_or(|d| Instant::now() < d)
+    }
+}
+
+impl Default for SpacePolicy {
+    fn default() -> Self {
+        SpacePolicy::new(OutOfSpace::Error)
+    }
+}
 
 pub struct Disk {
     pub name: String,
     pub pool: Arc<Pool>,
     pub thin_id: u32,
-    /// Virtual size in bytes (a multiple of 512).
-    pub size: u64,
-    pub read_only: bool,
+    size: AtomicU64,
+    read_only: AtomicBool,
     pub serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     pub num_queues: usize,
     pub queue_size: usize,
+    pub space: Arc<SpacePolicy>,
     /// Held shared by every request being executed; taken exclusively to drain I/O
     /// (shutdown, snapshots of a running disk).
     pub io_gate: RwLock<()>,
@@ -51,6 +123,10 @@ pub struct DiskOptions {
 
 impl Disk {
     pub fn new(pool: Arc<Pool>, o: DiskOptions) -> Self {
+        Self::with_policy(pool, o, Arc::default())
+    }
+
+    pub fn with_policy(pool: Arc<Pool>, o: DiskOptions, space: Arc<SpacePolicy>) -> Self {
         let mut s = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let b = o.serial.as_bytes();
         let n = b.len().min(s.len());
@@ -59,14 +135,41 @@ impl Disk {
             name: o.name,
             pool,
             thin_id: o.thin_id,
-            size: o.size / 512 * 512,
-            read_only: o.read_only,
+            size: AtomicU64::new(o.size / 512 * 512),
+            read_only: AtomicBool::new(o.read_only),
             serial: s,
             num_queues: o.num_queues,
             queue_size: o.queue_size,
+            space,
             io_gate: RwLock::new(()),
             connected: AtomicBool::new(false),
             stats: Stats::default(),
         }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    pub fn set_size(&self, bytes: u64) {
+        self.size.store(bytes / 512 * 512, Ordering::SeqCst);
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::SeqCst)
+    }
+
+    pub fn set_read_only(&self, ro: bool) {
+        self.read_only.store(ro, Ordering::SeqCst);
+    }
+
+    pub fn serial_str(&self) -> String {
+        let end = self
+            .serial
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.serial.len());
+        String::from_utf8_lossy(&self.serial[..end]).into_owned()
     }
 }

@@ -1,9 +1,12 @@
 //! Executes a parsed request against the disk's thin device, moving data straight between
 //! guest memory and the data device (vectored I/O on the guest's own buffers).
 
-use super::disk::{Disk, Stats};
+use super::disk::{Disk, OutOfSpace, Stats};
 use super::request::{Op, Seg};
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use thinpool::Error;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -72,12 +75,31 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
                 })
                 .collect();
             let len: u64 = data.iter().map(|s| s.len as u64).sum();
-            match disk.pool.write_vectored(disk.thin_id, *offset, &iov) {
-                Ok(()) => {
-                    Stats::add(&disk.stats.bytes_written, len);
-                    ok(0)
+            let mut deadline = None;
+            loop {
+                match disk.pool.write_vectored(disk.thin_id, *offset, &iov) {
+                    Ok(()) => {
+                        Stats::add(&disk.stats.bytes_written, len);
+                        return ok(0);
+                    }
+                    Err(e @ Error::OutOfDataSpace { .. }) => {
+                        // Policy `queue`: hold the write until space appears (the
+                        // operator grows the pool) or the timeout passes, like dm-thin's
+                        // no_space_timeout. Rewriting the blocks already written is harmless.
+                        let OutOfSpace::Queue { timeout } = disk.space.mode() else {
+                            return fail(disk, "write", &e);
+                        };
+                        let d =
+                            *deadline.get_or_insert_with(|| timeout.map(|t| Instant::now() + t));
+                        disk.space.waiting.fetch_add(1, Ordering::SeqCst);
+                        let more = disk.space.wait(d);
+                        disk.space.waiting.fetch_sub(1, Ordering::SeqCst);
+                        if !more {
+                            return fail(disk, "write (out of space, queue timeout passed)", &e);
+                        }
+                    }
+                    Err(e) => return fail(disk, "write", &e),
                 }
-                Err(e) => fail(disk, "write", &e),
             }
         }
         Op::Flush => match disk.pool.commit() {

@@ -111,17 +111,6 @@ pub fn run(cmd: ThinCmd) -> Result<ExitCode> {
     }
 }
 
-fn serial_salt(paths: &PoolPaths) -> u64 {
-    paths
-        .metadata
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        })
-}
-
 fn create(a: CreateArgs) -> Result<ExitCode> {
     let pool = open_pool(&a.paths, true)?;
     let mut reg = load_registry(&a.paths, &pool)?;
@@ -137,7 +126,7 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
             DeviceEntry {
                 name: a.name.clone(),
                 size: a.size.unwrap_or(0),
-                serial: make_serial(a.id, created, serial_salt(&a.paths)),
+                serial: make_serial(a.id, created, super::serial_salt(&a.paths.metadata)),
                 created,
                 ..Default::default()
             },
@@ -161,7 +150,7 @@ fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
             DeviceEntry {
                 name: a.name.clone(),
                 size,
-                serial: make_serial(a.id, created, serial_salt(&a.paths)),
+                serial: make_serial(a.id, created, super::serial_salt(&a.paths.metadata)),
                 origin: Some(a.origin),
                 created,
                 ..Default::default()

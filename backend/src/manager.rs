@@ -1,0 +1,816 @@
+//! The running daemon's state: pools, the disks it serves, and every management operation.
+//!
+//! Each state change (disk added, snapshot, delete, resize, …) is durable when the call
+//! returns: the registry is written first with the next transaction id, then the pool is
+//! committed carrying the same id (see `thinpool::registry`), so a crash in between leaves
+//! the old state or the new one, and the mismatch is reported on the next start.
+
+use crate::blk::backend::BlkBackend;
+use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
+use crate::mgmt::events::EventBus;
+use crate::mgmt::QmpError;
+use crate::offline::commit_change;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thinpool::pool::{Pool, PoolMode};
+use thinpool::registry::{make_serial, DeviceEntry, Registry};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+type R<T> = Result<T, QmpError>;
+
+/// A pool the daemon serves from.
+pub struct PoolHandle {
+    pub name: String,
+    pub pool: Arc<Pool>,
+    pub registry: Mutex<Registry>,
+    pub space: Arc<SpacePolicy>,
+    /// Low-water marks in percent: data, metadata.
+    pub low_water: Mutex<(u8, u8)>,
+    pub salt: u64,
+}
+
+impl PoolHandle {
+    pub fn new(name: &str, pool: Arc<Pool>, registry: Registry, salt: u64) -> Self {
+        PoolHandle {
+            name: name.to_string(),
+            pool,
+            registry: Mutex::new(registry),
+            space: Arc::new(SpacePolicy::default()),
+            low_water: Mutex::new((80, 80)),
+            salt,
+        }
+    }
+
+    fn devices(&self) -> Vec<u32> {
+        self.pool.devices().iter().map(|(id, _)| *id).collect()
+    }
+
+    /// Applies a change to the pool and the registry, then makes both durable. `f` must
+    /// do its checks before it changes anything.
+    fn change<T>(&self, f: impl FnOnce(&Pool, &mut Registry) -> R<T>) -> R<T> {
+        let mut reg = self.registry.lock().unwrap();
+        let v = f(&self.pool, &mut reg)?;
+        commit_change(&self.pool, Some(&mut reg))?;
+        Ok(v)
+    }
+}
+
+/// A disk being served.
+pub struct Served {
+    pub disk: Arc<Disk>,
+    pub pool: Arc<PoolHandle>,
+    pub socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    conn: Arc<Mutex<Option<ShutdownHandle>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub struct Manager {
+    pub pools: BTreeMap<String, Arc<PoolHandle>>,
+    disks: Mutex<BTreeMap<String, Served>>,
+    pub events: EventBus,
+    /// One management operation at a time.
+    op: Mutex<()>,
+    /// Where sockets of disks added without a socket path go.
+    pub socket_dir: PathBuf,
+    pub default_queues: usize,
+}
+
+/// Where a registry name points.
+struct Found {
+    pool: Arc<PoolHandle>,
+    id: u32,
+    entry: DeviceEntry,
+}
+
+impl Manager {
+    pub fn new(pools: Vec<Arc<PoolHandle>>, socket_dir: PathBuf) -> Arc<Self> {
+        Arc::new(Manager {
+            pools: pools.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            disks: Mutex::new(BTreeMap::new()),
+            events: EventBus::default(),
+            op: Mutex::new(()),
+            socket_dir,
+            default_queues: 1,
+        })
+    }
+
+    fn pool(&self, name: Option<&str>) -> R<Arc<PoolHandle>> {
+        match name {
+            Some(n) => self
+                .pools
+                .get(n)
+                .cloned()
+                .ok_or_else(|| QmpError::not_found(format!("no pool named '{n}'"))),
+            None if self.pools.len() == 1 => Ok(self.pools.values().next().unwrap().clone()),
+            None => Err(QmpError::generic("several pools: say which with 'pool'")),
+        }
+    }
+
+    fn find(&self, name: &str) -> R<Found> {
+        for p in self.pools.values() {
+            let reg = p.registry.lock().unwrap();
+            if let Some(id) = reg.find(name) {
+                let entry = reg.devices[&id].clone();
+                return Ok(Found {
+                    pool: p.clone(),
+                    id,
+                    entry,
+                });
+            }
+        }
+        Err(QmpError::not_found(format!(
+            "no disk or snapshot named '{name}'"
+        )))
+    }
+
+    fn name_free(&self, name: &str) -> R<()> {
+        if name.is_empty() || name.len() > 64 || name.contains(['/', '\0']) {
+            return Err(QmpError::generic(format!(
+                "'{name}' is not a valid name (1 to 64 characters, no '/')"
+            )));
+        }
+        match self.find(name) {
+            Ok(_) => Err(QmpError::generic(format!(
+                "the name '{name}' is already in use"
+            ))),
+            Err(_) => Ok(()),
+        }
+    }
+
+    // ----- serving -----
+
+    /// Starts serving a registered disk on `socket`.
+    pub fn serve(
+        self: &Arc<Self>,
+        name: &str,
+        socket: Option<PathBuf>,
+        num_queues: Option<usize>,
+        queue_size: Option<usize>,
+    ) -> R<PathBuf> {
+        let f = self.find(name)?;
+        if f.entry.snapshot {
+            return Err(QmpError::generic(format!(
+                "'{name}' is a snapshot: clone it with disk-add to serve it"
+            )));
+        }
+        let mut disks = self.disks.lock().unwrap();
+        if disks.contains_key(name) {
+            return Err(QmpError::generic(format!(
+                "disk '{name}' is already served"
+            )));
+        }
+        let socket = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
+        if disks.values().any(|s| s.socket == socket) {
+            return Err(QmpError::generic(format!(
+                "socket {} is in use",
+                socket.display()
+            )));
+        }
+        if f.entry.size == 0 {
+            return Err(QmpError::generic(format!(
+                "disk '{name}' has no size in the registry"
+            )));
+        }
+        let disk = Arc::new(Disk::with_policy(
+            f.pool.pool.clone(),
+            DiskOptions {
+                name: name.to_string(),
+                thin_id: f.id,
+                size: f.entry.size,
+                read_only: f.entry.read_only,
+                serial: f.entry.serial.clone(),
+                num_queues: num_queues.unwrap_or(self.default_queues).clamp(1, 64),
+                queue_size: queue_size.unwrap_or(256),
+            },
+            f.pool.space.clone(),
+        ));
+        let mut listener = Listener::new(&socket, true).map_err(|e| {
+            QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn = Arc::new(Mutex::new(None));
+        let thread = {
+            let (disk, stop, conn, me) = (
+                disk.clone(),
+                stop.clone(),
+                conn.clone(),
+                Arc::downgrade(self),
+            );
+            std::thread::Builder::new()
+                .name(format!("disk-{name}"))
+                .spawn(move || {
+                    serve_loop(&disk, &mut listener, &stop, &conn, &|ev, data| {
+                        if let Some(m) = me.upgrade() {
+                            m.events.emit(ev, data);
+                        }
+                    })
+                })
+                .map_err(|e| QmpError::generic(e.to_string()))?
+        };
+        log::info!(
+            "{name}: serving thin device {} on {}",
+            f.id,
+            socket.display()
+        );
+        disks.insert(
+            name.to_string(),
+            Served {
+                disk,
+                pool: f.pool,
+                socket: socket.clone(),
+                stop,
+                conn,
+                thread: Some(thread),
+            },
+        );
+        Ok(socket)
+    }
+
+    /// Stops serving a disk (the guest is disconnected).
+    fn unserve(&self, name: &str) -> R<Served> {
+        let mut s = self
+            .disks
+            .lock()
+            .unwrap()
+            .remove(name)
+            .ok_or_else(|| QmpError::not_found(format!("disk '{name}' is not served")))?;
+        s.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = s.conn.lock().unwrap().take() {
+            h.shutdown();
+        }
+        // Wake the accept with a connection of our own.
+        let _ = UnixStream::connect(&s.socket);
+        if let Some(t) = s.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&s.socket);
+        Ok(s)
+    }
+
+    pub fn served(&self) -> Vec<(Arc<Disk>, PathBuf)> {
+        self.disks
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| (s.disk.clone(), s.socket.clone()))
+            .collect()
+    }
+
+    /// Drains every disk's requests, commits every pool (SIGTERM).
+    pub fn shutdown(&self) -> anyhow::Result<()> {
+        let disks: Vec<Arc<Disk>> = self
+            .disks
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.disk.clone())
+            .collect();
+        let _drained: Vec<_> = disks
+            .iter()
+            .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        for p in self.pools.values() {
+            p.pool
+                .commit()
+                .map_err(|e| anyhow::anyhow!("final commit of pool {}: {e}", p.name))?;
+        }
+        for (d, socket) in self.served() {
+            let _ = std::fs::remove_file(&socket);
+            log::info!(
+                "{}: served {} requests",
+                d.name,
+                d.stats.requests.load(Ordering::Relaxed)
+            );
+        }
+        Ok(())
+    }
+
+    // ----- queries -----
+
+    pub fn query_pools(&self) -> R<Value> {
+        let mut out = Vec::new();
+        for p in self.pools.values() {
+            let st = p.pool.status();
+            let (lw_data, lw_meta) = *p.low_water.lock().unwrap();
+            let policy = match p.space.mode() {
+                OutOfSpace::Error => json!({"out-of-space": "error"}),
+                OutOfSpace::Queue { timeout } => {
+                    json!({"out-of-space": "queue", "timeout": timeout.map(|t| t.as_secs()).unwrap_or(0)})
+                }
+            };
+            out.push(json!({
+                "name": p.name,
+                "block-size": st.data_block_bytes,
+                "data-blocks": st.usage.data_blocks,
+                "data-used": st.usage.data_used,
+                "data-free": st.usage.data_blocks - st.usage.data_used,
+                "metadata-blocks": st.usage.metadata_blocks,
+                "metadata-used": st.usage.metadata_used,
+                "metadata-free": st.usage.metadata_blocks - st.usage.metadata_used,
+                "transaction-id": st.transaction_id,
+                "mode": st.mode,
+                "mode-reason": st.mode_reason,
+                "needs-check": st.needs_check,
+                "held-metadata-snap": st.held_metadata_root,
+                "policy": policy,
+                "low-water": {"data": lw_data, "metadata": lw_meta},
+                "queued-writes": p.space.waiting.load(Ordering::SeqCst),
+                "devices": st.devices,
+            }));
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn entries(&self, snapshots: bool) -> R<Value> {
+        let served: BTreeMap<String, (PathBuf, bool, usize)> = self
+            .disks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, s)| {
+                (
+                    n.clone(),
+                    (
+                        s.socket.clone(),
+                        s.disk.connected.load(Ordering::SeqCst),
+                        s.disk.num_queues,
+                    ),
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for p in self.pools.values() {
+            let usage = p.pool.with_metadata(thinpool::thin::usage::device_usage)?;
+            let usage: BTreeMap<u32, _> = usage.into_iter().map(|u| (u.id, u)).collect();
+            let bs = p.pool.block_bytes();
+            let reg = p.registry.lock().unwrap();
+            let name_of = |id: u32| reg.devices.get(&id).and_then(|e| e.name.clone());
+            for (&id, e) in &reg.devices {
+                if e.snapshot != snapshots {
+                    continue;
+                }
+                let Some(name) = &e.name else { continue };
+                let u = usage.get(&id).copied().unwrap_or_default();
+                // Lineage: origin, its origin, … as far as the registry knows.
+                let mut lineage = Vec::new();
+                let mut o = e.origin;
+                while let Some(oid) = o {
+                    if lineage.len() > 64 {
+                        break;
+                    }
+                    lineage.push(name_of(oid).unwrap_or_else(|| format!("#{oid}")));
+                    o = reg.devices.get(&oid).and_then(|x| x.origin);
+                }
+                let mut v = json!({
+                    "name": name,
+                    "pool": p.name,
+                    "thin-id": id,
+                    "size": e.size,
+                    "read-only": e.read_only,
+                    "serial": e.serial,
+                    "origin": e.origin.and_then(name_of),
+                    "lineage": lineage,
+                    "mapped-bytes": u.mapped_blocks * bs,
+                    "exclusive-bytes": u.exclusive_blocks * bs,
+                    "shared-bytes": u.shared_blocks * bs,
+                    "created": e.created,
+                });
+                if !snapshots {
+                    let (socket, connected, queues) = served
+                        .get(name)
+                        .cloned()
+                        .map(|(s, c, q)| (Some(s), c, q))
+                        .unwrap_or((None, false, 0));
+                    v["socket"] = json!(socket);
+                    v["connected"] = json!(connected);
+                    v["num-queues"] = json!(queues);
+                }
+                out.push(v);
+            }
+        }
+        Ok(Value::Array(out))
+    }
+
+    pub fn query_disks(&self) -> R<Value> {
+        self.entries(false)
+    }
+
+    pub fn query_snapshots(&self) -> R<Value> {
+        self.entries(true)
+    }
+
+    // ----- changes -----
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn disk_add(
+        self: &Arc<Self>,
+        name: &str,
+        pool: Option<&str>,
+        size: Option<u64>,
+        clone_from: Option<&str>,
+        socket: Option<PathBuf>,
+        num_queues: Option<usize>,
+        read_only: bool,
+        serial: Option<String>,
+    ) -> R<Value> {
+        let _op = self.op.lock().unwrap();
+        self.name_free(name)?;
+        if let Some(s) = &serial {
+            if s.len() > 20 || !s.is_ascii() {
+                return Err(QmpError::generic(
+                    "'serial' must be at most 20 ASCII characters",
+                ));
+            }
+        }
+        let (ph, origin) = match clone_from {
+            Some(src) => {
+                let f = self.find(src)?;
+                if pool.is_some_and(|p| p != f.pool.name) {
+                    return Err(QmpError::generic("a clone lives in the pool of its origin"));
+                }
+                (f.pool.clone(), Some((f.id, f.entry.size)))
+            }
+            None => (self.pool(pool)?, None),
+        };
+        let size = match (size, origin) {
+            (Some(s), Some((_, osize))) if s < osize => {
+                return Err(QmpError::generic(format!(
+                    "a clone cannot be smaller than its origin ({osize} bytes)"
+                )))
+            }
+            (Some(s), _) => s,
+            (None, Some((_, osize))) => osize,
+            (None, None) => return Err(QmpError::generic("Parameter 'size' is missing")),
+        };
+        if size == 0 || size % 512 != 0 {
+            return Err(QmpError::generic(
+                "'size' must be a positive multiple of 512",
+            ));
+        }
+        let created = crate::offline::now_secs();
+        let id = ph.change(|pool, reg| {
+            let id = reg.next_id(&ph.devices());
+            match origin {
+                Some((oid, _)) => pool.create_snap(id, oid)?,
+                None => pool.create_thin(id)?,
+            }
+            reg.insert(
+                id,
+                DeviceEntry {
+                    name: Some(name.to_string()),
+                    size,
+                    read_only,
+                    serial: serial
+                        .clone()
+                        .unwrap_or_else(|| make_serial(id, created, ph.salt)),
+                    snapshot: false,
+                    origin: origin.map(|(o, _)| o),
+                    created,
+                },
+            )
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+            Ok(id)
+        })?;
+        let socket = self.serve(name, socket, num_queues, None)?;
+        log::info!(
+            "disk-add {name}: thin device {id}, {size} bytes, socket {}",
+            socket.display()
+        );
+        Ok(json!({"thin-id": id, "socket": socket}))
+    }
+
+    pub fn disk_remove(&self, name: &str, force: bool) -> R<Value> {
+        let _op = self.op.lock().unwrap();
+        let f = self.find(name)?;
+        if f.entry.snapshot {
+            return Err(QmpError::generic(format!(
+                "'{name}' is a snapshot: use snapshot-delete"
+            )));
+        }
+        if let Some(s) = self.disks.lock().unwrap().get(name) {
+            if s.disk.connected.load(Ordering::SeqCst) && !force {
+                return Err(QmpError {
+                    class: "GenericError",
+                    desc: format!(
+                        "disk '{name}' is in use by a guest; disconnect it first or pass force"
+                    ),
+                });
+            }
+        }
+        let _ = self.unserve(name);
+        f.pool.change(|pool, reg| {
+            pool.delete(f.id)?;
+            reg.devices.remove(&f.id);
+            Ok(())
+        })?;
+        f.pool.space.space_changed();
+        Ok(json!({}))
+    }
+
+    pub fn disk_resize(&self, name: &str, size: u64) -> R<Value> {
+        let _op = self.op.lock().unwrap();
+        let f = self.find(name)?;
+        if size < f.entry.size {
+            return Err(QmpError::generic(format!(
+                "disks only grow: '{name}' has {} bytes (shrinking would lose data the guest may use)",
+                f.entry.size
+            )));
+        }
+        if size % 512 != 0 {
+            return Err(QmpError::generic("'size' must be a multiple of 512"));
+        }
+        f.pool.change(|_, reg| {
+            if let Some(e) = reg.devices.get_mut(&f.id) {
+                e.size = size;
+            }
+            Ok(())
+        })?;
+        if let Some(s) = self.disks.lock().unwrap().get(name) {
+            s.disk.set_size(size);
+        }
+        self.events
+            .emit("DISK_RESIZED", json!({"disk": name, "size": size}));
+        Ok(json!({}))
+    }
+
+    pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Value> {
+        let _op = self.op.lock().unwrap();
+        let f = self.find(name)?;
+        f.pool.change(|_, reg| {
+            if let Some(e) = reg.devices.get_mut(&f.id) {
+                e.read_only = read_only;
+            }
+            Ok(())
+        })?;
+        if let Some(s) = self.disks.lock().unwrap().get(name) {
+            s.disk.set_read_only(read_only);
+        }
+        Ok(json!({}))
+    }
+
+    /// Snapshots a disk, running or not. Writes are held while it is taken: requests in
+    /// flight finish, new ones wait; the pause is returned in microseconds.
+    pub fn snapshot_create(&self, disk: &str, name: &str) -> R<Value> {
+        let _op = self.op.lock().unwrap();
+        self.name_free(name)?;
+        let f = self.find(disk)?;
+        let served = self.disks.lock().unwrap().get(disk).map(|s| s.disk.clone());
+        let created = crate::offline::now_secs();
+        let t0 = Instant::now();
+        let gate = served
+            .as_ref()
+            .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));
+        let r = f.pool.change(|pool, reg| {
+            let id = reg.next_id(&f.pool.devices());
+            pool.create_snap(id, f.id)?;
+            reg.insert(
+                id,
+                DeviceEntry {
+                    name: Some(name.to_string()),
+                    size: f.entry.size,
+                    read_only: true,
+                    serial: make_serial(id, created, f.pool.salt),
+                    snapshot: true,
+                    origin: Some(f.id),
+                    created,
+                },
+            )
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+            Ok(id)
+        });
+        drop(gate);
+        let pause = t0.elapsed();
+        let id = r?;
+        log::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?}");
+        Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
+    }
+
+    pub fn snapshot_delete(&self, name: &str) -> R<Value> {
+        let _op = self.op.lock().unwrap();
+        let f = self.find(name)?;
+        if !f.entry.snapshot {
+            return Err(QmpError::generic(format!(
+                "'{name}' is a disk, not a snapshot: use disk-remove"
+            )));
+        }
+        f.pool.change(|pool, reg| {
+            pool.delete(f.id)?;
+            reg.devices.remove(&f.id);
+            Ok(())
+        })?;
+        f.pool.space.space_changed();
+        Ok(json!({}))
+    }
+
+    /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
+    pub fn snapshot_revert(&self, disk: &str, snapshot: &str) -> R<Value> {
+        let _op = self.op.lock().unwrap();
+        let d = self.find(disk)?;
+        let s = self.find(snapshot)?;
+        if d.entry.snapshot {
+            return Err(QmpError::generic(format!(
+                "'{disk}' is a snapshot, not a disk"
+            )));
+        }
+        if d.pool.name != s.pool.name {
+            return Err(QmpError::generic("the snapshot is in another pool"));
+        }
+        let served = self.disks.lock().unwrap().get(disk).map(|x| x.disk.clone());
+        let gate = served
+            .as_ref()
+            .map(|x| x.io_gate.write().unwrap_or_else(|p| p.into_inner()));
+        if served
+            .as_ref()
+            .is_some_and(|x| x.connected.load(Ordering::SeqCst))
+        {
+            return Err(QmpError::generic(format!(
+                "disk '{disk}' is in use by a guest: its contents cannot change under it; shut the guest down first"
+            )));
+        }
+        d.pool.change(|pool, _| {
+            // Same thin id, new contents: the disk keeps its name, serial and socket.
+            pool.delete(d.id)?;
+            pool.create_snap(d.id, s.id)?;
+            Ok(())
+        })?;
+        drop(gate);
+        d.pool.space.space_changed();
+        Ok(json!({}))
+    }
+
+    pub fn pool_set_policy(
+        &self,
+        pool: Option<&str>,
+        out_of_space: Option<&str>,
+        timeout: Option<u64>,
+        low_water_data: Option<u64>,
+        low_water_metadata: Option<u64>,
+    ) -> R<Value> {
+        let p = self.pool(pool)?;
+        for v in [low_water_data, low_water_metadata].into_iter().flatten() {
+            if v > 100 {
+                return Err(QmpError::generic(
+                    "low-water marks are percentages, 0 to 100",
+                ));
+            }
+        }
+        if let Some(m) = out_of_space {
+            let mode = match m {
+                "error" => OutOfSpace::Error,
+                "queue" => OutOfSpace::Queue {
+                    timeout: match timeout.unwrap_or(60) {
+                        0 => None,
+                        s => Some(Duration::from_secs(s)),
+                    },
+                },
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'out-of-space' must be 'error' or 'queue', not '{other}'"
+                    )))
+                }
+            };
+            p.space.set_mode(mode);
+        } else if timeout.is_some() {
+            return Err(QmpError::generic(
+                "'timeout' goes with out-of-space: 'queue'",
+            ));
+        }
+        let mut lw = p.low_water.lock().unwrap();
+        if let Some(d) = low_water_data {
+            lw.0 = d as u8;
+        }
+        if let Some(m) = low_water_metadata {
+            lw.1 = m as u8;
+        }
+        Ok(json!({}))
+    }
+
+    pub fn pool_reserve_metadata_snap(&self, pool: Option<&str>) -> R<Value> {
+        let p = self.pool(pool)?;
+        let h = p.pool.reserve_metadata_snap()?;
+        Ok(json!({"block": h}))
+    }
+
+    pub fn pool_release_metadata_snap(&self, pool: Option<&str>) -> R<Value> {
+        self.pool(pool)?.pool.release_metadata_snap()?;
+        Ok(json!({}))
+    }
+
+    pub fn pool_commit(&self, pool: Option<&str>) -> R<Value> {
+        self.pool(pool)?.pool.commit()?;
+        Ok(json!({}))
+    }
+
+    pub fn pool_grow(&self, pool: Option<&str>) -> R<Value> {
+        let p = self.pool(pool)?;
+        let blocks = p.pool.grow_data()?;
+        let meta = p.pool.grow_metadata()?;
+        p.pool.commit()?;
+        p.space.space_changed();
+        Ok(json!({"data-blocks": blocks, "metadata-blocks": meta}))
+    }
+
+    /// Watches each pool: low-water crossings, out of space, mode changes; wakes held
+    /// writes when blocks are freed. Runs until `stop`.
+    pub fn monitor(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
+        let me = self.clone();
+        std::thread::Builder::new().name("pool-monitor".into()).spawn(move || {
+            let mut state: BTreeMap<String, (bool, bool, bool, PoolMode, bool, u64)> = BTreeMap::new();
+            while !stop.load(Ordering::SeqCst) {
+                for p in me.pools.values() {
+                    let st = p.pool.status();
+                    let u = &st.usage;
+                    let (lw_d, lw_m) = *p.low_water.lock().unwrap();
+                    let data_pct = u.data_used * 100 / u.data_blocks.max(1);
+                    let meta_pct = u.metadata_used * 100 / u.metadata_blocks.max(1);
+                    let e = state.entry(p.name.clone()).or_insert((false, false, false, st.mode, st.needs_check, u.data_used));
+                    let data_low = data_pct >= lw_d as u64;
+                    if data_low && !e.0 {
+                        me.events.emit("POOL_LOW_WATERMARK", json!({"pool": p.name, "kind": "data", "used-percent": data_pct, "threshold": lw_d}));
+                    }
+                    let meta_low = meta_pct >= lw_m as u64;
+                    if meta_low && !e.1 {
+                        me.events.emit("POOL_LOW_WATERMARK", json!({"pool": p.name, "kind": "metadata", "used-percent": meta_pct, "threshold": lw_m}));
+                    }
+                    let full = u.data_used >= u.data_blocks || p.space.waiting.load(Ordering::SeqCst) > 0;
+                    if full && !e.2 {
+                        me.events.emit("POOL_OUT_OF_SPACE", json!({"pool": p.name, "data-blocks": u.data_blocks, "queued-writes": p.space.waiting.load(Ordering::SeqCst)}));
+                    }
+                    if st.mode != e.3 || st.needs_check != e.4 {
+                        me.events.emit("POOL_MODE_CHANGED", json!({"pool": p.name, "mode": st.mode, "needs-check": st.needs_check, "reason": st.mode_reason}));
+                    }
+                    if u.data_used < e.5 {
+                        p.space.space_changed();
+                    }
+                    *e = (data_low, meta_low, full, st.mode, st.needs_check, u.data_used);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    }
+}
+
+/// Serves one disk until `stop`: a fresh backend and vhost-user daemon per connection.
+fn serve_loop(
+    disk: &Arc<Disk>,
+    listener: &mut Listener,
+    stop: &AtomicBool,
+    conn: &Mutex<Option<ShutdownHandle>>,
+    emit: &dyn Fn(&str, Value),
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let backend = Arc::new(BlkBackend::new(disk.clone()));
+        let mut daemon = match VhostUserDaemon::new(
+            format!("vhost-thin-{}", disk.name),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("{}: cannot start the vhost-user daemon: {e:?}", disk.name);
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(listener) {
+            log::error!("{}: accept failed: {e:?}", disk.name);
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if stop.load(Ordering::SeqCst) {
+            backend.signal_exit();
+            return;
+        }
+        *conn.lock().unwrap() = daemon.shutdown_handle();
+        disk.connected.store(true, Ordering::SeqCst);
+        emit("DISK_CONNECTED", json!({"disk": disk.name}));
+        let r = daemon.wait();
+        conn.lock().unwrap().take();
+        backend.signal_exit();
+        disk.connected.store(false, Ordering::SeqCst);
+        match r {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("{}: frontend disconnected", disk.name),
+            Err(e) => log::warn!("{}: connection ended: {e:?}", disk.name),
+        }
+        emit("DISK_DISCONNECTED", json!({"disk": disk.name}));
+        if let Err(e) = disk.pool.commit() {
+            log::error!("{}: commit after disconnect failed: {e}", disk.name);
+        }
+    }
+}
+
+/// Socket path helper for tests and the CLI.
+pub fn default_socket(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}

@@ -1,0 +1,95 @@
+//! Command arguments, checked the way QEMU's QMP checks them, with its messages.
+
+use super::QmpError;
+use serde_json::{Map, Value};
+
+pub struct Args {
+    map: Map<String, Value>,
+    taken: Vec<String>,
+}
+
+impl Args {
+    pub fn new(map: Map<String, Value>) -> Self {
+        Args {
+            map,
+            taken: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, k: &str) -> Option<Value> {
+        self.taken.push(k.to_string());
+        self.map.get(k).cloned()
+    }
+
+    fn missing(k: &str) -> QmpError {
+        QmpError::generic(format!("Parameter '{k}' is missing"))
+    }
+
+    fn bad_type(k: &str, want: &str) -> QmpError {
+        QmpError::generic(format!(
+            "Invalid parameter type for '{k}', expected: {want}"
+        ))
+    }
+
+    pub fn opt_str(&mut self, k: &str) -> Result<Option<String>, QmpError> {
+        match self.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(Self::bad_type(k, "string")),
+        }
+    }
+
+    pub fn str(&mut self, k: &str) -> Result<String, QmpError> {
+        self.opt_str(k)?.ok_or_else(|| Self::missing(k))
+    }
+
+    pub fn opt_bool(&mut self, k: &str) -> Result<Option<bool>, QmpError> {
+        match self.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(Self::bad_type(k, "boolean")),
+        }
+    }
+
+    pub fn bool(&mut self, k: &str) -> Result<bool, QmpError> {
+        self.opt_bool(k)?.ok_or_else(|| Self::missing(k))
+    }
+
+    pub fn opt_u64(&mut self, k: &str) -> Result<Option<u64>, QmpError> {
+        match self.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| Self::bad_type(k, "uint64")),
+            Some(_) => Err(Self::bad_type(k, "uint64")),
+        }
+    }
+
+    /// A byte size: a number, or a string such as "10GiB".
+    pub fn opt_size(&mut self, k: &str) -> Result<Option<u64>, QmpError> {
+        match self.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| Self::bad_type(k, "size")),
+            Some(Value::String(s)) => crate::size::parse_size(&s)
+                .map(Some)
+                .map_err(|e| QmpError::generic(format!("Parameter '{k}': {e}"))),
+            Some(_) => Err(Self::bad_type(k, "size")),
+        }
+    }
+
+    pub fn size(&mut self, k: &str) -> Result<u64, QmpError> {
+        self.opt_size(k)?.ok_or_else(|| Self::missing(k))
+    }
+
+    /// Errors on any argument no handler asked for.
+    pub fn finish(self) -> Result<(), QmpError> {
+        match self.map.keys().find(|k| !self.taken.contains(k)) {
+            Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+            None => Ok(()),
+        }
+    }
+}

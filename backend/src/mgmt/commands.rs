@@ -1,0 +1,137 @@
+//! The command table: names in QMP's kebab style, `query-*` for reads.
+
+use super::args::Args;
+use super::QmpError;
+use crate::manager::Manager;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "query-pools",
+    "query-disks",
+    "query-snapshots",
+    "disk-add",
+    "disk-remove",
+    "disk-resize",
+    "disk-set-read-only",
+    "snapshot-create",
+    "snapshot-delete",
+    "snapshot-revert",
+    "pool-set-policy",
+    "pool-reserve-metadata-snap",
+    "pool-release-metadata-snap",
+    "pool-commit",
+    "pool-grow",
+];
+
+pub fn version() -> Value {
+    let v: Vec<u64> = env!("CARGO_PKG_VERSION")
+        .split('.')
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    json!({
+        "qemu": {"major": v[0], "minor": v[1], "micro": v[2]},
+        "package": format!("vhost-thin {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// Runs one (negotiated) command.
+pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpError> {
+    let v = match name {
+        "query-version" => version(),
+        "query-commands" => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
+        "query-pools" => m.query_pools()?,
+        "query-disks" => m.query_disks()?,
+        "query-snapshots" => m.query_snapshots()?,
+        "disk-add" => {
+            let name = a.str("name")?;
+            let pool = a.opt_str("pool")?;
+            let size = a.opt_size("size")?;
+            let clone = a.opt_str("clone-from")?;
+            let socket = a.opt_str("socket")?.map(PathBuf::from);
+            let nq = a.opt_u64("num-queues")?.map(|n| n as usize);
+            let ro = a.opt_bool("read-only")?.unwrap_or(false);
+            let serial = a.opt_str("serial")?;
+            a.finish()?;
+            m.disk_add(
+                &name,
+                pool.as_deref(),
+                size,
+                clone.as_deref(),
+                socket,
+                nq,
+                ro,
+                serial,
+            )?
+        }
+        "disk-remove" => {
+            let name = a.str("name")?;
+            let force = a.opt_bool("force")?.unwrap_or(false);
+            a.finish()?;
+            m.disk_remove(&name, force)?
+        }
+        "disk-resize" => {
+            let name = a.str("name")?;
+            let size = a.size("size")?;
+            a.finish()?;
+            m.disk_resize(&name, size)?
+        }
+        "disk-set-read-only" => {
+            let name = a.str("name")?;
+            let ro = a.bool("read-only")?;
+            a.finish()?;
+            m.disk_set_read_only(&name, ro)?
+        }
+        "snapshot-create" => {
+            let disk = a.str("disk")?;
+            let name = a.str("name")?;
+            a.finish()?;
+            m.snapshot_create(&disk, &name)?
+        }
+        "snapshot-delete" => {
+            let name = a.str("name")?;
+            a.finish()?;
+            m.snapshot_delete(&name)?
+        }
+        "snapshot-revert" => {
+            let disk = a.str("disk")?;
+            let snap = a.str("snapshot")?;
+            a.finish()?;
+            m.snapshot_revert(&disk, &snap)?
+        }
+        "pool-set-policy" => {
+            let pool = a.opt_str("pool")?;
+            let oos = a.opt_str("out-of-space")?;
+            let timeout = a.opt_u64("timeout")?;
+            let lwd = a.opt_u64("low-water-data")?;
+            let lwm = a.opt_u64("low-water-metadata")?;
+            a.finish()?;
+            m.pool_set_policy(pool.as_deref(), oos.as_deref(), timeout, lwd, lwm)?
+        }
+        "pool-reserve-metadata-snap"
+        | "pool-release-metadata-snap"
+        | "pool-commit"
+        | "pool-grow" => {
+            let pool = a.opt_str("pool")?;
+            a.finish()?;
+            let p = pool.as_deref();
+            match name {
+                "pool-reserve-metadata-snap" => m.pool_reserve_metadata_snap(p)?,
+                "pool-release-metadata-snap" => m.pool_release_metadata_snap(p)?,
+                "pool-commit" => m.pool_commit(p)?,
+                _ => m.pool_grow(p)?,
+            }
+        }
+        other => {
+            return Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {other} has not been found"),
+            })
+        }
+    };
+    Ok(v)
+}

@@ -1,0 +1,52 @@
+//! The management socket: QMP's wire protocol (so `qemu.qmp` and `socat` work unchanged),
+//! the commands, and the events.
+
+pub mod args;
+pub mod commands;
+pub mod events;
+pub mod framing;
+pub mod server;
+
+use serde_json::{json, Value};
+
+/// A QMP error: `{"error": {"class": ..., "desc": ...}}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+
+    pub fn not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "DeviceNotFound",
+            desc: desc.into(),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"class": self.class, "desc": self.desc})
+    }
+}
+
+impl From<thinpool::Error> for QmpError {
+    fn from(e: thinpool::Error) -> Self {
+        match e {
+            thinpool::Error::NoSuchDevice(_) => QmpError::not_found(e.to_string()),
+            e => QmpError::generic(e.to_string()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for QmpError {
+    fn from(e: anyhow::Error) -> Self {
+        QmpError::generic(format!("{e:#}"))
+    }
+}

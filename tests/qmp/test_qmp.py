@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Management-socket tests with QEMU's own client library (qemu.qmp) and raw sockets.
+
+Usage: test_qmp.py VHOST_THIN_BINARY
+Prints one line per check and a closing 'N passed, M failed' line; exits 1 on any failure.
+"""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+BIN = os.path.abspath(sys.argv[1])
+PASSED, FAILED = [], []
+
+
+def check(name, cond, detail=""):
+    (PASSED if cond else FAILED).append(name)
+    print(("ok   " if cond else "FAIL ") + name + ("" if cond else f"  -- {detail}"), flush=True)
+
+
+def cli(*args):
+    out = subprocess.run([BIN, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"vhost-thin {args}: {out.stderr}")
+    return out.stdout
+
+
+class Daemon:
+    def __init__(self, d):
+        self.d = d
+        self.m, self.data = os.path.join(d, "pool.meta"), os.path.join(d, "pool.data")
+        self.qmp = os.path.join(d, "qmp.sock")
+        self.proc = None
+
+    def start(self):
+        for p in (self.qmp,):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "-m", self.m, "-d", self.data, "--qmp", self.qmp,
+             "--socket-dir", self.d, "--disk", f"name=disk0,socket={self.d}/disk0.sock"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.d, "daemon.log"), "a"))
+        for _ in range(400):
+            if os.path.exists(self.qmp):
+                return
+            time.sleep(0.025)
+        raise RuntimeError("no management socket")
+
+
+def raw_client(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.settimeout(10)
+    f = s.makefile("rwb", buffering=0)
+    return s, f
+
+
+def read_msg(f):
+    line = f.readline()
+    return json.loads(line)
+
+
+def read_reply(f):
+    while True:
+        m = read_msg(f)
+        if "event" not in m:
+            return m
+
+
+def send(f, text):
+    view = memoryview(text.encode() if isinstance(text, str) else text)
+    while view:  # an unbuffered socket file may write only part
+        n = f.write(view)
+        view = view[n:]
+
+
+async def qemu_qmp_session(dm, transcript):
+    qmp = QMPClient("vhost-thin-test")
+    events = []
+    await qmp.connect(dm.qmp)
+    check("qemu.qmp: greeting and negotiation", qmp.greeting is not None)
+    v = await qmp.execute("query-version")
+    transcript.append(("query-version", None, v))
+    check("query-version has QEMU's shape", set(v["qemu"]) == {"major", "minor", "micro"} and "vhost-thin" in v["package"], v)
+    cmds = {c["name"] for c in await qmp.execute("query-commands")}
+    check("query-commands lists every command", {"disk-add", "snapshot-create", "query-pools"} <= cmds, cmds)
+
+    listener = EventListener()
+
+    async def collect():
+        async for ev in listener:
+            events.append(ev)
+
+    qmp.register_listener(listener)
+    task = asyncio.create_task(collect())
+
+    pools = await qmp.execute("query-pools")
+    transcript.append(("query-pools", None, pools))
+    check("query-pools", pools[0]["name"] == "pool" and pools[0]["block-size"] == 65536 and pools[0]["mode"] == "write", pools)
+    disks = await qmp.execute("query-disks")
+    check("query-disks shows disk0", [d["name"] for d in disks] == ["disk0"] and disks[0]["size"] == 64 << 20, disks)
+
+    r = await qmp.execute("disk-add", {"name": "disk1", "size": "32MiB", "num-queues": 2})
+    transcript.append(("disk-add", {"name": "disk1", "size": "32MiB", "num-queues": 2}, r))
+    check("disk-add creates and serves a disk", os.path.exists(r["socket"]) and r["thin-id"] == 1, r)
+    r = await qmp.execute("snapshot-create", {"disk": "disk0", "name": "before-upgrade"})
+    transcript.append(("snapshot-create", {"disk": "disk0", "name": "before-upgrade"}, r))
+    check("snapshot-create reports the pause", "pause-us" in r, r)
+    r = await qmp.execute("disk-add", {"name": "ci-1", "clone-from": "before-upgrade"})
+    check("disk-add clone-from a snapshot", r["thin-id"] == 3, r)
+    snaps = await qmp.execute("query-snapshots")
+    check("query-snapshots", [s["name"] for s in snaps] == ["before-upgrade"] and snaps[0]["origin"] == "disk0", snaps)
+    disks = {d["name"]: d for d in await qmp.execute("query-disks")}
+    check("clone lineage", disks["ci-1"]["lineage"] == ["before-upgrade", "disk0"], disks["ci-1"])
+
+    await qmp.execute("disk-resize", {"name": "disk1", "size": 64 << 20})
+    try:
+        await qmp.execute("disk-resize", {"name": "disk1", "size": 1 << 20})
+        check("disk-resize refuses to shrink", False)
+    except ExecuteError as e:
+        check("disk-resize refuses to shrink", e.error.error.class_ == "GenericError" and "only grow" in e.error.error.desc, e)
+    await qmp.execute("disk-set-read-only", {"name": "ci-1", "read-only": True})
+    disks = {d["name"]: d for d in await qmp.execute("query-disks")}
+    check("disk-resize and disk-set-read-only", disks["disk1"]["size"] == 64 << 20 and disks["ci-1"]["read-only"], disks)
+
+    await qmp.execute("pool-set-policy", {"out-of-space": "queue", "timeout": 5, "low-water-data": 90})
+    p = (await qmp.execute("query-pools"))[0]
+    check("pool-set-policy", p["policy"] == {"out-of-space": "queue", "timeout": 5} and p["low-water"]["data"] == 90, p)
+    r = await qmp.execute("pool-reserve-metadata-snap")
+    p = (await qmp.execute("query-pools"))[0]
+    check("pool-reserve-metadata-snap", p["held-metadata-snap"] == r["block"], (r, p))
+    try:
+        await qmp.execute("pool-reserve-metadata-snap")
+        check("a second metadata snapshot is refused", False)
+    except ExecuteError as e:
+        check("a second metadata snapshot is refused", "already held" in e.error.error.desc, e)
+    await qmp.execute("pool-release-metadata-snap")
+    await qmp.execute("pool-commit")
+    r = await qmp.execute("pool-grow")
+    check("pool-grow", r["data-blocks"] == 4096, r)
+
+    await qmp.execute("snapshot-revert", {"disk": "disk1", "snapshot": "before-upgrade"})
+    check("snapshot-revert of a disconnected disk", True)
+    for cmd, args, cls, text in [
+        ("no-such-command", {}, "CommandNotFound", "has not been found"),
+        ("disk-add", {"size": 1}, "GenericError", "Parameter 'name' is missing"),
+        ("disk-add", {"name": "x", "size": 1 << 20, "bogus": 1}, "GenericError", "Parameter 'bogus' is unexpected"),
+        ("disk-add", {"name": 5, "size": 1}, "GenericError", "Invalid parameter type for 'name'"),
+        ("disk-add", {"name": "disk0", "size": 1 << 20}, "GenericError", "already in use"),
+        ("disk-remove", {"name": "nope"}, "DeviceNotFound", "no disk or snapshot named 'nope'"),
+        ("snapshot-delete", {"name": "disk0"}, "GenericError", "use disk-remove"),
+        ("pool-set-policy", {"out-of-space": "maybe"}, "GenericError", "must be 'error' or 'queue'"),
+    ]:
+        try:
+            await qmp.execute(cmd, args)
+            check(f"error: {cmd} {args}", False, "succeeded")
+        except ExecuteError as e:
+            check(f"error: {cmd} {args}", e.error.error.class_ == cls and text in e.error.error.desc, f"{e.error.error.class_}: {e.error.error.desc}")
+            transcript.append((cmd, args, {"error": {"class": e.error.error.class_, "desc": e.error.error.desc}}))
+
+    # Connect to a disk socket as a frontend would: DISK_CONNECTED, then DISK_DISCONNECTED.
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.path.join(dm.d, "disk1.sock"))
+    await asyncio.sleep(0.3)
+    s.close()
+    await asyncio.sleep(0.5)
+    names = [e["event"] for e in events]
+    check("events: DISK_RESIZED, DISK_CONNECTED, DISK_DISCONNECTED", {"DISK_RESIZED", "DISK_CONNECTED", "DISK_DISCONNECTED"} <= set(names), names)
+    check("events carry timestamps", all("seconds" in e["timestamp"] for e in events), events[:1])
+    await qmp.execute("disk-remove", {"name": "ci-1"})
+    await qmp.execute("snapshot-delete", {"name": "before-upgrade"})
+    disks = [d["name"] for d in await qmp.execute("query-disks")]
+    check("disk-remove and snapshot-delete", disks == ["disk0", "disk1"], disks)
+    task.cancel()
+    await qmp.disconnect()
+
+
+def raw_tests(dm):
+    s, f = raw_client(dm.qmp)
+    g = read_msg(f)
+    check("raw: greeting", "QMP" in g and "version" in g["QMP"] and g["QMP"]["capabilities"] == [], g)
+    send(f, '{"execute": "query-pools", "id": 1}\n')
+    r = read_msg(f)
+    check("raw: commands before negotiation are refused", r == {"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}, "id": 1}, r)
+    send(f, '{"execute": "qmp_capabilities"}')
+    check("raw: negotiation", read_msg(f) == {"return": {}})
+    send(f, '{"execute": "qmp_capabilities"}')
+    r = read_msg(f)
+    check("raw: second negotiation", r["error"]["class"] == "CommandNotFound", r)
+    send(f, '{"execute": "query-version", "id": {"a": [1, "x"]}}')
+    r = read_msg(f)
+    check("raw: object id echoed verbatim", r["id"] == {"a": [1, "x"]}, r)
+    send(f, '{"execute": "query-ve')
+    time.sleep(0.05)
+    send(f, 'rsion", "id": 2}{"execute": "query-version", "id": 3}')
+    a, b = read_msg(f), read_msg(f)
+    check("raw: split and joined messages", a["id"] == 2 and b["id"] == 3, (a, b))
+    send(f, '{"execute": }\n')
+    r = read_msg(f)
+    check("raw: malformed JSON gets GenericError without id", r["error"]["class"] == "GenericError" and "id" not in r and "JSON parse error" in r["error"]["desc"], r)
+    send(f, '[1, 2]\n')
+    r = read_msg(f)
+    check("raw: non-object input", r["error"]["desc"] == "QMP input must be a JSON object", r)
+    send(f, '{"exec": "query-version", "id": 4}\n')
+    r = read_msg(f)
+    check("raw: unknown member", r == {"error": {"class": "GenericError", "desc": "QMP input member 'exec' is unexpected"}, "id": 4}, r)
+    send(f, '{"execute": "query-version", "arguments": [1]}\n')
+    r = read_msg(f)
+    check("raw: arguments must be an object", "must be an object" in r["error"]["desc"], r)
+    send(f, b'{"execute": "' + b"x" * (2 << 20) + b'"}\n')
+    r = read_msg(f)
+    check("raw: oversized message refused", "longer than" in r["error"]["desc"], r)
+    send(f, '{"execute": "query-version", "id": 5}\n')
+    check("raw: connection survives bad input", read_msg(f)["id"] == 5)
+
+    # A client that negotiates and never reads must not hold anybody up.
+    lazy, lf = raw_client(dm.qmp)
+    read_msg(lf)
+    send(lf, '{"execute": "qmp_capabilities"}\n')
+    others = [raw_client(dm.qmp) for _ in range(8)]
+    for _, of in others:
+        read_msg(of)
+        send(of, '{"execute": "qmp_capabilities"}\n')
+        read_msg(of)
+    t0 = time.time()
+    for i in range(3000):  # each resize is an event to every client
+        send(f, '{"execute": "disk-resize", "arguments": {"name": "disk1", "size": %d}}\n' % ((64 << 20) + (i + 1) * 512))
+        r = read_reply(f)
+        assert r == {"return": {}}, r
+    dt = time.time() - t0
+    send(others[3][1], '{"execute": "query-version", "id": "still-there"}\n')
+    got = None
+    for _ in range(5000):
+        m = read_msg(others[3][1])
+        if m.get("id") == "still-there":
+            got = m
+            break
+    check(f"raw: 9 clients, one never reading; 3000 commands in {dt:.2f}s, others still served", got is not None and dt < 60, dt)
+    for c, _ in others:
+        c.close()
+    lazy.close()
+    s.close()
+
+
+def main():
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        dm = Daemon(d)
+        cli("pool", "create", "-m", dm.m, "-d", dm.data, "--data-size", "256MiB")
+        cli("thin", "create", "-m", dm.m, "-d", dm.data, "--id", "0", "--size", "64MiB", "--name", "disk0")
+        dm.start()
+        transcript = []
+        try:
+            asyncio.run(qemu_qmp_session(dm, transcript))
+            raw_tests(dm)
+            # Durable when the command returned: kill -9, then the offline view has it all.
+            asyncio.run(add_and_kill(dm))
+            out = json.loads(cli("thin", "ls", "-m", dm.m, "-d", dm.data, "--json"))
+            names = sorted(r["name"] for r in out)
+            check("state changes survive kill -9", names == ["disk0", "disk1", "durable", "durable-snap"], names)
+            check("pool check clean after kill -9", "clean" in cli("pool", "check", "-m", dm.m))
+            dm.start()
+            dm.proc.send_signal(signal.SIGTERM)
+            check("SIGTERM exits 0", dm.proc.wait(timeout=30) == 0)
+        finally:
+            if dm.proc and dm.proc.poll() is None:
+                dm.proc.kill()
+        print("\nqemu.qmp session transcript:")
+        for cmd, args, ret in transcript:
+            print(f"  -> {json.dumps({'execute': cmd, **({'arguments': args} if args else {})})}")
+            print(f"  <- {json.dumps(ret if isinstance(ret, dict) and 'error' in ret else {'return': ret})[:300]}")
+    print(f"\n{len(PASSED)} passed, {len(FAILED)} failed")
+    sys.exit(1 if FAILED else 0)
+
+
+async def add_and_kill(dm):
+    qmp = QMPClient("durability")
+    await qmp.connect(dm.qmp)
+    await qmp.execute("disk-add", {"name": "durable", "size": "8MiB"})
+    await qmp.execute("snapshot-create", {"disk": "durable", "name": "durable-snap"})
+    dm.proc.kill()
+    dm.proc.wait()
+    try:
+        await qmp.disconnect()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    main()
