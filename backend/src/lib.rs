@@ -2,6 +2,8 @@
 //! and its offline CLI.
 
 pub mod blk;
+pub mod config_run;
+pub mod ctl;
 pub mod daemon;
 pub mod manager;
 pub mod mgmt;

@@ -26,6 +26,17 @@ enum Cmd {
     Thin(offline::thin_cmd::ThinCmd),
     /// Serve thin devices to VMs over vhost-user-blk.
     Serve(vhost_thin::serve_cmd::ServeArgs),
+    /// Talk to a running daemon: disks, snapshots, clones, events.
+    Ctl(vhost_thin::ctl::CtlArgs),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate a configuration file without running anything.
+    Check { file: std::path::PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +52,22 @@ fn main() -> ExitCode {
         Cmd::Pool(c) => offline::pool_cmd::run(c),
         Cmd::Thin(c) => offline::thin_cmd::run(c),
         Cmd::Serve(a) => vhost_thin::serve_cmd::run(a),
+        Cmd::Ctl(a) => vhost_thin::ctl::run(a),
+        Cmd::Config(ConfigCmd::Check { file }) => match vmm_config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} pools, {} disks)",
+                    file.display(),
+                    c.pools.len(),
+                    c.disks.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(1))
+            }
+        },
     };
     match r {
         Ok(code) => code,

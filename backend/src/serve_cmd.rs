@@ -5,6 +5,7 @@ use crate::manager::{Manager, PoolHandle};
 use crate::offline::{load_registry, open_pool, PoolPaths};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,21 @@ use thinpool::registry::{make_serial, Registry};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    #[command(flatten)]
-    paths: PoolPaths,
+    /// Configuration file (YAML): pools, disks, management socket. See docs/CONFIG.md.
+    #[arg(long, short = 'c', value_name = "FILE", conflicts_with_all = ["metadata", "data"])]
+    config: Option<PathBuf>,
+    /// Without --config or a pool: the quickstart's state directory (created on first use).
+    #[arg(long, value_name = "DIR", default_value = "vhost-thin-state")]
+    state_dir: PathBuf,
+    /// Metadata device or file of the pool to serve.
+    #[arg(long, short = 'm', value_name = "PATH", requires = "data")]
+    metadata: Option<PathBuf>,
+    /// Data device or file of the pool to serve.
+    #[arg(long, short = 'd', value_name = "PATH", requires = "metadata")]
+    data: Option<PathBuf>,
+    /// Registry file (default METADATA.registry.json).
+    #[arg(long, value_name = "PATH")]
+    registry: Option<PathBuf>,
     /// A disk to serve (repeat for more):
     /// `id=N|name=NAME,socket=PATH[,size=SIZE][,num-queues=N][,queue-size=N][,read-only][,serial=S]`.
     /// Size and serial default to the registry's.
@@ -21,10 +35,13 @@ pub struct ServeArgs {
     disks: Vec<DiskSpec>,
     /// Management socket (QMP protocol) to create, snapshot and clone disks at run time.
     #[arg(long, value_name = "PATH")]
-    qmp: Option<std::path::PathBuf>,
+    qmp: Option<PathBuf>,
     /// Directory for the sockets of disks added at run time (default: beside the metadata).
     #[arg(long, value_name = "DIR")]
-    socket_dir: Option<std::path::PathBuf>,
+    socket_dir: Option<PathBuf>,
+    /// Metadata cache size in 4 KiB blocks.
+    #[arg(long, default_value_t = 16384, value_name = "BLOCKS")]
+    cache_blocks: usize,
     /// Commit the pool at least this often (milliseconds; dm-thin uses 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
     commit_interval_ms: u64,
@@ -32,12 +49,33 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<ExitCode> {
     daemon::block_signals();
-    let pool = Arc::new(open_pool(&a.paths, true)?);
-    let reg_path = crate::offline::registry_path(&a.paths)
-        .unwrap_or_else(|| thinpool::registry::Registry::default_path(&a.paths.metadata));
-    let mut reg = load_registry(&a.paths, &pool)?
+    let interval = Duration::from_millis(a.commit_interval_ms);
+    if let Some(file) = &a.config {
+        let cfg = vmm_config::load(file)?;
+        let (manager, qmp) = crate::config_run::start(&cfg, a.cache_blocks)?;
+        daemon::run(manager, interval, qmp)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (Some(metadata), Some(data)) = (a.metadata.clone(), a.data.clone()) else {
+        let (manager, qmp) = crate::config_run::quickstart(&a.state_dir, a.cache_blocks)?;
+        daemon::run(manager, interval, qmp)?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    if a.disks.is_empty() && a.qmp.is_none() {
+        bail!("nothing to serve: give --disk (and/or --qmp to add disks at run time)");
+    }
+    let paths = PoolPaths {
+        metadata,
+        data,
+        registry: a.registry.clone(),
+        cache_blocks: a.cache_blocks,
+    };
+    let pool = Arc::new(open_pool(&paths, true)?);
+    let reg_path = crate::offline::registry_path(&paths)
+        .unwrap_or_else(|| thinpool::registry::Registry::default_path(&paths.metadata));
+    let mut reg = load_registry(&paths, &pool)?
         .unwrap_or_else(|| Registry::new(&reg_path, pool.status().transaction_id));
-    let salt = crate::offline::serial_salt(&a.paths.metadata);
+    let salt = crate::offline::serial_salt(&paths.metadata);
     // Resolve the --disk specs to registry entries (in memory: a bare pool made by the
     // kernel gets entries named thinN; nothing is written until something changes).
     let mut to_serve = Vec::new();
@@ -80,7 +118,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     let socket_dir = a
         .socket_dir
         .clone()
-        .or_else(|| a.paths.metadata.parent().map(|p| p.to_path_buf()))
+        .or_else(|| paths.metadata.parent().map(|p| p.to_path_buf()))
         .unwrap_or_else(|| ".".into());
     let manager = Manager::new(vec![handle], socket_dir);
     for (name, spec) in &to_serve {
@@ -112,6 +150,6 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     if let Some((p, _)) = &qmp {
         println!("management socket: {}", p.display());
     }
-    daemon::run(manager, Duration::from_millis(a.commit_interval_ms), qmp)?;
+    daemon::run(manager, interval, qmp)?;
     Ok(ExitCode::SUCCESS)
 }

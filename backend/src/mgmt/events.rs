@@ -41,10 +41,7 @@ impl EventBus {
     }
 
     pub fn unsubscribe(&self, id: u64) {
-        self.subscribers
-            .lock()
-            .unwrap()
-            .retain(|s| s.id != id);
+        self.subscribers.lock().unwrap().retain(|s| s.id != id);
     }
 
     pub fn emit(&self, name: &str, data: Value) {
@@ -55,7 +52,10 @@ impl EventBus {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 if !s.warned {
-                    log::warn!("management client {} does not read its events; dropping some", s.id);
+                    log::warn!(
+                        "management client {} does not read its events; dropping some",
+                        s.id
+                    );
                     s.warned = true;
                 }
                 true

@@ -1,0 +1,253 @@
+//! Starting the daemon from a configuration file, and the one-command quickstart.
+//!
+//! The configuration describes the desired state. Pools are opened (or created when their
+//! files are missing and `create` sizes are given); disks missing from the registry are
+//! created (empty or as clones); disks that exist keep their data. State changed at run time
+//! through the management socket lives in the registry, so where the file and the registry
+//! disagree the registry wins and the daemon says so.
+
+use crate::manager::{Manager, PoolHandle};
+use crate::offline::{load_registry, open_pool, serial_salt, PoolPaths};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use thinpool::pool::{Pool, PoolOptions};
+use thinpool::registry::Registry;
+use thinpool::storage::{FileStorage, Storage};
+use vmm_config::{Config, OutOfSpacePolicy};
+
+/// The management socket and its file mode, when configured.
+pub type QmpSocket = Option<(PathBuf, u32)>;
+
+fn create_pool(p: &vmm_config::PoolConfig) -> Result<()> {
+    let Some(c) = &p.create else {
+        bail!(
+            "pool {}: {} or {} does not exist and the configuration gives no `create:` sizes",
+            p.name,
+            p.metadata.display(),
+            p.data.display()
+        );
+    };
+    let bs = p.block_size.0;
+    let data_len = c.data_size.0 / bs * bs;
+    let meta_len = c
+        .metadata_size
+        .map(|s| s.0)
+        .unwrap_or_else(|| (48 * (data_len / bs)).max(4 << 20))
+        .div_ceil(4096)
+        * 4096;
+    for path in [&p.metadata, &p.data] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    let meta: Arc<dyn Storage> = Arc::new(FileStorage::create(&p.metadata, meta_len)?);
+    let data: Arc<dyn Storage> = Arc::new(FileStorage::create(&p.data, data_len)?);
+    let pool = Pool::create(meta, data, (bs / 512) as u32, PoolOptions::default())
+        .with_context(|| format!("cannot create pool {}", p.name))?;
+    Registry::new(
+        Registry::default_path(&p.metadata),
+        pool.status().transaction_id,
+    )
+    .save()?;
+    log::info!(
+        "pool {}: created ({data_len} bytes of data, {meta_len} of metadata)",
+        p.name
+    );
+    Ok(())
+}
+
+/// Opens (creating when asked) every pool and serves every disk of `cfg`.
+pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSocket)> {
+    if cfg.pools.is_empty() {
+        bail!("the configuration has no pools");
+    }
+    let mut handles = Vec::new();
+    for p in &cfg.pools {
+        if !p.metadata.exists() || !p.data.exists() {
+            create_pool(p)?;
+        }
+        let paths = PoolPaths {
+            metadata: p.metadata.clone(),
+            data: p.data.clone(),
+            registry: None,
+            cache_blocks: p
+                .metadata_cache
+                .map(|s| (s.0 / 4096) as usize)
+                .unwrap_or(cache_blocks),
+        };
+        let pool = Arc::new(open_pool(&paths, true).with_context(|| format!("pool {}", p.name))?);
+        let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
+            Registry::new(
+                Registry::default_path(&p.metadata),
+                pool.status().transaction_id,
+            )
+        });
+        let h = PoolHandle::new(&p.name, pool, reg, serial_salt(&p.metadata));
+        h.space.set_mode(match p.out_of_space.policy {
+            OutOfSpacePolicy::Error => crate::blk::disk::OutOfSpace::Error,
+            OutOfSpacePolicy::Queue => crate::blk::disk::OutOfSpace::Queue {
+                timeout: (p.out_of_space.timeout > 0)
+                    .then(|| Duration::from_secs(p.out_of_space.timeout)),
+            },
+        });
+        *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
+        handles.push(Arc::new(h));
+    }
+    let socket_dir = cfg
+        .disks
+        .first()
+        .and_then(|d| d.socket.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let manager = Manager::new(handles, socket_dir);
+    for d in &cfg.disks {
+        if let Some(dir) = d.socket.parent().filter(|x| !x.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let existing = manager.query_disks().map_err(|e| anyhow::anyhow!(e.desc))?;
+        let reg_entry = existing
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == d.name.as_str()).cloned());
+        match reg_entry {
+            None => {
+                manager
+                    .disk_add(
+                        &d.name,
+                        d.pool.as_deref(),
+                        Some(d.size.0),
+                        d.clone_from.as_deref(),
+                        Some(d.socket.clone()),
+                        Some(d.num_queues as usize),
+                        d.read_only,
+                        d.serial.clone(),
+                    )
+                    .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
+                println!(
+                    "disk {}: created ({} bytes{})",
+                    d.name,
+                    d.size.0,
+                    d.clone_from
+                        .as_ref()
+                        .map(|c| format!(", clone of {c}"))
+                        .unwrap_or_default()
+                );
+            }
+            Some(e) => {
+                let reg_size = e["size"].as_u64().unwrap_or(0);
+                if d.size.0 > reg_size {
+                    manager
+                        .disk_resize(&d.name, d.size.0)
+                        .map_err(|e| anyhow::anyhow!(e.desc))?;
+                    println!(
+                        "disk {}: grown from {reg_size} to {} bytes as the configuration says",
+                        d.name, d.size.0
+                    );
+                } else if d.size.0 < reg_size {
+                    println!(
+                        "disk {}: the configuration says {} bytes, the registry {reg_size} (grown at run time); serving {reg_size}",
+                        d.name, d.size.0
+                    );
+                }
+                if e["read-only"].as_bool() != Some(d.read_only) {
+                    println!("disk {}: read-only is {} in the registry (set at run time), {} in the configuration; the registry wins", d.name, e["read-only"], d.read_only);
+                }
+                manager
+                    .serve(
+                        &d.name,
+                        Some(d.socket.clone()),
+                        Some(d.num_queues as usize),
+                        Some(d.queue_size as usize),
+                    )
+                    .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
+            }
+        }
+    }
+    // Disks added at run time live in the registry only: keep serving them.
+    let configured: Vec<&str> = cfg.disks.iter().map(|d| d.name.as_str()).collect();
+    let served: Vec<String> = manager
+        .served()
+        .iter()
+        .map(|(d, _)| d.name.clone())
+        .collect();
+    let all = manager.query_disks().map_err(|e| anyhow::anyhow!(e.desc))?;
+    for e in all.as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap_or_default();
+        if configured.contains(&name) || served.iter().any(|s| s == name) {
+            continue;
+        }
+        match manager.serve(name, None, None, None) {
+            Ok(sock) => println!(
+                "disk {name}: in the registry (added at run time) but not in the configuration; serving it on {}",
+                sock.display()
+            ),
+            Err(e) => println!("disk {name}: in the registry but not served: {}", e.desc),
+        }
+    }
+    let qmp = cfg.management.as_ref().map(|m| {
+        (
+            m.socket.clone(),
+            u32::from_str_radix(&m.mode, 8).unwrap_or(0o600),
+        )
+    });
+    Ok((manager, qmp))
+}
+
+/// The quickstart: a state directory with a default pool and a first disk, made on first
+/// use and reused after; prints how to attach QEMU and cloud-hypervisor and the ctl commands.
+pub fn quickstart(
+    dir: &Path,
+    cache_blocks: usize,
+) -> Result<(Arc<Manager>, QmpSocket)> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let cfg_path = dir.join("vhost-thin.yaml");
+    if !cfg_path.exists() {
+        let free = free_bytes(&dir).unwrap_or(8 << 30);
+        // Half the free space, at least 1 GiB, at most 64 GiB; sparse, so it costs nothing yet.
+        let data = (free / 2).clamp(1 << 30, 64 << 30) / (1 << 20) * (1 << 20);
+        let disk = (10u64 << 30).min(data);
+        let text = format!(
+            "# Made by `vhost-thin serve` (quickstart); edit freely. Reference: docs/CONFIG.md\n\
+             pools:\n  - name: default\n    metadata: {d}/pool.meta\n    data: {d}/pool.data\n    create:\n      data-size: {data}\n\
+             disks:\n  - name: disk0\n    size: {disk}\n    socket: {d}/disk0.sock\n    num-queues: 2\n\
+             management:\n  socket: {d}/qmp.sock\n",
+            d = dir.display()
+        );
+        std::fs::write(&cfg_path, text)?;
+        println!("quickstart: wrote {}", cfg_path.display());
+    }
+    let cfg = vmm_config::load(&cfg_path)?;
+    let r = start(&cfg, cache_blocks)?;
+    let d = &cfg.disks[0];
+    let qmp = cfg
+        .management
+        .as_ref()
+        .map(|m| m.socket.display().to_string())
+        .unwrap_or_default();
+    println!(
+        "\nvhost-thin is serving {name} ({size} bytes) on {sock}\n\
+         \nQEMU (shared guest memory is required by vhost-user):\n  qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n    -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\\n    -chardev socket,id={name},path={sock},reconnect=1 \\\n    -device vhost-user-blk-pci,chardev={name},num-queues={nq} \\\n    -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic\n\
+         \ncloud-hypervisor:\n  cloud-hypervisor --memory size=2G,shared=on --kernel vmlinux \\\n    --disk vhost_user=true,socket={sock},num_queues={nq} --cmdline console=ttyS0 --serial tty --console off\n\
+         \nsnapshot it and clone it:\n  vhost-thin ctl --socket {qmp} snapshot {name} before-upgrade\n  vhost-thin ctl --socket {qmp} clone before-upgrade ci-1\n  vhost-thin ctl --socket {qmp} disks\n  vhost-thin ctl --socket {qmp} watch\n\
+         \nstop with Ctrl-C (requests in flight finish, the pool is committed); start again to reuse {dir}.",
+        name = d.name,
+        size = d.size.0,
+        sock = d.socket.display(),
+        nq = d.num_queues,
+        dir = dir.display(),
+    );
+    Ok(r)
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we pass for the NUL-terminated path.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut s) == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+    }
+}

@@ -1,0 +1,138 @@
+//! `serve --config`, the quickstart, and `ctl`, as a user runs them.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vhost-thin")
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(c: Child) -> String {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ctl(qmp: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .arg("ctl")
+        .arg("-s")
+        .arg(qmp)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn config_creates_serves_and_remembers_run_time_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let cfg = dir.path().join("vhost-thin.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: main\n    metadata: {d}/p.meta\n    data: {d}/p.data\n    create:\n      data-size: 256MiB\n    out-of-space:\n      policy: queue\n      timeout: 10\n\
+             disks:\n  - name: golden\n    size: 64MiB\n    socket: {d}/golden.sock\n  - name: vm1\n    size: 64MiB\n    socket: {d}/vm1.sock\n    clone-from: golden\n\
+             management:\n  socket: {d}/qmp.sock\n"
+        ),
+    )
+    .unwrap();
+    let check = Command::new(bin())
+        .args(["config", "check"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&check.stdout).contains("valid (1 pools, 2 disks)"));
+    let qmp = dir.path().join("qmp.sock");
+    let serve = || {
+        Command::new(bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let c = serve();
+    wait_for(&qmp);
+    let disks: serde_json::Value = serde_json::from_str(&ctl(&qmp, &["--json", "disks"])).unwrap();
+    assert_eq!(disks.as_array().unwrap().len(), 2);
+    assert_eq!(disks[1]["origin"], "golden");
+    let pools: serde_json::Value = serde_json::from_str(&ctl(&qmp, &["--json", "pools"])).unwrap();
+    assert_eq!(pools[0]["policy"]["out-of-space"], "queue");
+    assert!(ctl(&qmp, &["add", "scratch", "--size", "8MiB"]).contains("scratch.sock"));
+    assert!(ctl(&qmp, &["snapshot", "vm1", "vm1-snap"]).contains("writes held"));
+    let out = stop(c);
+    assert!(out.contains("disk golden: created"), "{out}");
+    // Second start: nothing created again; the disk added at run time is served too.
+    let c = serve();
+    wait_for(&qmp);
+    let names = ctl(&qmp, &["disks"]);
+    for n in ["golden", "vm1", "scratch"] {
+        assert!(names.contains(n), "{names}");
+    }
+    assert!(ctl(&qmp, &["snapshots"]).contains("vm1-snap"));
+    let out = stop(c);
+    assert!(!out.contains("created"), "{out}");
+    assert!(
+        out.contains("disk scratch: in the registry (added at run time)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn quickstart_makes_and_reuses_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let serve = || {
+        Command::new(bin())
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let c = serve();
+    let qmp = state.join("qmp.sock");
+    wait_for(&qmp);
+    assert!(ctl(&qmp, &["disks"]).contains("disk0"));
+    let out = stop(c);
+    assert!(out.contains("quickstart: wrote"), "{out}");
+    assert!(
+        out.contains("-device vhost-user-blk-pci,chardev=disk0"),
+        "{out}"
+    );
+    assert!(out.contains("cloud-hypervisor"), "{out}");
+    assert!(out.contains("ctl --socket"), "{out}");
+    let c = serve();
+    wait_for(&qmp);
+    let out = stop(c);
+    assert!(
+        !out.contains("quickstart: wrote") && !out.contains("created"),
+        "{out}"
+    );
+}
