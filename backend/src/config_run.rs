@@ -197,10 +197,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
 
 /// The quickstart: a state directory with a default pool and a first disk, made on first
 /// use and reused after; prints how to attach QEMU and cloud-hypervisor and the ctl commands.
-pub fn quickstart(
-    dir: &Path,
-    cache_blocks: usize,
-) -> Result<(Arc<Manager>, QmpSocket)> {
+pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSocket)> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
     let dir = dir.canonicalize()?;

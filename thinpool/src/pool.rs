@@ -25,6 +25,7 @@ use crate::thin::metadata::{MetadataOptions, SpaceUsage, ThinMetadata};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 #[derive(Clone, Debug)]
@@ -93,6 +94,11 @@ pub struct Pool {
     inner: Mutex<Inner>,
     commit_lock: Mutex<()>,
     commit_done: Condvar,
+    /// Data was written since the last flush of the data device.
+    data_written: AtomicBool,
+    /// Held shared by every block operation from lookup to the end of its data I/O, and
+    /// exclusively by [`Pool::abort`], which frees blocks such I/O may still target.
+    io_epoch: RwLock<()>,
     data: Arc<dyn Storage>,
     block_bytes: u64,
     cells: CellTable,
@@ -194,6 +200,8 @@ impl Pool {
             gates: Mutex::new(HashMap::new()),
             opts,
             zeroes: vec![0; block_bytes.min(1 << 20) as usize],
+            data_written: AtomicBool::new(false),
+            io_epoch: RwLock::new(()),
         }
     }
 
@@ -306,6 +314,20 @@ impl Pool {
         }
     }
 
+    /// Flushes the data device before a commit. A failure fails the pool: the page cache
+    /// may have dropped the data, and a later flush that succeeds would not bring it back.
+    fn flush_data(&self, inner: &mut Inner) -> Result<()> {
+        self.data.sync().map_err(|source| {
+            inner.mode = PoolMode::Fail;
+            inner.reason = Some(format!("data device flush failed: {source}"));
+            Error::DataIo {
+                op: "sync",
+                offset: 0,
+                source,
+            }
+        })
+    }
+
     fn data_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
         move |source| Error::DataIo { op, offset, source }
     }
@@ -356,19 +378,20 @@ impl Pool {
 
     pub fn reserve_metadata_snap(&self) -> Result<u64> {
         let mut g = self.lock();
-        self.data.sync().map_err(Self::data_err("sync", 0))?;
+        self.flush_data(&mut g)?;
         self.meta(&mut g, |md| md.reserve_metadata_snap())
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
         let mut g = self.lock();
-        self.data.sync().map_err(Self::data_err("sync", 0))?;
+        self.flush_data(&mut g)?;
         self.meta(&mut g, |md| md.release_metadata_snap())
     }
 
     /// Grows the pool to the data device's current length.
     pub fn grow_data(&self) -> Result<u64> {
-        let blocks = self.data.len() / self.block_bytes;
+        let len = self.data.refresh_len().map_err(Self::data_err("stat", 0))?;
+        let blocks = len / self.block_bytes;
         let mut g = self.lock();
         self.meta(&mut g, |md| md.resize_data(blocks))?;
         Ok(blocks)
@@ -441,19 +464,29 @@ impl Pool {
     /// their mapping makes the commit). The metadata writes then run under the lock.
     pub fn commit(&self) -> Result<()> {
         let _one_at_a_time = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        {
+        let metadata_dirty = {
             let mut g = self.lock();
             Self::check_not_failed(&g)?;
-            if !g.md.is_dirty() {
-                return Ok(());
+            let dirty = g.md.is_dirty();
+            if dirty {
+                Self::check_writable(&g)?;
+                g.committing = true;
             }
-            Self::check_writable(&g)?;
-            g.committing = true;
+            dirty
+        };
+        // Taken before the flush: a write completing after this point sets it again and is
+        // flushed next time; every write completed before the FLUSH was issued is covered.
+        let data_dirty = self.data_written.swap(false, Ordering::SeqCst);
+        if !metadata_dirty && !data_dirty {
+            return Ok(());
         }
+        // Overwrites in place change no metadata, but a FLUSH must still make them durable.
         let synced = self.data.sync();
         let mut g = self.lock();
-        g.committing = false;
-        self.commit_done.notify_all();
+        if metadata_dirty {
+            g.committing = false;
+            self.commit_done.notify_all();
+        }
         if let Err(source) = synced {
             // Once a flush failed the page cache may have dropped the data: nothing written
             // since the last commit can be trusted, so stop here.
@@ -465,6 +498,9 @@ impl Pool {
                 source,
             });
         }
+        if !metadata_dirty {
+            return Ok(());
+        }
         Self::check_writable(&g)?;
         let r = g.md.commit();
         if let Err(e) = &r {
@@ -475,6 +511,8 @@ impl Pool {
 
     /// Drops every change since the last commit (the kernel's abort).
     pub fn abort(&self) -> Result<()> {
+        // Wait for block I/O in flight: it may target blocks the abort frees.
+        let _quiet = self.io_epoch.write().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
         g.generation += 1;
         if let Err(e) = g.md.abort() {
@@ -523,6 +561,7 @@ impl Pool {
             let (vb, within) = (off / bs, off % bs);
             let n = (bs - within).min(total - pos);
             let mut segs = slices_mut(bufs, pos as usize, n as usize);
+            let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
             let _cell = self.cells.lock(dev, vb, false);
             match self.lookup(dev, vb)?.0 {
                 Some(m) => {
@@ -576,6 +615,7 @@ impl Pool {
         let bs = self.block_bytes;
         let len: u64 = segs.iter().map(|s| s.len() as u64).sum();
         let whole = within == 0 && len == bs;
+        let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
         let _cell = self.cells.lock(dev, vb, true);
         let mut g = self.lock();
         Self::check_not_failed(&g)?;
@@ -599,6 +639,7 @@ impl Pool {
             drop(g);
             let at = b * bs + within;
             let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
+            self.data_written.store(true, Ordering::SeqCst);
             return self
                 .data
                 .write_vectored_at(&iov, at)
@@ -635,6 +676,7 @@ impl Pool {
     ) -> Result<()> {
         let bs = self.block_bytes;
         let at = new * bs;
+        self.data_written.store(true, Ordering::SeqCst);
         let io = (|| -> Result<()> {
             if whole {
                 let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
@@ -692,7 +734,15 @@ impl Pool {
             }
             return Err(e);
         }
-        self.meta(&mut g, |md| md.insert_mapping(dev, vb, new))
+        let r = self.meta(&mut g, |md| md.insert_mapping(dev, vb, new));
+        if r.is_err() && g.generation == generation {
+            // Not mapped (e.g. out of metadata space): give the block back. After an abort
+            // there is nothing to give back.
+            if let Err(e2) = g.md.release_data_block(new) {
+                log::error!("releasing data block {new} after a failed mapping: {e2}");
+            }
+        }
+        r
     }
 
     fn push_zeroes<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>, mut n: u64) {
@@ -732,6 +782,7 @@ impl Pool {
                     None => break,
                 }
             };
+            let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
             let _cell = self.cells.lock(dev, k, true);
             let mut g = self.lock();
             removed += self.meta(&mut g, |md| md.remove_range(dev, k, k + 1))?;

@@ -60,6 +60,20 @@ impl BlockManager {
         &self.storage
     }
 
+    /// Reads the device's length again (it may have been grown).
+    pub fn refresh_device_blocks(&mut self) -> Result<u64> {
+        let len = self
+            .storage
+            .refresh_len()
+            .map_err(|source| Error::MetadataIo {
+                op: "stat",
+                block: 0,
+                source,
+            })?;
+        self.nr_blocks = len / BLOCK_SIZE as u64;
+        Ok(self.nr_blocks)
+    }
+
     /// Number of 4 KiB blocks the device holds.
     pub fn device_blocks(&self) -> u64 {
         self.nr_blocks

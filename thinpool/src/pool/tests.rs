@@ -210,3 +210,29 @@ fn read_only_on_request_keeps_reads_and_owned_writes() {
     p.set_read_only(false).unwrap();
     p.write(0, BS, &[1]).unwrap();
 }
+
+#[test]
+fn flush_syncs_overwrites_that_change_no_metadata() {
+    use crate::storage::testing::{FaultOp, FaultyStorage};
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(FaultyStorage::new(MemStorage::new(16 * BS)));
+    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.commit().unwrap();
+    let syncs = data.count(FaultOp::Sync);
+    p.commit().unwrap();
+    assert_eq!(
+        data.count(FaultOp::Sync),
+        syncs,
+        "nothing written: no flush"
+    );
+    p.write(0, 0, &[2u8; 4096]).unwrap(); // in place: no metadata change
+    assert!(!p.status().uncommitted_changes);
+    p.commit().unwrap();
+    assert_eq!(
+        data.count(FaultOp::Sync),
+        syncs + 1,
+        "the overwrite must be flushed"
+    );
+}

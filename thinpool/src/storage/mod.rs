@@ -30,6 +30,11 @@ pub trait Storage: Send + Sync {
         self.len() == 0
     }
 
+    /// Reads the length again (a file or device that was grown) and returns it.
+    fn refresh_len(&self) -> io::Result<u64> {
+        Ok(self.len())
+    }
+
     /// Reads into several buffers laid out back to back from `offset`.
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         let mut off = offset;
@@ -64,7 +69,7 @@ fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
 /// A regular file or a block device.
 pub struct FileStorage {
     file: File,
-    len: u64,
+    len: std::sync::atomic::AtomicU64,
 }
 
 impl FileStorage {
@@ -85,7 +90,7 @@ impl FileStorage {
             opts.custom_flags(libc::O_DIRECT);
         }
         let file = opts.open(path)?;
-        let len = device_len(&file)?;
+        let len = device_len(&file)?.into();
         Ok(FileStorage { file, len })
     }
 
@@ -98,7 +103,10 @@ impl FileStorage {
             .truncate(true)
             .open(path)?;
         file.set_len(len)?;
-        Ok(FileStorage { file, len })
+        Ok(FileStorage {
+            file,
+            len: len.into(),
+        })
     }
 
     pub fn file(&self) -> &File {
@@ -125,12 +133,12 @@ fn device_len(file: &File) -> io::Result<u64> {
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(offset, buf.len(), self.len)?;
+        check_range(offset, buf.len(), self.len())?;
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        check_range(offset, buf.len(), self.len)?;
+        check_range(offset, buf.len(), self.len())?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -139,12 +147,18 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn refresh_len(&self) -> io::Result<u64> {
+        let len = device_len(&self.file)?;
+        self.len.store(len, std::sync::atomic::Ordering::Relaxed);
+        Ok(len)
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        check_range(offset, total, self.len)?;
+        check_range(offset, total, self.len())?;
         let mut done = 0usize;
         let mut idx = 0usize;
         let mut skip = 0usize;
@@ -193,7 +207,7 @@ impl Storage for FileStorage {
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        check_range(offset, total, self.len)?;
+        check_range(offset, total, self.len())?;
         let mut done = 0usize;
         let mut idx = 0usize;
         let mut skip = 0usize;
@@ -321,6 +335,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn len(&self) -> u64 {
         (**self).len()
+    }
+    fn refresh_len(&self) -> io::Result<u64> {
+        (**self).refresh_len()
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         (**self).read_vectored_at(bufs, offset)

@@ -93,6 +93,9 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn refresh_len(&self) -> io::Result<u64> {
+        self.inner.refresh_len()
+    }
 }
 
 /// One operation seen by a [`RecordingStorage`].

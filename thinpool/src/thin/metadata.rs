@@ -46,6 +46,9 @@ pub struct ThinMetadata {
     devices: BTreeMap<u32, DeviceDetails>,
     dirty_devices: BTreeSet<u32>,
     changed: bool,
+    /// Data blocks allocated by [`alloc_data_block`](Self::alloc_data_block) and neither
+    /// mapped nor released yet (writes in flight). A commit records them as free.
+    in_flight: BTreeSet<u64>,
     opts: MetadataOptions,
     /// Warnings found at format or open (e.g. unusable metadata space).
     pub warnings: Vec<String>,
@@ -131,6 +134,7 @@ impl ThinMetadata {
             devices: BTreeMap::new(),
             dirty_devices: BTreeSet::new(),
             changed: true,
+            in_flight: BTreeSet::new(),
             opts,
             warnings,
         };
@@ -194,6 +198,7 @@ impl ThinMetadata {
             devices,
             dirty_devices: BTreeSet::new(),
             changed: false,
+            in_flight: BTreeSet::new(),
             opts,
             warnings,
         })
@@ -427,6 +432,7 @@ impl ThinMetadata {
         let b = self.tm.data_sm.alloc().ok_or(Error::OutOfDataSpace {
             nr_blocks: self.tm.data_sm.nr_blocks(),
         })?;
+        self.in_flight.insert(b);
         self.changed = true;
         Ok(b)
     }
@@ -434,6 +440,7 @@ impl ThinMetadata {
     /// Drops a reference on a data block (e.g. one allocated for a write that failed).
     pub fn release_data_block(&mut self, b: u64) -> Result<()> {
         self.tm.dec_data(b)?;
+        self.in_flight.remove(&b);
         self.changed = true;
         Ok(())
     }
@@ -470,6 +477,7 @@ impl ThinMetadata {
         if inserted {
             self.devices.get_mut(&id).expect("checked").mapped_blocks += 1;
         }
+        self.in_flight.remove(&m.data_block);
         self.touch(id);
         Ok(())
     }
@@ -653,7 +661,7 @@ impl ThinMetadata {
     /// number of metadata blocks.
     pub fn resize_metadata(&mut self) -> Result<u64> {
         self.check_writable()?;
-        let device = self.tm.bm.device_blocks();
+        let device = self.tm.bm.refresh_device_blocks()?;
         let cur = self.tm.meta_sm.nr_blocks();
         let new = device.min(MAX_METADATA_BLOCKS);
         if new < cur {
@@ -722,6 +730,23 @@ impl ThinMetadata {
             return Ok(());
         }
         self.check_writable()?;
+        // Blocks of writes still in flight are not mapped yet: commit them as free, so that
+        // a crash cannot leak them, and take them back afterwards.
+        let in_flight: Vec<u64> = self.in_flight.iter().copied().collect();
+        for &b in &in_flight {
+            self.tm.data_sm.dec(b)?;
+        }
+        let r = self.commit_transaction();
+        for &b in &in_flight {
+            self.tm.data_sm.inc(b)?;
+        }
+        if r.is_ok() && !in_flight.is_empty() {
+            self.changed = true;
+        }
+        r
+    }
+
+    fn commit_transaction(&mut self) -> Result<()> {
         for id in std::mem::take(&mut self.dirty_devices) {
             if let Some(d) = self.devices.get(&id) {
                 self.sb.details_root = btree::insert(
