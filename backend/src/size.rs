@@ -1,32 +1,9 @@
-//! Byte sizes on the command line: plain bytes, or a number with a binary unit
-//! (`64KiB`, `1GiB`, `512M`, `2T`).
+//! Byte sizes on the command line (plain bytes, or a number with a binary unit: `64KiB`,
+//! `1GiB`, `512M`, `2T`), parsed as in the configuration file, and printed for people.
 
+/// Parses `64KiB`, `1GiB`, `4096`: the same rules as the configuration file.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return Err(format!(
-            "size {s:?} must start with a number, like 64KiB or 1GiB"
-        ));
-    }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {s:?} is too large"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" | "b" => 1,
-        "K" | "k" | "KiB" | "kiB" | "KB" => 1 << 10,
-        "M" | "MiB" | "MB" => 1 << 20,
-        "G" | "GiB" | "GB" => 1 << 30,
-        "T" | "TiB" | "TB" => 1 << 40,
-        u => {
-            return Err(format!(
-                "size {s:?} has an unknown unit {u:?}: use bytes or KiB, MiB, GiB, TiB"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    vmm_config::parse_size(s)
 }
 
 /// Human-readable binary size: `64 KiB`, `1.5 GiB`.

@@ -16,7 +16,7 @@ mod validate;
 
 pub use error::ConfigError;
 pub use model::*;
-pub use size::Size;
+pub use size::{parse_size, Size};
 
 use std::path::Path;
 
