@@ -13,7 +13,7 @@ use crate::offline::commit_change;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -507,6 +507,11 @@ impl Manager {
             }
         }
         let _ = self.unserve(name);
+        Self::delete_device(&f)
+    }
+
+    /// Deletes a thin device and its registry entry, durably; wakes held writes.
+    fn delete_device(f: &Found) -> R<Value> {
         f.pool.change(|pool, reg| {
             pool.delete(f.id)?;
             reg.devices.remove(&f.id);
@@ -602,13 +607,7 @@ impl Manager {
                 "'{name}' is a disk, not a snapshot: use disk-remove"
             )));
         }
-        f.pool.change(|pool, reg| {
-            pool.delete(f.id)?;
-            reg.devices.remove(&f.id);
-            Ok(())
-        })?;
-        f.pool.space.space_changed();
-        Ok(json!({}))
+        Self::delete_device(&f)
     }
 
     /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
@@ -808,9 +807,4 @@ fn serve_loop(
             log::error!("{}: commit after disconnect failed: {e}", disk.name);
         }
     }
-}
-
-/// Socket path helper for tests and the CLI.
-pub fn default_socket(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}.sock"))
 }
