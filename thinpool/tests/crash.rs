@@ -15,10 +15,11 @@
 //! such writes (they would make "the state at the last commit" ill-defined for data) by
 //! asking the metadata whether a write would land in place on a committed block.
 
+mod common;
+use common::{pattern, tools_available, Rng, THIN_CHECK};
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::io;
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use thinpool::check;
@@ -27,7 +28,6 @@ use thinpool::storage::testing::{CrashMode, Recorded, RecordingStorage};
 use thinpool::storage::{MemStorage, Storage};
 
 const BS: u64 = 64 * 1024;
-const THIN_CHECK: &str = "/usr/sbin/thin_check";
 
 const MODES: [CrashMode; 4] = [
     CrashMode::DropUnsynced,
@@ -67,29 +67,6 @@ impl Storage for DataLog {
 struct State {
     devs: BTreeMap<u32, Vec<u8>>,
     held: bool,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = Rng(seed | 1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(&r.next().to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn is_sb_write(r: &Recorded) -> bool {
@@ -338,14 +315,7 @@ impl Rig {
 }
 
 fn thin_check_available() -> bool {
-    if Path::new(THIN_CHECK).exists() {
-        return true;
-    }
-    if std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{THIN_CHECK} is missing and VHOST_THIN_REQUIRE_TOOLS=1");
-    }
-    eprintln!("notice: {THIN_CHECK} not found; skipping the thin_check part of the crash test");
-    false
+    tools_available("the thin_check part of the crash test")
 }
 
 fn run_thin_check(img: &[u8], what: &str) {

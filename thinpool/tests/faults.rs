@@ -13,6 +13,8 @@
 //! Set `FAULTS_STRIDE=1` to try every N (the default samples N evenly, the first ones
 //! always).
 
+mod common;
+use common::{pattern, Rng};
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -61,29 +63,6 @@ impl Op {
     fn commits(&self) -> bool {
         matches!(self, Op::Commit | Op::Reserve | Op::Release)
     }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = Rng(seed | 1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(&r.next().to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn vsize(id: u32) -> u64 {

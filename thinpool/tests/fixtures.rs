@@ -6,6 +6,8 @@
 //! The real tools are used when `/usr/sbin/thin_check` exists; without them those
 //! steps are skipped with a notice, unless `VHOST_THIN_REQUIRE_TOOLS=1`.
 
+mod common;
+use common::{tools_available, THIN_CHECK};
 use flate2::read::GzDecoder;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -18,7 +20,6 @@ use thinpool::dump::dump;
 use thinpool::pool::{Pool, PoolOptions};
 use thinpool::storage::{MemStorage, Storage};
 
-const THIN_CHECK: &str = "/usr/sbin/thin_check";
 const THIN_DUMP: &str = "/usr/sbin/thin_dump";
 
 fn fixtures_dir() -> PathBuf {
@@ -47,19 +48,6 @@ fn gunzip(path: &Path) -> Vec<u8> {
         .read_to_end(&mut out)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     out
-}
-
-/// Whether the real thin-provisioning-tools are there; panics when they are missing
-/// but required.
-fn tools_available() -> bool {
-    if Path::new(THIN_CHECK).exists() {
-        return true;
-    }
-    if std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{THIN_CHECK} is missing and VHOST_THIN_REQUIRE_TOOLS=1");
-    }
-    eprintln!("notice: {THIN_CHECK} not found; skipping the checks with the real tools");
-    false
 }
 
 struct Fixture {
@@ -212,7 +200,7 @@ fn kernel_fixtures_read_check_and_dump_exactly() {
             drop(pool);
             assert!(meta.to_vec() == fx.metadata, "{what}: metadata was written");
         }
-        if tools_available() {
+        if tools_available("the checks with the real tools") {
             // Our view of the fixture agrees with the real tools' (sanity for the
             // comparisons above: the recorded files are what thin_dump prints here).
             assert_eq!(run_tool(THIN_DUMP, &[], &fx.metadata), thin_dump);
@@ -290,7 +278,7 @@ fn kernel_pool_changed_by_us_stays_valid() {
     drop(pool);
 
     assert_clean(&meta, "changed kernel pool");
-    if tools_available() {
+    if tools_available("the checks with the real tools") {
         let image = meta.to_vec();
         run_tool(THIN_CHECK, &[], &image);
         // And the real thin_dump sees what we see.

@@ -6,6 +6,8 @@
 //! Without `/usr/sbin/thin_check` every test prints a notice and passes, unless
 //! `VHOST_THIN_REQUIRE_TOOLS=1`, which makes a missing tool a failure.
 
+mod common;
+use common::tools_available;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -20,18 +22,6 @@ use thinpool::xml::{self, ParsedDump};
 const SBIN: &str = "/usr/sbin";
 const BS: u64 = 64 * 1024;
 const BLOCK_SECTORS: u32 = 128;
-
-/// Whether the real tools are there; panics when they are missing but required.
-fn tools_available() -> bool {
-    if Path::new(SBIN).join("thin_check").exists() {
-        return true;
-    }
-    if std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{SBIN}/thin_check is missing and VHOST_THIN_REQUIRE_TOOLS=1");
-    }
-    eprintln!("notice: {SBIN}/thin_check not found; skipping the interoperability test");
-    false
-}
 
 fn run(tool: &str, args: &[&str]) -> Output {
     Command::new(Path::new(SBIN).join(tool))
@@ -246,7 +236,7 @@ fn build_pool() -> Built {
 
 #[test]
 fn our_pool_passes_the_real_tools() {
-    if !tools_available() {
+    if !tools_available("the interoperability test") {
         return;
     }
     let b = build_pool();
@@ -481,7 +471,7 @@ fn thin_restore_then_use(xml_text: &str, what: &str) {
 
 #[test]
 fn thin_restore_output_works_in_our_engine() {
-    if !tools_available() {
+    if !tools_available("the interoperability test") {
         return;
     }
     // (3) Our own dump of a pool ...
@@ -510,7 +500,7 @@ fn thin_restore_output_works_in_our_engine() {
 /// commits: still what the real tools accept and print.
 #[test]
 fn large_pool_with_several_bitmaps_passes_the_real_tools() {
-    if !tools_available() {
+    if !tools_available("the interoperability test") {
         return;
     }
     const BITMAP: u64 = 16320;
@@ -606,7 +596,7 @@ fn large_pool_with_several_bitmaps_passes_the_real_tools() {
 /// larger data block size, and whose metadata snapshot is released: all still valid.
 #[test]
 fn grown_pool_and_released_snapshot_pass_the_real_tools() {
-    if !tools_available() {
+    if !tools_available("the interoperability test") {
         return;
     }
     const SECTORS: u32 = 1024;
@@ -683,7 +673,7 @@ fn grown_pool_and_released_snapshot_pass_the_real_tools() {
 /// A freshly formatted pool, an empty device, and the NEEDS_CHECK flag.
 #[test]
 fn fresh_pool_and_needs_check_flag_match_the_real_tools() {
-    if !tools_available() {
+    if !tools_available("the interoperability test") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

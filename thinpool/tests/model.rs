@@ -26,6 +26,8 @@
 //! (each fixed: a leaked block on a commit during provisioning, an abort racing block I/O,
 //! failed flushes in metadata-snapshot operations, a block kept when its mapping failed).
 
+mod common;
+use common::Rng;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -1298,19 +1300,6 @@ fn valid_version(logs: &Logs, dev: u32, slot: u64, seen: u64, s0: u64, s1: u64) 
         || recs
             .iter()
             .any(|r| r.version > floor && r.start < s1 && shows(r.version) == seen)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 struct SnapRec {

@@ -1,0 +1,47 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+/// Debian's thin-provisioning-tools.
+pub const THIN_CHECK: &str = "/usr/sbin/thin_check";
+
+/// Whether the real tools are there; panics when they are missing but required
+/// (VHOST_THIN_REQUIRE_TOOLS=1, as in CI). `skipping` says what is skipped otherwise.
+pub fn tools_available(skipping: &str) -> bool {
+    if Path::new(THIN_CHECK).exists() {
+        return true;
+    }
+    if std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{THIN_CHECK} is missing and VHOST_THIN_REQUIRE_TOOLS=1");
+    }
+    eprintln!("notice: {THIN_CHECK} not found; skipping {skipping}");
+    false
+}
+
+/// xorshift64: deterministic, seedable, good enough to pick operations and offsets.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `len` pseudo-random bytes from `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&r.next().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
