@@ -183,6 +183,20 @@ fn create_import_snapshot_export_check() {
         );
     }
 
+    // Changed blocks between the snapshot and the origin, as thin_delta prints them.
+    let delta = ok(&["thin", "delta", "-m", m, "--snap1", "1", "--snap2", "0"]);
+    assert!(
+        delta.contains("<different begin=\"0\" length=\"1\"/>"),
+        "{delta}"
+    );
+    if let Some(td) = tool("thin_delta") {
+        let o = Command::new(td)
+            .args(["--snap1", "1", "--snap2", "0", m])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(o.stdout).unwrap(), delta);
+    }
+
     // Delete the origin: the snapshot's data survives.
     ok(&["thin", "delete", "-m", m, "-d", d, "--id", "0"]);
     ok(&[

@@ -9,6 +9,7 @@
 
 pub mod cells;
 pub mod check;
+pub mod delta;
 pub mod dump;
 pub mod error;
 pub mod pdata;

@@ -713,3 +713,95 @@ fn fresh_pool_and_needs_check_flag_match_the_real_tools() {
     assert_eq!(theirs, text.replacen("abc", "", 1));
     assert_same_dump(&our_dump(&mut md, false), &theirs, "uuid");
 }
+
+/// Our delta equals `thin_delta` (live, and `-m` on the held metadata snapshot) on a pool
+/// made by a random workload: many snapshots, snapshots of snapshots, discards, deletes.
+#[test]
+fn delta_equals_thin_delta_on_random_pools() {
+    if !tools_available("the delta comparison") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta");
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(&path, 16 << 20).unwrap());
+    let mut md = ThinMetadata::format(storage, 128, 60_000, MetadataOptions::default()).unwrap();
+    let mut rng = common::Rng(0x5eed);
+    md.create_thin(0).unwrap();
+    let mut ids = vec![0u32];
+    let write = |md: &mut ThinMetadata, id: u32, rng: &mut common::Rng| {
+        let start = rng.below(3000);
+        for vb in start..start + 1 + rng.below(40) {
+            let d = md.alloc_data_block().unwrap();
+            md.insert_mapping(id, vb, d).unwrap();
+        }
+    };
+    for _ in 0..40 {
+        write(&mut md, 0, &mut rng);
+    }
+    for step in 0..300u32 {
+        let id = ids[rng.below(ids.len() as u64) as usize];
+        match rng.below(10) {
+            0 | 1 if ids.len() < 30 => {
+                let new = 100 + step;
+                md.create_snap(new, id).unwrap();
+                ids.push(new);
+            }
+            2 => {
+                let b = rng.below(3000);
+                md.remove_range(id, b, b + rng.below(60)).unwrap();
+            }
+            3 if ids.len() > 3 && id != 0 => {
+                md.delete(id).unwrap();
+                ids.retain(|&x| x != id);
+            }
+            _ => write(&mut md, id, &mut rng),
+        }
+        if step == 200 {
+            md.reserve_metadata_snap().unwrap();
+        }
+    }
+    md.commit().unwrap();
+    let m = path.to_str().unwrap();
+    let snap_ids: Vec<u32> = {
+        let snap = md.metadata_snap().unwrap();
+        let mut v = Vec::new();
+        for &id in &ids {
+            if thinpool::pdata::btree::lookup_u64(
+                md.tm(),
+                snap.mapping_root,
+                id as u64,
+                thinpool::pdata::btree::ValueKind::Subtree,
+            )
+            .unwrap()
+            .is_some()
+            {
+                v.push(id);
+            }
+        }
+        v
+    };
+    let mut compared = 0;
+    for (pair, live) in ids
+        .windows(2)
+        .map(|w| (w, true))
+        .chain(snap_ids.windows(2).map(|w| (w, false)))
+    {
+        let (a, b) = (pair[0], pair[1]);
+        let (sa, sb) = (a.to_string(), b.to_string());
+        let mut args = vec!["--snap1", sa.as_str(), "--snap2", sb.as_str(), m];
+        if !live {
+            args.insert(0, "-m");
+        }
+        let want = tool("thin_delta", &args);
+        let runs = thinpool::delta::delta(&mut md, a, b, !live).unwrap();
+        let mut got = Vec::new();
+        thinpool::delta::write_xml(&mut md, a, b, !live, &runs, &mut got).unwrap();
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            want,
+            "delta {a} {b} (live: {live})"
+        );
+        compared += 1;
+    }
+    assert!(compared >= 10, "only {compared} pairs compared");
+}
