@@ -264,3 +264,63 @@ fn out_of_space_policies_error_and_queue() {
     assert_eq!(g.read(0, 20 * 128, 512), (0, vec![4u8; 512]));
     println!("out of space: error at once; queue held a write {held:?} before its 1 s timeout; a write held {waited:?} completed after pool-grow");
 }
+
+#[test]
+fn query_delta_pages_through_changed_blocks() {
+    let s = Served::new("");
+    let mut c = s.client();
+    let mut g = Guest::connect(&s.sock, 1);
+    for b in [0u64, 2, 4] {
+        assert_eq!(g.write(0, b * 128, &[1u8; 4096], 1), 0);
+    }
+    c.execute("snapshot-create", json!({"disk": "disk0", "name": "s"}))
+        .unwrap();
+    assert_eq!(g.write(0, 2 * 128, &[2u8; 4096], 1), 0); // different
+    assert_eq!(g.write(0, 6 * 128, &[2u8; 4096], 1), 0); // right only
+    assert_eq!(
+        g.ranges(
+            0,
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_DISCARD,
+            &[(4 * 128, 128, 0)]
+        ),
+        0
+    ); // left only
+    let mut runs = Vec::new();
+    let mut start = 0;
+    loop {
+        let page = c
+            .execute(
+                "query-delta",
+                json!({"left": "s", "right": "disk0", "start": start, "max-runs": 1}),
+            )
+            .unwrap();
+        assert_eq!(page["block-size"], 65536);
+        runs.extend(page["runs"].as_array().unwrap().iter().cloned());
+        match page["next"].as_u64() {
+            Some(n) => start = n,
+            None => break,
+        }
+    }
+    let got: Vec<(String, u64, u64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap().to_string(),
+                r["begin"].as_u64().unwrap(),
+                r["length"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [
+        ("same", 0, 1),
+        ("different", 2, 1),
+        ("left_only", 4, 1),
+        ("right_only", 6, 1),
+    ];
+    assert_eq!(
+        got,
+        want.iter()
+            .map(|(k, b, l)| (k.to_string(), *b, *l))
+            .collect::<Vec<_>>()
+    );
+}

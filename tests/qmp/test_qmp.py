@@ -120,6 +120,9 @@ async def qemu_qmp_session(dm, transcript):
     disks = {d["name"]: d for d in await qmp.execute("query-disks")}
     check("clone lineage", disks["ci-1"]["lineage"] == ["before-upgrade", "disk0"], disks["ci-1"])
 
+    # query-delta pages: write nothing; the clone and its snapshot are the same.
+    d = await qmp.execute("query-delta", {"left": "before-upgrade", "right": "ci-1"})
+    check("query-delta of a fresh clone: no runs", d == {"block-size": 65536, "runs": [], "next": None}, d)
     await qmp.execute("disk-resize", {"name": "disk1", "size": 64 << 20})
     try:
         await qmp.execute("disk-resize", {"name": "disk1", "size": 1 << 20})

@@ -14,6 +14,7 @@ pub const COMMANDS: &[&str] = &[
     "query-pools",
     "query-disks",
     "query-snapshots",
+    "query-delta",
     "disk-add",
     "disk-remove",
     "disk-resize",
@@ -47,6 +48,14 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
         "query-pools" => m.query_pools()?,
         "query-disks" => m.query_disks()?,
         "query-snapshots" => m.query_snapshots()?,
+        "query-delta" => {
+            let left = a.str("left")?;
+            let right = a.str("right")?;
+            let start = a.opt_u64("start")?.unwrap_or(0);
+            let max = a.opt_u64("max-runs")?.unwrap_or(1000);
+            a.finish()?;
+            m.query_delta(&left, &right, start, max)?
+        }
         "disk-add" => {
             let name = a.str("name")?;
             let pool = a.opt_str("pool")?;
