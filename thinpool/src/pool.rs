@@ -279,15 +279,7 @@ impl Pool {
 
     /// Commits with the metadata lock held throughout (rare paths: out of space).
     fn commit_locked(&self, inner: &mut Inner) -> Result<()> {
-        if let Err(source) = self.data.sync() {
-            inner.mode = PoolMode::Fail;
-            inner.reason = Some(format!("data device flush failed: {source}"));
-            return Err(Error::DataIo {
-                op: "sync",
-                offset: 0,
-                source,
-            });
-        }
+        self.flush_data(inner)?;
         let r = inner.md.commit();
         if let Err(e) = &r {
             Self::metadata_failed(inner, e);
@@ -317,15 +309,23 @@ impl Pool {
     /// Flushes the data device before a commit. A failure fails the pool: the page cache
     /// may have dropped the data, and a later flush that succeeds would not bring it back.
     fn flush_data(&self, inner: &mut Inner) -> Result<()> {
-        self.data.sync().map_err(|source| {
-            inner.mode = PoolMode::Fail;
-            inner.reason = Some(format!("data device flush failed: {source}"));
-            Error::DataIo {
-                op: "sync",
-                offset: 0,
-                source,
-            }
-        })
+        self.data_written.store(false, Ordering::SeqCst);
+        self.data
+            .sync()
+            .map_err(|source| Self::flush_failed(inner, source))
+    }
+
+    /// Once a flush failed the page cache may have dropped the data: nothing written since
+    /// the last commit can be trusted, and a later flush that succeeds would not bring it
+    /// back, so the pool fails.
+    fn flush_failed(inner: &mut Inner, source: std::io::Error) -> Error {
+        inner.mode = PoolMode::Fail;
+        inner.reason = Some(format!("data device flush failed: {source}"));
+        Error::DataIo {
+            op: "sync",
+            offset: 0,
+            source,
+        }
     }
 
     fn data_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
@@ -488,15 +488,7 @@ impl Pool {
             self.commit_done.notify_all();
         }
         if let Err(source) = synced {
-            // Once a flush failed the page cache may have dropped the data: nothing written
-            // since the last commit can be trusted, so stop here.
-            g.mode = PoolMode::Fail;
-            g.reason = Some(format!("data device flush failed: {source}"));
-            return Err(Error::DataIo {
-                op: "sync",
-                offset: 0,
-                source,
-            });
+            return Err(Self::flush_failed(&mut g, source));
         }
         if !metadata_dirty {
             return Ok(());
@@ -530,16 +522,15 @@ impl Pool {
 
     // ----- data path -----
 
-    fn lookup(&self, dev: u32, vb: u64) -> Result<(Option<Mapping>, DeviceDetails)> {
-        let mut g = self.lock();
-        Self::check_not_failed(&g)?;
+    /// Looks up a block with the metadata locked; a metadata error rolls back.
+    fn lookup_locked(g: &mut Inner, dev: u32, vb: u64) -> Result<(Option<Mapping>, DeviceDetails)> {
+        Self::check_not_failed(g)?;
         let details = g.md.device(dev)?;
-        let m = g.md.lookup(dev, vb);
-        match m {
+        match g.md.lookup(dev, vb) {
             Ok(m) => Ok((m, details)),
             Err(e) => {
                 if e.is_metadata_failure() && g.mode == PoolMode::Write {
-                    Self::metadata_failed(&mut g, &e);
+                    Self::metadata_failed(g, &e);
                 }
                 Err(e)
             }
@@ -563,7 +554,9 @@ impl Pool {
             let mut segs = slices_mut(bufs, pos as usize, n as usize);
             let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
             let _cell = self.cells.lock(dev, vb, false);
-            match self.lookup(dev, vb)?.0 {
+            // The lock is dropped before the data I/O.
+            let mapping = Self::lookup_locked(&mut self.lock(), dev, vb)?.0;
+            match mapping {
                 Some(m) => {
                     let at = m.data_block * bs + within;
                     let mut iov: Vec<IoSliceMut<'_>> =
@@ -618,17 +611,7 @@ impl Pool {
         let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
         let _cell = self.cells.lock(dev, vb, true);
         let mut g = self.lock();
-        Self::check_not_failed(&g)?;
-        let details = g.md.device(dev)?;
-        let m = match g.md.lookup(dev, vb) {
-            Ok(m) => m,
-            Err(e) => {
-                if e.is_metadata_failure() && g.mode == PoolMode::Write {
-                    Self::metadata_failed(&mut g, &e);
-                }
-                return Err(e);
-            }
-        };
+        let (m, details) = Self::lookup_locked(&mut g, dev, vb)?;
         let target = match m {
             Some(m) if !m.maybe_shared(&details) => Target::InPlace(m.data_block),
             None if only_if_mapped => return Ok(()),
