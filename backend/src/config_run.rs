@@ -107,10 +107,8 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let existing = manager.query_disks().map_err(|e| anyhow::anyhow!(e.desc))?;
-        let reg_entry = existing
-            .as_array()
-            .and_then(|a| a.iter().find(|x| x["name"] == d.name.as_str()).cloned());
+        // A registry lookup, not query-disks: that one walks every mapping for its usage figures.
+        let reg_entry = manager.entry(&d.name);
         match reg_entry {
             None => {
                 manager
@@ -136,7 +134,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 );
             }
             Some(e) => {
-                let reg_size = e["size"].as_u64().unwrap_or(0);
+                let reg_size = e.size;
                 if d.size.0 > reg_size {
                     manager
                         .disk_resize(&d.name, d.size.0)
@@ -151,8 +149,8 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                         d.name, d.size.0
                     );
                 }
-                if e["read-only"].as_bool() != Some(d.read_only) {
-                    println!("disk {}: read-only is {} in the registry (set at run time), {} in the configuration; the registry wins", d.name, e["read-only"], d.read_only);
+                if e.read_only != d.read_only {
+                    println!("disk {}: read-only is {} in the registry (set at run time), {} in the configuration; the registry wins", d.name, e.read_only, d.read_only);
                 }
                 manager
                     .serve(
@@ -172,9 +170,8 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         .iter()
         .map(|(d, _)| d.name.clone())
         .collect();
-    let all = manager.query_disks().map_err(|e| anyhow::anyhow!(e.desc))?;
-    for e in all.as_array().into_iter().flatten() {
-        let name = e["name"].as_str().unwrap_or_default();
+    for name in manager.disk_names() {
+        let name = name.as_str();
         if configured.contains(&name) || served.iter().any(|s| s == name) {
             continue;
         }

@@ -132,6 +132,26 @@ impl Manager {
         )))
     }
 
+    /// The registry entry of a disk or snapshot.
+    pub fn entry(&self, name: &str) -> Option<DeviceEntry> {
+        self.find(name).ok().map(|f| f.entry)
+    }
+
+    /// Names of every disk (not snapshot) in the registries.
+    pub fn disk_names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in self.pools.values() {
+            let reg = p.registry.lock().unwrap();
+            out.extend(
+                reg.devices
+                    .values()
+                    .filter(|e| !e.snapshot)
+                    .filter_map(|e| e.name.clone()),
+            );
+        }
+        out
+    }
+
     fn name_free(&self, name: &str) -> R<()> {
         if name.is_empty() || name.len() > 64 || name.contains(['/', '\0']) {
             return Err(QmpError::generic(format!(
