@@ -2,8 +2,10 @@
 # End to end with a real Linux guest: QEMU (KVM when usable, else TCG) boots the test guest
 # (ci/guest/) against `vhost-thin serve`. Boot 1: size and serial, ext4 + files + e2fsck,
 # fio randwrite+verify on 2 queues. Offline: pool check + thin_check, the exported device
-# equals what the guest wrote, then a snapshot. Boot 2: boot 1's files intact, delete + fstrim
-# returns the blocks (fewer mapped blocks), and the snapshot still holds boot 1's data.
+# equals what the guest wrote, then a snapshot. Boot 2: `ctl resize` grows the disk while the
+# guest runs and the guest kernel sees the new size at once (vhost-user config change) and
+# grows ext4 online; boot 1's files intact, delete + fstrim returns the blocks (fewer mapped
+# blocks), and the snapshot still holds boot 1's data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -17,7 +19,7 @@ cleanup() { [ -n "$dpid" ] && kill -9 "$dpid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 fail() { echo "guest-e2e: FAIL: $*" >&2; for f in "$work"/*.log; do echo "--- $f"; tail -n 30 "$f"; done >&2; exit 1; }
 
-m=$work/pool.meta d=$work/pool.data sock=$work/disk0.sock
+m=$work/pool.meta d=$work/pool.data sock=$work/disk0.sock qmp=$work/qmp.sock
 "$bin" pool create -m "$m" -d "$d" --data-size 2GiB >/dev/null
 "$bin" thin create -m "$m" -d "$d" --id 0 --size 1GiB --name disk0 >/dev/null
 json() { "$bin" thin ls -m "$m" -d "$d" --json | python3 -c "import json,sys; r={d['id']: d for d in json.load(sys.stdin)}; print(r[$1]['$2'])"; }
@@ -25,7 +27,7 @@ serial=$(json 0 serial)
 
 start_daemon() {
   rm -f "$sock"
-  "$bin" serve -m "$m" -d "$d" --disk "name=disk0,socket=$sock,num-queues=2" >>"$work/daemon.log" 2>&1 &
+  "$bin" serve -m "$m" -d "$d" --disk "name=disk0,socket=$sock,num-queues=2" --qmp "$qmp" >>"$work/daemon.log" 2>&1 &
   dpid=$!
   for _ in $(seq 200); do [ -S "$sock" ] && return; sleep 0.05; done
   fail "the daemon did not create $sock"
@@ -64,9 +66,22 @@ echo "  offline: pool check and thin_check clean; export matches the guest's sha
 mapped1=$(json 0 mapped_blocks)
 "$bin" thin snapshot -m "$m" -d "$d" --origin 0 --id 1 --name boot1 >/dev/null
 
-echo "guest-e2e: boot 2 (files intact, rm + fstrim)"
+echo "guest-e2e: boot 2 (grown online, files intact, rm + fstrim)"
 start_daemon
-boot 2 ci/guest/in-guest/e2e-boot2.sh
+# Grows the disk to 1.5 GiB once the guest says it is waiting for it.
+(
+  for _ in $(seq 3000); do
+    if [ -f "$work/boot2.log" ] && tr -d '\r' < "$work/boot2.log" | grep -aq '^E2E: WAITING-FOR-RESIZE'; then
+      "$bin" ctl --socket "$qmp" resize disk0 1536MiB >>"$work/resize.log" 2>&1
+      exit
+    fi
+    sleep 0.2
+  done
+) &
+resizer=$!
+boot 2 ci/guest/in-guest/e2e-boot2.sh --env EXPECT_GROWN_SECTORS=3145728
+wait "$resizer" || true
+sed 's/^/  boot 2: ctl resize: /' "$work/resize.log"
 stop_daemon
 check_pool
 mapped2=$(json 0 mapped_blocks)

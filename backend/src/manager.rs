@@ -7,20 +7,20 @@
 
 use crate::blk::backend::BlkBackend;
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
+use crate::blk::relay::{self, HandlerSocket};
 use crate::mgmt::events::EventBus;
 use crate::mgmt::QmpError;
 use crate::offline::commit_change;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{make_serial, DeviceEntry, Registry};
-use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -213,8 +213,11 @@ impl Manager {
             },
             f.pool.space.clone(),
         ));
-        let mut listener = Listener::new(&socket, true).map_err(|e| {
+        let listener = listen(&socket).map_err(|e| {
             QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
+        })?;
+        let mut handler_socket = HandlerSocket::new().map_err(|e| {
+            QmpError::generic(format!("cannot make the private handler socket: {e}"))
         })?;
         let stop = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Mutex::new(None));
@@ -228,11 +231,18 @@ impl Manager {
             std::thread::Builder::new()
                 .name(format!("disk-{name}"))
                 .spawn(move || {
-                    serve_loop(&disk, &mut listener, &stop, &conn, &|ev, data| {
-                        if let Some(m) = me.upgrade() {
-                            m.events.emit(ev, data);
-                        }
-                    })
+                    serve_loop(
+                        &disk,
+                        &listener,
+                        &mut handler_socket,
+                        &stop,
+                        &conn,
+                        &|ev, data| {
+                            if let Some(m) = me.upgrade() {
+                                m.events.emit(ev, data);
+                            }
+                        },
+                    )
                 })
                 .map_err(|e| QmpError::generic(e.to_string()))?
         };
@@ -559,12 +569,27 @@ impl Manager {
             }
             Ok(())
         })?;
-        if let Some(s) = self.disks.lock().unwrap().get(name) {
-            s.disk.set_size(size);
-        }
-        self.events
-            .emit("DISK_RESIZED", json!({"disk": name, "size": size}));
-        Ok(json!({}))
+        // The connected guest, if any, is told at once (vhost-user config change); one that
+        // cannot be told sees the new size when it next reads the configuration.
+        let disk = self.disks.lock().unwrap().get(name).map(|s| s.disk.clone());
+        let notified = match disk {
+            Some(d) => {
+                d.set_size(size);
+                match d.backend_channel.notify_config_change() {
+                    Ok(n) => n,
+                    Err(e) => {
+                        log::warn!("{name}: cannot tell the guest about the new size: {e}");
+                        false
+                    }
+                }
+            }
+            None => false,
+        };
+        self.events.emit(
+            "DISK_RESIZED",
+            json!({"disk": name, "size": size, "guest-notified": notified}),
+        );
+        Ok(json!({"guest-notified": notified}))
     }
 
     pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Value> {
@@ -810,15 +835,38 @@ impl Manager {
     }
 }
 
-/// Serves one disk until `stop`: a fresh backend and vhost-user daemon per connection.
+/// Listens on a disk's socket path, replacing a socket left there by an earlier run.
+fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves one disk until `stop`: a fresh backend and vhost-user daemon per connection,
+/// the frontend's control messages relayed to it (see `blk::relay`).
 fn serve_loop(
     disk: &Arc<Disk>,
-    listener: &mut Listener,
+    listener: &UnixListener,
+    handler_socket: &mut HandlerSocket,
     stop: &AtomicBool,
     conn: &Mutex<Option<ShutdownHandle>>,
     emit: &dyn Fn(&str, Value),
 ) {
     while !stop.load(Ordering::SeqCst) {
+        let frontend = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::error!("{}: accept failed: {e}", disk.name);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         let backend = Arc::new(BlkBackend::new(disk.clone()));
         let mut daemon = match VhostUserDaemon::new(
             format!("vhost-thin-{}", disk.name),
@@ -831,14 +879,28 @@ fn serve_loop(
                 return;
             }
         };
-        if let Err(e) = daemon.start(listener) {
-            log::error!("{}: accept failed: {e:?}", disk.name);
-            std::thread::sleep(Duration::from_millis(100));
+        let started = (|| {
+            let ours = frontend.try_clone()?;
+            let handler_end = handler_socket.connect()?;
+            let threads = relay::start(
+                &disk.name,
+                frontend,
+                handler_end,
+                disk.backend_channel.clone(),
+            )?;
+            Ok::<_, std::io::Error>((ours, threads))
+        })();
+        let (frontend, relay_threads) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                log::error!("{}: cannot relay the connection: {e}", disk.name);
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(handler_socket.listener()) {
+            log::error!("{}: handler accept failed: {e:?}", disk.name);
+            let _ = frontend.shutdown(std::net::Shutdown::Both);
             continue;
-        }
-        if stop.load(Ordering::SeqCst) {
-            backend.signal_exit();
-            return;
         }
         *conn.lock().unwrap() = daemon.shutdown_handle();
         disk.connected.store(true, Ordering::SeqCst);
@@ -846,6 +908,11 @@ fn serve_loop(
         let r = daemon.wait();
         conn.lock().unwrap().take();
         backend.signal_exit();
+        // Whichever side ended first, end the other too, and wait for the relay.
+        let _ = frontend.shutdown(std::net::Shutdown::Both);
+        for t in relay_threads {
+            let _ = t.join();
+        }
         disk.connected.store(false, Ordering::SeqCst);
         match r {
             Ok(())

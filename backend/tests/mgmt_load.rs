@@ -1,6 +1,6 @@
 //! Management operations under load, with the test frontend as the guest: snapshots of a
 //! disk being written (consistency and pause), the golden-image clone workflow, and the
-//! out-of-space policies. Figures are printed, not asserted.
+//! out-of-space policies, a disk grown under a connected guest. Figures are printed, not asserted.
 
 mod common;
 use common::{cli, Guest, Served};
@@ -323,4 +323,41 @@ fn query_delta_pages_through_changed_blocks() {
             .map(|(k, b, l)| (k.to_string(), *b, *l))
             .collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn disk_resize_tells_the_connected_guest() {
+    use std::io::Read;
+    let s = Served::new("");
+    let capacity = |g: &mut Guest| u64::from_le_bytes(g.config(8).try_into().unwrap());
+    let mut c = s.client();
+
+    let mut g = Guest::connect(&s.sock, 1);
+    let mut chan = g.open_backend_channel();
+    assert_eq!(capacity(&mut g), (16 << 20) / 512);
+    let r = c
+        .execute("disk-resize", json!({"name": "disk0", "size": 32 << 20}))
+        .unwrap();
+    assert_eq!(r, json!({"guest-notified": true}));
+    // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, version 1, no payload, no reply asked.
+    chan.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    chan.read_exact(&mut hdr).unwrap();
+    assert_eq!(hdr, [2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(capacity(&mut g), (32 << 20) / 512);
+    // The new space is usable at once.
+    let top = (32 << 20) / 512 - 8;
+    assert_eq!(g.write(0, top, &[9u8; 4096], 1), 0);
+    assert_eq!(g.read(0, top, 4096), (0, vec![9u8; 4096]));
+    drop(g);
+    drop(chan);
+
+    // A frontend that gave no channel is not told, and says so; it reads the new size.
+    let mut g = Guest::connect(&s.sock, 1);
+    let r = c
+        .execute("disk-resize", json!({"name": "disk0", "size": 48 << 20}))
+        .unwrap();
+    assert_eq!(r, json!({"guest-notified": false}));
+    assert_eq!(capacity(&mut g), (48 << 20) / 512);
 }

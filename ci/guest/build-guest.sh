@@ -166,9 +166,9 @@ cp -a "$PKGS/thin-provisioning-tools/usr/sbin/." "$ROOT/usr/sbin/"
 for t in thin_check thin_dump thin_restore thin_delta thin_ls thin_repair thin_rmap thin_trim; do
   [ -e "$ROOT/usr/sbin/$t" ] || die "thin-provisioning-tools has no $t"
 done
-for t in mke2fs e2fsck; do cp -a "$PKGS/e2fsprogs/sbin/$t" "$ROOT/usr/sbin/$t"; done
+for t in mke2fs e2fsck resize2fs; do cp -a "$PKGS/e2fsprogs/sbin/$t" "$ROOT/usr/sbin/$t"; done
 ln -sf mke2fs "$ROOT/usr/sbin/mkfs.ext4"; ln -sf e2fsck "$ROOT/usr/sbin/fsck.ext4"
-ELF_ROOTS=("$ROOT/usr/bin/fio" "$ROOT/sbin/dmsetup" "$ROOT/usr/sbin/pdata_tools" "$ROOT/usr/sbin/mke2fs" "$ROOT/usr/sbin/e2fsck")
+ELF_ROOTS=("$ROOT/usr/bin/fio" "$ROOT/sbin/dmsetup" "$ROOT/usr/sbin/pdata_tools" "$ROOT/usr/sbin/mke2fs" "$ROOT/usr/sbin/e2fsck" "$ROOT/usr/sbin/resize2fs")
 
 LIBDIRS=(lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu lib64 usr/lib64 lib usr/lib)
 needed_of() { readelf -d "$1" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
@@ -205,7 +205,7 @@ resolve_libs() {          # fills LIB_OF; writes to $WORK/unresolved who has unr
   : > "$WORK/unresolved"
   [ ${#missing_from[@]} -eq 0 ] || printf '%s\n' "${missing_from[@]}" | sort -u > "$WORK/unresolved"
 }
-src_pkg_of_root_file() { case $1 in fio) echo fio ;; dmsetup) echo dmsetup ;; pdata_tools) echo thin-provisioning-tools ;; mke2fs|e2fsck) echo e2fsprogs ;; *) echo "$1" ;; esac; }
+src_pkg_of_root_file() { case $1 in fio) echo fio ;; dmsetup) echo dmsetup ;; pdata_tools) echo thin-provisioning-tools ;; mke2fs|e2fsck|resize2fs) echo e2fsprogs ;; *) echo "$1" ;; esac; }
 fetch_pkgs libc6
 for round in $(seq 1 12); do
   resolve_libs "${ELF_ROOTS[@]}"

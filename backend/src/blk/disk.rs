@@ -1,5 +1,6 @@
 //! A disk served to a guest: one thin device of a pool, plus what the guest is told.
 
+use super::relay::BackendChannel;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -91,6 +92,8 @@ pub struct Disk {
     /// (shutdown, snapshots of a running disk).
     pub io_gate: RwLock<()>,
     pub connected: AtomicBool,
+    /// Where the connected frontend listens for our messages (config changes).
+    pub backend_channel: Arc<BackendChannel>,
     pub stats: Stats,
 }
 
@@ -143,6 +146,7 @@ impl Disk {
             space,
             io_gate: RwLock::new(()),
             connected: AtomicBool::new(false),
+            backend_channel: Arc::default(),
             stats: Stats::default(),
         }
     }

@@ -146,6 +146,14 @@ impl Guest {
         cfg
     }
 
+    /// Gives the daemon a backend channel (`SET_BACKEND_REQ_FD`), as QEMU does; returns
+    /// our end, where the daemon's messages (config changes) arrive.
+    pub fn open_backend_channel(&mut self) -> std::os::unix::net::UnixStream {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        self.fe.set_backend_request_fd(&theirs).unwrap();
+        ours
+    }
+
     /// Buffer area for request slot `slot` (1 MiB + a page each).
     pub fn buf(slot: u64) -> u64 {
         BUF_AREA + slot * 0x11_0000

@@ -1,0 +1,361 @@
+//! The vhost-user control channel, relayed.
+//!
+//! A backend tells its frontend that the device configuration changed (a disk grew) with
+//! `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend channel, the socket the frontend
+//! hands over with `VHOST_USER_SET_BACKEND_REQ_FD`. The vhost crate receives that socket
+//! into a `Backend` that keeps it private and has no sender for this message. So the
+//! daemon accepts the frontend's connection itself and carries every control message,
+//! unchanged and with its file descriptors, to and from the vhost crate's handler over a
+//! private socket; on the way it keeps a duplicate of the backend channel.
+//!
+//! Only control messages pass through here (a few dozen per connection): the virtqueues,
+//! their kick and call eventfds and guest memory go straight between the guest and the
+//! workers, so the relay costs nothing on the I/O path.
+
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use vhost::vhost_user::Listener;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Every vhost-user message starts with request, flags and payload size, 32 bits each.
+const HEADER_LEN: usize = 12;
+/// The largest payload relayed. vhost-user's own messages stay under 4 KiB (the vhost crate
+/// refuses more); anything bigger is a broken or hostile peer and ends the connection.
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// The most descriptors one message carries (the protocol's limit).
+const MAX_FDS: usize = 32;
+/// `VHOST_USER_SET_BACKEND_REQ_FD`: the frontend hands over the backend channel.
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, on the backend channel.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// Version 1 of the protocol, in the flags of every message.
+const VERSION_1: u32 = 0x1;
+
+/// The backend channel of the connected frontend, when it gave one.
+#[derive(Default)]
+pub struct BackendChannel {
+    sock: Mutex<Option<UnixStream>>,
+}
+
+impl BackendChannel {
+    fn set(&self, sock: Option<UnixStream>) {
+        *self.sock.lock().unwrap_or_else(|p| p.into_inner()) = sock;
+    }
+
+    /// Whether a frontend is connected and gave a backend channel.
+    pub fn is_open(&self) -> bool {
+        self.sock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Tells the frontend to read the device configuration again. False when there is no
+    /// channel (no frontend, or one that did not negotiate `BACKEND_REQ`).
+    ///
+    /// No reply is asked for: the frontend acts on the message (QEMU reads the
+    /// configuration with `GET_CONFIG` and raises the virtio config interrupt) without one.
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let mut guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sock) = guard.as_mut() else {
+            return Ok(false);
+        };
+        let mut msg = [0u8; HEADER_LEN];
+        msg[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
+        msg[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
+        // A frontend that stopped reading must not hold the management command forever.
+        sock.set_write_timeout(Some(std::time::Duration::from_secs(1)))?;
+        match sock.write_all(&msg) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One message: header, payload and the descriptors that came with it.
+struct Message {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn request(&self) -> u32 {
+        u32::from_le_bytes(self.bytes[0..4].try_into().expect("header is 12 bytes"))
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, collecting any descriptors that arrive with them.
+/// `Ok(false)` on end of stream before the first byte.
+fn recv_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        let mut iov = [libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        }];
+        let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+        // SAFETY: the iovec covers `rest`, a live, exclusively borrowed byte slice that any
+        // bytes may be written to; the descriptors received are wrapped below at once.
+        let r = unsafe { sock.recv_with_fds(&mut iov, &mut raw) };
+        let (n, nfds) = match r {
+            Ok(v) => v,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        };
+        for &fd in &raw[..nfds] {
+            // SAFETY: recvmsg just installed this descriptor in our table and nothing else
+            // owns it.
+            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// Reads one whole message; `None` at a clean end of stream.
+fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
+    let mut bytes = vec![0u8; HEADER_LEN];
+    let mut fds = Vec::new();
+    if !recv_exact(sock, &mut bytes, &mut fds)? {
+        return Ok(None);
+    }
+    let size = u32::from_le_bytes(bytes[8..12].try_into().expect("12-byte header")) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("vhost-user message of {size} bytes (the most is {MAX_PAYLOAD})"),
+        ));
+    }
+    bytes.resize(HEADER_LEN + size, 0);
+    if !recv_exact(sock, &mut bytes[HEADER_LEN..], &mut fds)? && size > 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(Message { bytes, fds }))
+}
+
+/// Sends one message with its descriptors attached to its first bytes, where the
+/// receiver's header read finds them.
+fn send_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
+    let raw: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut sent = loop {
+        match sock.send_with_fds(&[&msg.bytes[..]], &raw) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    };
+    // A short send leaves the rest to go as plain bytes.
+    while sent < msg.bytes.len() {
+        sent += (&*sock).write(&msg.bytes[sent..])?;
+    }
+    Ok(())
+}
+
+/// Carries messages from `from` to `to` until either side ends, then ends both (so the
+/// other direction, the frontend and the vhost crate's handler all see the connection
+/// close). `watch` sees each message before it goes on.
+fn pump(from: &UnixStream, to: &UnixStream, watch: &dyn Fn(&Message)) -> io::Result<()> {
+    let r = (|| loop {
+        match recv_message(from)? {
+            None => return Ok(()),
+            Some(m) => {
+                watch(&m);
+                send_message(to, &m)?;
+            }
+        }
+    })();
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+    r
+}
+
+/// Relays one connection between `frontend` (the guest's VMM) and `handler` (our end of the
+/// private socket the vhost crate's handler serves), recording the backend channel in
+/// `channel`. Returns the two pump threads; both end when either side closes.
+pub fn start(
+    name: &str,
+    frontend: UnixStream,
+    handler: UnixStream,
+    channel: std::sync::Arc<BackendChannel>,
+) -> io::Result<[JoinHandle<()>; 2]> {
+    let (f2, h2) = (frontend.try_clone()?, handler.try_clone()?);
+    let down = {
+        let channel = channel.clone();
+        let name = name.to_string();
+        std::thread::Builder::new()
+            .name(format!("relay-{name}"))
+            .spawn(move || {
+                let watch = |m: &Message| {
+                    if m.request() == SET_BACKEND_REQ_FD && m.fds.len() == 1 {
+                        // Our own duplicate: the handler gets the original and keeps it.
+                        match m.fds[0].try_clone() {
+                            Ok(fd) => channel.set(Some(UnixStream::from(fd))),
+                            Err(e) => log::warn!("{name}: cannot keep the backend channel: {e}"),
+                        }
+                    }
+                };
+                if let Err(e) = pump(&frontend, &handler, &watch) {
+                    log::warn!("{name}: vhost-user connection: {e}");
+                }
+                channel.set(None);
+            })?
+    };
+    let up = std::thread::Builder::new()
+        .name(format!("relay-{name}-reply"))
+        .spawn(move || {
+            // Replies: errors here are the same connection ending, reported once above.
+            let _ = pump(&h2, &f2, &|_| {});
+        })?;
+    Ok([down, up])
+}
+
+/// A listening socket only this process reaches (in a fresh directory of mode 0700), where
+/// the vhost crate's handler accepts the relay's end of each connection. (An abstract
+/// socket would be simpler but any local process could connect to it.)
+pub struct HandlerSocket {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: Listener,
+}
+
+impl HandlerSocket {
+    pub fn new() -> io::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        let dir = loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = base.join(format!("vhost-thin-{}-{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => break dir,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let path = dir.join("h.sock");
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => Listener::from(l),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e);
+            }
+        };
+        Ok(HandlerSocket {
+            dir,
+            path,
+            listener,
+        })
+    }
+
+    /// The relay's end of a new connection; the handler accepts the other end.
+    pub fn connect(&self) -> io::Result<UnixStream> {
+        UnixStream::connect(&self.path)
+    }
+
+    pub fn listener(&mut self) -> &mut Listener {
+        &mut self.listener
+    }
+}
+
+impl Drop for HandlerSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::Arc;
+
+    fn msg(request: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&request.to_le_bytes());
+        v.extend_from_slice(&VERSION_1.to_le_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn messages_and_descriptors_pass_both_ways_and_the_backend_channel_is_kept() {
+        let (front_peer, front) = UnixStream::pair().unwrap();
+        let (handler, handler_peer) = UnixStream::pair().unwrap();
+        let channel = Arc::new(BackendChannel::default());
+        let threads = start("t", front, handler, channel.clone()).unwrap();
+
+        // A message with a payload, split over two writes, arrives whole.
+        let m = msg(1, &[7u8; 8]);
+        (&front_peer).write_all(&m[..5]).unwrap();
+        (&front_peer).write_all(&m[5..]).unwrap();
+        let got = recv_message(&handler_peer).unwrap().unwrap();
+        assert_eq!(got.bytes, m);
+
+        // SET_BACKEND_REQ_FD: the handler gets the descriptor, and so do we.
+        let (chan_ours, chan_frontend) = UnixStream::pair().unwrap();
+        front_peer
+            .send_with_fds(
+                &[&msg(SET_BACKEND_REQ_FD, &[])[..]],
+                &[chan_ours.as_raw_fd()],
+            )
+            .unwrap();
+        drop(chan_ours);
+        let got = recv_message(&handler_peer).unwrap().unwrap();
+        assert_eq!(got.request(), SET_BACKEND_REQ_FD);
+        assert_eq!(got.fds.len(), 1);
+        assert!(channel.is_open());
+        assert!(channel.notify_config_change().unwrap());
+        let mut hdr = [0u8; HEADER_LEN];
+        (&chan_frontend).read_exact(&mut hdr).unwrap();
+        assert_eq!(hdr.to_vec(), msg(BACKEND_CONFIG_CHANGE_MSG, &[]));
+
+        // Replies come back.
+        let r = msg(1, &5u64.to_le_bytes());
+        (&handler_peer).write_all(&r).unwrap();
+        let got = recv_message(&front_peer).unwrap().unwrap();
+        assert_eq!(got.bytes, r);
+
+        // The frontend leaves: the handler sees the end, the channel is dropped.
+        drop(front_peer);
+        assert!(recv_message(&handler_peer).unwrap().is_none());
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(!channel.is_open());
+        assert!(!channel.notify_config_change().unwrap());
+    }
+
+    #[test]
+    fn an_oversized_message_ends_the_connection() {
+        let (front_peer, front) = UnixStream::pair().unwrap();
+        let (handler, handler_peer) = UnixStream::pair().unwrap();
+        let threads = start("t", front, handler, Arc::default()).unwrap();
+        let mut m = msg(1, &[]);
+        m[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        (&front_peer).write_all(&m).unwrap();
+        assert!(recv_message(&handler_peer).unwrap().is_none());
+        let mut buf = [0u8; 1];
+        assert_eq!((&front_peer).read(&mut buf).unwrap(), 0);
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+}
