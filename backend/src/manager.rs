@@ -693,8 +693,17 @@ impl Manager {
 
     /// Changed blocks between two disks or snapshots of one pool, a page at a time: runs
     /// starting at virtual block `start` or later, at most `max` of them; `next` is where the
-    /// following page starts. Computed from the mapping trees; no data is read.
-    pub fn query_delta(&self, left: &str, right: &str, start: u64, max: u64) -> R<Value> {
+    /// following page starts. Computed from the mapping trees; no data is read. With
+    /// `changed_only` the `same` runs are left out, and so are the tree nodes the two share
+    /// (the cheap query for incremental copies).
+    pub fn query_delta(
+        &self,
+        left: &str,
+        right: &str,
+        start: u64,
+        max: u64,
+        changed_only: bool,
+    ) -> R<Value> {
         let l = self.find(left)?;
         let r = self.find(right)?;
         if l.pool.name != r.pool.name {
@@ -702,10 +711,13 @@ impl Manager {
                 "'{left}' and '{right}' are in different pools"
             )));
         }
-        let runs = l
-            .pool
-            .pool
-            .with_metadata(|md| thinpool::delta::delta(md, l.id, r.id, false))?;
+        let runs = l.pool.pool.with_metadata(|md| {
+            if changed_only {
+                thinpool::delta::changed_runs(md, l.id, r.id, false)
+            } else {
+                thinpool::delta::delta(md, l.id, r.id, false)
+            }
+        })?;
         let bs = l.pool.pool.block_bytes();
         let max = max.clamp(1, 100_000) as usize;
         let mut page: Vec<Value> = Vec::new();

@@ -196,6 +196,24 @@ fn create_import_snapshot_export_check() {
             .unwrap();
         assert_eq!(String::from_utf8(o.stdout).unwrap(), delta);
     }
+    // --changed-only: the same runs left out, nothing else changed.
+    let changed = ok(&[
+        "thin",
+        "delta",
+        "-m",
+        m,
+        "--snap1",
+        "1",
+        "--snap2",
+        "0",
+        "--changed-only",
+    ]);
+    let without_same: String = delta
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("<same "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(changed, without_same);
 
     // Delete the origin: the snapshot's data survives.
     ok(&["thin", "delete", "-m", m, "-d", d, "--id", "0"]);

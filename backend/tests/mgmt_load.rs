@@ -323,6 +323,22 @@ fn query_delta_pages_through_changed_blocks() {
             .map(|(k, b, l)| (k.to_string(), *b, *l))
             .collect::<Vec<_>>()
     );
+    // changed-only: the same run left out.
+    let page = c
+        .execute(
+            "query-delta",
+            json!({"left": "s", "right": "disk0", "changed-only": true}),
+        )
+        .unwrap();
+    assert_eq!(page["next"], json!(null));
+    assert_eq!(
+        page["runs"],
+        json!([
+            {"kind": "different", "begin": 2, "length": 1},
+            {"kind": "left_only", "begin": 4, "length": 1},
+            {"kind": "right_only", "begin": 6, "length": 1},
+        ])
+    );
 }
 
 #[test]

@@ -6,6 +6,9 @@
 //! Environment: BENCH_MAPPINGS (default 1000000), BENCH_SNAPSHOTS (100), BENCH_SECONDS (3),
 //! BENCH_DIR (default: a temporary directory under /var/tmp).
 
+mod common;
+
+use common::{cores, drop_caches_hint, env_u64, file, fill, scratch_dir, tool, Rng, BS};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -13,47 +16,16 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thinpool::pool::{Pool, PoolOptions};
-use thinpool::storage::{FileStorage, Storage};
-
-const BS: u64 = 64 * 1024;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn file(path: &Path, len: u64) -> Arc<dyn Storage> {
-    Arc::new(FileStorage::create(path, len).unwrap())
-}
-
-fn drop_caches_hint() {
-    // Not root-only on purpose: when it works, the check timings are cold-cache.
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
+use thinpool::storage::FileStorage;
 
 fn main() {
     let mappings = env_u64("BENCH_MAPPINGS", 1_000_000);
     let snapshots = env_u64("BENCH_SNAPSHOTS", 100) as u32;
     let seconds = env_u64("BENCH_SECONDS", 3);
-    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
-    let dir = tempfile::tempdir_in(base).unwrap();
+    let dir = scratch_dir();
     println!(
         "vhost-thin engine benchmark ({} cores, dir {})",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        cores(),
         dir.path().display()
     );
     println!();
@@ -75,18 +47,13 @@ fn main() {
     .unwrap();
     pool.create_thin(0).unwrap();
     let t = Instant::now();
-    pool.with_metadata(|md| {
-        for vb in 0..mappings {
-            let d = md.alloc_data_block().unwrap();
-            md.insert_mapping(0, vb, d).unwrap();
-        }
-    });
+    fill(&pool, 0, mappings);
     pool.commit().unwrap();
-    let fill = t.elapsed();
+    let filled = t.elapsed();
     println!(
         "metadata fill: {mappings} mappings in {:.2?} ({:.0} mappings/s, metadata only)",
-        fill,
-        mappings as f64 / fill.as_secs_f64()
+        filled,
+        mappings as f64 / filled.as_secs_f64()
     );
 
     let t = Instant::now();
@@ -135,9 +102,7 @@ fn main() {
         thinpool::check::check(Arc::new(FileStorage::open_read_only(&meta_path).unwrap())).unwrap();
     let ours = t.elapsed();
     assert!(report.is_clean(), "{:?}", report.errors);
-    let tc = ["/usr/sbin/thin_check", "/sbin/thin_check"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
+    let tc = tool("thin_check");
     let theirs = tc.map(|tc| {
         drop_caches_hint();
         let t = Instant::now();

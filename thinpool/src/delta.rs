@@ -1,11 +1,16 @@
 //! Changed blocks between two thin devices, in `thin_delta`'s terms: runs of virtual blocks
 //! that both map to the same data block (`same`), to different ones (`different`), or that
 //! only one maps (`left_only`, `right_only`). Computed from the mapping trees alone — no
-//! data is read — on the live metadata or on the held metadata snapshot.
+//! data is read — on the live metadata or on the held metadata snapshot, walking both
+//! trees at once so that subtrees the devices share are not compared (see `delta/walk.rs`).
 //!
 //! Output: the XML of `thin_delta` 0.9.0 (non-verbose), or the runs for programs.
 
-use crate::pdata::btree::{self, node, ValueKind};
+mod walk;
+
+pub use walk::WalkStats;
+
+use crate::pdata::btree::{self, ValueKind};
 use crate::thin::metadata::ThinMetadata;
 use crate::{Error, Result};
 use std::io::Write;
@@ -37,74 +42,84 @@ pub struct DeltaRun {
     pub length: u64,
 }
 
-/// (virtual block, data block) of every mapping of `dev`, in order.
-fn mappings(md: &mut ThinMetadata, top_root: u64, dev: u32) -> Result<Vec<(u64, u64)>> {
-    let root = btree::lookup_u64(md.tm(), top_root, dev as u64, ValueKind::Subtree)?
-        .ok_or(Error::NoSuchDevice(dev))?;
-    let mut out = Vec::new();
-    btree::for_each_leaf(md.tm(), root, ValueKind::Data, &mut |n| {
-        for i in 0..node::nr_entries(n) {
-            out.push((node::key(n, i), node::value_u64(n, i) >> 24));
+/// Runs as they are found, in key order: a block extends the last run when it continues
+/// it in kind and position.
+#[derive(Default)]
+struct Runs(Vec<DeltaRun>);
+
+impl Runs {
+    fn add(&mut self, kind: DeltaKind, begin: u64, length: u64) {
+        match self.0.last_mut() {
+            // checked: keys in corrupt metadata may sit at the top of the range
+            Some(r) if r.kind == kind && r.begin.checked_add(r.length) == Some(begin) => {
+                r.length += length
+            }
+            _ => self.0.push(DeltaRun {
+                kind,
+                begin,
+                length,
+            }),
         }
-        Ok(())
-    })?;
-    Ok(out)
+    }
 }
 
-/// The runs between `left` and `right`, from the live trees or the held metadata snapshot.
+/// The root of `dev`'s mapping tree, live or in the held metadata snapshot.
+fn device_root(md: &mut ThinMetadata, dev: u32, metadata_snap: bool) -> Result<u64> {
+    let top = if metadata_snap {
+        md.metadata_snap()?.mapping_root
+    } else {
+        md.superblock().mapping_root
+    };
+    btree::lookup_u64(md.tm(), top, dev as u64, ValueKind::Subtree)?.ok_or(Error::NoSuchDevice(dev))
+}
+
+/// What to report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeltaMode {
+    /// All four kinds, as `thin_delta` prints them. `same` runs need the keys under
+    /// subtrees the devices share, so those leaves are read (once, not compared).
+    Exact,
+    /// `different`, `left_only` and `right_only` only (what an incremental backup needs):
+    /// subtrees the devices share are skipped without reading them. The runs are exactly
+    /// the exact mode's other runs.
+    ChangedOnly,
+}
+
+/// The runs between `left` and `right` in `mode`, and how many tree nodes the walk read.
+pub fn delta_with_stats(
+    md: &mut ThinMetadata,
+    left: u32,
+    right: u32,
+    metadata_snap: bool,
+    mode: DeltaMode,
+) -> Result<(Vec<DeltaRun>, WalkStats)> {
+    let a = device_root(md, left, metadata_snap)?;
+    let b = device_root(md, right, metadata_snap)?;
+    let mut runs = Runs::default();
+    let stats = walk::walk(md.tm(), a, b, mode == DeltaMode::Exact, &mut runs)?;
+    Ok((runs.0, stats))
+}
+
+/// The runs between `left` and `right`, from the live trees or the held metadata snapshot:
+/// `thin_delta`'s runs.
 pub fn delta(
     md: &mut ThinMetadata,
     left: u32,
     right: u32,
     metadata_snap: bool,
 ) -> Result<Vec<DeltaRun>> {
-    let top = if metadata_snap {
-        md.metadata_snap()?.mapping_root
-    } else {
-        md.superblock().mapping_root
-    };
-    let a = mappings(md, top, left)?;
-    let b = mappings(md, top, right)?;
-    let mut runs: Vec<DeltaRun> = Vec::new();
-    let mut push = |kind: DeltaKind, vb: u64| match runs.last_mut() {
-        Some(r) if r.kind == kind && r.begin + r.length == vb => r.length += 1,
-        _ => runs.push(DeltaRun {
-            kind,
-            begin: vb,
-            length: 1,
-        }),
-    };
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        match (a.get(i), b.get(j)) {
-            (Some(&(va, da)), Some(&(vb, db))) if va == vb => {
-                push(
-                    if da == db {
-                        DeltaKind::Same
-                    } else {
-                        DeltaKind::Different
-                    },
-                    va,
-                );
-                i += 1;
-                j += 1;
-            }
-            (Some(&(va, _)), Some(&(vb, _))) if va < vb => {
-                push(DeltaKind::LeftOnly, va);
-                i += 1;
-            }
-            (Some(&(va, _)), None) => {
-                push(DeltaKind::LeftOnly, va);
-                i += 1;
-            }
-            (_, Some(&(vb, _))) => {
-                push(DeltaKind::RightOnly, vb);
-                j += 1;
-            }
-            (None, None) => unreachable!("loop condition"),
-        }
-    }
-    Ok(runs)
+    Ok(delta_with_stats(md, left, right, metadata_snap, DeltaMode::Exact)?.0)
+}
+
+/// Only the blocks that differ between `left` and `right` (no `same` runs), reading only
+/// the tree nodes the two devices do not share.
+pub fn changed_runs(
+    md: &mut ThinMetadata,
+    left: u32,
+    right: u32,
+    metadata_snap: bool,
+) -> Result<Vec<DeltaRun>> {
+    Ok(delta_with_stats(md, left, right, metadata_snap, DeltaMode::ChangedOnly)?.0)
 }
 
 /// Writes the runs as `thin_delta` 0.9.0 prints them. On the live trees the header is the
@@ -148,51 +163,4 @@ pub fn write_xml(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::MemStorage;
-    use crate::thin::metadata::MetadataOptions;
-    use std::sync::Arc;
-
-    #[test]
-    fn runs_break_at_kind_changes_and_gaps() {
-        let mut md = ThinMetadata::format(
-            Arc::new(MemStorage::new(4 << 20)),
-            128,
-            100,
-            MetadataOptions::default(),
-        )
-        .unwrap();
-        md.create_thin(0).unwrap();
-        for vb in [0u64, 1, 2, 5, 6] {
-            let d = md.alloc_data_block().unwrap();
-            md.insert_mapping(0, vb, d).unwrap();
-        }
-        md.create_snap(1, 0).unwrap();
-        for vb in [1u64, 2, 9] {
-            let d = md.alloc_data_block().unwrap();
-            md.insert_mapping(1, vb, d).unwrap();
-        }
-        md.remove_range(1, 6, 7).unwrap();
-        let runs = delta(&mut md, 0, 1, false).unwrap();
-        let k = |kind, begin, length| DeltaRun {
-            kind,
-            begin,
-            length,
-        };
-        assert_eq!(
-            runs,
-            vec![
-                k(DeltaKind::Same, 0, 1),
-                k(DeltaKind::Different, 1, 2),
-                k(DeltaKind::Same, 5, 1),
-                k(DeltaKind::LeftOnly, 6, 1),
-                k(DeltaKind::RightOnly, 9, 1),
-            ]
-        );
-        assert!(matches!(
-            delta(&mut md, 0, 7, false),
-            Err(Error::NoSuchDevice(7))
-        ));
-    }
-}
+mod tests;

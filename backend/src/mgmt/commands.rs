@@ -53,8 +53,9 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
             let right = a.str("right")?;
             let start = a.opt_u64("start")?.unwrap_or(0);
             let max = a.opt_u64("max-runs")?.unwrap_or(1000);
+            let changed_only = a.opt_bool("changed-only")?.unwrap_or(false);
             a.finish()?;
-            m.query_delta(&left, &right, start, max)?
+            m.query_delta(&left, &right, start, max, changed_only)?
         }
         "disk-add" => {
             let name = a.str("name")?;
