@@ -236,7 +236,7 @@ impl Manager {
                 })
                 .map_err(|e| QmpError::generic(e.to_string()))?
         };
-        log::info!(
+        tracing::info!(
             "{name}: serving thin device {} on {}",
             f.id,
             socket.display()
@@ -305,7 +305,7 @@ impl Manager {
         }
         for (d, socket) in self.served() {
             let _ = std::fs::remove_file(&socket);
-            log::info!(
+            tracing::info!(
                 "{}: served {} requests",
                 d.name,
                 d.stats.requests.load(Ordering::Relaxed)
@@ -501,7 +501,7 @@ impl Manager {
             Ok(id)
         })?;
         let socket = self.serve(name, socket, num_queues, None)?;
-        log::info!(
+        tracing::info!(
             "disk-add {name}: thin device {id}, {size} bytes, socket {}",
             socket.display()
         );
@@ -615,7 +615,7 @@ impl Manager {
         drop(gate);
         let pause = t0.elapsed();
         let id = r?;
-        log::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?}");
+        tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?}");
         Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
     }
 
@@ -827,12 +827,12 @@ fn serve_loop(
         ) {
             Ok(d) => d,
             Err(e) => {
-                log::error!("{}: cannot start the vhost-user daemon: {e:?}", disk.name);
+                tracing::error!("{}: cannot start the vhost-user daemon: {e:?}", disk.name);
                 return;
             }
         };
         if let Err(e) = daemon.start(listener) {
-            log::error!("{}: accept failed: {e:?}", disk.name);
+            tracing::error!("{}: accept failed: {e:?}", disk.name);
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
@@ -851,12 +851,12 @@ fn serve_loop(
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => log::info!("{}: frontend disconnected", disk.name),
-            Err(e) => log::warn!("{}: connection ended: {e:?}", disk.name),
+            )) => tracing::info!("{}: frontend disconnected", disk.name),
+            Err(e) => tracing::warn!("{}: connection ended: {e:?}", disk.name),
         }
         emit("DISK_DISCONNECTED", json!({"disk": disk.name}));
         if let Err(e) = disk.pool.commit() {
-            log::error!("{}: commit after disconnect failed: {e}", disk.name);
+            tracing::error!("{}: commit after disconnect failed: {e}", disk.name);
         }
     }
 }
