@@ -52,7 +52,7 @@ fn create_pool(p: &vmm_config::PoolConfig) -> Result<()> {
         pool.status().transaction_id,
     )
     .save()?;
-    log::info!(
+    tracing::info!(
         "pool {}: created ({data_len} bytes of data, {meta_len} of metadata)",
         p.name
     );
@@ -215,6 +215,7 @@ pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpS
         println!("quickstart: wrote {}", cfg_path.display());
     }
     let cfg = vmm_config::load(&cfg_path)?;
+    crate::logging::apply_config(cfg.logging.as_ref());
     let r = start(&cfg, cache_blocks)?;
     let d = &cfg.disks[0];
     let qmp = cfg

@@ -110,7 +110,7 @@ pub fn run(
                 while !stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(commit_interval);
                     if let Err(e) = pool.commit() {
-                        log::error!("periodic commit failed: {e}");
+                        tracing::error!("periodic commit failed: {e}");
                     }
                 }
             })?;
@@ -121,13 +121,13 @@ pub fn run(
             .with_context(|| format!("cannot open the management socket {}", path.display()))?;
     }
     let sig = wait_for_signal();
-    log::info!("signal {sig}: draining requests in flight");
+    tracing::info!("signal {sig}: draining requests in flight");
     stopping.store(true, Ordering::SeqCst);
     manager.shutdown()?;
     if let Some((path, _)) = &qmp {
         let _ = std::fs::remove_file(path);
     }
-    log::info!("pools committed; exiting");
+    tracing::info!("pools committed; exiting");
     Ok(())
 }
 

@@ -45,8 +45,7 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    vhost_thin::logging::init(default_level);
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Pool(c) => offline::pool_cmd::run(c),

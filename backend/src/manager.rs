@@ -246,7 +246,7 @@ impl Manager {
                 })
                 .map_err(|e| QmpError::generic(e.to_string()))?
         };
-        log::info!(
+        tracing::info!(
             "{name}: serving thin device {} on {}",
             f.id,
             socket.display()
@@ -315,7 +315,7 @@ impl Manager {
         }
         for (d, socket) in self.served() {
             let _ = std::fs::remove_file(&socket);
-            log::info!(
+            tracing::info!(
                 "{}: served {} requests",
                 d.name,
                 d.stats.requests.load(Ordering::Relaxed)
@@ -511,7 +511,7 @@ impl Manager {
             Ok(id)
         })?;
         let socket = self.serve(name, socket, num_queues, None)?;
-        log::info!(
+        tracing::info!(
             "disk-add {name}: thin device {id}, {size} bytes, socket {}",
             socket.display()
         );
@@ -578,7 +578,7 @@ impl Manager {
                 match d.backend_channel.notify_config_change() {
                     Ok(n) => n,
                     Err(e) => {
-                        log::warn!("{name}: cannot tell the guest about the new size: {e}");
+                        tracing::warn!("{name}: cannot tell the guest about the new size: {e}");
                         false
                     }
                 }
@@ -640,7 +640,7 @@ impl Manager {
         drop(gate);
         let pause = t0.elapsed();
         let id = r?;
-        log::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?}");
+        tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?}");
         Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
     }
 
@@ -871,7 +871,7 @@ fn serve_loop(
         let frontend = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
-                log::error!("{}: accept failed: {e}", disk.name);
+                tracing::error!("{}: accept failed: {e}", disk.name);
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -887,7 +887,7 @@ fn serve_loop(
         ) {
             Ok(d) => d,
             Err(e) => {
-                log::error!("{}: cannot start the vhost-user daemon: {e:?}", disk.name);
+                tracing::error!("{}: cannot start the vhost-user daemon: {e:?}", disk.name);
                 return;
             }
         };
@@ -905,12 +905,12 @@ fn serve_loop(
         let (frontend, relay_threads) = match started {
             Ok(v) => v,
             Err(e) => {
-                log::error!("{}: cannot relay the connection: {e}", disk.name);
+                tracing::error!("{}: cannot relay the connection: {e}", disk.name);
                 continue;
             }
         };
         if let Err(e) = daemon.start(handler_socket.listener()) {
-            log::error!("{}: handler accept failed: {e:?}", disk.name);
+            tracing::error!("{}: handler accept failed: {e:?}", disk.name);
             let _ = frontend.shutdown(std::net::Shutdown::Both);
             continue;
         }
@@ -930,12 +930,12 @@ fn serve_loop(
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => log::info!("{}: frontend disconnected", disk.name),
-            Err(e) => log::warn!("{}: connection ended: {e:?}", disk.name),
+            )) => tracing::info!("{}: frontend disconnected", disk.name),
+            Err(e) => tracing::warn!("{}: connection ended: {e:?}", disk.name),
         }
         emit("DISK_DISCONNECTED", json!({"disk": disk.name}));
         if let Err(e) = disk.pool.commit() {
-            log::error!("{}: commit after disconnect failed: {e}", disk.name);
+            tracing::error!("{}: commit after disconnect failed: {e}", disk.name);
         }
     }
 }

@@ -52,6 +52,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     let interval = Duration::from_millis(a.commit_interval_ms);
     if let Some(file) = &a.config {
         let cfg = vmm_config::load(file)?;
+        crate::logging::apply_config(cfg.logging.as_ref());
         let (manager, qmp) = crate::config_run::start(&cfg, a.cache_blocks)?;
         daemon::run(manager, interval, qmp)?;
         return Ok(ExitCode::SUCCESS);

@@ -136,3 +136,116 @@ fn quickstart_makes_and_reuses_its_state() {
         "{out}"
     );
 }
+
+/// Speaks QMP on `qmp`: the greeting, negotiation, then each of `commands` (JSON texts).
+/// Returns the replies to `commands`, events left out.
+fn qmp_session(qmp: &Path, commands: &[&str]) -> Vec<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(qmp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut next = || loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("event").is_none() {
+            return v;
+        }
+    };
+    assert!(next().get("QMP").is_some());
+    let mut out = Vec::new();
+    for c in std::iter::once(&r#"{"execute": "qmp_capabilities"}"#).chain(commands) {
+        w.write_all(c.as_bytes()).unwrap();
+        w.write_all(b"\n").unwrap();
+        out.push(next());
+    }
+    out.remove(0);
+    out
+}
+
+/// Every management command is one log line on stderr with its outcome; the level comes from
+/// the configuration unless RUST_LOG is set.
+#[test]
+fn each_management_command_is_logged_with_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let qmp = dir.path().join("qmp.sock");
+    let cfg = dir.path().join("vhost-thin.yaml");
+    let write_cfg = |level: Option<&str>| {
+        let logging = level
+            .map(|l| format!("logging:\n  level: {l}\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            &cfg,
+            format!(
+                "pools:\n  - name: main\n    metadata: {d}/p.meta\n    data: {d}/p.data\n    create:\n      data-size: 64MiB\n\
+                 disks:\n  - name: disk0\n    size: 8MiB\n    socket: {d}/disk0.sock\n\
+                 management:\n  socket: {d}/qmp.sock\n{logging}"
+            ),
+        )
+        .unwrap();
+    };
+    // Runs the daemon, one session, SIGTERM; returns stderr.
+    let run = |rust_log: Option<&str>| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(l) = rust_log {
+            cmd.env("RUST_LOG", l);
+        }
+        let c = cmd.spawn().unwrap();
+        wait_for(&qmp);
+        let replies = qmp_session(
+            &qmp,
+            &[
+                r#"{"execute": "query-version", "id": 1}"#,
+                r#"{"execute": "disk-remove", "arguments": {"name": "nope"}}"#,
+            ],
+        );
+        assert!(replies[0].get("return").is_some(), "{replies:?}");
+        assert_eq!(replies[1]["error"]["class"], "DeviceNotFound");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{:?}", out.status);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let line = |log: &str, command: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("command=\"{command}\"")))
+            .map(str::to_owned)
+    };
+
+    write_cfg(None);
+    let log = run(None);
+    let ok = line(&log, "query-version").unwrap_or_else(|| panic!("{log}"));
+    assert!(ok.contains("INFO") && ok.contains("outcome=\"ok\"") && ok.contains("elapsed_ms="));
+    assert!(ok.contains("client=") && ok.contains("pid="), "{ok}");
+    let err = line(&log, "disk-remove").unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        err.contains(
+            r#"outcome="error" class="DeviceNotFound" desc="no disk or snapshot named 'nope'""#
+        ),
+        "{err}"
+    );
+    assert!(err.contains(r#"args={"name":"nope"}"#), "{err}");
+    assert!(line(&log, "qmp_capabilities").is_some(), "{log}");
+    assert_eq!(
+        log.matches(" qmp ").count(),
+        3,
+        "one line per command:\n{log}"
+    );
+
+    // The configuration's level: warn hides the command lines ...
+    write_cfg(Some("warn"));
+    let log = run(None);
+    assert!(line(&log, "query-version").is_none(), "{log}");
+    // ... and RUST_LOG wins over the configuration.
+    let log = run(Some("info"));
+    assert!(line(&log, "disk-remove").is_some(), "{log}");
+}

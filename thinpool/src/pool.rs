@@ -288,12 +288,12 @@ impl Pool {
     }
 
     fn metadata_failed(inner: &mut Inner, e: &Error) {
-        log::error!("metadata operation failed: {e}; rolling back to the last commit");
+        tracing::error!("metadata operation failed: {e}; rolling back to the last commit");
         inner.generation += 1;
         match inner.md.abort() {
             Ok(()) => {
                 if let Err(e2) = inner.md.write_needs_check(true) {
-                    log::error!("cannot flag the metadata needs_check: {e2}");
+                    tracing::error!("cannot flag the metadata needs_check: {e2}");
                 }
                 inner.mode = PoolMode::ReadOnly;
                 inner.reason = Some(format!("metadata error: {e}"));
@@ -713,7 +713,7 @@ impl Pool {
         }
         if let Err(e) = io {
             if let Err(e2) = self.meta(&mut g, |md| md.release_data_block(new)) {
-                log::error!("releasing data block {new} after a failed write: {e2}");
+                tracing::error!("releasing data block {new} after a failed write: {e2}");
             }
             return Err(e);
         }
@@ -722,7 +722,7 @@ impl Pool {
             // Not mapped (e.g. out of metadata space): give the block back. After an abort
             // there is nothing to give back.
             if let Err(e2) = g.md.release_data_block(new) {
-                log::error!("releasing data block {new} after a failed mapping: {e2}");
+                tracing::error!("releasing data block {new} after a failed mapping: {e2}");
             }
         }
         r

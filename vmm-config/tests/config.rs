@@ -80,6 +80,11 @@ fn bad_files_say_where_and_how_to_fix() {
             "f.yaml:6:15: pools[0].out-of-space.policy: unknown value `queu`; did you mean `queue`?",
         ),
         (
+            "log level typo",
+            "logging:\n  level: debg\n",
+            "f.yaml:2:10: logging.level: unknown value `debg`; did you mean `debug`?",
+        ),
+        (
             "unknown pool",
             "pools:\n  - name: main\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    pool: mian\n    size: 1GiB\n    socket: /s\n",
             "f.yaml:7: disks[0].pool: no pool named `mian`; did you mean `main`?",

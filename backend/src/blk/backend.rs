@@ -146,7 +146,7 @@ impl BlkBackend {
                     (Some((req.status, done.status)), done.written + 1)
                 }
                 Err(e) => {
-                    log::warn!("{}: bad request (chain {head}): {e}", self.disk.name);
+                    tracing::warn!("{}: bad request (chain {head}): {e}", self.disk.name);
                     Stats::add(&self.disk.stats.errors, 1);
                     let code = if e.is_unsupported() {
                         VIRTIO_BLK_S_UNSUPP
@@ -161,7 +161,7 @@ impl BlkBackend {
             };
             if let Some((at, code)) = status {
                 if mem.write_obj(code, GuestAddress(at)).is_err() {
-                    log::warn!(
+                    tracing::warn!(
                         "{}: cannot write the status byte at {at:#x}",
                         self.disk.name
                     );
@@ -235,7 +235,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        log::debug!(
+        tracing::debug!(
             "{}: guest memory has {} region(s)",
             self.disk.name,
             mem.memory().num_regions()

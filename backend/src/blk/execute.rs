@@ -17,7 +17,7 @@ pub struct Done {
 }
 
 fn fail(disk: &Disk, what: &str, e: &dyn std::fmt::Display) -> Done {
-    log::warn!("{}: {what}: {e}", disk.name);
+    tracing::warn!("{}: {what}: {e}", disk.name);
     Stats::add(&disk.stats.errors, 1);
     Done {
         status: VIRTIO_BLK_S_IOERR as u8,

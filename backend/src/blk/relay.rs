@@ -207,12 +207,14 @@ pub fn start(
                         // Our own duplicate: the handler gets the original and keeps it.
                         match m.fds[0].try_clone() {
                             Ok(fd) => channel.set(Some(UnixStream::from(fd))),
-                            Err(e) => log::warn!("{name}: cannot keep the backend channel: {e}"),
+                            Err(e) => {
+                                tracing::warn!("{name}: cannot keep the backend channel: {e}")
+                            }
                         }
                     }
                 };
                 if let Err(e) = pump(&frontend, &handler, &watch) {
-                    log::warn!("{name}: vhost-user connection: {e}");
+                    tracing::warn!("{name}: vhost-user connection: {e}");
                 }
                 channel.set(None);
             })?

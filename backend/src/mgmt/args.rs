@@ -31,6 +31,12 @@ impl Args {
         ))
     }
 
+    /// QEMU words a bad number differently from a bad string or boolean (its uint64 visitor
+    /// reports a bad value, not a bad type); so do we.
+    fn bad_number(k: &str, want: &str) -> QmpError {
+        QmpError::generic(format!("Parameter '{k}' expects {want}"))
+    }
+
     pub fn opt_str(&mut self, k: &str) -> Result<Option<String>, QmpError> {
         match self.get(k) {
             None | Some(Value::Null) => Ok(None),
@@ -61,8 +67,8 @@ impl Args {
             Some(Value::Number(n)) => n
                 .as_u64()
                 .map(Some)
-                .ok_or_else(|| Self::bad_type(k, "uint64")),
-            Some(_) => Err(Self::bad_type(k, "uint64")),
+                .ok_or_else(|| Self::bad_number(k, "uint64")),
+            Some(_) => Err(Self::bad_number(k, "uint64")),
         }
     }
 
@@ -73,11 +79,11 @@ impl Args {
             Some(Value::Number(n)) => n
                 .as_u64()
                 .map(Some)
-                .ok_or_else(|| Self::bad_type(k, "size")),
+                .ok_or_else(|| Self::bad_number(k, "size")),
             Some(Value::String(s)) => crate::size::parse_size(&s)
                 .map(Some)
                 .map_err(|e| QmpError::generic(format!("Parameter '{k}': {e}"))),
-            Some(_) => Err(Self::bad_type(k, "size")),
+            Some(_) => Err(Self::bad_number(k, "size")),
         }
     }
 

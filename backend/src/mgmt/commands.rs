@@ -43,11 +43,19 @@ pub fn version() -> Value {
 /// Runs one (negotiated) command.
 pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpError> {
     let v = match name {
-        "query-version" => version(),
-        "query-commands" => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
-        "query-pools" => m.query_pools()?,
-        "query-disks" => m.query_disks()?,
-        "query-snapshots" => m.query_snapshots()?,
+        // No arguments: any given is refused, as QEMU refuses them.
+        "query-version" | "query-commands" | "query-pools" | "query-disks" | "query-snapshots" => {
+            a.finish()?;
+            match name {
+                "query-version" => version(),
+                "query-commands" => {
+                    Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())
+                }
+                "query-pools" => m.query_pools()?,
+                "query-disks" => m.query_disks()?,
+                _ => m.query_snapshots()?,
+            }
+        }
         "query-delta" => {
             let left = a.str("left")?;
             let right = a.str("right")?;

@@ -45,14 +45,14 @@ impl EventBus {
     }
 
     pub fn emit(&self, name: &str, data: Value) {
-        log::info!("event {name} {data}");
+        tracing::info!("event {name} {data}");
         let msg = json!({"event": name, "data": data, "timestamp": timestamp()}).to_string();
         let mut subs = self.subscribers.lock().unwrap();
         subs.retain_mut(|s| match s.tx.try_send(msg.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 if !s.warned {
-                    log::warn!(
+                    tracing::warn!(
                         "management client {} does not read its events; dropping some",
                         s.id
                     );

@@ -11,6 +11,7 @@ use super::QmpError;
 use crate::manager::Manager;
 use serde_json::{json, Map, Value};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -29,7 +30,7 @@ pub fn spawn(
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    log::info!("management socket {}", path.display());
+    tracing::info!("management socket {}", path.display());
     std::thread::Builder::new()
         .name("qmp-accept".into())
         .spawn(move || {
@@ -42,7 +43,7 @@ pub fn spawn(
                             .name(format!("qmp-{id}"))
                             .spawn(move || client(m, s, id));
                     }
-                    Err(e) => log::warn!("management socket: accept failed: {e}"),
+                    Err(e) => tracing::warn!("management socket: accept failed: {e}"),
                 }
             }
         })
@@ -60,7 +61,46 @@ fn reply(id: Option<Value>, body: Result<Value, QmpError>) -> String {
     Value::Object(o).to_string()
 }
 
+/// Who is on the other end of a connection, for the log.
+struct Peer {
+    /// Connection number, counted from 1 since the daemon started.
+    id: u64,
+    /// The client's process id (SO_PEERCRED), 0 when the kernel did not say.
+    pid: i32,
+    uid: u32,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream, id: u64) -> Peer {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            cred.pid = 0;
+        }
+        Peer {
+            id,
+            pid: cred.pid,
+            uid: cred.uid,
+        }
+    }
+}
+
 fn client(m: Arc<Manager>, stream: UnixStream, id: u64) {
+    let peer = Peer::of(&stream, id);
     let Ok(mut writer_stream) = stream.try_clone() else {
         return;
     };
@@ -75,7 +115,12 @@ fn client(m: Arc<Manager>, stream: UnixStream, id: u64) {
         }
         let _ = writer_stream.shutdown(std::net::Shutdown::Both);
     });
-    log::debug!("management client {id} connected");
+    tracing::debug!(
+        client = id,
+        pid = peer.pid,
+        uid = peer.uid,
+        "management client connected"
+    );
     let _ = tx.send(json!({"QMP": {"version": version(), "capabilities": []}}).to_string());
     let mut negotiated = false;
     let mut splitter = Splitter::default();
@@ -87,7 +132,7 @@ fn client(m: Arc<Manager>, stream: UnixStream, id: u64) {
             Ok(n) => n,
         };
         for frame in splitter.push(&buf[..n]) {
-            let out = handle(&m, frame, &mut negotiated, id, &tx);
+            let out = handle(&m, frame, &mut negotiated, &peer, &tx);
             if tx.send(out).is_err() {
                 break 'conn;
             }
@@ -96,73 +141,159 @@ fn client(m: Arc<Manager>, stream: UnixStream, id: u64) {
     m.events.unsubscribe(id);
     drop(tx);
     let _ = writer.join();
-    log::debug!("management client {id} left");
+    tracing::debug!(client = id, "management client left");
 }
 
+/// Longest command name or argument text put in a log line; longer ones are cut (with "…").
+const LOGGED_MAX: usize = 200;
+
+/// Handles one message and returns the reply. Every message is logged on one line: the
+/// command (or `-` when the input was not a command), the client, the time taken and the
+/// outcome, so that what a management tool did can be read back from the daemon's log.
 fn handle(
+    m: &Arc<Manager>,
+    frame: Frame,
+    negotiated: &mut bool,
+    client: &Peer,
+    tx: &SyncSender<String>,
+) -> String {
+    let t0 = std::time::Instant::now();
+    let Request {
+        id,
+        name,
+        args,
+        result,
+    } = dispatch(m, frame, negotiated, client.id, tx);
+    let elapsed_ms = (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+    // A client names the command: an unknown one may be long too.
+    let command = cut(name.unwrap_or_else(|| "-".into()));
+    let args = args_for_log(args.as_ref());
+    match &result {
+        Ok(_) => tracing::info!(
+            command = ?command,
+            client = client.id,
+            pid = client.pid,
+            args = %args,
+            elapsed_ms,
+            outcome = "ok",
+            "qmp"
+        ),
+        Err(e) => tracing::info!(
+            command = ?command,
+            client = client.id,
+            pid = client.pid,
+            args = %args,
+            elapsed_ms,
+            outcome = "error",
+            class = e.class,
+            desc = ?e.desc,
+            "qmp"
+        ),
+    }
+    reply(id, result)
+}
+
+/// The arguments as compact JSON, cut short: a log line stays one readable line whatever
+/// a client sends.
+fn args_for_log(args: Option<&Map<String, Value>>) -> String {
+    match args.filter(|a| !a.is_empty()) {
+        None => "{}".into(),
+        Some(a) => cut(Value::Object(a.clone()).to_string()),
+    }
+}
+
+/// `s`, cut at [`LOGGED_MAX`] bytes (on a character boundary) with "…" appended.
+fn cut(mut s: String) -> String {
+    if s.len() > LOGGED_MAX {
+        let mut at = LOGGED_MAX;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push('…');
+    }
+    s
+}
+
+/// One message, taken apart: what the log line and the reply need.
+struct Request {
+    id: Option<Value>,
+    /// The command, when the message named one.
+    name: Option<String>,
+    args: Option<Map<String, Value>>,
+    result: Result<Value, QmpError>,
+}
+
+fn dispatch(
     m: &Arc<Manager>,
     frame: Frame,
     negotiated: &mut bool,
     client: u64,
     tx: &SyncSender<String>,
-) -> String {
+) -> Request {
+    let refused = |id, e| Request {
+        id,
+        name: None,
+        args: None,
+        result: Err(e),
+    };
     let v = match frame {
-        Frame::Invalid(msg) => return reply(None, Err(QmpError::generic(msg))),
+        Frame::Invalid(msg) => return refused(None, QmpError::generic(msg)),
         Frame::Value(v) => v,
     };
     let Value::Object(mut obj) = v else {
-        return reply(
-            None,
-            Err(QmpError::generic("QMP input must be a JSON object")),
-        );
+        return refused(None, QmpError::generic("QMP input must be a JSON object"));
     };
     let id = obj.remove("id");
     if let Some(k) = obj.keys().find(|k| *k != "execute" && *k != "arguments") {
-        return reply(
-            id,
-            Err(QmpError::generic(format!(
-                "QMP input member '{k}' is unexpected"
-            ))),
-        );
+        let e = QmpError::generic(format!("QMP input member '{k}' is unexpected"));
+        return refused(id, e);
     }
     let name = match obj.remove("execute") {
         Some(Value::String(s)) => s,
         Some(_) => {
-            return reply(
-                id,
-                Err(QmpError::generic(
-                    "QMP input member 'execute' must be a string",
-                )),
-            )
+            let e = QmpError::generic("QMP input member 'execute' must be a string");
+            return refused(id, e);
         }
-        None => {
-            return reply(
-                id,
-                Err(QmpError::generic("QMP input lacks member 'execute'")),
-            )
-        }
+        None => return refused(id, QmpError::generic("QMP input lacks member 'execute'")),
     };
     let args = match obj.remove("arguments") {
         None => Map::new(),
         Some(Value::Object(a)) => a,
         Some(_) => {
-            return reply(
+            let e = QmpError::generic("QMP input member 'arguments' must be an object");
+            return Request {
                 id,
-                Err(QmpError::generic(
-                    "QMP input member 'arguments' must be an object",
-                )),
-            )
+                name: Some(name),
+                args: None,
+                result: Err(e),
+            };
         }
     };
+    let logged = Some(args.clone());
+    let result = run_command(m, &name, args, negotiated, client, tx);
+    Request {
+        id,
+        name: Some(name),
+        args: logged,
+        result,
+    }
+}
+
+fn run_command(
+    m: &Arc<Manager>,
+    name: &str,
+    args: Map<String, Value>,
+    negotiated: &mut bool,
+    client: u64,
+    tx: &SyncSender<String>,
+) -> Result<Value, QmpError> {
     if name == "qmp_capabilities" {
         if *negotiated {
-            return reply(
-                id,
-                Err(QmpError {
-                    class: "CommandNotFound",
-                    desc: "Capabilities negotiation is already complete, command ignored".into(),
-                }),
-            );
+            return Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Capabilities negotiation is already complete, command ignored".into(),
+            });
         }
         let mut a = Args::new(args);
         // We offer no capabilities; asking for one is an error, as in QEMU.
@@ -174,22 +305,34 @@ fn handle(
             *negotiated = true;
             m.events.subscribe(client, tx.clone());
         }
-        return reply(id, r.map(|_| json!({})));
+        return r.map(|_| json!({}));
     }
     if !*negotiated {
-        return reply(
-            id,
-            Err(QmpError {
-                class: "CommandNotFound",
-                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-            }),
+        return Err(QmpError {
+            class: "CommandNotFound",
+            desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+        });
+    }
+    execute(m, name, Args::new(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_log_fields_are_cut_on_a_character_boundary() {
+        assert_eq!(cut("short".into()), "short");
+        // 'é' is two bytes: byte LOGGED_MAX falls inside one.
+        let s = format!("a{}", "é".repeat(LOGGED_MAX));
+        let c = cut(s);
+        assert!(
+            c.ends_with('…') && c.len() <= LOGGED_MAX + '…'.len_utf8(),
+            "{c}"
         );
+        let mut args = Map::new();
+        args.insert("name".into(), json!("x".repeat(5000)));
+        assert!(args_for_log(Some(&args)).len() < 300);
+        assert_eq!(args_for_log(None), "{}");
     }
-    let t0 = std::time::Instant::now();
-    let r = execute(m, &name, Args::new(args));
-    match &r {
-        Ok(_) => log::info!("qmp {name}: ok ({:?})", t0.elapsed()),
-        Err(e) => log::info!("qmp {name}: {} ({})", e.class, e.desc),
-    }
-    reply(id, r)
 }

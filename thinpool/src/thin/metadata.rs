@@ -90,7 +90,7 @@ impl ThinMetadata {
                 device_blocks * BLOCK_SIZE as u64,
                 MAX_METADATA_BLOCKS * BLOCK_SIZE as u64
             );
-            log::warn!("{w}");
+            tracing::warn!("{w}");
             warnings.push(w);
         }
         let nr_blocks = device_blocks.min(MAX_METADATA_BLOCKS);
