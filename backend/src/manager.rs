@@ -505,6 +505,7 @@ impl Manager {
                     snapshot: false,
                     origin: origin.map(|(o, _)| o),
                     created,
+                    ..Default::default()
                 },
             )
             .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -632,6 +633,7 @@ impl Manager {
                     snapshot: true,
                     origin: Some(f.id),
                     created,
+                    ..Default::default()
                 },
             )
             .map_err(|e| QmpError::generic(e.to_string()))?;

@@ -18,5 +18,6 @@ pub mod storage;
 pub use error::{Error, Result};
 pub mod pool;
 pub mod registry;
+pub mod stream;
 pub mod thin;
 pub mod xml;

@@ -30,6 +30,8 @@ pub enum RegistryError {
     Invalid { path: PathBuf, msg: String },
     #[error("a device named {0:?} already exists")]
     NameTaken(String),
+    #[error("commit failed: {0}")]
+    Commit(#[from] crate::Error),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +54,29 @@ pub struct DeviceEntry {
     /// Creation time, seconds since the epoch.
     #[serde(default)]
     pub created: u64,
+    /// Identity across pools for send and receive: made at a device's first send; a
+    /// received snapshot keeps its sender's, which is how an incremental stream finds its
+    /// base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
+    /// Set while a stream is being received into this device: not a snapshot yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiving: Option<PartialReceive>,
+}
+
+/// A receive in progress (or interrupted) into a device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialReceive {
+    /// The name the snapshot gets when the stream is complete.
+    pub name: String,
+    /// The base snapshot's guid (incremental streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_guid: Option<String>,
+    /// Device bytes before this one are durable.
+    pub next_offset: u64,
+    /// Kept after an interruption (else deleted when the receive fails).
+    pub resumable: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -163,6 +188,26 @@ impl Registry {
         };
         File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
         Ok(())
+    }
+
+    /// Makes a change durable in both places: the registry first, carrying the next
+    /// transaction id, then the pool committing with that id, so that after a crash in
+    /// between the registry is exactly one transaction ahead (see the module doc).
+    pub fn commit(&mut self, pool: &crate::pool::Pool) -> Result<(), RegistryError> {
+        let old = pool.status().transaction_id;
+        self.transaction_id = old + 1;
+        self.save()?;
+        pool.set_transaction_id(old, old + 1)?;
+        pool.commit()?;
+        Ok(())
+    }
+
+    /// The device with this send/receive identity.
+    pub fn find_guid(&self, guid: &str) -> Option<u32> {
+        self.devices
+            .iter()
+            .find(|(_, e)| e.guid.as_deref() == Some(guid))
+            .map(|(&id, _)| id)
     }
 
     /// A thin id not used in the registry nor in `pool_ids`.

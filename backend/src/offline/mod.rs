@@ -97,13 +97,10 @@ pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>>
 /// Commits a change: registry first (with the next transaction id), then the pool
 /// carrying the same id — so after a crash in between the registry is exactly one ahead.
 pub fn commit_change(pool: &Pool, registry: Option<&mut Registry>) -> Result<()> {
-    if let Some(reg) = registry {
-        let old = pool.status().transaction_id;
-        reg.transaction_id = old + 1;
-        reg.save()?;
-        pool.set_transaction_id(old, old + 1)?;
+    match registry {
+        Some(reg) => reg.commit(pool)?,
+        None => pool.commit().context("commit failed")?,
     }
-    pool.commit().context("commit failed")?;
     Ok(())
 }
 

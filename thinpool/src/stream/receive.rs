@@ -1,0 +1,298 @@
+//! Applying a stream to a pool: a new thin device (full stream) or a snapshot of the base
+//! (incremental), written record by record, which becomes a snapshot only when the end
+//! record has arrived and checked. Until then its registry entry says `receiving`, so it is
+//! never mistaken for a snapshot.
+//!
+//! A failed receive deletes its device, unless it is resumable: then what arrived is kept
+//! (it was checksummed), progress is committed, and the error carries a resume token for
+//! the sender (`send --resume`). Resumable receives also commit every `commit_every` bytes,
+//! so a crash loses at most that much.
+
+use super::format::{Record, StreamHeader, StreamReader};
+use super::{ResumeToken, StreamError};
+use crate::pool::Pool;
+use crate::registry::{make_serial, DeviceEntry, PartialReceive, Registry};
+use std::io::Read;
+
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    /// The received snapshot's name (default: the sender's).
+    pub name: Option<String>,
+    /// Keep what arrived when the stream is cut off, to resume later.
+    pub resumable: bool,
+    /// A resumable receive commits after this many device bytes.
+    pub commit_every: u64,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            name: None,
+            resumable: false,
+            commit_every: 256 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Received {
+    pub id: u32,
+    pub name: String,
+    pub guid: String,
+    /// The base's thin id in this pool (incremental streams).
+    pub base: Option<u32>,
+    pub records: u64,
+    pub stream_bytes: u64,
+    /// Where this stream started (non-zero when it resumed an interrupted receive).
+    pub resumed_from: u64,
+}
+
+/// Why a resumable receive stopped, and how to go on.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}; what arrived is kept: resume with `send --resume {token}`, or drop it with `receive --abort {token}`")]
+pub struct Interrupted {
+    pub token: ResumeToken,
+    #[source]
+    pub cause: Box<StreamError>,
+}
+
+fn refused(msg: impl Into<String>) -> StreamError {
+    StreamError::Refused(msg.into())
+}
+
+/// Finds or makes the device the stream goes into; returns (id, base id, final name).
+fn target(
+    pool: &Pool,
+    reg: &mut Registry,
+    h: &StreamHeader,
+    opts: &ReceiveOptions,
+) -> Result<(u32, Option<u32>, String), StreamError> {
+    let guid = &h.snapshot.guid;
+    let base = match &h.base {
+        None => None,
+        Some(b) => {
+            let label = b.name.as_deref().unwrap_or("(unnamed)");
+            let id = reg.find_guid(&b.guid).ok_or_else(|| {
+                refused(format!(
+                    "the stream is incremental on snapshot {label} (guid {}), which this pool does not have: receive that snapshot first, or send a full stream",
+                    b.guid
+                ))
+            })?;
+            let e = &reg.devices[&id];
+            if e.receiving.is_some() || !e.snapshot || e.size != b.size {
+                return Err(refused(format!(
+                    "this pool's copy of the base {label} (thin device {id}) differs from the sender's: {}",
+                    if e.receiving.is_some() {
+                        "it is itself still being received".to_string()
+                    } else if !e.snapshot {
+                        "it is a disk, not a snapshot, and may have been written".to_string()
+                    } else {
+                        format!("{} bytes here, {} at the sender", e.size, b.size)
+                    }
+                )));
+            }
+            Some(id)
+        }
+    };
+    let base_guid = h.base.as_ref().map(|b| b.guid.clone());
+    if h.resume_offset > 0 {
+        let id = reg
+            .find_guid(guid)
+            .filter(|id| reg.devices[id].receiving.is_some())
+            .ok_or_else(|| {
+                refused(format!(
+                    "the stream resumes at byte {} a receive of snapshot {guid} that this pool does not have: send the whole stream again (without --resume)",
+                    h.resume_offset
+                ))
+            })?;
+        let p = reg.devices[&id].receiving.clone().expect("filtered");
+        if p.next_offset != h.resume_offset {
+            return Err(refused(format!(
+                "the stream resumes at byte {}, this pool has everything before byte {}: resume with `send --resume {}`",
+                h.resume_offset,
+                p.next_offset,
+                ResumeToken {
+                    guid: guid.clone(),
+                    offset: p.next_offset
+                }
+            )));
+        }
+        if p.base_guid != base_guid {
+            return Err(refused(
+                "the resumed stream has another base than the interrupted one: send it with the same --base",
+            ));
+        }
+        return Ok((id, base, p.name));
+    }
+    if let Some(id) = reg.find_guid(guid) {
+        let e = &reg.devices[&id];
+        return Err(refused(match &e.receiving {
+            Some(p) => format!(
+                "an interrupted receive of this snapshot is in the pool (thin device {id}): resume it with `send --resume {}`, or drop it with `receive --abort`",
+                ResumeToken { guid: guid.clone(), offset: p.next_offset }
+            ),
+            None => format!(
+                "this snapshot is already in the pool as {} (thin device {id})",
+                e.name.as_deref().unwrap_or("(unnamed)")
+            ),
+        }));
+    }
+    let name = opts
+        .name
+        .clone()
+        .or_else(|| h.snapshot.name.clone())
+        .ok_or_else(|| refused("the stream's snapshot has no name: give one (--name)"))?;
+    if let Some(other) = reg.find(&name) {
+        return Err(refused(format!(
+            "a device named {name:?} exists (thin device {other}): give the received snapshot another name"
+        )));
+    }
+    let ids: Vec<u32> = pool.devices().iter().map(|(id, _)| *id).collect();
+    let id = reg.next_id(&ids);
+    match base {
+        Some(b) => pool.create_snap(id, b)?,
+        None => pool.create_thin(id)?,
+    }
+    let salt = u64::from_str_radix(&guid[..16.min(guid.len())], 16).unwrap_or(0);
+    reg.insert(
+        id,
+        DeviceEntry {
+            name: None,
+            size: h.snapshot.size,
+            read_only: true,
+            serial: make_serial(id, h.snapshot.created, salt),
+            snapshot: true,
+            origin: base,
+            created: h.snapshot.created,
+            guid: Some(guid.clone()),
+            receiving: Some(PartialReceive {
+                name: name.clone(),
+                base_guid,
+                next_offset: 0,
+                resumable: opts.resumable,
+            }),
+        },
+    )?;
+    // The device exists durably and marked as receiving before any data goes in: after a
+    // crash it is found (and resumed or dropped), never taken for a snapshot.
+    if let Err(e) = reg.commit(pool) {
+        reg.devices.remove(&id);
+        let _ = pool.delete(id);
+        return Err(e.into());
+    }
+    Ok((id, base, name))
+}
+
+/// Receives a stream into `pool`. Errors before any device was made change nothing; later
+/// ones drop the device, or keep it for resuming (`Interrupted`, when resumable).
+pub fn receive<R: Read>(
+    pool: &Pool,
+    reg: &mut Registry,
+    input: R,
+    opts: &ReceiveOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Received, ReceiveError> {
+    let mut reader = StreamReader::new(input)?;
+    let h = reader.header().clone();
+    let (id, base, name) = target(pool, reg, &h, opts)?;
+    let resumable = reg.devices[&id]
+        .receiving
+        .as_ref()
+        .is_some_and(|p| p.resumable);
+    let mut next = h.resume_offset;
+    let mut committed = next;
+    let result = (|| -> Result<(), StreamError> {
+        while let Some(rec) = reader.next_record()? {
+            match &rec {
+                Record::Data { offset, data } => pool.write(id, *offset, data)?,
+                Record::Zero { offset, length } => pool.write_zeroes(id, *offset, *length, true)?,
+            }
+            next = rec.end();
+            progress(next, h.snapshot.size);
+            if resumable && next - committed >= opts.commit_every {
+                set_progress(reg, id, next);
+                reg.commit(pool)?;
+                committed = next;
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let e = reg.devices.get_mut(&id).expect("made above");
+            e.receiving = None;
+            e.name = Some(name.clone());
+            reg.commit(pool).map_err(StreamError::from)?;
+            Ok(Received {
+                id,
+                name,
+                guid: h.snapshot.guid,
+                base,
+                records: reader.records(),
+                stream_bytes: reader.consumed(),
+                resumed_from: h.resume_offset,
+            })
+        }
+        Err(cause) if resumable => {
+            // Everything applied was checksummed: keep it and say where to go on.
+            set_progress(reg, id, next);
+            if let Err(e) = reg.commit(pool) {
+                return Err(ReceiveError::Failed(StreamError::Refused(format!(
+                    "{cause}; and keeping what arrived failed too: {e}"
+                ))));
+            }
+            Err(ReceiveError::Interrupted(Interrupted {
+                token: ResumeToken {
+                    guid: h.snapshot.guid,
+                    offset: next,
+                },
+                cause: Box::new(cause),
+            }))
+        }
+        Err(cause) => {
+            drop_device(pool, reg, id);
+            Err(ReceiveError::Failed(cause))
+        }
+    }
+}
+
+fn set_progress(reg: &mut Registry, id: u32, next: u64) {
+    if let Some(p) = reg.devices.get_mut(&id).and_then(|e| e.receiving.as_mut()) {
+        p.next_offset = next;
+    }
+}
+
+/// Deletes a receiving device and commits, so nothing half-made stays behind.
+fn drop_device(pool: &Pool, reg: &mut Registry, id: u32) {
+    reg.devices.remove(&id);
+    if let Err(e) = pool.delete(id).map_err(StreamError::from).and_then(|_| {
+        reg.commit(pool)?;
+        Ok(())
+    }) {
+        tracing::warn!("cannot drop the partly received thin device {id}: {e}");
+    }
+}
+
+/// Drops an interrupted receive (by the guid of its token).
+pub fn abort(pool: &Pool, reg: &mut Registry, guid: &str) -> Result<u32, StreamError> {
+    let id = reg
+        .find_guid(guid)
+        .filter(|id| reg.devices[id].receiving.is_some())
+        .ok_or_else(|| {
+            refused(format!(
+                "no interrupted receive of snapshot {guid} in this pool"
+            ))
+        })?;
+    reg.devices.remove(&id);
+    pool.delete(id)?;
+    reg.commit(pool)?;
+    Ok(id)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Failed(#[from] StreamError),
+    #[error(transparent)]
+    Interrupted(Interrupted),
+}

@@ -1,0 +1,286 @@
+//! Writing a snapshot as a stream: every mapped extent (full), or only what changed since a
+//! base snapshot (incremental: the changed-only walk of the two mapping trees, which skips
+//! the subtrees they share). Unmapped extents are not sent; blocks that read as zeros are
+//! not sent as data.
+
+use super::format::{SnapshotRef, StreamHeader, StreamWriter, MAX_DATA};
+use super::{new_guid, StreamError};
+use crate::delta::{self, DeltaKind};
+use crate::pool::Pool;
+use crate::registry::Registry;
+use std::io::Write;
+
+#[derive(Clone, Debug, Default)]
+pub struct SendOptions {
+    /// Send only what changed since this snapshot (thin id), which the receiver must have.
+    pub base: Option<u32>,
+    /// Start at this device byte: the offset of a resume token.
+    pub resume_offset: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SendStats {
+    /// DATA records' payload bytes.
+    pub data_bytes: u64,
+    /// Bytes sent as ZERO records (unmapped since the base, or zero-filled).
+    pub zero_bytes: u64,
+    /// Bytes of changed or mapped extents that read as zeros and were not sent as data.
+    pub zero_detected_bytes: u64,
+    pub records: u64,
+    /// Length of the whole stream.
+    pub stream_bytes: u64,
+}
+
+/// Gives every device in `ids` a guid if it has none. True when the registry changed (the
+/// caller commits it before sending, so the receiver's copy can be matched later).
+pub fn assign_guids(reg: &mut Registry, ids: &[u32]) -> Result<bool, StreamError> {
+    let mut changed = false;
+    for id in ids {
+        let e = reg
+            .devices
+            .get_mut(id)
+            .ok_or_else(|| StreamError::Refused(format!("thin device {id} is not registered")))?;
+        if e.guid.is_none() {
+            e.guid = Some(new_guid()?);
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+fn snapshot_ref(reg: &Registry, id: u32) -> Result<SnapshotRef, StreamError> {
+    let e = reg
+        .devices
+        .get(&id)
+        .ok_or_else(|| StreamError::Refused(format!("thin device {id} is not registered")))?;
+    let what = e
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("thin device {id}"));
+    if e.receiving.is_some() {
+        return Err(StreamError::Refused(format!(
+            "{what} is still being received"
+        )));
+    }
+    if !e.snapshot {
+        return Err(StreamError::Refused(format!(
+            "{what} is not a snapshot: only snapshots are sent (they do not change while the stream is written); take one first"
+        )));
+    }
+    let guid = e.guid.clone().ok_or_else(|| {
+        StreamError::Refused(format!("{what} has no guid yet (assign_guids first)"))
+    })?;
+    Ok(SnapshotRef {
+        guid,
+        name: e.name.clone(),
+        size: e.size,
+        created: e.created,
+    })
+}
+
+/// Extents to send, in device bytes: `(offset, length, data)`; `data` false means the
+/// extent reads as zeros now (unmapped since the base).
+fn extents(
+    pool: &Pool,
+    snap: u32,
+    base: Option<u32>,
+    size: u64,
+) -> Result<Vec<(u64, u64, bool)>, StreamError> {
+    let bb = pool.block_bytes();
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut push = |begin: u64, len: u64, data: bool| {
+        let (start, end) = (begin * bb, ((begin + len) * bb).min(size));
+        if start >= end {
+            return;
+        }
+        match runs.last_mut() {
+            Some(r) if r.2 == data && r.0 + r.1 == start => r.1 = end - r.0,
+            _ => runs.push((start, end - start, data)),
+        }
+    };
+    match base {
+        Some(base) => {
+            let changed = pool.with_metadata(|md| delta::changed_runs(md, base, snap, false))?;
+            for r in changed {
+                push(r.begin, r.length, r.kind != DeltaKind::LeftOnly);
+            }
+        }
+        None => {
+            // In windows, so that a live pool's I/O gets the metadata lock in between.
+            const WINDOW: u64 = 1 << 16;
+            let blocks = size.div_ceil(bb);
+            let mut begin = 0;
+            while begin < blocks {
+                let end = (begin + WINDOW).min(blocks);
+                let mut mapped = Vec::new();
+                pool.with_metadata(|md| {
+                    md.for_each_mapping(snap, begin, end, &mut |vb, _| {
+                        mapped.push(vb);
+                        Ok(())
+                    })
+                })?;
+                for vb in mapped {
+                    push(vb, 1, true);
+                }
+                begin = end;
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Coalesces pieces into records in device order: data up to MAX_DATA, zeros unbounded.
+struct Emitter<W: Write> {
+    w: StreamWriter<W>,
+    data: Option<(u64, Vec<u8>)>,
+    zero: Option<(u64, u64)>,
+    stats: SendStats,
+}
+
+impl<W: Write> Emitter<W> {
+    fn flush_data(&mut self) -> Result<(), StreamError> {
+        if let Some((off, buf)) = self.data.take() {
+            self.w.data(off, &buf)?;
+            self.stats.data_bytes += buf.len() as u64;
+            self.stats.records += 1;
+        }
+        Ok(())
+    }
+
+    fn flush_zero(&mut self) -> Result<(), StreamError> {
+        if let Some((off, len)) = self.zero.take() {
+            self.w.zero(off, len)?;
+            self.stats.zero_bytes += len;
+            self.stats.records += 1;
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, off: u64, bytes: &[u8]) -> Result<(), StreamError> {
+        self.flush_zero()?;
+        if let Some((o, b)) = &mut self.data {
+            if *o + b.len() as u64 == off && b.len() + bytes.len() <= MAX_DATA as usize {
+                b.extend_from_slice(bytes);
+                return Ok(());
+            }
+        }
+        self.flush_data()?;
+        self.data = Some((off, bytes.to_vec()));
+        Ok(())
+    }
+
+    fn zero(&mut self, off: u64, len: u64) -> Result<(), StreamError> {
+        self.flush_data()?;
+        if let Some((o, l)) = &mut self.zero {
+            if *o + *l == off {
+                *l += len;
+                return Ok(());
+            }
+        }
+        self.flush_zero()?;
+        self.zero = Some((off, len));
+        Ok(())
+    }
+}
+
+/// Writes snapshot `snap` (and, incremental, what changed since `opts.base`) to `out`.
+/// `progress(done, total)` is called in device bytes as extents are read.
+pub fn send<W: Write>(
+    pool: &Pool,
+    reg: &Registry,
+    snap: u32,
+    opts: &SendOptions,
+    out: W,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SendStats, StreamError> {
+    let snapshot = snapshot_ref(reg, snap)?;
+    let base = match opts.base {
+        Some(b) if b == snap => {
+            return Err(StreamError::Refused(
+                "the base is the snapshot itself: nothing to send".into(),
+            ))
+        }
+        Some(b) => Some(snapshot_ref(reg, b)?),
+        None => None,
+    };
+    if opts.resume_offset > snapshot.size {
+        return Err(StreamError::Refused(format!(
+            "resume offset {} is past the snapshot's {} bytes",
+            opts.resume_offset, snapshot.size
+        )));
+    }
+    let mut runs = extents(pool, snap, opts.base, snapshot.size)?;
+    // A resumed stream carries only what lies at or after the offset.
+    let from = opts.resume_offset;
+    runs.retain_mut(|r| {
+        if r.0 + r.1 <= from {
+            return false;
+        }
+        if r.0 < from {
+            r.1 -= from - r.0;
+            r.0 = from;
+        }
+        true
+    });
+    let total: u64 = runs.iter().map(|r| r.1).sum();
+    let header = StreamHeader {
+        snapshot,
+        base,
+        block_size: pool.block_bytes(),
+        resume_offset: from,
+    };
+    let incremental = header.base.is_some();
+    let mut em = Emitter {
+        w: StreamWriter::new(out, &header)?,
+        data: None,
+        zero: None,
+        stats: SendStats::default(),
+    };
+    // Zero detection per pool block (at most 64 KiB at a time for huge blocks).
+    let piece = pool.block_bytes().min(64 << 10);
+    let mut buf = vec![0u8; MAX_DATA as usize];
+    let mut done = 0;
+    for (off, len, data) in runs {
+        if !data {
+            em.zero(off, len)?;
+            done += len;
+            progress(done, total);
+            continue;
+        }
+        let mut at = off;
+        while at < off + len {
+            let n = (off + len - at).min(MAX_DATA);
+            let chunk = &mut buf[..n as usize];
+            pool.read(snap, at, chunk)?;
+            let mut p = 0u64;
+            while p < n {
+                // Pieces follow block boundaries of the device.
+                let q = ((at + p) / piece + 1) * piece - at;
+                let q = q.min(n);
+                let bytes = &chunk[p as usize..q as usize];
+                if bytes.iter().all(|&b| b == 0) {
+                    em.stats.zero_detected_bytes += bytes.len() as u64;
+                    if incremental {
+                        // The base may hold data here: the receiver must zero it.
+                        em.zero(at + p, q - p)?;
+                    } else {
+                        // A new device reads zeros already.
+                        em.flush_data()?;
+                    }
+                } else {
+                    em.data(at + p, bytes)?;
+                }
+                p = q;
+            }
+            at += n;
+            done += n;
+            progress(done, total);
+        }
+    }
+    em.flush_data()?;
+    em.flush_zero()?;
+    let mut stats = em.stats;
+    let (_, bytes) = em.w.finish()?;
+    stats.stream_bytes = bytes;
+    Ok(stats)
+}

@@ -1,0 +1,391 @@
+use super::format::{Record, SnapshotRef, StreamHeader, StreamReader, StreamWriter};
+use super::*;
+use crate::pool::{Pool, PoolOptions};
+use crate::registry::{DeviceEntry, Registry};
+use crate::storage::MemStorage;
+use proptest::prelude::*;
+use std::sync::Arc;
+
+const DISK: u64 = 8 << 20;
+
+/// A pool on memory with its registry in a temporary directory.
+struct P {
+    pool: Pool,
+    meta: Arc<MemStorage>,
+    data: Arc<MemStorage>,
+    reg: Registry,
+    _dir: tempfile::TempDir,
+}
+
+fn pool(block_sectors: u32) -> P {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Arc::new(MemStorage::new(8 << 20));
+    let data = Arc::new(MemStorage::new(64 << 20));
+    let pool = Pool::create(
+        meta.clone(),
+        data.clone(),
+        block_sectors,
+        PoolOptions::default(),
+    )
+    .unwrap();
+    let reg = Registry::new(dir.path().join("reg.json"), 0);
+    P {
+        pool,
+        meta,
+        data,
+        reg,
+        _dir: dir,
+    }
+}
+
+impl P {
+    fn disk(&mut self, id: u32) {
+        self.pool.create_thin(id).unwrap();
+        let e = DeviceEntry {
+            name: Some(format!("disk{id}")),
+            size: DISK,
+            serial: "s".into(),
+            ..Default::default()
+        };
+        self.reg.insert(id, e).unwrap();
+        self.reg.commit(&self.pool).unwrap();
+    }
+
+    fn snap(&mut self, id: u32, origin: u32, name: &str) {
+        self.pool.create_snap(id, origin).unwrap();
+        let e = DeviceEntry {
+            name: Some(name.into()),
+            size: DISK,
+            serial: "s".into(),
+            snapshot: true,
+            origin: Some(origin),
+            ..Default::default()
+        };
+        self.reg.insert(id, e).unwrap();
+        assign_guids(&mut self.reg, &[id]).unwrap();
+        self.reg.commit(&self.pool).unwrap();
+    }
+
+    /// What a crash leaves: the pool and registry as last committed, reopened.
+    fn crash_and_reopen(&mut self) {
+        self.pool =
+            Pool::open(self.meta.clone(), self.data.clone(), PoolOptions::default()).unwrap();
+        self.reg = Registry::load(self.reg.path()).unwrap().unwrap();
+        assert_eq!(self.reg.transaction_id, self.pool.status().transaction_id);
+    }
+
+    fn read_all(&self, id: u32) -> Vec<u8> {
+        let mut v = vec![0u8; DISK as usize];
+        self.pool.read(id, 0, &mut v).unwrap();
+        v
+    }
+
+    fn send(&self, snap: u32, base: Option<u32>, resume: u64) -> (Vec<u8>, SendStats) {
+        let mut out = Vec::new();
+        let opts = SendOptions {
+            base,
+            resume_offset: resume,
+        };
+        let st = send(&self.pool, &self.reg, snap, &opts, &mut out, &mut |_, _| {}).unwrap();
+        (out, st)
+    }
+
+    fn recv(&mut self, stream: &[u8], resumable: bool) -> Result<Received, ReceiveError> {
+        let opts = ReceiveOptions {
+            resumable,
+            commit_every: 64 << 10,
+            ..Default::default()
+        };
+        receive(&self.pool, &mut self.reg, stream, &opts, &mut |_, _| {})
+    }
+
+    fn id_of(&self, name: &str) -> u32 {
+        self.reg.find(name).unwrap()
+    }
+
+    fn check(&self) {
+        self.pool.commit().unwrap();
+        let r = crate::check::check(self.meta.clone()).unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.devices, self.reg.devices.len() as u64);
+    }
+}
+
+/// A deterministic workload: writes of random length, some all-zero, discards, zeroes.
+fn scribble(p: &P, id: u32, seed: u64, ops: usize) {
+    let mut x = seed | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..ops {
+        let off = rnd() % (DISK - 200_000);
+        let len = 1 + rnd() % 150_000;
+        match rnd() % 6 {
+            0 => {
+                p.pool.discard(id, off, len).unwrap();
+            }
+            1 => p.pool.write_zeroes(id, off, len, rnd() % 2 == 0).unwrap(),
+            2 => p.pool.write(id, off, &vec![0u8; len as usize]).unwrap(),
+            _ => {
+                let v: Vec<u8> = (0..len).map(|i| (i ^ seed) as u8 | 1).collect();
+                p.pool.write(id, off, &v).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn full_and_incremental_chains_recreate_every_snapshot_across_block_sizes() {
+    for (src_bs, dst_bs) in [(128u32, 128u32), (128, 512), (512, 128)] {
+        let mut a = pool(src_bs);
+        let mut b = pool(dst_bs);
+        a.disk(0);
+        let mut prev: Option<u32> = None;
+        for round in 0..4u32 {
+            scribble(&a, 0, 7 + round as u64, 40);
+            let snap = 10 + round;
+            a.snap(snap, 0, &format!("s{round}"));
+            let (stream, st) = a.send(snap, prev, 0);
+            let got = b.recv(&stream, false).unwrap();
+            assert_eq!(got.name, format!("s{round}"));
+            assert_eq!(got.base.is_some(), prev.is_some());
+            assert_eq!(st.stream_bytes, stream.len() as u64);
+            assert_eq!(
+                b.read_all(got.id),
+                a.read_all(snap),
+                "round {round}, block sizes {src_bs} -> {dst_bs}"
+            );
+            prev = Some(snap);
+        }
+        // Every snapshot on the receiver still holds its own contents.
+        for round in 0..4u32 {
+            let name = format!("s{round}");
+            assert_eq!(b.read_all(b.id_of(&name)), a.read_all(a.id_of(&name)));
+        }
+        b.check();
+    }
+}
+
+#[test]
+fn unmapped_and_zero_blocks_are_not_sent_and_incremental_size_follows_the_change() {
+    let mut a = pool(128);
+    a.disk(0);
+    a.pool.write(0, 0, &vec![5u8; 1 << 20]).unwrap();
+    a.pool.write(0, 4 << 20, &vec![0u8; 1 << 20]).unwrap(); // mapped, but zeros
+    a.snap(1, 0, "base");
+    let (_, full) = a.send(1, None, 0);
+    assert_eq!(full.data_bytes, 1 << 20);
+    assert_eq!(full.zero_detected_bytes, 1 << 20);
+    assert!(full.stream_bytes < (1 << 20) + 4096);
+    // Change 128 KiB and unmap 64 KiB of the first MiB.
+    a.pool.write(0, 256 << 10, &vec![6u8; 128 << 10]).unwrap();
+    a.pool.discard(0, 0, 64 << 10).unwrap();
+    a.snap(2, 0, "next");
+    let (stream, inc) = a.send(2, Some(1), 0);
+    assert_eq!(inc.data_bytes, 128 << 10);
+    assert_eq!(inc.zero_bytes, 64 << 10);
+    assert!(stream.len() < (128 << 10) + 4096);
+}
+
+#[test]
+fn a_stream_whose_base_is_missing_or_different_is_refused_and_changes_nothing() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 1, 10);
+    a.snap(1, 0, "s1");
+    scribble(&a, 0, 2, 10);
+    a.snap(2, 0, "s2");
+    let (inc, _) = a.send(2, Some(1), 0);
+    let mut b = pool(128);
+    let e = b.recv(&inc, false).unwrap_err().to_string();
+    assert!(e.contains("does not have"), "{e}");
+    assert!(b.reg.devices.is_empty() && b.pool.devices().is_empty());
+
+    // The base arrives; then the same stream works, and a second time it is refused.
+    let (full, _) = a.send(1, None, 0);
+    b.recv(&full, false).unwrap();
+    b.recv(&inc, false).unwrap();
+    let e = b.recv(&inc, false).unwrap_err().to_string();
+    assert!(e.contains("already in the pool"), "{e}");
+
+    // A full stream under a name already used is refused before anything is made.
+    let mut c = pool(128);
+    c.disk(0);
+    c.reg.devices.get_mut(&0).unwrap().name = Some("s1".into());
+    let e = c.recv(&full, false).unwrap_err().to_string();
+    assert!(e.contains("exists"), "{e}");
+    assert_eq!(c.pool.devices().len(), 1);
+}
+
+#[test]
+fn corrupted_and_truncated_streams_are_rejected_and_leave_nothing() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 3, 30);
+    a.snap(1, 0, "s1");
+    let (stream, _) = a.send(1, None, 0);
+    let mut b = pool(128);
+    let mut x = 99u64;
+    for i in 0..60 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut bad = stream.clone();
+        if i % 2 == 0 {
+            let at = (x >> 11) as usize % bad.len();
+            bad[at] ^= 1 << (x % 8);
+        } else {
+            bad.truncate((x >> 11) as usize % bad.len());
+        }
+        let err = b.recv(&bad, false).unwrap_err();
+        assert!(matches!(err, ReceiveError::Failed(_)), "case {i}: {err}");
+        assert!(b.reg.devices.is_empty(), "case {i}: {err}");
+        assert!(b.pool.devices().is_empty(), "case {i}: {err}");
+    }
+    b.check();
+    // Trailing bytes after the end record are refused too.
+    let mut long = stream.clone();
+    long.push(0);
+    let e = b.recv(&long, false).unwrap_err().to_string();
+    assert!(e.contains("follow the end record"), "{e}");
+}
+
+#[test]
+fn an_interrupted_resumable_receive_resumes_without_resending_what_arrived() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 4, 60);
+    a.snap(1, 0, "s1");
+    scribble(&a, 0, 5, 30);
+    a.snap(2, 0, "s2");
+    let mut b = pool(512);
+    let mut x = 5u64;
+    for (snap, base) in [(1u32, None), (2, Some(1))] {
+        let (whole, _) = a.send(snap, base, 0);
+        let mut cut = whole.clone();
+        let mut interruptions = 0;
+        loop {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let keep = (x >> 11) as usize % cut.len().max(1);
+            let attempt = if interruptions < 3 {
+                &cut[..keep]
+            } else {
+                &cut[..]
+            };
+            match b.recv(attempt, true) {
+                Ok(r) => {
+                    assert_eq!(b.read_all(r.id), a.read_all(snap));
+                    break;
+                }
+                Err(ReceiveError::Interrupted(i)) => {
+                    interruptions += 1;
+                    let token: ResumeToken = i.token.to_string().parse().unwrap();
+                    assert_eq!(token, i.token);
+                    // What arrived survives a crash in between.
+                    b.crash_and_reopen();
+                    b.check();
+                    let (rest, _) = a.send(snap, base, token.offset);
+                    assert!(rest.len() <= whole.len());
+                    cut = rest;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    // An interrupted receive can be dropped instead.
+    scribble(&a, 0, 6, 10);
+    a.snap(3, 0, "s3");
+    let (s3, _) = a.send(3, Some(2), 0);
+    let Err(ReceiveError::Interrupted(i)) = b.recv(&s3[..s3.len() / 2], true) else {
+        panic!("expected an interruption")
+    };
+    let e = b.recv(&s3, true).unwrap_err().to_string();
+    assert!(e.contains("interrupted receive"), "{e}");
+    let before = b.pool.devices().len();
+    abort(&b.pool, &mut b.reg, &i.token.guid).unwrap();
+    assert_eq!(b.pool.devices().len(), before - 1);
+    b.recv(&s3, false).unwrap();
+    b.check();
+}
+
+#[test]
+fn only_snapshots_are_sent() {
+    let mut a = pool(128);
+    a.disk(0);
+    assign_guids(&mut a.reg, &[0]).unwrap();
+    let e = send(
+        &a.pool,
+        &a.reg,
+        0,
+        &SendOptions::default(),
+        Vec::new(),
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a snapshot"), "{e}");
+}
+
+fn header() -> StreamHeader {
+    StreamHeader {
+        snapshot: SnapshotRef {
+            guid: "0".repeat(32),
+            name: Some("x".into()),
+            size: 1 << 30,
+            created: 1,
+        },
+        base: None,
+        block_size: 65536,
+        resume_offset: 0,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Records round-trip; any byte flipped or any cut is an error, never a panic or a
+    /// different record sequence.
+    #[test]
+    fn records_round_trip_and_damage_is_detected(
+        recs in proptest::collection::vec((0u64..4096, 1usize..3000, any::<bool>()), 0..20),
+        flip in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut w = StreamWriter::new(Vec::new(), &header()).unwrap();
+        let mut pos = 0u64;
+        let mut want = Vec::new();
+        for (gap, len, data) in recs {
+            let off = pos + gap;
+            let r = if data {
+                Record::Data { offset: off, data: vec![(off % 251) as u8; len] }
+            } else {
+                Record::Zero { offset: off, length: len as u64 }
+            };
+            match &r {
+                Record::Data { offset, data } => w.data(*offset, data).unwrap(),
+                Record::Zero { offset, length } => w.zero(*offset, *length).unwrap(),
+            }
+            pos = r.end();
+            want.push(r);
+        }
+        let (bytes, n) = w.finish().unwrap();
+        prop_assert_eq!(bytes.len() as u64, n);
+        let read = |b: &[u8]| -> Result<Vec<Record>, StreamError> {
+            let mut r = StreamReader::new(b)?;
+            let mut v = Vec::new();
+            while let Some(x) = r.next_record()? { v.push(x); }
+            Ok(v)
+        };
+        prop_assert_eq!(read(&bytes).unwrap(), want);
+        let mut bad = bytes.clone();
+        bad[flip.index(bytes.len())] ^= 1 << bit;
+        prop_assert!(read(&bad).is_err());
+        prop_assert!(read(&bytes[..cut.index(bytes.len())]).is_err());
+    }
+}
