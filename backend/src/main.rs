@@ -24,6 +24,10 @@ enum Cmd {
     /// Thin device commands: create, snapshot, delete, ls, import, export.
     #[command(subcommand)]
     Thin(offline::thin_cmd::ThinCmd),
+    /// Write a snapshot as a stream (full, or incremental with --base), to a file or stdout.
+    Send(offline::stream_cmd::SendArgs),
+    /// Read a stream into a pool as a new snapshot (resumable with -s).
+    Receive(offline::stream_cmd::ReceiveArgs),
     /// Serve thin devices to VMs over vhost-user-blk.
     Serve(vhost_thin::serve_cmd::ServeArgs),
     /// Talk to a running daemon: disks, snapshots, clones, events.
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Pool(c) => offline::pool_cmd::run(c),
         Cmd::Thin(c) => offline::thin_cmd::run(c),
+        Cmd::Send(a) => offline::stream_cmd::send(a),
+        Cmd::Receive(a) => offline::stream_cmd::receive(a),
         Cmd::Serve(a) => vhost_thin::serve_cmd::run(a),
         Cmd::Ctl(a) => vhost_thin::ctl::run(a),
         Cmd::Config(ConfigCmd::Check { file }) => match vmm_config::load(&file) {

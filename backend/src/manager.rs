@@ -414,6 +414,9 @@ impl Manager {
                     "shared-bytes": u.shared_blocks * bs,
                     "created": e.created,
                 });
+                if let Some(g) = &e.guid {
+                    v["guid"] = json!(g);
+                }
                 if !snapshots {
                     let (socket, connected, queues) = served
                         .get(name)

@@ -7,6 +7,7 @@ pub struct Progress {
     what: &'static str,
     total: u64,
     enabled: bool,
+    tty: bool,
     last: Instant,
     start: Instant,
 }
@@ -20,9 +21,16 @@ impl Progress {
             what,
             total,
             enabled: tty && total > 0,
+            tty,
             last: now - Duration::from_secs(1),
             start: now,
         }
+    }
+
+    /// For work whose size is known only once it has started.
+    pub fn set_total(&mut self, total: u64) {
+        self.total = total;
+        self.enabled = self.tty && total > 0;
     }
 
     pub fn update(&mut self, done: u64) {

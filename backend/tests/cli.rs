@@ -411,3 +411,212 @@ fn a_crash_between_registry_and_pool_loses_no_device() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no registry"));
 }
+
+fn sha(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+fn export(p: &PoolFiles, id: &str) -> Vec<u8> {
+    let out = p.root.join(format!("export-{id}"));
+    ok(&[
+        "thin",
+        "export",
+        "-m",
+        &p.m,
+        "-d",
+        &p.d,
+        "--id",
+        id,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn send_and_receive_full_incremental_resumed_and_piped() {
+    // Source: 64 KiB blocks; destination: 256 KiB blocks.
+    let a = new_pool("64MiB");
+    let b = {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("meta").to_str().unwrap().to_string();
+        let d = dir.path().join("data").to_str().unwrap().to_string();
+        ok(&[
+            "pool",
+            "create",
+            "-m",
+            &m,
+            "-d",
+            &d,
+            "--data-size",
+            "64MiB",
+            "--block-size",
+            "256KiB",
+        ]);
+        PoolFiles {
+            root: dir.path().to_path_buf(),
+            _dir: dir,
+            m,
+            d,
+        }
+    };
+    let (m, d) = (a.m.as_str(), a.d.as_str());
+    ok(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "8MiB", "--name", "vm",
+    ]);
+    let import = |file: &str, bytes: &[u8], offset: &str| {
+        let f = a.root.join(file);
+        std::fs::write(&f, bytes).unwrap();
+        ok(&[
+            "thin",
+            "import",
+            "-m",
+            m,
+            "-d",
+            d,
+            "--id",
+            "0",
+            "-i",
+            f.to_str().unwrap(),
+            "--offset",
+            offset,
+        ]);
+    };
+    import("img", &pattern(3 << 20, 1), "0");
+    let snap = |id: &str, name: &str| {
+        ok(&[
+            "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", id, "--name", name,
+            "--kept",
+        ])
+    };
+    snap("1", "monday");
+    import("patch", &pattern(200 << 10, 7), "1000000");
+    snap("2", "tuesday");
+
+    // A clone (not a kept snapshot) is not sent.
+    let out = run(&["send", "-m", m, "-d", d, "0", "-o", "/dev/null"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a snapshot"));
+
+    let full = a.root.join("monday.vts");
+    let inc = a.root.join("tuesday.vts");
+    ok(&[
+        "send",
+        "-m",
+        m,
+        "-d",
+        d,
+        "monday",
+        "-o",
+        full.to_str().unwrap(),
+    ]);
+    ok(&[
+        "send",
+        "-m",
+        m,
+        "-d",
+        d,
+        "--base",
+        "monday",
+        "tuesday",
+        "-o",
+        inc.to_str().unwrap(),
+    ]);
+    let inc_len = std::fs::metadata(&inc).unwrap().len();
+    // 200 KiB changed, sent as whole 64 KiB blocks: at most 4 blocks + framing.
+    assert!(
+        inc_len < (320 << 10),
+        "incremental stream of {inc_len} bytes"
+    );
+
+    // The incremental alone is refused: its base is missing.
+    let out = run(&[
+        "receive",
+        "-m",
+        &b.m,
+        "-d",
+        &b.d,
+        "-i",
+        inc.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not have"));
+
+    // The full stream, cut short, into a resumable receive: exit 3 and a token.
+    let bytes = std::fs::read(&full).unwrap();
+    let cut = a.root.join("cut.vts");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = run(&[
+        "receive",
+        "-m",
+        &b.m,
+        "-d",
+        &b.d,
+        "-s",
+        "-i",
+        cut.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = v["resume-token"].as_str().unwrap().to_string();
+    // The rest, piped from send to receive.
+    let mut sender = Command::new(bin())
+        .args(["send", "-m", m, "-d", d, "--resume", &token, "monday"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let recv = Command::new(bin())
+        .args(["receive", "-m", &b.m, "-d", &b.d, "-s"])
+        .stdin(sender.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        recv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&recv.stderr)
+    );
+    assert!(sender.wait().unwrap().success());
+    ok(&[
+        "receive",
+        "-m",
+        &b.m,
+        "-d",
+        &b.d,
+        "-i",
+        inc.to_str().unwrap(),
+    ]);
+
+    let ls = ok(&["thin", "ls", "-m", &b.m, "-d", &b.d, "--json"]);
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let id_of = |name: &str| {
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in {ls}"))["id"]
+            .to_string()
+    };
+    for name in ["monday", "tuesday"] {
+        let src = if name == "monday" { "1" } else { "2" };
+        assert_eq!(
+            sha(&export(&b, &id_of(name))),
+            sha(&export(&a, src)),
+            "{name}"
+        );
+    }
+    ok(&["pool", "check", "-m", &b.m, "-d", &b.d]);
+    if let Some(tc) = tool("thin_check") {
+        let st = Command::new(tc).arg(&b.m).output().unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+}

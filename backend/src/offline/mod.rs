@@ -2,6 +2,7 @@
 //! devices directly (the daemon must not be serving the pool at the same time).
 
 pub mod pool_cmd;
+pub mod stream_cmd;
 pub mod thin_cmd;
 
 use anyhow::{bail, Context, Result};

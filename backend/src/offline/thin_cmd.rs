@@ -77,6 +77,10 @@ pub struct SnapshotArgs {
     id: u32,
     #[arg(long)]
     name: Option<String>,
+    /// A kept snapshot (read-only, never served; what `ctl snapshot` makes and what `send`
+    /// sends) instead of a writable clone.
+    #[arg(long)]
+    kept: bool,
 }
 
 #[derive(Args, Debug)]
@@ -177,6 +181,8 @@ fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
                 serial: make_serial(a.id, created, super::serial_salt(&a.paths.metadata)),
                 origin: Some(a.origin),
                 created,
+                snapshot: a.kept,
+                read_only: a.kept,
                 ..Default::default()
             },
         )?;
@@ -206,6 +212,14 @@ struct LsRow {
     size: Option<u64>,
     serial: Option<String>,
     origin: Option<u32>,
+    /// A kept snapshot (`thin snapshot --kept`, `ctl snapshot`, or received).
+    snapshot: bool,
+    /// Send/receive identity, once the device has been sent or received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guid: Option<String>,
+    /// A receive in progress or interrupted into this device: not a snapshot yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receiving: Option<thinpool::registry::PartialReceive>,
     mapped_bytes: u64,
     exclusive_bytes: u64,
     shared_bytes: u64,
@@ -228,6 +242,9 @@ fn ls(a: LsArgs) -> Result<ExitCode> {
                 size: e.map(|e| e.size),
                 serial: e.map(|e| e.serial.clone()),
                 origin: e.and_then(|e| e.origin),
+                snapshot: e.is_some_and(|e| e.snapshot),
+                guid: e.and_then(|e| e.guid.clone()),
+                receiving: e.and_then(|e| e.receiving.clone()),
                 mapped_bytes: u.mapped_blocks * bs,
                 exclusive_bytes: u.exclusive_blocks * bs,
                 shared_bytes: u.shared_blocks * bs,
@@ -247,7 +264,11 @@ fn ls(a: LsArgs) -> Result<ExitCode> {
         println!(
             "{:>8}  {:<16} {:>10} {:>10} {:>10} {:>10} {:>6}  {}",
             r.id,
-            r.name.unwrap_or_else(|| "-".into()),
+            match (&r.name, &r.receiving) {
+                (Some(n), _) => n.clone(),
+                (None, Some(p)) => format!("({} receiving)", p.name),
+                (None, None) => "-".into(),
+            },
             r.size.map(human).unwrap_or_else(|| "-".into()),
             human(r.mapped_bytes),
             human(r.exclusive_bytes),

@@ -1,0 +1,186 @@
+//! `vhost-thin send` and `vhost-thin receive`: snapshots as streams, between pools, files
+//! and pipes (`send … | ssh host vhost-thin receive …`). Format: docs/STREAMS.md.
+
+use super::{commit_change, load_registry, open_pool, PoolPaths};
+use crate::progress::Progress;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use thinpool::pool::Pool;
+use thinpool::registry::Registry;
+use thinpool::stream::{self, ReceiveError, ReceiveOptions, ResumeToken, SendOptions};
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub paths: PoolPaths,
+    /// Send only what changed since this snapshot (name or thin id); the receiver must
+    /// have received it.
+    #[arg(long, short = 'i', value_name = "SNAPSHOT")]
+    pub base: Option<String>,
+    /// Send the rest of an interrupted receive (the token it printed).
+    #[arg(long, value_name = "TOKEN")]
+    pub resume: Option<ResumeToken>,
+    /// Where the stream goes ("-": standard output).
+    #[arg(long, short = 'o', default_value = "-", value_name = "FILE")]
+    pub output: PathBuf,
+    /// Print what was sent as JSON on stderr at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// The snapshot to send (name or thin id).
+    pub snapshot: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    #[command(flatten)]
+    pub paths: PoolPaths,
+    /// Name of the received snapshot (default: the sender's).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Keep what arrived if the stream is cut off, and print a token to resume from.
+    #[arg(long, short = 's')]
+    pub resumable: bool,
+    /// Drop an interrupted receive (its token) instead of receiving.
+    #[arg(long, value_name = "TOKEN", conflicts_with_all = ["name", "resumable", "input"])]
+    pub abort: Option<ResumeToken>,
+    /// Where the stream comes from ("-": standard input).
+    #[arg(long, short = 'i', default_value = "-", value_name = "FILE")]
+    pub input: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A device by name (registry) or thin id.
+fn resolve(reg: &Registry, what: &str) -> Result<u32> {
+    if let Some(id) = reg.find(what) {
+        return Ok(id);
+    }
+    match what.parse::<u32>() {
+        Ok(id) if reg.devices.contains_key(&id) => Ok(id),
+        _ => bail!("no snapshot named {what:?} in the pool's registry"),
+    }
+}
+
+fn registry_of(paths: &PoolPaths, pool: &Pool) -> Result<Registry> {
+    load_registry(paths, pool)?.with_context(|| {
+        format!(
+            "the pool {} has no registry: send and receive need one (names, sizes, identities)",
+            paths.metadata.display()
+        )
+    })
+}
+
+pub fn send(a: SendArgs) -> Result<ExitCode> {
+    // Writable: a snapshot gets its identity (guid) at its first send.
+    let pool = open_pool(&a.paths, true)?;
+    let mut reg = registry_of(&a.paths, &pool)?;
+    let snap = resolve(&reg, &a.snapshot)?;
+    let base = a.base.as_deref().map(|b| resolve(&reg, b)).transpose()?;
+    let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
+    if stream::assign_guids(&mut reg, &ids)? {
+        commit_change(&pool, Some(&mut reg))?;
+    }
+    let resume_offset = match &a.resume {
+        None => 0,
+        Some(t) => {
+            let guid = reg.devices[&snap].guid.as_deref().unwrap_or_default();
+            if t.guid != guid {
+                bail!(
+                    "the token {t} resumes snapshot {}, not {} ({guid})",
+                    t.guid,
+                    a.snapshot
+                );
+            }
+            t.offset
+        }
+    };
+    let out: Box<dyn Write> = if a.output.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(&a.output)
+                .with_context(|| format!("cannot create {}", a.output.display()))?,
+        )
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let mut progress = Progress::new("sending", 0);
+    let opts = SendOptions {
+        base,
+        resume_offset,
+    };
+    let stats = stream::send(&pool, &reg, snap, &opts, &mut out, &mut |done, total| {
+        progress.set_total(total);
+        progress.update(done);
+    })
+    .with_context(|| format!("cannot send {}", a.snapshot))?;
+    out.flush().context("writing the stream")?;
+    progress.finish();
+    if a.json {
+        eprintln!("{}", serde_json::to_string(&stats)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
+    let pool = open_pool(&a.paths, true)?;
+    let mut reg = registry_of(&a.paths, &pool)?;
+    if let Some(t) = &a.abort {
+        let id = stream::abort(&pool, &mut reg, &t.guid)?;
+        println!("dropped the interrupted receive (thin device {id})");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let input: Box<dyn Read> = if a.input.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(&a.input)
+                .with_context(|| format!("cannot open {}", a.input.display()))?,
+        )
+    };
+    let input = BufReader::with_capacity(1 << 20, input);
+    let opts = ReceiveOptions {
+        name: a.name.clone(),
+        resumable: a.resumable,
+        ..Default::default()
+    };
+    let mut progress = Progress::new("receiving", 0);
+    let r = stream::receive(&pool, &mut reg, input, &opts, &mut |done, total| {
+        progress.set_total(total);
+        progress.update(done);
+    });
+    progress.finish();
+    match r {
+        Ok(got) => {
+            if a.json {
+                println!("{}", serde_json::to_string(&got)?);
+            } else {
+                println!(
+                    "received snapshot {} (thin device {}{}), {} records, {} stream bytes",
+                    got.name,
+                    got.id,
+                    got.base
+                        .map(|b| format!(", on top of thin device {b}"))
+                        .unwrap_or_default(),
+                    got.records,
+                    got.stream_bytes
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ReceiveError::Interrupted(i)) => {
+            eprintln!("vhost-thin: error: {i}");
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"resume-token": i.token.to_string()})
+                );
+            }
+            Ok(ExitCode::from(3))
+        }
+        Err(ReceiveError::Failed(e)) => Err(e).context("receive failed; nothing was kept"),
+    }
+}
