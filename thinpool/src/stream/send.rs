@@ -1,7 +1,8 @@
 //! Writing a snapshot as a stream: every mapped extent (full), or only what changed since a
 //! base snapshot (incremental: the changed-only walk of the two mapping trees, which skips
-//! the subtrees they share). Unmapped extents are not sent; blocks that read as zeros are
-//! not sent as data.
+//! the subtrees they share; within a changed block only the 4 KiB pages that differ from
+//! the base are sent). Unmapped extents are not sent; pages that read as zeros are not
+//! sent as data.
 
 use super::format::{SnapshotRef, StreamHeader, StreamWriter, MAX_DATA};
 use super::{new_guid, StreamError};
@@ -9,6 +10,9 @@ use crate::delta::{self, DeltaKind};
 use crate::pool::Pool;
 use crate::registry::Registry;
 use std::io::Write;
+
+/// Granularity of zero detection and of comparison with the base: a guest's page.
+const PIECE: u64 = 4096;
 
 #[derive(Clone, Debug, Default)]
 pub struct SendOptions {
@@ -26,6 +30,9 @@ pub struct SendStats {
     pub zero_bytes: u64,
     /// Bytes of changed or mapped extents that read as zeros and were not sent as data.
     pub zero_detected_bytes: u64,
+    /// Bytes of changed blocks equal to the base's (a block is copied whole on its first
+    /// write after a snapshot; only the pages that differ are sent).
+    pub unchanged_bytes: u64,
     pub records: u64,
     /// Length of the whole stream.
     pub stream_bytes: u64,
@@ -78,31 +85,47 @@ fn snapshot_ref(reg: &Registry, id: u32) -> Result<SnapshotRef, StreamError> {
     })
 }
 
-/// Extents to send, in device bytes: `(offset, length, data)`; `data` false means the
-/// extent reads as zeros now (unmapped since the base).
+/// What the receiver's device holds in an extent before the stream reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Before {
+    /// Zeros: the base does not map it (or there is no base).
+    Zeros,
+    /// The base's data, which the snapshot changed (mapped to another block): only the
+    /// parts that differ are sent.
+    Base,
+    /// The base's data, which the snapshot unmapped: it reads as zeros now.
+    Unmapped,
+}
+
+/// Extents to send, in device bytes: `(offset, length, before)`.
 fn extents(
     pool: &Pool,
     snap: u32,
     base: Option<u32>,
     size: u64,
-) -> Result<Vec<(u64, u64, bool)>, StreamError> {
+) -> Result<Vec<(u64, u64, Before)>, StreamError> {
     let bb = pool.block_bytes();
-    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-    let mut push = |begin: u64, len: u64, data: bool| {
+    let mut runs: Vec<(u64, u64, Before)> = Vec::new();
+    let mut push = |begin: u64, len: u64, before: Before| {
         let (start, end) = (begin * bb, ((begin + len) * bb).min(size));
         if start >= end {
             return;
         }
         match runs.last_mut() {
-            Some(r) if r.2 == data && r.0 + r.1 == start => r.1 = end - r.0,
-            _ => runs.push((start, end - start, data)),
+            Some(r) if r.2 == before && r.0 + r.1 == start => r.1 = end - r.0,
+            _ => runs.push((start, end - start, before)),
         }
     };
     match base {
         Some(base) => {
             let changed = pool.with_metadata(|md| delta::changed_runs(md, base, snap, false))?;
             for r in changed {
-                push(r.begin, r.length, r.kind != DeltaKind::LeftOnly);
+                let before = match r.kind {
+                    DeltaKind::LeftOnly => Before::Unmapped,
+                    DeltaKind::Different => Before::Base,
+                    _ => Before::Zeros,
+                };
+                push(r.begin, r.length, before);
             }
         }
         None => {
@@ -120,7 +143,7 @@ fn extents(
                     })
                 })?;
                 for vb in mapped {
-                    push(vb, 1, true);
+                    push(vb, 1, Before::Zeros);
                 }
                 begin = end;
             }
@@ -229,19 +252,17 @@ pub fn send<W: Write>(
         block_size: pool.block_bytes(),
         resume_offset: from,
     };
-    let incremental = header.base.is_some();
     let mut em = Emitter {
         w: StreamWriter::new(out, &header)?,
         data: None,
         zero: None,
         stats: SendStats::default(),
     };
-    // Zero detection per pool block (at most 64 KiB at a time for huge blocks).
-    let piece = pool.block_bytes().min(64 << 10);
     let mut buf = vec![0u8; MAX_DATA as usize];
+    let mut old = vec![0u8; MAX_DATA as usize];
     let mut done = 0;
-    for (off, len, data) in runs {
-        if !data {
+    for (off, len, before) in runs {
+        if before == Before::Unmapped {
             em.zero(off, len)?;
             done += len;
             progress(done, total);
@@ -252,20 +273,33 @@ pub fn send<W: Write>(
             let n = (off + len - at).min(MAX_DATA);
             let chunk = &mut buf[..n as usize];
             pool.read(snap, at, chunk)?;
+            if before == Before::Base {
+                pool.read(
+                    opts.base.expect("Base runs come from a base"),
+                    at,
+                    &mut old[..n as usize],
+                )?;
+            }
             let mut p = 0u64;
             while p < n {
-                // Pieces follow block boundaries of the device.
-                let q = ((at + p) / piece + 1) * piece - at;
-                let q = q.min(n);
-                let bytes = &chunk[p as usize..q as usize];
-                if bytes.iter().all(|&b| b == 0) {
-                    em.stats.zero_detected_bytes += bytes.len() as u64;
-                    if incremental {
-                        // The base may hold data here: the receiver must zero it.
+                // Pieces follow the device's PIECE boundaries.
+                let q = (((at + p) / PIECE + 1) * PIECE - at).min(n);
+                let (i, j) = (p as usize, q as usize);
+                let bytes = &chunk[i..j];
+                if before == Before::Base && bytes == &old[i..j] {
+                    // The receiver has these bytes from its copy of the base.
+                    em.stats.unchanged_bytes += q - p;
+                    em.flush_data()?;
+                    em.flush_zero()?;
+                } else if bytes.iter().all(|&b| b == 0) {
+                    em.stats.zero_detected_bytes += q - p;
+                    if before == Before::Base {
+                        // The base holds data here: the receiver must zero it.
                         em.zero(at + p, q - p)?;
                     } else {
-                        // A new device reads zeros already.
+                        // Reads as zeros there already.
                         em.flush_data()?;
+                        em.flush_zero()?;
                     }
                 } else {
                     em.data(at + p, bytes)?;

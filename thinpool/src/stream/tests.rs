@@ -188,6 +188,12 @@ fn unmapped_and_zero_blocks_are_not_sent_and_incremental_size_follows_the_change
     assert_eq!(inc.data_bytes, 128 << 10);
     assert_eq!(inc.zero_bytes, 64 << 10);
     assert!(stream.len() < (128 << 10) + 4096);
+    // A 4 KiB write copies its 64 KiB block, but only the page that differs is sent.
+    a.pool.write(0, (512 << 10) + 8192, &[9u8; 4096]).unwrap();
+    a.snap(3, 0, "page");
+    let (_, page) = a.send(3, Some(2), 0);
+    assert_eq!(page.data_bytes, 4096);
+    assert_eq!(page.unchanged_bytes, (64 << 10) - 4096);
 }
 
 #[test]
