@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use thinpool::pool::{Pool, PoolOptions};
+use thinpool::pool::{CommitHold, Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
 
@@ -97,13 +97,20 @@ pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>>
 /// Commits a change: registry first (with the next transaction id), then the pool
 /// carrying the same id — so after a crash in between the registry is exactly one ahead.
 pub fn commit_change(pool: &Pool, registry: Option<&mut Registry>) -> Result<()> {
+    commit_change_held(&pool.hold_commits(), registry)
+}
+
+/// [`commit_change`] under a hold the caller took before changing the pool, so that no
+/// other commit made part of the change durable under the old transaction id.
+pub fn commit_change_held(hold: &CommitHold<'_>, registry: Option<&mut Registry>) -> Result<()> {
+    let pool = hold.pool();
     if let Some(reg) = registry {
         let old = pool.status().transaction_id;
         reg.transaction_id = old + 1;
         reg.save()?;
         pool.set_transaction_id(old, old + 1)?;
     }
-    pool.commit().context("commit failed")?;
+    hold.commit().context("commit failed")?;
     Ok(())
 }
 
