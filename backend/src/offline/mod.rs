@@ -78,16 +78,24 @@ pub fn open_pool(paths: &PoolPaths, writable: bool) -> Result<Pool> {
     Ok(pool)
 }
 
-/// Loads the registry if there is one, printing any disagreement with the pool.
+/// Loads the registry if there is one, back at the pool's transaction after a crash in
+/// the middle of a change, printing any disagreement with the pool.
 pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>> {
     let Some(path) = registry_path(paths) else {
         return Ok(None);
     };
-    let Some(reg) = Registry::load(&path)? else {
+    let Some(mut reg) = Registry::load(&path)? else {
         return Ok(None);
     };
+    let tid = pool.status().transaction_id;
+    // A crash between the registry write and the pool commit: go back to the state the
+    // pool holds. In memory only; the next change writes it (a read-only command, such as
+    // `thin ls`, must not write).
+    if let Some(m) = reg.recover(tid) {
+        eprintln!("vhost-thin: warning: {}: {m}", path.display());
+    }
     let ids: Vec<u32> = pool.devices().iter().map(|(id, _)| *id).collect();
-    let rec = reg.reconcile(pool.status().transaction_id, &ids);
+    let rec = reg.reconcile(tid, &ids);
     for m in &rec.messages {
         eprintln!("vhost-thin: warning: {}: {m}", path.display());
     }
