@@ -3,7 +3,7 @@
 //! Each state change (disk added, snapshot, delete, resize, …) is durable when the call
 //! returns: the registry is written first with the next transaction id, then the pool is
 //! committed carrying the same id (see `thinpool::registry`), so a crash in between leaves
-//! the old state or the new one, and the mismatch is reported on the next start.
+//! the registry one transaction ahead, and the next start goes back to the old state.
 
 use crate::blk::backend::BlkBackend;
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
