@@ -3,14 +3,14 @@
 //! Each state change (disk added, snapshot, delete, resize, …) is durable when the call
 //! returns: the registry is written first with the next transaction id, then the pool is
 //! committed carrying the same id (see `thinpool::registry`), so a crash in between leaves
-//! the old state or the new one, and the mismatch is reported on the next start.
+//! the registry one transaction ahead, and the next start goes back to the old state.
 
 use crate::blk::backend::BlkBackend;
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
 use crate::blk::relay::{self, HandlerSocket};
 use crate::mgmt::events::EventBus;
 use crate::mgmt::QmpError;
-use crate::offline::commit_change;
+use crate::offline::commit_change_held;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -55,10 +55,17 @@ impl PoolHandle {
 
     /// Applies a change to the pool and the registry, then makes both durable. `f` must
     /// do its checks before it changes anything.
+    ///
+    /// Commits are held off from before `f` until the change is committed: a periodic
+    /// commit or a guest's FLUSH landing after `f` changed the pool but before the
+    /// registry is written would make the pool half of the change (a device created or
+    /// deleted) under the old transaction id, which a crash then leaves disagreeing with
+    /// the registry.
     fn change<T>(&self, f: impl FnOnce(&Pool, &mut Registry) -> R<T>) -> R<T> {
         let mut reg = self.registry.lock().unwrap();
+        let hold = self.pool.hold_commits();
         let v = f(&self.pool, &mut reg)?;
-        commit_change(&self.pool, Some(&mut reg))?;
+        commit_change_held(&hold, Some(&mut reg))?;
         Ok(v)
     }
 }

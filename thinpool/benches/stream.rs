@@ -47,7 +47,7 @@ fn snapshot(s: &mut Side, id: u32, origin: u32, name: &str, size: u64) {
     };
     s.reg.insert(id, e).unwrap();
     stream::assign_guids(&mut s.reg, &[id]).unwrap();
-    s.reg.commit(&s.pool).unwrap();
+    s.reg.commit(&s.pool.hold_commits()).unwrap();
 }
 
 fn mibs(bytes: u64, secs: f64) -> String {

@@ -90,6 +90,23 @@ struct Inner {
     read_only_requested: bool,
 }
 
+/// No other commit of the pool happens while this lives (see [`Pool::hold_commits`]).
+pub struct CommitHold<'a> {
+    pool: &'a Pool,
+    _one_at_a_time: MutexGuard<'a, ()>,
+}
+
+impl CommitHold<'_> {
+    pub fn pool(&self) -> &Pool {
+        self.pool
+    }
+
+    /// Commits, as [`Pool::commit`]; the hold goes on.
+    pub fn commit(&self) -> Result<()> {
+        self.pool.commit_held()
+    }
+}
+
 pub struct Pool {
     inner: Mutex<Inner>,
     commit_lock: Mutex<()>,
@@ -463,7 +480,23 @@ impl Pool {
     /// during it; only new mappings wait (their data might otherwise miss the flush while
     /// their mapping makes the commit). The metadata writes then run under the lock.
     pub fn commit(&self) -> Result<()> {
-        let _one_at_a_time = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.hold_commits().commit()
+    }
+
+    /// Keeps every other commit (periodic, a guest's FLUSH, …) out until the hold is
+    /// dropped, for a change of several steps that must reach the disk in one commit or
+    /// not at all: device operations plus a file written beside the pool (the registry)
+    /// whose transaction id the commit carries. Without it a commit from another thread
+    /// could land between the steps and make half of the change durable under the old
+    /// transaction id. Block I/O goes on meanwhile; only commits wait.
+    pub fn hold_commits(&self) -> CommitHold<'_> {
+        CommitHold {
+            pool: self,
+            _one_at_a_time: self.commit_lock.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    fn commit_held(&self) -> Result<()> {
         let metadata_dirty = {
             let mut g = self.lock();
             Self::check_not_failed(&g)?;

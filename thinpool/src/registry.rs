@@ -5,9 +5,12 @@
 //! its metadata to a thin pool with `set_transaction_id`: a change writes the registry
 //! with `transaction_id = n + 1` first (atomically: temporary file, fsync, rename, fsync
 //! of the directory), then commits the pool with transaction id `n + 1`. After a crash
-//! between the two, the registry is one ahead; [`Registry::reconcile`] reports that
-//! clearly and nothing is lost: a device that is in the pool but not in the registry is
-//! still reachable by its thin id, and a registry entry without a pool device is reported.
+//! between the two, the registry is one ahead. The file also keeps the state before that
+//! last change, so [`Registry::recover`] goes back to it: the change that the pool did not
+//! commit is undone in the registry too, and the two agree again (the old state, never
+//! half of the new one). [`Registry::reconcile`] reports any other disagreement: a device
+//! that is in the pool but not in the registry is still reachable by its thin id, and a
+//! registry entry without a pool device is reported.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -16,7 +19,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "vhost-thin-registry";
-pub const VERSION: u32 = 1;
+/// Version 2 added `previous`; version 1 files are read as they are.
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -86,6 +90,18 @@ struct OnDisk {
     version: u32,
     transaction_id: u64,
     devices: BTreeMap<u32, DeviceEntry>,
+    /// The state before the last change: what the registry goes back to when the pool
+    /// did not commit that change (a crash between the two writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<State>,
+}
+
+/// The registry at one transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct State {
+    transaction_id: u64,
+    devices: BTreeMap<u32, DeviceEntry>,
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +109,10 @@ pub struct Registry {
     path: PathBuf,
     pub transaction_id: u64,
     pub devices: BTreeMap<u32, DeviceEntry>,
+    /// What the file holds as the current state (None before the first load or save).
+    saved: Option<State>,
+    /// What the file holds as the previous state.
+    previous: Option<State>,
 }
 
 /// How the registry and the pool relate.
@@ -119,6 +139,8 @@ impl Registry {
             path: path.into(),
             transaction_id,
             devices: BTreeMap::new(),
+            saved: None,
+            previous: None,
         }
     }
 
@@ -138,11 +160,11 @@ impl Registry {
             path: path.clone(),
             msg: e.to_string(),
         })?;
-        if d.format != FORMAT || d.version != VERSION {
+        if d.format != FORMAT || !(1..=VERSION).contains(&d.version) {
             return Err(RegistryError::Invalid {
                 path,
                 msg: format!(
-                    "format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+                    "format {:?} version {}, expected {FORMAT:?} version 1 to {VERSION}",
                     d.format, d.version
                 ),
             });
@@ -150,21 +172,36 @@ impl Registry {
         Ok(Some(Registry {
             path,
             transaction_id: d.transaction_id,
+            saved: Some(State {
+                transaction_id: d.transaction_id,
+                devices: d.devices.clone(),
+            }),
             devices: d.devices,
+            previous: d.previous,
         }))
     }
 
-    /// Writes the registry atomically: a crash leaves the old or the new file.
-    pub fn save(&self) -> Result<(), RegistryError> {
+    /// Writes the registry atomically: a crash leaves the old or the new file. The state
+    /// the file held, if it was an earlier transaction, is kept in it as the previous one.
+    pub fn save(&mut self) -> Result<(), RegistryError> {
         let err = |source| RegistryError::Io {
             path: self.path.clone(),
             source,
+        };
+        let previous = match &self.saved {
+            Some(s) if s.transaction_id != self.transaction_id => Some(s.clone()),
+            _ => self.previous.clone(),
+        };
+        let current = State {
+            transaction_id: self.transaction_id,
+            devices: self.devices.clone(),
         };
         let d = OnDisk {
             format: FORMAT.into(),
             version: VERSION,
             transaction_id: self.transaction_id,
             devices: self.devices.clone(),
+            previous: previous.clone(),
         };
         let text = serde_json::to_string_pretty(&d).expect("serialisable");
         let mut tmp = self.path.as_os_str().to_owned();
@@ -187,18 +224,49 @@ impl Registry {
             _ => PathBuf::from("."),
         };
         File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
+        self.saved = Some(current);
+        self.previous = previous;
         Ok(())
+    }
+
+    /// After a crash between the registry write and the pool commit (the registry one
+    /// transaction ahead of the pool), goes back to the state before that change, in
+    /// memory: the change was never acknowledged, and the pool does not hold it. Returns
+    /// what was done, for the operator; None when there was nothing to do or the file
+    /// does not say what came before (written by version 1).
+    pub fn recover(&mut self, pool_transaction_id: u64) -> Option<String> {
+        if self.transaction_id != pool_transaction_id + 1 {
+            return None;
+        }
+        let prev = self
+            .previous
+            .as_ref()
+            .filter(|p| p.transaction_id == pool_transaction_id)?
+            .clone();
+        let msg = format!(
+            "the registry ({}) was one transaction ahead of the pool ({pool_transaction_id}): the last change was written to the registry but not committed to the pool, so it is undone",
+            self.transaction_id
+        );
+        self.transaction_id = prev.transaction_id;
+        self.devices = prev.devices.clone();
+        // The next save writes a new transaction over the state gone back to.
+        self.saved = Some(prev);
+        self.previous = None;
+        Some(msg)
     }
 
     /// Makes a change durable in both places: the registry first, carrying the next
     /// transaction id, then the pool committing with that id, so that after a crash in
     /// between the registry is exactly one transaction ahead (see the module doc).
-    pub fn commit(&mut self, pool: &crate::pool::Pool) -> Result<(), RegistryError> {
+    /// The hold must have been taken before the pool was changed, so that no other commit
+    /// made part of the change durable under the old transaction id.
+    pub fn commit(&mut self, hold: &crate::pool::CommitHold<'_>) -> Result<(), RegistryError> {
+        let pool = hold.pool();
         let old = pool.status().transaction_id;
         self.transaction_id = old + 1;
         self.save()?;
         pool.set_transaction_id(old, old + 1)?;
-        pool.commit()?;
+        hold.commit()?;
         Ok(())
     }
 
@@ -333,5 +401,69 @@ mod tests {
         ));
         assert_eq!(make_serial(1, 2, 3).len(), 19);
         assert_ne!(make_serial(1, 2, 3), make_serial(2, 2, 3));
+    }
+
+    #[test]
+    fn recover_goes_back_to_the_state_the_pool_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.registry.json");
+        let entry = |n: &str| DeviceEntry {
+            name: Some(n.into()),
+            size: 1 << 20,
+            ..Default::default()
+        };
+        let mut r = Registry::new(&path, 3);
+        r.insert(0, entry("vm1")).unwrap();
+        r.save().unwrap();
+        // A change written to the registry (transaction 4), then a crash before the pool
+        // committed it: the pool is still at 3.
+        let mut r = Registry::load(&path).unwrap().unwrap();
+        r.devices.remove(&0);
+        r.insert(1, entry("vm2")).unwrap();
+        r.transaction_id = 4;
+        r.save().unwrap();
+        let mut l = Registry::load(&path).unwrap().unwrap();
+        assert_eq!(
+            l.recover(4),
+            None,
+            "nothing to do when the pool committed it"
+        );
+        let msg = l.recover(3).expect("one transaction ahead");
+        assert!(msg.contains("undone"), "{msg}");
+        assert_eq!(l.transaction_id, 3);
+        assert_eq!(l.devices.keys().collect::<Vec<_>>(), [&0]);
+        assert!(l.reconcile(3, &[0]).consistent);
+        // The next change is written over the state gone back to, which it keeps as its
+        // previous one.
+        l.insert(2, entry("vm3")).unwrap();
+        l.transaction_id = 4;
+        l.save().unwrap();
+        let mut again = Registry::load(&path).unwrap().unwrap();
+        assert_eq!(again.find("vm3"), Some(2));
+        assert_eq!(again.find("vm2"), None);
+        again.recover(3).unwrap();
+        assert_eq!(again.devices.keys().collect::<Vec<_>>(), [&0]);
+        // Saving the same transaction again keeps the previous state it had.
+        let mut same = Registry::load(&path).unwrap().unwrap();
+        same.save().unwrap();
+        let mut same = Registry::load(&path).unwrap().unwrap();
+        assert!(same.recover(3).is_some());
+    }
+
+    #[test]
+    fn version_1_files_load_and_cannot_be_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.registry.json");
+        std::fs::write(
+            &path,
+            r#"{"format": "vhost-thin-registry", "version": 1, "transaction_id": 5,
+                "devices": {"0": {"name": "vm1", "size": 512, "serial": "x"}}}"#,
+        )
+        .unwrap();
+        let mut r = Registry::load(&path).unwrap().unwrap();
+        assert_eq!(r.find("vm1"), Some(0));
+        // It does not say what came before: reported by reconcile, not undone.
+        assert_eq!(r.recover(4), None);
+        assert!(!r.reconcile(4, &[0]).consistent);
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use thinpool::pool::{Pool, PoolOptions};
+use thinpool::pool::{CommitHold, Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
 
@@ -79,16 +79,24 @@ pub fn open_pool(paths: &PoolPaths, writable: bool) -> Result<Pool> {
     Ok(pool)
 }
 
-/// Loads the registry if there is one, printing any disagreement with the pool.
+/// Loads the registry if there is one, back at the pool's transaction after a crash in
+/// the middle of a change, printing any disagreement with the pool.
 pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>> {
     let Some(path) = registry_path(paths) else {
         return Ok(None);
     };
-    let Some(reg) = Registry::load(&path)? else {
+    let Some(mut reg) = Registry::load(&path)? else {
         return Ok(None);
     };
+    let tid = pool.status().transaction_id;
+    // A crash between the registry write and the pool commit: go back to the state the
+    // pool holds. In memory only; the next change writes it (a read-only command, such as
+    // `thin ls`, must not write).
+    if let Some(m) = reg.recover(tid) {
+        eprintln!("vhost-thin: warning: {}: {m}", path.display());
+    }
     let ids: Vec<u32> = pool.devices().iter().map(|(id, _)| *id).collect();
-    let rec = reg.reconcile(pool.status().transaction_id, &ids);
+    let rec = reg.reconcile(tid, &ids);
     for m in &rec.messages {
         eprintln!("vhost-thin: warning: {}: {m}", path.display());
     }
@@ -98,9 +106,15 @@ pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>>
 /// Commits a change: registry first (with the next transaction id), then the pool
 /// carrying the same id — so after a crash in between the registry is exactly one ahead.
 pub fn commit_change(pool: &Pool, registry: Option<&mut Registry>) -> Result<()> {
+    commit_change_held(&pool.hold_commits(), registry)
+}
+
+/// [`commit_change`] under a hold the caller took before changing the pool, so that no
+/// other commit made part of the change durable under the old transaction id.
+pub fn commit_change_held(hold: &CommitHold<'_>, registry: Option<&mut Registry>) -> Result<()> {
     match registry {
-        Some(reg) => reg.commit(pool)?,
-        None => pool.commit().context("commit failed")?,
+        Some(reg) => reg.commit(hold)?,
+        None => hold.commit().context("commit failed")?,
     }
     Ok(())
 }

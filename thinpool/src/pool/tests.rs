@@ -236,3 +236,29 @@ fn flush_syncs_overwrites_that_change_no_metadata() {
         "the overwrite must be flushed"
     );
 }
+
+#[test]
+fn a_commit_hold_keeps_other_commits_out_until_it_is_dropped() {
+    let p = Arc::new(mem_pool(16));
+    let hold = p.hold_commits();
+    // The first step of a change: no commit from elsewhere may make it durable alone.
+    p.create_thin(1).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let other = {
+        let (p, done) = (p.clone(), done.clone());
+        std::thread::spawn(move || {
+            p.commit().unwrap();
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!done.load(Ordering::SeqCst), "a commit ran during the hold");
+    // The rest of the change, committed under the hold.
+    hold.pool().set_transaction_id(0, 1).unwrap();
+    hold.commit().unwrap();
+    assert!(!p.status().uncommitted_changes);
+    drop(hold);
+    other.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+    assert_eq!(p.status().transaction_id, 1);
+}

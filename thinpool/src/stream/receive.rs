@@ -149,6 +149,8 @@ fn target(
     }
     let ids: Vec<u32> = pool.devices().iter().map(|(id, _)| *id).collect();
     let id = reg.next_id(&ids);
+    // No other commit may make the new device durable before the registry names it.
+    let hold = pool.hold_commits();
     match base {
         Some(b) => pool.create_snap(id, b)?,
         None => pool.create_thin(id)?,
@@ -175,7 +177,7 @@ fn target(
     )?;
     // The device exists durably and marked as receiving before any data goes in: after a
     // crash it is found (and resumed or dropped), never taken for a snapshot.
-    if let Err(e) = reg.commit(pool) {
+    if let Err(e) = reg.commit(&hold) {
         reg.devices.remove(&id);
         let _ = pool.delete(id);
         return Err(e.into());
@@ -211,7 +213,7 @@ pub fn receive<R: Read>(
             progress(next, h.snapshot.size);
             if resumable && next - committed >= opts.commit_every {
                 set_progress(reg, id, next);
-                reg.commit(pool)?;
+                reg.commit(&pool.hold_commits())?;
                 committed = next;
             }
         }
@@ -222,7 +224,8 @@ pub fn receive<R: Read>(
             let e = reg.devices.get_mut(&id).expect("made above");
             e.receiving = None;
             e.name = Some(name.clone());
-            reg.commit(pool).map_err(StreamError::from)?;
+            reg.commit(&pool.hold_commits())
+                .map_err(StreamError::from)?;
             Ok(Received {
                 id,
                 name,
@@ -236,7 +239,7 @@ pub fn receive<R: Read>(
         Err(cause) if resumable => {
             // Everything applied was checksummed: keep it and say where to go on.
             set_progress(reg, id, next);
-            if let Err(e) = reg.commit(pool) {
+            if let Err(e) = reg.commit(&pool.hold_commits()) {
                 return Err(ReceiveError::Failed(StreamError::Refused(format!(
                     "{cause}; and keeping what arrived failed too: {e}"
                 ))));
@@ -264,9 +267,10 @@ fn set_progress(reg: &mut Registry, id: u32, next: u64) {
 
 /// Deletes a receiving device and commits, so nothing half-made stays behind.
 fn drop_device(pool: &Pool, reg: &mut Registry, id: u32) {
+    let hold = pool.hold_commits();
     reg.devices.remove(&id);
     if let Err(e) = pool.delete(id).map_err(StreamError::from).and_then(|_| {
-        reg.commit(pool)?;
+        reg.commit(&hold)?;
         Ok(())
     }) {
         tracing::warn!("cannot drop the partly received thin device {id}: {e}");
@@ -283,9 +287,10 @@ pub fn abort(pool: &Pool, reg: &mut Registry, guid: &str) -> Result<u32, StreamE
                 "no interrupted receive of snapshot {guid} in this pool"
             ))
         })?;
+    let hold = pool.hold_commits();
     reg.devices.remove(&id);
     pool.delete(id)?;
-    reg.commit(pool)?;
+    reg.commit(&hold)?;
     Ok(id)
 }
 

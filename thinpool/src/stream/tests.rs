@@ -48,7 +48,7 @@ impl P {
             ..Default::default()
         };
         self.reg.insert(id, e).unwrap();
-        self.reg.commit(&self.pool).unwrap();
+        self.reg.commit(&self.pool.hold_commits()).unwrap();
     }
 
     fn snap(&mut self, id: u32, origin: u32, name: &str) {
@@ -63,7 +63,7 @@ impl P {
         };
         self.reg.insert(id, e).unwrap();
         assign_guids(&mut self.reg, &[id]).unwrap();
-        self.reg.commit(&self.pool).unwrap();
+        self.reg.commit(&self.pool.hold_commits()).unwrap();
     }
 
     /// What a crash leaves: the pool and registry as last committed, reopened.
