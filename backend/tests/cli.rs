@@ -50,19 +50,17 @@ struct PoolFiles {
 }
 
 fn new_pool(data_size: &str) -> PoolFiles {
+    new_pool_with(&["--data-size", data_size])
+}
+
+/// A pool made by `pool create` with these extra arguments.
+fn new_pool_with(args: &[&str]) -> PoolFiles {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("meta").to_str().unwrap().to_string();
     let d = dir.path().join("data").to_str().unwrap().to_string();
-    ok(&[
-        "pool",
-        "create",
-        "-m",
-        &m,
-        "-d",
-        &d,
-        "--data-size",
-        data_size,
-    ]);
+    let mut all = vec!["pool", "create", "-m", &m, "-d", &d];
+    all.extend_from_slice(args);
+    ok(&all);
     PoolFiles {
         root: dir.path().to_path_buf(),
         _dir: dir,
@@ -437,29 +435,7 @@ fn export(p: &PoolFiles, id: &str) -> Vec<u8> {
 fn send_and_receive_full_incremental_resumed_and_piped() {
     // Source: 64 KiB blocks; destination: 256 KiB blocks.
     let a = new_pool("64MiB");
-    let b = {
-        let dir = tempfile::tempdir().unwrap();
-        let m = dir.path().join("meta").to_str().unwrap().to_string();
-        let d = dir.path().join("data").to_str().unwrap().to_string();
-        ok(&[
-            "pool",
-            "create",
-            "-m",
-            &m,
-            "-d",
-            &d,
-            "--data-size",
-            "64MiB",
-            "--block-size",
-            "256KiB",
-        ]);
-        PoolFiles {
-            root: dir.path().to_path_buf(),
-            _dir: dir,
-            m,
-            d,
-        }
-    };
+    let b = new_pool_with(&["--data-size", "64MiB", "--block-size", "256KiB"]);
     let (m, d) = (a.m.as_str(), a.d.as_str());
     ok(&[
         "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "8MiB", "--name", "vm",

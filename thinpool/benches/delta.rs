@@ -10,14 +10,13 @@
 
 mod common;
 
-use common::{cores, env_u64, file, fill, scratch_dir, tool, Rng, BS};
+use common::{big_pool, cores, env_u64, fill, scratch_dir, tool, Rng};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thinpool::delta::{DeltaKind, DeltaMode, DeltaRun};
 use thinpool::pdata::btree::{self, node, ValueKind};
-use thinpool::pool::{Pool, PoolOptions};
 use thinpool::storage::FileStorage;
 use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 
@@ -169,16 +168,7 @@ fn main() {
     // scattered blocks, and 1% of snapshot 2 in 1 MiB extents (16 blocks).
     let meta_path = dir.path().join("meta");
     let data_blocks = blocks + 2 * changes + 1024;
-    let pool = Pool::create(
-        file(&meta_path, 1 << 30),
-        file(&dir.path().join("data"), data_blocks * BS),
-        (BS / 512) as u32,
-        PoolOptions {
-            cache_blocks: 65536,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let pool = big_pool(&meta_path, &dir.path().join("data"), data_blocks);
     pool.create_thin(0).unwrap();
     let t = Instant::now();
     fill(&pool, 0, blocks);

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{cores, drop_caches_hint, env_u64, file, fill, scratch_dir, tool, Rng, BS};
+use common::{big_pool, cores, drop_caches_hint, env_u64, file, fill, scratch_dir, tool, Rng, BS};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -33,18 +33,7 @@ fn main() {
     // ---------- a pool with many mappings and snapshots ----------
     let meta_path = dir.path().join("big.meta");
     let data_blocks = mappings + snapshots as u64 * 200 + 1024;
-    let meta = file(&meta_path, 1 << 30);
-    let data = file(&dir.path().join("big.data"), data_blocks * BS);
-    let pool = Pool::create(
-        meta,
-        data,
-        128,
-        PoolOptions {
-            cache_blocks: 65536,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let pool = big_pool(&meta_path, &dir.path().join("big.data"), data_blocks);
     pool.create_thin(0).unwrap();
     let t = Instant::now();
     fill(&pool, 0, mappings);

@@ -44,6 +44,21 @@ pub fn cores() -> usize {
         .unwrap_or(1)
 }
 
+/// A pool on sparse files for metadata-heavy runs: 1 GiB of metadata, `data_blocks` blocks
+/// of 64 KiB, a 256 MiB metadata cache.
+pub fn big_pool(meta: &Path, data: &Path, data_blocks: u64) -> Pool {
+    Pool::create(
+        file(meta, 1 << 30),
+        file(data, data_blocks * BS),
+        (BS / 512) as u32,
+        thinpool::pool::PoolOptions {
+            cache_blocks: 65536,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// Maps virtual blocks `0..n` of `dev` to fresh data blocks, through the metadata only
 /// (no data is written: the figures of interest are the trees').
 pub fn fill(pool: &Pool, dev: u32, n: u64) {
