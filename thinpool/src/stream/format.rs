@@ -155,6 +155,11 @@ pub struct StreamReader<R: Read> {
     ended: bool,
 }
 
+/// What guids look like: 32 hexadecimal digits (128 bits).
+pub fn is_guid(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Reads exactly `buf.len()` bytes; false at end of input before the first one.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     let mut got = 0;
@@ -209,6 +214,14 @@ impl<R: Read> StreamReader<R> {
         }
         let header: StreamHeader =
             serde_json::from_slice(json).map_err(|e| StreamError::BadHeader(e.to_string()))?;
+        for r in std::iter::once(&header.snapshot).chain(header.base.as_ref()) {
+            if !is_guid(&r.guid) {
+                return Err(StreamError::BadHeader(format!(
+                    "{:?} is not a guid (32 hexadecimal digits)",
+                    r.guid
+                )));
+            }
+        }
         if header.block_size == 0 || header.block_size % 512 != 0 {
             return Err(StreamError::BadHeader(format!(
                 "block size {} is not a positive multiple of 512",

@@ -64,7 +64,7 @@ impl std::str::FromStr for ResumeToken {
         let bad = || StreamError::Refused(format!("{s:?} is not a resume token (vt1-GUID-OFFSET)"));
         let rest = s.strip_prefix("vt1-").ok_or_else(bad)?;
         let (guid, off) = rest.rsplit_once('-').ok_or_else(bad)?;
-        if guid.len() != 32 || !guid.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !format::is_guid(guid) {
             return Err(bad());
         }
         let offset = u64::from_str_radix(off, 16).map_err(|_| bad())?;

@@ -252,6 +252,12 @@ fn corrupted_and_truncated_streams_are_rejected_and_leave_nothing() {
         assert!(b.pool.devices().is_empty(), "case {i}: {err}");
     }
     b.check();
+    // A header that is well-formed JSON with a hostile guid is refused, not sliced.
+    let mut h = header();
+    h.snapshot.guid = "é".repeat(16);
+    let (hostile, _) = StreamWriter::new(Vec::new(), &h).unwrap().finish().unwrap();
+    let e = b.recv(&hostile, false).unwrap_err().to_string();
+    assert!(e.contains("not a guid"), "{e}");
     // Trailing bytes after the end record are refused too.
     let mut long = stream.clone();
     long.push(0);
