@@ -236,7 +236,7 @@ def raw_tests(dm):
     for i in range(3000):  # each resize is an event to every client
         send(f, '{"execute": "disk-resize", "arguments": {"name": "disk1", "size": %d}}\n' % ((64 << 20) + (i + 1) * 512))
         r = read_reply(f)
-        assert r == {"return": {}}, r
+        assert r == {"return": {"guest-notified": False}}, r
     dt = time.time() - t0
     send(others[3][1], '{"execute": "query-version", "id": "still-there"}\n')
     got = None
