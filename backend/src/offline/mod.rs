@@ -41,6 +41,31 @@ pub fn open_file(path: &Path, what: &str, writable: bool) -> Result<Arc<dyn Stor
     Ok(Arc::new(s))
 }
 
+/// A buffered writer to `path`, or to standard output for "-".
+pub fn output_stream(path: &Path) -> Result<Box<dyn std::io::Write>> {
+    let w: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )
+    };
+    Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, w)))
+}
+
+/// A buffered reader of `path`, or of standard input for "-".
+pub fn input_stream(path: &Path) -> Result<Box<dyn std::io::Read>> {
+    let r: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        )
+    };
+    Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, r)))
+}
+
 pub fn registry_path(paths: &PoolPaths) -> Option<PathBuf> {
     if let Some(r) = &paths.registry {
         return Some(r.clone());

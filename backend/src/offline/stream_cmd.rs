@@ -1,11 +1,11 @@
 //! `vhost-thin send` and `vhost-thin receive`: snapshots as streams, between pools, files
 //! and pipes (`send … | ssh host vhost-thin receive …`). Format: docs/STREAMS.md.
 
-use super::{commit_change, load_registry, open_pool, PoolPaths};
+use super::{commit_change, input_stream, load_registry, open_pool, output_stream, PoolPaths};
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use thinpool::pool::Pool;
@@ -98,15 +98,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
             t.offset
         }
     };
-    let out: Box<dyn Write> = if a.output.as_os_str() == "-" {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(
-            std::fs::File::create(&a.output)
-                .with_context(|| format!("cannot create {}", a.output.display()))?,
-        )
-    };
-    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let mut out = output_stream(&a.output)?;
     let mut progress = Progress::new("sending", 0);
     let opts = SendOptions {
         base,
@@ -133,15 +125,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         println!("dropped the interrupted receive (thin device {id})");
         return Ok(ExitCode::SUCCESS);
     }
-    let input: Box<dyn Read> = if a.input.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(
-            std::fs::File::open(&a.input)
-                .with_context(|| format!("cannot open {}", a.input.display()))?,
-        )
-    };
-    let input = BufReader::with_capacity(1 << 20, input);
+    let input = input_stream(&a.input)?;
     let opts = ReceiveOptions {
         name: a.name.clone(),
         resumable: a.resumable,

@@ -357,18 +357,7 @@ fn export(a: ExportArgs) -> Result<ExitCode> {
     let Some(size) = a.size.or_else(|| registered_size(&reg, a.id)) else {
         bail!("the size of thin device {} is not known: give --size", a.id);
     };
-    let mut out: Box<dyn Write> = if a.output.as_os_str() == "-" {
-        Box::new(std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::io::stdout().lock(),
-        ))
-    } else {
-        Box::new(std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(&a.output)
-                .with_context(|| format!("cannot create {}", a.output.display()))?,
-        ))
-    };
+    let mut out = super::output_stream(&a.output)?;
     export_to(&pool, a.id, size, &mut out)?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
