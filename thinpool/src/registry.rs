@@ -235,7 +235,7 @@ impl Registry {
     /// what was done, for the operator; None when there was nothing to do or the file
     /// does not say what came before (written by version 1).
     pub fn recover(&mut self, pool_transaction_id: u64) -> Option<String> {
-        if self.transaction_id != pool_transaction_id + 1 {
+        if Some(self.transaction_id) != pool_transaction_id.checked_add(1) {
             return None;
         }
         let prev = self
@@ -263,9 +263,12 @@ impl Registry {
     pub fn commit(&mut self, hold: &crate::pool::CommitHold<'_>) -> Result<(), RegistryError> {
         let pool = hold.pool();
         let old = pool.status().transaction_id;
-        self.transaction_id = old + 1;
+        let next = old.checked_add(1).ok_or_else(|| {
+            crate::Error::InvalidArgument("the pool's transaction id is at its maximum".into())
+        })?;
+        self.transaction_id = next;
         self.save()?;
-        pool.set_transaction_id(old, old + 1)?;
+        pool.set_transaction_id(old, next)?;
         hold.commit()?;
         Ok(())
     }
@@ -281,7 +284,15 @@ impl Registry {
     /// A thin id not used in the registry nor in `pool_ids`.
     pub fn next_id(&self, pool_ids: &[u32]) -> u32 {
         let max = self.devices.keys().chain(pool_ids).max().copied();
-        max.map(|m| m + 1).unwrap_or(0)
+        match max {
+            None => 0,
+            Some(m) => m.checked_add(1).unwrap_or_else(|| {
+                // Ids run up to u32::MAX (a damaged or hand-made registry): use a gap.
+                (0..u32::MAX)
+                    .find(|i| !self.devices.contains_key(i) && !pool_ids.contains(i))
+                    .unwrap_or(u32::MAX)
+            }),
+        }
     }
 
     pub fn find(&self, name: &str) -> Option<u32> {
@@ -291,10 +302,23 @@ impl Registry {
             .map(|(&id, _)| id)
     }
 
-    /// Adds or replaces an entry; names are unique.
+    /// The device that has this name, or will have it when its receive completes: a name
+    /// is taken from the moment a receive for it starts.
+    pub fn holder_of(&self, name: &str) -> Option<u32> {
+        self.devices
+            .iter()
+            .find(|(_, e)| {
+                e.name.as_deref() == Some(name)
+                    || e.receiving.as_ref().is_some_and(|p| p.name == name)
+            })
+            .map(|(&id, _)| id)
+    }
+
+    /// Adds or replaces an entry; names are unique (pending receives' names included).
     pub fn insert(&mut self, id: u32, entry: DeviceEntry) -> Result<(), RegistryError> {
-        if let Some(n) = &entry.name {
-            if self.find(n).is_some_and(|other| other != id) {
+        let pending = entry.receiving.as_ref().map(|p| &p.name);
+        for n in entry.name.iter().chain(pending) {
+            if self.holder_of(n).is_some_and(|other| other != id) {
                 return Err(RegistryError::NameTaken(n.clone()));
             }
         }
@@ -305,7 +329,7 @@ impl Registry {
     /// Compares with the pool's transaction id and device ids.
     pub fn reconcile(&self, pool_transaction_id: u64, pool_devices: &[u32]) -> Reconciliation {
         let mut r = Reconciliation::default();
-        if self.transaction_id == pool_transaction_id + 1 {
+        if Some(self.transaction_id) == pool_transaction_id.checked_add(1) {
             r.messages.push(format!(
                 "the registry ({}) is one transaction ahead of the pool ({pool_transaction_id}): the last change was written to the registry but not committed to the pool",
                 self.transaction_id
@@ -357,6 +381,20 @@ pub fn make_serial(thin_id: u32, created: u64, salt: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_id_does_not_overflow_at_the_largest_id() {
+        let mut r = Registry::new("/nonexistent/r.json", 0);
+        r.devices.insert(u32::MAX, DeviceEntry::default());
+        r.devices.insert(0, DeviceEntry::default());
+        assert_eq!(r.next_id(&[1]), 2);
+        let rec = r.reconcile(u64::MAX, &[0, u32::MAX]);
+        assert!(
+            rec.messages[0].contains("does not match"),
+            "{:?}",
+            rec.messages
+        );
+    }
 
     #[test]
     fn save_load_round_trip_and_reconcile() {

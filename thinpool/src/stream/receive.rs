@@ -95,54 +95,51 @@ fn target(
         }
     };
     let base_guid = h.base.as_ref().map(|b| b.guid.clone());
-    if h.resume_offset > 0 {
-        let id = reg
-            .find_guid(guid)
-            .filter(|id| reg.devices[id].receiving.is_some())
-            .ok_or_else(|| {
-                refused(format!(
-                    "the stream resumes at byte {} a receive of snapshot {guid} that this pool does not have: send the whole stream again (without --resume)",
-                    h.resume_offset
-                ))
-            })?;
-        let p = reg.devices[&id].receiving.clone().expect("filtered");
-        if p.next_offset != h.resume_offset {
-            return Err(refused(format!(
+    if let Some(id) = reg.find_guid(guid) {
+        let e = &reg.devices[&id];
+        let token = |offset| ResumeToken {
+            guid: guid.clone(),
+            offset,
+        };
+        return match &e.receiving {
+            None => Err(refused(format!(
+                "this snapshot is already in the pool as {} (thin device {id})",
+                e.name.as_deref().unwrap_or("(unnamed)")
+            ))),
+            // Where the interrupted receive stopped (0 too, when it stopped in its first
+            // record): go on.
+            Some(p) if p.next_offset == h.resume_offset => {
+                if p.base_guid != base_guid {
+                    return Err(refused(
+                        "the resumed stream has another base than the interrupted one: send it with the same --base",
+                    ));
+                }
+                Ok((id, base, p.name.clone()))
+            }
+            Some(p) if h.resume_offset == 0 => Err(refused(format!(
+                "an interrupted receive of this snapshot is in the pool (thin device {id}): resume it with `send --resume {}`, or drop it with `receive --abort`",
+                token(p.next_offset)
+            ))),
+            Some(p) => Err(refused(format!(
                 "the stream resumes at byte {}, this pool has everything before byte {}: resume with `send --resume {}`",
                 h.resume_offset,
                 p.next_offset,
-                ResumeToken {
-                    guid: guid.clone(),
-                    offset: p.next_offset
-                }
-            )));
-        }
-        if p.base_guid != base_guid {
-            return Err(refused(
-                "the resumed stream has another base than the interrupted one: send it with the same --base",
-            ));
-        }
-        return Ok((id, base, p.name));
+                token(p.next_offset)
+            ))),
+        };
     }
-    if let Some(id) = reg.find_guid(guid) {
-        let e = &reg.devices[&id];
-        return Err(refused(match &e.receiving {
-            Some(p) => format!(
-                "an interrupted receive of this snapshot is in the pool (thin device {id}): resume it with `send --resume {}`, or drop it with `receive --abort`",
-                ResumeToken { guid: guid.clone(), offset: p.next_offset }
-            ),
-            None => format!(
-                "this snapshot is already in the pool as {} (thin device {id})",
-                e.name.as_deref().unwrap_or("(unnamed)")
-            ),
-        }));
+    if h.resume_offset > 0 {
+        return Err(refused(format!(
+            "the stream resumes at byte {} a receive of snapshot {guid} that this pool does not have: send the whole stream again (without --resume)",
+            h.resume_offset
+        )));
     }
     let name = opts
         .name
         .clone()
         .or_else(|| h.snapshot.name.clone())
         .ok_or_else(|| refused("the stream's snapshot has no name: give one (--name)"))?;
-    if let Some(other) = reg.find(&name) {
+    if let Some(other) = reg.holder_of(&name) {
         return Err(refused(format!(
             "a device named {name:?} exists (thin device {other}): give the received snapshot another name"
         )));
@@ -221,9 +218,10 @@ pub fn receive<R: Read>(
     })();
     match result {
         Ok(()) => {
-            let e = reg.devices.get_mut(&id).expect("made above");
+            let mut e = reg.devices[&id].clone();
             e.receiving = None;
             e.name = Some(name.clone());
+            reg.insert(id, e).map_err(StreamError::from)?;
             reg.commit(&pool.hold_commits())
                 .map_err(StreamError::from)?;
             Ok(Received {

@@ -106,8 +106,11 @@ fn extents(
 ) -> Result<Vec<(u64, u64, Before)>, StreamError> {
     let bb = pool.block_bytes();
     let mut runs: Vec<(u64, u64, Before)> = Vec::new();
+    let blocks = size.div_ceil(bb);
     let mut push = |begin: u64, len: u64, before: Before| {
-        let (start, end) = (begin * bb, ((begin + len) * bb).min(size));
+        // Keys come from metadata, which may be damaged: clip before multiplying.
+        let (begin, end) = (begin.min(blocks), begin.saturating_add(len).min(blocks));
+        let (start, end) = (begin * bb, (end * bb).min(size));
         if start >= end {
             return;
         }
@@ -131,7 +134,6 @@ fn extents(
         None => {
             // In windows, so that a live pool's I/O gets the metadata lock in between.
             const WINDOW: u64 = 1 << 16;
-            let blocks = size.div_ceil(bb);
             let mut begin = 0;
             while begin < blocks {
                 let end = (begin + WINDOW).min(blocks);

@@ -326,6 +326,40 @@ fn an_interrupted_resumable_receive_resumes_without_resending_what_arrived() {
 }
 
 #[test]
+fn a_receive_cut_in_its_first_record_resumes_and_its_name_stays_reserved() {
+    let mut a = pool(128);
+    a.disk(0);
+    a.pool.write(0, 0, &vec![7u8; 2 << 20]).unwrap();
+    a.snap(1, 0, "s1");
+    let (whole, _) = a.send(1, None, 0);
+    let mut b = pool(128);
+    // Cut inside the first (1 MiB) record: nothing applied, the token's offset is 0.
+    let Err(ReceiveError::Interrupted(i)) = b.recv(&whole[..4096], true) else {
+        panic!("expected an interruption")
+    };
+    assert_eq!(i.token.offset, 0);
+    // The pending name is taken: neither another device nor another receive gets it.
+    let e = DeviceEntry {
+        name: Some("s1".into()),
+        ..Default::default()
+    };
+    assert!(b.reg.insert(99, e).is_err());
+    let mut c = pool(128);
+    c.disk(0);
+    c.pool.write(0, 0, &[1u8; 4096]).unwrap();
+    c.snap(1, 0, "s1");
+    let (other, _) = c.send(1, None, 0);
+    let err = b.recv(&other, false).unwrap_err().to_string();
+    assert!(err.contains("exists"), "{err}");
+    // The stream sent again from offset 0 resumes the receive.
+    let (rest, _) = a.send(1, None, i.token.offset);
+    let got = b.recv(&rest, true).unwrap();
+    assert_eq!(got.name, "s1");
+    assert_eq!(b.read_all(got.id), a.read_all(1));
+    b.check();
+}
+
+#[test]
 fn only_snapshots_are_sent() {
     let mut a = pool(128);
     a.disk(0);
