@@ -278,9 +278,10 @@ impl Pool {
     ) -> Result<T> {
         Self::check_writable(inner)?;
         let r = match f(&mut inner.md) {
-            Err(Error::OutOfMetadataSpace { .. }) if inner.md.pending_metadata_frees() > 0 => {
+            Err(e @ Error::OutOfMetadataSpace { .. }) if inner.md.pending_metadata_frees() > 0 => {
                 match self.commit_locked(inner) {
-                    Ok(()) => f(&mut inner.md),
+                    Ok(true) => f(&mut inner.md),
+                    Ok(false) => Err(e),
                     Err(e) => Err(e),
                 }
             }
@@ -294,14 +295,22 @@ impl Pool {
         r
     }
 
-    /// Commits with the metadata lock held throughout (rare paths: out of space).
-    fn commit_locked(&self, inner: &mut Inner) -> Result<()> {
+    /// Commits with the metadata lock held throughout (rare paths: out of space). False,
+    /// committing nothing, while commits are held ([`Pool::hold_commits`]): the holder's
+    /// change must not become durable halfway.
+    fn commit_locked(&self, inner: &mut Inner) -> Result<bool> {
+        // Not `lock`: the holder may be waiting for `inner`, which we hold.
+        let _one_at_a_time = match self.commit_lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
         self.flush_data(inner)?;
         let r = inner.md.commit();
         if let Err(e) = &r {
             Self::metadata_failed(inner, e);
         }
-        r
+        r.map(|()| true)
     }
 
     fn metadata_failed(inner: &mut Inner, e: &Error) {
@@ -655,11 +664,13 @@ impl Pool {
             drop(g);
             let at = b * bs + within;
             let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
-            self.data_written.store(true, Ordering::SeqCst);
-            return self
-                .data
+            self.data
                 .write_vectored_at(&iov, at)
-                .map_err(Self::data_err("write", at));
+                .map_err(Self::data_err("write", at))?;
+            // Only once the write is done: a commit that cleared the flag while it was
+            // under way may have synced before it landed, so the next FLUSH must sync.
+            self.data_written.store(true, Ordering::SeqCst);
+            return Ok(());
         }
         let new = self.alloc_data(&mut g)?;
         let generation = g.generation;
@@ -669,9 +680,11 @@ impl Pool {
 
     fn alloc_data(&self, g: &mut MutexGuard<'_, Inner>) -> Result<u64> {
         match self.meta(g, |md| md.alloc_data_block()) {
-            Err(Error::OutOfDataSpace { .. }) if g.md.pending_data_frees() > 0 => {
+            Err(e @ Error::OutOfDataSpace { .. }) if g.md.pending_data_frees() > 0 => {
                 // Blocks freed in this transaction become usable once it is committed.
-                self.commit_locked(g)?;
+                if !self.commit_locked(g)? {
+                    return Err(e);
+                }
                 self.meta(g, |md| md.alloc_data_block())
             }
             r => r,
@@ -692,7 +705,6 @@ impl Pool {
     ) -> Result<()> {
         let bs = self.block_bytes;
         let at = new * bs;
-        self.data_written.store(true, Ordering::SeqCst);
         let io = (|| -> Result<()> {
             if whole {
                 let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
@@ -744,18 +756,16 @@ impl Pool {
             // An abort in between already forgot the allocation.
             return io.and(Err(Error::ReadOnly("the transaction was rolled back")));
         }
-        if let Err(e) = io {
-            if let Err(e2) = self.meta(&mut g, |md| md.release_data_block(new)) {
-                tracing::error!("releasing data block {new} after a failed write: {e2}");
-            }
-            return Err(e);
+        if io.is_ok() {
+            self.data_written.store(true, Ordering::SeqCst);
         }
-        let r = self.meta(&mut g, |md| md.insert_mapping(dev, vb, new));
+        let r = io.and_then(|()| self.meta(&mut g, |md| md.insert_mapping(dev, vb, new)));
         if r.is_err() && g.generation == generation {
-            // Not mapped (e.g. out of metadata space): give the block back. After an abort
-            // there is nothing to give back.
+            // Not written or not mapped (e.g. out of metadata space): give the block back,
+            // directly (a pool set read-only meanwhile must not keep it allocated). After
+            // an abort there is nothing to give back.
             if let Err(e2) = g.md.release_data_block(new) {
-                tracing::error!("releasing data block {new} after a failed mapping: {e2}");
+                tracing::error!("releasing data block {new} after a failed write: {e2}");
             }
         }
         r

@@ -262,3 +262,27 @@ fn a_commit_hold_keeps_other_commits_out_until_it_is_dropped() {
     assert!(done.load(Ordering::SeqCst));
     assert_eq!(p.status().transaction_id, 1);
 }
+
+#[test]
+fn running_out_of_space_does_not_commit_a_held_change() {
+    let p = mem_pool(4);
+    p.create_thin(0).unwrap();
+    p.create_thin(1).unwrap();
+    p.write(0, 0, &vec![1u8; 3 * BS as usize]).unwrap();
+    p.write(1, 0, &vec![1u8; BS as usize]).unwrap();
+    p.commit().unwrap();
+    let before = p.status().transaction_id;
+    // A change in progress frees device 1's block; the pool is full.
+    let hold = p.hold_commits();
+    p.delete(1).unwrap();
+    // A write needing a block would commit to reuse it: not while the change is held.
+    let e = p.write(0, 3 * BS, &[2]).unwrap_err();
+    assert!(matches!(e, Error::OutOfDataSpace { .. }), "{e}");
+    assert!(p.status().uncommitted_changes);
+    assert_eq!(p.status().transaction_id, before);
+    hold.commit().unwrap();
+    drop(hold);
+    // Once the change is committed the block is free again.
+    p.write(0, 3 * BS, &[2]).unwrap();
+    assert_eq!(read_vec(&p, 0, 3 * BS, 1), vec![2]);
+}
