@@ -18,8 +18,16 @@ struct Cell {
     writer: bool,
 }
 
+#[derive(Default)]
+struct ShardState {
+    cells: HashMap<(u32, u64), Cell>,
+    /// Threads waiting on `cv`: a release wakes them only when there are some (a wake
+    /// without waiters still costs a system call, on every block of every request).
+    waiters: u32,
+}
+
 struct Shard {
-    cells: Mutex<HashMap<(u32, u64), Cell>>,
+    state: Mutex<ShardState>,
     cv: Condvar,
 }
 
@@ -32,7 +40,7 @@ impl Default for CellTable {
         CellTable {
             shards: (0..SHARDS)
                 .map(|_| Shard {
-                    cells: Mutex::new(HashMap::new()),
+                    state: Mutex::default(),
                     cv: Condvar::new(),
                 })
                 .collect(),
@@ -55,9 +63,9 @@ impl CellTable {
     pub fn lock(&self, dev: u32, block: u64, exclusive: bool) -> CellGuard<'_> {
         let key = (dev, block);
         let shard = self.shard(key);
-        let mut cells = shard.cells.lock().unwrap();
+        let mut st = shard.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let c = cells.entry(key).or_default();
+            let c = st.cells.entry(key).or_default();
             let free = if exclusive {
                 !c.writer && c.readers == 0
             } else {
@@ -71,7 +79,9 @@ impl CellTable {
                 }
                 break;
             }
-            cells = shard.cv.wait(cells).unwrap();
+            st.waiters += 1;
+            st = shard.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiters -= 1;
         }
         CellGuard {
             table: self,
@@ -84,19 +94,22 @@ impl CellTable {
 impl Drop for CellGuard<'_> {
     fn drop(&mut self) {
         let shard = self.table.shard(self.key);
-        let mut cells = shard.cells.lock().unwrap();
-        if let Some(c) = cells.get_mut(&self.key) {
+        let mut st = shard.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = st.cells.get_mut(&self.key) {
             if self.exclusive {
                 c.writer = false;
             } else {
                 c.readers -= 1;
             }
             if !c.writer && c.readers == 0 {
-                cells.remove(&self.key);
+                st.cells.remove(&self.key);
             }
         }
-        drop(cells);
-        shard.cv.notify_all();
+        let wake = st.waiters > 0;
+        drop(st);
+        if wake {
+            shard.cv.notify_all();
+        }
     }
 }
 
@@ -132,6 +145,9 @@ mod tests {
         let a = t.lock(1, 7, false);
         let b = t.lock(1, 7, false);
         drop((a, b));
-        assert!(t.shards.iter().all(|s| s.cells.lock().unwrap().is_empty()));
+        assert!(t
+            .shards
+            .iter()
+            .all(|s| s.state.lock().unwrap().cells.is_empty()));
     }
 }
