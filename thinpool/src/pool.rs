@@ -797,6 +797,12 @@ impl Pool {
         }
         let gate = self.gate(dev);
         let _open = gate.read().unwrap_or_else(|p| p.into_inner());
+        self.unmap_blocks_gated(dev, first, end)
+    }
+
+    /// [`Self::unmap_blocks`] for a caller that holds the device's gate (taking it again
+    /// could deadlock behind a snapshot waiting for it).
+    fn unmap_blocks_gated(&self, dev: u32, first: u64, end: u64) -> Result<u64> {
         let mut removed = 0;
         let mut next = first;
         while next < end {
@@ -811,7 +817,7 @@ impl Pool {
             let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
             let _cell = self.cells.lock(dev, k, true);
             let mut g = self.lock();
-            removed += self.meta(&mut g, |md| md.remove_range(dev, k, k + 1))?;
+            removed += self.meta(&mut g, |md| md.remove_mapping(dev, k))? as u64;
             next = k + 1;
         }
         Ok(removed)
@@ -824,6 +830,9 @@ impl Pool {
         check_span(offset, len)?;
         let bs = self.block_bytes;
         let end = offset + len;
+        // One gate for the whole range: a snapshot sees all of it or none.
+        let gate = self.gate(dev);
+        let _open = gate.read().unwrap_or_else(|p| p.into_inner());
         let mut pos = offset;
         while pos < end {
             let (vb, within) = (pos / bs, pos % bs);
@@ -831,12 +840,10 @@ impl Pool {
             if n == bs && unmap {
                 // Run of whole blocks.
                 let last = end / bs;
-                self.unmap_blocks(dev, vb, last)?;
+                self.unmap_blocks_gated(dev, vb, last)?;
                 pos = last * bs;
                 continue;
             }
-            let gate = self.gate(dev);
-            let _open = gate.read().unwrap_or_else(|p| p.into_inner());
             let mut segs: Vec<&[u8]> = Vec::new();
             let mut left = n;
             while left > 0 {

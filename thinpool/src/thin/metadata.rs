@@ -216,10 +216,6 @@ impl ThinMetadata {
         &self.opts
     }
 
-    pub fn data_block_sectors(&self) -> u32 {
-        self.sb.data_block_size
-    }
-
     pub fn data_block_bytes(&self) -> u64 {
         self.sb.data_block_size as u64 * 512
     }
@@ -453,6 +449,13 @@ impl ThinMetadata {
     }
 
     pub fn insert_mapping_at(&mut self, id: u32, vblock: u64, m: Mapping) -> Result<()> {
+        self.check_mapping(id, &m)?;
+        self.insert_checked(id, vblock, m)
+    }
+
+    /// What every insertion checks first: the device exists, metadata space is left, and
+    /// the mapping names a block of the pool and a valid time.
+    fn check_mapping(&mut self, id: u32, m: &Mapping) -> Result<()> {
         self.device(id)?;
         self.check_metadata_space()?;
         if m.data_block >= self.tm.data_sm.nr_blocks() || m.time > MAX_TIME {
@@ -461,6 +464,10 @@ impl ThinMetadata {
                 m.data_block, m.time
             )));
         }
+        Ok(())
+    }
+
+    fn insert_checked(&mut self, id: u32, vblock: u64, m: Mapping) -> Result<()> {
         let mut inserted = false;
         let value = m.pack().to_le_bytes();
         self.sb.mapping_root = btree::update_in_place(
@@ -489,25 +496,18 @@ impl ThinMetadata {
     /// not be allocated yet. A previous mapping of `vblock` is released; re-inserting the
     /// same data block leaves its count unchanged.
     pub fn insert_mapping_ref(&mut self, id: u32, vblock: u64, m: Mapping) -> Result<()> {
-        self.device(id)?;
-        self.check_metadata_space()?;
-        if m.data_block >= self.tm.data_sm.nr_blocks() || m.time > MAX_TIME {
-            return Err(Error::InvalidArgument(format!(
-                "mapping to data block {} (time {}) is outside the pool",
-                m.data_block, m.time
-            )));
-        }
+        self.check_mapping(id, &m)?;
         if self
             .lookup(id, vblock)?
             .is_some_and(|old| old.data_block == m.data_block)
         {
             // `btree::insert` keeps the reference of an overwritten value that names
             // the same block, so no new one is taken.
-            return self.insert_mapping_at(id, vblock, m);
+            return self.insert_checked(id, vblock, m);
         }
         self.tm.inc_data(m.data_block)?;
         self.changed = true;
-        if let Err(e) = self.insert_mapping_at(id, vblock, m) {
+        if let Err(e) = self.insert_checked(id, vblock, m) {
             // Best effort: the transaction is aborted after a metadata failure anyway.
             let _ = self.tm.dec_data(m.data_block);
             return Err(e);
@@ -589,6 +589,31 @@ impl ThinMetadata {
         let d = self.devices.get_mut(&id).expect("checked");
         d.mapped_blocks = d.mapped_blocks.saturating_sub(removed);
         self.touch(id);
+        Ok(removed)
+    }
+
+    /// Unmaps one virtual block in one descent of each tree; false when it was not mapped.
+    /// (A discard takes each block's cell first, so it unmaps them one at a time.)
+    pub fn remove_mapping(&mut self, id: u32, vb: u64) -> Result<bool> {
+        self.device(id)?;
+        self.check_writable()?;
+        let mut removed = false;
+        self.sb.mapping_root = btree::update_in_place(
+            &mut self.tm,
+            self.sb.mapping_root,
+            id as u64,
+            ValueKind::Subtree,
+            |tm, root| {
+                let (root, was) = btree::remove(tm, root, vb, ValueKind::Data)?;
+                removed = was;
+                Ok(root)
+            },
+        )?;
+        if removed {
+            let d = self.devices.get_mut(&id).expect("checked");
+            d.mapped_blocks = d.mapped_blocks.saturating_sub(1);
+            self.touch(id);
+        }
         Ok(removed)
     }
 
