@@ -269,13 +269,10 @@ impl BlockManager {
         }
     }
 
-    /// Forgets every cached and dirty block (abort).
+    /// Forgets every cached and dirty block.
+    #[cfg(test)]
     pub fn discard_all(&mut self) {
         self.entries.clear();
         self.nr_dirty = 0;
-    }
-
-    pub fn nr_dirty(&self) -> usize {
-        self.nr_dirty
     }
 }

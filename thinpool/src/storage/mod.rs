@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::RwLock;
@@ -75,21 +75,15 @@ pub struct FileStorage {
 impl FileStorage {
     /// Opens an existing file or block device for reading and writing.
     pub fn open(path: &Path) -> io::Result<Self> {
-        Self::open_with(path, true, false)
+        Self::open_mode(path, true)
     }
 
     pub fn open_read_only(path: &Path) -> io::Result<Self> {
-        Self::open_with(path, false, false)
+        Self::open_mode(path, false)
     }
 
-    /// `direct` opens with O_DIRECT (callers must then use aligned buffers).
-    pub fn open_with(path: &Path, writable: bool, direct: bool) -> io::Result<Self> {
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(writable);
-        if direct {
-            opts.custom_flags(libc::O_DIRECT);
-        }
-        let file = opts.open(path)?;
+    fn open_mode(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
         let len = device_len(&file)?.into();
         Ok(FileStorage { file, len })
     }
@@ -107,10 +101,6 @@ impl FileStorage {
             file,
             len: len.into(),
         })
-    }
-
-    pub fn file(&self) -> &File {
-        &self.file
     }
 }
 

@@ -62,10 +62,6 @@ impl<S: Storage> FaultyStorage<S> {
         self.counts[Self::idx(op)].load(Ordering::SeqCst)
     }
 
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
     fn tick(&self, op: FaultOp) -> io::Result<()> {
         let i = Self::idx(op);
         let n = self.counts[i].fetch_add(1, Ordering::SeqCst) + 1;

@@ -75,7 +75,6 @@ pub struct SpaceMap {
     /// Blocks whose overflow-tree entry must be inserted, updated or removed at commit.
     pub overflow_dirty: BTreeSet<u64>,
     nr_allocated: u64,
-    committed_nr_allocated: u64,
     /// Blocks in use at the last commit whose count has dropped to zero since.
     pending_frees: u64,
     cursor: u64,
@@ -95,7 +94,6 @@ impl SpaceMap {
             overflow: BTreeMap::new(),
             overflow_dirty: BTreeSet::new(),
             nr_allocated: 0,
-            committed_nr_allocated: 0,
             pending_frees: 0,
             cursor: 0,
             overflow_root: 0,
@@ -127,7 +125,6 @@ impl SpaceMap {
             overflow,
             overflow_dirty: BTreeSet::new(),
             nr_allocated: 0,
-            committed_nr_allocated: 0,
             pending_frees: 0,
             cursor: 0,
             index_root: roots.0,
@@ -157,12 +154,7 @@ impl SpaceMap {
             }
         }
         sm.nr_allocated = n;
-        sm.committed_nr_allocated = n;
         Ok(sm)
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 
     pub fn nr_blocks(&self) -> u64 {
@@ -373,18 +365,7 @@ impl SpaceMap {
             bm.dirty = false;
         }
         self.overflow_dirty.clear();
-        self.committed_nr_allocated = self.nr_allocated;
         self.pending_frees = 0;
-    }
-
-    pub fn committed_nr_allocated(&self) -> u64 {
-        self.committed_nr_allocated
-    }
-
-    /// Counts of every block, for checkers and tests (allocation-free iteration is not
-    /// needed there).
-    pub fn counts(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        (0..self.nr_blocks).map(move |b| (b, self.get(b).unwrap_or(0)))
     }
 }
 
