@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use thinpool::delta::DeltaMode;
 use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{make_serial, DeviceEntry, Registry};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -723,13 +724,15 @@ impl Manager {
                 "'{left}' and '{right}' are in different pools"
             )));
         }
-        let runs = l.pool.pool.with_metadata(|md| {
-            if changed_only {
-                thinpool::delta::changed_runs(md, l.id, r.id, false)
-            } else {
-                thinpool::delta::delta(md, l.id, r.id, false)
-            }
-        })?;
+        let mode = if changed_only {
+            DeltaMode::ChangedOnly
+        } else {
+            DeltaMode::Exact
+        };
+        let runs = l
+            .pool
+            .pool
+            .with_metadata(|md| thinpool::delta::runs(md, l.id, r.id, false, mode))?;
         let bs = l.pool.pool.block_bytes();
         let max = max.clamp(1, 100_000) as usize;
         let mut page: Vec<Value> = Vec::new();

@@ -100,26 +100,26 @@ pub fn delta_with_stats(
     Ok((runs.0, stats))
 }
 
-/// The runs between `left` and `right`, from the live trees or the held metadata snapshot:
-/// `thin_delta`'s runs.
+/// The runs between `left` and `right` in `mode`, from the live trees or the held
+/// metadata snapshot.
+pub fn runs(
+    md: &mut ThinMetadata,
+    left: u32,
+    right: u32,
+    metadata_snap: bool,
+    mode: DeltaMode,
+) -> Result<Vec<DeltaRun>> {
+    Ok(delta_with_stats(md, left, right, metadata_snap, mode)?.0)
+}
+
+/// `thin_delta`'s runs: [`runs`] in [`DeltaMode::Exact`].
 pub fn delta(
     md: &mut ThinMetadata,
     left: u32,
     right: u32,
     metadata_snap: bool,
 ) -> Result<Vec<DeltaRun>> {
-    Ok(delta_with_stats(md, left, right, metadata_snap, DeltaMode::Exact)?.0)
-}
-
-/// Only the blocks that differ between `left` and `right` (no `same` runs), reading only
-/// the tree nodes the two devices do not share.
-pub fn changed_runs(
-    md: &mut ThinMetadata,
-    left: u32,
-    right: u32,
-    metadata_snap: bool,
-) -> Result<Vec<DeltaRun>> {
-    Ok(delta_with_stats(md, left, right, metadata_snap, DeltaMode::ChangedOnly)?.0)
+    runs(md, left, right, metadata_snap, DeltaMode::Exact)
 }
 
 /// Writes the runs as `thin_delta` 0.9.0 prints them. On the live trees the header is the
@@ -133,7 +133,7 @@ pub fn write_xml(
     runs: &[DeltaRun],
     mut out: impl Write,
 ) -> Result<()> {
-    let io = |e: std::io::Error| Error::InvalidArgument(format!("writing the delta: {e}"));
+    let io = Error::Output;
     let (sb, held) = if metadata_snap {
         (md.metadata_snap()?, None)
     } else {

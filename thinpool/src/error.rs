@@ -63,6 +63,8 @@ pub enum Error {
     TimeExhausted,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("writing the output failed: {0}")]
+    Output(#[source] io::Error),
 }
 
 impl Error {

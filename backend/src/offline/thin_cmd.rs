@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use thinpool::delta::DeltaMode;
 use thinpool::pool::Pool;
 use thinpool::registry::{make_serial, DeviceEntry, Registry};
 
@@ -391,12 +392,13 @@ fn delta(a: DeltaArgs) -> Result<ExitCode> {
         },
     )
     .with_context(|| format!("cannot open {}", a.metadata.display()))?;
-    let runs = if a.changed_only {
-        thinpool::delta::changed_runs(&mut md, a.snap1, a.snap2, a.metadata_snap)
+    let mode = if a.changed_only {
+        DeltaMode::ChangedOnly
     } else {
-        thinpool::delta::delta(&mut md, a.snap1, a.snap2, a.metadata_snap)
-    }
-    .with_context(|| format!("delta of thin devices {} and {}", a.snap1, a.snap2))?;
+        DeltaMode::Exact
+    };
+    let runs = thinpool::delta::runs(&mut md, a.snap1, a.snap2, a.metadata_snap, mode)
+        .with_context(|| format!("delta of thin devices {} and {}", a.snap1, a.snap2))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
     } else {

@@ -19,12 +19,8 @@ use super::{DeltaKind, Runs};
 use crate::pdata::block::Block;
 use crate::pdata::btree::{self, node, ValueKind};
 use crate::pdata::tm::Tm;
-use crate::{Error, Result};
+use crate::Result;
 use std::sync::Arc;
-
-/// Deeper than any real tree (a 4 KiB node holds over a hundred children); deeper means
-/// a cycle in corrupt metadata.
-const MAX_DEPTH: usize = 32;
 
 /// What a walk reports besides the runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,20 +71,20 @@ impl Reader<'_> {
     /// (all leaves sit at one depth).
     fn height(&mut self, root: Arc<Block>, at: u64) -> Result<usize> {
         let mut n = root;
-        for h in 0..MAX_DEPTH {
+        for h in 0..btree::MAX_DEPTH {
             if node::is_leaf(&n) || node::nr_entries(&n) == 0 {
                 return Ok(h);
             }
             n = self.node(node::value_u64(&n, 0))?;
         }
-        Err(too_deep(at))
+        Err(btree::depth_error(at))
     }
 
     /// Adds every key under `b` as `same` runs, reading only keys (the shared subtree's
     /// values are equal on both sides by construction).
     fn same_subtree(&mut self, b: u64, runs: &mut Runs, depth: usize) -> Result<()> {
-        if depth > MAX_DEPTH {
-            return Err(too_deep(b));
+        if depth > btree::MAX_DEPTH {
+            return Err(btree::depth_error(b));
         }
         let n = self.node(b)?;
         let count = node::nr_entries(&n);
@@ -112,12 +108,6 @@ impl Reader<'_> {
     }
 }
 
-fn too_deep(b: u64) -> Error {
-    Error::corrupt(format!(
-        "mapping tree at block {b} is deeper than {MAX_DEPTH} levels (a cycle?)"
-    ))
-}
-
 impl Cursor {
     fn new(r: &mut Reader, root: u64) -> Result<Self> {
         let mut c = Cursor { stack: Vec::new() };
@@ -128,8 +118,8 @@ impl Cursor {
     }
 
     fn push(&mut self, r: &mut Reader, b: u64, height: usize) -> Result<()> {
-        if self.stack.len() >= MAX_DEPTH {
-            return Err(too_deep(b));
+        if self.stack.len() >= btree::MAX_DEPTH {
+            return Err(btree::depth_error(b));
         }
         let node = r.node(b)?;
         // A leaf is height 0 whatever its parent claims; the heights only guide choices.

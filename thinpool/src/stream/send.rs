@@ -6,7 +6,7 @@
 
 use super::format::{SnapshotRef, StreamHeader, StreamWriter, MAX_DATA};
 use super::{new_guid, StreamError};
-use crate::delta::{self, DeltaKind};
+use crate::delta::{self, DeltaKind, DeltaMode};
 use crate::pool::Pool;
 use crate::registry::Registry;
 use std::io::Write;
@@ -121,7 +121,8 @@ fn extents(
     };
     match base {
         Some(base) => {
-            let changed = pool.with_metadata(|md| delta::changed_runs(md, base, snap, false))?;
+            let changed = pool
+                .with_metadata(|md| delta::runs(md, base, snap, false, DeltaMode::ChangedOnly))?;
             for r in changed {
                 let before = match r.kind {
                     DeltaKind::LeftOnly => Before::Unmapped,

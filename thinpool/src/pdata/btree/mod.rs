@@ -19,7 +19,7 @@ use crate::{Error, Result};
 use std::sync::Arc;
 
 /// Bound on tree depth; deeper means a cycle in corrupt metadata.
-const MAX_DEPTH: usize = 32;
+pub(crate) const MAX_DEPTH: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ValueKind {
@@ -49,7 +49,7 @@ pub fn read_node(tm: &mut Tm, b: u64, vk: ValueKind) -> Result<Arc<Block>> {
         .read_checked(b, BlockKind::Node, |blk| node::validate(blk, b, vk.size()))
 }
 
-fn depth_error(root: u64) -> Error {
+pub(crate) fn depth_error(root: u64) -> Error {
     Error::corrupt(format!(
         "btree rooted at block {root} is deeper than {MAX_DEPTH} levels (a cycle?)"
     ))
