@@ -204,8 +204,14 @@ impl<R: Read> StreamReader<R> {
             )));
         }
         let mut rest = vec![0u8; len + 4];
-        if !read_full(&mut input, &mut rest).unwrap_or(false) {
-            return Err(StreamError::BadHeader("the header is cut off".into()));
+        match read_full(&mut input, &mut rest) {
+            Ok(true) => {}
+            Ok(false) => return Err(StreamError::BadHeader("the header is cut off".into())),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(StreamError::BadHeader("the header is cut off".into()))
+            }
+            // A failing input is not a damaged stream.
+            Err(e) => return Err(e.into()),
         }
         let (json, crc) = rest.split_at(len);
         let want = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
@@ -274,18 +280,23 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
+    /// Reads part of a record: the input ending here means the stream was cut off.
+    fn read_part(&mut self, buf: &mut [u8]) -> Result<(), StreamError> {
+        match read_full(&mut self.input, buf) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.truncated()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(self.truncated()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The next record; `None` after a valid end record followed by the end of the input.
     pub fn next_record(&mut self) -> Result<Option<Record>, StreamError> {
         if self.ended {
             return Ok(None);
         }
         let mut head = [0u8; RECORD_HEAD];
-        match read_full(&mut self.input, &mut head) {
-            Ok(true) => {}
-            Ok(false) => return Err(self.truncated()),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(self.truncated()),
-            Err(e) => return Err(e.into()),
-        }
+        self.read_part(&mut head)?;
         let kind = head[0];
         let offset = u64::from_le_bytes(head[4..12].try_into().expect("8 bytes"));
         let length = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
@@ -301,12 +312,7 @@ impl<R: Read> StreamReader<R> {
             k => return Err(self.corrupt(format!("unknown record kind {k}"))),
         };
         let mut payload = vec![0u8; payload_len + 4];
-        match read_full(&mut self.input, &mut payload) {
-            Ok(true) => {}
-            Ok(false) => return Err(self.truncated()),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(self.truncated()),
-            Err(e) => return Err(e.into()),
-        }
+        self.read_part(&mut payload)?;
         let crc = u32::from_le_bytes(payload[payload_len..].try_into().expect("4 bytes"));
         payload.truncate(payload_len);
         if crc32c::crc32c_append(crc32c::crc32c(&head), &payload) != crc {

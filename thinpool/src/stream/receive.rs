@@ -265,14 +265,18 @@ fn set_progress(reg: &mut Registry, id: u32, next: u64) {
 
 /// Deletes a receiving device and commits, so nothing half-made stays behind.
 fn drop_device(pool: &Pool, reg: &mut Registry, id: u32) {
-    let hold = pool.hold_commits();
-    reg.devices.remove(&id);
-    if let Err(e) = pool.delete(id).map_err(StreamError::from).and_then(|_| {
-        reg.commit(&hold)?;
-        Ok(())
-    }) {
+    if let Err(e) = delete_device(pool, reg, id) {
         tracing::warn!("cannot drop the partly received thin device {id}: {e}");
     }
+}
+
+/// Deletes a device and its registry entry, durably.
+fn delete_device(pool: &Pool, reg: &mut Registry, id: u32) -> Result<(), StreamError> {
+    let hold = pool.hold_commits();
+    reg.devices.remove(&id);
+    pool.delete(id)?;
+    reg.commit(&hold)?;
+    Ok(())
 }
 
 /// Drops an interrupted receive (by the guid of its token).
@@ -285,10 +289,7 @@ pub fn abort(pool: &Pool, reg: &mut Registry, guid: &str) -> Result<u32, StreamE
                 "no interrupted receive of snapshot {guid} in this pool"
             ))
         })?;
-    let hold = pool.hold_commits();
-    reg.devices.remove(&id);
-    pool.delete(id)?;
-    reg.commit(&hold)?;
+    delete_device(pool, reg, id)?;
     Ok(id)
 }
 

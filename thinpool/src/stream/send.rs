@@ -182,6 +182,11 @@ impl<W: Write> Emitter<W> {
         Ok(())
     }
 
+    fn flush(&mut self) -> Result<(), StreamError> {
+        self.flush_data()?;
+        self.flush_zero()
+    }
+
     fn data(&mut self, off: u64, bytes: &[u8]) -> Result<(), StreamError> {
         self.flush_zero()?;
         if let Some((o, b)) = &mut self.data {
@@ -292,8 +297,7 @@ pub fn send<W: Write>(
                 if before == Before::Base && bytes == &old[i..j] {
                     // The receiver has these bytes from its copy of the base.
                     em.stats.unchanged_bytes += q - p;
-                    em.flush_data()?;
-                    em.flush_zero()?;
+                    em.flush()?;
                 } else if bytes.iter().all(|&b| b == 0) {
                     em.stats.zero_detected_bytes += q - p;
                     if before == Before::Base {
@@ -301,8 +305,7 @@ pub fn send<W: Write>(
                         em.zero(at + p, q - p)?;
                     } else {
                         // Reads as zeros there already.
-                        em.flush_data()?;
-                        em.flush_zero()?;
+                        em.flush()?;
                     }
                 } else {
                     em.data(at + p, bytes)?;
@@ -314,8 +317,7 @@ pub fn send<W: Write>(
             progress(done, total);
         }
     }
-    em.flush_data()?;
-    em.flush_zero()?;
+    em.flush()?;
     let mut stats = em.stats;
     let (_, bytes) = em.w.finish()?;
     stats.stream_bytes = bytes;
