@@ -1258,10 +1258,10 @@ fn parse_device_body(lx: &mut Lexer<'_>) -> Result<Vec<DumpRun>, XmlError> {
                 let elem = if name == RANGE { RANGE } else { SINGLE };
                 let run = parse_run(line, elem, &attrs)?;
                 if !empty {
-                    let (close_expected, eof_expected) = if elem == RANGE {
-                        ("</range_mapping>", "</range_mapping>")
+                    let close_expected = if elem == RANGE {
+                        "</range_mapping>"
                     } else {
-                        ("</single_mapping>", "</single_mapping>")
+                        "</single_mapping>"
                     };
                     match lx.next_event()? {
                         Event::End { name, .. } if name == elem => {}
@@ -1286,7 +1286,7 @@ fn parse_device_body(lx: &mut Lexer<'_>) -> Result<Vec<DumpRun>, XmlError> {
                         Event::Eof { line } => {
                             return Err(XmlError::UnexpectedEof {
                                 line,
-                                expected: eof_expected,
+                                expected: close_expected,
                             })
                         }
                     }
