@@ -149,79 +149,60 @@ impl Storage for FileStorage {
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         check_range(offset, total, self.len())?;
-        let mut done = 0usize;
-        let mut idx = 0usize;
-        let mut skip = 0usize;
-        while done < total {
-            let iov: Vec<libc::iovec> = bufs[idx..]
-                .iter_mut()
-                .enumerate()
-                .map(|(i, b)| {
-                    let s = if i == 0 { skip } else { 0 };
-                    libc::iovec {
-                        iov_base: b[s..].as_mut_ptr() as *mut libc::c_void,
-                        iov_len: b.len() - s,
-                    }
-                })
-                .take(1024)
-                .collect();
-            // SAFETY: every iovec points into a live, exclusively borrowed buffer of the stated length.
-            let n = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
-            }
-            done += n as usize;
-            advance(
-                bufs.iter().map(|b| b.len()),
-                &mut idx,
-                &mut skip,
-                n as usize,
-            );
-        }
-        Ok(())
+        let iov = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        self.transfer(iov, offset, Direction::Read)
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         check_range(offset, total, self.len())?;
-        let mut done = 0usize;
-        let mut idx = 0usize;
-        let mut skip = 0usize;
-        while done < total {
-            let iov: Vec<libc::iovec> = bufs[idx..]
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    let s = if i == 0 { skip } else { 0 };
-                    libc::iovec {
-                        iov_base: b[s..].as_ptr() as *mut libc::c_void,
-                        iov_len: b.len() - s,
-                    }
-                })
-                .take(1024)
-                .collect();
-            // SAFETY: every iovec points into a live buffer of the stated length; pwritev only reads it.
+        let iov = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        self.transfer(iov, offset, Direction::Write)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+impl FileStorage {
+    /// Moves the bytes `iov` describes at `offset` (1024 buffers per call at most, as the
+    /// kernel allows), going on after short transfers and interruptions.
+    fn transfer(&self, mut iov: Vec<libc::iovec>, offset: u64, dir: Direction) -> io::Result<()> {
+        let mut first = 0;
+        let mut at = offset;
+        while first < iov.len() {
+            if iov[first].iov_len == 0 {
+                first += 1;
+                continue;
+            }
+            let window = &iov[first..iov.len().min(first + 1024)];
+            let (fd, cnt, pos) = (
+                self.file.as_raw_fd(),
+                window.len() as libc::c_int,
+                at as libc::off_t,
+            );
+            // SAFETY: every iovec points into a live buffer of the stated length, borrowed by
+            // the caller (exclusively for a read) for the whole call; pwritev only reads it.
             let n = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    (offset + done as u64) as libc::off_t,
-                )
+                match dir {
+                    Direction::Read => libc::preadv(fd, window.as_ptr(), cnt, pos),
+                    Direction::Write => libc::pwritev(fd, window.as_ptr(), cnt, pos),
+                }
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -231,31 +212,27 @@ impl Storage for FileStorage {
                 return Err(e);
             }
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+                return Err(match dir {
+                    Direction::Read => io::Error::new(io::ErrorKind::UnexpectedEof, "short read"),
+                    Direction::Write => io::Error::new(io::ErrorKind::WriteZero, "short write"),
+                });
             }
-            done += n as usize;
-            advance(
-                bufs.iter().map(|b| b.len()),
-                &mut idx,
-                &mut skip,
-                n as usize,
-            );
+            at += n as u64;
+            let mut n = n as usize;
+            while n > 0 {
+                let v = &mut iov[first];
+                if n < v.iov_len {
+                    // SAFETY: n is less than the buffer's length: the pointer stays inside it.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                    v.iov_len -= n;
+                    n = 0;
+                } else {
+                    n -= v.iov_len;
+                    first += 1;
+                }
+            }
         }
         Ok(())
-    }
-}
-
-/// Moves the (buffer index, offset within it) cursor forward by `n` bytes.
-fn advance(lens: impl Iterator<Item = usize>, idx: &mut usize, skip: &mut usize, mut n: usize) {
-    for len in lens.skip(*idx) {
-        let left = len - *skip;
-        if n < left {
-            *skip += n;
-            return;
-        }
-        n -= left;
-        *idx += 1;
-        *skip = 0;
     }
 }
 
