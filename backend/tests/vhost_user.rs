@@ -64,23 +64,45 @@ fn io_flush_discard_zeroes_get_id_and_sigterm() {
     };
     assert_eq!(g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(128, 128, 0)]), 0);
     assert_eq!(g.read(0, 128, 512).1, vec![0u8; 512]);
-    // Write-zeroes with and without unmap, partial block.
+    assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+    assert_eq!(used(&s), 1, "one block left mapped after the discard");
+    // Write-zeroes without unmap on part of block 0, and with unmap over the whole of
+    // block 2 (sectors 256..384), written first so that there is something to unmap.
+    assert_eq!(g.write(0, 256, &pattern(64 << 10, 4), 2), 0);
+    assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+    assert_eq!(used(&s), 2, "block 2 mapped by the write");
     assert_eq!(
-        g.ranges(1, VIRTIO_BLK_T_WRITE_ZEROES, &[(1, 2, 0), (0, 0, 1)]),
+        g.ranges(1, VIRTIO_BLK_T_WRITE_ZEROES, &[(1, 2, 0), (256, 128, 1)]),
         0
     );
     let (_, got) = g.read(0, 0, 2048);
     assert_eq!(&got[..512], &a[..512]);
     assert_eq!(&got[512..1536], &[0u8; 1024][..]);
     assert_eq!(&got[1536..], &a[1536..2048]);
+    assert_eq!(
+        g.read(1, 256, 64 << 10),
+        (0, vec![0u8; 64 << 10]),
+        "a block zeroed with unmap reads as zeroes"
+    );
     assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
-    assert_eq!(used(&s), 1, "one block left mapped after the discard");
+    assert_eq!(
+        used(&s),
+        1,
+        "write-zeroes with unmap over a whole block unmaps it; only block 0 is left mapped"
+    );
     g.stop();
 
     // SIGTERM: drain, commit, exit 0; the pool is clean and holds what the guest wrote.
     let status = s.stop();
     assert!(status.success(), "{status:?}");
     assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
+    let ls: serde_json::Value =
+        serde_json::from_str(&cli(&["thin", "ls", "-m", &s.m, "-d", &s.d, "--json"])).unwrap();
+    assert_eq!(
+        ls[0]["mapped_bytes"].as_u64(),
+        Some(64 << 10),
+        "device 0 maps block 0 only: {ls}"
+    );
     let out = std::process::Command::new(common::bin())
         .args([
             "thin", "export", "-m", &s.m, "-d", &s.d, "--id", "0", "--size", "65536", "-o", "-",
