@@ -28,6 +28,21 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs the CLI, expecting it to fail with `needle` in its stderr; returns the stderr.
+fn fails(args: &[&str], needle: &str) -> String {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "vhost-thin {args:?} succeeded; stderr: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "vhost-thin {args:?}: stderr lacks {needle:?}: {err}"
+    );
+    err.into_owned()
+}
+
 fn tool(name: &str) -> Option<PathBuf> {
     for dir in ["/usr/sbin", "/sbin", "/usr/bin"] {
         let p = Path::new(dir).join(name);
@@ -235,41 +250,49 @@ fn create_import_snapshot_export_check() {
 fn errors_name_the_file_and_the_fix() {
     let p = new_pool("16MiB");
     let (m, d) = (p.m.as_str(), p.d.as_str());
-    let o = run(&["thin", "create", "-m", m, "-d", d, "--id", "16777216"]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("above the maximum"));
-    let o = run(&[
-        "thin", "snapshot", "-m", m, "-d", d, "--origin", "5", "--id", "6",
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("thin device 5 does not exist"));
-    let o = run(&["pool", "create", "-m", m, "-d", d]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    fails(
+        &["thin", "create", "-m", m, "-d", d, "--id", "16777216"],
+        "above the maximum",
+    );
+    fails(
+        &[
+            "thin", "snapshot", "-m", m, "-d", d, "--origin", "5", "--id", "6",
+        ],
+        "thin device 5 does not exist",
+    );
+    fails(&["pool", "create", "-m", m, "-d", d], "--force");
     let missing = p.root.join("nope");
-    let o = run(&["pool", "status", "-m", missing.to_str().unwrap()]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("nope") && e.contains("No such file"), "{e}");
-    let o = run(&[
-        "pool",
-        "create",
-        "-m",
-        &format!("{m}2"),
-        "-d",
-        &format!("{d}2"),
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--data-size"));
-    let o = run(&[
-        "pool",
-        "create",
-        "-m",
-        &format!("{m}3"),
-        "-d",
-        &format!("{d}3"),
+    let e = fails(
+        &["pool", "status", "-m", missing.to_str().unwrap()],
+        "No such file",
+    );
+    assert!(e.contains("nope"), "{e}");
+    fails(
+        &[
+            "pool",
+            "create",
+            "-m",
+            &format!("{m}2"),
+            "-d",
+            &format!("{d}2"),
+        ],
         "--data-size",
-        "1GiB",
-        "--block-size",
-        "96KiB",
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 64KiB"));
+    );
+    fails(
+        &[
+            "pool",
+            "create",
+            "-m",
+            &format!("{m}3"),
+            "-d",
+            &format!("{d}3"),
+            "--data-size",
+            "1GiB",
+            "--block-size",
+            "96KiB",
+        ],
+        "multiple of 64KiB",
+    );
     let o = run(&["thin", "export", "-m", m, "-d", d, "--id", "0", "-o", "-"]);
     assert!(!o.status.success());
 
@@ -404,10 +427,12 @@ fn a_crash_between_registry_and_pool_loses_no_device() {
     let ls: serde_json::Value =
         serde_json::from_str(&ok(&["thin", "ls", "-m", m, "-d", d, "--json"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 2);
-    let o = run(&[
-        "thin", "create", "-m", m, "-d", d, "--id", "10", "--name", "x",
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no registry"));
+    fails(
+        &[
+            "thin", "create", "-m", m, "-d", d, "--id", "10", "--name", "x",
+        ],
+        "no registry",
+    );
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -470,9 +495,10 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
     snap("2", "tuesday");
 
     // A clone (not a kept snapshot) is not sent.
-    let out = run(&["send", "-m", m, "-d", d, "0", "-o", "/dev/null"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a snapshot"));
+    fails(
+        &["send", "-m", m, "-d", d, "0", "-o", "/dev/null"],
+        "not a snapshot",
+    );
 
     let full = a.root.join("monday.vts");
     let inc = a.root.join("tuesday.vts");
@@ -506,17 +532,18 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
     );
 
     // The incremental alone is refused: its base is missing.
-    let out = run(&[
-        "receive",
-        "-m",
-        &b.m,
-        "-d",
-        &b.d,
-        "-i",
-        inc.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not have"));
+    fails(
+        &[
+            "receive",
+            "-m",
+            &b.m,
+            "-d",
+            &b.d,
+            "-i",
+            inc.to_str().unwrap(),
+        ],
+        "does not have",
+    );
 
     // The full stream, cut short, into a resumable receive: exit 3 and a token.
     let bytes = std::fs::read(&full).unwrap();
