@@ -63,6 +63,11 @@ fn config_creates_serves_and_remembers_run_time_changes() {
         .arg(&cfg)
         .output()
         .unwrap();
+    assert!(
+        check.status.success(),
+        "config check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     assert!(String::from_utf8_lossy(&check.stdout).contains("valid (1 pools, 2 disks)"));
     let qmp = dir.path().join("qmp.sock");
     let serve = || {
