@@ -6,13 +6,20 @@
 # guest runs and the guest kernel sees the new size at once (vhost-user config change) and
 # grows ext4 online; boot 1's files intact, delete + fstrim returns the blocks (fewer mapped
 # blocks), and the snapshot still holds boot 1's data.
+# Environment: VHOST_THIN_BIN, use this vhost-thin binary instead of building one;
+# VHOST_THIN_DEPS_DONE=1, ci/guest/install-deps.sh has run already (ci/test sets both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
 
-ci/guest/install-deps.sh >/dev/null
-cargo build --release --locked -q -p vhost-thin
-bin=$(readlink -f "${CARGO_TARGET_DIR:-target}/release/vhost-thin")
+[ "${VHOST_THIN_DEPS_DONE:-}" = 1 ] || ci/guest/install-deps.sh >/dev/null
+if [ -n "${VHOST_THIN_BIN:-}" ]; then
+  bin=$(readlink -f "$VHOST_THIN_BIN")
+else
+  cargo build --release --locked -q -p vhost-thin
+  bin=$(readlink -f "${CARGO_TARGET_DIR:-target}/release/vhost-thin")
+fi
+[ -x "$bin" ] || { echo "guest-e2e: no vhost-thin binary at $bin" >&2; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/vhost-thin-e2e.XXXXXX")
 dpid=""
 cleanup() { [ -n "$dpid" ] && kill -9 "$dpid" 2>/dev/null; rm -rf "$work"; }

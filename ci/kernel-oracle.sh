@@ -20,6 +20,7 @@
 # Environment:
 #   CARGO_TARGET_DIR       cargo's target dir (default: target/ of the workspace)
 #   VHOST_THIN_BIN         use this vhost-thin binary instead of building one
+#   VHOST_THIN_DEPS_DONE   1: ci/guest/install-deps.sh has run already (ci/test sets it)
 #   KERNEL_ORACLE_SEED     seed of the generated data (default: random; printed, so a failing
 #                          run can be repeated with the same bytes; needs openssl)
 #   KERNEL_ORACLE_MANY_DEVICES  add this many one-block devices (default 0; 130 gives the
@@ -42,8 +43,9 @@ die() { echo "kernel-oracle: FAIL: $*" >&2; exit 1; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # ---- host tools ------------------------------------------------------------------------------
-if ! command -v qemu-system-x86_64 >/dev/null || ! command -v readelf >/dev/null \
-   || ! command -v xz >/dev/null || ! command -v qemu-img >/dev/null; then
+if [ "${VHOST_THIN_DEPS_DONE:-}" != 1 ] && { ! command -v qemu-system-x86_64 >/dev/null \
+   || ! command -v readelf >/dev/null || ! command -v xz >/dev/null \
+   || ! command -v qemu-img >/dev/null; }; then
   log "installing the guest's host packages (ci/guest/install-deps.sh)"
   ci/guest/install-deps.sh
 fi

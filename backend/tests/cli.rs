@@ -1,154 +1,78 @@
 //! End-to-end tests of the offline CLI, against the real thin-provisioning-tools when
 //! they are installed (required when VHOST_THIN_REQUIRE_TOOLS=1, as in CI).
 
+mod common;
+use common::{
+    bin, cli, export, new_pool, new_pool_with, pattern, run, thin_check_ok, tool, PoolFiles,
+};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vhost-thin")
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run vhost-thin");
-    out
-}
-
-fn ok(args: &[&str]) -> String {
+/// Runs the CLI, expecting it to fail with `needle` in its stderr; returns the stderr.
+fn fails(args: &[&str], needle: &str) -> String {
     let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "vhost-thin {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        !out.status.success(),
+        "vhost-thin {args:?} succeeded; stderr: {err}"
     );
-    String::from_utf8(out.stdout).unwrap()
+    assert!(
+        err.contains(needle),
+        "vhost-thin {args:?}: stderr lacks {needle:?}: {err}"
+    );
+    err.into_owned()
 }
 
-fn tool(name: &str) -> Option<PathBuf> {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return Some(p);
-        }
+/// `thin import` of `bytes` (through a file under the pool's directory) into device `id`.
+/// `--offset`, when given, is passed on; returns the command's output.
+fn import(p: &PoolFiles, id: &str, file: &str, bytes: &[u8], offset: Option<&str>) -> String {
+    let f = p.root.join(file);
+    std::fs::write(&f, bytes).unwrap();
+    let mut args = vec![
+        "thin",
+        "import",
+        "-m",
+        &p.m,
+        "-d",
+        &p.d,
+        "--id",
+        id,
+        "-i",
+        f.to_str().unwrap(),
+    ];
+    if let Some(offset) = offset {
+        args.extend(["--offset", offset]);
     }
-    if std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{name} is required (VHOST_THIN_REQUIRE_TOOLS=1) but not installed");
-    }
-    eprintln!("note: {name} not installed, skipping that part");
-    None
-}
-
-struct PoolFiles {
-    _dir: tempfile::TempDir,
-    m: String,
-    d: String,
-    root: PathBuf,
-}
-
-fn new_pool(data_size: &str) -> PoolFiles {
-    new_pool_with(&["--data-size", data_size])
-}
-
-/// A pool made by `pool create` with these extra arguments.
-fn new_pool_with(args: &[&str]) -> PoolFiles {
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("meta").to_str().unwrap().to_string();
-    let d = dir.path().join("data").to_str().unwrap().to_string();
-    let mut all = vec!["pool", "create", "-m", &m, "-d", &d];
-    all.extend_from_slice(args);
-    ok(&all);
-    PoolFiles {
-        root: dir.path().to_path_buf(),
-        _dir: dir,
-        m,
-        d,
-    }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
+    cli(&args)
 }
 
 #[test]
 fn create_import_snapshot_export_check() {
     let p = new_pool("64MiB");
     let (m, d) = (p.m.as_str(), p.d.as_str());
-    ok(&[
+    cli(&[
         "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "8MiB", "--name", "golden",
     ]);
     // 1 MiB of data, then 1 MiB of zeroes (not provisioned), then 512 KiB of data.
     let mut image = pattern(1 << 20, 1);
     image.extend(vec![0u8; 1 << 20]);
     image.extend(pattern(512 << 10, 2));
-    let img = p.root.join("image");
-    std::fs::write(&img, &image).unwrap();
-    let out = ok(&[
-        "thin",
-        "import",
-        "-m",
-        m,
-        "-d",
-        d,
-        "--id",
-        "0",
-        "-i",
-        img.to_str().unwrap(),
-    ]);
+    let out = import(&p, "0", "image", &image, None);
     assert!(out.contains("24 blocks with data"), "{out}");
-    ok(&[
+    cli(&[
         "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", "1", "--name", "vm1",
     ]);
-    let patch = p.root.join("patch");
-    std::fs::write(&patch, pattern(4096, 9)).unwrap();
-    ok(&[
-        "thin",
-        "import",
-        "-m",
-        m,
-        "-d",
-        d,
-        "--id",
-        "0",
-        "-i",
-        patch.to_str().unwrap(),
-        "--offset",
-        "4096",
-    ]);
+    import(&p, "0", "patch", &pattern(4096, 9), Some("4096"));
 
     // The snapshot keeps the original, the origin has the patch; sizes come from the registry.
-    let exp = p.root.join("snap.out");
-    ok(&[
-        "thin",
-        "export",
-        "-m",
-        m,
-        "-d",
-        d,
-        "--id",
-        "1",
-        "-o",
-        exp.to_str().unwrap(),
-    ]);
     let mut want = image.clone();
     want.resize(8 << 20, 0);
-    assert_eq!(std::fs::read(&exp).unwrap(), want);
-    let out = Command::new(bin())
-        .args([
-            "thin", "export", "-m", m, "-d", d, "--id", "0", "--size", "8192", "-o", "-",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(&out.stdout[4096..], &pattern(4096, 9)[..]);
-    assert_eq!(&out.stdout[..4096], &image[..4096]);
+    assert_eq!(export(m, d, "1", None), want);
+    let out = export(m, d, "0", Some("8192"));
+    assert_eq!(&out[4096..], &pattern(4096, 9)[..]);
+    assert_eq!(&out[..4096], &image[..4096]);
 
-    let ls = ok(&["thin", "ls", "-m", m, "-d", d, "--json"]);
+    let ls = cli(&["thin", "ls", "-m", m, "-d", d, "--json"]);
     let rows: serde_json::Value = serde_json::from_str(&ls).unwrap();
     assert_eq!(rows[0]["name"], "golden");
     assert_eq!(rows[1]["origin"], 0);
@@ -158,31 +82,24 @@ fn create_import_snapshot_export_check() {
     assert_ne!(rows[0]["serial"], rows[1]["serial"]);
 
     let st: serde_json::Value =
-        serde_json::from_str(&ok(&["pool", "status", "-m", m, "-d", d, "--json"])).unwrap();
+        serde_json::from_str(&cli(&["pool", "status", "-m", m, "-d", d, "--json"])).unwrap();
     assert_eq!(st["data_used"], 25);
     assert_eq!(st["mode"], "write");
-    let chk = ok(&["pool", "check", "-m", m, "-d", d]);
+    let chk = cli(&["pool", "check", "-m", m, "-d", d]);
     assert!(chk.contains("clean"), "{chk}");
 
-    if let Some(tc) = tool("thin_check") {
-        let o = Command::new(tc).arg(m).output().unwrap();
-        assert!(
-            o.status.success(),
-            "thin_check: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    thin_check_ok(m);
     if let Some(td) = tool("thin_dump") {
         let o = Command::new(td).arg(m).output().unwrap();
         assert!(o.status.success());
         assert_eq!(
             String::from_utf8(o.stdout).unwrap(),
-            ok(&["pool", "dump", "-m", m])
+            cli(&["pool", "dump", "-m", m])
         );
     }
 
     // Changed blocks between the snapshot and the origin, as thin_delta prints them.
-    let delta = ok(&["thin", "delta", "-m", m, "--snap1", "1", "--snap2", "0"]);
+    let delta = cli(&["thin", "delta", "-m", m, "--snap1", "1", "--snap2", "0"]);
     assert!(
         delta.contains("<different begin=\"0\" length=\"1\"/>"),
         "{delta}"
@@ -195,7 +112,7 @@ fn create_import_snapshot_export_check() {
         assert_eq!(String::from_utf8(o.stdout).unwrap(), delta);
     }
     // --changed-only: the same runs left out, nothing else changed.
-    let changed = ok(&[
+    let changed = cli(&[
         "thin",
         "delta",
         "-m",
@@ -214,62 +131,58 @@ fn create_import_snapshot_export_check() {
     assert_eq!(changed, without_same);
 
     // Delete the origin: the snapshot's data survives.
-    ok(&["thin", "delete", "-m", m, "-d", d, "--id", "0"]);
-    ok(&[
-        "thin",
-        "export",
-        "-m",
-        m,
-        "-d",
-        d,
-        "--id",
-        "1",
-        "-o",
-        exp.to_str().unwrap(),
-    ]);
-    assert_eq!(std::fs::read(&exp).unwrap(), want);
-    assert!(ok(&["pool", "check", "-m", m]).contains("clean"));
+    cli(&["thin", "delete", "-m", m, "-d", d, "--id", "0"]);
+    assert_eq!(export(m, d, "1", None), want);
+    assert!(cli(&["pool", "check", "-m", m]).contains("clean"));
 }
 
 #[test]
 fn errors_name_the_file_and_the_fix() {
     let p = new_pool("16MiB");
     let (m, d) = (p.m.as_str(), p.d.as_str());
-    let o = run(&["thin", "create", "-m", m, "-d", d, "--id", "16777216"]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("above the maximum"));
-    let o = run(&[
-        "thin", "snapshot", "-m", m, "-d", d, "--origin", "5", "--id", "6",
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("thin device 5 does not exist"));
-    let o = run(&["pool", "create", "-m", m, "-d", d]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    fails(
+        &["thin", "create", "-m", m, "-d", d, "--id", "16777216"],
+        "above the maximum",
+    );
+    fails(
+        &[
+            "thin", "snapshot", "-m", m, "-d", d, "--origin", "5", "--id", "6",
+        ],
+        "thin device 5 does not exist",
+    );
+    fails(&["pool", "create", "-m", m, "-d", d], "--force");
     let missing = p.root.join("nope");
-    let o = run(&["pool", "status", "-m", missing.to_str().unwrap()]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("nope") && e.contains("No such file"), "{e}");
-    let o = run(&[
-        "pool",
-        "create",
-        "-m",
-        &format!("{m}2"),
-        "-d",
-        &format!("{d}2"),
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--data-size"));
-    let o = run(&[
-        "pool",
-        "create",
-        "-m",
-        &format!("{m}3"),
-        "-d",
-        &format!("{d}3"),
+    let e = fails(
+        &["pool", "status", "-m", missing.to_str().unwrap()],
+        "No such file",
+    );
+    assert!(e.contains("nope"), "{e}");
+    fails(
+        &[
+            "pool",
+            "create",
+            "-m",
+            &format!("{m}2"),
+            "-d",
+            &format!("{d}2"),
+        ],
         "--data-size",
-        "1GiB",
-        "--block-size",
-        "96KiB",
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 64KiB"));
+    );
+    fails(
+        &[
+            "pool",
+            "create",
+            "-m",
+            &format!("{m}3"),
+            "-d",
+            &format!("{d}3"),
+            "--data-size",
+            "1GiB",
+            "--block-size",
+            "96KiB",
+        ],
+        "multiple of 64KiB",
+    );
     let o = run(&["thin", "export", "-m", m, "-d", d, "--id", "0", "-o", "-"]);
     assert!(!o.status.success());
 
@@ -293,31 +206,18 @@ fn errors_name_the_file_and_the_fix() {
 fn dump_and_restore_round_trip() {
     let p = new_pool("32MiB");
     let (m, d) = (p.m.as_str(), p.d.as_str());
-    ok(&[
+    cli(&[
         "thin", "create", "-m", m, "-d", d, "--id", "3", "--size", "4MiB",
     ]);
-    let img = p.root.join("image");
-    std::fs::write(&img, pattern(3 << 20, 4)).unwrap();
-    ok(&[
-        "thin",
-        "import",
-        "-m",
-        m,
-        "-d",
-        d,
-        "--id",
-        "3",
-        "-i",
-        img.to_str().unwrap(),
-    ]);
-    ok(&[
+    import(&p, "3", "image", &pattern(3 << 20, 4), None);
+    cli(&[
         "thin", "snapshot", "-m", m, "-d", d, "--origin", "3", "--id", "4",
     ]);
-    let xml = ok(&["pool", "dump", "-m", m]);
+    let xml = cli(&["pool", "dump", "-m", m]);
     let xml_path = p.root.join("dump.xml");
     std::fs::write(&xml_path, &xml).unwrap();
     let m2 = p.root.join("meta2");
-    ok(&[
+    cli(&[
         "pool",
         "restore",
         "-i",
@@ -327,55 +227,33 @@ fn dump_and_restore_round_trip() {
         "--metadata-size",
         "4MiB",
     ]);
-    assert_eq!(ok(&["pool", "dump", "-m", m2.to_str().unwrap()]), xml);
-    assert!(ok(&["pool", "check", "-m", m2.to_str().unwrap()]).contains("clean"));
+    assert_eq!(cli(&["pool", "dump", "-m", m2.to_str().unwrap()]), xml);
+    assert!(cli(&["pool", "check", "-m", m2.to_str().unwrap()]).contains("clean"));
     // The restored metadata serves the same data (no registry: sizes given explicitly).
-    let out = Command::new(bin())
-        .args([
-            "thin",
-            "export",
-            "-m",
-            m2.to_str().unwrap(),
-            "-d",
-            d,
-            "--id",
-            "4",
-            "--size",
-            "3MiB",
-            "-o",
-            "-",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = export(m2.to_str().unwrap(), d, "4", Some("3MiB"));
     let want = Sha256::digest(pattern(3 << 20, 4));
-    assert_eq!(Sha256::digest(&out.stdout), want);
+    assert_eq!(Sha256::digest(&out), want);
     let bad = p.root.join("bad.xml");
     std::fs::write(&bad, "<superblock uuid=\"\">\n<device>\n").unwrap();
-    let o = run(&[
-        "pool",
-        "restore",
-        "-i",
-        bad.to_str().unwrap(),
-        "-m",
-        m2.to_str().unwrap(),
-    ]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("bad.xml") && e.contains("line"),
-        "{e}"
+    let e = fails(
+        &[
+            "pool",
+            "restore",
+            "-i",
+            bad.to_str().unwrap(),
+            "-m",
+            m2.to_str().unwrap(),
+        ],
+        "bad.xml",
     );
+    assert!(e.contains("line"), "{e}");
 }
 
 #[test]
 fn a_crash_between_registry_and_pool_loses_no_device() {
     let p = new_pool("16MiB");
     let (m, d) = (p.m.as_str(), p.d.as_str());
-    ok(&[
+    cli(&[
         "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "1MiB", "--name", "a",
     ]);
     // Simulate a crash after the registry of the next change was written but before the
@@ -400,23 +278,26 @@ fn a_crash_between_registry_and_pool_loses_no_device() {
     assert!(out.contains(" a "), "{out}");
     // A bare pool without a registry: devices by thin id.
     std::fs::remove_file(&reg_path).unwrap();
-    ok(&["thin", "create", "-m", m, "-d", d, "--id", "9"]);
+    cli(&["thin", "create", "-m", m, "-d", d, "--id", "9"]);
     let ls: serde_json::Value =
-        serde_json::from_str(&ok(&["thin", "ls", "-m", m, "-d", d, "--json"])).unwrap();
+        serde_json::from_str(&cli(&["thin", "ls", "-m", m, "-d", d, "--json"])).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 2);
-    let o = run(&[
-        "thin", "create", "-m", m, "-d", d, "--id", "10", "--name", "x",
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no registry"));
+    fails(
+        &[
+            "thin", "create", "-m", m, "-d", d, "--id", "10", "--name", "x",
+        ],
+        "no registry",
+    );
 }
 
 fn sha(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-fn export(p: &PoolFiles, id: &str) -> Vec<u8> {
+/// `thin export` to a file (the path that `export` to stdout does not take).
+fn export_file(p: &PoolFiles, id: &str) -> Vec<u8> {
     let out = p.root.join(format!("export-{id}"));
-    ok(&[
+    cli(&[
         "thin",
         "export",
         "-m",
@@ -437,46 +318,29 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
     let a = new_pool("64MiB");
     let b = new_pool_with(&["--data-size", "64MiB", "--block-size", "256KiB"]);
     let (m, d) = (a.m.as_str(), a.d.as_str());
-    ok(&[
+    cli(&[
         "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "8MiB", "--name", "vm",
     ]);
-    let import = |file: &str, bytes: &[u8], offset: &str| {
-        let f = a.root.join(file);
-        std::fs::write(&f, bytes).unwrap();
-        ok(&[
-            "thin",
-            "import",
-            "-m",
-            m,
-            "-d",
-            d,
-            "--id",
-            "0",
-            "-i",
-            f.to_str().unwrap(),
-            "--offset",
-            offset,
-        ]);
-    };
-    import("img", &pattern(3 << 20, 1), "0");
+    import(&a, "0", "img", &pattern(3 << 20, 1), Some("0"));
     let snap = |id: &str, name: &str| {
-        ok(&[
+        cli(&[
             "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", id, "--name", name,
             "--kept",
         ])
     };
     snap("1", "monday");
-    import("patch", &pattern(200 << 10, 7), "1000000");
+    import(&a, "0", "patch", &pattern(200 << 10, 7), Some("1000000"));
     snap("2", "tuesday");
 
     // A clone (not a kept snapshot) is not sent.
-    let out = run(&["send", "-m", m, "-d", d, "0", "-o", "/dev/null"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a snapshot"));
+    fails(
+        &["send", "-m", m, "-d", d, "0", "-o", "/dev/null"],
+        "not a snapshot",
+    );
 
     let full = a.root.join("monday.vts");
     let inc = a.root.join("tuesday.vts");
-    ok(&[
+    cli(&[
         "send",
         "-m",
         m,
@@ -486,7 +350,7 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
         "-o",
         full.to_str().unwrap(),
     ]);
-    ok(&[
+    cli(&[
         "send",
         "-m",
         m,
@@ -506,17 +370,18 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
     );
 
     // The incremental alone is refused: its base is missing.
-    let out = run(&[
-        "receive",
-        "-m",
-        &b.m,
-        "-d",
-        &b.d,
-        "-i",
-        inc.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not have"));
+    fails(
+        &[
+            "receive",
+            "-m",
+            &b.m,
+            "-d",
+            &b.d,
+            "-i",
+            inc.to_str().unwrap(),
+        ],
+        "does not have",
+    );
 
     // The full stream, cut short, into a resumable receive: exit 3 and a token.
     let bytes = std::fs::read(&full).unwrap();
@@ -558,7 +423,7 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
         String::from_utf8_lossy(&recv.stderr)
     );
     assert!(sender.wait().unwrap().success());
-    ok(&[
+    cli(&[
         "receive",
         "-m",
         &b.m,
@@ -568,7 +433,7 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
         inc.to_str().unwrap(),
     ]);
 
-    let ls = ok(&["thin", "ls", "-m", &b.m, "-d", &b.d, "--json"]);
+    let ls = cli(&["thin", "ls", "-m", &b.m, "-d", &b.d, "--json"]);
     let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
     let id_of = |name: &str| {
         ls.as_array()
@@ -581,18 +446,11 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
     for name in ["monday", "tuesday"] {
         let src = if name == "monday" { "1" } else { "2" };
         assert_eq!(
-            sha(&export(&b, &id_of(name))),
-            sha(&export(&a, src)),
+            sha(&export_file(&b, &id_of(name))),
+            sha(&export_file(&a, src)),
             "{name}"
         );
     }
-    ok(&["pool", "check", "-m", &b.m, "-d", &b.d]);
-    if let Some(tc) = tool("thin_check") {
-        let st = Command::new(tc).arg(&b.m).output().unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
+    cli(&["pool", "check", "-m", &b.m, "-d", &b.d]);
+    thin_check_ok(&b.m);
 }

@@ -1,47 +1,48 @@
 //! `serve --config`, the quickstart, and `ctl`, as a user runs them.
 
+mod common;
+use common::{bin, cli, sigterm, wait_for};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vhost-thin")
-}
+/// A running daemon, killed on drop (a failed assertion leaves no daemon behind).
+struct Daemon(Option<Child>);
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+impl Daemon {
+    /// SIGTERM; the daemon must exit 0. Returns its stdout.
+    fn stop(mut self) -> String {
+        let out = sigterm(self.0.take().expect("running"));
+        assert!(out.status.success(), "{:?}", out.status);
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
-fn stop(c: Child) -> String {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let out = c.wait_with_output().unwrap();
-    assert!(out.status.success(), "{:?}", out.status);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `vhost-thin serve ARGS`, stdout piped (see [`Daemon::stop`]), stderr dropped.
+fn spawn_serve(args: &[&str]) -> Daemon {
+    let child = Command::new(bin())
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Daemon(Some(child))
 }
 
 fn ctl(qmp: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .arg("ctl")
-        .arg("-s")
-        .arg(qmp)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let mut all = vec!["ctl", "-s", qmp.to_str().unwrap()];
+    all.extend_from_slice(args);
+    cli(&all)
 }
 
 #[test]
@@ -58,23 +59,11 @@ fn config_creates_serves_and_remembers_run_time_changes() {
         ),
     )
     .unwrap();
-    let check = Command::new(bin())
-        .args(["config", "check"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&check.stdout).contains("valid (1 pools, 2 disks)"));
+    // Exits 0 (cli checks it) and says what it found.
+    let check = cli(&["config", "check", cfg.to_str().unwrap()]);
+    assert!(check.contains("valid (1 pools, 2 disks)"), "{check}");
     let qmp = dir.path().join("qmp.sock");
-    let serve = || {
-        Command::new(bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let serve = || spawn_serve(&["--config", cfg.to_str().unwrap()]);
     let c = serve();
     wait_for(&qmp);
     let disks: serde_json::Value = serde_json::from_str(&ctl(&qmp, &["--json", "disks"])).unwrap();
@@ -84,7 +73,7 @@ fn config_creates_serves_and_remembers_run_time_changes() {
     assert_eq!(pools[0]["policy"]["out-of-space"], "queue");
     assert!(ctl(&qmp, &["add", "scratch", "--size", "8MiB"]).contains("scratch.sock"));
     assert!(ctl(&qmp, &["snapshot", "vm1", "vm1-snap"]).contains("writes held"));
-    let out = stop(c);
+    let out = c.stop();
     assert!(out.contains("disk golden: created"), "{out}");
     // Second start: nothing created again; the disk added at run time is served too.
     let c = serve();
@@ -94,7 +83,7 @@ fn config_creates_serves_and_remembers_run_time_changes() {
         assert!(names.contains(n), "{names}");
     }
     assert!(ctl(&qmp, &["snapshots"]).contains("vm1-snap"));
-    let out = stop(c);
+    let out = c.stop();
     assert!(!out.contains("created"), "{out}");
     assert!(
         out.contains("disk scratch: in the registry (added at run time)"),
@@ -106,21 +95,12 @@ fn config_creates_serves_and_remembers_run_time_changes() {
 fn quickstart_makes_and_reuses_its_state() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let serve = || {
-        Command::new(bin())
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(&state)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let serve = || spawn_serve(&["--state-dir", state.to_str().unwrap()]);
     let c = serve();
     let qmp = state.join("qmp.sock");
     wait_for(&qmp);
     assert!(ctl(&qmp, &["disks"]).contains("disk0"));
-    let out = stop(c);
+    let out = c.stop();
     assert!(out.contains("quickstart: wrote"), "{out}");
     assert!(
         out.contains("-device vhost-user-blk-pci,chardev=disk0"),
@@ -130,7 +110,7 @@ fn quickstart_makes_and_reuses_its_state() {
     assert!(out.contains("ctl --socket"), "{out}");
     let c = serve();
     wait_for(&qmp);
-    let out = stop(c);
+    let out = c.stop();
     assert!(
         !out.contains("quickstart: wrote") && !out.contains("created"),
         "{out}"
@@ -198,7 +178,7 @@ fn each_management_command_is_logged_with_its_outcome() {
         if let Some(l) = rust_log {
             cmd.env("RUST_LOG", l);
         }
-        let c = cmd.spawn().unwrap();
+        let mut c = Daemon(Some(cmd.spawn().unwrap()));
         wait_for(&qmp);
         let replies = qmp_session(
             &qmp,
@@ -209,9 +189,7 @@ fn each_management_command_is_logged_with_its_outcome() {
         );
         assert!(replies[0].get("return").is_some(), "{replies:?}");
         assert_eq!(replies[1]["error"]["class"], "DeviceNotFound");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let out = c.wait_with_output().unwrap();
+        let out = sigterm(c.0.take().expect("running"));
         assert!(out.status.success(), "{:?}", out.status);
         String::from_utf8_lossy(&out.stderr).into_owned()
     };

@@ -13,7 +13,7 @@ mod common;
 use common::{cli, Guest, Served, D};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -327,18 +327,6 @@ fn matches(got: &Model, want: &Model) -> bool {
         })
 }
 
-fn thin_check() -> Option<&'static Path> {
-    let p = Path::new("/usr/sbin/thin_check");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() != Ok("1"),
-        "thin_check is required (VHOST_THIN_REQUIRE_TOOLS=1) but not installed"
-    );
-    None
-}
-
 /// Offline, after the kill: the metadata checks clean, every thin device has a name,
 /// and the registry agrees with the pool (at most after undoing a change the pool did not
 /// commit). Returns the pool's devices, thin id → (name, size), and whether a change was
@@ -346,15 +334,7 @@ fn thin_check() -> Option<&'static Path> {
 fn check_offline(s: &Served, round: usize) -> (BTreeMap<u32, (String, u64)>, bool) {
     let out = cli(&["pool", "check", "-m", &s.m, "-d", &s.d]);
     assert!(out.contains("clean"), "round {round}: pool check: {out}");
-    if let Some(tc) = thin_check() {
-        let o = Command::new(tc).arg(&s.m).output().unwrap();
-        assert!(
-            o.status.success(),
-            "round {round}: thin_check: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    common::thin_check_ok(&s.m);
     let out = Command::new(common::bin())
         .args(["thin", "ls", "-m", &s.m, "-d", &s.d, "--json"])
         .output()

@@ -97,30 +97,13 @@ fn snapshots_of_a_disk_being_written_are_consistent_points_in_time() {
     let mut s = s;
     assert!(s.stop().success());
     for (i, (before, after)) in windows.iter().enumerate() {
-        let out = std::process::Command::new(common::bin())
-            .args([
-                "thin",
-                "export",
-                "-m",
-                &s.m,
-                "-d",
-                &s.d,
-                "--id",
-                &ids[i].to_string(),
-                "--size",
-                &(BLOCKS * 4096).to_string(),
-                "-o",
-                "-",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = common::export(
+            &s.m,
+            &s.d,
+            &ids[i].to_string(),
+            Some(&(BLOCKS * 4096).to_string()),
         );
         let seqs: Vec<u64> = out
-            .stdout
             .chunks(4096)
             .enumerate()
             .map(|(slot, b)| {

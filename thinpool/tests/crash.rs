@@ -16,11 +16,10 @@
 //! asking the metadata whether a write would land in place on a committed block.
 
 mod common;
-use common::{pattern, tools_available, Rng, THIN_CHECK};
+use common::{pattern, run_tool_on, tools_available, Rng, THIN_CHECK};
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::io;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use thinpool::check;
 use thinpool::pool::{Pool, PoolOptions};
@@ -318,18 +317,6 @@ fn thin_check_available() -> bool {
     tools_available("the thin_check part of the crash test")
 }
 
-fn run_thin_check(img: &[u8], what: &str) {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), img).unwrap();
-    let out = Command::new(THIN_CHECK).arg(f.path()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "thin_check failed on {what}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn digest(b: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     b.hash(&mut h);
@@ -465,7 +452,7 @@ fn verify_crash_points(rig: &Rig) -> (usize, usize) {
                 && (p % 10 == 0 || boundary || p == log.len())
                 && checked_by_tool.insert(digest(&img))
             {
-                run_thin_check(&img, &what);
+                run_tool_on(THIN_CHECK, &[], &img, &what);
                 tool_runs += 1;
             }
             prev[mi] = Some((img, got));

@@ -7,13 +7,12 @@
 //! steps are skipped with a notice, unless `VHOST_THIN_REQUIRE_TOOLS=1`.
 
 mod common;
-use common::{tools_available, THIN_CHECK};
+use common::{run_tool_on, tools_available, THIN_CHECK};
 use flate2::read::GzDecoder;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use thinpool::check;
 use thinpool::dump::dump;
@@ -142,26 +141,6 @@ fn assert_clean(meta: &Arc<MemStorage>, what: &str) -> check::CheckReport {
     report
 }
 
-/// Runs a real tool on a copy of `meta` in a temp file; returns its stdout.
-fn run_tool(tool: &str, args: &[&str], meta: &[u8]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("metadata");
-    std::fs::write(&file, meta).unwrap();
-    let out = Command::new(tool)
-        .args(args)
-        .arg(&file)
-        .output()
-        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn kernel_fixtures_read_check_and_dump_exactly() {
     for dir in fixture_dirs() {
@@ -203,8 +182,8 @@ fn kernel_fixtures_read_check_and_dump_exactly() {
         if tools_available("the checks with the real tools") {
             // Our view of the fixture agrees with the real tools' (sanity for the
             // comparisons above: the recorded files are what thin_dump prints here).
-            assert_eq!(run_tool(THIN_DUMP, &[], &fx.metadata), thin_dump);
-            run_tool(THIN_CHECK, &[], &fx.metadata);
+            assert_eq!(run_tool_on(THIN_DUMP, &[], &fx.metadata, &name), thin_dump);
+            run_tool_on(THIN_CHECK, &[], &fx.metadata, &name);
         }
         assert!(fx.dir.exists());
     }
@@ -280,10 +259,14 @@ fn kernel_pool_changed_by_us_stays_valid() {
     assert_clean(&meta, "changed kernel pool");
     if tools_available("the checks with the real tools") {
         let image = meta.to_vec();
-        run_tool(THIN_CHECK, &[], &image);
+        let what = "the changed kernel pool";
+        run_tool_on(THIN_CHECK, &[], &image, what);
         // And the real thin_dump sees what we see.
         let reopened = open(&meta, &data, true);
-        assert_eq!(run_tool(THIN_DUMP, &[], &image), our_dump(&reopened, false));
+        assert_eq!(
+            run_tool_on(THIN_DUMP, &[], &image, what),
+            our_dump(&reopened, false)
+        );
     }
 
     // Contents after a fresh open: the changed devices hold the reference contents plus
@@ -345,10 +328,11 @@ fn delta_equals_thin_delta() {
         }
         let held = pool.with_metadata(|md| md.held_root());
         if held.is_some() && tools_available("thin_delta -m") {
-            let want = run_tool(
+            let want = run_tool_on(
                 "/usr/sbin/thin_delta",
                 &["-m", "--snap1", "0", "--snap2", "1"],
                 &f.metadata,
+                &dir.display().to_string(),
             );
             let got = pool.with_metadata(|md| {
                 let runs = thinpool::delta::delta(md, 0, 1, true).unwrap();

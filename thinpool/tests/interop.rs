@@ -7,9 +7,8 @@
 //! `VHOST_THIN_REQUIRE_TOOLS=1`, which makes a missing tool a failure.
 
 mod common;
-use common::tools_available;
+use common::{run_tool, tools_available, Rng};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 use thinpool::check;
 use thinpool::dump::{dump, restore};
@@ -19,28 +18,12 @@ use thinpool::thin::device::Mapping;
 use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 use thinpool::xml::{self, ParsedDump};
 
-const SBIN: &str = "/usr/sbin";
 const BS: u64 = 64 * 1024;
 const BLOCK_SECTORS: u32 = 128;
 
-fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(Path::new(SBIN).join(tool))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {tool}: {e}"))
-}
-
-/// Runs a tool that must succeed; returns its stdout.
+/// Runs a tool of /usr/sbin that must succeed; returns its stdout.
 fn tool(tool: &str, args: &[&str]) -> String {
-    let out = run(tool, args);
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    run_tool(tool, args)
 }
 
 fn path_str(p: &Path) -> &str {
@@ -103,22 +86,28 @@ fn open_file(path: &Path) -> Arc<dyn Storage> {
     Arc::new(FileStorage::open(path).unwrap())
 }
 
-/// Deterministic xorshift64* generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+/// A new pool on the files `metadata` and `data` in `dir`, of these sizes in bytes, with
+/// data blocks of `sectors` sectors and block zeroing off (a 512-byte write provisions a
+/// block and leaves the data file sparse). Returns the pool and the two paths.
+fn files_pool(
+    dir: &Path,
+    meta_bytes: u64,
+    data_bytes: u64,
+    sectors: u32,
+) -> (Pool, PathBuf, PathBuf) {
+    let meta = dir.join("metadata");
+    let data = dir.join("data");
+    let pool = Pool::create(
+        file(&meta, meta_bytes),
+        file(&data, data_bytes),
+        sectors,
+        PoolOptions {
+            skip_block_zeroing: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (pool, meta, data)
 }
 
 /// Writes a 512-byte tag at the start of virtual block `vb` (block zeroing is off, so
@@ -143,18 +132,7 @@ struct Built {
 /// metadata snapshot older than the last changes. Committed.
 fn build_pool() -> Built {
     let dir = tempfile::tempdir().unwrap();
-    let meta = dir.path().join("metadata");
-    let data = dir.path().join("data");
-    let pool = Pool::create(
-        file(&meta, 16 << 20),
-        file(&data, 16384 * BS),
-        BLOCK_SECTORS,
-        PoolOptions {
-            skip_block_zeroing: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (pool, meta, data) = files_pool(dir.path(), 16 << 20, 16384 * BS, BLOCK_SECTORS);
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
     let mut tag = 0u64;
     let mut t = |pool: &Pool, dev: u32, vb: u64| {
@@ -505,18 +483,12 @@ fn large_pool_with_several_bitmaps_passes_the_real_tools() {
     }
     const BITMAP: u64 = 16320;
     let dir = tempfile::tempdir().unwrap();
-    let meta = dir.path().join("metadata");
-    let data = dir.path().join("data");
-    let pool = Pool::create(
-        file(&meta, (BITMAP + 3000) * 4096),
-        file(&data, (2 * BITMAP + 5000) * BS),
+    let (pool, meta, _data) = files_pool(
+        dir.path(),
+        (BITMAP + 3000) * 4096,
+        (2 * BITMAP + 5000) * BS,
         BLOCK_SECTORS,
-        PoolOptions {
-            skip_block_zeroing: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    );
     let mut rng = Rng(0xdead_beef_cafe_f00d);
     let mut tag = 0u64;
     pool.create_thin(0).unwrap();
@@ -602,19 +574,11 @@ fn grown_pool_and_released_snapshot_pass_the_real_tools() {
     const SECTORS: u32 = 1024;
     let bs = SECTORS as u64 * 512;
     let dir = tempfile::tempdir().unwrap();
-    let meta = dir.path().join("metadata");
-    let data = dir.path().join("data");
+    let (pool, meta, data) = files_pool(dir.path(), 8 << 20, 1001 * bs, SECTORS);
     let opts = PoolOptions {
         skip_block_zeroing: true,
         ..Default::default()
     };
-    let pool = Pool::create(
-        file(&meta, 8 << 20),
-        file(&data, 1001 * bs),
-        SECTORS,
-        opts.clone(),
-    )
-    .unwrap();
     pool.create_thin(5).unwrap();
     for vb in 0..1001 {
         pool.write(5, vb * bs, &[vb as u8; 512]).unwrap();
@@ -661,7 +625,9 @@ fn grown_pool_and_released_snapshot_pass_the_real_tools() {
     pool.discard(6, 0, 5000 * bs).unwrap();
     pool.commit().unwrap();
     thin_check(&meta);
-    assert!(!run("thin_dump", &["-m", path_str(&meta)]).status.success());
+    assert!(!common::tool_output("thin_dump", &["-m", path_str(&meta)])
+        .status
+        .success());
     assert_same_dump(
         &pool_dump(&pool, false),
         &thin_dump(&meta, false),
@@ -677,14 +643,8 @@ fn fresh_pool_and_needs_check_flag_match_the_real_tools() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let meta = dir.path().join("metadata");
-    let pool = Pool::create(
-        file(&meta, 4 << 20),
-        file(&dir.path().join("data"), 100 * BS),
-        BLOCK_SECTORS,
-        Default::default(),
-    )
-    .unwrap();
+    // (Block zeroing off, as everywhere here: nothing is written to the data device.)
+    let (pool, meta, _data) = files_pool(dir.path(), 4 << 20, 100 * BS, BLOCK_SECTORS);
     thin_check(&meta);
     assert_same_dump(&pool_dump(&pool, false), &thin_dump(&meta, false), "fresh");
     pool.create_thin(0).unwrap();
@@ -725,10 +685,10 @@ fn delta_equals_thin_delta_on_random_pools() {
     let path = dir.path().join("meta");
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(&path, 16 << 20).unwrap());
     let mut md = ThinMetadata::format(storage, 128, 60_000, MetadataOptions::default()).unwrap();
-    let mut rng = common::Rng(0x5eed);
+    let mut rng = Rng(0x5eed);
     md.create_thin(0).unwrap();
     let mut ids = vec![0u32];
-    let write = |md: &mut ThinMetadata, id: u32, rng: &mut common::Rng| {
+    let write = |md: &mut ThinMetadata, id: u32, rng: &mut Rng| {
         let start = rng.below(3000);
         for vb in start..start + 1 + rng.below(40) {
             let d = md.alloc_data_block().unwrap();

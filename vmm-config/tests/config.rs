@@ -1,6 +1,6 @@
 //! Table-driven tests of valid and invalid configuration files, with the exact messages.
 
-use vmm_config::{parse, DiscardMode, OutOfSpacePolicy, Size};
+use vmm_config::{parse, DiscardMode, LogLevel, OutOfSpacePolicy, Size};
 
 const GOOD: &str = r#"
 pools:
@@ -47,6 +47,11 @@ fn a_good_file_parses_with_defaults() {
     assert_eq!(c.disks[0].queue_size, 256);
     assert_eq!(c.disks[1].size, Size(10 << 30));
     assert!(c.disks[1].read_only);
+    assert_eq!(c.disks[0].pool, None);
+    assert_eq!(c.disks[1].pool.as_deref(), Some("main"));
+    assert_eq!(c.disks[0].clone_from, None);
+    assert_eq!(c.disks[1].clone_from.as_deref(), Some("disk0"));
+    assert_eq!(c.logging.as_ref().unwrap().level, LogLevel::Debug);
     assert_eq!(c.management.as_ref().unwrap().mode, "0600");
     assert_eq!(parse("", "empty.yaml").unwrap(), Default::default());
 }

@@ -1,11 +1,15 @@
-//! A vhost-user-blk *frontend* for tests: guest RAM is a memfd mapped in this process and
-//! shared with the daemon; queues are laid out with virtio-queue's mock driver.
+//! Helpers shared by the backend's integration tests: running the CLI, pools made with it,
+//! the real thin-provisioning-tools, and a vhost-user-blk *frontend*: guest RAM is a memfd
+//! mapped in this process and shared with the daemon; queues are laid out with
+//! virtio-queue's mock driver.
+//!
+//! Compiled into every test binary, which each use part of it.
 #![allow(dead_code)]
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -24,6 +28,126 @@ const BUF_AREA: u64 = 0x100_0000;
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vhost-thin")
+}
+
+/// Runs the CLI; the caller checks the outcome.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run vhost-thin")
+}
+
+/// Runs the CLI, which must succeed; returns its stdout.
+pub fn cli(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "vhost-thin {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `thin export` of device `id` (`size`: needed when the pool has no registry) to stdout,
+/// which must succeed; returns the device's bytes.
+pub fn export(m: &str, d: &str, id: &str, size: Option<&str>) -> Vec<u8> {
+    let mut args = vec!["thin", "export", "-m", m, "-d", d, "--id", id, "-o", "-"];
+    if let Some(size) = size {
+        args.extend(["--size", size]);
+    }
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "vhost-thin {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A tool of thin-provisioning-tools, or None when it is not installed (a panic instead
+/// when VHOST_THIN_REQUIRE_TOOLS=1, as in CI, so that nothing is quietly skipped).
+pub fn tool(name: &str) -> Option<PathBuf> {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    if std::env::var("VHOST_THIN_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{name} is required (VHOST_THIN_REQUIRE_TOOLS=1) but not installed");
+    }
+    eprintln!("note: {name} not installed, skipping that part");
+    None
+}
+
+/// The real thin_check passes on the metadata file `meta` (when installed, see [`tool`]).
+pub fn thin_check_ok(meta: &str) {
+    if let Some(tc) = tool("thin_check") {
+        let o = Command::new(tc).arg(meta).output().unwrap();
+        assert!(
+            o.status.success(),
+            "thin_check {meta}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// A pool's files in a temporary directory (`root`), removed on drop.
+pub struct PoolFiles {
+    pub dir: tempfile::TempDir,
+    pub m: String,
+    pub d: String,
+    pub root: PathBuf,
+}
+
+pub fn new_pool(data_size: &str) -> PoolFiles {
+    new_pool_with(&["--data-size", data_size])
+}
+
+/// A pool made by `pool create` with these extra arguments.
+pub fn new_pool_with(args: &[&str]) -> PoolFiles {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("meta").to_str().unwrap().to_string();
+    let d = dir.path().join("data").to_str().unwrap().to_string();
+    let mut all = vec!["pool", "create", "-m", &m, "-d", &d];
+    all.extend_from_slice(args);
+    cli(&all);
+    PoolFiles {
+        root: dir.path().to_path_buf(),
+        dir,
+        m,
+        d,
+    }
+}
+
+/// Test data: `len` bytes that differ with `seed` and along the buffer.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+/// Waits (up to 30 s) for `path` to exist: a socket the daemon creates.
+pub fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM to `child`, then waits for it; returns its status and whatever output was piped.
+pub fn sigterm(child: Child) -> Output {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait_with_output().unwrap()
 }
 
 fn memfd(size: u64) -> File {
@@ -379,36 +503,13 @@ pub struct Served {
     pub child: Option<Child>,
 }
 
-pub fn cli(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "vhost-thin {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 impl Served {
     pub fn new(disk_opts: &str) -> Served {
         Self::with_pool(disk_opts, "64MiB")
     }
 
     pub fn with_pool(disk_opts: &str, data_size: &str) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let m = dir.path().join("meta").to_str().unwrap().to_string();
-        let d = dir.path().join("data").to_str().unwrap().to_string();
-        cli(&[
-            "pool",
-            "create",
-            "-m",
-            &m,
-            "-d",
-            &d,
-            "--data-size",
-            data_size,
-        ]);
+        let PoolFiles { dir, m, d, .. } = new_pool(data_size);
         cli(&[
             "thin", "create", "-m", &m, "-d", &d, "--id", "0", "--size", "16MiB", "--name", "disk0",
         ]);
@@ -437,15 +538,9 @@ impl Served {
             .env("RUST_LOG", "warn")
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create its socket"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        // Held first, so that the daemon is killed (on drop) should it never make its socket.
         self.child = Some(child);
+        wait_for(&self.sock);
     }
 
     pub fn qmp(&self) -> PathBuf {
@@ -454,20 +549,13 @@ impl Served {
 
     /// A management client (waits for the socket).
     pub fn client(&self) -> vhost_thin::ctl::Client {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.qmp().exists() {
-            assert!(Instant::now() < deadline, "no management socket");
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_for(&self.qmp());
         vhost_thin::ctl::Client::connect(&self.qmp()).unwrap()
     }
 
     /// SIGTERM; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        child.wait().unwrap()
+        sigterm(self.child.take().expect("running")).status
     }
 }
 

@@ -2,9 +2,47 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::process::{Command, Output};
 
 /// Debian's thin-provisioning-tools.
 pub const THIN_CHECK: &str = "/usr/sbin/thin_check";
+const SBIN: &str = "/usr/sbin";
+
+/// Runs `tool` (a path, or a name in /usr/sbin) with `args`; it must succeed. Returns its
+/// stdout.
+pub fn run_tool(tool: &str, args: &[&str]) -> String {
+    checked(tool, args, "")
+}
+
+/// Runs `tool` with `args` and then a temporary file holding the metadata `image`; it
+/// must succeed (`what`, the image, is named if it does not). Returns its stdout.
+pub fn run_tool_on(tool: &str, args: &[&str], image: &[u8], what: &str) -> String {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), image).unwrap();
+    let mut all = args.to_vec();
+    all.push(f.path().to_str().unwrap());
+    checked(tool, &all, &format!(" on {what}"))
+}
+
+/// Runs `tool` (a path, or a name in /usr/sbin) with `args`; the caller checks the outcome.
+pub fn tool_output(tool: &str, args: &[&str]) -> Output {
+    Command::new(Path::new(SBIN).join(tool))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {tool}: {e}"))
+}
+
+fn checked(tool: &str, args: &[&str], on: &str) -> String {
+    let out = tool_output(tool, args);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed{on} ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
 
 /// Whether the real tools are there; panics when they are missing but required
 /// (VHOST_THIN_REQUIRE_TOOLS=1, as in CI). `skipping` says what is skipped otherwise.
