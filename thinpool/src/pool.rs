@@ -601,10 +601,8 @@ impl Pool {
             match mapping {
                 Some(m) => {
                     let at = m.data_block * bs + within;
-                    let mut iov: Vec<IoSliceMut<'_>> =
-                        segs.iter_mut().map(|s| IoSliceMut::new(s)).collect();
                     self.data
-                        .read_vectored_at(&mut iov, at)
+                        .read_vectored_at(&mut segs, at)
                         .map_err(Self::data_err("read", at))?;
                 }
                 None => segs.iter_mut().for_each(|s| s.fill(0)),
@@ -644,7 +642,7 @@ impl Pool {
         dev: u32,
         vb: u64,
         within: u64,
-        segs: &[&[u8]],
+        segs: &[IoSlice<'_>],
         only_if_mapped: bool,
     ) -> Result<()> {
         let bs = self.block_bytes;
@@ -663,9 +661,8 @@ impl Pool {
         if let Target::InPlace(b) = target {
             drop(g);
             let at = b * bs + within;
-            let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
             self.data
-                .write_vectored_at(&iov, at)
+                .write_vectored_at(segs, at)
                 .map_err(Self::data_err("write", at))?;
             // Only once the write is done: a commit that cleared the flag while it was
             // under way may have synced before it landed, so the next FLUSH must sync.
@@ -697,7 +694,7 @@ impl Pool {
         dev: u32,
         vb: u64,
         within: u64,
-        segs: &[&[u8]],
+        segs: &[IoSlice<'_>],
         whole: bool,
         target: Target,
         new: u64,
@@ -707,10 +704,9 @@ impl Pool {
         let at = new * bs;
         let io = (|| -> Result<()> {
             if whole {
-                let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
                 return self
                     .data
-                    .write_vectored_at(&iov, at)
+                    .write_vectored_at(segs, at)
                     .map_err(Self::data_err("write", at));
             }
             match target {
@@ -729,18 +725,16 @@ impl Pool {
                         .write_at(&buf, at)
                         .map_err(Self::data_err("write", at))
                 }
-                _ if self.opts.skip_block_zeroing => {
-                    let iov: Vec<IoSlice<'_>> = segs.iter().map(|s| IoSlice::new(s)).collect();
-                    self.data
-                        .write_vectored_at(&iov, at + within)
-                        .map_err(Self::data_err("write", at + within))
-                }
+                _ if self.opts.skip_block_zeroing => self
+                    .data
+                    .write_vectored_at(segs, at + within)
+                    .map_err(Self::data_err("write", at + within)),
                 _ => {
                     // Zero the rest of the new block in the same write.
                     let len: u64 = segs.iter().map(|s| s.len() as u64).sum();
                     let mut iov: Vec<IoSlice<'_>> = Vec::new();
                     self.push_zeroes(&mut iov, within);
-                    iov.extend(segs.iter().map(|s| IoSlice::new(s)));
+                    iov.extend_from_slice(segs);
                     self.push_zeroes(&mut iov, bs - within - len);
                     self.data
                         .write_vectored_at(&iov, at)
@@ -844,13 +838,8 @@ impl Pool {
                 pos = last * bs;
                 continue;
             }
-            let mut segs: Vec<&[u8]> = Vec::new();
-            let mut left = n;
-            while left > 0 {
-                let k = left.min(self.zeroes.len() as u64);
-                segs.push(&self.zeroes[..k as usize]);
-                left -= k;
-            }
+            let mut segs = Vec::new();
+            self.push_zeroes(&mut segs, n);
             self.write_block(dev, vb, within, &segs, true)?;
             pos += n;
         }
@@ -867,8 +856,9 @@ fn check_span(offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Sub-slices covering bytes `[pos, pos + n)` of the concatenation of `bufs`.
-fn slices<'a>(bufs: &'a [IoSlice<'_>], mut pos: usize, mut n: usize) -> Vec<&'a [u8]> {
+/// Sub-slices covering bytes `[pos, pos + n)` of the concatenation of `bufs`, ready for
+/// vectored I/O.
+fn slices<'a>(bufs: &'a [IoSlice<'_>], mut pos: usize, mut n: usize) -> Vec<IoSlice<'a>> {
     let mut out = Vec::new();
     for b in bufs {
         if n == 0 {
@@ -879,7 +869,7 @@ fn slices<'a>(bufs: &'a [IoSlice<'_>], mut pos: usize, mut n: usize) -> Vec<&'a 
             continue;
         }
         let k = (b.len() - pos).min(n);
-        out.push(&b[pos..pos + k]);
+        out.push(IoSlice::new(&b[pos..pos + k]));
         n -= k;
         pos = 0;
     }
@@ -890,7 +880,7 @@ fn slices_mut<'a>(
     bufs: &'a mut [IoSliceMut<'_>],
     mut pos: usize,
     mut n: usize,
-) -> Vec<&'a mut [u8]> {
+) -> Vec<IoSliceMut<'a>> {
     let mut out = Vec::new();
     for b in bufs.iter_mut() {
         if n == 0 {
@@ -901,7 +891,7 @@ fn slices_mut<'a>(
             continue;
         }
         let k = (b.len() - pos).min(n);
-        out.push(&mut b[pos..pos + k]);
+        out.push(IoSliceMut::new(&mut b[pos..pos + k]));
         n -= k;
         pos = 0;
     }
