@@ -763,6 +763,9 @@ impl Manager {
                 ));
             }
         }
+        if let Some(t) = timeout {
+            vmm_config::limits::check_queue_timeout(t).map_err(QmpError::generic)?;
+        }
         if let Some(m) = out_of_space {
             let mode = match m {
                 "error" => OutOfSpace::Error,

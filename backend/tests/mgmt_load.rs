@@ -393,3 +393,29 @@ fn disk_resize_tells_the_connected_guest() {
     assert_eq!(r, json!({"guest-notified": false}));
     assert_eq!(capacity(&mut g), (48 << 20) / 512);
 }
+
+#[test]
+fn pool_set_policy_refuses_a_timeout_too_long_to_hold() {
+    let s = Served::new("");
+    let mut c = s.client();
+    let e = c
+        .execute(
+            "pool-set-policy",
+            json!({"out-of-space": "queue", "timeout": u64::MAX}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("GenericError") && e.contains("too long") && e.contains("one year"),
+        "{e}"
+    );
+    // Nothing changed, and the daemon still answers.
+    let pools = c.execute("query-pools", json!({})).unwrap();
+    assert_eq!(pools[0]["policy"], json!({"out-of-space": "error"}));
+    // The longest allowed timeout is taken.
+    c.execute(
+        "pool-set-policy",
+        json!({"out-of-space": "queue", "timeout": 365 * 24 * 3600}),
+    )
+    .unwrap();
+}

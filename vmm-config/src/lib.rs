@@ -10,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 mod error;
+pub mod limits;
 mod model;
 mod size;
 mod validate;

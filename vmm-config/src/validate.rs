@@ -65,6 +65,15 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
                 Some("dm-thin pools need two devices or files".into()),
             ));
         }
+        if let Err(m) = crate::limits::check_queue_timeout(p.out_of_space.timeout) {
+            return Err(err(
+                format!("pools[{i}].out-of-space.timeout"),
+                "timeout",
+                &p.out_of_space.timeout.to_string(),
+                m,
+                None,
+            ));
+        }
         for (what, v) in [
             ("data", p.low_water.data),
             ("metadata", p.low_water.metadata),

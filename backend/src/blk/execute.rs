@@ -89,8 +89,11 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
                         let OutOfSpace::Queue { timeout } = disk.space.mode() else {
                             return fail(disk, "write", &e);
                         };
-                        let d =
-                            *deadline.get_or_insert_with(|| timeout.map(|t| Instant::now() + t));
+                        // A deadline beyond what Instant can hold is no deadline: the
+                        // entry points cap the timeout, this keeps a huge one from panicking.
+                        let d = *deadline.get_or_insert_with(|| {
+                            timeout.and_then(|t| Instant::now().checked_add(t))
+                        });
                         disk.space.waiting.fetch_add(1, Ordering::SeqCst);
                         let more = disk.space.wait(d);
                         disk.space.waiting.fetch_sub(1, Ordering::SeqCst);
