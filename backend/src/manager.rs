@@ -281,6 +281,9 @@ impl Manager {
             .remove(name)
             .ok_or_else(|| QmpError::not_found(format!("disk '{name}' is not served")))?;
         s.stop.store(true, Ordering::SeqCst);
+        // A write held for pool space would keep the connection's workers, and so this
+        // join, waiting for as long as the policy's timeout (or forever).
+        s.disk.stop_held_writes();
         if let Some(h) = s.conn.lock().unwrap().take() {
             h.shutdown();
         }
@@ -311,6 +314,11 @@ impl Manager {
             .values()
             .map(|s| s.disk.clone())
             .collect();
+        // Held writes fail rather than wait for space through the final commit (they were
+        // never acknowledged; the guest sees an error if it is still there).
+        for d in &disks {
+            d.stop_held_writes();
+        }
         let _drained: Vec<_> = disks
             .iter()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
@@ -627,6 +635,11 @@ impl Manager {
         let served = self.disks.lock().unwrap().get(disk).map(|s| s.disk.clone());
         let created = crate::offline::now_secs();
         let t0 = Instant::now();
+        // Pool::create_snap already waits for the origin's writes in flight and holds new
+        // ones (the pool's per-device gate), which is all a point in time needs. The disk's
+        // gate is taken as well so that a guest request made of several pool operations
+        // (discard or write-zeroes ranges, zeroing a block at a time) is wholly in the
+        // snapshot or wholly out. A write held for pool space does not hold this gate.
         let gate = served
             .as_ref()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));

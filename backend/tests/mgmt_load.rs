@@ -3,12 +3,13 @@
 //! out-of-space policies, a disk grown under a connected guest. Figures are printed, not asserted.
 
 mod common;
-use common::{cli, Guest, Served};
+use common::{cli, Guest, Served, D};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_OUT};
+use vm_memory::{Bytes, GuestAddress};
 
 const BLOCKS: u64 = 64; // 4 KiB slots the writer cycles through
 
@@ -418,4 +419,96 @@ fn pool_set_policy_refuses_a_timeout_too_long_to_hold() {
         json!({"out-of-space": "queue", "timeout": 365 * 24 * 3600}),
     )
     .unwrap();
+}
+
+/// Runs `f` on a thread of its own and waits for it for a patient minute: a command stuck
+/// behind a held write fails the test rather than hanging it.
+fn within_patience<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{what} did not complete while a write was held"))
+}
+
+/// Fills the 16-block pool of `s`, sets policy queue without a timeout and submits a write
+/// needing a new block; returns once it is held: the guest, the write's sequence number on
+/// queue 0 and where its status byte goes.
+fn hold_a_write_forever(s: &Served) -> (Guest, u16, u64) {
+    let mut g = Guest::connect(&s.sock, 1);
+    for b in 0..16u64 {
+        assert_eq!(g.write(0, b * 128, &[1u8; 512], 1), 0);
+    }
+    s.client()
+        .execute(
+            "pool-set-policy",
+            json!({"out-of-space": "queue", "timeout": 0}),
+        )
+        .unwrap();
+    let watcher = wait_until_a_write_is_held(s);
+    let b = Guest::buf(1);
+    let status = b + 0x10_0000 + 0x800;
+    g.header(b, VIRTIO_BLK_T_OUT, 16 * 128);
+    g.mem
+        .write_slice(&[2u8; 512], GuestAddress(b + 0x1000))
+        .unwrap();
+    g.mem.write_obj(0xAAu8, GuestAddress(status)).unwrap();
+    let seq = g.submit(
+        0,
+        &[
+            D(b, 16, false),
+            D(b + 0x1000, 512, false),
+            D(status, 1, true),
+        ],
+    );
+    assert!(watcher.join().unwrap(), "the write was never held");
+    (g, seq, status)
+}
+
+#[test]
+fn a_write_held_for_space_holds_up_neither_snapshots_nor_removal_nor_shutdown() {
+    let s = Served::with_pool("", "1MiB");
+    let (g, seq, status) = hold_a_write_forever(&s);
+    let c = s.client();
+    let (c, r) = within_patience("snapshot-create", move || {
+        let mut c = c;
+        let r = c.execute(
+            "snapshot-create",
+            json!({"disk": "disk0", "name": "while-held"}),
+        );
+        (c, r)
+    });
+    r.unwrap();
+    let mut c = c;
+    let pools = c.execute("query-pools", json!({})).unwrap();
+    assert_eq!(pools[0]["queued-writes"], 1, "the write is still held");
+    assert_eq!(g.mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0xAA);
+    // disk-remove --force ends the connection; the held write fails rather than keep the
+    // removal waiting for space.
+    let (mut c, r) = within_patience("disk-remove --force", move || {
+        let r = c.execute("disk-remove", json!({"name": "disk0", "force": true}));
+        (c, r)
+    });
+    r.unwrap();
+    g.wait_used(0, seq);
+    assert_eq!(
+        g.mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    let pools = c.execute("query-pools", json!({})).unwrap();
+    assert_eq!(pools[0]["queued-writes"], 0);
+    drop(g);
+
+    // SIGTERM with a write held: the daemon commits and exits.
+    let s = Served::with_pool("", "1MiB");
+    let (g, _, _) = hold_a_write_forever(&s);
+    let (s, exit) = within_patience("SIGTERM", move || {
+        let mut s = s;
+        let exit = s.stop();
+        (s, exit)
+    });
+    assert!(exit.success(), "{exit:?}");
+    drop(g);
+    assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
 }

@@ -5,11 +5,12 @@
 //! be reused); the disk and its pool live on across connections.
 
 use super::disk::{Disk, Stats};
-use super::execute::execute;
-use super::request::{parse, Desc, GuestView, Limits};
+use super::execute::{execute, fail, Done, NeedsSpace};
+use super::request::{parse, Desc, GuestView, Limits, Op};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::Instant;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
@@ -53,6 +54,8 @@ impl GuestView for View<'_> {
 pub struct BlkBackend {
     disk: Arc<Disk>,
     event_idx: AtomicBool,
+    /// The connection is over: set by `signal_exit`.
+    exiting: AtomicBool,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit_notifiers: Mutex<Vec<Option<EventNotifier>>>,
 }
@@ -63,6 +66,7 @@ impl BlkBackend {
         BlkBackend {
             disk,
             event_idx: AtomicBool::new(false),
+            exiting: AtomicBool::new(false),
             mem: RwLock::new(None),
             exit_notifiers: Mutex::new((0..n).map(|_| None).collect()),
         }
@@ -72,8 +76,10 @@ impl BlkBackend {
         &self.disk
     }
 
-    /// Asks every worker thread to leave its loop.
+    /// Asks every worker thread to leave its loop; writes held for space give up.
     pub fn signal_exit(&self) {
+        self.exiting.store(true, Ordering::SeqCst);
+        self.disk.space.space_changed();
         for n in self.exit_notifiers.lock().unwrap().iter().flatten() {
             let _ = n.notify();
         }
@@ -122,8 +128,9 @@ impl BlkBackend {
         let limits = self.limits();
         let mut used_any = false;
         loop {
-            // Held while this request runs, so shutdown and snapshots can drain I/O.
-            let _io = self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            // Held while this request runs, so shutdown and snapshots can drain I/O (a
+            // write waiting for pool space lets go of it meanwhile: see `run`).
+            let mut io = Some(self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner()));
             // The vring lock is held only to pop: never across I/O.
             let chain = vring
                 .get_mut()
@@ -142,7 +149,7 @@ impl BlkBackend {
             Stats::add(&self.disk.stats.requests, 1);
             let (status, written) = match &parsed.request {
                 Ok(req) => {
-                    let done = execute(&req.op, &mem, &self.disk);
+                    let done = self.run(&req.op, &mem, &mut io);
                     (Some((req.status, done.status)), done.written + 1)
                 }
                 Err(e) => {
@@ -171,8 +178,58 @@ impl BlkBackend {
                 .add_used(head, written)
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
             used_any = true;
+            drop(io);
         }
         Ok(used_any)
+    }
+
+    /// Executes one request. A write that finds the pool full under policy `queue` is held
+    /// here until space appears, the timeout passes (dm-thin's no_space_timeout) or the disk
+    /// stops; the I/O gate `io` is released while it waits, so that a snapshot, a revert or
+    /// a shutdown (which take the gate exclusively) need not wait for space, and taken again
+    /// before the write is retried.
+    fn run<'a>(
+        &'a self,
+        op: &Op,
+        mem: &GuestMemoryMmap,
+        io: &mut Option<RwLockReadGuard<'a, ()>>,
+    ) -> Done {
+        let space = &self.disk.space;
+        let mut deadline = None;
+        loop {
+            let NeedsSpace { error, timeout } = match execute(op, mem, &self.disk) {
+                Ok(done) => return done,
+                Err(n) => n,
+            };
+            if self.giving_up() {
+                return fail(&self.disk, "write (out of space, disk stopping)", &error);
+            }
+            // A deadline beyond what Instant can hold is no deadline: the entry points cap
+            // the timeout, this keeps one that slipped through from panicking.
+            let d = *deadline
+                .get_or_insert_with(|| timeout.and_then(|t| Instant::now().checked_add(t)));
+            *io = None;
+            space.waiting.fetch_add(1, Ordering::SeqCst);
+            let more = space.wait(d);
+            space.waiting.fetch_sub(1, Ordering::SeqCst);
+            if self.giving_up() {
+                return fail(&self.disk, "write (out of space, disk stopping)", &error);
+            }
+            if !more {
+                return fail(
+                    &self.disk,
+                    "write (out of space, queue timeout passed)",
+                    &error,
+                );
+            }
+            *io = Some(self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Whether a held write should stop waiting: the disk stops being served, or this
+    /// connection ends (its worker threads are joined before the next connection).
+    fn giving_up(&self) -> bool {
+        self.disk.stopping() || self.exiting.load(Ordering::SeqCst)
     }
 }
 

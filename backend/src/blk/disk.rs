@@ -92,6 +92,9 @@ pub struct Disk {
     /// (shutdown, snapshots of a running disk).
     pub io_gate: RwLock<()>,
     pub connected: AtomicBool,
+    /// Set when the disk stops being served (disk-remove, shutdown): writes held for pool
+    /// space give up (IOERR) instead of keeping the stop waiting for space that may never come.
+    stopping: AtomicBool,
     /// Where the connected frontend listens for our messages (config changes).
     pub backend_channel: Arc<BackendChannel>,
     pub stats: Stats,
@@ -146,6 +149,7 @@ impl Disk {
             space,
             io_gate: RwLock::new(()),
             connected: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             backend_channel: Arc::default(),
             stats: Stats::default(),
         }
@@ -166,6 +170,17 @@ impl Disk {
 
     pub fn set_read_only(&self, ro: bool) {
         self.read_only.store(ro, Ordering::SeqCst);
+    }
+
+    /// The disk is going away: held writes fail at once, and so do later ones that find the
+    /// pool full.
+    pub fn stop_held_writes(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.space.space_changed();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn serial_str(&self) -> String {
