@@ -512,3 +512,20 @@ fn a_write_held_for_space_holds_up_neither_snapshots_nor_removal_nor_shutdown() 
     drop(g);
     assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
 }
+
+#[test]
+fn a_socket_path_holding_a_file_is_refused_and_the_file_kept() {
+    let s = Served::new("");
+    let mut c = s.client();
+    let precious = s.dir.path().join("precious");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let e = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "socket": precious}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+}

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -27,8 +27,7 @@ pub fn spawn(
     path: &Path,
     mode: u32,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    let listener = crate::manager::listen(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     tracing::info!("management socket {}", path.display());
     std::thread::Builder::new()
