@@ -113,14 +113,17 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
             None => {
                 manager
                     .disk_add(
-                        &d.name,
-                        d.pool.as_deref(),
-                        Some(d.size.0),
-                        d.clone_from.as_deref(),
+                        &crate::manager::NewDisk {
+                            name: &d.name,
+                            pool: d.pool.as_deref(),
+                            size: Some(d.size.0),
+                            clone_from: d.clone_from.as_deref(),
+                            read_only: d.read_only,
+                            serial: d.serial.clone(),
+                        },
                         Some(d.socket.clone()),
                         Some(d.num_queues as usize),
-                        d.read_only,
-                        d.serial.clone(),
+                        None,
                     )
                     .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
                 println!(

@@ -91,6 +91,34 @@ pub struct Manager {
     pub default_queues: usize,
 }
 
+/// A disk to create, as disk-add or the configuration describes it.
+#[derive(Clone, Debug, Default)]
+pub struct NewDisk<'a> {
+    pub name: &'a str,
+    /// None: the only pool (or the origin's, for a clone).
+    pub pool: Option<&'a str>,
+    /// None: the origin's size (a clone); required otherwise.
+    pub size: Option<u64>,
+    /// Create the disk as a clone (snapshot) of this disk or snapshot.
+    pub clone_from: Option<&'a str>,
+    pub read_only: bool,
+    /// None: generated.
+    pub serial: Option<String>,
+}
+
+/// A new disk, checked: where it goes and how big it is.
+struct DiskPlan {
+    pool: Arc<PoolHandle>,
+    origin: Option<u32>,
+    size: u64,
+}
+
+/// A disk's socket, bound before the disk is served.
+struct Bound {
+    socket: PathBuf,
+    listener: UnixListener,
+}
+
 /// Where a registry name points.
 struct Found {
     pool: Arc<PoolHandle>,
@@ -183,23 +211,67 @@ impl Manager {
         num_queues: Option<usize>,
         queue_size: Option<usize>,
     ) -> R<PathBuf> {
+        let _op = self.op.lock().unwrap();
         let f = self.find(name)?;
+        let bound = self.bind(name, socket)?;
+        self.start_serving(name, &f, bound, num_queues, queue_size)
+    }
+
+    /// Checks that `name` may be served on `socket` (default: in the socket directory)
+    /// and binds it: everything about serving that can fail for a reason of the caller's,
+    /// done before a disk-add commits anything.
+    fn bind(&self, name: &str, socket: Option<PathBuf>) -> R<Bound> {
+        let socket = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
+        {
+            let disks = self.disks.lock().unwrap();
+            if disks.contains_key(name) {
+                return Err(QmpError::generic(format!(
+                    "disk '{name}' is already served"
+                )));
+            }
+            if disks.values().any(|s| s.socket == socket) {
+                return Err(QmpError::generic(format!(
+                    "socket {} is in use",
+                    socket.display()
+                )));
+            }
+        }
+        let listener = listen(&socket).map_err(|e| {
+            QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
+        })?;
+        Ok(Bound { socket, listener })
+    }
+
+    /// Serves the registered disk `f` (named `name`) on a socket bound by [`Self::bind`].
+    /// On failure the socket file is removed.
+    fn start_serving(
+        self: &Arc<Self>,
+        name: &str,
+        f: &Found,
+        bound: Bound,
+        num_queues: Option<usize>,
+        queue_size: Option<usize>,
+    ) -> R<PathBuf> {
+        let Bound { socket, listener } = bound;
+        let r = self.spawn_server(name, f, &socket, listener, num_queues, queue_size);
+        if r.is_err() {
+            let _ = std::fs::remove_file(&socket);
+        }
+        r.map(|()| socket)
+    }
+
+    fn spawn_server(
+        self: &Arc<Self>,
+        name: &str,
+        f: &Found,
+        socket: &Path,
+        listener: UnixListener,
+        num_queues: Option<usize>,
+        queue_size: Option<usize>,
+    ) -> R<()> {
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{name}' is a snapshot: clone it with disk-add to serve it"
-            )));
-        }
-        let mut disks = self.disks.lock().unwrap();
-        if disks.contains_key(name) {
-            return Err(QmpError::generic(format!(
-                "disk '{name}' is already served"
-            )));
-        }
-        let socket = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
-        if disks.values().any(|s| s.socket == socket) {
-            return Err(QmpError::generic(format!(
-                "socket {} is in use",
-                socket.display()
             )));
         }
         if f.entry.size == 0 {
@@ -220,9 +292,6 @@ impl Manager {
             },
             f.pool.space.clone(),
         ));
-        let listener = listen(&socket).map_err(|e| {
-            QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
-        })?;
         let mut handler_socket = HandlerSocket::new().map_err(|e| {
             QmpError::generic(format!("cannot make the private handler socket: {e}"))
         })?;
@@ -258,18 +327,18 @@ impl Manager {
             f.id,
             socket.display()
         );
-        disks.insert(
+        self.disks.lock().unwrap().insert(
             name.to_string(),
             Served {
                 disk,
-                pool: f.pool,
-                socket: socket.clone(),
+                pool: f.pool.clone(),
+                socket: socket.to_path_buf(),
                 stop,
                 conn,
                 thread: Some(thread),
             },
         );
-        Ok(socket)
+        Ok(())
     }
 
     /// Stops serving a disk (the guest is disconnected).
@@ -458,38 +527,77 @@ impl Manager {
 
     // ----- changes -----
 
-    #[allow(clippy::too_many_arguments)]
+    /// Creates a disk and serves it. The socket is bound before the disk is created, and
+    /// a disk that cannot be served is deleted again: a failed disk-add leaves nothing.
     pub fn disk_add(
         self: &Arc<Self>,
-        name: &str,
-        pool: Option<&str>,
-        size: Option<u64>,
-        clone_from: Option<&str>,
+        new: &NewDisk<'_>,
         socket: Option<PathBuf>,
         num_queues: Option<usize>,
-        read_only: bool,
-        serial: Option<String>,
+        queue_size: Option<usize>,
     ) -> R<Value> {
         let _op = self.op.lock().unwrap();
-        self.name_free(name)?;
-        if let Some(s) = &serial {
+        let plan = self.plan_disk(new)?;
+        let bound = self.bind(new.name, socket)?;
+        let id = match self.create_disk(new, &plan) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = std::fs::remove_file(&bound.socket);
+                return Err(e);
+            }
+        };
+        let f = self.find(new.name)?;
+        let socket = match self.start_serving(new.name, &f, bound, num_queues, queue_size) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Err(d) = Self::delete_device(&f) {
+                    tracing::error!(
+                        "disk-add {}: cannot delete the disk that could not be served: {}",
+                        new.name,
+                        d.desc
+                    );
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            "disk-add {}: thin device {id}, {} bytes, socket {}",
+            new.name,
+            plan.size,
+            socket.display()
+        );
+        Ok(json!({"thin-id": id, "socket": socket}))
+    }
+
+    /// Creates a disk without serving it (the configuration's disks, served afterwards
+    /// with their queue settings). Returns its thin id.
+    pub fn disk_create(&self, new: &NewDisk<'_>) -> R<u32> {
+        let _op = self.op.lock().unwrap();
+        let plan = self.plan_disk(new)?;
+        self.create_disk(new, &plan)
+    }
+
+    /// The checks of a new disk, before anything changes.
+    fn plan_disk(&self, new: &NewDisk<'_>) -> R<DiskPlan> {
+        self.name_free(new.name)?;
+        if let Some(s) = &new.serial {
             if s.len() > 20 || !s.is_ascii() {
                 return Err(QmpError::generic(
                     "'serial' must be at most 20 ASCII characters",
                 ));
             }
         }
-        let (ph, origin) = match clone_from {
+        let (pool, origin) = match new.clone_from {
             Some(src) => {
                 let f = self.find(src)?;
-                if pool.is_some_and(|p| p != f.pool.name) {
+                if new.pool.is_some_and(|p| p != f.pool.name) {
                     return Err(QmpError::generic("a clone lives in the pool of its origin"));
                 }
                 (f.pool.clone(), Some((f.id, f.entry.size)))
             }
-            None => (self.pool(pool)?, None),
+            None => (self.pool(new.pool)?, None),
         };
-        let size = match (size, origin) {
+        let size = match (new.size, origin) {
             (Some(s), Some((_, osize))) if s < osize => {
                 return Err(QmpError::generic(format!(
                     "a clone cannot be smaller than its origin ({osize} bytes)"
@@ -504,37 +612,42 @@ impl Manager {
                 "'size' must be a positive multiple of 512",
             ));
         }
+        Ok(DiskPlan {
+            pool,
+            origin: origin.map(|(o, _)| o),
+            size,
+        })
+    }
+
+    /// Creates the thin device and its registry entry, durably.
+    fn create_disk(&self, new: &NewDisk<'_>, plan: &DiskPlan) -> R<u32> {
+        let ph = &plan.pool;
         let created = crate::offline::now_secs();
-        let id = ph.change(|pool, reg| {
+        ph.change(|pool, reg| {
             let id = reg.next_id(&ph.devices());
-            match origin {
-                Some((oid, _)) => pool.create_snap(id, oid)?,
+            match plan.origin {
+                Some(oid) => pool.create_snap(id, oid)?,
                 None => pool.create_thin(id)?,
             }
             reg.insert(
                 id,
                 DeviceEntry {
-                    name: Some(name.to_string()),
-                    size,
-                    read_only,
-                    serial: serial
+                    name: Some(new.name.to_string()),
+                    size: plan.size,
+                    read_only: new.read_only,
+                    serial: new
+                        .serial
                         .clone()
                         .unwrap_or_else(|| make_serial(id, created, ph.salt)),
                     snapshot: false,
-                    origin: origin.map(|(o, _)| o),
+                    origin: plan.origin,
                     created,
                     ..Default::default()
                 },
             )
             .map_err(|e| QmpError::generic(e.to_string()))?;
             Ok(id)
-        })?;
-        let socket = self.serve(name, socket, num_queues, None)?;
-        tracing::info!(
-            "disk-add {name}: thin device {id}, {size} bytes, socket {}",
-            socket.display()
-        );
-        Ok(json!({"thin-id": id, "socket": socket}))
+        })
     }
 
     pub fn disk_remove(&self, name: &str, force: bool) -> R<Value> {

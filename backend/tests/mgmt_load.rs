@@ -529,3 +529,51 @@ fn a_socket_path_holding_a_file_is_refused_and_the_file_kept() {
     assert!(e.contains("not a socket"), "{e}");
     assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
 }
+
+#[test]
+fn a_disk_add_that_cannot_serve_leaves_nothing_behind() {
+    let s = Served::new("");
+    let mut c = s.client();
+    let nowhere = s.dir.path().join("missing-dir").join("d1.sock");
+    let e = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "socket": nowhere}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot listen"), "{e}");
+    let names = |c: &mut vhost_thin::ctl::Client| {
+        c.execute("query-disks", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&mut c), ["disk0"]);
+    // The name is free: the same disk-add with a good path works.
+    let good = s.dir.path().join("d1.sock");
+    let r = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "socket": good}),
+        )
+        .unwrap();
+    assert_eq!(r["socket"], json!(good));
+    assert_eq!(names(&mut c), ["disk0", "d1"]);
+    // A socket already serving another disk is refused before anything is created too.
+    let e = c
+        .execute(
+            "disk-add",
+            json!({"name": "d2", "size": 1 << 20, "socket": s.sock}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in use"), "{e}");
+    assert_eq!(names(&mut c), ["disk0", "d1"]);
+    let mut s = s;
+    assert!(s.stop().success());
+    assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
+}
