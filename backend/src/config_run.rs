@@ -7,7 +7,7 @@
 //! disagree the registry wins and the daemon says so.
 
 use crate::manager::{Manager, PoolHandle};
-use crate::offline::{load_registry, open_pool, serial_salt, PoolPaths};
+use crate::offline::{load_registry, open_pool_zeroing, serial_salt, PoolPaths};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use thinpool::pool::{Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
-use vmm_config::{Config, OutOfSpacePolicy};
+use vmm_config::{Config, DiscardMode, OutOfSpacePolicy};
 
 /// The management socket and its file mode, when configured.
 pub type QmpSocket = Option<(PathBuf, u32)>;
@@ -78,14 +78,18 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 .map(|s| (s.0 / 4096) as usize)
                 .unwrap_or(cache_blocks),
         };
-        let pool = Arc::new(open_pool(&paths, true).with_context(|| format!("pool {}", p.name))?);
+        let pool = Arc::new(
+            open_pool_zeroing(&paths, true, p.zeroing)
+                .with_context(|| format!("pool {}", p.name))?,
+        );
         let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
             Registry::new(
                 Registry::default_path(&p.metadata),
                 pool.status().transaction_id,
             )
         });
-        let h = PoolHandle::new(&p.name, pool, reg, serial_salt(&p.metadata));
+        let mut h = PoolHandle::new(&p.name, pool, reg, serial_salt(&p.metadata));
+        h.discard = p.discard == DiscardMode::Unmap;
         h.space.set_mode(match p.out_of_space.policy {
             OutOfSpacePolicy::Error => crate::blk::disk::OutOfSpace::Error,
             OutOfSpacePolicy::Queue => crate::blk::disk::OutOfSpace::Queue {

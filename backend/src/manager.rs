@@ -35,6 +35,8 @@ pub struct PoolHandle {
     /// Low-water marks in percent: data, metadata.
     pub low_water: Mutex<(u8, u8)>,
     pub salt: u64,
+    /// Whether its disks offer DISCARD to guests (configuration `discard: unmap`).
+    pub discard: bool,
 }
 
 impl PoolHandle {
@@ -46,6 +48,7 @@ impl PoolHandle {
             space: Arc::new(SpacePolicy::default()),
             low_water: Mutex::new((80, 80)),
             salt,
+            discard: true,
         }
     }
 
@@ -289,6 +292,7 @@ impl Manager {
                 serial: f.entry.serial.clone(),
                 num_queues: num_queues.unwrap_or(self.default_queues).clamp(1, 64),
                 queue_size: queue_size.unwrap_or(256),
+                discard: f.pool.discard,
             },
             f.pool.space.clone(),
         ));

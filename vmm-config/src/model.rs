@@ -59,7 +59,8 @@ pub enum DiscardMode {
     /// Unmap the whole pool blocks a discard covers (space returns to the pool).
     #[default]
     Unmap,
-    /// Accept discards and do nothing (dm-thin's `ignore_discard`).
+    /// Turn discard support off (dm-thin's `ignore_discard`): guests are not offered
+    /// DISCARD, and one sent anyway is answered "unsupported".
     Ignore,
 }
 

@@ -259,7 +259,11 @@ impl VhostUserBackend for BlkBackend {
         if self.disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
-            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            // dm-thin's ignore_discard turns discard support off; so does not offering it.
+            if self.disk.discard {
+                f |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
         }
         f
     }
@@ -362,6 +366,10 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
 
     fn disk(read_only: bool) -> Arc<Disk> {
+        disk_with(read_only, true)
+    }
+
+    fn disk_with(read_only: bool, discard: bool) -> Arc<Disk> {
         let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
         let data: Arc<dyn Storage> = Arc::new(MemStorage::new(16 << 20));
         let pool = Arc::new(Pool::create(meta, data, 128, PoolOptions::default()).unwrap());
@@ -376,6 +384,7 @@ mod tests {
                 serial: "serial-1".into(),
                 num_queues: 1,
                 queue_size: 64,
+                discard,
             },
         ))
     }
@@ -466,5 +475,57 @@ mod tests {
         let cfg = rw.get_config(0, 64);
         // discard_sector_alignment = pool block in sectors.
         assert_eq!(u32::from_le_bytes(cfg[44..48].try_into().unwrap()), 128);
+    }
+
+    #[test]
+    fn a_pool_that_ignores_discards_does_not_offer_them() {
+        let b = BlkBackend::new(disk_with(false, false));
+        assert_eq!(b.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+
+        // A discard sent anyway is unsupported, and the data stays.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let vring = VringRwLock::new(atomic.clone(), 64).unwrap();
+        vring.set_queue_size(64);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        b.update_memory(atomic).unwrap();
+        let hdr = |at: u64, kind: u32| {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(at)).unwrap();
+        };
+        hdr(0x10000, VIRTIO_BLK_T_OUT);
+        mem.write_slice(&[0x5a; 4096], GuestAddress(0x11000))
+            .unwrap();
+        hdr(0x20000, VIRTIO_BLK_T_DISCARD);
+        let mut seg = [0u8; 16];
+        seg[8..12].copy_from_slice(&128u32.to_le_bytes()); // sector 0, one pool block
+        mem.write_slice(&seg, GuestAddress(0x21000)).unwrap();
+        vq.add_desc_chains(
+            &[
+                desc(0x10000, 16, false, Some(1)),
+                desc(0x11000, 4096, false, Some(2)),
+                desc(0x12000, 1, true, None),
+                desc(0x20000, 16, false, Some(4)),
+                desc(0x21000, 16, false, Some(5)),
+                desc(0x22000, 1, true, None),
+            ],
+            0,
+        )
+        .unwrap();
+        assert!(b.process_queue(&vring).unwrap());
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x12000)).unwrap(), 0);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x22000)).unwrap(),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+        let mut back = vec![0u8; 4096];
+        b.disk.pool.read(0, 0, &mut back).unwrap();
+        assert_eq!(back, vec![0x5a; 4096]);
     }
 }

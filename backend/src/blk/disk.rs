@@ -87,6 +87,8 @@ pub struct Disk {
     pub serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     pub num_queues: usize,
     pub queue_size: usize,
+    /// Whether the guest is offered DISCARD (off for a pool with `discard: ignore`).
+    pub discard: bool,
     pub space: Arc<SpacePolicy>,
     /// Held shared by every request being executed; taken exclusively to drain I/O
     /// (shutdown, snapshots of a running disk).
@@ -125,6 +127,8 @@ pub struct DiskOptions {
     pub serial: String,
     pub num_queues: usize,
     pub queue_size: usize,
+    /// Offer DISCARD to the guest.
+    pub discard: bool,
 }
 
 impl Disk {
@@ -146,6 +150,7 @@ impl Disk {
             serial: s,
             num_queues: o.num_queues,
             queue_size: o.queue_size,
+            discard: o.discard,
             space,
             io_gate: RwLock::new(()),
             connected: AtomicBool::new(false),

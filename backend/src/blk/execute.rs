@@ -6,7 +6,7 @@ use super::request::{Op, Seg};
 use std::io::{IoSlice, IoSliceMut};
 use std::time::Duration;
 use thinpool::Error;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Outcome: the status byte and how many bytes went into the guest's data buffers.
@@ -116,6 +116,12 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, Need
             }
             ok(written as u32)
         }
+        // Not offered (the pool ignores discards), so not done: what a device without
+        // VIRTIO_BLK_F_DISCARD answers.
+        Op::Discard(_) if !disk.discard => Done {
+            status: VIRTIO_BLK_S_UNSUPP as u8,
+            written: 0,
+        },
         Op::Discard(ranges) => {
             for r in ranges {
                 if let Err(e) = disk.pool.discard(disk.thin_id, r.offset, r.len) {

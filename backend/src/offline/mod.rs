@@ -77,12 +77,18 @@ pub fn registry_path(paths: &PoolPaths) -> Option<PathBuf> {
 }
 
 pub fn open_pool(paths: &PoolPaths, writable: bool) -> Result<Pool> {
+    open_pool_zeroing(paths, writable, true)
+}
+
+/// [`open_pool`], saying whether the rest of a newly provisioned block is zeroed (`false`
+/// is dm-thin's skip_block_zeroing: faster, but a guest may read stale data).
+pub fn open_pool_zeroing(paths: &PoolPaths, writable: bool, zeroing: bool) -> Result<Pool> {
     let meta = open_file(&paths.metadata, "metadata device", writable)?;
     let data = open_file(&paths.data, "data device", writable)?;
     let opts = PoolOptions {
         cache_blocks: paths.cache_blocks,
         read_only: !writable,
-        ..Default::default()
+        skip_block_zeroing: !zeroing,
     };
     let pool = Pool::open(meta, data, opts).with_context(|| {
         format!(
