@@ -112,23 +112,19 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         // A registry lookup, not query-disks: that one walks every mapping for its usage figures.
-        let reg_entry = manager.entry(&d.name);
-        match reg_entry {
+        // Missing disks are created first; every disk is then served the same way, with
+        // its queue settings.
+        match manager.entry(&d.name) {
             None => {
                 manager
-                    .disk_add(
-                        &crate::manager::NewDisk {
-                            name: &d.name,
-                            pool: d.pool.as_deref(),
-                            size: Some(d.size.0),
-                            clone_from: d.clone_from.as_deref(),
-                            read_only: d.read_only,
-                            serial: d.serial.clone(),
-                        },
-                        Some(d.socket.clone()),
-                        Some(d.num_queues as usize),
-                        None,
-                    )
+                    .disk_create(&crate::manager::NewDisk {
+                        name: &d.name,
+                        pool: d.pool.as_deref(),
+                        size: Some(d.size.0),
+                        clone_from: d.clone_from.as_deref(),
+                        read_only: d.read_only,
+                        serial: d.serial.clone(),
+                    })
                     .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
                 println!(
                     "disk {}: created ({} bytes{})",
@@ -159,16 +155,16 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 if e.read_only != d.read_only {
                     println!("disk {}: read-only is {} in the registry (set at run time), {} in the configuration; the registry wins", d.name, e.read_only, d.read_only);
                 }
-                manager
-                    .serve(
-                        &d.name,
-                        Some(d.socket.clone()),
-                        Some(d.num_queues as usize),
-                        Some(d.queue_size as usize),
-                    )
-                    .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
             }
         }
+        manager
+            .serve(
+                &d.name,
+                Some(d.socket.clone()),
+                Some(d.num_queues as usize),
+                Some(d.queue_size as usize),
+            )
+            .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
     }
     // Disks added at run time live in the registry only: keep serving them.
     let configured: Vec<&str> = cfg.disks.iter().map(|d| d.name.as_str()).collect();

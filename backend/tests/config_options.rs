@@ -87,3 +87,28 @@ fn zeroing_and_discard_of_a_pool_are_applied() {
     drop(g);
     stop(c);
 }
+
+#[test]
+fn the_queue_size_of_a_disk_is_honoured_from_the_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: p\n    metadata: {d}/p.meta\n    data: {d}/p.data\n    create:\n      data-size: 16MiB\n\
+             disks:\n  - name: d\n    size: 8MiB\n    socket: {d}/d.sock\n    queue-size: 128\n"
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("d.sock");
+    // seg_max, in the configuration space, follows the queue size (a chain fits the ring).
+    let seg_max = |g: &mut Guest| u32::from_le_bytes(g.config(16)[12..16].try_into().unwrap());
+    for run in ["creating the disk", "reusing it"] {
+        let c = serve(&cfg, &[&sock]);
+        let mut g = Guest::connect(&sock, 1);
+        assert_eq!(seg_max(&mut g), 126, "{run}");
+        drop(g);
+        stop(c);
+    }
+}
