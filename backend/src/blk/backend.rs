@@ -6,7 +6,7 @@
 
 use super::disk::{Disk, Stats};
 use super::execute::{execute, fail, Done, NeedsSpace};
-use super::request::{parse, Desc, GuestView, Limits, Op};
+use super::request::{parse, Desc, GuestView, Limits, Op, MAX_DATA_BYTES};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -30,8 +30,22 @@ use vmm_sys_util::event::{
 pub const MAX_DISCARD_SEG: u32 = 16;
 /// Most sectors in one discard or write-zeroes segment (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
-/// Largest data segment the guest may use.
+/// Largest data segment ever offered to the guest.
 pub const SIZE_MAX: u32 = 1 << 20;
+/// Smallest: a guest page (Linux wants max_segment_size to be at least that).
+const MIN_SIZE_MAX: u64 = 4096;
+
+/// seg_max and size_max for a queue of `queue_size`: as many segments as a chain that fits
+/// the ring can carry (less the header and the status), each as large as possible while
+/// seg_max × size_max stays within the parser's [`MAX_DATA_BYTES`], the single limit of a
+/// request's data, so that no request within the advertised limits is refused.
+pub fn segment_limits(queue_size: usize) -> (u32, u32) {
+    let seg_max = (queue_size as u64)
+        .saturating_sub(2)
+        .clamp(1, MAX_DATA_BYTES / MIN_SIZE_MAX);
+    let size_max = (MAX_DATA_BYTES / seg_max / MIN_SIZE_MAX * MIN_SIZE_MAX).min(SIZE_MAX as u64);
+    (seg_max as u32, size_max as u32)
+}
 
 #[derive(Copy, Clone, Default)]
 #[repr(transparent)]
@@ -99,10 +113,11 @@ impl BlkBackend {
     fn config(&self) -> BlkConfig {
         let bs = self.disk.pool.block_bytes();
         let block_sectors = (bs / 512) as u32;
+        let (seg_max, size_max) = segment_limits(self.disk.queue_size);
         BlkConfig(virtio_blk_config {
             capacity: (self.disk.size() / 512).to_le(),
-            size_max: SIZE_MAX.to_le(),
-            seg_max: ((self.disk.queue_size as u32).saturating_sub(2).max(1)).to_le(),
+            size_max: size_max.to_le(),
+            seg_max: seg_max.to_le(),
             blk_size: 512u32.to_le(),
             // Physical block = pool block: writes of whole blocks avoid zeroing and copying.
             physical_block_exp: block_sectors.trailing_zeros() as u8,
@@ -527,5 +542,63 @@ mod tests {
         let mut back = vec![0u8; 4096];
         b.disk.pool.read(0, 0, &mut back).unwrap();
         assert_eq!(back, vec![0x5a; 4096]);
+    }
+
+    #[test]
+    fn advertised_segments_stay_within_what_the_parser_takes() {
+        for q in (1..=15).map(|e| 1usize << e) {
+            let (seg, size) = segment_limits(q);
+            assert!(
+                seg >= 1 && seg as usize <= q.max(3) - 2,
+                "queue {q}: seg_max {seg}"
+            );
+            assert!(size as u64 >= MIN_SIZE_MAX && size <= SIZE_MAX, "queue {q}");
+            assert!(
+                seg as u64 * size as u64 <= MAX_DATA_BYTES,
+                "queue {q}: {seg} segments of {size} bytes"
+            );
+        }
+        assert_eq!(segment_limits(256), (254, 128 << 10));
+        assert_eq!(segment_limits(32), (30, 1 << 20));
+        // The configuration space says the same.
+        let b = BlkBackend::new(disk(false));
+        let cfg = b.get_config(0, 16);
+        let (seg, size) = segment_limits(64);
+        assert_eq!(u32::from_le_bytes(cfg[8..12].try_into().unwrap()), size);
+        assert_eq!(u32::from_le_bytes(cfg[12..16].try_into().unwrap()), seg);
+        // A request as large as advertised parses.
+        let descs: Vec<Desc> = std::iter::once(Desc {
+            addr: 0,
+            len: 16,
+            writable: false,
+        })
+        .chain((0..seg).map(|i| Desc {
+            addr: 0x1000 + i as u64 * size as u64,
+            len: size,
+            writable: false,
+        }))
+        .chain(std::iter::once(Desc {
+            addr: 0,
+            len: 1,
+            writable: true,
+        }))
+        .collect();
+        struct Zeroes;
+        impl GuestView for Zeroes {
+            fn contains(&self, _: u64, _: u64) -> bool {
+                true
+            }
+            fn read(&self, _: u64, buf: &mut [u8]) -> bool {
+                buf.fill(0);
+                buf[0] = VIRTIO_BLK_T_OUT as u8;
+                true
+            }
+        }
+        let limits = Limits {
+            capacity_sectors: 1 << 30,
+            ..b.limits()
+        };
+        let p = parse(&descs, &Zeroes, &limits);
+        assert!(p.request.is_ok(), "{:?}", p.request.err());
     }
 }
