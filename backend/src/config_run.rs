@@ -100,10 +100,15 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
         handles.push(Arc::new(h));
     }
+    // Sockets of disks added at run time go beside the configured ones, or beside the
+    // management socket when no disk is configured.
     let socket_dir = cfg
         .disks
         .first()
-        .and_then(|d| d.socket.parent().map(Path::to_path_buf))
+        .map(|d| &d.socket)
+        .or(cfg.management.as_ref().map(|m| &m.socket))
+        .and_then(|s| s.parent().map(Path::to_path_buf))
+        .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
     let manager = Manager::new(handles, socket_dir);
     for d in &cfg.disks {
@@ -220,13 +225,27 @@ pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpS
     let cfg = vmm_config::load(&cfg_path)?;
     crate::logging::apply_config(cfg.logging.as_ref());
     let r = start(&cfg, cache_blocks)?;
-    let d = &cfg.disks[0];
+    println!("{}", quickstart_help(&cfg, &dir));
+    Ok(r)
+}
+
+/// What the quickstart prints once serving: how to attach the first disk and the ctl
+/// commands. The file is the user's to edit, so it may have no disk at all.
+fn quickstart_help(cfg: &Config, dir: &Path) -> String {
     let qmp = cfg
         .management
         .as_ref()
         .map(|m| m.socket.display().to_string())
         .unwrap_or_default();
-    println!(
+    let Some(d) = cfg.disks.first() else {
+        return format!(
+            "\nvhost-thin is serving no disk: {dir}/vhost-thin.yaml has none.\n\
+             \nadd one:\n  vhost-thin ctl --socket {qmp} add disk0 --size 10GiB\n  vhost-thin ctl --socket {qmp} disks\n\
+             \nor list it under `disks:` in the file and start again.",
+            dir = dir.display(),
+        );
+    };
+    format!(
         "\nvhost-thin is serving {name} ({size} bytes) on {sock}\n\
          \nQEMU (shared guest memory is required by vhost-user):\n  qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n    -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\\n    -chardev socket,id={name},path={sock},reconnect=1 \\\n    -device vhost-user-blk-pci,chardev={name},num-queues={nq} \\\n    -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic\n\
          \ncloud-hypervisor:\n  cloud-hypervisor --memory size=2G,shared=on --kernel vmlinux \\\n    --disk vhost_user=true,socket={sock},num_queues={nq} --cmdline console=ttyS0 --serial tty --console off\n\
@@ -237,8 +256,7 @@ pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpS
         sock = d.socket.display(),
         nq = d.num_queues,
         dir = dir.display(),
-    );
-    Ok(r)
+    )
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {
@@ -247,5 +265,34 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     unsafe {
         let mut s: libc::statvfs = std::mem::zeroed();
         (libc::statvfs(c.as_ptr(), &mut s) == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quickstart_help_copes_with_a_file_without_disks() {
+        let dir = Path::new("/state");
+        let mut cfg = vmm_config::parse(
+            "management:\n  socket: /state/qmp.sock\n",
+            "vhost-thin.yaml",
+        )
+        .unwrap();
+        let help = quickstart_help(&cfg, dir);
+        assert!(help.contains("serving no disk"), "{help}");
+        assert!(help.contains("ctl --socket /state/qmp.sock add"), "{help}");
+        cfg = vmm_config::parse(
+            "pools:\n  - name: p\n    metadata: /state/m\n    data: /state/d\n\
+             disks:\n  - name: disk0\n    size: 1GiB\n    socket: /state/disk0.sock\n",
+            "vhost-thin.yaml",
+        )
+        .unwrap();
+        let help = quickstart_help(&cfg, dir);
+        assert!(
+            help.contains("serving disk0 (1073741824 bytes) on /state/disk0.sock"),
+            "{help}"
+        );
     }
 }
