@@ -1087,9 +1087,18 @@ fn serve_loop(
             )) => tracing::info!("{}: frontend disconnected", disk.name),
             Err(e) => tracing::warn!("{}: connection ended: {e:?}", disk.name),
         }
-        emit("DISK_DISCONNECTED", json!({"disk": disk.name}));
-        if let Err(e) = disk.pool.commit() {
-            tracing::error!("{}: commit after disconnect failed: {e}", disk.name);
-        }
+        // After the commit: whoever sees the event may take the disk's writes as durable
+        // (copy the files, start the guest elsewhere).
+        let committed = match disk.pool.commit() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("{}: commit after disconnect failed: {e}", disk.name);
+                false
+            }
+        };
+        emit(
+            "DISK_DISCONNECTED",
+            json!({"disk": disk.name, "committed": committed}),
+        );
     }
 }

@@ -577,3 +577,46 @@ fn a_disk_add_that_cannot_serve_leaves_nothing_behind() {
     assert!(s.stop().success());
     assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
 }
+
+#[test]
+fn disk_disconnected_is_sent_once_the_writes_are_durable() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = Served::new("");
+    drop(s.client()); // waits for the management socket
+    let qmp = std::os::unix::net::UnixStream::connect(s.qmp()).unwrap();
+    qmp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut lines = BufReader::new(qmp.try_clone().unwrap()).lines();
+    lines.next().unwrap().unwrap(); // greeting
+    (&qmp)
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    lines.next().unwrap().unwrap();
+    // A write, no FLUSH, then the guest leaves.
+    let mut g = Guest::connect(&s.sock, 1);
+    assert_eq!(g.write(0, 0, &[0x3c; 4096], 1), 0);
+    drop(g);
+    let event = loop {
+        let line = lines.next().expect("no DISK_DISCONNECTED").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == "DISK_DISCONNECTED" {
+            break v;
+        }
+    };
+    assert_eq!(event["data"], json!({"disk": "disk0", "committed": true}));
+    // Killed at once, no chance to commit again: the write is there.
+    let mut child = s.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "thin", "export", "-m", &s.m, "-d", &s.d, "--id", "0", "--size", "4096", "-o", "-",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, vec![0x3c; 4096]);
+}
