@@ -23,6 +23,7 @@ use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{make_serial, DeviceEntry, Registry};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_config::limits;
 
 type R<T> = Result<T, QmpError>;
 
@@ -91,7 +92,6 @@ pub struct Manager {
     op: Mutex<()>,
     /// Where sockets of disks added without a socket path go.
     pub socket_dir: PathBuf,
-    pub default_queues: usize,
 }
 
 /// A disk to create, as disk-add or the configuration describes it.
@@ -137,7 +137,6 @@ impl Manager {
             events: EventBus::default(),
             op: Mutex::new(()),
             socket_dir,
-            default_queues: 1,
         })
     }
 
@@ -214,10 +213,11 @@ impl Manager {
         num_queues: Option<usize>,
         queue_size: Option<usize>,
     ) -> R<PathBuf> {
+        let queues = queue_options(num_queues, queue_size)?;
         let _op = self.op.lock().unwrap();
         let f = self.find(name)?;
         let bound = self.bind(name, socket)?;
-        self.start_serving(name, &f, bound, num_queues, queue_size)
+        self.start_serving(name, &f, bound, queues)
     }
 
     /// Checks that `name` may be served on `socket` (default: in the socket directory)
@@ -252,11 +252,10 @@ impl Manager {
         name: &str,
         f: &Found,
         bound: Bound,
-        num_queues: Option<usize>,
-        queue_size: Option<usize>,
+        queues: (usize, usize),
     ) -> R<PathBuf> {
         let Bound { socket, listener } = bound;
-        let r = self.spawn_server(name, f, &socket, listener, num_queues, queue_size);
+        let r = self.spawn_server(name, f, &socket, listener, queues);
         if r.is_err() {
             let _ = std::fs::remove_file(&socket);
         }
@@ -269,8 +268,7 @@ impl Manager {
         f: &Found,
         socket: &Path,
         listener: UnixListener,
-        num_queues: Option<usize>,
-        queue_size: Option<usize>,
+        (num_queues, queue_size): (usize, usize),
     ) -> R<()> {
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
@@ -290,8 +288,8 @@ impl Manager {
                 size: f.entry.size,
                 read_only: f.entry.read_only,
                 serial: f.entry.serial.clone(),
-                num_queues: num_queues.unwrap_or(self.default_queues).clamp(1, 64),
-                queue_size: queue_size.unwrap_or(256),
+                num_queues,
+                queue_size,
                 discard: f.pool.discard,
             },
             f.pool.space.clone(),
@@ -540,6 +538,7 @@ impl Manager {
         num_queues: Option<usize>,
         queue_size: Option<usize>,
     ) -> R<Value> {
+        let queues = queue_options(num_queues, queue_size)?;
         let _op = self.op.lock().unwrap();
         let plan = self.plan_disk(new)?;
         let bound = self.bind(new.name, socket)?;
@@ -551,7 +550,7 @@ impl Manager {
             }
         };
         let f = self.find(new.name)?;
-        let socket = match self.start_serving(new.name, &f, bound, num_queues, queue_size) {
+        let socket = match self.start_serving(new.name, &f, bound, queues) {
             Ok(s) => s,
             Err(e) => {
                 if let Err(d) = Self::delete_device(&f) {
@@ -992,6 +991,27 @@ impl Manager {
     }
 }
 
+/// The queues of a disk to serve, checked (None: the defaults): a count or size out of
+/// range is refused, not clamped, so the guest gets what was asked or an error says why.
+fn queue_options(num_queues: Option<usize>, queue_size: Option<usize>) -> R<(usize, usize)> {
+    let n = num_queues.unwrap_or(limits::DEFAULT_NUM_QUEUES);
+    if !limits::num_queues_ok(n) {
+        return Err(QmpError::generic(format!(
+            "'num-queues' must be 1 to {}, not {n}",
+            limits::MAX_NUM_QUEUES
+        )));
+    }
+    let q = queue_size.unwrap_or(limits::DEFAULT_QUEUE_SIZE);
+    if !limits::queue_size_ok(q) {
+        return Err(QmpError::generic(format!(
+            "'queue-size' must be a power of two, {} to {}, not {q}",
+            limits::MIN_QUEUE_SIZE,
+            limits::MAX_QUEUE_SIZE
+        )));
+    }
+    Ok((n, q))
+}
+
 /// Listens on a socket path, replacing a socket left there by an earlier run. Anything
 /// else at the path (a file, a directory, a typo pointing at data) is left alone and
 /// refused: removing it could destroy what the operator meant to keep.
@@ -1100,5 +1120,30 @@ fn serve_loop(
             "DISK_DISCONNECTED",
             json!({"disk": disk.name, "committed": committed}),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_options_are_checked_not_clamped() {
+        assert_eq!(queue_options(None, None).unwrap(), (1, 256));
+        assert_eq!(queue_options(Some(64), Some(32768)).unwrap(), (64, 32768));
+        for (n, q) in [
+            (Some(0), None),
+            (Some(65), None),
+            (None, Some(100)),
+            (None, Some(1)),
+        ] {
+            let e = queue_options(n, q).unwrap_err();
+            assert_eq!(e.class, "GenericError");
+            assert!(e.desc.contains("must be"), "{}", e.desc);
+        }
+        assert!(queue_options(None, Some(65536))
+            .unwrap_err()
+            .desc
+            .contains("'queue-size' must be a power of two, 2 to 32768"));
     }
 }

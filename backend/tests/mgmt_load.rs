@@ -620,3 +620,35 @@ fn disk_disconnected_is_sent_once_the_writes_are_durable() {
     );
     assert_eq!(out.stdout, vec![0x3c; 4096]);
 }
+
+#[test]
+fn disk_add_refuses_queue_counts_out_of_range() {
+    let s = Served::new("");
+    let mut c = s.client();
+    for n in [0, 65, 1000] {
+        let e = c
+            .execute(
+                "disk-add",
+                json!({"name": "d1", "size": 1 << 20, "num-queues": n}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'num-queues' must be 1 to 64"), "{e}");
+    }
+    assert_eq!(
+        c.execute("query-disks", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "nothing was created"
+    );
+    let r = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "num-queues": 64}),
+        )
+        .unwrap();
+    assert!(r["socket"].is_string());
+}

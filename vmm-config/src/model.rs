@@ -174,10 +174,10 @@ fn default_low_water() -> u8 {
     80
 }
 fn default_queues() -> u16 {
-    1
+    crate::limits::DEFAULT_NUM_QUEUES as u16
 }
 fn default_queue_size() -> u16 {
-    256
+    crate::limits::DEFAULT_QUEUE_SIZE as u16
 }
 fn default_mode() -> String {
     "0600".into()
