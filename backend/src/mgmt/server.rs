@@ -166,7 +166,6 @@ fn handle(
     let elapsed_ms = (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     // A client names the command: an unknown one may be long too.
     let command = cut(name.unwrap_or_else(|| "-".into()));
-    let args = args_for_log(args.as_ref());
     match &result {
         Ok(_) => tracing::info!(
             command = ?command,
@@ -197,7 +196,7 @@ fn handle(
 fn args_for_log(args: Option<&Map<String, Value>>) -> String {
     match args.filter(|a| !a.is_empty()) {
         None => "{}".into(),
-        Some(a) => cut(Value::Object(a.clone()).to_string()),
+        Some(a) => cut(serde_json::to_string(a).unwrap_or_default()),
     }
 }
 
@@ -219,7 +218,8 @@ struct Request {
     id: Option<Value>,
     /// The command, when the message named one.
     name: Option<String>,
-    args: Option<Map<String, Value>>,
+    /// The arguments as logged (see [`args_for_log`]).
+    args: String,
     result: Result<Value, QmpError>,
 }
 
@@ -233,7 +233,7 @@ fn dispatch(
     let refused = |id, e| Request {
         id,
         name: None,
-        args: None,
+        args: args_for_log(None),
         result: Err(e),
     };
     let v = match frame {
@@ -264,12 +264,14 @@ fn dispatch(
             return Request {
                 id,
                 name: Some(name),
-                args: None,
+                args: args_for_log(None),
                 result: Err(e),
             };
         }
     };
-    let logged = Some(args.clone());
+    // Made before the arguments go to the command: a log line needs at most LOGGED_MAX
+    // bytes of them, not a copy of them all.
+    let logged = args_for_log(Some(&args));
     let result = run_command(m, &name, args, negotiated, client, tx);
     Request {
         id,
