@@ -12,6 +12,7 @@ use std::sync::Arc;
 use thinpool::pool::{CommitHold, Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
+use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 
 /// Where the pool lives.
 #[derive(Args, Debug, Clone)]
@@ -39,6 +40,17 @@ pub fn open_file(path: &Path, what: &str, writable: bool) -> Result<Arc<dyn Stor
     }
     .with_context(|| format!("cannot open {what} {}", path.display()))?;
     Ok(Arc::new(s))
+}
+
+/// The metadata of a pool, opened without writing anything (what inspecting commands use).
+pub fn open_metadata_read_only(meta: Arc<dyn Storage>) -> thinpool::Result<ThinMetadata> {
+    ThinMetadata::open(
+        meta,
+        MetadataOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// A buffered writer to `path`, or to standard output for "-".
