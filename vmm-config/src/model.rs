@@ -185,35 +185,3 @@ fn default_mode() -> String {
 fn default_level() -> LogLevel {
     LogLevel::Info
 }
-
-/// Every field name of the model, for "did you mean" hints.
-pub(crate) const FIELD_NAMES: &[&str] = &[
-    "pools",
-    "disks",
-    "management",
-    "logging",
-    "name",
-    "metadata",
-    "data",
-    "block-size",
-    "create",
-    "zeroing",
-    "discard",
-    "out-of-space",
-    "low-water",
-    "metadata-cache",
-    "data-size",
-    "metadata-size",
-    "policy",
-    "timeout",
-    "pool",
-    "size",
-    "socket",
-    "num-queues",
-    "queue-size",
-    "read-only",
-    "serial",
-    "clone-from",
-    "mode",
-    "level",
-];

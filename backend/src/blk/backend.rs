@@ -86,10 +86,6 @@ impl BlkBackend {
         }
     }
 
-    pub fn disk(&self) -> &Arc<Disk> {
-        &self.disk
-    }
-
     /// Asks every worker thread to leave its loop; writes held for space give up.
     pub fn signal_exit(&self) {
         self.exiting.store(true, Ordering::SeqCst);

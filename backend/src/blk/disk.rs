@@ -187,13 +187,4 @@ impl Disk {
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
-
-    pub fn serial_str(&self) -> String {
-        let end = self
-            .serial
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.serial.len());
-        String::from_utf8_lossy(&self.serial[..end]).into_owned()
-    }
 }
