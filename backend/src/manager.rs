@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::pool::{Pool, PoolMode};
@@ -66,7 +66,7 @@ impl PoolHandle {
     /// deleted) under the old transaction id, which a crash then leaves disagreeing with
     /// the registry.
     fn change<T>(&self, f: impl FnOnce(&Pool, &mut Registry) -> R<T>) -> R<T> {
-        let mut reg = self.registry.lock().unwrap();
+        let mut reg = lock(&self.registry);
         let hold = self.pool.hold_commits();
         let v = f(&self.pool, &mut reg)?;
         commit_change_held(&hold, Some(&mut reg))?;
@@ -154,7 +154,7 @@ impl Manager {
 
     fn find(&self, name: &str) -> R<Found> {
         for p in self.pools.values() {
-            let reg = p.registry.lock().unwrap();
+            let reg = lock(&p.registry);
             if let Some(id) = reg.find(name) {
                 let entry = reg.devices[&id].clone();
                 return Ok(Found {
@@ -178,7 +178,7 @@ impl Manager {
     pub fn disk_names(&self) -> Vec<String> {
         let mut out = Vec::new();
         for p in self.pools.values() {
-            let reg = p.registry.lock().unwrap();
+            let reg = lock(&p.registry);
             out.extend(
                 reg.devices
                     .values()
@@ -214,7 +214,7 @@ impl Manager {
         queue_size: Option<usize>,
     ) -> R<PathBuf> {
         let queues = queue_options(num_queues, queue_size)?;
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         let bound = self.bind(name, socket)?;
         self.start_serving(name, &f, bound, queues)
@@ -226,7 +226,7 @@ impl Manager {
     fn bind(&self, name: &str, socket: Option<PathBuf>) -> R<Bound> {
         let socket = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
         {
-            let disks = self.disks.lock().unwrap();
+            let disks = lock(&self.disks);
             if disks.contains_key(name) {
                 return Err(QmpError::generic(format!(
                     "disk '{name}' is already served"
@@ -329,7 +329,7 @@ impl Manager {
             f.id,
             socket.display()
         );
-        self.disks.lock().unwrap().insert(
+        lock(&self.disks).insert(
             name.to_string(),
             Served {
                 disk,
@@ -345,17 +345,14 @@ impl Manager {
 
     /// Stops serving a disk (the guest is disconnected).
     fn unserve(&self, name: &str) -> R<Served> {
-        let mut s = self
-            .disks
-            .lock()
-            .unwrap()
+        let mut s = lock(&self.disks)
             .remove(name)
             .ok_or_else(|| QmpError::not_found(format!("disk '{name}' is not served")))?;
         s.stop.store(true, Ordering::SeqCst);
         // A write held for pool space would keep the connection's workers, and so this
         // join, waiting for as long as the policy's timeout (or forever).
         s.disk.stop_held_writes();
-        if let Some(h) = s.conn.lock().unwrap().take() {
+        if let Some(h) = lock(&s.conn).take() {
             h.shutdown();
         }
         // Wake the accept with a connection of our own.
@@ -368,9 +365,7 @@ impl Manager {
     }
 
     pub fn served(&self) -> Vec<(Arc<Disk>, PathBuf)> {
-        self.disks
-            .lock()
-            .unwrap()
+        lock(&self.disks)
             .values()
             .map(|s| (s.disk.clone(), s.socket.clone()))
             .collect()
@@ -378,13 +373,7 @@ impl Manager {
 
     /// Drains every disk's requests, commits every pool (SIGTERM).
     pub fn shutdown(&self) -> anyhow::Result<()> {
-        let disks: Vec<Arc<Disk>> = self
-            .disks
-            .lock()
-            .unwrap()
-            .values()
-            .map(|s| s.disk.clone())
-            .collect();
+        let disks: Vec<Arc<Disk>> = lock(&self.disks).values().map(|s| s.disk.clone()).collect();
         // Held writes fail rather than wait for space through the final commit (they were
         // never acknowledged; the guest sees an error if it is still there).
         for d in &disks {
@@ -416,7 +405,7 @@ impl Manager {
         let mut out = Vec::new();
         for p in self.pools.values() {
             let st = p.pool.status();
-            let (lw_data, lw_meta) = *p.low_water.lock().unwrap();
+            let (lw_data, lw_meta) = *lock(&p.low_water);
             let policy = match p.space.mode() {
                 OutOfSpace::Error => json!({"out-of-space": "error"}),
                 OutOfSpace::Queue { timeout } => {
@@ -447,10 +436,7 @@ impl Manager {
     }
 
     fn entries(&self, snapshots: bool) -> R<Value> {
-        let served: BTreeMap<String, (PathBuf, bool, usize)> = self
-            .disks
-            .lock()
-            .unwrap()
+        let served: BTreeMap<String, (PathBuf, bool, usize)> = lock(&self.disks)
             .iter()
             .map(|(n, s)| {
                 (
@@ -468,7 +454,7 @@ impl Manager {
             let usage = p.pool.with_metadata(thinpool::thin::usage::device_usage)?;
             let usage: BTreeMap<u32, _> = usage.into_iter().map(|u| (u.id, u)).collect();
             let bs = p.pool.block_bytes();
-            let reg = p.registry.lock().unwrap();
+            let reg = lock(&p.registry);
             let name_of = |id: u32| reg.devices.get(&id).and_then(|e| e.name.clone());
             for (&id, e) in &reg.devices {
                 if e.snapshot != snapshots {
@@ -539,7 +525,7 @@ impl Manager {
         queue_size: Option<usize>,
     ) -> R<Value> {
         let queues = queue_options(num_queues, queue_size)?;
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let plan = self.plan_disk(new)?;
         let bound = self.bind(new.name, socket)?;
         let id = match self.create_disk(new, &plan) {
@@ -575,7 +561,7 @@ impl Manager {
     /// Creates a disk without serving it (the configuration's disks, served afterwards
     /// with their queue settings). Returns its thin id.
     pub fn disk_create(&self, new: &NewDisk<'_>) -> R<u32> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let plan = self.plan_disk(new)?;
         self.create_disk(new, &plan)
     }
@@ -654,14 +640,14 @@ impl Manager {
     }
 
     pub fn disk_remove(&self, name: &str, force: bool) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{name}' is a snapshot: use snapshot-delete"
             )));
         }
-        if let Some(s) = self.disks.lock().unwrap().get(name) {
+        if let Some(s) = lock(&self.disks).get(name) {
             if s.disk.connected.load(Ordering::SeqCst) && !force {
                 return Err(QmpError {
                     class: "GenericError",
@@ -687,7 +673,7 @@ impl Manager {
     }
 
     pub fn disk_resize(&self, name: &str, size: u64) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         if size < f.entry.size {
             return Err(QmpError::generic(format!(
@@ -706,7 +692,7 @@ impl Manager {
         })?;
         // The connected guest, if any, is told at once (vhost-user config change); one that
         // cannot be told sees the new size when it next reads the configuration.
-        let disk = self.disks.lock().unwrap().get(name).map(|s| s.disk.clone());
+        let disk = lock(&self.disks).get(name).map(|s| s.disk.clone());
         let notified = match disk {
             Some(d) => {
                 d.set_size(size);
@@ -728,7 +714,7 @@ impl Manager {
     }
 
     pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
@@ -736,7 +722,7 @@ impl Manager {
             }
             Ok(())
         })?;
-        if let Some(s) = self.disks.lock().unwrap().get(name) {
+        if let Some(s) = lock(&self.disks).get(name) {
             s.disk.set_read_only(read_only);
         }
         Ok(json!({}))
@@ -745,10 +731,10 @@ impl Manager {
     /// Snapshots a disk, running or not. Writes are held while it is taken: requests in
     /// flight finish, new ones wait; the pause is returned in microseconds.
     pub fn snapshot_create(&self, disk: &str, name: &str) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         self.name_free(name)?;
         let f = self.find(disk)?;
-        let served = self.disks.lock().unwrap().get(disk).map(|s| s.disk.clone());
+        let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
         let created = crate::offline::now_secs();
         let t0 = Instant::now();
         // Pool::create_snap already waits for the origin's writes in flight and holds new
@@ -786,7 +772,7 @@ impl Manager {
     }
 
     pub fn snapshot_delete(&self, name: &str) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         if !f.entry.snapshot {
             return Err(QmpError::generic(format!(
@@ -798,7 +784,7 @@ impl Manager {
 
     /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
     pub fn snapshot_revert(&self, disk: &str, snapshot: &str) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let d = self.find(disk)?;
         let s = self.find(snapshot)?;
         if d.entry.snapshot {
@@ -809,7 +795,7 @@ impl Manager {
         if d.pool.name != s.pool.name {
             return Err(QmpError::generic("the snapshot is in another pool"));
         }
-        let served = self.disks.lock().unwrap().get(disk).map(|x| x.disk.clone());
+        let served = lock(&self.disks).get(disk).map(|x| x.disk.clone());
         let gate = served
             .as_ref()
             .map(|x| x.io_gate.write().unwrap_or_else(|p| p.into_inner()));
@@ -916,7 +902,7 @@ impl Manager {
                 "'timeout' goes with out-of-space: 'queue'",
             ));
         }
-        let mut lw = p.low_water.lock().unwrap();
+        let mut lw = lock(&p.low_water);
         if let Some(d) = low_water_data {
             lw.0 = d as u8;
         }
@@ -961,7 +947,7 @@ impl Manager {
                 for p in me.pools.values() {
                     let st = p.pool.status();
                     let u = &st.usage;
-                    let (lw_d, lw_m) = *p.low_water.lock().unwrap();
+                    let (lw_d, lw_m) = *lock(&p.low_water);
                     let data_pct = u.data_used * 100 / u.data_blocks.max(1);
                     let meta_pct = u.metadata_used * 100 / u.metadata_blocks.max(1);
                     let e = state.entry(p.name.clone()).or_insert((false, false, false, st.mode, st.needs_check, u.data_used));
@@ -989,6 +975,14 @@ impl Manager {
             }
         })
     }
+}
+
+/// Locks `m`, recovering from poisoning: a panic in one management operation (caught and
+/// answered as an internal error) must not make every later one panic too. The state
+/// behind these locks is left consistent by the operations' own ordering (checks first,
+/// then one durable change), which is what poisoning would otherwise guard.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The queues of a disk to serve, checked (None: the defaults): a count or size out of
@@ -1088,11 +1082,11 @@ fn serve_loop(
             let _ = frontend.shutdown(std::net::Shutdown::Both);
             continue;
         }
-        *conn.lock().unwrap() = daemon.shutdown_handle();
+        *lock(conn) = daemon.shutdown_handle();
         disk.connected.store(true, Ordering::SeqCst);
         emit("DISK_CONNECTED", json!({"disk": disk.name}));
         let r = daemon.wait();
-        conn.lock().unwrap().take();
+        lock(conn).take();
         backend.signal_exit();
         // Whichever side ended first, end the other too, and wait for the relay.
         let _ = frontend.shutdown(std::net::Shutdown::Both);
@@ -1126,6 +1120,20 @@ fn serve_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_poisoned_lock_is_taken_anyway() {
+        let m = Arc::new(Mutex::new(1));
+        let m2 = m.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = m2.lock().unwrap();
+            panic!("poison it");
+        })
+        .join();
+        assert!(m.is_poisoned());
+        *lock(&m) += 1;
+        assert_eq!(*lock(&m), 2);
+    }
 
     #[test]
     fn queue_options_are_checked_not_clamped() {

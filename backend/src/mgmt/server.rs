@@ -272,13 +272,29 @@ fn dispatch(
     // Made before the arguments go to the command: a log line needs at most LOGGED_MAX
     // bytes of them, not a copy of them all.
     let logged = args_for_log(Some(&args));
-    let result = run_command(m, &name, args, negotiated, client, tx);
+    let result = guarded(&name, || {
+        run_command(m, &name, args, negotiated, client, tx)
+    });
     Request {
         id,
         name: Some(name),
         args: logged,
         result,
     }
+}
+
+/// Runs one command, turning a panic in it into an error reply: the client gets an answer,
+/// the daemon and its other clients carry on (the manager's locks recover from poisoning).
+fn guarded(name: &str, f: impl FnOnce() -> Result<Value, QmpError>) -> Result<Value, QmpError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!("command {name:?} panicked: {what}");
+        Err(QmpError::generic(format!("internal error: {what}")))
+    })
 }
 
 fn run_command(
@@ -320,6 +336,16 @@ fn run_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_command_is_answered_with_an_internal_error() {
+        let r = guarded("boom", || panic!("the manager broke"));
+        let e = r.unwrap_err();
+        assert_eq!(e.class, "GenericError");
+        assert_eq!(e.desc, "internal error: the manager broke");
+        let r = guarded("fine", || Ok(json!({"x": 1})));
+        assert_eq!(r.unwrap(), json!({"x": 1}));
+    }
 
     #[test]
     fn long_log_fields_are_cut_on_a_character_boundary() {
