@@ -7,7 +7,7 @@
 //! disagree the registry wins and the daemon says so.
 
 use crate::manager::{Manager, PoolHandle};
-use crate::offline::{load_registry, open_pool, serial_salt, PoolPaths};
+use crate::offline::{load_registry, open_pool_zeroing, serial_salt, PoolPaths};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use thinpool::pool::{Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
-use vmm_config::{Config, OutOfSpacePolicy};
+use vmm_config::{Config, DiscardMode, OutOfSpacePolicy};
 
 /// The management socket and its file mode, when configured.
 pub type QmpSocket = Option<(PathBuf, u32)>;
@@ -78,14 +78,18 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 .map(|s| (s.0 / 4096) as usize)
                 .unwrap_or(cache_blocks),
         };
-        let pool = Arc::new(open_pool(&paths, true).with_context(|| format!("pool {}", p.name))?);
+        let pool = Arc::new(
+            open_pool_zeroing(&paths, true, p.zeroing)
+                .with_context(|| format!("pool {}", p.name))?,
+        );
         let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
             Registry::new(
                 Registry::default_path(&p.metadata),
                 pool.status().transaction_id,
             )
         });
-        let h = PoolHandle::new(&p.name, pool, reg, serial_salt(&p.metadata));
+        let mut h = PoolHandle::new(&p.name, pool, reg, serial_salt(&p.metadata));
+        h.discard = p.discard == DiscardMode::Unmap;
         h.space.set_mode(match p.out_of_space.policy {
             OutOfSpacePolicy::Error => crate::blk::disk::OutOfSpace::Error,
             OutOfSpacePolicy::Queue => crate::blk::disk::OutOfSpace::Queue {
@@ -96,10 +100,15 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
         handles.push(Arc::new(h));
     }
+    // Sockets of disks added at run time go beside the configured ones, or beside the
+    // management socket when no disk is configured.
     let socket_dir = cfg
         .disks
         .first()
-        .and_then(|d| d.socket.parent().map(Path::to_path_buf))
+        .map(|d| &d.socket)
+        .or(cfg.management.as_ref().map(|m| &m.socket))
+        .and_then(|s| s.parent().map(Path::to_path_buf))
+        .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
     let manager = Manager::new(handles, socket_dir);
     for d in &cfg.disks {
@@ -108,20 +117,19 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         // A registry lookup, not query-disks: that one walks every mapping for its usage figures.
-        let reg_entry = manager.entry(&d.name);
-        match reg_entry {
+        // Missing disks are created first; every disk is then served the same way, with
+        // its queue settings.
+        match manager.entry(&d.name) {
             None => {
                 manager
-                    .disk_add(
-                        &d.name,
-                        d.pool.as_deref(),
-                        Some(d.size.0),
-                        d.clone_from.as_deref(),
-                        Some(d.socket.clone()),
-                        Some(d.num_queues as usize),
-                        d.read_only,
-                        d.serial.clone(),
-                    )
+                    .disk_create(&crate::manager::NewDisk {
+                        name: &d.name,
+                        pool: d.pool.as_deref(),
+                        size: Some(d.size.0),
+                        clone_from: d.clone_from.as_deref(),
+                        read_only: d.read_only,
+                        serial: d.serial.clone(),
+                    })
                     .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
                 println!(
                     "disk {}: created ({} bytes{})",
@@ -152,16 +160,16 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 if e.read_only != d.read_only {
                     println!("disk {}: read-only is {} in the registry (set at run time), {} in the configuration; the registry wins", d.name, e.read_only, d.read_only);
                 }
-                manager
-                    .serve(
-                        &d.name,
-                        Some(d.socket.clone()),
-                        Some(d.num_queues as usize),
-                        Some(d.queue_size as usize),
-                    )
-                    .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
             }
         }
+        manager
+            .serve(
+                &d.name,
+                Some(d.socket.clone()),
+                Some(d.num_queues as usize),
+                Some(d.queue_size as usize),
+            )
+            .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
     }
     // Disks added at run time live in the registry only: keep serving them.
     let configured: Vec<&str> = cfg.disks.iter().map(|d| d.name.as_str()).collect();
@@ -217,13 +225,27 @@ pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpS
     let cfg = vmm_config::load(&cfg_path)?;
     crate::logging::apply_config(cfg.logging.as_ref());
     let r = start(&cfg, cache_blocks)?;
-    let d = &cfg.disks[0];
+    println!("{}", quickstart_help(&cfg, &dir));
+    Ok(r)
+}
+
+/// What the quickstart prints once serving: how to attach the first disk and the ctl
+/// commands. The file is the user's to edit, so it may have no disk at all.
+fn quickstart_help(cfg: &Config, dir: &Path) -> String {
     let qmp = cfg
         .management
         .as_ref()
         .map(|m| m.socket.display().to_string())
         .unwrap_or_default();
-    println!(
+    let Some(d) = cfg.disks.first() else {
+        return format!(
+            "\nvhost-thin is serving no disk: {dir}/vhost-thin.yaml has none.\n\
+             \nadd one:\n  vhost-thin ctl --socket {qmp} add disk0 --size 10GiB\n  vhost-thin ctl --socket {qmp} disks\n\
+             \nor list it under `disks:` in the file and start again.",
+            dir = dir.display(),
+        );
+    };
+    format!(
         "\nvhost-thin is serving {name} ({size} bytes) on {sock}\n\
          \nQEMU (shared guest memory is required by vhost-user):\n  qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n    -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\\n    -chardev socket,id={name},path={sock},reconnect=1 \\\n    -device vhost-user-blk-pci,chardev={name},num-queues={nq} \\\n    -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic\n\
          \ncloud-hypervisor:\n  cloud-hypervisor --memory size=2G,shared=on --kernel vmlinux \\\n    --disk vhost_user=true,socket={sock},num_queues={nq} --cmdline console=ttyS0 --serial tty --console off\n\
@@ -234,8 +256,7 @@ pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpS
         sock = d.socket.display(),
         nq = d.num_queues,
         dir = dir.display(),
-    );
-    Ok(r)
+    )
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {
@@ -244,5 +265,34 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     unsafe {
         let mut s: libc::statvfs = std::mem::zeroed();
         (libc::statvfs(c.as_ptr(), &mut s) == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quickstart_help_copes_with_a_file_without_disks() {
+        let dir = Path::new("/state");
+        let mut cfg = vmm_config::parse(
+            "management:\n  socket: /state/qmp.sock\n",
+            "vhost-thin.yaml",
+        )
+        .unwrap();
+        let help = quickstart_help(&cfg, dir);
+        assert!(help.contains("serving no disk"), "{help}");
+        assert!(help.contains("ctl --socket /state/qmp.sock add"), "{help}");
+        cfg = vmm_config::parse(
+            "pools:\n  - name: p\n    metadata: /state/m\n    data: /state/d\n\
+             disks:\n  - name: disk0\n    size: 1GiB\n    socket: /state/disk0.sock\n",
+            "vhost-thin.yaml",
+        )
+        .unwrap();
+        let help = quickstart_help(&cfg, dir);
+        assert!(
+            help.contains("serving disk0 (1073741824 bytes) on /state/disk0.sock"),
+            "{help}"
+        );
     }
 }

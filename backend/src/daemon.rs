@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use vmm_config::limits;
 
 /// `--disk` on the command line: `id=N|name=NAME,socket=PATH[,size=SIZE][,num-queues=N][,queue-size=N][,read-only][,serial=S]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,14 +53,19 @@ pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, String> {
         return Err("--disk needs id=N or name=NAME".into());
     }
     if let Some(n) = d.num_queues {
-        if !(1..=64).contains(&n) {
-            return Err(format!("--disk num-queues={n}: must be 1 to 64"));
+        if !limits::num_queues_ok(n) {
+            return Err(format!(
+                "--disk num-queues={n}: must be 1 to {}",
+                limits::MAX_NUM_QUEUES
+            ));
         }
     }
     if let Some(q) = d.queue_size {
-        if !q.is_power_of_two() || !(2..=32768).contains(&q) {
+        if !limits::queue_size_ok(q) {
             return Err(format!(
-                "--disk queue-size={q}: must be a power of two, 2 to 32768"
+                "--disk queue-size={q}: must be a power of two, {} to {}",
+                limits::MIN_QUEUE_SIZE,
+                limits::MAX_QUEUE_SIZE
             ));
         }
     }

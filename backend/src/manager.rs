@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::delta::DeltaMode;
@@ -24,6 +24,7 @@ use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{make_serial, DeviceEntry, Registry};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_config::limits;
 
 type R<T> = Result<T, QmpError>;
 
@@ -36,6 +37,8 @@ pub struct PoolHandle {
     /// Low-water marks in percent: data, metadata.
     pub low_water: Mutex<(u8, u8)>,
     pub salt: u64,
+    /// Whether its disks offer DISCARD to guests (configuration `discard: unmap`).
+    pub discard: bool,
 }
 
 impl PoolHandle {
@@ -47,6 +50,7 @@ impl PoolHandle {
             space: Arc::new(SpacePolicy::default()),
             low_water: Mutex::new((80, 80)),
             salt,
+            discard: true,
         }
     }
 
@@ -63,7 +67,7 @@ impl PoolHandle {
     /// deleted) under the old transaction id, which a crash then leaves disagreeing with
     /// the registry.
     fn change<T>(&self, f: impl FnOnce(&Pool, &mut Registry) -> R<T>) -> R<T> {
-        let mut reg = self.registry.lock().unwrap();
+        let mut reg = lock(&self.registry);
         let hold = self.pool.hold_commits();
         let v = f(&self.pool, &mut reg)?;
         commit_change_held(&hold, Some(&mut reg))?;
@@ -89,7 +93,34 @@ pub struct Manager {
     op: Mutex<()>,
     /// Where sockets of disks added without a socket path go.
     pub socket_dir: PathBuf,
-    pub default_queues: usize,
+}
+
+/// A disk to create, as disk-add or the configuration describes it.
+#[derive(Clone, Debug, Default)]
+pub struct NewDisk<'a> {
+    pub name: &'a str,
+    /// None: the only pool (or the origin's, for a clone).
+    pub pool: Option<&'a str>,
+    /// None: the origin's size (a clone); required otherwise.
+    pub size: Option<u64>,
+    /// Create the disk as a clone (snapshot) of this disk or snapshot.
+    pub clone_from: Option<&'a str>,
+    pub read_only: bool,
+    /// None: generated.
+    pub serial: Option<String>,
+}
+
+/// A new disk, checked: where it goes and how big it is.
+struct DiskPlan {
+    pool: Arc<PoolHandle>,
+    origin: Option<u32>,
+    size: u64,
+}
+
+/// A disk's socket, bound before the disk is served.
+struct Bound {
+    socket: PathBuf,
+    listener: UnixListener,
 }
 
 /// Where a registry name points.
@@ -107,7 +138,6 @@ impl Manager {
             events: EventBus::default(),
             op: Mutex::new(()),
             socket_dir,
-            default_queues: 1,
         })
     }
 
@@ -125,7 +155,7 @@ impl Manager {
 
     fn find(&self, name: &str) -> R<Found> {
         for p in self.pools.values() {
-            let reg = p.registry.lock().unwrap();
+            let reg = lock(&p.registry);
             if let Some(id) = reg.find(name) {
                 let entry = reg.devices[&id].clone();
                 return Ok(Found {
@@ -149,7 +179,7 @@ impl Manager {
     pub fn disk_names(&self) -> Vec<String> {
         let mut out = Vec::new();
         for p in self.pools.values() {
-            let reg = p.registry.lock().unwrap();
+            let reg = lock(&p.registry);
             out.extend(
                 reg.devices
                     .values()
@@ -184,23 +214,66 @@ impl Manager {
         num_queues: Option<usize>,
         queue_size: Option<usize>,
     ) -> R<PathBuf> {
+        let queues = queue_options(num_queues, queue_size)?;
+        let _op = lock(&self.op);
         let f = self.find(name)?;
+        let bound = self.bind(name, socket)?;
+        self.start_serving(name, &f, bound, queues)
+    }
+
+    /// Checks that `name` may be served on `socket` (default: in the socket directory)
+    /// and binds it: everything about serving that can fail for a reason of the caller's,
+    /// done before a disk-add commits anything.
+    fn bind(&self, name: &str, socket: Option<PathBuf>) -> R<Bound> {
+        let socket = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
+        {
+            let disks = lock(&self.disks);
+            if disks.contains_key(name) {
+                return Err(QmpError::generic(format!(
+                    "disk '{name}' is already served"
+                )));
+            }
+            if disks.values().any(|s| s.socket == socket) {
+                return Err(QmpError::generic(format!(
+                    "socket {} is in use",
+                    socket.display()
+                )));
+            }
+        }
+        let listener = listen(&socket).map_err(|e| {
+            QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
+        })?;
+        Ok(Bound { socket, listener })
+    }
+
+    /// Serves the registered disk `f` (named `name`) on a socket bound by [`Self::bind`].
+    /// On failure the socket file is removed.
+    fn start_serving(
+        self: &Arc<Self>,
+        name: &str,
+        f: &Found,
+        bound: Bound,
+        queues: (usize, usize),
+    ) -> R<PathBuf> {
+        let Bound { socket, listener } = bound;
+        let r = self.spawn_server(name, f, &socket, listener, queues);
+        if r.is_err() {
+            let _ = std::fs::remove_file(&socket);
+        }
+        r.map(|()| socket)
+    }
+
+    fn spawn_server(
+        self: &Arc<Self>,
+        name: &str,
+        f: &Found,
+        socket: &Path,
+        listener: UnixListener,
+        (num_queues, queue_size): (usize, usize),
+    ) -> R<()> {
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{name}' is a snapshot: clone it with disk-add to serve it"
-            )));
-        }
-        let mut disks = self.disks.lock().unwrap();
-        if disks.contains_key(name) {
-            return Err(QmpError::generic(format!(
-                "disk '{name}' is already served"
-            )));
-        }
-        let socket = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
-        if disks.values().any(|s| s.socket == socket) {
-            return Err(QmpError::generic(format!(
-                "socket {} is in use",
-                socket.display()
             )));
         }
         if f.entry.size == 0 {
@@ -216,14 +289,12 @@ impl Manager {
                 size: f.entry.size,
                 read_only: f.entry.read_only,
                 serial: f.entry.serial.clone(),
-                num_queues: num_queues.unwrap_or(self.default_queues).clamp(1, 64),
-                queue_size: queue_size.unwrap_or(256),
+                num_queues,
+                queue_size,
+                discard: f.pool.discard,
             },
             f.pool.space.clone(),
         ));
-        let listener = listen(&socket).map_err(|e| {
-            QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
-        })?;
         let mut handler_socket = HandlerSocket::new().map_err(|e| {
             QmpError::generic(format!("cannot make the private handler socket: {e}"))
         })?;
@@ -259,30 +330,30 @@ impl Manager {
             f.id,
             socket.display()
         );
-        disks.insert(
+        lock(&self.disks).insert(
             name.to_string(),
             Served {
                 disk,
-                pool: f.pool,
-                socket: socket.clone(),
+                pool: f.pool.clone(),
+                socket: socket.to_path_buf(),
                 stop,
                 conn,
                 thread: Some(thread),
             },
         );
-        Ok(socket)
+        Ok(())
     }
 
     /// Stops serving a disk (the guest is disconnected).
     fn unserve(&self, name: &str) -> R<Served> {
-        let mut s = self
-            .disks
-            .lock()
-            .unwrap()
+        let mut s = lock(&self.disks)
             .remove(name)
             .ok_or_else(|| QmpError::not_found(format!("disk '{name}' is not served")))?;
         s.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = s.conn.lock().unwrap().take() {
+        // A write held for pool space would keep the connection's workers, and so this
+        // join, waiting for as long as the policy's timeout (or forever).
+        s.disk.stop_held_writes();
+        if let Some(h) = lock(&s.conn).take() {
             h.shutdown();
         }
         // Wake the accept with a connection of our own.
@@ -295,9 +366,7 @@ impl Manager {
     }
 
     pub fn served(&self) -> Vec<(Arc<Disk>, PathBuf)> {
-        self.disks
-            .lock()
-            .unwrap()
+        lock(&self.disks)
             .values()
             .map(|s| (s.disk.clone(), s.socket.clone()))
             .collect()
@@ -305,13 +374,12 @@ impl Manager {
 
     /// Drains every disk's requests, commits every pool (SIGTERM).
     pub fn shutdown(&self) -> anyhow::Result<()> {
-        let disks: Vec<Arc<Disk>> = self
-            .disks
-            .lock()
-            .unwrap()
-            .values()
-            .map(|s| s.disk.clone())
-            .collect();
+        let disks: Vec<Arc<Disk>> = lock(&self.disks).values().map(|s| s.disk.clone()).collect();
+        // Held writes fail rather than wait for space through the final commit (they were
+        // never acknowledged; the guest sees an error if it is still there).
+        for d in &disks {
+            d.stop_held_writes();
+        }
         let _drained: Vec<_> = disks
             .iter()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
@@ -338,7 +406,7 @@ impl Manager {
         let mut out = Vec::new();
         for p in self.pools.values() {
             let st = p.pool.status();
-            let (lw_data, lw_meta) = *p.low_water.lock().unwrap();
+            let (lw_data, lw_meta) = *lock(&p.low_water);
             let policy = match p.space.mode() {
                 OutOfSpace::Error => json!({"out-of-space": "error"}),
                 OutOfSpace::Queue { timeout } => {
@@ -369,10 +437,7 @@ impl Manager {
     }
 
     fn entries(&self, snapshots: bool) -> R<Value> {
-        let served: BTreeMap<String, (PathBuf, bool, usize)> = self
-            .disks
-            .lock()
-            .unwrap()
+        let served: BTreeMap<String, (PathBuf, bool, usize)> = lock(&self.disks)
             .iter()
             .map(|(n, s)| {
                 (
@@ -390,7 +455,7 @@ impl Manager {
             let usage = p.pool.with_metadata(thinpool::thin::usage::device_usage)?;
             let usage: BTreeMap<u32, _> = usage.into_iter().map(|u| (u.id, u)).collect();
             let bs = p.pool.block_bytes();
-            let reg = p.registry.lock().unwrap();
+            let reg = lock(&p.registry);
             let name_of = |id: u32| reg.devices.get(&id).and_then(|e| e.name.clone());
             for (&id, e) in &reg.devices {
                 if e.snapshot != snapshots {
@@ -451,38 +516,78 @@ impl Manager {
 
     // ----- changes -----
 
-    #[allow(clippy::too_many_arguments)]
+    /// Creates a disk and serves it. The socket is bound before the disk is created, and
+    /// a disk that cannot be served is deleted again: a failed disk-add leaves nothing.
     pub fn disk_add(
         self: &Arc<Self>,
-        name: &str,
-        pool: Option<&str>,
-        size: Option<u64>,
-        clone_from: Option<&str>,
+        new: &NewDisk<'_>,
         socket: Option<PathBuf>,
         num_queues: Option<usize>,
-        read_only: bool,
-        serial: Option<String>,
+        queue_size: Option<usize>,
     ) -> R<Value> {
-        let _op = self.op.lock().unwrap();
-        self.name_free(name)?;
-        if let Some(s) = &serial {
+        let queues = queue_options(num_queues, queue_size)?;
+        let _op = lock(&self.op);
+        let plan = self.plan_disk(new)?;
+        let bound = self.bind(new.name, socket)?;
+        let id = match self.create_disk(new, &plan) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = std::fs::remove_file(&bound.socket);
+                return Err(e);
+            }
+        };
+        let f = self.find(new.name)?;
+        let socket = match self.start_serving(new.name, &f, bound, queues) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Err(d) = Self::delete_device(&f) {
+                    tracing::error!(
+                        "disk-add {}: cannot delete the disk that could not be served: {}",
+                        new.name,
+                        d.desc
+                    );
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            "disk-add {}: thin device {id}, {} bytes, socket {}",
+            new.name,
+            plan.size,
+            socket.display()
+        );
+        Ok(json!({"thin-id": id, "socket": socket}))
+    }
+
+    /// Creates a disk without serving it (the configuration's disks, served afterwards
+    /// with their queue settings). Returns its thin id.
+    pub fn disk_create(&self, new: &NewDisk<'_>) -> R<u32> {
+        let _op = lock(&self.op);
+        let plan = self.plan_disk(new)?;
+        self.create_disk(new, &plan)
+    }
+
+    /// The checks of a new disk, before anything changes.
+    fn plan_disk(&self, new: &NewDisk<'_>) -> R<DiskPlan> {
+        self.name_free(new.name)?;
+        if let Some(s) = &new.serial {
             if s.len() > 20 || !s.is_ascii() {
                 return Err(QmpError::generic(
                     "'serial' must be at most 20 ASCII characters",
                 ));
             }
         }
-        let (ph, origin) = match clone_from {
+        let (pool, origin) = match new.clone_from {
             Some(src) => {
                 let f = self.find(src)?;
-                if pool.is_some_and(|p| p != f.pool.name) {
+                if new.pool.is_some_and(|p| p != f.pool.name) {
                     return Err(QmpError::generic("a clone lives in the pool of its origin"));
                 }
                 (f.pool.clone(), Some((f.id, f.entry.size)))
             }
-            None => (self.pool(pool)?, None),
+            None => (self.pool(new.pool)?, None),
         };
-        let size = match (size, origin) {
+        let size = match (new.size, origin) {
             (Some(s), Some((_, osize))) if s < osize => {
                 return Err(QmpError::generic(format!(
                     "a clone cannot be smaller than its origin ({osize} bytes)"
@@ -497,48 +602,53 @@ impl Manager {
                 "'size' must be a positive multiple of 512",
             ));
         }
+        Ok(DiskPlan {
+            pool,
+            origin: origin.map(|(o, _)| o),
+            size,
+        })
+    }
+
+    /// Creates the thin device and its registry entry, durably.
+    fn create_disk(&self, new: &NewDisk<'_>, plan: &DiskPlan) -> R<u32> {
+        let ph = &plan.pool;
         let created = crate::offline::now_secs();
-        let id = ph.change(|pool, reg| {
+        ph.change(|pool, reg| {
             let id = reg.next_id(&ph.devices());
-            match origin {
-                Some((oid, _)) => pool.create_snap(id, oid)?,
+            match plan.origin {
+                Some(oid) => pool.create_snap(id, oid)?,
                 None => pool.create_thin(id)?,
             }
             reg.insert(
                 id,
                 DeviceEntry {
-                    name: Some(name.to_string()),
-                    size,
-                    read_only,
-                    serial: serial
+                    name: Some(new.name.to_string()),
+                    size: plan.size,
+                    read_only: new.read_only,
+                    serial: new
+                        .serial
                         .clone()
                         .unwrap_or_else(|| make_serial(id, created, ph.salt)),
                     snapshot: false,
-                    origin: origin.map(|(o, _)| o),
+                    origin: plan.origin,
                     created,
                     ..Default::default()
                 },
             )
             .map_err(|e| QmpError::generic(e.to_string()))?;
             Ok(id)
-        })?;
-        let socket = self.serve(name, socket, num_queues, None)?;
-        tracing::info!(
-            "disk-add {name}: thin device {id}, {size} bytes, socket {}",
-            socket.display()
-        );
-        Ok(json!({"thin-id": id, "socket": socket}))
+        })
     }
 
     pub fn disk_remove(&self, name: &str, force: bool) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{name}' is a snapshot: use snapshot-delete"
             )));
         }
-        if let Some(s) = self.disks.lock().unwrap().get(name) {
+        if let Some(s) = lock(&self.disks).get(name) {
             if s.disk.connected.load(Ordering::SeqCst) && !force {
                 return Err(QmpError {
                     class: "GenericError",
@@ -564,7 +674,7 @@ impl Manager {
     }
 
     pub fn disk_resize(&self, name: &str, size: u64) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         if size < f.entry.size {
             return Err(QmpError::generic(format!(
@@ -583,7 +693,7 @@ impl Manager {
         })?;
         // The connected guest, if any, is told at once (vhost-user config change); one that
         // cannot be told sees the new size when it next reads the configuration.
-        let disk = self.disks.lock().unwrap().get(name).map(|s| s.disk.clone());
+        let disk = lock(&self.disks).get(name).map(|s| s.disk.clone());
         let notified = match disk {
             Some(d) => {
                 d.set_size(size);
@@ -605,7 +715,7 @@ impl Manager {
     }
 
     pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
@@ -613,7 +723,7 @@ impl Manager {
             }
             Ok(())
         })?;
-        if let Some(s) = self.disks.lock().unwrap().get(name) {
+        if let Some(s) = lock(&self.disks).get(name) {
             s.disk.set_read_only(read_only);
         }
         Ok(json!({}))
@@ -622,12 +732,17 @@ impl Manager {
     /// Snapshots a disk, running or not. Writes are held while it is taken: requests in
     /// flight finish, new ones wait; the pause is returned in microseconds.
     pub fn snapshot_create(&self, disk: &str, name: &str) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         self.name_free(name)?;
         let f = self.find(disk)?;
-        let served = self.disks.lock().unwrap().get(disk).map(|s| s.disk.clone());
+        let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
         let created = crate::offline::now_secs();
         let t0 = Instant::now();
+        // Pool::create_snap already waits for the origin's writes in flight and holds new
+        // ones (the pool's per-device gate), which is all a point in time needs. The disk's
+        // gate is taken as well so that a guest request made of several pool operations
+        // (discard or write-zeroes ranges, zeroing a block at a time) is wholly in the
+        // snapshot or wholly out. A write held for pool space does not hold this gate.
         let gate = served
             .as_ref()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));
@@ -658,7 +773,7 @@ impl Manager {
     }
 
     pub fn snapshot_delete(&self, name: &str) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let f = self.find(name)?;
         if !f.entry.snapshot {
             return Err(QmpError::generic(format!(
@@ -670,7 +785,7 @@ impl Manager {
 
     /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
     pub fn snapshot_revert(&self, disk: &str, snapshot: &str) -> R<Value> {
-        let _op = self.op.lock().unwrap();
+        let _op = lock(&self.op);
         let d = self.find(disk)?;
         let s = self.find(snapshot)?;
         if d.entry.snapshot {
@@ -681,7 +796,7 @@ impl Manager {
         if d.pool.name != s.pool.name {
             return Err(QmpError::generic("the snapshot is in another pool"));
         }
-        let served = self.disks.lock().unwrap().get(disk).map(|x| x.disk.clone());
+        let served = lock(&self.disks).get(disk).map(|x| x.disk.clone());
         let gate = served
             .as_ref()
             .map(|x| x.io_gate.write().unwrap_or_else(|p| p.into_inner()));
@@ -766,6 +881,9 @@ impl Manager {
                 ));
             }
         }
+        if let Some(t) = timeout {
+            vmm_config::limits::check_queue_timeout(t).map_err(QmpError::generic)?;
+        }
         if let Some(m) = out_of_space {
             let mode = match m {
                 "error" => OutOfSpace::Error,
@@ -787,7 +905,7 @@ impl Manager {
                 "'timeout' goes with out-of-space: 'queue'",
             ));
         }
-        let mut lw = p.low_water.lock().unwrap();
+        let mut lw = lock(&p.low_water);
         if let Some(d) = low_water_data {
             lw.0 = d as u8;
         }
@@ -832,7 +950,7 @@ impl Manager {
                 for p in me.pools.values() {
                     let st = p.pool.status();
                     let u = &st.usage;
-                    let (lw_d, lw_m) = *p.low_water.lock().unwrap();
+                    let (lw_d, lw_m) = *lock(&p.low_water);
                     let data_pct = u.data_used * 100 / u.data_blocks.max(1);
                     let meta_pct = u.metadata_used * 100 / u.metadata_blocks.max(1);
                     let e = state.entry(p.name.clone()).or_insert((false, false, false, st.mode, st.needs_check, u.data_used));
@@ -862,10 +980,48 @@ impl Manager {
     }
 }
 
-/// Listens on a disk's socket path, replacing a socket left there by an earlier run.
-fn listen(path: &Path) -> std::io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+/// Locks `m`, recovering from poisoning: a panic in one management operation (caught and
+/// answered as an internal error) must not make every later one panic too. The state
+/// behind these locks is left consistent by the operations' own ordering (checks first,
+/// then one durable change), which is what poisoning would otherwise guard.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The queues of a disk to serve, checked (None: the defaults): a count or size out of
+/// range is refused, not clamped, so the guest gets what was asked or an error says why.
+fn queue_options(num_queues: Option<usize>, queue_size: Option<usize>) -> R<(usize, usize)> {
+    let n = num_queues.unwrap_or(limits::DEFAULT_NUM_QUEUES);
+    if !limits::num_queues_ok(n) {
+        return Err(QmpError::generic(format!(
+            "'num-queues' must be 1 to {}, not {n}",
+            limits::MAX_NUM_QUEUES
+        )));
+    }
+    let q = queue_size.unwrap_or(limits::DEFAULT_QUEUE_SIZE);
+    if !limits::queue_size_ok(q) {
+        return Err(QmpError::generic(format!(
+            "'queue-size' must be a power of two, {} to {}, not {q}",
+            limits::MIN_QUEUE_SIZE,
+            limits::MAX_QUEUE_SIZE
+        )));
+    }
+    Ok((n, q))
+}
+
+/// Listens on a socket path, replacing a socket left there by an earlier run. Anything
+/// else at the path (a file, a directory, a typo pointing at data) is left alone and
+/// refused: removing it could destroy what the operator meant to keep.
+pub(crate) fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it exists and is not a socket; not replacing it",
+            ))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -929,11 +1085,11 @@ fn serve_loop(
             let _ = frontend.shutdown(std::net::Shutdown::Both);
             continue;
         }
-        *conn.lock().unwrap() = daemon.shutdown_handle();
+        *lock(conn) = daemon.shutdown_handle();
         disk.connected.store(true, Ordering::SeqCst);
         emit("DISK_CONNECTED", json!({"disk": disk.name}));
         let r = daemon.wait();
-        conn.lock().unwrap().take();
+        lock(conn).take();
         backend.signal_exit();
         // Whichever side ended first, end the other too, and wait for the relay.
         let _ = frontend.shutdown(std::net::Shutdown::Both);
@@ -948,9 +1104,57 @@ fn serve_loop(
             )) => tracing::info!("{}: frontend disconnected", disk.name),
             Err(e) => tracing::warn!("{}: connection ended: {e:?}", disk.name),
         }
-        emit("DISK_DISCONNECTED", json!({"disk": disk.name}));
-        if let Err(e) = disk.pool.commit() {
-            tracing::error!("{}: commit after disconnect failed: {e}", disk.name);
+        // After the commit: whoever sees the event may take the disk's writes as durable
+        // (copy the files, start the guest elsewhere).
+        let committed = match disk.pool.commit() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("{}: commit after disconnect failed: {e}", disk.name);
+                false
+            }
+        };
+        emit(
+            "DISK_DISCONNECTED",
+            json!({"disk": disk.name, "committed": committed}),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poisoned_lock_is_taken_anyway() {
+        let m = Arc::new(Mutex::new(1));
+        let m2 = m.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = m2.lock().unwrap();
+            panic!("poison it");
+        })
+        .join();
+        assert!(m.is_poisoned());
+        *lock(&m) += 1;
+        assert_eq!(*lock(&m), 2);
+    }
+
+    #[test]
+    fn queue_options_are_checked_not_clamped() {
+        assert_eq!(queue_options(None, None).unwrap(), (1, 256));
+        assert_eq!(queue_options(Some(64), Some(32768)).unwrap(), (64, 32768));
+        for (n, q) in [
+            (Some(0), None),
+            (Some(65), None),
+            (None, Some(100)),
+            (None, Some(1)),
+        ] {
+            let e = queue_options(n, q).unwrap_err();
+            assert_eq!(e.class, "GenericError");
+            assert!(e.desc.contains("must be"), "{}", e.desc);
         }
+        assert!(queue_options(None, Some(65536))
+            .unwrap_err()
+            .desc
+            .contains("'queue-size' must be a power of two, 2 to 32768"));
     }
 }

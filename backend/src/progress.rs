@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 pub struct Progress {
     what: &'static str,
     total: u64,
-    enabled: bool,
     tty: bool,
     last: Instant,
     start: Instant,
@@ -20,7 +19,6 @@ impl Progress {
         Progress {
             what,
             total,
-            enabled: tty && total > 0,
             tty,
             last: now - Duration::from_secs(1),
             start: now,
@@ -30,11 +28,15 @@ impl Progress {
     /// For work whose size is known only once it has started.
     pub fn set_total(&mut self, total: u64) {
         self.total = total;
-        self.enabled = self.tty && total > 0;
+    }
+
+    /// Shown on a terminal, for work of a known size.
+    fn enabled(&self) -> bool {
+        self.tty && self.total > 0
     }
 
     pub fn update(&mut self, done: u64) {
-        if !self.enabled || self.last.elapsed() < Duration::from_millis(200) {
+        if !self.enabled() || self.last.elapsed() < Duration::from_millis(200) {
             return;
         }
         self.last = Instant::now();
@@ -52,7 +54,7 @@ impl Progress {
     }
 
     pub fn finish(&mut self) {
-        if self.enabled {
+        if self.enabled() {
             eprintln!(
                 "\r{} done in {:.1?}{}",
                 self.what,

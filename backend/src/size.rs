@@ -2,9 +2,7 @@
 //! `1GiB`, `512M`, `2T`), parsed as in the configuration file, and printed for people.
 
 /// Parses `64KiB`, `1GiB`, `4096`: the same rules as the configuration file.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    vmm_config::parse_size(s)
-}
+pub use vmm_config::parse_size;
 
 /// Human-readable binary size: `64 KiB`, `1.5 GiB`.
 pub fn human(bytes: u64) -> String {

@@ -3,12 +3,13 @@
 //! out-of-space policies, a disk grown under a connected guest. Figures are printed, not asserted.
 
 mod common;
-use common::{cli, Guest, Served};
+use common::{cli, Guest, Served, D};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_OUT};
+use vm_memory::{Bytes, GuestAddress};
 
 const BLOCKS: u64 = 64; // 4 KiB slots the writer cycles through
 
@@ -375,4 +376,262 @@ fn disk_resize_tells_the_connected_guest() {
         .unwrap();
     assert_eq!(r, json!({"guest-notified": false}));
     assert_eq!(capacity(&mut g), (48 << 20) / 512);
+}
+
+#[test]
+fn pool_set_policy_refuses_a_timeout_too_long_to_hold() {
+    let s = Served::new("");
+    let mut c = s.client();
+    let e = c
+        .execute(
+            "pool-set-policy",
+            json!({"out-of-space": "queue", "timeout": u64::MAX}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("GenericError") && e.contains("too long") && e.contains("one year"),
+        "{e}"
+    );
+    // Nothing changed, and the daemon still answers.
+    let pools = c.execute("query-pools", json!({})).unwrap();
+    assert_eq!(pools[0]["policy"], json!({"out-of-space": "error"}));
+    // The longest allowed timeout is taken.
+    c.execute(
+        "pool-set-policy",
+        json!({"out-of-space": "queue", "timeout": 365 * 24 * 3600}),
+    )
+    .unwrap();
+}
+
+/// Runs `f` on a thread of its own and waits for it for a patient minute: a command stuck
+/// behind a held write fails the test rather than hanging it.
+fn within_patience<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{what} did not complete while a write was held"))
+}
+
+/// Fills the 16-block pool of `s`, sets policy queue without a timeout and submits a write
+/// needing a new block; returns once it is held: the guest, the write's sequence number on
+/// queue 0 and where its status byte goes.
+fn hold_a_write_forever(s: &Served) -> (Guest, u16, u64) {
+    let mut g = Guest::connect(&s.sock, 1);
+    for b in 0..16u64 {
+        assert_eq!(g.write(0, b * 128, &[1u8; 512], 1), 0);
+    }
+    s.client()
+        .execute(
+            "pool-set-policy",
+            json!({"out-of-space": "queue", "timeout": 0}),
+        )
+        .unwrap();
+    let watcher = wait_until_a_write_is_held(s);
+    let b = Guest::buf(1);
+    let status = b + 0x10_0000 + 0x800;
+    g.header(b, VIRTIO_BLK_T_OUT, 16 * 128);
+    g.mem
+        .write_slice(&[2u8; 512], GuestAddress(b + 0x1000))
+        .unwrap();
+    g.mem.write_obj(0xAAu8, GuestAddress(status)).unwrap();
+    let seq = g.submit(
+        0,
+        &[
+            D(b, 16, false),
+            D(b + 0x1000, 512, false),
+            D(status, 1, true),
+        ],
+    );
+    assert!(watcher.join().unwrap(), "the write was never held");
+    (g, seq, status)
+}
+
+#[test]
+fn a_write_held_for_space_holds_up_neither_snapshots_nor_removal_nor_shutdown() {
+    let s = Served::with_pool("", "1MiB");
+    let (g, seq, status) = hold_a_write_forever(&s);
+    let c = s.client();
+    let (c, r) = within_patience("snapshot-create", move || {
+        let mut c = c;
+        let r = c.execute(
+            "snapshot-create",
+            json!({"disk": "disk0", "name": "while-held"}),
+        );
+        (c, r)
+    });
+    r.unwrap();
+    let mut c = c;
+    let pools = c.execute("query-pools", json!({})).unwrap();
+    assert_eq!(pools[0]["queued-writes"], 1, "the write is still held");
+    assert_eq!(g.mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0xAA);
+    // disk-remove --force ends the connection; the held write fails rather than keep the
+    // removal waiting for space.
+    let (mut c, r) = within_patience("disk-remove --force", move || {
+        let r = c.execute("disk-remove", json!({"name": "disk0", "force": true}));
+        (c, r)
+    });
+    r.unwrap();
+    g.wait_used(0, seq);
+    assert_eq!(
+        g.mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    let pools = c.execute("query-pools", json!({})).unwrap();
+    assert_eq!(pools[0]["queued-writes"], 0);
+    drop(g);
+
+    // SIGTERM with a write held: the daemon commits and exits.
+    let s = Served::with_pool("", "1MiB");
+    let (g, _, _) = hold_a_write_forever(&s);
+    let (s, exit) = within_patience("SIGTERM", move || {
+        let mut s = s;
+        let exit = s.stop();
+        (s, exit)
+    });
+    assert!(exit.success(), "{exit:?}");
+    drop(g);
+    assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
+}
+
+#[test]
+fn a_socket_path_holding_a_file_is_refused_and_the_file_kept() {
+    let s = Served::new("");
+    let mut c = s.client();
+    let precious = s.dir.path().join("precious");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let e = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "socket": precious}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+}
+
+#[test]
+fn a_disk_add_that_cannot_serve_leaves_nothing_behind() {
+    let s = Served::new("");
+    let mut c = s.client();
+    let nowhere = s.dir.path().join("missing-dir").join("d1.sock");
+    let e = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "socket": nowhere}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot listen"), "{e}");
+    let names = |c: &mut vhost_thin::ctl::Client| {
+        c.execute("query-disks", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&mut c), ["disk0"]);
+    // The name is free: the same disk-add with a good path works.
+    let good = s.dir.path().join("d1.sock");
+    let r = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "socket": good}),
+        )
+        .unwrap();
+    assert_eq!(r["socket"], json!(good));
+    assert_eq!(names(&mut c), ["disk0", "d1"]);
+    // A socket already serving another disk is refused before anything is created too.
+    let e = c
+        .execute(
+            "disk-add",
+            json!({"name": "d2", "size": 1 << 20, "socket": s.sock}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in use"), "{e}");
+    assert_eq!(names(&mut c), ["disk0", "d1"]);
+    let mut s = s;
+    assert!(s.stop().success());
+    assert!(cli(&["pool", "check", "-m", &s.m]).contains("clean"));
+}
+
+#[test]
+fn disk_disconnected_is_sent_once_the_writes_are_durable() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = Served::new("");
+    drop(s.client()); // waits for the management socket
+    let qmp = std::os::unix::net::UnixStream::connect(s.qmp()).unwrap();
+    qmp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut lines = BufReader::new(qmp.try_clone().unwrap()).lines();
+    lines.next().unwrap().unwrap(); // greeting
+    (&qmp)
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    lines.next().unwrap().unwrap();
+    // A write, no FLUSH, then the guest leaves.
+    let mut g = Guest::connect(&s.sock, 1);
+    assert_eq!(g.write(0, 0, &[0x3c; 4096], 1), 0);
+    drop(g);
+    let event = loop {
+        let line = lines.next().expect("no DISK_DISCONNECTED").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == "DISK_DISCONNECTED" {
+            break v;
+        }
+    };
+    assert_eq!(event["data"], json!({"disk": "disk0", "committed": true}));
+    // Killed at once, no chance to commit again: the write is there.
+    let mut child = s.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "thin", "export", "-m", &s.m, "-d", &s.d, "--id", "0", "--size", "4096", "-o", "-",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, vec![0x3c; 4096]);
+}
+
+#[test]
+fn disk_add_refuses_queue_counts_out_of_range() {
+    let s = Served::new("");
+    let mut c = s.client();
+    for n in [0, 65, 1000] {
+        let e = c
+            .execute(
+                "disk-add",
+                json!({"name": "d1", "size": 1 << 20, "num-queues": n}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'num-queues' must be 1 to 64"), "{e}");
+    }
+    assert_eq!(
+        c.execute("query-disks", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "nothing was created"
+    );
+    let r = c
+        .execute(
+            "disk-add",
+            json!({"name": "d1", "size": 1 << 20, "num-queues": 64}),
+        )
+        .unwrap();
+    assert!(r["socket"].is_string());
 }

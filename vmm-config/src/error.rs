@@ -61,7 +61,7 @@ pub(crate) fn suggest(word: &str, candidates: &[&str]) -> Option<String> {
 }
 
 /// Turns a YAML/serde error into a located ConfigError with a hint.
-pub(crate) fn from_yaml(e: serde_norway::Error, file: &str, _text: &str) -> ConfigError {
+pub(crate) fn from_yaml(e: serde_norway::Error, file: &str) -> ConfigError {
     let (line, column) = e
         .location()
         .map(|l| (Some(l.line()), Some(l.column())))
@@ -88,12 +88,9 @@ pub(crate) fn from_yaml(e: serde_norway::Error, file: &str, _text: &str) -> Conf
                 .nth(1)
                 .map(|s| s.split('`').skip(1).step_by(2).collect())
                 .unwrap_or_default();
-            let pool = if expected.is_empty() {
-                crate::model::FIELD_NAMES.to_vec()
-            } else {
-                expected.clone()
-            };
-            hint = suggest(name, &pool).map(|s| format!("did you mean `{s}`?"));
+            // serde lists the fields valid at that place (deny_unknown_fields on every
+            // struct of the model), so the hint is drawn from those alone.
+            hint = suggest(name, &expected).map(|s| format!("did you mean `{s}`?"));
             if hint.is_none() && !expected.is_empty() {
                 hint = Some(format!("valid fields here: {}", expected.join(", ")));
             }

@@ -10,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 mod error;
+pub mod limits;
 mod model;
 mod size;
 mod validate;
@@ -22,7 +23,7 @@ use std::path::Path;
 
 /// Parses and validates configuration text; `file` is used in error messages.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-    let cfg: Config = serde_norway::from_str(text).map_err(|e| error::from_yaml(e, file, text))?;
+    let cfg: Config = serde_norway::from_str(text).map_err(|e| error::from_yaml(e, file))?;
     validate::validate(&cfg, text, file)?;
     Ok(cfg)
 }

@@ -59,7 +59,8 @@ pub enum DiscardMode {
     /// Unmap the whole pool blocks a discard covers (space returns to the pool).
     #[default]
     Unmap,
-    /// Accept discards and do nothing (dm-thin's `ignore_discard`).
+    /// Turn discard support off (dm-thin's `ignore_discard`): guests are not offered
+    /// DISCARD, and one sent anyway is answered "unsupported".
     Ignore,
 }
 
@@ -173,10 +174,10 @@ fn default_low_water() -> u8 {
     80
 }
 fn default_queues() -> u16 {
-    1
+    crate::limits::DEFAULT_NUM_QUEUES as u16
 }
 fn default_queue_size() -> u16 {
-    256
+    crate::limits::DEFAULT_QUEUE_SIZE as u16
 }
 fn default_mode() -> String {
     "0600".into()
@@ -184,35 +185,3 @@ fn default_mode() -> String {
 fn default_level() -> LogLevel {
     LogLevel::Info
 }
-
-/// Every field name of the model, for "did you mean" hints.
-pub(crate) const FIELD_NAMES: &[&str] = &[
-    "pools",
-    "disks",
-    "management",
-    "logging",
-    "name",
-    "metadata",
-    "data",
-    "block-size",
-    "create",
-    "zeroing",
-    "discard",
-    "out-of-space",
-    "low-water",
-    "metadata-cache",
-    "data-size",
-    "metadata-size",
-    "policy",
-    "timeout",
-    "pool",
-    "size",
-    "socket",
-    "num-queues",
-    "queue-size",
-    "read-only",
-    "serial",
-    "clone-from",
-    "mode",
-    "level",
-];

@@ -1,6 +1,7 @@
 //! Checks across fields and against the engine's limits, after parsing.
 
 use crate::error::{suggest, ConfigError};
+use crate::limits;
 use crate::model::Config;
 use std::collections::HashSet;
 
@@ -63,6 +64,15 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
                 &p.data.display().to_string(),
                 "metadata and data are the same path".into(),
                 Some("dm-thin pools need two devices or files".into()),
+            ));
+        }
+        if let Err(m) = crate::limits::check_queue_timeout(p.out_of_space.timeout) {
+            return Err(err(
+                format!("pools[{i}].out-of-space.timeout"),
+                "timeout",
+                &p.out_of_space.timeout.to_string(),
+                m,
+                None,
             ));
         }
         for (what, v) in [
@@ -130,22 +140,27 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
                 Some("use a positive multiple of 512 bytes, like 10GiB".into()),
             ));
         }
-        if !(1..=64).contains(&d.num_queues) {
+        if !limits::num_queues_ok(d.num_queues as usize) {
             return Err(err(
                 f("num-queues"),
                 "num-queues",
                 &d.num_queues.to_string(),
                 format!("{} queues", d.num_queues),
-                Some("use 1 to 64".into()),
+                Some(format!("use 1 to {}", limits::MAX_NUM_QUEUES)),
             ));
         }
-        if !d.queue_size.is_power_of_two() || d.queue_size < 2 {
+        if !limits::queue_size_ok(d.queue_size as usize) {
             return Err(err(
                 f("queue-size"),
                 "queue-size",
                 &d.queue_size.to_string(),
                 format!("{} is not a power of two", d.queue_size),
-                Some("use 2 to 32768, a power of two (256 is usual)".into()),
+                Some(format!(
+                    "use {} to {}, a power of two ({} is usual)",
+                    limits::MIN_QUEUE_SIZE,
+                    limits::MAX_QUEUE_SIZE,
+                    limits::DEFAULT_QUEUE_SIZE
+                )),
             ));
         }
         if let Some(s) = &d.serial {

@@ -85,6 +85,11 @@ fn bad_files_say_where_and_how_to_fix() {
             "f.yaml:6:15: pools[0].out-of-space.policy: unknown value `queu`; did you mean `queue`?",
         ),
         (
+            "queue timeout too long",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\n    out-of-space:\n      policy: queue\n      timeout: 18446744073709551615\n",
+            "f.yaml:7: pools[0].out-of-space.timeout: a timeout of 18446744073709551615 seconds is too long: at most 31536000 (one year); 0 holds writes forever",
+        ),
+        (
             "log level typo",
             "logging:\n  level: debg\n",
             "f.yaml:2:10: logging.level: unknown value `debg`; did you mean `debug`?",

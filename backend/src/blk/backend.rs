@@ -5,11 +5,12 @@
 //! be reused); the disk and its pool live on across connections.
 
 use super::disk::{Disk, Stats};
-use super::execute::execute;
-use super::request::{parse, Desc, GuestView, Limits};
+use super::execute::{execute, fail, Done, NeedsSpace};
+use super::request::{parse, Desc, GuestView, Limits, Op, MAX_DATA_BYTES};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::Instant;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
@@ -29,8 +30,22 @@ use vmm_sys_util::event::{
 pub const MAX_DISCARD_SEG: u32 = 16;
 /// Most sectors in one discard or write-zeroes segment (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
-/// Largest data segment the guest may use.
+/// Largest data segment ever offered to the guest.
 pub const SIZE_MAX: u32 = 1 << 20;
+/// Smallest: a guest page (Linux wants max_segment_size to be at least that).
+const MIN_SIZE_MAX: u64 = 4096;
+
+/// seg_max and size_max for a queue of `queue_size`: as many segments as a chain that fits
+/// the ring can carry (less the header and the status), each as large as possible while
+/// seg_max × size_max stays within the parser's [`MAX_DATA_BYTES`], the single limit of a
+/// request's data, so that no request within the advertised limits is refused.
+pub fn segment_limits(queue_size: usize) -> (u32, u32) {
+    let seg_max = (queue_size as u64)
+        .saturating_sub(2)
+        .clamp(1, MAX_DATA_BYTES / MIN_SIZE_MAX);
+    let size_max = (MAX_DATA_BYTES / seg_max / MIN_SIZE_MAX * MIN_SIZE_MAX).min(SIZE_MAX as u64);
+    (seg_max as u32, size_max as u32)
+}
 
 #[derive(Copy, Clone, Default)]
 #[repr(transparent)]
@@ -53,6 +68,8 @@ impl GuestView for View<'_> {
 pub struct BlkBackend {
     disk: Arc<Disk>,
     event_idx: AtomicBool,
+    /// The connection is over: set by `signal_exit`.
+    exiting: AtomicBool,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit_notifiers: Mutex<Vec<Option<EventNotifier>>>,
 }
@@ -63,17 +80,16 @@ impl BlkBackend {
         BlkBackend {
             disk,
             event_idx: AtomicBool::new(false),
+            exiting: AtomicBool::new(false),
             mem: RwLock::new(None),
             exit_notifiers: Mutex::new((0..n).map(|_| None).collect()),
         }
     }
 
-    pub fn disk(&self) -> &Arc<Disk> {
-        &self.disk
-    }
-
-    /// Asks every worker thread to leave its loop.
+    /// Asks every worker thread to leave its loop; writes held for space give up.
     pub fn signal_exit(&self) {
+        self.exiting.store(true, Ordering::SeqCst);
+        self.disk.space.space_changed();
         for n in self.exit_notifiers.lock().unwrap().iter().flatten() {
             let _ = n.notify();
         }
@@ -93,10 +109,11 @@ impl BlkBackend {
     fn config(&self) -> BlkConfig {
         let bs = self.disk.pool.block_bytes();
         let block_sectors = (bs / 512) as u32;
+        let (seg_max, size_max) = segment_limits(self.disk.queue_size);
         BlkConfig(virtio_blk_config {
             capacity: (self.disk.size() / 512).to_le(),
-            size_max: SIZE_MAX.to_le(),
-            seg_max: ((self.disk.queue_size as u32).saturating_sub(2).max(1)).to_le(),
+            size_max: size_max.to_le(),
+            seg_max: seg_max.to_le(),
             blk_size: 512u32.to_le(),
             // Physical block = pool block: writes of whole blocks avoid zeroing and copying.
             physical_block_exp: block_sectors.trailing_zeros() as u8,
@@ -122,8 +139,9 @@ impl BlkBackend {
         let limits = self.limits();
         let mut used_any = false;
         loop {
-            // Held while this request runs, so shutdown and snapshots can drain I/O.
-            let _io = self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            // Held while this request runs, so shutdown and snapshots can drain I/O (a
+            // write waiting for pool space lets go of it meanwhile: see `run`).
+            let mut io = Some(self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner()));
             // The vring lock is held only to pop: never across I/O.
             let chain = vring
                 .get_mut()
@@ -142,7 +160,7 @@ impl BlkBackend {
             Stats::add(&self.disk.stats.requests, 1);
             let (status, written) = match &parsed.request {
                 Ok(req) => {
-                    let done = execute(&req.op, &mem, &self.disk);
+                    let done = self.run(&req.op, &mem, &mut io);
                     (Some((req.status, done.status)), done.written + 1)
                 }
                 Err(e) => {
@@ -171,8 +189,58 @@ impl BlkBackend {
                 .add_used(head, written)
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
             used_any = true;
+            drop(io);
         }
         Ok(used_any)
+    }
+
+    /// Executes one request. A write that finds the pool full under policy `queue` is held
+    /// here until space appears, the timeout passes (dm-thin's no_space_timeout) or the disk
+    /// stops; the I/O gate `io` is released while it waits, so that a snapshot, a revert or
+    /// a shutdown (which take the gate exclusively) need not wait for space, and taken again
+    /// before the write is retried.
+    fn run<'a>(
+        &'a self,
+        op: &Op,
+        mem: &GuestMemoryMmap,
+        io: &mut Option<RwLockReadGuard<'a, ()>>,
+    ) -> Done {
+        let space = &self.disk.space;
+        let mut deadline = None;
+        loop {
+            let NeedsSpace { error, timeout } = match execute(op, mem, &self.disk) {
+                Ok(done) => return done,
+                Err(n) => n,
+            };
+            if self.giving_up() {
+                return fail(&self.disk, "write (out of space, disk stopping)", &error);
+            }
+            // A deadline beyond what Instant can hold is no deadline: the entry points cap
+            // the timeout, this keeps one that slipped through from panicking.
+            let d = *deadline
+                .get_or_insert_with(|| timeout.and_then(|t| Instant::now().checked_add(t)));
+            *io = None;
+            space.waiting.fetch_add(1, Ordering::SeqCst);
+            let more = space.wait(d);
+            space.waiting.fetch_sub(1, Ordering::SeqCst);
+            if self.giving_up() {
+                return fail(&self.disk, "write (out of space, disk stopping)", &error);
+            }
+            if !more {
+                return fail(
+                    &self.disk,
+                    "write (out of space, queue timeout passed)",
+                    &error,
+                );
+            }
+            *io = Some(self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Whether a held write should stop waiting: the disk stops being served, or this
+    /// connection ends (its worker threads are joined before the next connection).
+    fn giving_up(&self) -> bool {
+        self.disk.stopping() || self.exiting.load(Ordering::SeqCst)
     }
 }
 
@@ -202,7 +270,11 @@ impl VhostUserBackend for BlkBackend {
         if self.disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
-            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            // dm-thin's ignore_discard turns discard support off; so does not offering it.
+            if self.disk.discard {
+                f |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
         }
         f
     }
@@ -305,6 +377,10 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
 
     fn disk(read_only: bool) -> Arc<Disk> {
+        disk_with(read_only, true)
+    }
+
+    fn disk_with(read_only: bool, discard: bool) -> Arc<Disk> {
         let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
         let data: Arc<dyn Storage> = Arc::new(MemStorage::new(16 << 20));
         let pool = Arc::new(Pool::create(meta, data, 128, PoolOptions::default()).unwrap());
@@ -319,6 +395,7 @@ mod tests {
                 serial: "serial-1".into(),
                 num_queues: 1,
                 queue_size: 64,
+                discard,
             },
         ))
     }
@@ -409,5 +486,115 @@ mod tests {
         let cfg = rw.get_config(0, 64);
         // discard_sector_alignment = pool block in sectors.
         assert_eq!(u32::from_le_bytes(cfg[44..48].try_into().unwrap()), 128);
+    }
+
+    #[test]
+    fn a_pool_that_ignores_discards_does_not_offer_them() {
+        let b = BlkBackend::new(disk_with(false, false));
+        assert_eq!(b.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+
+        // A discard sent anyway is unsupported, and the data stays.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let vring = VringRwLock::new(atomic.clone(), 64).unwrap();
+        vring.set_queue_size(64);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        b.update_memory(atomic).unwrap();
+        let hdr = |at: u64, kind: u32| {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(at)).unwrap();
+        };
+        hdr(0x10000, VIRTIO_BLK_T_OUT);
+        mem.write_slice(&[0x5a; 4096], GuestAddress(0x11000))
+            .unwrap();
+        hdr(0x20000, VIRTIO_BLK_T_DISCARD);
+        let mut seg = [0u8; 16];
+        seg[8..12].copy_from_slice(&128u32.to_le_bytes()); // sector 0, one pool block
+        mem.write_slice(&seg, GuestAddress(0x21000)).unwrap();
+        vq.add_desc_chains(
+            &[
+                desc(0x10000, 16, false, Some(1)),
+                desc(0x11000, 4096, false, Some(2)),
+                desc(0x12000, 1, true, None),
+                desc(0x20000, 16, false, Some(4)),
+                desc(0x21000, 16, false, Some(5)),
+                desc(0x22000, 1, true, None),
+            ],
+            0,
+        )
+        .unwrap();
+        assert!(b.process_queue(&vring).unwrap());
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x12000)).unwrap(), 0);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x22000)).unwrap(),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+        let mut back = vec![0u8; 4096];
+        b.disk.pool.read(0, 0, &mut back).unwrap();
+        assert_eq!(back, vec![0x5a; 4096]);
+    }
+
+    #[test]
+    fn advertised_segments_stay_within_what_the_parser_takes() {
+        for q in (1..=15).map(|e| 1usize << e) {
+            let (seg, size) = segment_limits(q);
+            assert!(
+                seg >= 1 && seg as usize <= q.max(3) - 2,
+                "queue {q}: seg_max {seg}"
+            );
+            assert!(size as u64 >= MIN_SIZE_MAX && size <= SIZE_MAX, "queue {q}");
+            assert!(
+                seg as u64 * size as u64 <= MAX_DATA_BYTES,
+                "queue {q}: {seg} segments of {size} bytes"
+            );
+        }
+        assert_eq!(segment_limits(256), (254, 128 << 10));
+        assert_eq!(segment_limits(32), (30, 1 << 20));
+        // The configuration space says the same.
+        let b = BlkBackend::new(disk(false));
+        let cfg = b.get_config(0, 16);
+        let (seg, size) = segment_limits(64);
+        assert_eq!(u32::from_le_bytes(cfg[8..12].try_into().unwrap()), size);
+        assert_eq!(u32::from_le_bytes(cfg[12..16].try_into().unwrap()), seg);
+        // A request as large as advertised parses.
+        let descs: Vec<Desc> = std::iter::once(Desc {
+            addr: 0,
+            len: 16,
+            writable: false,
+        })
+        .chain((0..seg).map(|i| Desc {
+            addr: 0x1000 + i as u64 * size as u64,
+            len: size,
+            writable: false,
+        }))
+        .chain(std::iter::once(Desc {
+            addr: 0,
+            len: 1,
+            writable: true,
+        }))
+        .collect();
+        struct Zeroes;
+        impl GuestView for Zeroes {
+            fn contains(&self, _: u64, _: u64) -> bool {
+                true
+            }
+            fn read(&self, _: u64, buf: &mut [u8]) -> bool {
+                buf.fill(0);
+                buf[0] = VIRTIO_BLK_T_OUT as u8;
+                true
+            }
+        }
+        let limits = Limits {
+            capacity_sectors: 1 << 30,
+            ..b.limits()
+        };
+        let p = parse(&descs, &Zeroes, &limits);
+        assert!(p.request.is_ok(), "{:?}", p.request.err());
     }
 }

@@ -87,11 +87,16 @@ pub struct Disk {
     pub serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     pub num_queues: usize,
     pub queue_size: usize,
+    /// Whether the guest is offered DISCARD (off for a pool with `discard: ignore`).
+    pub discard: bool,
     pub space: Arc<SpacePolicy>,
     /// Held shared by every request being executed; taken exclusively to drain I/O
     /// (shutdown, snapshots of a running disk).
     pub io_gate: RwLock<()>,
     pub connected: AtomicBool,
+    /// Set when the disk stops being served (disk-remove, shutdown): writes held for pool
+    /// space give up (IOERR) instead of keeping the stop waiting for space that may never come.
+    stopping: AtomicBool,
     /// Where the connected frontend listens for our messages (config changes).
     pub backend_channel: Arc<BackendChannel>,
     pub stats: Stats,
@@ -122,6 +127,8 @@ pub struct DiskOptions {
     pub serial: String,
     pub num_queues: usize,
     pub queue_size: usize,
+    /// Offer DISCARD to the guest.
+    pub discard: bool,
 }
 
 impl Disk {
@@ -143,9 +150,11 @@ impl Disk {
             serial: s,
             num_queues: o.num_queues,
             queue_size: o.queue_size,
+            discard: o.discard,
             space,
             io_gate: RwLock::new(()),
             connected: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             backend_channel: Arc::default(),
             stats: Stats::default(),
         }
@@ -168,12 +177,14 @@ impl Disk {
         self.read_only.store(ro, Ordering::SeqCst);
     }
 
-    pub fn serial_str(&self) -> String {
-        let end = self
-            .serial
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.serial.len());
-        String::from_utf8_lossy(&self.serial[..end]).into_owned()
+    /// The disk is going away: held writes fail at once, and so do later ones that find the
+    /// pool full.
+    pub fn stop_held_writes(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.space.space_changed();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 }

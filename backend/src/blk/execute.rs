@@ -4,10 +4,9 @@
 use super::disk::{Disk, OutOfSpace, Stats};
 use super::request::{Op, Seg};
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::Duration;
 use thinpool::Error;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Outcome: the status byte and how many bytes went into the guest's data buffers.
@@ -16,7 +15,7 @@ pub struct Done {
     pub written: u32,
 }
 
-fn fail(disk: &Disk, what: &str, e: &dyn std::fmt::Display) -> Done {
+pub(super) fn fail(disk: &Disk, what: &str, e: &dyn std::fmt::Display) -> Done {
     tracing::warn!("{}: {what}: {e}", disk.name);
     Stats::add(&disk.stats.errors, 1);
     Done {
@@ -35,15 +34,25 @@ fn host_slices(mem: &GuestMemoryMmap, data: &[Seg]) -> Option<Vec<(*mut u8, usiz
         .collect()
 }
 
-pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
+/// A write that found the pool full under policy `queue`: the caller waits for space, with
+/// the disk's I/O gate released so that snapshots and shutdown are not held up, and runs
+/// the request again.
+pub struct NeedsSpace {
+    pub error: Error,
+    /// How long the policy holds a write (None: forever).
+    pub timeout: Option<Duration>,
+}
+
+/// Runs one request. Err only for a write to wait for space (see [`NeedsSpace`]).
+pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, NeedsSpace> {
     let ok = |written: u32| Done {
         status: VIRTIO_BLK_S_OK as u8,
         written,
     };
-    match op {
+    Ok(match op {
         Op::Read { offset, data } => {
             let Some(raw) = host_slices(mem, data) else {
-                return fail(disk, "read", &"buffer spans guest memory regions");
+                return Ok(fail(disk, "read", &"buffer spans guest memory regions"));
             };
             // SAFETY: each pointer comes from vm-memory for a range it verified lies in a
             // mapped region, which stays mapped while `mem` (a guard of the memory table)
@@ -65,7 +74,7 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
         }
         Op::Write { offset, data } => {
             let Some(raw) = host_slices(mem, data) else {
-                return fail(disk, "write", &"buffer spans guest memory regions");
+                return Ok(fail(disk, "write", &"buffer spans guest memory regions"));
             };
             // SAFETY: as for reads; the slices are only read from.
             let iov: Vec<IoSlice<'_>> = raw
@@ -75,32 +84,19 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
                 })
                 .collect();
             let len: u64 = data.iter().map(|s| s.len as u64).sum();
-            let mut deadline = None;
-            loop {
-                match disk.pool.write_vectored(disk.thin_id, *offset, &iov) {
-                    Ok(()) => {
-                        Stats::add(&disk.stats.bytes_written, len);
-                        return ok(0);
-                    }
-                    Err(e @ Error::OutOfDataSpace { .. }) => {
-                        // Policy `queue`: hold the write until space appears (the
-                        // operator grows the pool) or the timeout passes, like dm-thin's
-                        // no_space_timeout. Rewriting the blocks already written is harmless.
-                        let OutOfSpace::Queue { timeout } = disk.space.mode() else {
-                            return fail(disk, "write", &e);
-                        };
-                        let d =
-                            *deadline.get_or_insert_with(|| timeout.map(|t| Instant::now() + t));
-                        disk.space.waiting.fetch_add(1, Ordering::SeqCst);
-                        let more = disk.space.wait(d);
-                        disk.space.waiting.fetch_sub(1, Ordering::SeqCst);
-                        if !more {
-                            return fail(disk, "write (out of space, queue timeout passed)", &e);
-                        }
-                    }
-                    Err(e) => return fail(disk, "write", &e),
+            return match disk.pool.write_vectored(disk.thin_id, *offset, &iov) {
+                Ok(()) => {
+                    Stats::add(&disk.stats.bytes_written, len);
+                    Ok(ok(0))
                 }
-            }
+                Err(error @ Error::OutOfDataSpace { .. }) => match disk.space.mode() {
+                    // Policy `queue`: the caller holds the write until space appears and
+                    // runs it again. Rewriting the blocks already written is harmless.
+                    OutOfSpace::Queue { timeout } => Err(NeedsSpace { error, timeout }),
+                    OutOfSpace::Error => Ok(fail(disk, "write", &error)),
+                },
+                Err(e) => Ok(fail(disk, "write", &e)),
+            };
         }
         Op::Flush => match disk.pool.commit() {
             Ok(()) => ok(0),
@@ -114,16 +110,22 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
                     .write_slice(&disk.serial[written..written + n], GuestAddress(s.addr))
                     .is_err()
                 {
-                    return fail(disk, "get-id", &"buffer outside guest memory");
+                    return Ok(fail(disk, "get-id", &"buffer outside guest memory"));
                 }
                 written += n;
             }
             ok(written as u32)
         }
+        // Not offered (the pool ignores discards), so not done: what a device without
+        // VIRTIO_BLK_F_DISCARD answers.
+        Op::Discard(_) if !disk.discard => Done {
+            status: VIRTIO_BLK_S_UNSUPP as u8,
+            written: 0,
+        },
         Op::Discard(ranges) => {
             for r in ranges {
                 if let Err(e) = disk.pool.discard(disk.thin_id, r.offset, r.len) {
-                    return fail(disk, "discard", &e);
+                    return Ok(fail(disk, "discard", &e));
                 }
             }
             ok(0)
@@ -134,10 +136,10 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Done {
                     .pool
                     .write_zeroes(disk.thin_id, r.offset, r.len, r.unmap)
                 {
-                    return fail(disk, "write-zeroes", &e);
+                    return Ok(fail(disk, "write-zeroes", &e));
                 }
             }
             ok(0)
         }
-    }
+    })
 }

@@ -50,6 +50,7 @@ impl BackendChannel {
     }
 
     /// Whether a frontend is connected and gave a backend channel.
+    #[cfg(test)]
     pub fn is_open(&self) -> bool {
         self.sock
             .lock()

@@ -15,7 +15,8 @@ use virtio_bindings::virtio_blk::{
 pub const SECTOR: u64 = 512;
 pub const HEADER_LEN: u64 = 16;
 pub const SEGMENT_LEN: u64 = 16;
-/// Largest data transfer one request may carry (the guest learns seg_max × size_max).
+/// Largest data transfer one request may carry; the seg_max and size_max offered to the
+/// guest are derived from it (`blk::backend::segment_limits`).
 pub const MAX_DATA_BYTES: u64 = 32 << 20;
 
 /// One descriptor of a chain.

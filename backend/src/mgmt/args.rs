@@ -3,22 +3,19 @@
 use super::QmpError;
 use serde_json::{Map, Value};
 
+/// The arguments not taken yet: each getter removes its key, so what is left at
+/// [`Args::finish`] is what no handler asked for.
 pub struct Args {
     map: Map<String, Value>,
-    taken: Vec<String>,
 }
 
 impl Args {
     pub fn new(map: Map<String, Value>) -> Self {
-        Args {
-            map,
-            taken: Vec::new(),
-        }
+        Args { map }
     }
 
     fn get(&mut self, k: &str) -> Option<Value> {
-        self.taken.push(k.to_string());
-        self.map.get(k).cloned()
+        self.map.remove(k)
     }
 
     fn missing(k: &str) -> QmpError {
@@ -93,9 +90,41 @@ impl Args {
 
     /// Errors on any argument no handler asked for.
     pub fn finish(self) -> Result<(), QmpError> {
-        match self.map.keys().find(|k| !self.taken.contains(k)) {
+        match self.map.keys().next() {
             Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(v: Value) -> Args {
+        let Value::Object(m) = v else { unreachable!() };
+        Args::new(m)
+    }
+
+    #[test]
+    fn what_no_handler_took_is_unexpected() {
+        let mut a = args(json!({"name": "d", "size": "1MiB", "force": true}));
+        assert_eq!(a.str("name").unwrap(), "d");
+        assert_eq!(a.size("size").unwrap(), 1 << 20);
+        assert_eq!(
+            a.finish().unwrap_err().desc,
+            "Parameter 'force' is unexpected"
+        );
+        let mut a = args(json!({"name": "d", "force": null}));
+        assert_eq!(a.str("name").unwrap(), "d");
+        assert_eq!(a.opt_bool("force").unwrap(), None);
+        assert_eq!(a.opt_u64("absent").unwrap(), None);
+        a.finish().unwrap();
+        let mut a = args(json!({}));
+        assert_eq!(
+            a.str("name").unwrap_err().desc,
+            "Parameter 'name' is missing"
+        );
     }
 }

@@ -76,14 +76,17 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
             let serial = a.opt_str("serial")?;
             a.finish()?;
             m.disk_add(
-                &name,
-                pool.as_deref(),
-                size,
-                clone.as_deref(),
+                &crate::manager::NewDisk {
+                    name: &name,
+                    pool: pool.as_deref(),
+                    size,
+                    clone_from: clone.as_deref(),
+                    read_only: ro,
+                    serial,
+                },
                 socket,
                 nq,
-                ro,
-                serial,
+                None,
             )?
         }
         "disk-remove" => {

@@ -5,7 +5,7 @@
 //! its events loses the ones that do not fit (a warning is logged once per client).
 
 use serde_json::{json, Value};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 /// Events a client may have queued before it loses some.
@@ -62,12 +62,5 @@ impl EventBus {
             }
             Err(TrySendError::Disconnected(_)) => false,
         });
-    }
-
-    /// A private subscription (tests, `ctl watch` in-process).
-    pub fn channel(&self, id: u64) -> Receiver<String> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(CLIENT_QUEUE);
-        self.subscribe(id, tx);
-        rx
     }
 }

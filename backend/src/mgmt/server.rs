@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -27,8 +27,7 @@ pub fn spawn(
     path: &Path,
     mode: u32,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    let listener = crate::manager::listen(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     tracing::info!("management socket {}", path.display());
     std::thread::Builder::new()
@@ -167,7 +166,6 @@ fn handle(
     let elapsed_ms = (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     // A client names the command: an unknown one may be long too.
     let command = cut(name.unwrap_or_else(|| "-".into()));
-    let args = args_for_log(args.as_ref());
     match &result {
         Ok(_) => tracing::info!(
             command = ?command,
@@ -198,7 +196,7 @@ fn handle(
 fn args_for_log(args: Option<&Map<String, Value>>) -> String {
     match args.filter(|a| !a.is_empty()) {
         None => "{}".into(),
-        Some(a) => cut(Value::Object(a.clone()).to_string()),
+        Some(a) => cut(serde_json::to_string(a).unwrap_or_default()),
     }
 }
 
@@ -220,7 +218,8 @@ struct Request {
     id: Option<Value>,
     /// The command, when the message named one.
     name: Option<String>,
-    args: Option<Map<String, Value>>,
+    /// The arguments as logged (see [`args_for_log`]).
+    args: String,
     result: Result<Value, QmpError>,
 }
 
@@ -234,7 +233,7 @@ fn dispatch(
     let refused = |id, e| Request {
         id,
         name: None,
-        args: None,
+        args: args_for_log(None),
         result: Err(e),
     };
     let v = match frame {
@@ -265,19 +264,37 @@ fn dispatch(
             return Request {
                 id,
                 name: Some(name),
-                args: None,
+                args: args_for_log(None),
                 result: Err(e),
             };
         }
     };
-    let logged = Some(args.clone());
-    let result = run_command(m, &name, args, negotiated, client, tx);
+    // Made before the arguments go to the command: a log line needs at most LOGGED_MAX
+    // bytes of them, not a copy of them all.
+    let logged = args_for_log(Some(&args));
+    let result = guarded(&name, || {
+        run_command(m, &name, args, negotiated, client, tx)
+    });
     Request {
         id,
         name: Some(name),
         args: logged,
         result,
     }
+}
+
+/// Runs one command, turning a panic in it into an error reply: the client gets an answer,
+/// the daemon and its other clients carry on (the manager's locks recover from poisoning).
+fn guarded(name: &str, f: impl FnOnce() -> Result<Value, QmpError>) -> Result<Value, QmpError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!("command {name:?} panicked: {what}");
+        Err(QmpError::generic(format!("internal error: {what}")))
+    })
 }
 
 fn run_command(
@@ -319,6 +336,16 @@ fn run_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_command_is_answered_with_an_internal_error() {
+        let r = guarded("boom", || panic!("the manager broke"));
+        let e = r.unwrap_err();
+        assert_eq!(e.class, "GenericError");
+        assert_eq!(e.desc, "internal error: the manager broke");
+        let r = guarded("fine", || Ok(json!({"x": 1})));
+        assert_eq!(r.unwrap(), json!({"x": 1}));
+    }
 
     #[test]
     fn long_log_fields_are_cut_on_a_character_boundary() {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use thinpool::pool::{CommitHold, Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
+use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 
 /// Where the pool lives.
 #[derive(Args, Debug, Clone)]
@@ -39,6 +40,17 @@ pub fn open_file(path: &Path, what: &str, writable: bool) -> Result<Arc<dyn Stor
     }
     .with_context(|| format!("cannot open {what} {}", path.display()))?;
     Ok(Arc::new(s))
+}
+
+/// The metadata of a pool, opened without writing anything (what inspecting commands use).
+pub fn open_metadata_read_only(meta: Arc<dyn Storage>) -> thinpool::Result<ThinMetadata> {
+    ThinMetadata::open(
+        meta,
+        MetadataOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// A buffered writer to `path`, or to standard output for "-".
@@ -77,12 +89,18 @@ pub fn registry_path(paths: &PoolPaths) -> Option<PathBuf> {
 }
 
 pub fn open_pool(paths: &PoolPaths, writable: bool) -> Result<Pool> {
+    open_pool_zeroing(paths, writable, true)
+}
+
+/// [`open_pool`], saying whether the rest of a newly provisioned block is zeroed (`false`
+/// is dm-thin's skip_block_zeroing: faster, but a guest may read stale data).
+pub fn open_pool_zeroing(paths: &PoolPaths, writable: bool, zeroing: bool) -> Result<Pool> {
     let meta = open_file(&paths.metadata, "metadata device", writable)?;
     let data = open_file(&paths.data, "data device", writable)?;
     let opts = PoolOptions {
         cache_blocks: paths.cache_blocks,
         read_only: !writable,
-        ..Default::default()
+        skip_block_zeroing: !zeroing,
     };
     let pool = Pool::open(meta, data, opts).with_context(|| {
         format!(

@@ -156,16 +156,7 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
     if !a.force {
         let mut first = vec![0u8; 4096.min(meta.len() as usize)];
         meta.read_at(&mut first, 0)?;
-        if first.iter().any(|&b| b != 0)
-            && ThinMetadata::open(
-                meta.clone(),
-                MetadataOptions {
-                    read_only: true,
-                    ..Default::default()
-                },
-            )
-            .is_ok()
-        {
+        if first.iter().any(|&b| b != 0) && super::open_metadata_read_only(meta.clone()).is_ok() {
             bail!(
                 "{} already holds a pool; pass --force to overwrite it",
                 a.metadata.display()
@@ -207,13 +198,7 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot check {}", a.metadata.display()))?;
     if let Some(d) = &a.data {
         let data = open_file(d, "data device", false)?;
-        let md = ThinMetadata::open(
-            meta.clone(),
-            MetadataOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        );
+        let md = super::open_metadata_read_only(meta.clone());
         if let Ok(md) = md {
             let need = md.usage().data_blocks * md.data_block_bytes();
             if data.len() < need {
@@ -282,14 +267,8 @@ fn status(a: StatusArgs) -> Result<ExitCode> {
         }
         None => {
             // Without the data device: metadata only, through a scratch data device of the right size.
-            let md = ThinMetadata::open(
-                meta.clone(),
-                MetadataOptions {
-                    read_only: true,
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("cannot open {}", a.metadata.display()))?;
+            let md = super::open_metadata_read_only(meta.clone())
+                .with_context(|| format!("cannot open {}", a.metadata.display()))?;
             let data: Arc<dyn Storage> =
                 Arc::new(SizeOnly(md.usage().data_blocks * md.data_block_bytes()));
             drop(md);
@@ -388,14 +367,8 @@ impl Storage for SizeOnly {
 
 fn dump(a: DumpArgs) -> Result<ExitCode> {
     let meta = open_file(&a.metadata, "metadata device", false)?;
-    let mut md = ThinMetadata::open(
-        meta,
-        MetadataOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("cannot open {}", a.metadata.display()))?;
+    let mut md = super::open_metadata_read_only(meta)
+        .with_context(|| format!("cannot open {}", a.metadata.display()))?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     thinpool::dump::dump(&mut md, a.metadata_snap, out)
         .with_context(|| format!("dump of {} failed", a.metadata.display()))?;

@@ -382,16 +382,9 @@ pub fn export_to(pool: &Pool, id: u32, size: u64, out: &mut dyn Write) -> Result
 }
 
 fn delta(a: DeltaArgs) -> Result<ExitCode> {
-    use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
     let meta = super::open_file(&a.metadata, "metadata device", false)?;
-    let mut md = ThinMetadata::open(
-        meta,
-        MetadataOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("cannot open {}", a.metadata.display()))?;
+    let mut md = super::open_metadata_read_only(meta)
+        .with_context(|| format!("cannot open {}", a.metadata.display()))?;
     let mode = if a.changed_only {
         DeltaMode::ChangedOnly
     } else {
