@@ -2,10 +2,9 @@
 //! zeroing, discard support, the queue size.
 
 mod common;
-use common::{bin, Guest};
+use common::{bin, sigterm, wait_for, Guest};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
 
 /// Starts `serve --config` on `cfg` and waits for `sockets` to appear.
@@ -18,20 +17,14 @@ fn serve(cfg: &Path, sockets: &[&Path]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
     for s in sockets {
-        while !s.exists() {
-            assert!(Instant::now() < deadline, "{} did not appear", s.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(s);
     }
     child
 }
 
-fn stop(mut c: Child) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    assert!(c.wait().unwrap().success());
+fn stop(c: Child) {
+    assert!(sigterm(c).status.success());
 }
 
 #[test]
