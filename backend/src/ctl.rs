@@ -69,6 +69,48 @@ enum CtlCmd {
     Revert { disk: String, snapshot: String },
     /// Print events as they come.
     Watch,
+    /// Send a snapshot as a stream (a job): to a new file, into a command's standard input,
+    /// or into another pool of the daemon. Follows the job with a progress bar.
+    Send {
+        snapshot: String,
+        /// Only what changed since this snapshot (the receiver has it).
+        #[arg(long, short = 'i')]
+        base: Option<String>,
+        /// A new file the stream is written to (on the daemon's host).
+        #[arg(long, short = 'o', conflicts_with_all = ["to_pool", "command"])]
+        file: Option<PathBuf>,
+        /// Another pool of the daemon (with --name).
+        #[arg(long, requires = "name", conflicts_with = "command")]
+        to_pool: Option<String>,
+        /// The copy's name in that pool.
+        #[arg(long)]
+        name: Option<String>,
+        /// Start the job and print its id without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// A command to pipe the stream into, after `--`: `-- ssh host vhost-thin receive …`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Receive a stream file (on the daemon's host) into a pool, as a job.
+    Receive {
+        file: PathBuf,
+        #[arg(long)]
+        pool: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep what arrived if the stream is cut short, to resume.
+        #[arg(long)]
+        resumable: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List jobs.
+    Jobs,
+    /// Cancel a job: it undoes what it made.
+    Cancel { id: String },
+    /// Follow a job until it ends (its result, or its error and exit status 1).
+    Wait { id: String },
     /// Any command: `ctl exec pool-set-policy '{"out-of-space": "queue", "timeout": 30}'`.
     Exec {
         command: String,
@@ -134,6 +176,39 @@ impl Client {
     }
 }
 
+/// Follows job `id` until it concludes, with a progress bar on a terminal; prints its result
+/// and dismisses it. A failed job is an error (exit status 1).
+fn follow(c: &mut Client, id: &str, json_out: bool) -> Result<ExitCode> {
+    let mut progress = crate::progress::Progress::new("job", 0);
+    let job = loop {
+        let jobs = c.execute("query-jobs", json!({}))?;
+        let Some(job) = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == json!(id)))
+            .cloned()
+        else {
+            bail!("no job '{id}' (dismissed already?)");
+        };
+        if job["status"] == json!("concluded") {
+            break job;
+        }
+        progress.set_total(job["total-progress"].as_u64().unwrap_or(0));
+        progress.update(job["current-progress"].as_u64().unwrap_or(0));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    progress.finish();
+    c.execute("job-dismiss", json!({"id": id}))?;
+    if let Some(e) = job.get("error").and_then(Value::as_str) {
+        bail!("job {id} failed: {e}");
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&job["result"])?);
+    } else {
+        println!("job {id}: {} done: {}", s(&job["description"]), job["result"]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn default_socket() -> PathBuf {
     std::env::var_os("VHOST_THIN_QMP")
         .map(PathBuf::from)
@@ -188,6 +263,40 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
             };
             (command.as_str(), args)
         }
+        CtlCmd::Send {
+            snapshot,
+            base,
+            file,
+            to_pool,
+            name,
+            command,
+            ..
+        } => {
+            let mut args = json!({"snapshot": snapshot, "base": base});
+            match (file, to_pool, command.is_empty()) {
+                (Some(f), None, true) => args["file"] = json!(f),
+                (None, Some(p), true) => {
+                    args["pool"] = json!(p);
+                    args["name"] = json!(name);
+                }
+                (None, None, false) => args["command"] = json!(command),
+                _ => bail!("say where the stream goes: --file, --to-pool or -- COMMAND…"),
+            }
+            ("snapshot-send", args)
+        }
+        CtlCmd::Receive {
+            file,
+            pool,
+            name,
+            resumable,
+            ..
+        } => (
+            "snapshot-receive",
+            json!({"file": file, "pool": pool, "name": name, "resumable": resumable}),
+        ),
+        CtlCmd::Jobs => ("query-jobs", json!({})),
+        CtlCmd::Cancel { id } => ("job-cancel", json!({"id": id})),
+        CtlCmd::Wait { id } => return follow(&mut c, id, a.json),
         CtlCmd::Watch => loop {
             let m = c.read()?;
             if m.get("event").is_some() {
@@ -211,6 +320,18 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
         v => v,
     };
     let r = c.execute(cmd, args)?;
+    // Commands that start a job follow it, unless asked not to.
+    if let Some(id) = r.get("job-id").and_then(Value::as_str) {
+        let wait = !matches!(
+            &a.cmd,
+            CtlCmd::Send { no_wait: true, .. } | CtlCmd::Receive { no_wait: true, .. }
+        );
+        if !wait {
+            println!("{id}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        return follow(&mut c, id, a.json);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
@@ -277,6 +398,39 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
             "snapshot {name} of {disk} taken (writes held {} µs)",
             r["pause-us"]
         ),
+        CtlCmd::Jobs => {
+            println!(
+                "{:<16} {:<8} {:<10} {:>7} DESCRIPTION",
+                "ID", "TYPE", "STATUS", "DONE"
+            );
+            for j in r.as_array().into_iter().flatten() {
+                let (cur, tot) = (
+                    j["current-progress"].as_u64().unwrap_or(0),
+                    j["total-progress"].as_u64().unwrap_or(0),
+                );
+                let done = if tot > 0 {
+                    format!("{}%", cur * 100 / tot)
+                } else {
+                    "-".into()
+                };
+                let status = match j.get("error").and_then(Value::as_str) {
+                    Some(_) => "failed".to_string(),
+                    None => s(&j["status"]),
+                };
+                println!(
+                    "{:<16} {:<8} {:<10} {:>7} {}{}",
+                    s(&j["id"]),
+                    s(&j["type"]),
+                    status,
+                    done,
+                    s(&j["description"]),
+                    j.get("error")
+                        .and_then(Value::as_str)
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
         CtlCmd::Clone { name, .. } | CtlCmd::Add { name, .. } => {
             println!("disk {name} served on {}", s(&r["socket"]))
         }

@@ -139,7 +139,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             .unwrap();
         println!(
             "serving {name} (thin device {}, {} bytes{}) on {}\n  qemu: -chardev socket,id={name},path={},reconnect=1 -device vhost-user-blk-pci,chardev={name},num-queues={}\n  (guest memory must be shared: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem)",
-            d.thin_id,
+            d.thin_id(),
             d.size(),
             if d.read_only() { ", read-only" } else { "" },
             socket.display(),

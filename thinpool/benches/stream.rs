@@ -50,6 +50,22 @@ fn snapshot(s: &mut Side, id: u32, origin: u32, name: &str, size: u64) {
     s.reg.commit(&s.pool.hold_commits()).unwrap();
 }
 
+/// Receives into `s` with default options (the registry is lent to `stream::receive`, which
+/// locks it only around its changes).
+fn receive(s: &mut Side, input: impl std::io::Read) -> thinpool::stream::Received {
+    let placeholder = Registry::new(s.reg.path(), 0);
+    let reg = std::sync::Mutex::new(std::mem::replace(&mut s.reg, placeholder));
+    let got = stream::receive(
+        &s.pool,
+        &reg,
+        input,
+        &ReceiveOptions::default(),
+        &mut |_, _| {},
+    );
+    s.reg = reg.into_inner().unwrap();
+    got.unwrap()
+}
+
 fn mibs(bytes: u64, secs: f64) -> String {
     format!("{:.0} MiB/s", bytes as f64 / (1 << 20) as f64 / secs)
 }
@@ -129,14 +145,7 @@ fn main() {
     let dd_send = dd(&raw, &d.join("dd-send.img"), size);
     let t = Instant::now();
     let input = BufReader::with_capacity(1 << 20, std::fs::File::open(&full).unwrap());
-    let got = stream::receive(
-        &b.pool,
-        &mut b.reg,
-        input,
-        &ReceiveOptions::default(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let got = receive(&mut b, input);
     let recv_s = t.elapsed().as_secs_f64();
     let dd_recv = dd(&full, &d.join("dd-recv.img"), st.stream_bytes);
     println!(
@@ -200,14 +209,7 @@ fn main() {
         )
         .unwrap();
         let inc_send = t.elapsed().as_secs_f64();
-        let got_inc = stream::receive(
-            &b.pool,
-            &mut b.reg,
-            &out[..],
-            &ReceiveOptions::default(),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let got_inc = receive(&mut b, &out[..]);
         println!(
             "  | {label} | {} | {} ({:.1} ms to send) | {:.1}× |",
             n * piece,

@@ -4,7 +4,7 @@
 //! A new backend is made for every connection (the library's per-connection state must not
 //! be reused); the disk and its pool live on across connections.
 
-use super::disk::{Disk, Stats};
+use super::disk::{Disk, Stats, Target};
 use super::execute::{execute, fail, Done, NeedsSpace};
 use super::request::{parse, Desc, GuestView, Limits, Op, MAX_DATA_BYTES};
 use std::io;
@@ -89,7 +89,7 @@ impl BlkBackend {
     /// Asks every worker thread to leave its loop; writes held for space give up.
     pub fn signal_exit(&self) {
         self.exiting.store(true, Ordering::SeqCst);
-        self.disk.space.space_changed();
+        self.disk.space().space_changed();
         for n in self.exit_notifiers.lock().unwrap().iter().flatten() {
             let _ = n.notify();
         }
@@ -107,7 +107,7 @@ impl BlkBackend {
     }
 
     fn config(&self) -> BlkConfig {
-        let bs = self.disk.pool.block_bytes();
+        let bs = self.disk.target().pool.block_bytes();
         let block_sectors = (bs / 512) as u32;
         let (seg_max, size_max) = segment_limits(self.disk.queue_size);
         BlkConfig(virtio_blk_config {
@@ -141,7 +141,7 @@ impl BlkBackend {
         loop {
             // Held while this request runs, so shutdown and snapshots can drain I/O (a
             // write waiting for pool space lets go of it meanwhile: see `run`).
-            let mut io = Some(self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner()));
+            let mut io = Some(self.disk.target());
             // The vring lock is held only to pop: never across I/O.
             let chain = vring
                 .get_mut()
@@ -203,12 +203,12 @@ impl BlkBackend {
         &'a self,
         op: &Op,
         mem: &GuestMemoryMmap,
-        io: &mut Option<RwLockReadGuard<'a, ()>>,
+        io: &mut Option<RwLockReadGuard<'a, Target>>,
     ) -> Done {
-        let space = &self.disk.space;
         let mut deadline = None;
         loop {
-            let NeedsSpace { error, timeout } = match execute(op, mem, &self.disk) {
+            let to = io.get_or_insert_with(|| self.disk.target());
+            let NeedsSpace { error, timeout } = match execute(op, mem, &self.disk, to) {
                 Ok(done) => return done,
                 Err(n) => n,
             };
@@ -220,6 +220,9 @@ impl BlkBackend {
             let d = *deadline
                 .get_or_insert_with(|| timeout.and_then(|t| Instant::now().checked_add(t)));
             *io = None;
+            // The policy of the pool the write failed in; a disk moved to another pool
+            // meanwhile wakes this wait, and the retry goes to the new pool.
+            let space = self.disk.space();
             space.waiting.fetch_add(1, Ordering::SeqCst);
             let more = space.wait(d);
             space.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -233,7 +236,6 @@ impl BlkBackend {
                     &error,
                 );
             }
-            *io = Some(self.disk.io_gate.read().unwrap_or_else(|p| p.into_inner()));
         }
     }
 
@@ -536,7 +538,7 @@ mod tests {
             VIRTIO_BLK_S_UNSUPP as u8
         );
         let mut back = vec![0u8; 4096];
-        b.disk.pool.read(0, 0, &mut back).unwrap();
+        b.disk.target().pool.read(0, 0, &mut back).unwrap();
         assert_eq!(back, vec![0x5a; 4096]);
     }
 

@@ -2,7 +2,7 @@
 
 use super::relay::BackendChannel;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 use thinpool::pool::Pool;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
@@ -78,10 +78,15 @@ impl Default for SpacePolicy {
     }
 }
 
-pub struct Disk {
-    pub name: String,
+/// Where a disk's requests go: a thin device of a pool. It changes only when the disk
+/// moves to another pool (disk-migrate), under the I/O gate held exclusively.
+pub struct Target {
     pub pool: Arc<Pool>,
     pub thin_id: u32,
+}
+
+pub struct Disk {
+    pub name: String,
     size: AtomicU64,
     read_only: AtomicBool,
     pub serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
@@ -89,10 +94,13 @@ pub struct Disk {
     pub queue_size: usize,
     /// Whether the guest is offered DISCARD (off for a pool with `discard: ignore`).
     pub discard: bool,
-    pub space: Arc<SpacePolicy>,
-    /// Held shared by every request being executed; taken exclusively to drain I/O
-    /// (shutdown, snapshots of a running disk).
-    pub io_gate: RwLock<()>,
+    /// Held shared by every request being executed, which reads its target from it; taken
+    /// exclusively to drain I/O (shutdown, snapshots of a running disk) and to move the
+    /// disk to another pool.
+    pub io_gate: RwLock<Target>,
+    /// The out-of-space policy of the target's pool, which held writes wait on. Apart from
+    /// the gate so that waking them never waits for the gate.
+    space: Mutex<Arc<SpacePolicy>>,
     pub connected: AtomicBool,
     /// Set when the disk stops being served (disk-remove, shutdown): writes held for pool
     /// space give up (IOERR) instead of keeping the stop waiting for space that may never come.
@@ -143,16 +151,17 @@ impl Disk {
         s[..n].copy_from_slice(&b[..n]);
         Disk {
             name: o.name,
-            pool,
-            thin_id: o.thin_id,
             size: AtomicU64::new(o.size / 512 * 512),
             read_only: AtomicBool::new(o.read_only),
             serial: s,
             num_queues: o.num_queues,
             queue_size: o.queue_size,
             discard: o.discard,
-            space,
-            io_gate: RwLock::new(()),
+            io_gate: RwLock::new(Target {
+                pool,
+                thin_id: o.thin_id,
+            }),
+            space: Mutex::new(space),
             connected: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             backend_channel: Arc::default(),
@@ -181,7 +190,40 @@ impl Disk {
     /// pool full.
     pub fn stop_held_writes(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.space.space_changed();
+        self.space().space_changed();
+    }
+
+    /// The target, shared: requests in flight keep it from changing.
+    pub fn target(&self) -> RwLockReadGuard<'_, Target> {
+        self.io_gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The target, exclusively: waits for requests in flight, holds new ones.
+    pub fn drain(&self) -> RwLockWriteGuard<'_, Target> {
+        self.io_gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn space(&self) -> Arc<SpacePolicy> {
+        self.space.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Moves the disk to thin device `thin_id` of `pool` (whose policy is `space`), under the
+    /// gate held exclusively (`drained`, from [`Disk::drain`]). Writes held for space in the
+    /// old pool are woken and retried on the new target.
+    pub fn retarget(
+        &self,
+        drained: &mut RwLockWriteGuard<'_, Target>,
+        pool: Arc<Pool>,
+        thin_id: u32,
+        space: Arc<SpacePolicy>,
+    ) {
+        **drained = Target { pool, thin_id };
+        let old = std::mem::replace(&mut *self.space.lock().unwrap_or_else(|p| p.into_inner()), space);
+        old.space_changed();
+    }
+
+    pub fn thin_id(&self) -> u32 {
+        self.target().thin_id
     }
 
     pub fn stopping(&self) -> bool {

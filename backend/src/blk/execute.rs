@@ -1,7 +1,7 @@
 //! Executes a parsed request against the disk's thin device, moving data straight between
 //! guest memory and the data device (vectored I/O on the guest's own buffers).
 
-use super::disk::{Disk, OutOfSpace, Stats};
+use super::disk::{Disk, OutOfSpace, Stats, Target};
 use super::request::{Op, Seg};
 use std::io::{IoSlice, IoSliceMut};
 use std::time::Duration;
@@ -43,8 +43,14 @@ pub struct NeedsSpace {
     pub timeout: Option<Duration>,
 }
 
-/// Runs one request. Err only for a write to wait for space (see [`NeedsSpace`]).
-pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, NeedsSpace> {
+/// Runs one request on `to` (the disk's target, from its I/O gate held by the caller). Err
+/// only for a write to wait for space (see [`NeedsSpace`]).
+pub fn execute(
+    op: &Op,
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    to: &Target,
+) -> Result<Done, NeedsSpace> {
     let ok = |written: u32| Done {
         status: VIRTIO_BLK_S_OK as u8,
         written,
@@ -64,7 +70,7 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, Need
                 .map(|&(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
                 .collect();
             let len: u64 = data.iter().map(|s| s.len as u64).sum();
-            match disk.pool.read_vectored(disk.thin_id, *offset, &mut iov) {
+            match to.pool.read_vectored(to.thin_id, *offset, &mut iov) {
                 Ok(()) => {
                     Stats::add(&disk.stats.bytes_read, len);
                     ok(len as u32)
@@ -84,12 +90,12 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, Need
                 })
                 .collect();
             let len: u64 = data.iter().map(|s| s.len as u64).sum();
-            return match disk.pool.write_vectored(disk.thin_id, *offset, &iov) {
+            return match to.pool.write_vectored(to.thin_id, *offset, &iov) {
                 Ok(()) => {
                     Stats::add(&disk.stats.bytes_written, len);
                     Ok(ok(0))
                 }
-                Err(error @ Error::OutOfDataSpace { .. }) => match disk.space.mode() {
+                Err(error @ Error::OutOfDataSpace { .. }) => match disk.space().mode() {
                     // Policy `queue`: the caller holds the write until space appears and
                     // runs it again. Rewriting the blocks already written is harmless.
                     OutOfSpace::Queue { timeout } => Err(NeedsSpace { error, timeout }),
@@ -98,7 +104,7 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, Need
                 Err(e) => Ok(fail(disk, "write", &e)),
             };
         }
-        Op::Flush => match disk.pool.commit() {
+        Op::Flush => match to.pool.commit() {
             Ok(()) => ok(0),
             Err(e) => fail(disk, "flush", &e),
         },
@@ -124,7 +130,7 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, Need
         },
         Op::Discard(ranges) => {
             for r in ranges {
-                if let Err(e) = disk.pool.discard(disk.thin_id, r.offset, r.len) {
+                if let Err(e) = to.pool.discard(to.thin_id, r.offset, r.len) {
                     return Ok(fail(disk, "discard", &e));
                 }
             }
@@ -132,9 +138,7 @@ pub fn execute(op: &Op, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Done, Need
         }
         Op::WriteZeroes(ranges) => {
             for r in ranges {
-                if let Err(e) = disk
-                    .pool
-                    .write_zeroes(disk.thin_id, r.offset, r.len, r.unmap)
+                if let Err(e) = to.pool.write_zeroes(to.thin_id, r.offset, r.len, r.unmap)
                 {
                     return Ok(fail(disk, "write-zeroes", &e));
                 }

@@ -88,6 +88,22 @@ impl Args {
         self.opt_size(k)?.ok_or_else(|| Self::missing(k))
     }
 
+    /// A list of strings (a command's argv).
+    pub fn opt_str_list(&mut self, k: &str) -> Result<Option<Vec<String>>, QmpError> {
+        match self.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(Self::bad_type(k, "array of strings")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(Self::bad_type(k, "array of strings")),
+        }
+    }
+
     /// Errors on any argument no handler asked for.
     pub fn finish(self) -> Result<(), QmpError> {
         match self.map.keys().next() {
@@ -125,6 +141,12 @@ mod tests {
         assert_eq!(
             a.str("name").unwrap_err().desc,
             "Parameter 'name' is missing"
+        );
+        let mut a = args(json!({"argv": ["ssh", "h"], "bad": ["x", 1]}));
+        assert_eq!(a.opt_str_list("argv").unwrap().unwrap(), ["ssh", "h"]);
+        assert_eq!(
+            a.opt_str_list("bad").unwrap_err().desc,
+            "Invalid parameter type for 'bad', expected: array of strings"
         );
     }
 }

@@ -2,6 +2,7 @@
 
 use super::args::Args;
 use super::QmpError;
+use crate::manager::transfer::Destination;
 use crate::manager::Manager;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -27,6 +28,11 @@ pub const COMMANDS: &[&str] = &[
     "pool-release-metadata-snap",
     "pool-commit",
     "pool-grow",
+    "query-jobs",
+    "job-cancel",
+    "job-dismiss",
+    "snapshot-send",
+    "snapshot-receive",
 ];
 
 pub fn version() -> Value {
@@ -146,6 +152,62 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
                 "pool-commit" => m.pool_commit(p)?,
                 _ => m.pool_grow(p)?,
             }
+        }
+        "query-jobs" => {
+            a.finish()?;
+            m.jobs.query()
+        }
+        "job-cancel" | "job-dismiss" => {
+            let id = a.str("id")?;
+            a.finish()?;
+            if name == "job-cancel" {
+                m.jobs.cancel(&id)?;
+            } else {
+                m.jobs.dismiss(&id)?;
+            }
+            json!({})
+        }
+        "snapshot-send" => {
+            let job_id = a.opt_str("job-id")?;
+            let snapshot = a.str("snapshot")?;
+            let base = a.opt_str("base")?;
+            let file = a.opt_str("file")?;
+            let command = a.opt_str_list("command")?;
+            let pool = a.opt_str("pool")?;
+            let target_name = a.opt_str("name")?;
+            a.finish()?;
+            let dest = match (file, command, pool) {
+                (Some(f), None, None) => Destination::File(PathBuf::from(f)),
+                (None, Some(c), None) => Destination::Command(c),
+                (None, None, Some(p)) => Destination::Pool {
+                    pool: p,
+                    name: target_name.clone().ok_or_else(|| {
+                        QmpError::generic(
+                            "a copy into another pool needs 'name': names are unique across the daemon",
+                        )
+                    })?,
+                },
+                _ => {
+                    return Err(QmpError::generic(
+                        "say where the stream goes: exactly one of 'file', 'command' or 'pool'",
+                    ))
+                }
+            };
+            if target_name.is_some() && !matches!(dest, Destination::Pool { .. }) {
+                return Err(QmpError::generic(
+                    "'name' goes with 'pool' (a receiver names what it receives)",
+                ));
+            }
+            m.snapshot_send(job_id, &snapshot, base.as_deref(), dest)?
+        }
+        "snapshot-receive" => {
+            let job_id = a.opt_str("job-id")?;
+            let pool = a.opt_str("pool")?;
+            let file = a.str("file")?;
+            let rname = a.opt_str("name")?;
+            let resumable = a.opt_bool("resumable")?.unwrap_or(false);
+            a.finish()?;
+            m.snapshot_receive(job_id, pool.as_deref(), PathBuf::from(file), rname, resumable)?
         }
         other => {
             return Err(QmpError {

@@ -132,7 +132,8 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         ..Default::default()
     };
     let mut progress = Progress::new("receiving", 0);
-    let r = stream::receive(&pool, &mut reg, input, &opts, &mut |done, total| {
+    let reg = std::sync::Mutex::new(reg);
+    let r = stream::receive(&pool, &reg, input, &opts, &mut |done, total| {
         progress.set_total(total);
         progress.update(done);
     });

@@ -13,6 +13,13 @@ use super::{ResumeToken, StreamError};
 use crate::pool::Pool;
 use crate::registry::{make_serial, DeviceEntry, PartialReceive, Registry};
 use std::io::Read;
+use std::sync::{Mutex, MutexGuard};
+
+/// The registry is locked only around its own changes, not while data is written: a daemon
+/// receiving in the background keeps answering queries and making other changes.
+fn locked(reg: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
+    reg.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
@@ -186,15 +193,15 @@ fn target(
 /// ones drop the device, or keep it for resuming (`Interrupted`, when resumable).
 pub fn receive<R: Read>(
     pool: &Pool,
-    reg: &mut Registry,
+    reg: &Mutex<Registry>,
     input: R,
     opts: &ReceiveOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Received, ReceiveError> {
     let mut reader = StreamReader::new(input)?;
     let h = reader.header().clone();
-    let (id, base, name) = target(pool, reg, &h, opts)?;
-    let resumable = reg.devices[&id]
+    let (id, base, name) = target(pool, &mut locked(reg), &h, opts)?;
+    let resumable = locked(reg).devices[&id]
         .receiving
         .as_ref()
         .is_some_and(|p| p.resumable);
@@ -209,7 +216,8 @@ pub fn receive<R: Read>(
             next = rec.end();
             progress(next, h.snapshot.size);
             if resumable && next - committed >= opts.commit_every {
-                set_progress(reg, id, next);
+                let mut reg = locked(reg);
+                set_progress(&mut reg, id, next);
                 reg.commit(&pool.hold_commits())?;
                 committed = next;
             }
@@ -218,6 +226,7 @@ pub fn receive<R: Read>(
     })();
     match result {
         Ok(()) => {
+            let mut reg = locked(reg);
             let mut e = reg.devices[&id].clone();
             e.receiving = None;
             e.name = Some(name.clone());
@@ -236,7 +245,8 @@ pub fn receive<R: Read>(
         }
         Err(cause) if resumable => {
             // Everything applied was checksummed: keep it and say where to go on.
-            set_progress(reg, id, next);
+            let mut reg = locked(reg);
+            set_progress(&mut reg, id, next);
             if let Err(e) = reg.commit(&pool.hold_commits()) {
                 return Err(ReceiveError::Failed(StreamError::Refused(format!(
                     "{cause}; and keeping what arrived failed too: {e}"
@@ -251,7 +261,7 @@ pub fn receive<R: Read>(
             }))
         }
         Err(cause) => {
-            drop_device(pool, reg, id);
+            drop_device(pool, &mut locked(reg), id);
             Err(ReceiveError::Failed(cause))
         }
     }

@@ -4,7 +4,7 @@ use crate::pool::{Pool, PoolOptions};
 use crate::registry::{DeviceEntry, Registry};
 use crate::storage::MemStorage;
 use proptest::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const DISK: u64 = 8 << 20;
 
@@ -96,7 +96,11 @@ impl P {
             commit_every: 64 << 10,
             ..Default::default()
         };
-        receive(&self.pool, &mut self.reg, stream, &opts, &mut |_, _| {})
+        let placeholder = Registry::new(self.reg.path(), 0);
+        let reg = Mutex::new(std::mem::replace(&mut self.reg, placeholder));
+        let r = receive(&self.pool, &reg, stream, &opts, &mut |_, _| {});
+        self.reg = reg.into_inner().unwrap();
+        r
     }
 
     fn id_of(&self, name: &str) -> u32 {

@@ -5,6 +5,9 @@
 //! committed carrying the same id (see `thinpool::registry`), so a crash in between leaves
 //! the registry one transaction ahead, and the next start goes back to the old state.
 
+pub mod jobs;
+pub mod transfer;
+
 use crate::blk::backend::BlkBackend;
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
 use crate::blk::relay::{self, HandlerSocket};
@@ -93,6 +96,25 @@ pub struct Manager {
     op: Mutex<()>,
     /// Where sockets of disks added without a socket path go.
     pub socket_dir: PathBuf,
+    pub jobs: jobs::Jobs,
+    /// Devices a job reads or writes: (pool, thin id) → the job's kind. They cannot be
+    /// deleted or reverted until it ends.
+    pins: Arc<Mutex<BTreeMap<(String, u32), &'static str>>>,
+}
+
+/// Devices pinned for a job; unpinned when dropped.
+pub struct Pins {
+    keys: Vec<(String, u32)>,
+    table: Arc<Mutex<BTreeMap<(String, u32), &'static str>>>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let mut t = lock(&self.table);
+        for k in &self.keys {
+            t.remove(k);
+        }
+    }
 }
 
 /// A disk to create, as disk-add or the configuration describes it.
@@ -132,13 +154,47 @@ struct Found {
 
 impl Manager {
     pub fn new(pools: Vec<Arc<PoolHandle>>, socket_dir: PathBuf) -> Arc<Self> {
+        let events = EventBus::default();
         Arc::new(Manager {
             pools: pools.into_iter().map(|p| (p.name.clone(), p)).collect(),
             disks: Mutex::new(BTreeMap::new()),
-            events: EventBus::default(),
+            jobs: jobs::Jobs::new(events.clone()),
+            events,
             op: Mutex::new(()),
             socket_dir,
+            pins: Arc::default(),
         })
+    }
+
+    /// Pins devices of `pool` for a job of kind `kind`; refused if one is pinned already.
+    fn pin(&self, pool: &PoolHandle, ids: &[u32], kind: &'static str) -> R<Pins> {
+        let mut t = lock(&self.pins);
+        for id in ids {
+            if let Some(other) = t.get(&(pool.name.clone(), *id)) {
+                return Err(QmpError::generic(format!(
+                    "thin device {id} of pool {} is in use by a {other} job",
+                    pool.name
+                )));
+            }
+        }
+        let keys: Vec<(String, u32)> = ids.iter().map(|id| (pool.name.clone(), *id)).collect();
+        for k in &keys {
+            t.insert(k.clone(), kind);
+        }
+        Ok(Pins {
+            keys,
+            table: self.pins.clone(),
+        })
+    }
+
+    /// Refuses to delete or change a device that a job is using.
+    fn check_unpinned(&self, f: &Found, name: &str) -> R<()> {
+        match lock(&self.pins).get(&(f.pool.name.clone(), f.id)) {
+            Some(kind) => Err(QmpError::generic(format!(
+                "'{name}' is in use by a {kind} job: wait for it or cancel it (job-cancel)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn pool(&self, name: Option<&str>) -> R<Arc<PoolHandle>> {
@@ -196,12 +252,17 @@ impl Manager {
                 "'{name}' is not a valid name (1 to 64 characters, no '/')"
             )));
         }
-        match self.find(name) {
-            Ok(_) => Err(QmpError::generic(format!(
+        // Names of snapshots being received are taken too.
+        let taken = self
+            .pools
+            .values()
+            .any(|p| lock(&p.registry).holder_of(name).is_some());
+        if taken {
+            return Err(QmpError::generic(format!(
                 "the name '{name}' is already in use"
-            ))),
-            Err(_) => Ok(()),
+            )));
         }
+        Ok(())
     }
 
     // ----- serving -----
@@ -374,6 +435,8 @@ impl Manager {
 
     /// Drains every disk's requests, commits every pool (SIGTERM).
     pub fn shutdown(&self) -> anyhow::Result<()> {
+        // Jobs first: each undoes its unfinished work, which the final commit then keeps.
+        self.jobs.cancel_all_and_wait();
         let disks: Vec<Arc<Disk>> = lock(&self.disks).values().map(|s| s.disk.clone()).collect();
         // Held writes fail rather than wait for space through the final commit (they were
         // never acknowledged; the guest sees an error if it is still there).
@@ -643,6 +706,7 @@ impl Manager {
     pub fn disk_remove(&self, name: &str, force: bool) -> R<Value> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
+        self.check_unpinned(&f, name)?;
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{name}' is a snapshot: use snapshot-delete"
@@ -775,6 +839,7 @@ impl Manager {
     pub fn snapshot_delete(&self, name: &str) -> R<Value> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
+        self.check_unpinned(&f, name)?;
         if !f.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{name}' is a disk, not a snapshot: use disk-remove"
@@ -788,6 +853,7 @@ impl Manager {
         let _op = lock(&self.op);
         let d = self.find(disk)?;
         let s = self.find(snapshot)?;
+        self.check_unpinned(&d, disk)?;
         if d.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{disk}' is a snapshot, not a disk"
@@ -1106,7 +1172,8 @@ fn serve_loop(
         }
         // After the commit: whoever sees the event may take the disk's writes as durable
         // (copy the files, start the guest elsewhere).
-        let committed = match disk.pool.commit() {
+        let pool = disk.target().pool.clone();
+        let committed = match pool.commit() {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!("{}: commit after disconnect failed: {e}", disk.name);

@@ -1,0 +1,534 @@
+//! Long operations as QMP-style jobs: send, receive, migrate, merge run in the background,
+//! are listed by `query-jobs`, cancelled by `job-cancel` and forgotten by `job-dismiss`.
+//!
+//! A job goes `created` → `running` → (`aborting` →) `concluded`, and `null` once
+//! dismissed, as QEMU's jobs do; each change is a `JOB_STATUS_CHANGE` event, which here also
+//! carries the progress (`current-progress`, `total-progress`) and, on `concluded`, the
+//! `error` or the `result`. While it runs, a `JOB_PROGRESS` event at most once a second
+//! says how far it got. A concluded job stays listed (with its outcome) until dismissed;
+//! the oldest concluded ones are forgotten beyond [`KEEP_CONCLUDED`].
+//!
+//! Cancelling only asks: each job checks at its own safe points and undoes what it made
+//! (a half-received snapshot is dropped, a half-written stream file removed), so a
+//! cancelled job leaves nothing half-made.
+
+use crate::mgmt::events::EventBus;
+use crate::mgmt::QmpError;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+type R<T> = Result<T, QmpError>;
+
+/// Concluded jobs kept for `query-jobs` before the oldest are forgotten.
+pub const KEEP_CONCLUDED: usize = 64;
+
+/// How often a running job reports its progress as an event.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobStatus {
+    Created,
+    Running,
+    Aborting,
+    Concluded,
+    Null,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Created => "created",
+            JobStatus::Running => "running",
+            JobStatus::Aborting => "aborting",
+            JobStatus::Concluded => "concluded",
+            JobStatus::Null => "null",
+        }
+    }
+}
+
+pub struct Job {
+    pub id: String,
+    /// What it does: "send", "receive", "migrate", "merge", …
+    pub kind: &'static str,
+    /// One line for people: what, from where, to where.
+    pub description: String,
+    status: Mutex<JobStatus>,
+    current: AtomicU64,
+    total: AtomicU64,
+    cancel: AtomicBool,
+    outcome: Mutex<Option<Result<Value, String>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Order of creation, to forget the oldest concluded jobs first.
+    seq: u64,
+}
+
+impl Job {
+    pub fn status(&self) -> JobStatus {
+        *lock(&self.status)
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// The job's entry in `query-jobs` (QEMU's JobInfo, plus what it does and its result).
+    pub fn info(&self) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "type": self.kind,
+            "status": self.status().as_str(),
+            "current-progress": self.current.load(Ordering::SeqCst),
+            "total-progress": self.total.load(Ordering::SeqCst),
+            "description": self.description,
+        });
+        match &*lock(&self.outcome) {
+            Some(Ok(r)) => v["result"] = r.clone(),
+            Some(Err(e)) => v["error"] = json!(e),
+            None => {}
+        }
+        v
+    }
+}
+
+/// What a running job sees: its progress and whether it was asked to stop.
+pub struct JobCtx {
+    job: Arc<Job>,
+    events: EventBus,
+    last_event: Mutex<Instant>,
+}
+
+impl JobCtx {
+    pub fn id(&self) -> &str {
+        &self.job.id
+    }
+
+    /// Records progress (in the job's own unit, bytes for all of ours), reported as a
+    /// `JOB_PROGRESS` event at most once a second.
+    pub fn progress(&self, done: u64, total: u64) {
+        self.job.current.store(done, Ordering::SeqCst);
+        self.job.total.store(total, Ordering::SeqCst);
+        let mut last = lock(&self.last_event);
+        if last.elapsed() >= PROGRESS_EVERY {
+            *last = Instant::now();
+            drop(last);
+            self.events.emit(
+                "JOB_PROGRESS",
+                json!({"id": self.job.id, "current-progress": done, "total-progress": total}),
+            );
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.job.cancelled()
+    }
+
+    /// Err("cancelled") once the job was asked to stop: for its safe points.
+    pub fn check(&self) -> R<()> {
+        if self.cancelled() {
+            Err(QmpError::generic(CANCELLED))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A flag that turns true when the job is cancelled, for readers and writers handed to
+    /// code that knows nothing of jobs (see [`Cancellable`]).
+    pub fn flag(&self) -> Arc<Job> {
+        self.job.clone()
+    }
+}
+
+/// The error of a cancelled job.
+pub const CANCELLED: &str = "cancelled";
+
+/// A reader or writer that fails once its job is cancelled, so that code knowing nothing of
+/// jobs (a stream being written or applied) stops at its next read or write and takes its
+/// own error path, which undoes what it made.
+pub struct Cancellable<T> {
+    inner: T,
+    job: Arc<Job>,
+}
+
+impl<T> Cancellable<T> {
+    pub fn new(inner: T, job: Arc<Job>) -> Self {
+        Cancellable { inner, job }
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.job.cancelled() {
+            // Not ErrorKind::Interrupted: read_exact and write_all retry those.
+            Err(io::Error::other(CANCELLED))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: Read> Read for Cancellable<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.check()?;
+        self.inner.read(buf)
+    }
+}
+
+impl<T: Write> Write for Cancellable<T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.check()?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.check()?;
+        self.inner.flush()
+    }
+}
+
+#[derive(Default)]
+pub struct Jobs {
+    jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    events: EventBus,
+    seq: AtomicU64,
+}
+
+impl Jobs {
+    pub fn new(events: EventBus) -> Self {
+        Jobs {
+            events,
+            ..Default::default()
+        }
+    }
+
+    /// Starts `work` as job `id` (default: `<kind>-<n>`). The job's outcome is what `work`
+    /// returns; an Err after a cancel reads "cancelled".
+    pub fn start<F>(&self, id: Option<String>, kind: &'static str, description: String, work: F) -> R<Arc<Job>>
+    where
+        F: FnOnce(&JobCtx) -> R<Value> + Send + 'static,
+    {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let id = id.unwrap_or_else(|| format!("{kind}-{seq}"));
+        if id.is_empty() || id.len() > 64 {
+            return Err(QmpError::generic("'job-id' must be 1 to 64 characters"));
+        }
+        let job = Arc::new(Job {
+            id: id.clone(),
+            kind,
+            description,
+            status: Mutex::new(JobStatus::Created),
+            current: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            cancel: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            thread: Mutex::new(None),
+            seq,
+        });
+        {
+            let mut jobs = lock(&self.jobs);
+            if jobs.contains_key(&id) {
+                return Err(QmpError::generic(format!(
+                    "Job ID '{id}' already in use"
+                )));
+            }
+            jobs.insert(id.clone(), job.clone());
+        }
+        self.status_change(&job, JobStatus::Created);
+        let ctx = JobCtx {
+            job: job.clone(),
+            events: self.events.clone(),
+            last_event: Mutex::new(Instant::now()),
+        };
+        let events = self.events.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || {
+                {
+                    let mut st = lock(&ctx.job.status);
+                    if *st == JobStatus::Created {
+                        *st = JobStatus::Running;
+                    }
+                }
+                emit_status(&events, &ctx.job);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&ctx)))
+                    .unwrap_or_else(|p| {
+                        let what = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(QmpError::generic(format!("internal error: {what}")))
+                    });
+                let outcome = match r {
+                    Ok(v) => Ok(v),
+                    Err(_) if ctx.cancelled() => Err(CANCELLED.to_string()),
+                    Err(e) => Err(e.desc),
+                };
+                match &outcome {
+                    Ok(_) => tracing::info!("job {}: done", ctx.job.id),
+                    Err(e) => tracing::warn!("job {}: {e}", ctx.job.id),
+                }
+                *lock(&ctx.job.outcome) = Some(outcome);
+                *lock(&ctx.job.status) = JobStatus::Concluded;
+                emit_status(&events, &ctx.job);
+            });
+        match spawned {
+            Ok(h) => *lock(&job.thread) = Some(h),
+            Err(e) => {
+                lock(&self.jobs).remove(&id);
+                return Err(QmpError::generic(format!("cannot start a job: {e}")));
+            }
+        }
+        self.forget_old();
+        Ok(job)
+    }
+
+    fn status_change(&self, job: &Job, st: JobStatus) {
+        *lock(&job.status) = st;
+        emit_status(&self.events, job);
+    }
+
+    pub fn get(&self, id: &str) -> R<Arc<Job>> {
+        lock(&self.jobs)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| QmpError::not_found(format!("Job '{id}' not found")))
+    }
+
+    pub fn query(&self) -> Value {
+        let mut all: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
+        all.sort_by_key(|j| j.seq);
+        Value::Array(all.iter().map(|j| j.info()).collect())
+    }
+
+    /// Asks a job to stop (QEMU's job-cancel): it goes to `aborting`, then `concluded` with
+    /// the error "cancelled" once it has undone its work.
+    pub fn cancel(&self, id: &str) -> R<()> {
+        let job = self.get(id)?;
+        let mut st = lock(&job.status);
+        match *st {
+            JobStatus::Created | JobStatus::Running => {
+                job.cancel.store(true, Ordering::SeqCst);
+                *st = JobStatus::Aborting;
+                drop(st);
+                emit_status(&self.events, &job);
+                Ok(())
+            }
+            other => Err(QmpError::generic(format!(
+                "Job '{id}' in state '{}' cannot accept command verb 'cancel'",
+                other.as_str()
+            ))),
+        }
+    }
+
+    /// Forgets a concluded job (QEMU's job-dismiss).
+    pub fn dismiss(&self, id: &str) -> R<()> {
+        let job = self.get(id)?;
+        let st = job.status();
+        if st != JobStatus::Concluded {
+            return Err(QmpError::generic(format!(
+                "Job '{id}' in state '{}' cannot accept command verb 'dismiss'",
+                st.as_str()
+            )));
+        }
+        self.remove(&job);
+        Ok(())
+    }
+
+    fn remove(&self, job: &Job) {
+        lock(&self.jobs).remove(&job.id);
+        if let Some(h) = lock(&job.thread).take() {
+            let _ = h.join();
+        }
+        *lock(&job.status) = JobStatus::Null;
+        emit_status(&self.events, job);
+    }
+
+    fn forget_old(&self) {
+        let mut done: Vec<Arc<Job>> = lock(&self.jobs)
+            .values()
+            .filter(|j| j.status() == JobStatus::Concluded)
+            .cloned()
+            .collect();
+        if done.len() <= KEEP_CONCLUDED {
+            return;
+        }
+        done.sort_by_key(|j| j.seq);
+        for j in &done[..done.len() - KEEP_CONCLUDED] {
+            self.remove(j);
+        }
+    }
+
+    /// Waits until job `id` concludes; its outcome.
+    pub fn wait(&self, id: &str) -> R<Result<Value, String>> {
+        let job = self.get(id)?;
+        let h = lock(&job.thread).take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+        // Another waiter may have taken the handle: wait for the status instead.
+        while job.status() != JobStatus::Concluded && job.status() != JobStatus::Null {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let outcome = lock(&job.outcome).clone();
+        Ok(outcome.unwrap_or_else(|| Err("the job ended without an outcome".into())))
+    }
+
+    /// Cancels every job still running and waits for them (daemon shutdown): each undoes
+    /// its work before the pools are committed for the last time.
+    pub fn cancel_all_and_wait(&self) {
+        let all: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
+        for j in &all {
+            if matches!(j.status(), JobStatus::Created | JobStatus::Running) {
+                let _ = self.cancel(&j.id);
+            }
+        }
+        for j in &all {
+            let _ = self.wait(&j.id);
+        }
+    }
+}
+
+fn emit_status(events: &EventBus, job: &Job) {
+    let mut data = json!({
+        "id": job.id,
+        "status": job.status().as_str(),
+        "type": job.kind,
+        "current-progress": job.current.load(Ordering::SeqCst),
+        "total-progress": job.total.load(Ordering::SeqCst),
+    });
+    if job.status() == JobStatus::Concluded {
+        match &*lock(&job.outcome) {
+            Some(Ok(r)) => data["result"] = r.clone(),
+            Some(Err(e)) => data["error"] = json!(e),
+            None => {}
+        }
+    }
+    events.emit("JOB_STATUS_CHANGE", data);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::sync_channel;
+
+    fn events() -> (EventBus, std::sync::mpsc::Receiver<String>) {
+        let bus = EventBus::default();
+        let (tx, rx) = sync_channel(1024);
+        bus.subscribe(1, tx);
+        (bus, rx)
+    }
+
+    fn statuses(rx: &std::sync::mpsc::Receiver<String>, id: &str) -> Vec<String> {
+        rx.try_iter()
+            .filter_map(|m| serde_json::from_str::<Value>(&m).ok())
+            .filter(|v| v["event"] == "JOB_STATUS_CHANGE" && v["data"]["id"] == id)
+            .map(|v| v["data"]["status"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_job_runs_concludes_and_is_dismissed() {
+        let (bus, rx) = events();
+        let jobs = Jobs::new(bus);
+        let j = jobs
+            .start(Some("a".into()), "test", "adds".into(), |ctx| {
+                ctx.progress(5, 10);
+                ctx.progress(10, 10);
+                Ok(json!({"sum": 3}))
+            })
+            .unwrap();
+        assert_eq!(jobs.wait("a").unwrap(), Ok(json!({"sum": 3})));
+        let info = &jobs.query()[0];
+        assert_eq!(info["status"], "concluded");
+        assert_eq!(info["current-progress"], 10);
+        assert_eq!(info["result"]["sum"], 3);
+        assert!(jobs.cancel("a").unwrap_err().desc.contains("cannot accept"));
+        jobs.dismiss("a").unwrap();
+        assert_eq!(jobs.query(), json!([]));
+        assert_eq!(j.status(), JobStatus::Null);
+        assert_eq!(
+            statuses(&rx, "a"),
+            ["created", "running", "concluded", "null"]
+        );
+    }
+
+    #[test]
+    fn ids_are_unique_while_listed() {
+        let jobs = Jobs::new(EventBus::default());
+        jobs.start(Some("x".into()), "test", String::new(), |_| Ok(json!({})))
+            .unwrap();
+        jobs.wait("x").unwrap().unwrap();
+        let e = jobs
+            .start(Some("x".into()), "test", String::new(), |_| Ok(json!({})))
+            .unwrap_err();
+        assert_eq!(e.desc, "Job ID 'x' already in use");
+        jobs.dismiss("x").unwrap();
+        jobs.start(Some("x".into()), "test", String::new(), |_| Ok(json!({})))
+            .unwrap();
+        assert!(jobs.start(Some(String::new()), "t", String::new(), |_| Ok(json!({}))).is_err());
+        assert_eq!(jobs.get("nope").unwrap_err().class, "DeviceNotFound");
+    }
+
+    #[test]
+    fn cancel_stops_a_reader_and_the_job_concludes_cancelled() {
+        let (bus, rx) = events();
+        let jobs = Jobs::new(bus);
+        let (started_tx, started_rx) = sync_channel(1);
+        jobs.start(Some("c".into()), "test", String::new(), move |ctx| {
+            let mut r = Cancellable::new(io::repeat(7), ctx.flag());
+            let mut buf = [0u8; 4096];
+            let _ = started_tx.send(());
+            loop {
+                // Ends only by cancellation.
+                r.read_exact(&mut buf)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+            }
+        })
+        .unwrap();
+        started_rx.recv().unwrap();
+        jobs.cancel("c").unwrap();
+        assert_eq!(jobs.wait("c").unwrap(), Err(CANCELLED.to_string()));
+        assert_eq!(
+            statuses(&rx, "c"),
+            ["created", "running", "aborting", "concluded"]
+        );
+    }
+
+    #[test]
+    fn a_panicking_job_concludes_with_an_error() {
+        let jobs = Jobs::new(EventBus::default());
+        jobs.start(Some("p".into()), "test", String::new(), |_| -> R<Value> {
+            panic!("boom")
+        })
+        .unwrap();
+        let e = jobs.wait("p").unwrap().unwrap_err();
+        assert!(e.contains("internal error: boom"), "{e}");
+    }
+
+    #[test]
+    fn old_concluded_jobs_are_forgotten() {
+        let jobs = Jobs::new(EventBus::default());
+        for i in 0..KEEP_CONCLUDED + 5 {
+            jobs.start(Some(format!("j{i}")), "test", String::new(), |_| Ok(json!({})))
+                .unwrap();
+            jobs.wait(&format!("j{i}")).unwrap().unwrap();
+        }
+        jobs.start(Some("last".into()), "test", String::new(), |_| Ok(json!({})))
+            .unwrap();
+        jobs.wait("last").unwrap().unwrap();
+        let n = jobs.query().as_array().unwrap().len();
+        assert!(n <= KEEP_CONCLUDED + 1, "{n} kept");
+        assert!(jobs.get("j0").is_err());
+    }
+}

@@ -1,0 +1,415 @@
+//! Send and receive on the management socket, as jobs: a snapshot written as a stream to a
+//! file, piped into a command (`ssh host vhost-thin receive …`), or received straight into
+//! another pool of this daemon; a stream file received into a pool. The format and its
+//! guarantees are the offline commands' (docs/STREAMS.md).
+
+use super::jobs::{Cancellable, JobCtx};
+use super::{lock, Manager, PoolHandle, R};
+use crate::mgmt::QmpError;
+use serde_json::{json, Value};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use thinpool::stream::{
+    self, format::StreamReader, ReceiveError, ReceiveOptions, Received, SendOptions, SendStats,
+};
+
+/// Where a sent stream goes.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    /// A new file (an existing one is never overwritten).
+    File(PathBuf),
+    /// A command's standard input: argv, run without a shell.
+    Command(Vec<String>),
+    /// Another pool of this daemon, received as a snapshot named `name`.
+    Pool { pool: String, name: String },
+}
+
+/// What a command's output keeps for the job's result and errors.
+const OUTPUT_TAIL: usize = 4096;
+
+/// A snapshot copied into another pool.
+pub(super) struct Copied {
+    pub received: Received,
+    pub sent: SendStats,
+}
+
+impl PoolHandle {
+    /// Gives `ids` their send/receive identities, durably, if they have none yet.
+    pub(super) fn ensure_guids(&self, ids: &[u32]) -> R<()> {
+        let mut reg = lock(&self.registry);
+        let hold = self.pool.hold_commits();
+        if stream::assign_guids(&mut reg, ids).map_err(stream_err)? {
+            crate::offline::commit_change_held(&hold, Some(&mut reg))?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn stream_err(e: stream::StreamError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+fn receive_err(e: ReceiveError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+/// Sends snapshot `snap` (incremental on `base`) of `src` to `out`.
+fn send_to(
+    src: &PoolHandle,
+    snap: u32,
+    base: Option<u32>,
+    out: impl Write,
+    ctx: &JobCtx,
+) -> R<SendStats> {
+    // A copy of the registry: the send reads names and identities from it, and the real
+    // one stays free for other commands while the data is read.
+    let reg = lock(&src.registry).clone();
+    let mut out = BufWriter::with_capacity(1 << 20, Cancellable::new(out, ctx.flag()));
+    let opts = SendOptions {
+        base,
+        resume_offset: 0,
+    };
+    let stats = stream::send(&src.pool, &reg, snap, &opts, &mut out, &mut |d, t| {
+        ctx.progress(d, t)
+    })
+    .map_err(stream_err)?;
+    out.flush()
+        .map_err(|e| QmpError::generic(format!("writing the stream: {e}")))?;
+    Ok(stats)
+}
+
+/// Receives the stream `input` into `dst`. A cancelled or failed receive leaves nothing.
+fn receive_from(
+    dst: &PoolHandle,
+    input: impl Read,
+    name: Option<String>,
+    resumable: bool,
+    ctx: &JobCtx,
+    report_progress: bool,
+) -> R<Received> {
+    let input = BufReader::with_capacity(1 << 20, Cancellable::new(input, ctx.flag()));
+    let opts = ReceiveOptions {
+        name,
+        resumable,
+        ..Default::default()
+    };
+    let r = stream::receive(&dst.pool, &dst.registry, input, &opts, &mut |d, t| {
+        if report_progress {
+            ctx.progress(d, t)
+        }
+    });
+    match r {
+        Ok(got) => Ok(got),
+        // Cancelling means nothing is kept, resumable or not.
+        Err(ReceiveError::Interrupted(i)) if ctx.cancelled() => {
+            let mut reg = lock(&dst.registry);
+            if let Err(e) = stream::abort(&dst.pool, &mut reg, &i.token.guid) {
+                tracing::error!("cannot drop a cancelled receive: {e}");
+            }
+            Err(QmpError::generic(super::jobs::CANCELLED))
+        }
+        Err(e) => Err(receive_err(e)),
+    }
+}
+
+/// Copies snapshot `snap` of `src` (incremental on `base`, which `dst` must have received)
+/// into `dst` as `name`: the stream runs through a socket pair between a sending thread and
+/// this one, so the copy is exactly what send and receive do between daemons.
+pub(super) fn copy_snapshot(
+    src: &PoolHandle,
+    snap: u32,
+    base: Option<u32>,
+    dst: &PoolHandle,
+    name: String,
+    ctx: &JobCtx,
+) -> R<Copied> {
+    let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
+    src.ensure_guids(&ids)?;
+    let (tx, rx) = UnixStream::pair().map_err(|e| QmpError::generic(e.to_string()))?;
+    std::thread::scope(|s| {
+        let sender = s.spawn(move || {
+            let r = send_to(src, snap, base, &tx, ctx);
+            // The receiver sees the end (or, after a failure, a truncated stream).
+            let _ = tx.shutdown(std::net::Shutdown::Write);
+            r
+        });
+        let received = receive_from(dst, &rx, Some(name), false, ctx, false);
+        // A receiver that stopped early leaves the sender writing into a closed socket
+        // (EPIPE), which ends it.
+        drop(rx);
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(QmpError::generic("internal error: the sender panicked")));
+        match (sent, received) {
+            (Ok(sent), Ok(received)) => Ok(Copied { received, sent }),
+            // The receiver's error says why a stream was refused; the sender's, why one
+            // was cut short.
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(got)) => {
+                // Cannot happen (a complete stream was received), but never keep a copy of
+                // a send that failed.
+                let mut reg = lock(&dst.registry);
+                let hold = dst.pool.hold_commits();
+                reg.devices.remove(&got.id);
+                let _ = dst.pool.delete(got.id);
+                let _ = crate::offline::commit_change_held(&hold, Some(&mut reg));
+                Err(e)
+            }
+        }
+    })
+}
+
+/// Keeps the last [`OUTPUT_TAIL`] bytes of a child's output.
+fn read_tail(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut tail = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > OUTPUT_TAIL {
+                tail.drain(..tail.len() - OUTPUT_TAIL);
+            }
+        }
+        String::from_utf8_lossy(&tail).trim().to_string()
+    })
+}
+
+/// Sends into a command's standard input; its exit status decides success.
+fn send_to_command(
+    src: &PoolHandle,
+    snap: u32,
+    base: Option<u32>,
+    argv: &[String],
+    ctx: &JobCtx,
+) -> R<(SendStats, String)> {
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| QmpError::generic(format!("cannot run {}: {e}", argv[0])))?;
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(QmpError::generic("the command's pipes could not be made"));
+    };
+    let out = read_tail(stdout);
+    let err = read_tail(stderr);
+    let sent = send_to(src, snap, base, stdin, ctx);
+    // stdin was moved into the sender and is closed: the command sees the end.
+    if sent.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    let stats = sent?;
+    match status {
+        Ok(s) if s.success() => Ok((stats, out)),
+        Ok(s) => Err(QmpError::generic(format!(
+            "{} failed ({s}){}",
+            argv[0],
+            if err.is_empty() {
+                String::new()
+            } else {
+                format!(": {err}")
+            }
+        ))),
+        Err(e) => Err(QmpError::generic(format!("waiting for {}: {e}", argv[0]))),
+    }
+}
+
+fn sent_json(s: &SendStats) -> Value {
+    json!({
+        "stream-bytes": s.stream_bytes,
+        "data-bytes": s.data_bytes,
+        "zero-bytes": s.zero_bytes,
+        "zero-detected-bytes": s.zero_detected_bytes,
+        "unchanged-bytes": s.unchanged_bytes,
+        "records": s.records,
+    })
+}
+
+impl Manager {
+    /// `snapshot-send`: starts a job writing snapshot `snapshot` (incremental on `base`) to
+    /// `dest`. Everything that can be checked is checked before the job starts.
+    pub fn snapshot_send(
+        self: &Arc<Self>,
+        job_id: Option<String>,
+        snapshot: &str,
+        base: Option<&str>,
+        dest: Destination,
+    ) -> R<Value> {
+        let s = self.find(snapshot)?;
+        if !s.entry.snapshot {
+            return Err(QmpError::generic(format!(
+                "'{snapshot}' is a disk: only snapshots are sent (they do not change while the stream is written); take one with snapshot-create"
+            )));
+        }
+        let base_id = match base {
+            None => None,
+            Some(b) => {
+                let f = self.find(b)?;
+                if f.pool.name != s.pool.name {
+                    return Err(QmpError::generic(format!(
+                        "the base '{b}' is in pool {}, the snapshot in {}",
+                        f.pool.name, s.pool.name
+                    )));
+                }
+                if !f.entry.snapshot {
+                    return Err(QmpError::generic(format!("the base '{b}' is not a snapshot")));
+                }
+                Some(f.id)
+            }
+        };
+        // The destination, checked; a pool destination resolved to its pool.
+        let to_pool = match &dest {
+            Destination::File(p) => {
+                if p.as_os_str().is_empty() {
+                    return Err(QmpError::generic("'file' is empty"));
+                }
+                if p.exists() {
+                    return Err(QmpError::generic(format!(
+                        "{} exists: streams are written to new files only",
+                        p.display()
+                    )));
+                }
+                None
+            }
+            Destination::Command(argv) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(QmpError::generic(
+                        "'command' must name a program: [\"ssh\", \"host\", \"vhost-thin\", \"receive\", …]",
+                    ));
+                }
+                None
+            }
+            Destination::Pool { pool, name } => {
+                let d = self.pool(Some(pool))?;
+                if d.name == s.pool.name {
+                    return Err(QmpError::generic(
+                        "the destination is the snapshot's own pool: clone it with disk-add instead",
+                    ));
+                }
+                self.name_free(name)?;
+                Some((d, name.clone()))
+            }
+        };
+        let ids: Vec<u32> = std::iter::once(s.id).chain(base_id).collect();
+        s.pool.ensure_guids(&ids)?;
+        let description = format!(
+            "send {snapshot}{} to {}",
+            base.map(|b| format!(" (since {b})")).unwrap_or_default(),
+            match &dest {
+                Destination::File(p) => p.display().to_string(),
+                Destination::Command(a) => a.join(" "),
+                Destination::Pool { pool, name } => format!("pool {pool} as {name}"),
+            }
+        );
+        let pins = self.pin(&s.pool, &ids, "send")?;
+        let src = s.pool.clone();
+        let snap = s.id;
+        let job = self.jobs.start(job_id, "send", description, move |ctx| {
+            let _pins = pins;
+            if let Some((dst, name)) = to_pool {
+                let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx)?;
+                dst.space.space_changed();
+                return Ok(json!({
+                    "pool": dst.name,
+                    "name": c.received.name,
+                    "thin-id": c.received.id,
+                    "sent": sent_json(&c.sent),
+                }));
+            }
+            match dest {
+                Destination::File(path) => {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .map_err(|e| {
+                            QmpError::generic(format!("cannot create {}: {e}", path.display()))
+                        })?;
+                    let r = send_to(&src, snap, base_id, &file, ctx).and_then(|st| {
+                        file.sync_all().map_err(|e| {
+                            QmpError::generic(format!("syncing {}: {e}", path.display()))
+                        })?;
+                        Ok(st)
+                    });
+                    match r {
+                        Ok(st) => Ok(json!({"file": path, "sent": sent_json(&st)})),
+                        Err(e) => {
+                            // Never leave a truncated stream behind.
+                            let _ = std::fs::remove_file(&path);
+                            Err(e)
+                        }
+                    }
+                }
+                Destination::Command(argv) => {
+                    let (st, out) = send_to_command(&src, snap, base_id, &argv, ctx)?;
+                    Ok(json!({"sent": sent_json(&st), "output": out}))
+                }
+                Destination::Pool { .. } => Err(QmpError::generic(
+                    "internal error: a pool destination without its pool",
+                )),
+            }
+        })?;
+        Ok(json!({"job-id": job.id}))
+    }
+
+    /// `snapshot-receive`: starts a job receiving the stream in `file` into a pool. The
+    /// stream's header is checked before the job starts (a missing or different base, a
+    /// name in use), so most refusals are the command's own error.
+    pub fn snapshot_receive(
+        self: &Arc<Self>,
+        job_id: Option<String>,
+        pool: Option<&str>,
+        file: PathBuf,
+        name: Option<String>,
+        resumable: bool,
+    ) -> R<Value> {
+        let dst = self.pool(pool)?;
+        let header = {
+            let f = std::fs::File::open(&file)
+                .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
+            StreamReader::new(BufReader::new(f))
+                .map_err(|e| QmpError::generic(format!("{}: {e}", file.display())))?
+                .header()
+                .clone()
+        };
+        let final_name = name
+            .clone()
+            .or_else(|| header.snapshot.name.clone())
+            .ok_or_else(|| {
+                QmpError::generic("the stream's snapshot has no name: give one with 'name'")
+            })?;
+        // A resumed stream goes on into the receive that holds the name already.
+        if header.resume_offset == 0 {
+            self.name_free(&final_name)?;
+        }
+        let description = format!("receive {} into pool {} as {final_name}", file.display(), dst.name);
+        let job = self.jobs.start(job_id, "receive", description, move |ctx| {
+            let f = std::fs::File::open(&file)
+                .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
+            let got = receive_from(&dst, f, name, resumable, ctx, true)?;
+            dst.space.space_changed();
+            Ok(json!({
+                "pool": dst.name,
+                "name": got.name,
+                "thin-id": got.id,
+                "stream-bytes": got.stream_bytes,
+                "resumed-from": got.resumed_from,
+            }))
+        })?;
+        Ok(json!({"job-id": job.id}))
+    }
+}
