@@ -105,6 +105,14 @@ enum CtlCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Move a disk and its snapshots to another pool of the daemon, while its guest runs
+    /// (a job; the pause with writes held is reported).
+    Migrate {
+        disk: String,
+        pool: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// List jobs.
     Jobs,
     /// Cancel a job: it undoes what it made.
@@ -204,7 +212,11 @@ fn follow(c: &mut Client, id: &str, json_out: bool) -> Result<ExitCode> {
     if json_out {
         println!("{}", serde_json::to_string_pretty(&job["result"])?);
     } else {
-        println!("job {id}: {} done: {}", s(&job["description"]), job["result"]);
+        println!(
+            "job {id}: {} done: {}",
+            s(&job["description"]),
+            job["result"]
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -294,6 +306,7 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
             "snapshot-receive",
             json!({"file": file, "pool": pool, "name": name, "resumable": resumable}),
         ),
+        CtlCmd::Migrate { disk, pool, .. } => ("disk-migrate", json!({"disk": disk, "pool": pool})),
         CtlCmd::Jobs => ("query-jobs", json!({})),
         CtlCmd::Cancel { id } => ("job-cancel", json!({"id": id})),
         CtlCmd::Wait { id } => return follow(&mut c, id, a.json),
@@ -324,7 +337,9 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
     if let Some(id) = r.get("job-id").and_then(Value::as_str) {
         let wait = !matches!(
             &a.cmd,
-            CtlCmd::Send { no_wait: true, .. } | CtlCmd::Receive { no_wait: true, .. }
+            CtlCmd::Send { no_wait: true, .. }
+                | CtlCmd::Receive { no_wait: true, .. }
+                | CtlCmd::Migrate { no_wait: true, .. }
         );
         if !wait {
             println!("{id}");

@@ -66,6 +66,23 @@ pub struct DeviceEntry {
     /// Set while a stream is being received into this device: not a snapshot yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receiving: Option<PartialReceive>,
+    /// Set while a disk moves between pools (the daemon's disk-migrate): what this entry
+    /// is to the move, so that a start after a crash finishes or undoes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// An entry's part in a move between pools.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Migration {
+    /// A helper snapshot of the moving disk in its old pool: always deleted.
+    Outgoing { job: String },
+    /// A copy in the new pool not yet switched to: deleted if the move did not finish.
+    Incoming { job: String },
+    /// Switched to: the copies in the old pool `from_pool` are deleted (if a crash left
+    /// them), then the mark is cleared.
+    Switched { job: String, from_pool: String },
 }
 
 /// A receive in progress (or interrupted) into a device.

@@ -218,7 +218,10 @@ impl Disk {
         space: Arc<SpacePolicy>,
     ) {
         **drained = Target { pool, thin_id };
-        let old = std::mem::replace(&mut *self.space.lock().unwrap_or_else(|p| p.into_inner()), space);
+        let old = std::mem::replace(
+            &mut *self.space.lock().unwrap_or_else(|p| p.into_inner()),
+            space,
+        );
         old.space_changed();
     }
 

@@ -138,8 +138,7 @@ pub fn execute(
         }
         Op::WriteZeroes(ranges) => {
             for r in ranges {
-                if let Err(e) = to.pool.write_zeroes(to.thin_id, r.offset, r.len, r.unmap)
-                {
+                if let Err(e) = to.pool.write_zeroes(to.thin_id, r.offset, r.len, r.unmap) {
                     return Ok(fail(disk, "write-zeroes", &e));
                 }
             }

@@ -51,6 +51,12 @@ impl JobStatus {
     }
 }
 
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "job {} ({})", self.id, self.kind)
+    }
+}
+
 pub struct Job {
     pub id: String,
     /// What it does: "send", "receive", "migrate", "merge", …
@@ -209,7 +215,13 @@ impl Jobs {
 
     /// Starts `work` as job `id` (default: `<kind>-<n>`). The job's outcome is what `work`
     /// returns; an Err after a cancel reads "cancelled".
-    pub fn start<F>(&self, id: Option<String>, kind: &'static str, description: String, work: F) -> R<Arc<Job>>
+    pub fn start<F>(
+        &self,
+        id: Option<String>,
+        kind: &'static str,
+        description: String,
+        work: F,
+    ) -> R<Arc<Job>>
     where
         F: FnOnce(&JobCtx) -> R<Value> + Send + 'static,
     {
@@ -233,9 +245,7 @@ impl Jobs {
         {
             let mut jobs = lock(&self.jobs);
             if jobs.contains_key(&id) {
-                return Err(QmpError::generic(format!(
-                    "Job ID '{id}' already in use"
-                )));
+                return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
             }
             jobs.insert(id.clone(), job.clone());
         }
@@ -476,7 +486,9 @@ mod tests {
         jobs.dismiss("x").unwrap();
         jobs.start(Some("x".into()), "test", String::new(), |_| Ok(json!({})))
             .unwrap();
-        assert!(jobs.start(Some(String::new()), "t", String::new(), |_| Ok(json!({}))).is_err());
+        assert!(jobs
+            .start(Some(String::new()), "t", String::new(), |_| Ok(json!({})))
+            .is_err());
         assert_eq!(jobs.get("nope").unwrap_err().class, "DeviceNotFound");
     }
 
@@ -520,12 +532,16 @@ mod tests {
     fn old_concluded_jobs_are_forgotten() {
         let jobs = Jobs::new(EventBus::default());
         for i in 0..KEEP_CONCLUDED + 5 {
-            jobs.start(Some(format!("j{i}")), "test", String::new(), |_| Ok(json!({})))
-                .unwrap();
+            jobs.start(Some(format!("j{i}")), "test", String::new(), |_| {
+                Ok(json!({}))
+            })
+            .unwrap();
             jobs.wait(&format!("j{i}")).unwrap().unwrap();
         }
-        jobs.start(Some("last".into()), "test", String::new(), |_| Ok(json!({})))
-            .unwrap();
+        jobs.start(Some("last".into()), "test", String::new(), |_| {
+            Ok(json!({}))
+        })
+        .unwrap();
         jobs.wait("last").unwrap().unwrap();
         let n = jobs.query().as_array().unwrap().len();
         assert!(n <= KEEP_CONCLUDED + 1, "{n} kept");

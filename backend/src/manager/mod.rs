@@ -6,6 +6,7 @@
 //! the registry one transaction ahead, and the next start goes back to the old state.
 
 pub mod jobs;
+pub mod migrate;
 pub mod transfer;
 
 use crate::blk::backend::BlkBackend;
@@ -24,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::delta::DeltaMode;
 use thinpool::pool::{Pool, PoolMode};
-use thinpool::registry::{make_serial, DeviceEntry, Registry};
+use thinpool::registry::{make_serial, DeviceEntry, Migration, Registry};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_config::limits;
@@ -524,6 +525,14 @@ impl Manager {
                 if e.snapshot != snapshots {
                     continue;
                 }
+                // Copies and helpers of a migration under way are not disks or snapshots
+                // of anyone's yet.
+                if matches!(
+                    e.migration,
+                    Some(Migration::Incoming { .. } | Migration::Outgoing { .. })
+                ) {
+                    continue;
+                }
                 let Some(name) = &e.name else { continue };
                 let u = usage.get(&id).copied().unwrap_or_default();
                 // Lineage: origin, its origin, … as far as the registry knows.
@@ -799,6 +808,8 @@ impl Manager {
         let _op = lock(&self.op);
         self.name_free(name)?;
         let f = self.find(disk)?;
+        // A disk being migrated: a snapshot taken now would be left behind.
+        self.check_unpinned(&f, disk)?;
         let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
         let created = crate::offline::now_secs();
         let t0 = Instant::now();

@@ -204,18 +204,47 @@ fn send_to_command(
     };
     let out = read_tail(stdout);
     let err = read_tail(stderr);
-    let sent = send_to(src, snap, base, stdin, ctx);
+    let child = std::sync::Mutex::new(child);
+    let sending = std::sync::atomic::AtomicBool::new(true);
+    let sent = std::thread::scope(|s| {
+        // A command that stops reading would keep the send blocked in a write, where a
+        // cancel is not seen: a cancel kills the command, which ends the write (EPIPE).
+        s.spawn(|| {
+            while sending.load(std::sync::atomic::Ordering::SeqCst) {
+                if ctx.cancelled() {
+                    let _ = lock(&child).kill();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let r = send_to(src, snap, base, stdin, ctx);
+        sending.store(false, std::sync::atomic::Ordering::SeqCst);
+        r
+    });
+    let mut child = child.into_inner().unwrap_or_else(|p| p.into_inner());
     // stdin was moved into the sender and is closed: the command sees the end.
-    if sent.is_err() {
-        let _ = child.kill();
+    let mut killed = ctx.cancelled();
+    if sent.is_err() && !killed {
+        // A command that stopped reading because it failed says why when it exits: give
+        // it a moment to exit by itself before it is killed.
+        let mut exited = false;
+        for _ in 0..40 {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        if !exited {
+            killed = child.kill().is_ok();
+        }
     }
     let status = child.wait();
     let out = out.join().unwrap_or_default();
     let err = err.join().unwrap_or_default();
-    let stats = sent?;
-    match status {
-        Ok(s) if s.success() => Ok((stats, out)),
-        Ok(s) => Err(QmpError::generic(format!(
+    let failed = |s: std::process::ExitStatus| {
+        QmpError::generic(format!(
             "{} failed ({s}){}",
             argv[0],
             if err.is_empty() {
@@ -223,8 +252,15 @@ fn send_to_command(
             } else {
                 format!(": {err}")
             }
-        ))),
-        Err(e) => Err(QmpError::generic(format!("waiting for {}: {e}", argv[0]))),
+        ))
+    };
+    match (status, sent) {
+        (Err(e), _) => Err(QmpError::generic(format!("waiting for {}: {e}", argv[0]))),
+        (Ok(s), Ok(stats)) if s.success() => Ok((stats, out)),
+        // It failed on its own: its words say more than a broken pipe.
+        (Ok(s), _) if !killed => Err(failed(s)),
+        (Ok(_), Err(e)) => Err(e),
+        (Ok(s), Ok(_)) => Err(failed(s)),
     }
 }
 
@@ -266,7 +302,9 @@ impl Manager {
                     )));
                 }
                 if !f.entry.snapshot {
-                    return Err(QmpError::generic(format!("the base '{b}' is not a snapshot")));
+                    return Err(QmpError::generic(format!(
+                        "the base '{b}' is not a snapshot"
+                    )));
                 }
                 Some(f.id)
             }
@@ -378,38 +416,57 @@ impl Manager {
         resumable: bool,
     ) -> R<Value> {
         let dst = self.pool(pool)?;
-        let header = {
+        let meta = std::fs::metadata(&file)
+            .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
+        // A regular file's header is read now, so that most refusals (a base this pool
+        // lacks, a name in use) are the command's own error. A pipe can be read only once:
+        // its header is checked by the job.
+        let final_name = if meta.is_file() {
             let f = std::fs::File::open(&file)
                 .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
-            StreamReader::new(BufReader::new(f))
+            let header = StreamReader::new(BufReader::new(f))
                 .map_err(|e| QmpError::generic(format!("{}: {e}", file.display())))?
                 .header()
+                .clone();
+            let n = name
                 .clone()
+                .or_else(|| header.snapshot.name.clone())
+                .ok_or_else(|| {
+                    QmpError::generic("the stream's snapshot has no name: give one with 'name'")
+                })?;
+            // A resumed stream goes on into the receive that holds the name already.
+            if header.resume_offset == 0 {
+                self.name_free(&n)?;
+            }
+            Some(n)
+        } else {
+            if let Some(n) = &name {
+                self.name_free(n)?;
+            }
+            name.clone()
         };
-        let final_name = name
-            .clone()
-            .or_else(|| header.snapshot.name.clone())
-            .ok_or_else(|| {
-                QmpError::generic("the stream's snapshot has no name: give one with 'name'")
+        let final_name = final_name.unwrap_or_else(|| "(the stream's name)".into());
+        let description = format!(
+            "receive {} into pool {} as {final_name}",
+            file.display(),
+            dst.name
+        );
+        let job = self
+            .jobs
+            .start(job_id, "receive", description, move |ctx| {
+                let f = std::fs::File::open(&file).map_err(|e| {
+                    QmpError::generic(format!("cannot open {}: {e}", file.display()))
+                })?;
+                let got = receive_from(&dst, f, name, resumable, ctx, true)?;
+                dst.space.space_changed();
+                Ok(json!({
+                    "pool": dst.name,
+                    "name": got.name,
+                    "thin-id": got.id,
+                    "stream-bytes": got.stream_bytes,
+                    "resumed-from": got.resumed_from,
+                }))
             })?;
-        // A resumed stream goes on into the receive that holds the name already.
-        if header.resume_offset == 0 {
-            self.name_free(&final_name)?;
-        }
-        let description = format!("receive {} into pool {} as {final_name}", file.display(), dst.name);
-        let job = self.jobs.start(job_id, "receive", description, move |ctx| {
-            let f = std::fs::File::open(&file)
-                .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
-            let got = receive_from(&dst, f, name, resumable, ctx, true)?;
-            dst.space.space_changed();
-            Ok(json!({
-                "pool": dst.name,
-                "name": got.name,
-                "thin-id": got.id,
-                "stream-bytes": got.stream_bytes,
-                "resumed-from": got.resumed_from,
-            }))
-        })?;
         Ok(json!({"job-id": job.id}))
     }
 }

@@ -33,6 +33,7 @@ pub const COMMANDS: &[&str] = &[
     "job-dismiss",
     "snapshot-send",
     "snapshot-receive",
+    "disk-migrate",
 ];
 
 pub fn version() -> Value {
@@ -200,6 +201,13 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
             }
             m.snapshot_send(job_id, &snapshot, base.as_deref(), dest)?
         }
+        "disk-migrate" => {
+            let job_id = a.opt_str("job-id")?;
+            let disk = a.str("disk")?;
+            let pool = a.str("pool")?;
+            a.finish()?;
+            m.disk_migrate(job_id, &disk, &pool)?
+        }
         "snapshot-receive" => {
             let job_id = a.opt_str("job-id")?;
             let pool = a.opt_str("pool")?;
@@ -207,7 +215,13 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
             let rname = a.opt_str("name")?;
             let resumable = a.opt_bool("resumable")?.unwrap_or(false);
             a.finish()?;
-            m.snapshot_receive(job_id, pool.as_deref(), PathBuf::from(file), rname, resumable)?
+            m.snapshot_receive(
+                job_id,
+                pool.as_deref(),
+                PathBuf::from(file),
+                rname,
+                resumable,
+            )?
         }
         other => {
             return Err(QmpError {

@@ -177,6 +177,7 @@ fn target(
                 next_offset: 0,
                 resumable: opts.resumable,
             }),
+            migration: None,
         },
     )?;
     // The device exists durably and marked as receiving before any data goes in: after a

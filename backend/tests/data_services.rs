@@ -1,0 +1,477 @@
+//! Data services on the management socket, against a daemon serving two pools (64 KiB and
+//! 256 KiB blocks) with the test frontend as the guest: send and receive as jobs (to a file,
+//! into a command, into the other pool), cancelling them, and moving a disk that is being
+//! written to the other pool. Figures are printed, not asserted.
+
+mod common;
+use common::{bin, cli, export, pattern, sigterm, thin_check_ok, wait_for, Guest};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const DISK_MIB: u64 = 32;
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Pools `a` (64 KiB blocks) and `b` (256 KiB blocks); disk `vm` in `a`.
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        std::fs::write(
+            dir.path().join("cfg.yaml"),
+            format!(
+                "pools:\n\
+                 \x20 - name: a\n    metadata: {d}/a.meta\n    data: {d}/a.data\n    block-size: 64KiB\n    create:\n      data-size: 256MiB\n\
+                 \x20 - name: b\n    metadata: {d}/b.meta\n    data: {d}/b.data\n    block-size: 256KiB\n    create:\n      data-size: 256MiB\n\
+                 disks:\n  - name: vm\n    pool: a\n    size: {DISK_MIB}MiB\n    socket: {d}/vm.sock\n    num-queues: 2\n\
+                 management:\n  socket: {d}/qmp.sock\n"
+            ),
+        )
+        .unwrap();
+        let mut me = Daemon { dir, child: None };
+        me.spawn();
+        me
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(self.path("cfg.yaml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for(&self.path("qmp.sock"));
+        wait_for(&self.path("vm.sock"));
+    }
+
+    fn stop(&mut self) {
+        let out = sigterm(self.child.take().unwrap());
+        assert!(out.status.success(), "daemon exit: {:?}", out.status);
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    fn client(&self) -> vhost_thin::ctl::Client {
+        vhost_thin::ctl::Client::connect(&self.path("qmp.sock")).unwrap()
+    }
+
+    fn pool_files(&self, p: &str) -> (String, String) {
+        (
+            self.path(&format!("{p}.meta")).display().to_string(),
+            self.path(&format!("{p}.data")).display().to_string(),
+        )
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for job `id` to conclude; its query-jobs entry.
+fn wait_job(c: &mut vhost_thin::ctl::Client, id: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let jobs = c.execute("query-jobs", json!({})).unwrap();
+        let j = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("job {id} not listed: {jobs}"));
+        if j["status"] == "concluded" {
+            return j;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "job {id} never ended: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn entry(c: &mut vhost_thin::ctl::Client, q: &str, name: &str) -> Option<Value> {
+    c.execute(q, json!({}))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .cloned()
+}
+
+/// The bytes of `name` (a disk or snapshot), read offline from its pool after a stop.
+fn offline_bytes(d: &Daemon, pool: &str, thin_id: u64) -> Vec<u8> {
+    let (m, data) = d.pool_files(pool);
+    export(
+        &m,
+        &data,
+        &thin_id.to_string(),
+        Some(&format!("{DISK_MIB}MiB")),
+    )
+}
+
+fn write_pattern(sock: &Path, seed: u8, at_mib: &[u64]) {
+    let mut g = Guest::connect(sock, 2);
+    for &m in at_mib {
+        assert_eq!(
+            g.write(0, m * 2048, &pattern(256 << 10, seed ^ m as u8), 2),
+            0
+        );
+    }
+    g.stop();
+}
+
+#[test]
+fn send_and_receive_run_as_jobs_between_files_commands_and_pools() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    write_pattern(&d.path("vm.sock"), 1, &[0, 3, 17, 31]);
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "s1"}))
+        .unwrap();
+    write_pattern(&d.path("vm.sock"), 2, &[3, 9]);
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "s2"}))
+        .unwrap();
+
+    // Refusals come back from the command itself, before any job exists.
+    let file = d.path("s1.vts");
+    std::fs::write(&file, b"x").unwrap();
+    let e = c
+        .execute("snapshot-send", json!({"snapshot": "s1", "file": file}))
+        .unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+    std::fs::remove_file(&file).unwrap();
+    let e = c
+        .execute("snapshot-send", json!({"snapshot": "vm", "file": file}))
+        .unwrap_err();
+    assert!(e.to_string().contains("is a disk"), "{e}");
+    let e = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "s1", "file": file, "pool": "b"}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("exactly one"), "{e}");
+    let e = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "s1", "pool": "b", "name": "s2"}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("already in use"), "{e}");
+
+    // To a file, then received into pool b; s2 incrementally into pool b, straight.
+    let r = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "s1", "file": file, "job-id": "f1"}),
+        )
+        .unwrap();
+    assert_eq!(r["job-id"], "f1");
+    let j = wait_job(&mut c, "f1");
+    assert!(j.get("error").is_none(), "{j}");
+    assert_eq!(j["current-progress"], j["total-progress"]);
+    let full_bytes = j["result"]["sent"]["stream-bytes"].as_u64().unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), full_bytes);
+    c.execute("job-dismiss", json!({"id": "f1"})).unwrap();
+    let r = c
+        .execute(
+            "snapshot-receive",
+            json!({"file": file, "pool": "b", "name": "s1-in-b"}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
+    let r = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "s2", "base": "s1", "pool": "b", "name": "s2-in-b"}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
+    let inc = &j["result"]["sent"];
+    println!(
+        "snapshot-send jobs: full stream {full_bytes} bytes, incremental {} bytes ({} data) for 512 KiB written",
+        inc["stream-bytes"], inc["data-bytes"]
+    );
+    assert_eq!(inc["data-bytes"], 512 << 10);
+    // Into a command: the offline receive of a pool of its own.
+    let (pm, pd) = (d.path("c.meta"), d.path("c.data"));
+    cli(&[
+        "pool",
+        "create",
+        "-m",
+        pm.to_str().unwrap(),
+        "-d",
+        pd.to_str().unwrap(),
+        "--data-size",
+        "128MiB",
+        "--block-size",
+        "128KiB",
+    ]);
+    let r = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "s1", "command": [bin(), "receive", "-m", pm, "-d", pd, "--json"]}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
+    let got: Value = serde_json::from_str(j["result"]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(got["name"], "s1");
+    // A command that fails fails the job, with its words.
+    let r = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "s1", "command": ["sh", "-c", "echo no room >&2; exit 3"]}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    let err = j["error"].as_str().unwrap();
+    assert!(err.contains("no room"), "{err}");
+
+    // Cancelling a send blocked on a command that does not read: the command is killed
+    // and the job concludes "cancelled".
+    let r = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "s1", "command": ["sleep", "600"], "job-id": "stuck"}),
+        )
+        .unwrap();
+    assert_eq!(r["job-id"], "stuck");
+    std::thread::sleep(Duration::from_millis(300));
+    let e = c
+        .execute("snapshot-delete", json!({"name": "s1"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("in use by a send job"), "{e}");
+    c.execute("job-cancel", json!({"id": "stuck"})).unwrap();
+    let j = wait_job(&mut c, "stuck");
+    assert_eq!(j["error"], "cancelled", "{j}");
+
+    // Cancelling a receive fed slowly through a FIFO leaves no device behind.
+    // A snapshot pool b has not received.
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "s3"}))
+        .unwrap();
+    let s3 = d.path("s3.vts");
+    let r = c
+        .execute("snapshot-send", json!({"snapshot": "s3", "file": s3}))
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
+    let fifo = d.path("slow.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let devices_b = |c: &mut vhost_thin::ctl::Client| {
+        c.execute("query-pools", json!({})).unwrap()[1]["devices"].clone()
+    };
+    let before = devices_b(&mut c);
+    let r = c
+        .execute(
+            "snapshot-receive",
+            json!({"file": fifo, "pool": "b", "name": "slow", "job-id": "slow"}),
+        )
+        .unwrap();
+    assert_eq!(r["job-id"], "slow");
+    let stream = std::fs::read(&s3).unwrap();
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    use std::io::Write;
+    w.write_all(&stream[..stream.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(wait_status(&mut c, "slow"), "running");
+    c.execute("job-cancel", json!({"id": "slow"})).unwrap();
+    // The next bytes wake the reader, which then sees the cancel.
+    let _ = w.write_all(&stream[stream.len() / 2..]);
+    drop(w);
+    let j = wait_job(&mut c, "slow");
+    assert_eq!(j["error"], "cancelled", "{j}");
+    assert_eq!(devices_b(&mut c), before);
+    assert!(entry(&mut c, "query-snapshots", "slow").is_none());
+
+    // Every copy equals its original, byte for byte.
+    let ids: Vec<(String, String, u64)> = ["s1", "s2", "s1-in-b", "s2-in-b"]
+        .iter()
+        .map(|n| {
+            let e = entry(&mut c, "query-snapshots", n).unwrap();
+            (
+                n.to_string(),
+                e["pool"].as_str().unwrap().to_string(),
+                e["thin-id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    drop(c);
+    d.stop();
+    let bytes: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|(_, p, id)| offline_bytes(&d, p, *id))
+        .collect();
+    assert!(bytes[0] == bytes[2], "s1 and its copy in pool b differ");
+    assert!(bytes[1] == bytes[3], "s2 and its copy in pool b differ");
+    assert!(bytes[0] != bytes[1]);
+    let c_out = export(
+        pm.to_str().unwrap(),
+        pd.to_str().unwrap(),
+        &got["id"].to_string(),
+        Some(&format!("{DISK_MIB}MiB")),
+    );
+    assert!(c_out == bytes[0], "s1 received through a command differs");
+    for p in ["a", "b"] {
+        thin_check_ok(&d.pool_files(p).0);
+    }
+}
+
+fn wait_status(c: &mut vhost_thin::ctl::Client, id: &str) -> String {
+    let jobs = c.execute("query-jobs", json!({})).unwrap();
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .map(|j| j["status"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+const SLOTS: u64 = 2048; // 4 KiB slots over the first 8 MiB
+
+fn slot_data(seq: u64, slot: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(seq.wrapping_mul(0x9e37_79b9) ^ slot << 40 ^ i as u64).to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn a_disk_being_written_moves_to_the_other_pool_with_its_snapshots() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    // History: three snapshots with changes between them.
+    write_pattern(&d.path("vm.sock"), 7, &[8, 12, 20, 30]);
+    for (i, at) in [[12u64, 13], [20, 21], [24, 25]].iter().enumerate() {
+        c.execute(
+            "snapshot-create",
+            json!({"disk": "vm", "name": format!("h{i}")}),
+        )
+        .unwrap();
+        write_pattern(&d.path("vm.sock"), 9 + i as u8, at);
+    }
+    // A writer that verifies: every acknowledged write, before, during and after the
+    // move, must read back; no write may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, last, sock) = (stop.clone(), last.clone(), d.path("vm.sock"));
+        std::thread::spawn(move || {
+            let mut g = Guest::connect(&sock, 2);
+            let mut latest = vec![u64::MAX; SLOTS as usize];
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) || seq < 200 {
+                let slot = seq.wrapping_mul(7919) % SLOTS;
+                let st = g.write((seq % 2) as usize, slot * 8, &slot_data(seq, slot), 1);
+                assert_eq!(st, 0, "write {seq} failed");
+                latest[slot as usize] = seq;
+                last.store(seq, Ordering::SeqCst);
+                seq += 1;
+            }
+            // Read back every slot through the same connection (now on pool b).
+            for (slot, &s) in latest.iter().enumerate() {
+                if s == u64::MAX {
+                    continue;
+                }
+                let (st, got) = g.read(1, slot as u64 * 8, 4096);
+                assert_eq!(st, 0);
+                assert!(
+                    got == slot_data(s, slot as u64),
+                    "slot {slot}: write {s} lost"
+                );
+            }
+            g.stop();
+            (seq, latest)
+        })
+    };
+    while last.load(Ordering::SeqCst) < 100 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let e = c
+        .execute("disk-migrate", json!({"disk": "vm", "pool": "a"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("already"), "{e}");
+    let r = c
+        .execute(
+            "disk-migrate",
+            json!({"disk": "vm", "pool": "b", "job-id": "mv"}),
+        )
+        .unwrap();
+    assert_eq!(r["job-id"], "mv");
+    let j = wait_job(&mut c, "mv");
+    assert!(j.get("error").is_none(), "{j}");
+    let res = &j["result"];
+    let writes_during = last.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (writes, latest) = writer.join().unwrap();
+    println!(
+        "disk-migrate under write load: {} snapshots, {} live passes, pass bytes {}, pause {} µs, {writes} writes (about {writes_during} by the switch), none failed",
+        res["snapshots"], res["live-passes"], res["pass-bytes"], res["pause-us"]
+    );
+    assert_eq!(res["snapshots"], 3);
+    // The disk and its snapshots are in pool b, sharing blocks there.
+    let vm = entry(&mut c, "query-disks", "vm").unwrap();
+    assert_eq!(vm["pool"], "b");
+    for i in 0..3 {
+        let h = entry(&mut c, "query-snapshots", &format!("h{i}")).unwrap();
+        assert_eq!(h["pool"], "b", "{h}");
+        assert_eq!(h["origin"], "vm", "{h}");
+        assert!(
+            h["exclusive-bytes"].as_u64().unwrap() <= 2 << 20,
+            "snapshot h{i} is a full copy in pool b: {h}"
+        );
+    }
+    let pools = c.execute("query-pools", json!({})).unwrap();
+    assert_eq!(pools[0]["devices"], 0, "pool a still has devices: {pools}");
+    // Snapshots taken after the move are of the disk in pool b.
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "after"}))
+        .unwrap();
+    assert_eq!(
+        entry(&mut c, "query-snapshots", "after").unwrap()["pool"],
+        "b"
+    );
+    drop(c);
+    // After a restart the disk is served from pool b with every write.
+    d.stop();
+    for p in ["a", "b"] {
+        thin_check_ok(&d.pool_files(p).0);
+    }
+    d.spawn();
+    let mut g = Guest::connect(&d.path("vm.sock"), 2);
+    for (slot, &s) in latest.iter().enumerate() {
+        if s != u64::MAX {
+            let (st, got) = g.read(0, slot as u64 * 8, 4096);
+            assert_eq!(st, 0);
+            assert!(
+                got == slot_data(s, slot as u64),
+                "after restart, slot {slot}: write {s} lost"
+            );
+        }
+    }
+    g.stop();
+}
