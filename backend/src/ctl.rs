@@ -423,11 +423,10 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
                     j["current-progress"].as_u64().unwrap_or(0),
                     j["total-progress"].as_u64().unwrap_or(0),
                 );
-                let done = if tot > 0 {
-                    format!("{}%", cur * 100 / tot)
-                } else {
-                    "-".into()
-                };
+                let done = (cur * 100)
+                    .checked_div(tot)
+                    .map(|p| format!("{p}%"))
+                    .unwrap_or_else(|| "-".into());
                 let status = match j.get("error").and_then(Value::as_str) {
                     Some(_) => "failed".to_string(),
                     None => s(&j["status"]),
