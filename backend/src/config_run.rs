@@ -119,6 +119,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         tracing::warn!("{line}");
         eprintln!("{line}");
     }
+    manager.resume_replication();
     for d in &cfg.disks {
         if let Some(dir) = d.socket.parent().filter(|x| !x.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)

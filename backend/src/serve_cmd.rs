@@ -130,6 +130,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         tracing::warn!("{line}");
         eprintln!("{line}");
     }
+    manager.resume_replication();
     for (name, spec) in &to_serve {
         let socket = manager
             .serve(

@@ -475,3 +475,212 @@ fn a_disk_being_written_moves_to_the_other_pool_with_its_snapshots() {
     }
     g.stop();
 }
+
+fn replication_of(c: &mut vhost_thin::ctl::Client, disk: &str) -> Value {
+    c.execute("query-replication", json!({}))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["disk"] == disk)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until `disk` has done `rounds` rounds (successful or not).
+fn wait_rounds(c: &mut vhost_thin::ctl::Client, disk: &str, rounds: u64) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let r = replication_of(c, disk);
+        if r["rounds"].as_u64().unwrap_or(0) >= rounds && r["running"] == false {
+            return r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no round {rounds}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn snapshot_names(c: &mut vhost_thin::ctl::Client, pool: &str) -> Vec<String> {
+    c.execute("query-snapshots", json!({}))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["pool"] == pool)
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn replication_rounds_copy_snapshots_keep_the_last_and_survive_failures_and_restarts() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    // A writer runs the whole time, verified at the end.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, sock) = (stop.clone(), d.path("vm.sock"));
+        std::thread::spawn(move || {
+            let mut g = Guest::connect(&sock, 2);
+            let mut latest = vec![u64::MAX; SLOTS as usize];
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let slot = seq.wrapping_mul(7919) % SLOTS;
+                assert_eq!(
+                    g.write((seq % 2) as usize, slot * 8, &slot_data(seq, slot), 1),
+                    0
+                );
+                latest[slot as usize] = seq;
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for (slot, &s) in latest.iter().enumerate() {
+                if s != u64::MAX {
+                    let (st, got) = g.read(1, slot as u64 * 8, 4096);
+                    assert_eq!(st, 0);
+                    assert!(
+                        got == slot_data(s, slot as u64),
+                        "slot {slot}: write {s} lost"
+                    );
+                }
+            }
+            g.stop();
+            seq
+        })
+    };
+    let e = c
+        .execute("replication-start", json!({"disk": "vm", "pool": "a"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("own pool"), "{e}");
+    c.execute(
+        "replication-start",
+        json!({"disk": "vm", "pool": "b", "interval": 1, "keep": 2}),
+    )
+    .unwrap();
+    let r = wait_rounds(&mut c, "vm", 4);
+    assert_eq!(r["failures"], 0, "{r}");
+    assert!(r["lag-seconds"].as_u64().unwrap() <= 5, "{r}");
+    println!(
+        "replication to pool b: {} rounds, last {} bytes, total {} bytes, lag {} s",
+        r["rounds"], r["last-bytes"], r["total-bytes"], r["lag-seconds"]
+    );
+    // Keep 2 on both sides (a round may be under way: at most one more).
+    c.execute("replication-stop", json!({"disk": "vm"}))
+        .unwrap();
+    let mine = snapshot_names(&mut c, "a");
+    let theirs = snapshot_names(&mut c, "b");
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert_eq!(theirs.len(), 2, "{theirs:?}");
+    for n in &mine {
+        let seq = n.strip_prefix("vm@r").unwrap();
+        assert!(
+            theirs.contains(&format!("vm-replica@r{seq}")),
+            "{mine:?} {theirs:?}"
+        );
+    }
+
+    // A command that fails: rounds fail, their snapshots are dropped, the error is shown.
+    c.execute(
+        "replication-start",
+        json!({"disk": "vm", "command": ["sh", "-c", "cat >/dev/null; echo target full >&2; exit 1"], "interval": 1, "keep": 2}),
+    )
+    .unwrap();
+    let r = wait_rounds(&mut c, "vm", 1);
+    assert_eq!(r["failures"], 1, "{r}");
+    assert!(
+        r["last-error"].as_str().unwrap().contains("target full"),
+        "{r}"
+    );
+    assert_eq!(snapshot_names(&mut c, "a").len(), 2);
+
+    // Into a command: an offline receive into a pool of its own, which keeps 2 too.
+    let (pm, pd) = (d.path("c.meta"), d.path("c.data"));
+    cli(&[
+        "pool",
+        "create",
+        "-m",
+        pm.to_str().unwrap(),
+        "-d",
+        pd.to_str().unwrap(),
+        "--data-size",
+        "128MiB",
+    ]);
+    c.execute(
+        "replication-start",
+        json!({"disk": "vm", "command": [bin(), "receive", "-m", pm, "-d", pd, "--keep-last", "2"], "interval": 1, "keep": 2}),
+    )
+    .unwrap();
+    let r = wait_rounds(&mut c, "vm", 3);
+    assert_eq!(r["failures-in-a-row"], 0, "{r}");
+    // Still scheduled after a restart.
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    println!("replication under write load: {writes} writes verified");
+    drop(c);
+    d.stop();
+    let ls = cli(&[
+        "thin",
+        "ls",
+        "-m",
+        pm.to_str().unwrap(),
+        "-d",
+        pd.to_str().unwrap(),
+        "--json",
+    ]);
+    let remote: Value = serde_json::from_str(&ls).unwrap();
+    let names: Vec<&str> = remote
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    for p in ["a", "b"] {
+        thin_check_ok(&d.pool_files(p).0);
+    }
+    // The last replica equals its source snapshot byte for byte.
+    let (am, ad) = d.pool_files("a");
+    let a_reg: Value =
+        serde_json::from_str(&cli(&["thin", "ls", "-m", &am, "-d", &ad, "--json"])).unwrap();
+    let last = a_reg
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().is_some_and(|n| n.starts_with("vm@r")))
+        .max_by_key(|e| {
+            e["name"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("vm@r")
+                .parse::<u64>()
+                .unwrap()
+        })
+        .unwrap()
+        .clone();
+    let remote_last = remote
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == last["name"])
+        .unwrap_or_else(|| panic!("{} not at the target: {names:?}", last["name"]));
+    let here = offline_bytes(&d, "a", last["id"].as_u64().unwrap());
+    let there = export(
+        pm.to_str().unwrap(),
+        pd.to_str().unwrap(),
+        &remote_last["id"].to_string(),
+        Some(&format!("{DISK_MIB}MiB")),
+    );
+    assert!(
+        here == there,
+        "replica {} differs from its source",
+        last["name"]
+    );
+    d.spawn();
+    let mut c = d.client();
+    let r = replication_of(&mut c, "vm");
+    assert_eq!(r["interval"], 1, "not resumed after a restart: {r}");
+    c.execute("replication-stop", json!({"disk": "vm"}))
+        .unwrap();
+}

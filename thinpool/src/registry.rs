@@ -70,6 +70,34 @@ pub struct DeviceEntry {
     /// is to the move, so that a start after a crash finishes or undoes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// The disk's scheduled replication (the daemon's replication-start), kept with the
+    /// disk so that it survives restarts and moves with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationSpec>,
+}
+
+/// A disk replicated every `interval_secs`: a snapshot `<disk>@r<seq>`, sent incrementally
+/// on the last one that arrived, the last `keep` kept on both sides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReplicationSpec {
+    pub interval_secs: u64,
+    pub keep: u32,
+    pub target: ReplicationTarget,
+    /// The sequence number of the next round's snapshot.
+    pub next_seq: u64,
+    /// The last snapshot that arrived at the target: the next round's base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ReplicationTarget {
+    /// Another pool of the same daemon; copies are named `<prefix>@r<seq>`.
+    Pool { pool: String, prefix: String },
+    /// A command reading the stream on its standard input (argv, no shell).
+    Command { argv: Vec<String> },
 }
 
 /// An entry's part in a move between pools.

@@ -287,6 +287,7 @@ impl Manager {
                     origin: entry.origin.and_then(|o| ids.get(&o).copied()),
                     created: entry.created,
                     migration: Some(switched.clone()),
+                    replication: entry.replication.clone(),
                     ..Default::default()
                 },
             )

@@ -7,6 +7,7 @@
 
 pub mod jobs;
 pub mod migrate;
+pub mod replication;
 pub mod transfer;
 
 use crate::blk::backend::BlkBackend;
@@ -101,6 +102,8 @@ pub struct Manager {
     /// Devices a job reads or writes: (pool, thin id) → the job's kind. They cannot be
     /// deleted or reverted until it ends.
     pins: Arc<Mutex<BTreeMap<(String, u32), &'static str>>>,
+    /// Replication threads by disk name.
+    replicators: Mutex<BTreeMap<String, replication::Replicator>>,
 }
 
 /// Devices pinned for a job; unpinned when dropped.
@@ -164,6 +167,7 @@ impl Manager {
             op: Mutex::new(()),
             socket_dir,
             pins: Arc::default(),
+            replicators: Mutex::default(),
         })
     }
 
@@ -436,7 +440,9 @@ impl Manager {
 
     /// Drains every disk's requests, commits every pool (SIGTERM).
     pub fn shutdown(&self) -> anyhow::Result<()> {
-        // Jobs first: each undoes its unfinished work, which the final commit then keeps.
+        // Replication and jobs first: each job undoes its unfinished work, which the final
+        // commit then keeps.
+        self.stop_replication();
         self.jobs.cancel_all_and_wait();
         let disks: Vec<Arc<Disk>> = lock(&self.disks).values().map(|s| s.disk.clone()).collect();
         // Held writes fail rather than wait for space through the final commit (they were
@@ -732,6 +738,7 @@ impl Manager {
             }
         }
         let _ = self.unserve(name);
+        self.drop_replicator(name);
         Self::delete_device(&f)
     }
 

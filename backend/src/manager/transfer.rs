@@ -181,7 +181,7 @@ fn read_tail(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
 }
 
 /// Sends into a command's standard input; its exit status decides success.
-fn send_to_command(
+pub(super) fn send_to_command(
     src: &PoolHandle,
     snap: u32,
     base: Option<u32>,

@@ -34,6 +34,10 @@ pub const COMMANDS: &[&str] = &[
     "snapshot-send",
     "snapshot-receive",
     "disk-migrate",
+    "replication-start",
+    "replication-stop",
+    "replication-run",
+    "query-replication",
 ];
 
 pub fn version() -> Value {
@@ -200,6 +204,49 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
                 ));
             }
             m.snapshot_send(job_id, &snapshot, base.as_deref(), dest)?
+        }
+        "replication-start" => {
+            let disk = a.str("disk")?;
+            let interval = a.opt_u64("interval")?.unwrap_or(300);
+            let keep = a.opt_u64("keep")?.unwrap_or(3);
+            let pool = a.opt_str("pool")?;
+            let prefix = a.opt_str("prefix")?;
+            let command = a.opt_str_list("command")?;
+            a.finish()?;
+            let target =
+                match (pool, command) {
+                    (Some(pool), None) => thinpool::registry::ReplicationTarget::Pool {
+                        prefix: prefix.unwrap_or_else(|| format!("{disk}-replica")),
+                        pool,
+                    },
+                    (None, Some(argv)) if prefix.is_none() => {
+                        thinpool::registry::ReplicationTarget::Command { argv }
+                    }
+                    (None, Some(_)) => return Err(QmpError::generic(
+                        "'prefix' goes with 'pool' (a command's receiver names what it receives)",
+                    )),
+                    _ => {
+                        return Err(QmpError::generic(
+                            "say where replicas go: exactly one of 'pool' or 'command'",
+                        ))
+                    }
+                };
+            let keep =
+                u32::try_from(keep).map_err(|_| QmpError::generic("'keep' must be 1 to 1000"))?;
+            m.replication_start(&disk, interval, keep, target)?
+        }
+        "replication-stop" | "replication-run" => {
+            let disk = a.str("disk")?;
+            a.finish()?;
+            if name == "replication-stop" {
+                m.replication_stop(&disk)?
+            } else {
+                m.replication_run(&disk)?
+            }
+        }
+        "query-replication" => {
+            a.finish()?;
+            m.query_replication()?
         }
         "disk-migrate" => {
             let job_id = a.opt_str("job-id")?;

@@ -52,6 +52,29 @@ pub struct ReceiveArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// After receiving `<disk>@r<n>` (a replication round), delete this pool's older
+    /// `<disk>@r<n>` snapshots, keeping the newest N (the next round's base among them).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_last: Option<u32>,
+}
+
+/// The `<disk>@r<n>` snapshots of the same disk as `name`, oldest first.
+pub fn replica_series(reg: &Registry, name: &str) -> Vec<(u64, u32)> {
+    let Some((disk, _)) = name.rsplit_once("@r") else {
+        return Vec::new();
+    };
+    let prefix = format!("{disk}@r");
+    let mut v: Vec<(u64, u32)> = reg
+        .devices
+        .iter()
+        .filter(|(_, e)| e.snapshot && e.receiving.is_none())
+        .filter_map(|(&id, e)| {
+            let seq = e.name.as_deref()?.strip_prefix(&prefix)?.parse().ok()?;
+            Some((seq, id))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// A device by name (registry) or thin id.
@@ -140,6 +163,25 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     progress.finish();
     match r {
         Ok(got) => {
+            if let Some(keep) = a.keep_last {
+                let mut reg = reg.into_inner().unwrap_or_else(|p| p.into_inner());
+                let series = replica_series(&reg, &got.name);
+                let old: Vec<u32> = series
+                    .iter()
+                    .rev()
+                    .skip(keep as usize)
+                    .map(|(_, id)| *id)
+                    .collect();
+                if !old.is_empty() {
+                    let hold = pool.hold_commits();
+                    for id in &old {
+                        pool.delete(*id)?;
+                        reg.devices.remove(id);
+                    }
+                    super::commit_change_held(&hold, Some(&mut reg))?;
+                    eprintln!("deleted {} older replicas (--keep-last {keep})", old.len());
+                }
+            }
             if a.json {
                 println!("{}", serde_json::to_string(&got)?);
             } else {

@@ -178,6 +178,7 @@ fn target(
                 resumable: opts.resumable,
             }),
             migration: None,
+            replication: None,
         },
     )?;
     // The device exists durably and marked as receiving before any data goes in: after a
