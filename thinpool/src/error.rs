@@ -25,6 +25,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("external origin I/O error during read at byte {offset}: {source}")]
+    OriginIo {
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("metadata block {block} ({kind}) has a bad checksum")]
     Checksum { block: u64, kind: BlockKind },
     #[error("metadata block {block} ({kind}) says it is block {found}")]

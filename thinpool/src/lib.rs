@@ -5,13 +5,17 @@
 //! transaction manager, copy-on-write B-trees, reference-counted space maps) → [`thin`]
 //! (superblock, device details, the two-level mapping tree) → [`pool`] (the data path with
 //! per-block locking, modes, commit policy). [`check`] verifies a pool the way `thin_check`
-//! does; [`xml`] reads and writes `thin_dump` XML; [`registry`] keeps names and sizes.
+//! does; [`xml`] reads and writes `thin_dump` XML; [`registry`] keeps names and sizes;
+//! [`origin`] serves external origins (golden images) and [`merge`] writes a thin device
+//! back into one.
 
 pub mod cells;
 pub mod check;
 pub mod delta;
 pub mod dump;
 pub mod error;
+pub mod merge;
+pub mod origin;
 pub mod pdata;
 pub mod storage;
 

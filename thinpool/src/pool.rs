@@ -12,12 +12,18 @@
 //! metadata change. New mappings become durable at [`Pool::commit`], which flushes the
 //! data device first — the contract of a disk with a volatile write cache.
 //!
+//! A device may have an external origin ([`crate::origin`]): its unmapped blocks then read
+//! from the origin instead of as zeroes, a partial write to one copies the rest of the
+//! block from the origin (as breaking sharing copies the old block), and write-zeroes
+//! provisions zeroed blocks where unmapping would bring the origin's bytes back.
+//!
 //! Failures: a metadata error aborts the transaction back to the last commit, sets
 //! NEEDS_CHECK and leaves the pool read-only (reads and in-place writes still work); if
 //! the abort fails too, or the data device cannot be flushed, the pool fails. A data
 //! read or write error fails only that request.
 
 use crate::cells::CellTable;
+use crate::origin::ExternalOrigin;
 use crate::pdata::block::SECTOR_SIZE;
 use crate::storage::Storage;
 use crate::thin::device::{DeviceDetails, Mapping};
@@ -88,6 +94,20 @@ struct Inner {
     committing: bool,
     /// Read-only mode was asked for (not caused by an error).
     read_only_requested: bool,
+    /// External origins by thin id. Here rather than behind a lock of their own: every
+    /// block operation takes this lock for its lookup anyway, so a device without an
+    /// origin pays one lookup in an (almost always empty) map for an unmapped block, and
+    /// nothing for a mapped one.
+    origins: HashMap<u32, Arc<ExternalOrigin>>,
+}
+
+impl Inner {
+    fn origin(&self, dev: u32) -> Option<Arc<ExternalOrigin>> {
+        if self.origins.is_empty() {
+            return None;
+        }
+        self.origins.get(&dev).cloned()
+    }
 }
 
 /// No other commit of the pool happens while this lives (see [`Pool::hold_commits`]).
@@ -134,7 +154,8 @@ fn md_opts(opts: &PoolOptions) -> MetadataOptions {
 /// What a write found at its block.
 enum Target {
     InPlace(u64),
-    Provision,
+    /// Unmapped; the rest of the new block comes from the external origin if there is one.
+    Provision(Option<Arc<ExternalOrigin>>),
     BreakSharing(u64),
 }
 
@@ -208,6 +229,7 @@ impl Pool {
                 generation: 0,
                 committing: false,
                 read_only_requested: false,
+                origins: HashMap::new(),
             }),
             commit_lock: Mutex::new(()),
             commit_done: Condvar::new(),
@@ -358,30 +380,68 @@ impl Pool {
         move |source| Error::DataIo { op, offset, source }
     }
 
+    fn origin_err(offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::OriginIo { offset, source }
+    }
+
     // ----- devices -----
 
     pub fn create_thin(&self, id: u32) -> Result<()> {
         let mut g = self.lock();
-        self.meta(&mut g, |md| md.create_thin(id))
+        self.meta(&mut g, |md| md.create_thin(id))?;
+        // An id that an aborted transaction created and forgot may have had an origin.
+        g.origins.remove(&id);
+        Ok(())
     }
 
     /// Snapshots `origin` as `id`. Waits for writes in flight to the origin and holds new
-    /// ones while it works, so the snapshot is a consistent point in time.
+    /// ones while it works, so the snapshot is a consistent point in time. The snapshot
+    /// shares the origin's external origin, as its unmapped blocks are the origin's.
     pub fn create_snap(&self, id: u32, origin: u32) -> Result<()> {
         let gate = self.gate(origin);
         let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
-        self.meta(&mut g, |md| md.create_snap(id, origin))
+        self.meta(&mut g, |md| md.create_snap(id, origin))?;
+        match g.origin(origin) {
+            Some(o) => g.origins.insert(id, o),
+            None => g.origins.remove(&id),
+        };
+        Ok(())
     }
 
+    /// Deletes a thin device and forgets its external origin. (An abort that brings the
+    /// device back does not bring the origin back: attach it again from the registry.)
     pub fn delete(&self, id: u32) -> Result<()> {
         let gate = self.gate(id);
         let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
         self.meta(&mut g, |md| md.delete(id))?;
+        g.origins.remove(&id);
         drop(g);
         self.gates.lock().unwrap().remove(&id);
         Ok(())
+    }
+
+    /// Gives device `dev` an external origin, or (None) takes it away. Waits for writes in
+    /// flight to the device and holds new ones meanwhile; reads are not held, so set the
+    /// origin before the device is served (a read racing the change may see either).
+    /// Kept in memory only: the registry records the path.
+    pub fn set_external_origin(&self, dev: u32, origin: Option<Arc<ExternalOrigin>>) -> Result<()> {
+        let gate = self.gate(dev);
+        let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
+        Self::check_not_failed(&g)?;
+        g.md.device(dev)?;
+        match origin {
+            Some(o) => g.origins.insert(dev, o),
+            None => g.origins.remove(&dev),
+        };
+        Ok(())
+    }
+
+    /// The external origin of device `dev`, if it has one.
+    pub fn external_origin(&self, dev: u32) -> Option<Arc<ExternalOrigin>> {
+        self.lock().origin(dev)
     }
 
     pub fn device(&self, id: u32) -> Result<DeviceDetails> {
@@ -579,7 +639,8 @@ impl Pool {
         }
     }
 
-    /// Reads `buf.len()` bytes of device `dev` at byte `offset`; unmapped blocks read as zeroes.
+    /// Reads `buf.len()` bytes of device `dev` at byte `offset`; unmapped blocks read from
+    /// the device's external origin, or as zeroes when it has none.
     pub fn read(&self, dev: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read_vectored(dev, offset, &mut [IoSliceMut::new(buf)])
     }
@@ -596,16 +657,26 @@ impl Pool {
             let mut segs = slices_mut(bufs, pos as usize, n as usize);
             let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
             let _cell = self.cells.lock(dev, vb, false);
-            // The lock is dropped before the data I/O.
-            let mapping = Self::lookup_locked(&mut self.lock(), dev, vb)?.0;
-            match mapping {
-                Some(m) => {
+            let (mapping, origin) = {
+                // The lock is dropped before the data I/O.
+                let mut g = self.lock();
+                let m = Self::lookup_locked(&mut g, dev, vb)?.0;
+                let o = if m.is_none() { g.origin(dev) } else { None };
+                (m, o)
+            };
+            match (mapping, origin) {
+                (Some(m), _) => {
                     let at = m.data_block * bs + within;
                     self.data
                         .read_vectored_at(&mut segs, at)
                         .map_err(Self::data_err("read", at))?;
                 }
-                None => segs.iter_mut().for_each(|s| s.fill(0)),
+                (None, Some(o)) => {
+                    let at = vb * bs + within;
+                    o.read_vectored_at(&mut segs, at)
+                        .map_err(Self::origin_err(at))?;
+                }
+                (None, None) => segs.iter_mut().for_each(|s| s.fill(0)),
             }
             pos += n;
         }
@@ -636,7 +707,8 @@ impl Pool {
     }
 
     /// Writes `segs` (together less than a block) at `within` of virtual block `vb`.
-    /// With `only_if_mapped`, an unmapped block is left alone (it reads as zeroes).
+    /// With `only_if_mapped` (the bytes are zeroes), an unmapped block is left alone where
+    /// it reads as zeroes already: without an external origin, or past the origin's end.
     fn write_block(
         &self,
         dev: u32,
@@ -654,8 +726,14 @@ impl Pool {
         let (m, details) = Self::lookup_locked(&mut g, dev, vb)?;
         let target = match m {
             Some(m) if !m.maybe_shared(&details) => Target::InPlace(m.data_block),
-            None if only_if_mapped => return Ok(()),
-            None => Target::Provision,
+            None => {
+                let origin = g.origin(dev);
+                let reads_zeroes = origin.as_ref().is_none_or(|o| o.len() <= vb * bs + within);
+                if only_if_mapped && reads_zeroes {
+                    return Ok(());
+                }
+                Target::Provision(origin)
+            }
             Some(m) => Target::BreakSharing(m.data_block),
         };
         if let Target::InPlace(b) = target {
@@ -716,14 +794,17 @@ impl Pool {
                     self.data
                         .read_at(&mut buf, old * bs)
                         .map_err(Self::data_err("read", old * bs))?;
-                    let mut o = within as usize;
-                    for s in segs {
-                        buf[o..o + s.len()].copy_from_slice(s);
-                        o += s.len();
-                    }
-                    self.data
-                        .write_at(&buf, at)
-                        .map_err(Self::data_err("write", at))
+                    self.write_overlaid(buf, within, segs, at)
+                }
+                Target::Provision(Some(origin)) => {
+                    // As above, from the origin: the block must read as it did before the
+                    // write wherever the write does not reach. Not subject to
+                    // skip_block_zeroing, which is about stale data, not correctness.
+                    let mut buf = vec![0u8; bs as usize];
+                    origin
+                        .read_at(&mut buf, vb * bs)
+                        .map_err(Self::origin_err(vb * bs))?;
+                    self.write_overlaid(buf, within, segs, at)
                 }
                 _ if self.opts.skip_block_zeroing => self
                     .data
@@ -765,6 +846,25 @@ impl Pool {
         r
     }
 
+    /// Overlays `segs` at `within` of a copy of a block's old contents and writes the
+    /// whole block at `at` of the data device.
+    fn write_overlaid(
+        &self,
+        mut buf: Vec<u8>,
+        within: u64,
+        segs: &[IoSlice<'_>],
+        at: u64,
+    ) -> Result<()> {
+        let mut o = within as usize;
+        for s in segs {
+            buf[o..o + s.len()].copy_from_slice(s);
+            o += s.len();
+        }
+        self.data
+            .write_at(&buf, at)
+            .map_err(Self::data_err("write", at))
+    }
+
     fn push_zeroes<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>, mut n: u64) {
         while n > 0 {
             let k = n.min(self.zeroes.len() as u64);
@@ -775,7 +875,9 @@ impl Pool {
 
     /// Unmaps the whole blocks in the range, as dm-thin does: partial blocks at either end
     /// are left alone, and a block shared with a snapshot stays mapped there.
-    /// Returns the number of blocks unmapped.
+    /// Returns the number of blocks unmapped. On a device with an external origin the
+    /// unmapped blocks read from the origin again (as in the kernel): a discard does not
+    /// promise zeroes; [`Self::write_zeroes`] does.
     pub fn discard(&self, dev: u32, offset: u64, len: u64) -> Result<u64> {
         check_span(offset, len)?;
         let bs = self.block_bytes;
@@ -820,6 +922,11 @@ impl Pool {
     /// Makes the range read as zeroes. With `unmap`, whole blocks are unmapped (their space
     /// returns to the pool); otherwise mapped blocks are overwritten with zeroes. Partial
     /// blocks are zeroed where mapped; unmapped blocks already read as zeroes.
+    ///
+    /// On a device with an external origin, an unmapped block reads the origin's bytes:
+    /// where the origin has any in the range, blocks are provisioned and zeroed instead
+    /// (unmapping would bring the origin's bytes back); past the origin's end the above
+    /// holds.
     pub fn write_zeroes(&self, dev: u32, offset: u64, len: u64, unmap: bool) -> Result<()> {
         check_span(offset, len)?;
         let bs = self.block_bytes;
@@ -827,11 +934,13 @@ impl Pool {
         // One gate for the whole range: a snapshot sees all of it or none.
         let gate = self.gate(dev);
         let _open = gate.read().unwrap_or_else(|p| p.into_inner());
+        // Read under the gate: a change of origin waits for it.
+        let origin_end = self.external_origin(dev).map_or(0, |o| o.len());
         let mut pos = offset;
         while pos < end {
             let (vb, within) = (pos / bs, pos % bs);
             let n = (bs - within).min(end - pos);
-            if n == bs && unmap {
+            if n == bs && unmap && pos >= origin_end {
                 // Run of whole blocks.
                 let last = end / bs;
                 self.unmap_blocks_gated(dev, vb, last)?;
@@ -898,5 +1007,7 @@ fn slices_mut<'a>(
     out
 }
 
+#[cfg(test)]
+mod origin_tests;
 #[cfg(test)]
 mod tests;

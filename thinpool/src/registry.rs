@@ -63,6 +63,11 @@ pub struct DeviceEntry {
     /// base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guid: Option<String>,
+    /// The external origin (a read-only golden image, by path) that the device's
+    /// unmapped blocks read from; not in the dm-thin metadata, which knows nothing of it.
+    /// Snapshots of the device name the same one. See [`crate::origin`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_origin: Option<String>,
     /// Set while a stream is being received into this device: not a snapshot yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receiving: Option<PartialReceive>,
@@ -548,5 +553,29 @@ mod tests {
         // It does not say what came before: reported by reconcile, not undone.
         assert_eq!(r.recover(4), None);
         assert!(!r.reconcile(4, &[0]).consistent);
+    }
+
+    #[test]
+    fn external_origin_is_written_only_when_set_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.registry.json");
+        let mut r = Registry::new(&path, 1);
+        let plain = DeviceEntry {
+            size: 512,
+            serial: "a".into(),
+            ..Default::default()
+        };
+        let backed = DeviceEntry {
+            external_origin: Some("/images/golden.img".into()),
+            ..plain.clone()
+        };
+        r.insert(0, plain).unwrap();
+        r.insert(1, backed.clone()).unwrap();
+        r.save().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("external_origin").count(), 1, "{text}");
+        let back = Registry::load(&path).unwrap().unwrap();
+        assert_eq!(back.devices[&1], backed);
+        assert_eq!(back.devices[&0].external_origin, None);
     }
 }

@@ -3,13 +3,19 @@
 //! `model_matches_pool` runs random sequences of device, I/O and transaction operations
 //! (create, snapshot of anything, delete, writes of any alignment — some vectored —,
 //! discard, write-zeroes, commit, abort, reopen, metadata snapshot reserve/release,
-//! read-only mode, transaction id) against a [`Pool`] and against a reference model. After
+//! read-only mode, transaction id, giving a device an external origin or taking it away)
+//! against a [`Pool`] and against a reference model. After
 //! every operation it compares every device's full contents, the mappings of the current,
 //! committed and held states (virtual block, time, and a one-to-one correspondence of
 //! model blocks and data blocks), the space accounting, the number of superblock writes,
 //! and checks the committed metadata. `model_matches_pool_wide` does the same with devices
 //! of thousands of blocks (deep trees; contents sampled plus compared in full where the
 //! operation wrote). Case counts: 64 and 12, or `PROPTEST_CASES`.
+//!
+//! An external origin (a golden image ending inside a block, half the device's size) is
+//! modelled as the bytes an unmapped block of a device that has it reads, and what a
+//! partial write to one copies; snapshots inherit it, and it is in memory only (kept
+//! across an abort, gone on reopen).
 //!
 //! The model tracks physical identity, not just bytes: each device maps virtual blocks to
 //! model "physical blocks" stamped with dm-thin's snapshot time. That is needed to state
@@ -34,6 +40,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use thinpool::check;
+use thinpool::origin::ExternalOrigin;
 use thinpool::pdata::btree::{self, ValueKind};
 use thinpool::pool::{Pool, PoolMode, PoolOptions};
 use thinpool::storage::{MemStorage, Storage};
@@ -165,6 +172,11 @@ struct Model {
     /// Read-only mode on request: changes to metadata are refused, in-place writes go on.
     ro: bool,
     max_used: u64,
+    /// The golden image the devices in `with_origin` read where unmapped.
+    origin: Vec<u8>,
+    /// Devices with the external origin. Kept in memory by the pool, beside the metadata:
+    /// neither committed nor rolled back, gone on reopen.
+    with_origin: BTreeSet<u32>,
 }
 
 impl Model {
@@ -235,6 +247,26 @@ impl Model {
         }
     }
 
+    /// Where device `dev` reads zeros when unmapped: from this byte on.
+    fn zeroes_from(&self, dev: u32) -> u64 {
+        if self.with_origin.contains(&dev) {
+            self.origin.len() as u64
+        } else {
+            0
+        }
+    }
+
+    /// What unmapped block `vb` of `dev` reads.
+    fn unmapped(&self, dev: u32, vb: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BS as usize];
+        if self.with_origin.contains(&dev) {
+            let start = ((vb * BS) as usize).min(self.origin.len());
+            let end = (((vb + 1) * BS) as usize).min(self.origin.len());
+            b[..end - start].copy_from_slice(&self.origin[start..end]);
+        }
+        b
+    }
+
     /// One block of a write (`data` within one block at `within`).
     fn write_block(
         &mut self,
@@ -251,12 +283,12 @@ impl Model {
                 self.assert_exclusive(dev, vb, pid);
                 self.phys.get_mut(&pid).unwrap()[within..within + data.len()].copy_from_slice(data);
             }
-            None if only_if_mapped => {}
+            None if only_if_mapped && vb * BS + within as u64 >= self.zeroes_from(dev) => {}
             old => {
                 let pid = self.alloc()?;
                 let mut content = match old {
                     Some((p, _)) => self.phys[&p].clone(),
-                    None => vec![0; BS as usize],
+                    None => self.unmapped(dev, vb),
                 };
                 content[within..within + data.len()].copy_from_slice(data);
                 self.phys.insert(pid, content);
@@ -308,7 +340,7 @@ impl Model {
         while pos < end {
             let (vb, within) = (pos / BS, pos % BS);
             let n = (BS - within).min(end - pos);
-            if n == BS && unmap {
+            if n == BS && unmap && pos >= self.zeroes_from(dev) {
                 if self.ro {
                     return Err(Refused::ReadOnly);
                 }
@@ -330,11 +362,15 @@ impl Model {
         self.phys.retain(|p, _| keep.contains(p));
     }
 
-    fn block(&self, dev: u32, vb: u64) -> Option<&[u8]> {
-        self.cur.devs[&dev]
-            .map
-            .get(&vb)
-            .map(|(p, _)| &self.phys[p][..])
+    /// What block `vb` of `dev` reads.
+    fn block(&self, dev: u32, vb: u64) -> std::borrow::Cow<'_, [u8]> {
+        static ZERO: [u8; BS as usize] = [0; BS as usize];
+        match self.cur.devs[&dev].map.get(&vb) {
+            Some((p, _)) => std::borrow::Cow::Borrowed(&self.phys[p][..]),
+            // Most unmapped blocks read zeros: no copy for those.
+            None if vb * BS >= self.zeroes_from(dev) => std::borrow::Cow::Borrowed(&ZERO[..]),
+            None => std::borrow::Cow::Owned(self.unmapped(dev, vb)),
+        }
     }
 }
 
@@ -476,6 +512,11 @@ enum Op {
     ReserveMetadataSnap,
     ReleaseMetadataSnap,
     SetReadOnly(bool),
+    /// Gives a device the external origin, or takes it away.
+    SetOrigin {
+        dev: u8,
+        on: bool,
+    },
     /// Compare-and-swap of the transaction id; `right` passes the current one as old.
     SetTransactionId {
         right: bool,
@@ -542,6 +583,7 @@ fn op_strategy(geo: Geo) -> impl Strategy<Value = Op> {
         1 => Just(Op::ReserveMetadataSnap),
         1 => Just(Op::ReleaseMetadataSnap),
         1 => any::<bool>().prop_map(Op::SetReadOnly),
+        1 => (dev, any::<bool>()).prop_map(|(dev, on)| Op::SetOrigin { dev, on }),
         1 => (any::<bool>(), 0..1000u64).prop_map(|(right, new)| Op::SetTransactionId {
             right,
             new
@@ -557,6 +599,8 @@ struct Harness {
     meta: Arc<SbCounter>,
     data: Arc<MemStorage>,
     pool: Option<Pool>,
+    /// The external origin over `m.origin`.
+    origin: Arc<ExternalOrigin>,
     m: Model,
 }
 
@@ -599,7 +643,12 @@ impl Harness {
         let pool = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default())
             .expect("create pool");
         let commits = meta.sb_writes.load(Ordering::SeqCst);
+        // Half the device and a bit: ends inside a block, and devices are larger.
+        let image = pattern(0x0819, (geo.vblocks * BS / 2 + 4096) as usize);
+        let origin: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(image.clone()));
+        let origin = Arc::new(ExternalOrigin::from_storage(origin, "golden").unwrap());
         Harness {
+            origin,
             geo,
             touched: (0, 0),
             meta_mem,
@@ -609,6 +658,7 @@ impl Harness {
             m: Model {
                 data_blocks: geo.data_blocks,
                 commits,
+                origin: image,
                 ..Default::default()
             },
         }
@@ -672,6 +722,22 @@ impl Harness {
                 self.pool().set_read_only(ro).expect("set_read_only");
                 self.m.ro = ro;
             }
+            Op::SetOrigin { dev, on } => {
+                let id = self.pick(dev);
+                let r = self
+                    .pool()
+                    .set_external_origin(id, on.then(|| self.origin.clone()));
+                if !self.exists(id) {
+                    expect_err(r, |e| matches!(e, Error::NoSuchDevice(_)), "set origin");
+                } else {
+                    r.expect("set_external_origin");
+                    if on {
+                        self.m.with_origin.insert(id);
+                    } else {
+                        self.m.with_origin.remove(&id);
+                    }
+                }
+            }
             Op::SetTransactionId { right, new } => {
                 let old = if right { self.m.tid } else { self.m.tid + 1 };
                 let r = self.pool().set_transaction_id(old, new);
@@ -699,6 +765,7 @@ impl Harness {
                     );
                 } else {
                     r.expect("create_thin");
+                    self.m.with_origin.remove(&id);
                     let time = self.m.cur.time;
                     self.m.cur.devs.insert(
                         id,
@@ -730,6 +797,11 @@ impl Harness {
                     o.snap_time = t;
                     let map = o.map.clone();
                     self.m.cur.devs.insert(id, MDev { map, snap_time: t });
+                    if self.m.with_origin.contains(&origin) {
+                        self.m.with_origin.insert(id);
+                    } else {
+                        self.m.with_origin.remove(&id);
+                    }
                     self.m.dirty = true;
                 }
             }
@@ -740,6 +812,7 @@ impl Harness {
                 } else if self.exists(id) {
                     r.expect("delete");
                     self.m.cur.devs.remove(&id);
+                    self.m.with_origin.remove(&id);
                     self.m.dirty = true;
                 } else {
                     expect_err(r, |e| matches!(e, Error::NoSuchDevice(_)), "delete");
@@ -876,6 +949,7 @@ impl Harness {
                 self.m.tid = self.m.committed_tid;
                 self.m.dirty = false;
                 self.m.ro = false;
+                self.m.with_origin.clear();
             }
             Op::ReserveMetadataSnap => {
                 let r = self.pool().reserve_metadata_snap();
@@ -950,9 +1024,8 @@ impl Harness {
             }
             None => assert!(committed_md.held_root().is_none()),
         }
-        let zero = vec![0u8; BS as usize];
         let compare = |id: u32, vb: u64, off: u64, got: &[u8]| {
-            let want = self.m.block(id, vb).unwrap_or(&zero);
+            let want = self.m.block(id, vb);
             let want = &want[off as usize..off as usize + got.len()];
             if got != want {
                 let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap();

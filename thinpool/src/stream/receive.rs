@@ -171,6 +171,12 @@ fn target(
             origin: base,
             created: h.snapshot.created,
             guid: Some(guid.clone()),
+            // A snapshot of the base reads the base's external origin where it is
+            // unmapped (the stream's records go on top of that); a full stream is a
+            // standalone copy.
+            external_origin: base
+                .and_then(|b| reg.devices.get(&b))
+                .and_then(|e| e.external_origin.clone()),
             receiving: Some(PartialReceive {
                 name: name.clone(),
                 base_guid,

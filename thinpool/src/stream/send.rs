@@ -3,6 +3,14 @@
 //! the subtrees they share; within a changed block only the 4 KiB pages that differ from
 //! the base are sent). Unmapped extents are not sent; pages that read as zeros are not
 //! sent as data.
+//!
+//! A device with an external origin reads the origin where it is unmapped, and the
+//! receiver does not have the origin: a full stream carries every block the origin
+//! reaches as well as the mapped ones, so the received copy stands alone. An incremental
+//! stream between two snapshots of the same origin still skips what is unmapped in both
+//! (both read the origin there: unchanged); what one of them maps is compared with the
+//! base's bytes, since "unmapped" no longer means zeros. Snapshots with different
+//! origins (or only one with an origin) are compared byte for byte over the whole device.
 
 use super::format::{SnapshotRef, StreamHeader, StreamWriter, MAX_DATA};
 use super::{new_guid, StreamError};
@@ -93,7 +101,8 @@ enum Before {
     /// The base's data, which the snapshot changed (mapped to another block): only the
     /// parts that differ are sent.
     Base,
-    /// The base's data, which the snapshot unmapped: it reads as zeros now.
+    /// The base's data, which the snapshot unmapped: it reads as zeros now (no external
+    /// origin).
     Unmapped,
 }
 
@@ -119,12 +128,26 @@ fn extents(
             _ => runs.push((start, end - start, before)),
         }
     };
+    let origin = pool.external_origin(snap);
     match base {
         Some(base) => {
+            let base_origin = pool.external_origin(base);
+            let same_origin = match (&origin, &base_origin) {
+                (None, None) => Some(false),
+                (Some(a), Some(b)) if a.same_as(b) => Some(true),
+                _ => None,
+            };
+            let Some(with_origin) = same_origin else {
+                // What is unmapped in both reads differently in each: compare it all.
+                push(0, blocks, Before::Base);
+                return Ok(runs);
+            };
             let changed = pool
                 .with_metadata(|md| delta::runs(md, base, snap, false, DeltaMode::ChangedOnly))?;
             for r in changed {
                 let before = match r.kind {
+                    // The unmapped side reads the origin, not zeros: compare bytes.
+                    _ if with_origin => Before::Base,
                     DeltaKind::LeftOnly => Before::Unmapped,
                     DeltaKind::Different => Before::Base,
                     _ => Before::Zeros,
@@ -133,9 +156,13 @@ fn extents(
             }
         }
         None => {
+            // Every block the origin reaches reads from it where unmapped; past that,
+            // unmapped blocks read as zeros, as the receiver's new device does.
+            let origin_blocks = origin.map_or(0, |o| o.len().div_ceil(bb)).min(blocks);
+            push(0, origin_blocks, Before::Zeros);
             // In windows, so that a live pool's I/O gets the metadata lock in between.
             const WINDOW: u64 = 1 << 16;
-            let mut begin = 0;
+            let mut begin = origin_blocks;
             while begin < blocks {
                 let end = (begin + WINDOW).min(blocks);
                 let mut mapped = Vec::new();

@@ -200,6 +200,69 @@ fn unmapped_and_zero_blocks_are_not_sent_and_incremental_size_follows_the_change
     assert_eq!(page.unchanged_bytes, (64 << 10) - 4096);
 }
 
+/// A golden image shorter than the disk, ending inside a block, with a zero page in it.
+fn golden(len: u64, seed: u64) -> Arc<crate::origin::ExternalOrigin> {
+    let mut v: Vec<u8> = (0..len).map(|i| ((i * 7) ^ seed) as u8 | 1).collect();
+    v[8192..12288].fill(0);
+    let s: Arc<dyn crate::storage::Storage> = Arc::new(MemStorage::from_vec(v));
+    Arc::new(crate::origin::ExternalOrigin::from_storage(s, "golden").unwrap())
+}
+
+#[test]
+fn origin_backed_snapshots_arrive_as_standalone_copies() {
+    for (src_bs, dst_bs) in [(128u32, 128u32), (128, 512)] {
+        let mut a = pool(src_bs);
+        let mut b = pool(dst_bs);
+        a.disk(0);
+        let origin = golden(DISK / 2 + 4608, 3);
+        a.pool.set_external_origin(0, Some(origin.clone())).unwrap();
+        let mut prev: Option<u32> = None;
+        for round in 0..3u32 {
+            scribble(&a, 0, 11 + round as u64, 30);
+            let snap = 10 + round;
+            a.snap(snap, 0, &format!("s{round}"));
+            assert!(a.pool.external_origin(snap).is_some());
+            let (stream, _) = a.send(snap, prev, 0);
+            let got = b.recv(&stream, false).unwrap();
+            assert!(b.pool.external_origin(got.id).is_none());
+            assert_eq!(
+                b.read_all(got.id),
+                a.read_all(snap),
+                "round {round}, block sizes {src_bs} -> {dst_bs}"
+            );
+            prev = Some(snap);
+        }
+        b.check();
+    }
+}
+
+#[test]
+fn snapshots_of_different_origins_are_compared_byte_for_byte() {
+    let mut a = pool(128);
+    let mut b = pool(128);
+    a.disk(0);
+    a.pool.write(0, 0, &vec![5u8; 100_000]).unwrap();
+    a.snap(1, 0, "plain");
+    let (full, _) = a.send(1, None, 0);
+    b.recv(&full, false).unwrap();
+    // The same device, now over a golden image: unmapped in both, yet different.
+    a.pool
+        .set_external_origin(0, Some(golden(DISK / 4, 9)))
+        .unwrap();
+    a.snap(2, 0, "backed");
+    let (inc, st) = a.send(2, Some(1), 0);
+    assert!(st.data_bytes > 0);
+    let got = b.recv(&inc, false).unwrap();
+    assert_eq!(b.read_all(got.id), a.read_all(2));
+    // And back: the origin's bytes must be zeroed on the receiver.
+    a.pool.set_external_origin(0, None).unwrap();
+    a.snap(3, 0, "plain-again");
+    let (inc, st) = a.send(3, Some(2), 0);
+    assert!(st.zero_bytes > 0);
+    let got = b.recv(&inc, false).unwrap();
+    assert_eq!(b.read_all(got.id), a.read_all(3));
+}
+
 #[test]
 fn a_stream_whose_base_is_missing_or_different_is_refused_and_changes_nothing() {
     let mut a = pool(128);
