@@ -130,12 +130,23 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         // its queue settings.
         match manager.entry(&d.name) {
             None => {
+                let external_origin = match &d.external_origin {
+                    None => None,
+                    Some(p) => Some(p.to_str().with_context(|| {
+                        format!(
+                            "disk {}: external-origin {} is not a UTF-8 path",
+                            d.name,
+                            p.display()
+                        )
+                    })?),
+                };
                 manager
                     .disk_create(&crate::manager::NewDisk {
                         name: &d.name,
                         pool: d.pool.as_deref(),
                         size: Some(d.size.0),
                         clone_from: d.clone_from.as_deref(),
+                        external_origin,
                         read_only: d.read_only,
                         serial: d.serial.clone(),
                     })

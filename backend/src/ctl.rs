@@ -41,11 +41,15 @@ enum CtlCmd {
         #[arg(long)]
         num_queues: Option<u64>,
     },
-    /// A new empty disk.
+    /// A new empty disk, or one over a golden image (--external-origin).
     Add {
         name: String,
+        /// Default with --external-origin: the image's size.
         #[arg(long, value_parser = parse_size)]
-        size: u64,
+        size: Option<u64>,
+        /// A read-only image the disk's unprovisioned blocks read from.
+        #[arg(long, value_name = "IMAGE")]
+        external_origin: Option<PathBuf>,
         #[arg(long)]
         socket: Option<PathBuf>,
         #[arg(long)]
@@ -110,6 +114,16 @@ enum CtlCmd {
     Migrate {
         disk: String,
         pool: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Write a snapshot's provisioned blocks into its external origin (a job): the tested
+    /// clone becomes the golden image.
+    Merge {
+        snapshot: String,
+        /// Even though other devices read the same image.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         no_wait: bool,
     },
@@ -255,11 +269,18 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Add {
             name,
             size,
+            external_origin,
             socket,
             num_queues,
         } => (
             "disk-add",
-            json!({"name": name, "size": size, "socket": socket, "num-queues": num_queues}),
+            json!({"name": name, "size": size, "external-origin": external_origin, "socket": socket, "num-queues": num_queues}),
+        ),
+        CtlCmd::Merge {
+            snapshot, force, ..
+        } => (
+            "origin-merge",
+            json!({"snapshot": snapshot, "force": force}),
         ),
         CtlCmd::Remove { name, force } => ("disk-remove", json!({"name": name, "force": force})),
         CtlCmd::Resize { name, size } => ("disk-resize", json!({"name": name, "size": size})),
@@ -340,6 +361,7 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
             CtlCmd::Send { no_wait: true, .. }
                 | CtlCmd::Receive { no_wait: true, .. }
                 | CtlCmd::Migrate { no_wait: true, .. }
+                | CtlCmd::Merge { no_wait: true, .. }
         );
         if !wait {
             println!("{id}");

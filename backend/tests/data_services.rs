@@ -684,3 +684,113 @@ fn replication_rounds_copy_snapshots_keep_the_last_and_survive_failures_and_rest
     c.execute("replication-stop", json!({"disk": "vm"}))
         .unwrap();
 }
+
+/// Reads `len` bytes at byte `off` through the test frontend.
+fn read_bytes(g: &mut Guest, off: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut at = off;
+    while out.len() < len {
+        let n = (len - out.len()).min(256 << 10);
+        let (st, got) = g.read(0, at / 512, n as u32);
+        assert_eq!(st, 0, "read at {at}");
+        out.extend_from_slice(&got);
+        at += n as u64;
+    }
+    out
+}
+
+#[test]
+fn disks_over_an_external_origin_and_merging_a_snapshot_back_into_it() {
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES};
+    let d = Daemon::start();
+    let mut c = d.client();
+    const IMG: usize = 8 << 20;
+    let golden = d.path("golden.img");
+    let mut image = pattern(IMG, 5);
+    std::fs::write(&golden, &image).unwrap();
+    let e = c
+        .execute(
+            "disk-add",
+            json!({"name": "bad", "pool": "a", "external-origin": d.path("missing.img")}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("missing.img"), "{e}");
+    let r = c
+        .execute(
+            "disk-add",
+            json!({"name": "base", "pool": "a", "external-origin": golden}),
+        )
+        .unwrap();
+    let base = entry(&mut c, "query-disks", "base").unwrap();
+    assert_eq!(base["size"], IMG);
+    assert_eq!(base["mapped-bytes"], 0);
+    let mut g = Guest::connect(Path::new(r["socket"].as_str().unwrap()), 1);
+    assert!(
+        read_bytes(&mut g, 0, IMG) == image,
+        "unwritten disk differs from its origin"
+    );
+    // A write inside a block: the rest of the block is the origin's.
+    let patch = pattern(4096, 9);
+    assert_eq!(g.write(0, (64 << 10) / 512 + 1, &patch, 1), 0);
+    image[(64 << 10) + 512..(64 << 10) + 512 + 4096].copy_from_slice(&patch);
+    // Zeroes read as zeroes; a discarded block reads from the origin again.
+    assert_eq!(g.ranges(0, VIRTIO_BLK_T_WRITE_ZEROES, &[(4096, 256, 0)]), 0);
+    image[2 << 20..(2 << 20) + (128 << 10)].fill(0);
+    assert_eq!(g.write(0, (1 << 20) / 512, &pattern(64 << 10, 3), 1), 0);
+    assert_eq!(g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(2048, 128, 0)]), 0);
+    assert!(
+        read_bytes(&mut g, 0, IMG) == image,
+        "disk over its origin reads wrong"
+    );
+    // Snapshots and clones read the same origin.
+    c.execute("snapshot-create", json!({"disk": "base", "name": "base-s"}))
+        .unwrap();
+    let r = c
+        .execute("disk-add", json!({"name": "c1", "clone-from": "base-s"}))
+        .unwrap();
+    let c1 = entry(&mut c, "query-disks", "c1").unwrap();
+    assert_eq!(c1["external-origin"], base["external-origin"]);
+    let mut g1 = Guest::connect(Path::new(r["socket"].as_str().unwrap()), 1);
+    assert!(read_bytes(&mut g1, 0, IMG) == image, "clone reads differ");
+    g1.stop();
+    // Merging rewrites the image: refused while readers are connected or others read it.
+    let e = c
+        .execute("origin-merge", json!({"snapshot": "base"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("is a disk"), "{e}");
+    let e = c
+        .execute("origin-merge", json!({"snapshot": "base-s"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("connected"), "{e}");
+    g.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    let e = c
+        .execute("origin-merge", json!({"snapshot": "base-s"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("c1"), "{e}");
+    c.execute("disk-remove", json!({"name": "c1"})).unwrap();
+    let r = c
+        .execute("origin-merge", json!({"snapshot": "base-s", "job-id": "m"}))
+        .unwrap();
+    assert_eq!(r["job-id"], "m");
+    let j = wait_job(&mut c, "m");
+    assert!(j.get("error").is_none(), "{j}");
+    println!(
+        "origin-merge: {} bytes written into the image",
+        j["result"]["bytes-written"]
+    );
+    assert!(
+        std::fs::read(&golden).unwrap() == image,
+        "merged image differs from the snapshot"
+    );
+    // A new disk over the image reads the merged contents.
+    let r = c
+        .execute(
+            "disk-add",
+            json!({"name": "fresh", "pool": "b", "external-origin": golden}),
+        )
+        .unwrap();
+    let mut g2 = Guest::connect(Path::new(r["socket"].as_str().unwrap()), 1);
+    assert!(read_bytes(&mut g2, 0, IMG) == image);
+    g2.stop();
+}

@@ -68,6 +68,11 @@ pub struct DeviceEntry {
     /// Snapshots of the device name the same one. See [`crate::origin`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_origin: Option<String>,
+    /// A merge of this snapshot into its external origin stopped (cancelled, or a crash)
+    /// with the origin holding the snapshot's bytes below this device offset and its own
+    /// old bytes, or a mix, above: merging again goes on from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_offset: Option<u64>,
     /// Set while a stream is being received into this device: not a snapshot yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receiving: Option<PartialReceive>,

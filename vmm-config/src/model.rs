@@ -133,6 +133,10 @@ pub struct DiskConfig {
     /// Create the disk as a clone (snapshot) of this disk or snapshot when it does not exist.
     #[serde(default)]
     pub clone_from: Option<String>,
+    /// A read-only image (raw file or block device) that the disk's unprovisioned blocks
+    /// read from when it is created (dm-thin's external origin): a golden image.
+    #[serde(default)]
+    pub external_origin: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -192,6 +192,15 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
                 None,
             ));
         }
+        if let (Some(_), Some(o)) = (&d.clone_from, &d.external_origin) {
+            return Err(err(
+                f("external-origin"),
+                "external-origin",
+                &o.display().to_string(),
+                "a clone reads its origin's external origin".into(),
+                Some("give either clone-from or external-origin".into()),
+            ));
+        }
     }
     if let Some(m) = &cfg.management {
         if u32::from_str_radix(&m.mode, 8)

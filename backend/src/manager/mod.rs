@@ -6,6 +6,7 @@
 //! the registry one transaction ahead, and the next start goes back to the old state.
 
 pub mod jobs;
+pub mod merge;
 pub mod migrate;
 pub mod replication;
 pub mod transfer;
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::delta::DeltaMode;
+use thinpool::origin::ExternalOrigin;
 use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{make_serial, DeviceEntry, Migration, Registry};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -134,6 +136,10 @@ pub struct NewDisk<'a> {
     pub read_only: bool,
     /// None: generated.
     pub serial: Option<String>,
+    /// A read-only image (raw file or block device) that the disk's unprovisioned blocks
+    /// read from, as dm-thin's external origin; None for a clone (which inherits its
+    /// origin's).
+    pub external_origin: Option<&'a str>,
 }
 
 /// A new disk, checked: where it goes and how big it is.
@@ -141,6 +147,10 @@ struct DiskPlan {
     pool: Arc<PoolHandle>,
     origin: Option<u32>,
     size: u64,
+    /// The external origin: its path as given, opened.
+    external: Option<(String, Arc<ExternalOrigin>)>,
+    /// A clone's: its origin's external origin (the pool's snapshot inherits it).
+    inherited_external: Option<String>,
 }
 
 /// A disk's socket, bound before the disk is served.
@@ -568,6 +578,12 @@ impl Manager {
                 if let Some(g) = &e.guid {
                     v["guid"] = json!(g);
                 }
+                if let Some(o) = &e.external_origin {
+                    v["external-origin"] = json!(o);
+                }
+                if let Some(at) = e.merge_offset {
+                    v["merge-interrupted-at"] = json!(at);
+                }
                 if !snapshots {
                     let (socket, connected, queues) = served
                         .get(name)
@@ -655,17 +671,42 @@ impl Manager {
                 ));
             }
         }
+        let mut inherited_external = None;
         let (pool, origin) = match new.clone_from {
             Some(src) => {
                 let f = self.find(src)?;
                 if new.pool.is_some_and(|p| p != f.pool.name) {
                     return Err(QmpError::generic("a clone lives in the pool of its origin"));
                 }
+                if new.external_origin.is_some() {
+                    return Err(QmpError::generic(
+                        "a clone reads its origin's external origin: give 'external-origin' or 'clone-from', not both",
+                    ));
+                }
+                inherited_external = f.entry.external_origin.clone();
                 (f.pool.clone(), Some((f.id, f.entry.size)))
             }
             None => (self.pool(new.pool)?, None),
         };
-        let size = match (new.size, origin) {
+        let external = match new.external_origin {
+            None => None,
+            Some(path) => {
+                let o = ExternalOrigin::open(Path::new(path))
+                    .map_err(|e| QmpError::generic(format!("external origin {path}: {e}")))?;
+                // Kept by absolute path: the daemon may start from another directory.
+                let abs = std::fs::canonicalize(path)
+                    .map_err(|e| QmpError::generic(format!("external origin {path}: {e}")))?;
+                let abs = abs.to_str().map(str::to_string).ok_or_else(|| {
+                    QmpError::generic(format!("external origin {path}: not a UTF-8 path"))
+                })?;
+                Some((abs, Arc::new(o)))
+            }
+        };
+        // A disk over an external origin is as big as the image unless told otherwise.
+        let new_size = new
+            .size
+            .or(external.as_ref().map(|(_, o)| o.len().div_ceil(512) * 512));
+        let size = match (new_size, origin) {
             (Some(s), Some((_, osize))) if s < osize => {
                 return Err(QmpError::generic(format!(
                     "a clone cannot be smaller than its origin ({osize} bytes)"
@@ -684,6 +725,8 @@ impl Manager {
             pool,
             origin: origin.map(|(o, _)| o),
             size,
+            external,
+            inherited_external,
         })
     }
 
@@ -696,6 +739,9 @@ impl Manager {
             match plan.origin {
                 Some(oid) => pool.create_snap(id, oid)?,
                 None => pool.create_thin(id)?,
+            }
+            if let Some((_, o)) = &plan.external {
+                pool.set_external_origin(id, Some(o.clone()))?;
             }
             reg.insert(
                 id,
@@ -710,6 +756,11 @@ impl Manager {
                     snapshot: false,
                     origin: plan.origin,
                     created,
+                    external_origin: plan
+                        .external
+                        .as_ref()
+                        .map(|(p, _)| p.clone())
+                        .or_else(|| plan.inherited_external.clone()),
                     ..Default::default()
                 },
             )
@@ -841,6 +892,8 @@ impl Manager {
                     snapshot: true,
                     origin: Some(f.id),
                     created,
+                    // The pool's snapshot reads the same external origin.
+                    external_origin: f.entry.external_origin.clone(),
                     ..Default::default()
                 },
             )

@@ -34,6 +34,7 @@ pub const COMMANDS: &[&str] = &[
     "snapshot-send",
     "snapshot-receive",
     "disk-migrate",
+    "origin-merge",
     "replication-start",
     "replication-stop",
     "replication-run",
@@ -85,6 +86,7 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
             let nq = a.opt_u64("num-queues")?.map(|n| n as usize);
             let ro = a.opt_bool("read-only")?.unwrap_or(false);
             let serial = a.opt_str("serial")?;
+            let external = a.opt_str("external-origin")?;
             a.finish()?;
             m.disk_add(
                 &crate::manager::NewDisk {
@@ -94,6 +96,7 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
                     clone_from: clone.as_deref(),
                     read_only: ro,
                     serial,
+                    external_origin: external.as_deref(),
                 },
                 socket,
                 nq,
@@ -247,6 +250,13 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
         "query-replication" => {
             a.finish()?;
             m.query_replication()?
+        }
+        "origin-merge" => {
+            let job_id = a.opt_str("job-id")?;
+            let snapshot = a.str("snapshot")?;
+            let force = a.opt_bool("force")?.unwrap_or(false);
+            a.finish()?;
+            m.origin_merge(job_id, &snapshot, force)?
         }
         "disk-migrate" => {
             let job_id = a.opt_str("job-id")?;

@@ -143,6 +143,12 @@ pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>>
     for m in &rec.messages {
         eprintln!("vhost-thin: warning: {}: {m}", path.display());
     }
+    // External origins are beside the metadata, in the registry: attach them before any
+    // device is read. A missing one fails only its devices' reads of unmapped blocks.
+    for f in thinpool::origin::attach_from_registry(pool, &reg) {
+        eprintln!("vhost-thin: warning: external origin {}: {f}", f.path);
+        tracing::warn!("external origin {}: {f}", f.path);
+    }
     Ok(Some(reg))
 }
 

@@ -183,6 +183,7 @@ fn target(
                 next_offset: 0,
                 resumable: opts.resumable,
             }),
+            merge_offset: None,
             migration: None,
             replication: None,
         },
