@@ -96,7 +96,9 @@ enum CtlCmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// Receive a stream file (on the daemon's host) into a pool, as a job.
+    /// Receive a stream into a pool, as a job: a file on the daemon's host, or "-" for this
+    /// command's standard input (`… | ssh host vhost-thin ctl receive - --pool p`), passed
+    /// to the daemon through a private FIFO.
     Receive {
         file: PathBuf,
         #[arg(long)]
@@ -195,6 +197,101 @@ impl Client {
             }
             return Ok(m["return"].clone());
         }
+    }
+}
+
+/// `ctl receive -`: standard input to the daemon through a FIFO in a private directory
+/// (the daemon opens it by path, as it opens a stream file), then follows the job.
+fn receive_stdin(
+    c: &mut Client,
+    pool: Option<&str>,
+    name: Option<&str>,
+    resumable: bool,
+    json_out: bool,
+) -> Result<ExitCode> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("vhost-thin-recv-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let fifo = dir.join("stream");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c_path is a valid NUL-terminated path; mkfifo only creates a file there.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        bail!(
+            "cannot make a FIFO at {}: {}",
+            fifo.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let r = c.execute(
+        "snapshot-receive",
+        json!({"file": fifo, "pool": pool, "name": name, "resumable": resumable})
+            .as_object()
+            .map(|m| {
+                Value::Object(
+                    m.iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                )
+            })
+            .unwrap_or_default(),
+    )?;
+    let id = r["job-id"].as_str().unwrap_or_default().to_string();
+    // Opened without blocking, retried until the job has opened its end, so that a job
+    // that failed before reading does not leave this waiting forever.
+    let mut out = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                let jobs = c.execute("query-jobs", json!({}))?;
+                let done = jobs
+                    .as_array()
+                    .and_then(|a| a.iter().find(|j| j["id"] == json!(id)))
+                    .is_none_or(|j| j["status"] == json!("concluded"));
+                if done {
+                    return follow(c, &id, json_out);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => bail!("cannot open {}: {e}", fifo.display()),
+        }
+    };
+    // Blocking writes from here on.
+    {
+        use std::os::fd::AsRawFd;
+        let fd = out.as_raw_fd();
+        // SAFETY: fd is open for the lifetime of `out`; F_GETFL/F_SETFL only change flags.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    let copied = std::io::copy(&mut std::io::stdin().lock(), &mut out);
+    drop(out);
+    // A job that stopped reading says why; that is the error to show.
+    let followed = follow(c, &id, json_out);
+    match (copied, followed) {
+        (Ok(_), f) => f,
+        (Err(_), Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(e).context("copying standard input to the daemon"),
     }
 }
 
@@ -316,6 +413,15 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
                 _ => bail!("say where the stream goes: --file, --to-pool or -- COMMAND…"),
             }
             ("snapshot-send", args)
+        }
+        CtlCmd::Receive {
+            file,
+            pool,
+            name,
+            resumable,
+            ..
+        } if file.as_os_str() == "-" => {
+            return receive_stdin(&mut c, pool.as_deref(), name.as_deref(), *resumable, a.json)
         }
         CtlCmd::Receive {
             file,

@@ -794,3 +794,77 @@ fn disks_over_an_external_origin_and_merging_a_snapshot_back_into_it() {
     assert!(read_bytes(&mut g2, 0, IMG) == image);
     g2.stop();
 }
+
+#[test]
+fn a_snapshot_chain_moves_to_another_daemon_through_a_pipe() {
+    let mut a = Daemon::start();
+    let mut b = Daemon::start();
+    let mut ca = a.client();
+    write_pattern(&a.path("vm.sock"), 3, &[0, 5, 30]);
+    ca.execute("snapshot-create", json!({"disk": "vm", "name": "t1"}))
+        .unwrap();
+    write_pattern(&a.path("vm.sock"), 4, &[5, 6]);
+    ca.execute("snapshot-create", json!({"disk": "vm", "name": "t2"}))
+        .unwrap();
+    let qmp_b = b.path("qmp.sock");
+    let to_b = |pool: &str| {
+        json!([
+            bin(),
+            "ctl",
+            "-s",
+            qmp_b,
+            "--json",
+            "receive",
+            "-",
+            "--pool",
+            pool
+        ])
+    };
+    // A full stream, then an incremental one on it: into the other daemon's pool b, whose
+    // ctl passes its standard input to that daemon.
+    for (snap, base) in [("t1", None), ("t2", Some("t1"))] {
+        let r = ca
+            .execute(
+                "snapshot-send",
+                json!({"snapshot": snap, "base": base, "command": to_b("b")}),
+            )
+            .unwrap();
+        let j = wait_job(&mut ca, r["job-id"].as_str().unwrap());
+        assert!(j.get("error").is_none(), "{snap}: {j}");
+        let got: Value = serde_json::from_str(j["result"]["output"].as_str().unwrap()).unwrap();
+        assert_eq!(got["name"], snap, "{j}");
+    }
+    // A stream the other side refuses (its base is missing there) fails the job with the
+    // receiver's reason, and leaves nothing there.
+    ca.execute("snapshot-create", json!({"disk": "vm", "name": "t3"}))
+        .unwrap();
+    let r = ca
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "t3", "base": "t2", "command": to_b("a")}),
+        )
+        .unwrap();
+    let j = wait_job(&mut ca, r["job-id"].as_str().unwrap());
+    let err = j["error"].as_str().unwrap_or_default();
+    assert!(err.contains("does not have"), "{j}");
+    // The last snapshot becomes a disk there.
+    let mut cb = b.client();
+    assert!(entry(&mut cb, "query-snapshots", "t3").is_none());
+    cb.execute("disk-add", json!({"name": "vm-moved", "clone-from": "t2"}))
+        .unwrap();
+    let t2b = entry(&mut cb, "query-snapshots", "t2").unwrap();
+    let t1b = entry(&mut cb, "query-snapshots", "t1").unwrap();
+    assert!(
+        t1b["exclusive-bytes"].as_u64().unwrap() < (1 << 20),
+        "t1 and t2 do not share blocks at the receiver: {t1b}"
+    );
+    let t2a = entry(&mut ca, "query-snapshots", "t2").unwrap();
+    drop((ca, cb));
+    a.stop();
+    b.stop();
+    assert!(
+        offline_bytes(&a, "a", t2a["thin-id"].as_u64().unwrap())
+            == offline_bytes(&b, "b", t2b["thin-id"].as_u64().unwrap()),
+        "t2 differs after the move"
+    );
+}
