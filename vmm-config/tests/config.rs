@@ -125,6 +125,11 @@ fn bad_files_say_where_and_how_to_fix() {
             "f.yaml:8: disks[1].socket: two disks on one socket; give each disk its own socket path",
         ),
         (
+            "clone with an external origin",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1GiB\n    socket: /s\n  - name: e\n    size: 1GiB\n    socket: /t\n    clone-from: d\n    external-origin: /img\n",
+            "f.yaml:13: disks[1].external-origin: a clone reads its origin's external origin; give either clone-from or external-origin",
+        ),
+        (
             "odd disk size",
             "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 1000\n    socket: /s\n",
             "f.yaml:7: disks[0].size: 1000 bytes is not a disk size; use a positive multiple of 512 bytes, like 10GiB",
