@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# A live move of a disk under write load, ours against qemu-storage-daemon (QSD):
+#   ours  `disk-migrate` of disk0 from pool a to pool b of one `vhost-thin serve`
+#   QSD   `blockdev-mirror` (sync=full) of the exported raw file to a new raw file, then
+#         `block-job-complete` once the mirror is ready: the export moves to the copy
+# Both while vhost-thin-bench writes 4 KiB at random offsets, QD32, with verification
+# (every write stamped, read back by later reads). Printed for each: how long the move took,
+# for ours the pause (writes held for the final pass and the switch) that the daemon
+# reports, and the load generator's IOPS and latency over a run with the move and a run
+# without (its max latency includes whatever the guest waited during the switch).
+#
+#   ci/bench-migrate.sh [--size SIZE] [--runtime SECS] [--at SECS] [--keep]
+#
+#   --size SIZE    disk size (default 1GiB)
+#   --runtime S    seconds of load per run (default 12)
+#   --at S         start the move this many seconds into the run (default 3)
+#   --keep         keep the work directory
+# Environment: BENCH_DIR (parent of the work directory, default /var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=1GiB runtime=12 at=3 keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) size=$2; shift ;;
+    --runtime) runtime=$2; shift ;;
+    --at) at=$2; shift ;;
+    --keep) keep=1 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+command -v qemu-storage-daemon >/dev/null || {
+  echo "bench-migrate: qemu-storage-daemon is needed (apt-get install qemu-system-common)" >&2
+  exit 1
+}
+echo "building release binaries"
+cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench
+target=$(cargo metadata --format-version 1 --no-deps --locked |
+  grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
+thin=$target/release/vhost-thin
+bench=$target/release/vhost-thin-bench
+
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vhost-thin-migrate.XXXXXX")
+pid=
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  if [ "$keep" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+sock=$work/disk0.sock
+size_bytes=$(python3 -c "
+import re, sys; m = re.fullmatch(r'(\d+)\s*([kKmMgGtT]?)(i?[bB])?', sys.argv[1]) or sys.exit('bad size ' + sys.argv[1])
+print(int(m.group(1)) << {'': 0, 'k': 10, 'm': 20, 'g': 30, 't': 40}[m.group(2).lower()])" "$size")
+
+wait_socket() {
+  for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done
+  echo "bench-migrate: no socket $1" >&2; tail -n 20 "$2" >&2; exit 1
+}
+stop() { kill -TERM "$pid"; wait "$pid" || true; pid=; }
+jget() { python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))[sys.argv[2]]))' "$1" "$2"; }
+load() { # OUT: the write load, in the background when asked
+  "$bench" --socket "$sock" --json --rw randwrite --bs 4k --iodepth 32 --queues 1 \
+    --runtime "$runtime" --verify >"$1" 2>"$1.err"
+}
+report() { # NAME OUT
+  printf '  %-28s %8.0f IOPS  mean %7.1f us  p99 %8.1f us  p99.9 %9.1f us  max %9.1f us\n' "$1" \
+    "$(jget "$2" iops)" "$(jget "$2" lat_mean_us)" "$(jget "$2" lat_p99_us)" \
+    "$(jget "$2" lat_p999_us)" "$(jget "$2" lat_max_us)"
+}
+prefill() {
+  "$bench" --socket "$sock" --rw write --bs 128k --iodepth 8 --single-pass --runtime 600 \
+    --verify >/dev/null
+}
+
+echo "machine: $(nproc) CPUs; disk $size_bytes bytes; load: 4 KiB random writes, QD32, $runtime s; move at ${at} s"
+
+# ---- ours -----------------------------------------------------------------------------
+cat >"$work/cfg.yaml" <<EOF
+pools:
+  - name: a
+    metadata: $work/a.meta
+    data: $work/a.data
+    create: {data-size: $((size_bytes * 2))}
+  - name: b
+    metadata: $work/b.meta
+    data: $work/b.data
+    create: {data-size: $((size_bytes * 2))}
+disks:
+  - name: disk0
+    pool: a
+    size: $size_bytes
+    socket: $sock
+management:
+  socket: $work/qmp.sock
+logging:
+  level: warn
+EOF
+"$thin" serve --config "$work/cfg.yaml" >>"$work/ours.log" 2>&1 &
+pid=$!
+wait_socket "$sock" "$work/ours.log"
+prefill
+echo "== vhost-thin disk-migrate (pool a -> pool b, same daemon, both pools on $(df --output=source "$work" | tail -1))"
+load "$work/ours-base.json"
+report "without a move" "$work/ours-base.json"
+load "$work/ours-move.json" &
+lpid=$!
+sleep "$at"
+t0=$(date +%s.%N)
+"$thin" ctl -s "$work/qmp.sock" --json migrate disk0 b >"$work/ours-migrate.json"
+t1=$(date +%s.%N)
+wait "$lpid" || { echo "bench-migrate: the load failed during our move:" >&2; cat "$work/ours-move.json.err" >&2; exit 1; }
+report "with the move" "$work/ours-move.json"
+printf '  move took %.2f s; writes held %s us; live passes %s; bytes per pass %s\n' \
+  "$(python3 -c "print($t1 - $t0)")" "$(jget "$work/ours-migrate.json" pause-us)" \
+  "$(jget "$work/ours-migrate.json" live-passes)" "$(jget "$work/ours-migrate.json" pass-bytes)"
+stop
+"$thin" pool check -m "$work/b.meta" -d "$work/b.data" >/dev/null || { echo "bench-migrate: pool b does not check clean" >&2; exit 1; }
+
+# ---- qemu-storage-daemon --------------------------------------------------------------
+truncate -s "$size_bytes" "$work/disk.raw"
+start_qsd() {
+  rm -f "$sock" "$work/qsd-qmp.sock"
+  qemu-storage-daemon \
+    --blockdev "driver=file,filename=$work/disk.raw,node-name=top,cache.direct=off" \
+    --export "type=vhost-user-blk,id=e,node-name=top,addr.type=unix,addr.path=$sock,writable=on" \
+    --chardev "socket,id=m,path=$work/qsd-qmp.sock,server=on,wait=off" --monitor chardev=m \
+    >>"$work/qsd.log" 2>&1 &
+  pid=$!
+  wait_socket "$sock" "$work/qsd.log"
+}
+start_qsd
+prefill
+echo "== QSD blockdev-mirror + block-job-complete (raw file -> new raw file, same file system)"
+load "$work/qsd-base.json"
+report "without a move" "$work/qsd-base.json"
+truncate -s "$size_bytes" "$work/copy.raw"
+load "$work/qsd-move.json" &
+lpid=$!
+sleep "$at"
+python3 - "$work/qsd-qmp.sock" "$work/copy.raw" >"$work/qsd-mirror.txt" <<'PY'
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+def recv():
+    return json.loads(f.readline())
+def cmd(name, **args):
+    f.write(json.dumps({"execute": name, "arguments": args}) + "\n"); f.flush()
+    while True:
+        m = recv()
+        if "return" in m: return m["return"]
+        if "error" in m: sys.exit(f"{name}: {m['error']}")
+def event(name):
+    while True:
+        m = recv()
+        if m.get("event") == name: return m
+recv(); cmd("qmp_capabilities")
+t0 = time.monotonic()
+cmd("blockdev-add", driver="file", **{"node-name": "copy"}, filename=sys.argv[2], cache={"direct": False})
+cmd("blockdev-mirror", **{"job-id": "m"}, device="top", target="copy", sync="full")
+event("BLOCK_JOB_READY"); t1 = time.monotonic()
+cmd("block-job-complete", device="m")
+event("BLOCK_JOB_COMPLETED"); t2 = time.monotonic()
+print(f"{t2 - t0:.2f} {1e6 * (t2 - t1):.0f}")
+PY
+wait "$lpid" || { echo "bench-migrate: the load failed during the QSD move:" >&2; cat "$work/qsd-move.json.err" >&2; exit 1; }
+report "with the move" "$work/qsd-move.json"
+read -r took switch <"$work/qsd-mirror.txt"
+printf '  move took %s s; block-job-complete to BLOCK_JOB_COMPLETED %s us (QSD reports no pause of its own)\n' "$took" "$switch"
+stop
