@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use thinpool::registry::Migration;
 use thinpool::stream::{
     self, format::StreamReader, ReceiveError, ReceiveOptions, Received, SendOptions, SendStats,
 };
@@ -87,6 +88,7 @@ fn receive_from(
     input: impl Read,
     name: Option<String>,
     resumable: bool,
+    migration: Option<Migration>,
     ctx: &JobCtx,
     report_progress: bool,
 ) -> R<Received> {
@@ -94,6 +96,7 @@ fn receive_from(
     let opts = ReceiveOptions {
         name,
         resumable,
+        migration,
         ..Default::default()
     };
     let r = stream::receive(&dst.pool, &dst.registry, input, &opts, &mut |d, t| {
@@ -117,13 +120,15 @@ fn receive_from(
 
 /// Copies snapshot `snap` of `src` (incremental on `base`, which `dst` must have received)
 /// into `dst` as `name`: the stream runs through a socket pair between a sending thread and
-/// this one, so the copy is exactly what send and receive do between daemons.
+/// this one, so the copy is exactly what send and receive do between daemons. `migration`
+/// marks the copy from the receive's first commit on (see [`ReceiveOptions::migration`]).
 pub(super) fn copy_snapshot(
     src: &PoolHandle,
     snap: u32,
     base: Option<u32>,
     dst: &PoolHandle,
     name: String,
+    migration: Option<Migration>,
     ctx: &JobCtx,
 ) -> R<Copied> {
     let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
@@ -136,7 +141,7 @@ pub(super) fn copy_snapshot(
             let _ = tx.shutdown(std::net::Shutdown::Write);
             r
         });
-        let received = receive_from(dst, &rx, Some(name), false, ctx, false);
+        let received = receive_from(dst, &rx, Some(name), false, migration, ctx, false);
         // A receiver that stopped early leaves the sender writing into a closed socket
         // (EPIPE), which ends it.
         drop(rx);
@@ -359,7 +364,7 @@ impl Manager {
         let job = self.jobs.start(job_id, "send", description, move |ctx| {
             let _pins = pins;
             if let Some((dst, name)) = to_pool {
-                let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx)?;
+                let c = copy_snapshot(&src, snap, base_id, &dst, name, None, ctx)?;
                 dst.space.space_changed();
                 return Ok(json!({
                     "pool": dst.name,
@@ -457,7 +462,7 @@ impl Manager {
                 let f = std::fs::File::open(&file).map_err(|e| {
                     QmpError::generic(format!("cannot open {}: {e}", file.display()))
                 })?;
-                let got = receive_from(&dst, f, name, resumable, ctx, true)?;
+                let got = receive_from(&dst, f, name, resumable, None, ctx, true)?;
                 dst.space.space_changed();
                 Ok(json!({
                     "pool": dst.name,

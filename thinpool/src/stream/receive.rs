@@ -11,7 +11,7 @@
 use super::format::{Record, StreamHeader, StreamReader};
 use super::{ResumeToken, StreamError};
 use crate::pool::Pool;
-use crate::registry::{make_serial, DeviceEntry, PartialReceive, Registry};
+use crate::registry::{make_serial, DeviceEntry, Migration, PartialReceive, Registry};
 use std::io::Read;
 use std::sync::{Mutex, MutexGuard};
 
@@ -29,6 +29,10 @@ pub struct ReceiveOptions {
     pub resumable: bool,
     /// A resumable receive commits after this many device bytes.
     pub commit_every: u64,
+    /// The received device's part in a move between pools, set in its first commit: a
+    /// crash at any point of the receive, or before the mover could mark it afterwards,
+    /// would otherwise leave a device that nothing recognises as the move's.
+    pub migration: Option<Migration>,
 }
 
 impl Default for ReceiveOptions {
@@ -37,6 +41,7 @@ impl Default for ReceiveOptions {
             name: None,
             resumable: false,
             commit_every: 256 << 20,
+            migration: None,
         }
     }
 }
@@ -184,7 +189,7 @@ fn target(
                 resumable: opts.resumable,
             }),
             merge_offset: None,
-            migration: None,
+            migration: opts.migration.clone(),
             replication: None,
         },
     )?;

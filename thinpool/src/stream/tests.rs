@@ -502,3 +502,60 @@ proptest! {
         prop_assert!(read(&bytes[..cut.index(bytes.len())]).is_err());
     }
 }
+
+/// A migration's copy carries its mark in every commit of the receive, the first (before
+/// any data) included: a crash mid-copy, or just after it, leaves a device the next start
+/// recognises as the migration's (it once got the mark only after the receive, and a crash
+/// in between left an unmarked copy behind for good).
+#[test]
+fn a_received_copy_is_marked_from_its_first_commit() {
+    use crate::registry::Migration;
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 9, 40);
+    a.snap(1, 0, "s1");
+    let (stream, _) = a.send(1, None, 0);
+    let mut b = pool(512);
+    let mark = Migration::Incoming { job: "m".into() };
+    /// Hands out the stream; halfway, reads what is durable of the registry, as a crash
+    /// there would leave it.
+    struct Halfway<'a> {
+        rest: &'a [u8],
+        half: usize,
+        path: std::path::PathBuf,
+        seen: Option<Registry>,
+    }
+    impl std::io::Read for Halfway<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.seen.is_none() && self.rest.len() <= self.half {
+                self.seen = Registry::load(&self.path).unwrap();
+            }
+            let n = buf.len().min(self.rest.len()).min(4096);
+            buf[..n].copy_from_slice(&self.rest[..n]);
+            self.rest = &self.rest[n..];
+            Ok(n)
+        }
+    }
+    let mut input = Halfway {
+        rest: &stream,
+        half: stream.len() / 2,
+        path: b.reg.path().to_path_buf(),
+        seen: None,
+    };
+    let opts = ReceiveOptions {
+        name: Some(".m.in0".into()),
+        migration: Some(mark.clone()),
+        ..Default::default()
+    };
+    let placeholder = Registry::new(b.reg.path(), 0);
+    let reg = Mutex::new(std::mem::replace(&mut b.reg, placeholder));
+    let got = receive(&b.pool, &reg, &mut input, &opts, &mut |_, _| {}).unwrap();
+    b.reg = reg.into_inner().unwrap();
+    let mid = input.seen.expect("the registry was read halfway");
+    let e = &mid.devices[&got.id];
+    assert!(e.receiving.is_some(), "{e:?}");
+    assert_eq!(e.migration.as_ref(), Some(&mark), "mid-receive: {e:?}");
+    b.crash_and_reopen();
+    assert_eq!(b.reg.devices[&got.id].migration.as_ref(), Some(&mark));
+    assert!(b.reg.devices[&got.id].receiving.is_none());
+}
