@@ -111,15 +111,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
     let manager = Manager::new(handles, socket_dir);
-    // A crash during a disk-migrate is finished or undone before anything is served.
-    for line in manager
-        .recover_migrations()
-        .map_err(|e| anyhow::anyhow!("recovering interrupted migrations: {}", e.desc))?
-    {
-        tracing::warn!("{line}");
-        eprintln!("{line}");
-    }
-    manager.resume_replication();
+    manager.recover_at_start()?;
     for d in &cfg.disks {
         if let Some(dir) = d.socket.parent().filter(|x| !x.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)

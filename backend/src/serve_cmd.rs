@@ -122,15 +122,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         .or_else(|| paths.metadata.parent().map(|p| p.to_path_buf()))
         .unwrap_or_else(|| ".".into());
     let manager = Manager::new(vec![handle], socket_dir);
-    // A crash during a disk-migrate is finished or undone before anything is served.
-    for line in manager
-        .recover_migrations()
-        .map_err(|e| anyhow::anyhow!("recovering interrupted migrations: {}", e.desc))?
-    {
-        tracing::warn!("{line}");
-        eprintln!("{line}");
-    }
-    manager.resume_replication();
+    manager.recover_at_start()?;
     for (name, spec) in &to_serve {
         let socket = manager
             .serve(

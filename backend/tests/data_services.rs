@@ -41,6 +41,9 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        // A daemon killed with SIGKILL leaves its sockets: wait for new ones.
+        let _ = std::fs::remove_file(self.path("qmp.sock"));
+        let _ = std::fs::remove_file(self.path("vm.sock"));
         let child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(self.path("cfg.yaml"))
@@ -56,6 +59,13 @@ impl Daemon {
     fn stop(&mut self) {
         let out = sigterm(self.child.take().unwrap());
         assert!(out.status.success(), "daemon exit: {:?}", out.status);
+    }
+
+    /// SIGKILL: no chance to clean up.
+    fn kill(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
     }
 
     fn path(&self, f: &str) -> PathBuf {
@@ -867,4 +877,65 @@ fn a_snapshot_chain_moves_to_another_daemon_through_a_pipe() {
             == offline_bytes(&b, "b", t2b["thin-id"].as_u64().unwrap()),
         "t2 differs after the move"
     );
+}
+
+#[test]
+fn a_receive_cut_short_by_a_crash_is_dropped_at_the_next_start() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    write_pattern(&d.path("vm.sock"), 6, &[1, 2, 3]);
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "k1"}))
+        .unwrap();
+    let file = d.path("k1.vts");
+    let r = c
+        .execute("snapshot-send", json!({"snapshot": "k1", "file": file}))
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
+    let fifo = d.path("k1.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let r = c
+        .execute(
+            "snapshot-receive",
+            json!({"file": fifo, "pool": "b", "name": "k1-copy"}),
+        )
+        .unwrap();
+    let id = r["job-id"].as_str().unwrap().to_string();
+    let stream = std::fs::read(&file).unwrap();
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    use std::io::Write;
+    w.write_all(&stream[..stream.len() / 2]).unwrap();
+    // The device exists (committed as receiving) once the job has read a record or two.
+    let t0 = Instant::now();
+    while c.execute("query-pools", json!({})).unwrap()[1]["devices"] != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the receive never made its device"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(wait_status(&mut c, &id), "running");
+    drop(c);
+    d.kill();
+    drop(w);
+    d.spawn();
+    let mut c = d.client();
+    assert_eq!(
+        c.execute("query-pools", json!({})).unwrap()[1]["devices"],
+        0
+    );
+    assert!(entry(&mut c, "query-snapshots", "k1-copy").is_none());
+    // The name is free again: the same stream is received whole.
+    let r = c
+        .execute(
+            "snapshot-receive",
+            json!({"file": file, "pool": "b", "name": "k1-copy"}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
 }

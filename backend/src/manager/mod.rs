@@ -202,6 +202,62 @@ impl Manager {
         })
     }
 
+    /// At start, before anything is served: a crash during a disk-migrate is finished or
+    /// undone, half-received snapshots are dropped, and replication schedules resume.
+    pub fn recover_at_start(self: &Arc<Self>) -> anyhow::Result<()> {
+        let recovered = self
+            .recover_migrations()
+            .and_then(|mut v| {
+                v.extend(self.drop_abandoned_receives()?);
+                Ok(v)
+            })
+            .map_err(|e| {
+                anyhow::anyhow!("recovering interrupted migrations and receives: {}", e.desc)
+            })?;
+        for line in recovered {
+            tracing::warn!("{line}");
+            eprintln!("{line}");
+        }
+        self.resume_replication();
+        Ok(())
+    }
+
+    /// At start: deletes what receives that were not resumable left when the daemon died
+    /// in the middle (a device marked `receiving`, never a snapshot); resumable ones stay,
+    /// to be resumed or dropped by their token. Returns what it did, for the log.
+    pub fn drop_abandoned_receives(&self) -> R<Vec<String>> {
+        let mut done = Vec::new();
+        for p in self.pools.values() {
+            let left: Vec<(u32, String)> = lock(&p.registry)
+                .devices
+                .iter()
+                .filter_map(|(&id, e)| {
+                    let r = e.receiving.as_ref()?;
+                    (!r.resumable && e.migration.is_none()).then(|| (id, r.name.clone()))
+                })
+                .collect();
+            if left.is_empty() {
+                continue;
+            }
+            p.change(|pool, reg| {
+                for (id, _) in &left {
+                    if pool.devices().iter().any(|(d, _)| d == id) {
+                        pool.delete(*id)?;
+                    }
+                    reg.devices.remove(id);
+                }
+                Ok(())
+            })?;
+            for (id, name) in left {
+                done.push(format!(
+                    "pool {}: deleted the unfinished receive of {name} (thin device {id}), cut short by the last stop",
+                    p.name
+                ));
+            }
+        }
+        Ok(done)
+    }
+
     /// Refuses to delete or change a device that a job is using.
     fn check_unpinned(&self, f: &Found, name: &str) -> R<()> {
         match lock(&self.pins).get(&(f.pool.name.clone(), f.id)) {
