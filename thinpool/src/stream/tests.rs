@@ -427,6 +427,64 @@ fn a_receive_cut_in_its_first_record_resumes_and_its_name_stays_reserved() {
 }
 
 #[test]
+fn a_second_receive_of_a_stream_being_received_is_refused_and_spoils_nothing() {
+    use std::io::Write;
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 9, 40);
+    a.snap(1, 0, "s1");
+    let (whole, _) = a.send(1, None, 0);
+    let b = pool(128);
+    let reg = Mutex::new(Registry::new(b.reg.path(), 0));
+    let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let stream = whole.clone();
+    let writer = std::thread::spawn(move || {
+        // The header and a little more, then the rest once told.
+        tx.write_all(&stream[..4096]).unwrap();
+        go_rx.recv().unwrap();
+        tx.write_all(&stream[4096..]).unwrap();
+    });
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            receive(
+                &b.pool,
+                &reg,
+                &rx,
+                &ReceiveOptions::default(),
+                &mut |_, _| {},
+            )
+        });
+        // Wait until the first receive made its device.
+        while !reg
+            .lock()
+            .unwrap()
+            .devices
+            .values()
+            .any(|e| e.receiving.is_some())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The same stream again (a command given twice): refused, and it drops nothing.
+        let e = receive(
+            &b.pool,
+            &reg,
+            &whole[..],
+            &ReceiveOptions::default(),
+            &mut |_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("under way"), "{e}");
+        go_tx.send(()).unwrap();
+        let got = first.join().unwrap().unwrap();
+        assert_eq!(b.read_all(got.id), a.read_all(1));
+    });
+    writer.join().unwrap();
+    assert!(reg.lock().unwrap().receiving_now.is_empty());
+}
+
+#[test]
 fn only_snapshots_are_sent() {
     let mut a = pool(128);
     a.disk(0);
