@@ -868,3 +868,71 @@ fn a_snapshot_chain_moves_to_another_daemon_through_a_pipe() {
         "t2 differs after the move"
     );
 }
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn a_receive_from_a_fifo_that_gets_no_data_is_cancelled_and_does_not_hold_up_a_stop() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    // No writer ever comes.
+    let fifo = d.path("never.fifo");
+    mkfifo(&fifo);
+    c.execute(
+        "snapshot-receive",
+        json!({"job-id": "r1", "file": fifo, "pool": "b", "name": "x"}),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(wait_status(&mut c, "r1"), "running");
+    c.execute("job-cancel", json!({"id": "r1"})).unwrap();
+    let t0 = Instant::now();
+    let j = wait_job(&mut c, "r1");
+    assert_eq!(j["error"], "cancelled", "{j}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(entry(&mut c, "query-snapshots", "x").is_none());
+    // A writer that came and sends nothing: the daemon's stop cancels the job and ends.
+    let idle = d.path("idle.fifo");
+    mkfifo(&idle);
+    c.execute(
+        "snapshot-receive",
+        json!({"job-id": "r2", "file": idle, "pool": "b", "name": "y"}),
+    )
+    .unwrap();
+    let _writer = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&idle)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(wait_status(&mut c, "r2"), "running");
+    drop(c);
+    let mut child = d.child.take().unwrap();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the daemon did not stop: a receive job kept it waiting");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}

@@ -8,6 +8,7 @@ use super::{lock, Manager, PoolHandle, R};
 use crate::mgmt::QmpError;
 use serde_json::{json, Value};
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -160,6 +161,48 @@ pub(super) fn copy_snapshot(
             }
         }
     })
+}
+
+/// A stream file opened without blocking, read by waiting for data a little at a time so
+/// that a cancel is seen: a FIFO whose writer has not come yet, or came and stopped
+/// writing, would otherwise keep the job blocked in a read that no cancel ends.
+struct Polled {
+    file: std::fs::File,
+    job: Arc<super::jobs::Job>,
+}
+
+impl Read for Polled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            if self.job.cancelled() {
+                return Err(std::io::Error::other(super::jobs::CANCELLED));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for a descriptor `self.file` keeps open.
+            let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // Nothing yet (a FIFO reports nothing, not even a hang-up, until a writer
+            // has come): look at the cancel again.
+            if n == 0 {
+                continue;
+            }
+            match self.file.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
 }
 
 /// Keeps the last [`OUTPUT_TAIL`] bytes of a child's output.
@@ -454,10 +497,20 @@ impl Manager {
         let job = self
             .jobs
             .start(job_id, "receive", description, move |ctx| {
-                let f = std::fs::File::open(&file).map_err(|e| {
-                    QmpError::generic(format!("cannot open {}: {e}", file.display()))
-                })?;
-                let got = receive_from(&dst, f, name, resumable, ctx, true)?;
+                // Without blocking: opening a FIFO (`ctl receive -`) blocks until a writer
+                // comes, which a cancel or the daemon's shutdown would wait for forever.
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&file)
+                    .map_err(|e| {
+                        QmpError::generic(format!("cannot open {}: {e}", file.display()))
+                    })?;
+                let input = Polled {
+                    file: f,
+                    job: ctx.flag(),
+                };
+                let got = receive_from(&dst, input, name, resumable, ctx, true)?;
                 dst.space.space_changed();
                 Ok(json!({
                     "pool": dst.name,
