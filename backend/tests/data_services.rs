@@ -936,3 +936,26 @@ fn a_receive_from_a_fifo_that_gets_no_data_is_cancelled_and_does_not_hold_up_a_s
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn a_send_into_a_command_that_read_everything_but_does_not_exit_is_cancelled() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    write_pattern(&d.path("vm.sock"), 3, &[1]);
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "s1"}))
+        .unwrap();
+    c.execute(
+        "snapshot-send",
+        json!({"job-id": "c1", "snapshot": "s1",
+               "command": ["sh", "-c", "cat >/dev/null; exec sleep 60"]}),
+    )
+    .unwrap();
+    // The whole stream went into the command; it goes on running.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(wait_status(&mut c, "c1"), "running");
+    c.execute("job-cancel", json!({"id": "c1"})).unwrap();
+    let t0 = Instant::now();
+    let j = wait_job(&mut c, "c1");
+    assert_eq!(j["error"], "cancelled", "{j}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

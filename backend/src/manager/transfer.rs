@@ -283,7 +283,20 @@ pub(super) fn send_to_command(
             killed = child.kill().is_ok();
         }
     }
-    let status = child.wait();
+    // A command that read the whole stream may still take its time to exit (an ssh whose
+    // far end is stuck): a cancel must end that wait too, as it ends the send.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) => {
+                if ctx.cancelled() && !killed {
+                    killed = child.kill().is_ok();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(e) => break Err(e),
+        }
+    };
     let out = out.join().unwrap_or_default();
     let err = err.join().unwrap_or_default();
     let failed = |s: std::process::ExitStatus| {
