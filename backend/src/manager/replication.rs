@@ -135,6 +135,9 @@ impl Manager {
         keep: u32,
         target: ReplicationTarget,
     ) -> R<Value> {
+        // Two at once would each start a thread and one would be forgotten, running
+        // rounds beside the other for ever.
+        let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
@@ -173,6 +176,7 @@ impl Manager {
 
     /// `replication-stop`: ends the schedule; the snapshots made so far stay.
     pub fn replication_stop(&self, disk: &str) -> R<Value> {
+        let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
         if f.entry.replication.is_none() {
             return Err(QmpError::generic(format!("'{disk}' is not replicated")));
@@ -279,6 +283,7 @@ impl Manager {
 
     /// Stops every replication thread (shutdown); the schedules stay in the registries.
     pub fn stop_replication(&self) {
+        let _rop = lock(&self.replication_op);
         let all: Vec<Replicator> = std::mem::take(&mut *lock(&self.replicators))
             .into_values()
             .collect();
@@ -313,7 +318,7 @@ impl Manager {
             .spawn(move || schedule(me, &name, &st, &sig));
         match thread {
             Ok(t) => {
-                lock(&self.replicators).insert(
+                let displaced = lock(&self.replicators).insert(
                     disk.to_string(),
                     Replicator {
                         status,
@@ -321,6 +326,11 @@ impl Manager {
                         thread: Some(t),
                     },
                 );
+                // Never two threads for one disk: one no longer in the map could not be
+                // stopped any more.
+                if let Some(d) = displaced {
+                    d.signal_stop();
+                }
             }
             Err(e) => tracing::error!("{disk}: cannot start replication: {e}"),
         }
