@@ -271,10 +271,9 @@ impl Manager {
     }
 
     fn cancel_rounds(&self, disk: &str) {
-        let prefix = format!("replicate-{disk}-");
         if let Some(jobs) = self.jobs.query().as_array() {
             for j in jobs {
-                if let Some(id) = j["id"].as_str().filter(|id| id.starts_with(&prefix)) {
+                if let Some(id) = j["id"].as_str().filter(|id| is_round_of(id, disk)) {
                     let _ = self.jobs.cancel(id);
                 }
             }
@@ -497,6 +496,15 @@ impl Manager {
     }
 }
 
+/// Whether job `id` is a round of `disk` (`replicate-<disk>-<seq>`): not of another disk
+/// whose name starts with this one's and a dash (`vm` and `vm-2`).
+fn is_round_of(id: &str, disk: &str) -> bool {
+    id.strip_prefix("replicate-")
+        .and_then(|r| r.strip_prefix(disk))
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The replication thread of `disk`: a round, then sleep until the next (or a wake).
 fn schedule(
     me: Weak<Manager>,
@@ -579,6 +587,15 @@ fn schedule(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_of_a_disk_are_not_those_of_a_disk_with_a_longer_name() {
+        assert!(is_round_of("replicate-vm-7", "vm"));
+        assert!(!is_round_of("replicate-vm-2-7", "vm"));
+        assert!(is_round_of("replicate-vm-2-7", "vm-2"));
+        assert!(!is_round_of("replicate-vm-", "vm"));
+        assert!(!is_round_of("send-vm-7", "vm"));
+    }
 
     #[test]
     fn series_takes_only_the_disk_s_numbered_snapshots_in_order() {
