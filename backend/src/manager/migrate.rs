@@ -70,15 +70,6 @@ fn lineage(reg: &thinpool::registry::Registry, disk: u32) -> Vec<u32> {
     v.into_iter().map(|(_, id)| id).collect()
 }
 
-fn mark(p: &PoolHandle, id: u32, m: Migration) -> R<()> {
-    p.change(|_, reg| {
-        if let Some(e) = reg.devices.get_mut(&id) {
-            e.migration = Some(m);
-        }
-        Ok(())
-    })
-}
-
 /// A helper snapshot of `disk` in `p`, marked outgoing.
 fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     let created = crate::offline::now_secs();
@@ -193,10 +184,19 @@ impl Manager {
         let mut n = 0usize;
         let mut copy = |made: &mut Made, snap: u32, base: Option<u32>| -> R<(u32, u64)> {
             ctx.check()?;
-            let c = copy_snapshot(src, snap, base, dst, format!(".{job}.in{n}"), ctx)?;
+            // Marked from its creation: a crash before the switch never leaves a copy
+            // that the next start does not know for the migration's.
+            let c = copy_snapshot(
+                src,
+                snap,
+                base,
+                dst,
+                format!(".{job}.in{n}"),
+                ctx,
+                Some(incoming()),
+            )?;
             n += 1;
             made.dst.push(c.received.id);
-            mark(dst, c.received.id, incoming())?;
             Ok((c.received.id, c.sent.data_bytes))
         };
         // The snapshots, as an incremental chain.

@@ -426,7 +426,7 @@ impl Manager {
                 let seq = snap.rsplit("@r").next().unwrap_or("0");
                 let name = format!("{prefix}@r{seq}");
                 self.name_free(&name)?;
-                let c = copy_snapshot(&s.pool, s.id, base_id, &dst, name, ctx)?;
+                let c = copy_snapshot(&s.pool, s.id, base_id, &dst, name, ctx, None)?;
                 dst.space.space_changed();
                 c.sent.stream_bytes
             }

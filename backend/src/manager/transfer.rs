@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use thinpool::registry::Migration;
 use thinpool::stream::{
     self, format::StreamReader, ReceiveError, ReceiveOptions, Received, SendOptions, SendStats,
 };
@@ -90,11 +91,13 @@ fn receive_from(
     resumable: bool,
     ctx: &JobCtx,
     report_progress: bool,
+    migration: Option<Migration>,
 ) -> R<Received> {
     let input = BufReader::with_capacity(1 << 20, Cancellable::new(input, ctx.flag()));
     let opts = ReceiveOptions {
         name,
         resumable,
+        migration,
         ..Default::default()
     };
     let r = stream::receive(&dst.pool, &dst.registry, input, &opts, &mut |d, t| {
@@ -118,7 +121,8 @@ fn receive_from(
 
 /// Copies snapshot `snap` of `src` (incremental on `base`, which `dst` must have received)
 /// into `dst` as `name`: the stream runs through a socket pair between a sending thread and
-/// this one, so the copy is exactly what send and receive do between daemons.
+/// this one, so the copy is exactly what send and receive do between daemons. The copy's
+/// entry carries `migration` from its creation on.
 pub(super) fn copy_snapshot(
     src: &PoolHandle,
     snap: u32,
@@ -126,6 +130,7 @@ pub(super) fn copy_snapshot(
     dst: &PoolHandle,
     name: String,
     ctx: &JobCtx,
+    migration: Option<Migration>,
 ) -> R<Copied> {
     let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
     src.ensure_guids(&ids)?;
@@ -137,7 +142,7 @@ pub(super) fn copy_snapshot(
             let _ = tx.shutdown(std::net::Shutdown::Write);
             r
         });
-        let received = receive_from(dst, &rx, Some(name), false, ctx, false);
+        let received = receive_from(dst, &rx, Some(name), false, ctx, false, migration);
         // A receiver that stopped early leaves the sender writing into a closed socket
         // (EPIPE), which ends it.
         drop(rx);
@@ -415,7 +420,7 @@ impl Manager {
         let job = self.jobs.start(job_id, "send", description, move |ctx| {
             let _pins = pins;
             if let Some((dst, name)) = to_pool {
-                let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx)?;
+                let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx, None)?;
                 dst.space.space_changed();
                 return Ok(json!({
                     "pool": dst.name,
@@ -523,7 +528,7 @@ impl Manager {
                     file: f,
                     job: ctx.flag(),
                 };
-                let got = receive_from(&dst, input, name, resumable, ctx, true)?;
+                let got = receive_from(&dst, input, name, resumable, ctx, true, None)?;
                 dst.space.space_changed();
                 Ok(json!({
                     "pool": dst.name,

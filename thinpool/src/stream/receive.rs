@@ -11,7 +11,7 @@
 use super::format::{Record, StreamHeader, StreamReader};
 use super::{ResumeToken, StreamError};
 use crate::pool::Pool;
-use crate::registry::{make_serial, DeviceEntry, PartialReceive, Registry};
+use crate::registry::{make_serial, DeviceEntry, Migration, PartialReceive, Registry};
 use std::io::Read;
 use std::sync::{Mutex, MutexGuard};
 
@@ -29,6 +29,9 @@ pub struct ReceiveOptions {
     pub resumable: bool,
     /// A resumable receive commits after this many device bytes.
     pub commit_every: u64,
+    /// A mark the device's entry carries from its first commit on (a copy made by a
+    /// migration): a crash at any point leaves it recognisable as the migration's.
+    pub migration: Option<Migration>,
 }
 
 impl Default for ReceiveOptions {
@@ -37,6 +40,7 @@ impl Default for ReceiveOptions {
             name: None,
             resumable: false,
             commit_every: 256 << 20,
+            migration: None,
         }
     }
 }
@@ -191,7 +195,7 @@ fn target(
                 resumable: opts.resumable,
             }),
             merge_offset: None,
-            migration: None,
+            migration: opts.migration.clone(),
             replication: None,
         },
     )?;

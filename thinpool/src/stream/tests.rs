@@ -485,6 +485,48 @@ fn a_second_receive_of_a_stream_being_received_is_refused_and_spoils_nothing() {
 }
 
 #[test]
+fn a_migration_mark_is_on_the_received_entry_from_its_first_commit() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 11, 40);
+    a.snap(1, 0, "s1");
+    let (whole, _) = a.send(1, None, 0);
+    let mut b = pool(128);
+    let mark = crate::registry::Migration::Incoming { job: "m".into() };
+    let recv = |b: &mut P, stream: &[u8]| {
+        let opts = ReceiveOptions {
+            resumable: true,
+            migration: Some(mark.clone()),
+            ..Default::default()
+        };
+        let placeholder = Registry::new(b.reg.path(), 0);
+        let reg = Mutex::new(std::mem::replace(&mut b.reg, placeholder));
+        let r = receive(&b.pool, &reg, stream, &opts, &mut |_, _| {});
+        b.reg = reg.into_inner().unwrap();
+        r
+    };
+    // Cut off, then a crash: what the next start finds is marked.
+    let Err(ReceiveError::Interrupted(_)) = recv(&mut b, &whole[..whole.len() / 2]) else {
+        panic!("expected an interruption")
+    };
+    b.crash_and_reopen();
+    let marked: Vec<_> = b
+        .reg
+        .devices
+        .values()
+        .map(|e| e.migration.clone())
+        .collect();
+    assert_eq!(marked, vec![Some(mark.clone())]);
+    // Resumed to the end: still marked.
+    let id = b.reg.devices.keys().next().copied().unwrap();
+    let offset = b.reg.devices[&id].receiving.as_ref().unwrap().next_offset;
+    let (rest, _) = a.send(1, None, offset);
+    let got = recv(&mut b, &rest).unwrap();
+    b.crash_and_reopen();
+    assert_eq!(b.reg.devices[&got.id].migration, Some(mark));
+}
+
+#[test]
 fn only_snapshots_are_sent() {
     let mut a = pool(128);
     a.disk(0);
