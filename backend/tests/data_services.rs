@@ -939,3 +939,96 @@ fn a_receive_cut_short_by_a_crash_is_dropped_at_the_next_start() {
     let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
     assert!(j.get("error").is_none(), "{j}");
 }
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn a_receive_from_a_fifo_that_gets_no_data_is_cancelled_and_does_not_hold_up_a_stop() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    // No writer ever comes.
+    let fifo = d.path("never.fifo");
+    mkfifo(&fifo);
+    c.execute(
+        "snapshot-receive",
+        json!({"job-id": "r1", "file": fifo, "pool": "b", "name": "x"}),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(wait_status(&mut c, "r1"), "running");
+    c.execute("job-cancel", json!({"id": "r1"})).unwrap();
+    let t0 = Instant::now();
+    let j = wait_job(&mut c, "r1");
+    assert_eq!(j["error"], "cancelled", "{j}");
+    // A bound on hanging, not a speed figure: the job blocked on the FIFO would wait forever.
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    assert!(entry(&mut c, "query-snapshots", "x").is_none());
+    // A writer that came and sends nothing: the daemon's stop cancels the job and ends.
+    let idle = d.path("idle.fifo");
+    mkfifo(&idle);
+    c.execute(
+        "snapshot-receive",
+        json!({"job-id": "r2", "file": idle, "pool": "b", "name": "y"}),
+    )
+    .unwrap();
+    let _writer = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&idle)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(wait_status(&mut c, "r2"), "running");
+    drop(c);
+    let mut child = d.child.take().unwrap();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the daemon did not stop: a receive job kept it waiting");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_send_into_a_command_that_read_everything_but_does_not_exit_is_cancelled() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    write_pattern(&d.path("vm.sock"), 3, &[1]);
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "s1"}))
+        .unwrap();
+    c.execute(
+        "snapshot-send",
+        json!({"job-id": "c1", "snapshot": "s1",
+               "command": ["sh", "-c", "cat >/dev/null; exec sleep 60"]}),
+    )
+    .unwrap();
+    // The whole stream went into the command; it goes on running.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(wait_status(&mut c, "c1"), "running");
+    c.execute("job-cancel", json!({"id": "c1"})).unwrap();
+    let t0 = Instant::now();
+    let j = wait_job(&mut c, "c1");
+    assert_eq!(j["error"], "cancelled", "{j}");
+    // Well before the command's own 60 s: it was killed, not waited for.
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}

@@ -13,7 +13,7 @@
 //! registry entry without a pool device is reported.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -168,6 +168,10 @@ pub struct Registry {
     saved: Option<State>,
     /// What the file holds as the previous state.
     previous: Option<State>,
+    /// Devices that a receive of this process is writing into now (not saved): a second
+    /// receive of the same stream must not take such a device for an interrupted one and
+    /// write into it too.
+    pub receiving_now: BTreeSet<u32>,
 }
 
 /// How the registry and the pool relate.
@@ -196,6 +200,7 @@ impl Registry {
             devices: BTreeMap::new(),
             saved: None,
             previous: None,
+            receiving_now: BTreeSet::new(),
         }
     }
 
@@ -233,6 +238,7 @@ impl Registry {
             }),
             devices: d.devices,
             previous: d.previous,
+            receiving_now: BTreeSet::new(),
         }))
     }
 

@@ -27,6 +27,9 @@ type R<T> = Result<T, QmpError>;
 /// Concluded jobs kept for `query-jobs` before the oldest are forgotten.
 pub const KEEP_CONCLUDED: usize = 64;
 
+/// The longest job id.
+pub const MAX_ID: usize = 128;
+
 /// How often a running job reports its progress as an event.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -227,8 +230,12 @@ impl Jobs {
     {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let id = id.unwrap_or_else(|| format!("{kind}-{seq}"));
-        if id.is_empty() || id.len() > 64 {
-            return Err(QmpError::generic("'job-id' must be 1 to 64 characters"));
+        // Room for the ids the daemon makes itself: `replicate-<disk>-<seq>` with a disk
+        // name of up to 64 characters.
+        if id.is_empty() || id.len() > MAX_ID {
+            return Err(QmpError::generic(format!(
+                "'job-id' must be 1 to {MAX_ID} characters"
+            )));
         }
         let job = Arc::new(Job {
             id: id.clone(),
@@ -488,6 +495,16 @@ mod tests {
             .unwrap();
         assert!(jobs
             .start(Some(String::new()), "t", String::new(), |_| Ok(json!({})))
+            .is_err());
+        // A replication round's id for a disk with the longest name fits.
+        let round = format!("replicate-{}-{}", "d".repeat(64), u64::MAX);
+        jobs.start(Some(round.clone()), "t", String::new(), |_| Ok(json!({})))
+            .unwrap();
+        jobs.wait(&round).unwrap().unwrap();
+        assert!(jobs
+            .start(Some("j".repeat(MAX_ID + 1)), "t", String::new(), |_| Ok(
+                json!({})
+            ))
             .is_err());
         assert_eq!(jobs.get("nope").unwrap_err().class, "DeviceNotFound");
     }

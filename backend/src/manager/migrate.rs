@@ -184,11 +184,17 @@ impl Manager {
         let mut n = 0usize;
         let mut copy = |made: &mut Made, snap: u32, base: Option<u32>| -> R<(u32, u64)> {
             ctx.check()?;
-            // Marked incoming from the receive's first commit: a crash during the copy, or
-            // right after it, leaves nothing that the next start does not recognise as this
-            // migration's and delete.
-            let name = format!(".{job}.in{n}");
-            let c = copy_snapshot(src, snap, base, dst, name, Some(incoming()), ctx)?;
+            // Marked from its creation: a crash before the switch never leaves a copy
+            // that the next start does not know for the migration's.
+            let c = copy_snapshot(
+                src,
+                snap,
+                base,
+                dst,
+                format!(".{job}.in{n}"),
+                ctx,
+                Some(incoming()),
+            )?;
             n += 1;
             made.dst.push(c.received.id);
             Ok((c.received.id, c.sent.data_bytes))

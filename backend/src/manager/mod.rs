@@ -106,6 +106,9 @@ pub struct Manager {
     pins: Arc<Mutex<BTreeMap<(String, u32), &'static str>>>,
     /// Replication threads by disk name.
     replicators: Mutex<BTreeMap<String, replication::Replicator>>,
+    /// One replication-start or -stop at a time (they wait for a round under way, which
+    /// may need `op`, so they cannot take `op` itself).
+    replication_op: Mutex<()>,
 }
 
 /// Devices pinned for a job; unpinned when dropped.
@@ -178,6 +181,7 @@ impl Manager {
             socket_dir,
             pins: Arc::default(),
             replicators: Mutex::default(),
+            replication_op: Mutex::default(),
         })
     }
 

@@ -135,6 +135,9 @@ impl Manager {
         keep: u32,
         target: ReplicationTarget,
     ) -> R<Value> {
+        // Two at once would each start a thread and one would be forgotten, running
+        // rounds beside the other for ever.
+        let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
         if f.entry.snapshot {
             return Err(QmpError::generic(format!(
@@ -173,6 +176,7 @@ impl Manager {
 
     /// `replication-stop`: ends the schedule; the snapshots made so far stay.
     pub fn replication_stop(&self, disk: &str) -> R<Value> {
+        let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
         if f.entry.replication.is_none() {
             return Err(QmpError::generic(format!("'{disk}' is not replicated")));
@@ -267,10 +271,9 @@ impl Manager {
     }
 
     fn cancel_rounds(&self, disk: &str) {
-        let prefix = format!("replicate-{disk}-");
         if let Some(jobs) = self.jobs.query().as_array() {
             for j in jobs {
-                if let Some(id) = j["id"].as_str().filter(|id| id.starts_with(&prefix)) {
+                if let Some(id) = j["id"].as_str().filter(|id| is_round_of(id, disk)) {
                     let _ = self.jobs.cancel(id);
                 }
             }
@@ -279,6 +282,7 @@ impl Manager {
 
     /// Stops every replication thread (shutdown); the schedules stay in the registries.
     pub fn stop_replication(&self) {
+        let _rop = lock(&self.replication_op);
         let all: Vec<Replicator> = std::mem::take(&mut *lock(&self.replicators))
             .into_values()
             .collect();
@@ -313,7 +317,7 @@ impl Manager {
             .spawn(move || schedule(me, &name, &st, &sig));
         match thread {
             Ok(t) => {
-                lock(&self.replicators).insert(
+                let displaced = lock(&self.replicators).insert(
                     disk.to_string(),
                     Replicator {
                         status,
@@ -321,6 +325,11 @@ impl Manager {
                         thread: Some(t),
                     },
                 );
+                // Never two threads for one disk: one no longer in the map could not be
+                // stopped any more.
+                if let Some(d) = displaced {
+                    d.signal_stop();
+                }
             }
             Err(e) => tracing::error!("{disk}: cannot start replication: {e}"),
         }
@@ -417,7 +426,7 @@ impl Manager {
                 let seq = snap.rsplit("@r").next().unwrap_or("0");
                 let name = format!("{prefix}@r{seq}");
                 self.name_free(&name)?;
-                let c = copy_snapshot(&s.pool, s.id, base_id, &dst, name, None, ctx)?;
+                let c = copy_snapshot(&s.pool, s.id, base_id, &dst, name, ctx, None)?;
                 dst.space.space_changed();
                 c.sent.stream_bytes
             }
@@ -485,6 +494,15 @@ impl Manager {
             }
         }
     }
+}
+
+/// Whether job `id` is a round of `disk` (`replicate-<disk>-<seq>`): not of another disk
+/// whose name starts with this one's and a dash (`vm` and `vm-2`).
+fn is_round_of(id: &str, disk: &str) -> bool {
+    id.strip_prefix("replicate-")
+        .and_then(|r| r.strip_prefix(disk))
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The replication thread of `disk`: a round, then sleep until the next (or a wake).
@@ -569,6 +587,15 @@ fn schedule(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_of_a_disk_are_not_those_of_a_disk_with_a_longer_name() {
+        assert!(is_round_of("replicate-vm-7", "vm"));
+        assert!(!is_round_of("replicate-vm-2-7", "vm"));
+        assert!(is_round_of("replicate-vm-2-7", "vm-2"));
+        assert!(!is_round_of("replicate-vm-", "vm"));
+        assert!(!is_round_of("send-vm-7", "vm"));
+    }
 
     #[test]
     fn series_takes_only_the_disk_s_numbered_snapshots_in_order() {

@@ -8,6 +8,7 @@ use super::{lock, Manager, PoolHandle, R};
 use crate::mgmt::QmpError;
 use serde_json::{json, Value};
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -88,9 +89,9 @@ fn receive_from(
     input: impl Read,
     name: Option<String>,
     resumable: bool,
-    migration: Option<Migration>,
     ctx: &JobCtx,
     report_progress: bool,
+    migration: Option<Migration>,
 ) -> R<Received> {
     let input = BufReader::with_capacity(1 << 20, Cancellable::new(input, ctx.flag()));
     let opts = ReceiveOptions {
@@ -120,16 +121,16 @@ fn receive_from(
 
 /// Copies snapshot `snap` of `src` (incremental on `base`, which `dst` must have received)
 /// into `dst` as `name`: the stream runs through a socket pair between a sending thread and
-/// this one, so the copy is exactly what send and receive do between daemons. `migration`
-/// marks the copy from the receive's first commit on (see [`ReceiveOptions::migration`]).
+/// this one, so the copy is exactly what send and receive do between daemons. The copy's
+/// entry carries `migration` from its creation on.
 pub(super) fn copy_snapshot(
     src: &PoolHandle,
     snap: u32,
     base: Option<u32>,
     dst: &PoolHandle,
     name: String,
-    migration: Option<Migration>,
     ctx: &JobCtx,
+    migration: Option<Migration>,
 ) -> R<Copied> {
     let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
     src.ensure_guids(&ids)?;
@@ -141,7 +142,7 @@ pub(super) fn copy_snapshot(
             let _ = tx.shutdown(std::net::Shutdown::Write);
             r
         });
-        let received = receive_from(dst, &rx, Some(name), false, migration, ctx, false);
+        let received = receive_from(dst, &rx, Some(name), false, ctx, false, migration);
         // A receiver that stopped early leaves the sender writing into a closed socket
         // (EPIPE), which ends it.
         drop(rx);
@@ -165,6 +166,48 @@ pub(super) fn copy_snapshot(
             }
         }
     })
+}
+
+/// A stream file opened without blocking, read by waiting for data a little at a time so
+/// that a cancel is seen: a FIFO whose writer has not come yet, or came and stopped
+/// writing, would otherwise keep the job blocked in a read that no cancel ends.
+struct Polled {
+    file: std::fs::File,
+    job: Arc<super::jobs::Job>,
+}
+
+impl Read for Polled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            if self.job.cancelled() {
+                return Err(std::io::Error::other(super::jobs::CANCELLED));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for a descriptor `self.file` keeps open.
+            let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // Nothing yet (a FIFO reports nothing, not even a hang-up, until a writer
+            // has come): look at the cancel again.
+            if n == 0 {
+                continue;
+            }
+            match self.file.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
 }
 
 /// Keeps the last [`OUTPUT_TAIL`] bytes of a child's output.
@@ -245,7 +288,20 @@ pub(super) fn send_to_command(
             killed = child.kill().is_ok();
         }
     }
-    let status = child.wait();
+    // A command that read the whole stream may still take its time to exit (an ssh whose
+    // far end is stuck): a cancel must end that wait too, as it ends the send.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) => {
+                if ctx.cancelled() && !killed {
+                    killed = child.kill().is_ok();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(e) => break Err(e),
+        }
+    };
     let out = out.join().unwrap_or_default();
     let err = err.join().unwrap_or_default();
     let failed = |s: std::process::ExitStatus| {
@@ -364,7 +420,7 @@ impl Manager {
         let job = self.jobs.start(job_id, "send", description, move |ctx| {
             let _pins = pins;
             if let Some((dst, name)) = to_pool {
-                let c = copy_snapshot(&src, snap, base_id, &dst, name, None, ctx)?;
+                let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx, None)?;
                 dst.space.space_changed();
                 return Ok(json!({
                     "pool": dst.name,
@@ -459,10 +515,20 @@ impl Manager {
         let job = self
             .jobs
             .start(job_id, "receive", description, move |ctx| {
-                let f = std::fs::File::open(&file).map_err(|e| {
-                    QmpError::generic(format!("cannot open {}: {e}", file.display()))
-                })?;
-                let got = receive_from(&dst, f, name, resumable, None, ctx, true)?;
+                // Without blocking: opening a FIFO (`ctl receive -`) blocks until a writer
+                // comes, which a cancel or the daemon's shutdown would wait for forever.
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&file)
+                    .map_err(|e| {
+                        QmpError::generic(format!("cannot open {}: {e}", file.display()))
+                    })?;
+                let input = Polled {
+                    file: f,
+                    job: ctx.flag(),
+                };
+                let got = receive_from(&dst, input, name, resumable, ctx, true, None)?;
                 dst.space.space_changed();
                 Ok(json!({
                     "pool": dst.name,

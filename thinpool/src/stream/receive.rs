@@ -29,9 +29,8 @@ pub struct ReceiveOptions {
     pub resumable: bool,
     /// A resumable receive commits after this many device bytes.
     pub commit_every: u64,
-    /// The received device's part in a move between pools, set in its first commit: a
-    /// crash at any point of the receive, or before the mover could mark it afterwards,
-    /// would otherwise leave a device that nothing recognises as the move's.
+    /// A mark the device's entry carries from its first commit on (a copy made by a
+    /// migration): a crash at any point leaves it recognisable as the migration's.
     pub migration: Option<Migration>,
 }
 
@@ -117,6 +116,13 @@ fn target(
             None => Err(refused(format!(
                 "this snapshot is already in the pool as {} (thin device {id})",
                 e.name.as_deref().unwrap_or("(unnamed)")
+            ))),
+            // Not interrupted: a receive of this process is writing into it now (the
+            // registry is unlocked while data goes in). Writing the same stream into it a
+            // second time would mix two receives, and the one that fails would delete
+            // what the other completed.
+            Some(_) if reg.receiving_now.contains(&id) => Err(refused(format!(
+                "a receive of this snapshot into thin device {id} is under way: wait for it or cancel it"
             ))),
             // Where the interrupted receive stopped (0 too, when it stopped in its first
             // record): go on.
@@ -214,11 +220,19 @@ pub fn receive<R: Read>(
 ) -> Result<Received, ReceiveError> {
     let mut reader = StreamReader::new(input)?;
     let h = reader.header().clone();
-    let (id, base, name) = target(pool, &mut locked(reg), &h, opts)?;
-    let resumable = locked(reg).devices[&id]
-        .receiving
-        .as_ref()
-        .is_some_and(|p| p.resumable);
+    // The device is marked as being written in the same lock that found or made it.
+    let (id, base, name, resumable) = {
+        let mut g = locked(reg);
+        let (id, base, name) = target(pool, &mut g, &h, opts)?;
+        g.receiving_now.insert(id);
+        let resumable = g
+            .devices
+            .get(&id)
+            .and_then(|e| e.receiving.as_ref())
+            .is_some_and(|p| p.resumable);
+        (id, base, name, resumable)
+    };
+    let _writing = Writing { reg, id };
     let mut next = h.resume_offset;
     let mut committed = next;
     let result = (|| -> Result<(), StreamError> {
@@ -241,7 +255,11 @@ pub fn receive<R: Read>(
     match result {
         Ok(()) => {
             let mut reg = locked(reg);
-            let mut e = reg.devices[&id].clone();
+            let mut e = reg.devices.get(&id).cloned().ok_or_else(|| {
+                refused(format!(
+                    "thin device {id} was deleted while it was being received"
+                ))
+            })?;
             e.receiving = None;
             e.name = Some(name.clone());
             reg.insert(id, e).map_err(StreamError::from)?;
@@ -278,6 +296,18 @@ pub fn receive<R: Read>(
             drop_device(pool, &mut locked(reg), id);
             Err(ReceiveError::Failed(cause))
         }
+    }
+}
+
+/// Unmarks a device as being written by this receive when it ends, however it ends.
+struct Writing<'a> {
+    reg: &'a Mutex<Registry>,
+    id: u32,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        locked(self.reg).receiving_now.remove(&self.id);
     }
 }
 

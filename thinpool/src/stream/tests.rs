@@ -427,6 +427,106 @@ fn a_receive_cut_in_its_first_record_resumes_and_its_name_stays_reserved() {
 }
 
 #[test]
+fn a_second_receive_of_a_stream_being_received_is_refused_and_spoils_nothing() {
+    use std::io::Write;
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 9, 40);
+    a.snap(1, 0, "s1");
+    let (whole, _) = a.send(1, None, 0);
+    let b = pool(128);
+    let reg = Mutex::new(Registry::new(b.reg.path(), 0));
+    let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let stream = whole.clone();
+    let writer = std::thread::spawn(move || {
+        // The header and a little more, then the rest once told.
+        tx.write_all(&stream[..4096]).unwrap();
+        go_rx.recv().unwrap();
+        tx.write_all(&stream[4096..]).unwrap();
+    });
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            receive(
+                &b.pool,
+                &reg,
+                &rx,
+                &ReceiveOptions::default(),
+                &mut |_, _| {},
+            )
+        });
+        // Wait until the first receive made its device.
+        while !reg
+            .lock()
+            .unwrap()
+            .devices
+            .values()
+            .any(|e| e.receiving.is_some())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The same stream again (a command given twice): refused, and it drops nothing.
+        let e = receive(
+            &b.pool,
+            &reg,
+            &whole[..],
+            &ReceiveOptions::default(),
+            &mut |_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("under way"), "{e}");
+        go_tx.send(()).unwrap();
+        let got = first.join().unwrap().unwrap();
+        assert_eq!(b.read_all(got.id), a.read_all(1));
+    });
+    writer.join().unwrap();
+    assert!(reg.lock().unwrap().receiving_now.is_empty());
+}
+
+#[test]
+fn a_migration_mark_is_on_the_received_entry_from_its_first_commit() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 11, 40);
+    a.snap(1, 0, "s1");
+    let (whole, _) = a.send(1, None, 0);
+    let mut b = pool(128);
+    let mark = crate::registry::Migration::Incoming { job: "m".into() };
+    let recv = |b: &mut P, stream: &[u8]| {
+        let opts = ReceiveOptions {
+            resumable: true,
+            migration: Some(mark.clone()),
+            ..Default::default()
+        };
+        let placeholder = Registry::new(b.reg.path(), 0);
+        let reg = Mutex::new(std::mem::replace(&mut b.reg, placeholder));
+        let r = receive(&b.pool, &reg, stream, &opts, &mut |_, _| {});
+        b.reg = reg.into_inner().unwrap();
+        r
+    };
+    // Cut off, then a crash: what the next start finds is marked.
+    let Err(ReceiveError::Interrupted(_)) = recv(&mut b, &whole[..whole.len() / 2]) else {
+        panic!("expected an interruption")
+    };
+    b.crash_and_reopen();
+    let marked: Vec<_> = b
+        .reg
+        .devices
+        .values()
+        .map(|e| e.migration.clone())
+        .collect();
+    assert_eq!(marked, vec![Some(mark.clone())]);
+    // Resumed to the end: still marked.
+    let id = b.reg.devices.keys().next().copied().unwrap();
+    let offset = b.reg.devices[&id].receiving.as_ref().unwrap().next_offset;
+    let (rest, _) = a.send(1, None, offset);
+    let got = recv(&mut b, &rest).unwrap();
+    b.crash_and_reopen();
+    assert_eq!(b.reg.devices[&got.id].migration, Some(mark));
+}
+
+#[test]
 fn only_snapshots_are_sent() {
     let mut a = pool(128);
     a.disk(0);
