@@ -576,6 +576,10 @@ fn replication_rounds_copy_snapshots_keep_the_last_and_survive_failures_and_rest
         "replication to pool b: {} rounds, last {} bytes, total {} bytes, lag {} s",
         r["rounds"], r["last-bytes"], r["total-bytes"], r["lag-seconds"]
     );
+    let e = c
+        .execute("disk-migrate", json!({"disk": "vm", "pool": "b"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("replicated into pool b"), "{e}");
     // Keep 2 on both sides (a round may be under way: at most one more).
     c.execute("replication-stop", json!({"disk": "vm"}))
         .unwrap();

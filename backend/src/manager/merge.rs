@@ -22,6 +22,42 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use thinpool::merge::{merge_into_origin, MergeOptions};
 
+/// While a merge rewrites an image: the served disks reading it refuse new guests, and no
+/// new disk may read it. Undone when dropped (the job ends, or the command fails).
+struct Closed {
+    disks: Vec<Arc<crate::blk::disk::Disk>>,
+    path: String,
+    merging: Arc<Manager>,
+}
+
+impl Closed {
+    fn new(m: &Arc<Manager>, readers: &BTreeSet<String>, path: &str) -> Closed {
+        lock(&m.merging).insert(path.to_string());
+        let disks: Vec<_> = lock(&m.disks)
+            .iter()
+            .filter(|(n, _)| readers.contains(*n))
+            .map(|(_, s)| s.disk.clone())
+            .collect();
+        for d in &disks {
+            d.closed.store(true, Ordering::SeqCst);
+        }
+        Closed {
+            disks,
+            path: path.to_string(),
+            merging: m.clone(),
+        }
+    }
+}
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        for d in &self.disks {
+            d.closed.store(false, Ordering::SeqCst);
+        }
+        lock(&self.merging.merging).remove(&self.path);
+    }
+}
+
 impl Manager {
     pub fn origin_merge(
         self: &Arc<Self>,
@@ -52,12 +88,8 @@ impl Manager {
             }
             set
         };
-        let connected: BTreeSet<String> = lock(&self.disks)
-            .iter()
-            .filter(|(_, s)| s.disk.connected.load(Ordering::SeqCst))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let mut in_use = Vec::new();
+        // Who reads the image: the snapshot's ancestry, and the others.
+        let mut readers = BTreeSet::new();
         let mut others = Vec::new();
         for p in self.pools.values() {
             let reg = lock(&p.registry);
@@ -66,15 +98,21 @@ impl Manager {
                     continue;
                 }
                 let name = e.name.clone().unwrap_or_else(|| format!("#{id}"));
-                if connected.contains(&name) {
-                    in_use.push(name.clone());
-                }
                 let own = p.name == f.pool.name && (*id == f.id || ancestry.contains(id));
                 if !own {
-                    others.push(name);
+                    others.push(name.clone());
                 }
+                readers.insert(name);
             }
         }
+        // Closed to new guests first, then checked for connected ones: a guest connecting
+        // in between is either refused or seen.
+        let closed = Closed::new(self, &readers, &path);
+        let in_use: Vec<String> = lock(&self.disks)
+            .iter()
+            .filter(|(n, s)| readers.contains(*n) && s.disk.connected.load(Ordering::SeqCst))
+            .map(|(n, _)| n.clone())
+            .collect();
         if !in_use.is_empty() {
             return Err(QmpError::generic(format!(
                 "{path} is read by disks connected to guests ({}): their unprovisioned blocks would change under them; disconnect them first",
@@ -101,6 +139,7 @@ impl Manager {
         let (ph, id, size) = (f.pool.clone(), f.id, f.entry.size);
         let job = self.jobs.start(job_id, "merge", description, move |ctx| {
             let _pins = pins;
+            let _closed = closed;
             let record = |offset: Option<u64>| {
                 ph.change(|_, reg| {
                     if let Some(e) = reg.devices.get_mut(&id) {

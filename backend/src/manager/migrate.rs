@@ -137,6 +137,15 @@ impl Manager {
                 "'{disk}' is in pool {to} already"
             )));
         }
+        if let Some(thinpool::registry::ReplicationTarget::Pool { pool, .. }) =
+            f.entry.replication.as_ref().map(|r| &r.target)
+        {
+            if pool == to {
+                return Err(QmpError::generic(format!(
+                    "'{disk}' is replicated into pool {to}: its replicas there would clash with the moved snapshots; stop or retarget the replication first"
+                )));
+            }
+        }
         let snaps = lineage(&lock(&f.pool.registry), f.id);
         let ids: Vec<u32> = snaps.iter().copied().chain([f.id]).collect();
         let pins = self.pin(&f.pool, &ids, "migrate")?;

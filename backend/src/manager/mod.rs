@@ -106,6 +106,8 @@ pub struct Manager {
     pins: Arc<Mutex<BTreeMap<(String, u32), &'static str>>>,
     /// Replication threads by disk name.
     replicators: Mutex<BTreeMap<String, replication::Replicator>>,
+    /// External origins (paths) an origin-merge is rewriting: no new disk may read them.
+    merging: Mutex<std::collections::BTreeSet<String>>,
     /// One replication-start or -stop at a time (they wait for a round under way, which
     /// may need `op`, so they cannot take `op` itself).
     replication_op: Mutex<()>,
@@ -182,6 +184,7 @@ impl Manager {
             pins: Arc::default(),
             replicators: Mutex::default(),
             replication_op: Mutex::default(),
+            merging: Mutex::default(),
         })
     }
 
@@ -762,6 +765,15 @@ impl Manager {
                 Some((abs, Arc::new(o)))
             }
         };
+        let reads = external
+            .as_ref()
+            .map(|(p, _)| p)
+            .or(inherited_external.as_ref());
+        if let Some(p) = reads.filter(|p| lock(&self.merging).contains(*p)) {
+            return Err(QmpError::generic(format!(
+                "{p} is being rewritten by an origin-merge: wait for it to end"
+            )));
+        }
         // A disk over an external origin is as big as the image unless told otherwise.
         let new_size = new
             .size
@@ -967,10 +979,17 @@ impl Manager {
         Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
     }
 
-    pub fn snapshot_delete(&self, name: &str) -> R<Value> {
+    pub fn snapshot_delete(&self, name: &str, force: bool) -> R<Value> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
         self.check_unpinned(&f, name)?;
+        if let (Some(at), Some(img), false) =
+            (f.entry.merge_offset, &f.entry.external_origin, force)
+        {
+            return Err(QmpError::generic(format!(
+                "an interrupted merge of '{name}' into {img} stopped at byte {at}: the image is half written; finish it with origin-merge, or pass force to delete the snapshot anyway"
+            )));
+        }
         if !f.entry.snapshot {
             return Err(QmpError::generic(format!(
                 "'{name}' is a disk, not a snapshot: use disk-remove"
@@ -1246,6 +1265,14 @@ fn serve_loop(
         };
         if stop.load(Ordering::SeqCst) {
             return;
+        }
+        if disk.closed.load(Ordering::SeqCst) {
+            // The frontend sees the connection end and retries (QEMU's reconnect=…).
+            tracing::warn!(
+                "{}: connection refused: the image this disk reads is being merged into",
+                disk.name
+            );
+            continue;
         }
         let backend = Arc::new(BlkBackend::new(disk.clone()));
         let mut daemon = match VhostUserDaemon::new(

@@ -385,7 +385,7 @@ impl Manager {
             }
             Err(e) => {
                 // This round's snapshot is no base for anyone: drop it.
-                if let Err(d) = self.snapshot_delete(&snap) {
+                if let Err(d) = self.snapshot_delete(&snap, false) {
                     tracing::warn!(
                         "{disk}: cannot delete {snap} after a failed round: {}",
                         d.desc
@@ -489,7 +489,7 @@ impl Manager {
             );
         }
         for n in doomed {
-            if let Err(e) = self.snapshot_delete(&n) {
+            if let Err(e) = self.snapshot_delete(&n, false) {
                 tracing::warn!("{disk}: cannot prune {n}: {}", e.desc);
             }
         }

@@ -129,8 +129,9 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
         }
         "snapshot-delete" => {
             let name = a.str("name")?;
+            let force = a.opt_bool("force")?.unwrap_or(false);
             a.finish()?;
-            m.snapshot_delete(&name)?
+            m.snapshot_delete(&name, force)?
         }
         "snapshot-revert" => {
             let disk = a.str("disk")?;
