@@ -157,6 +157,7 @@ fn full_and_incremental_chains_recreate_every_snapshot_across_block_sizes() {
             assert_eq!(got.name, format!("s{round}"));
             assert_eq!(got.base.is_some(), prev.is_some());
             assert_eq!(st.stream_bytes, stream.len() as u64);
+            assert_eq!(got.stream_bytes, stream.len() as u64);
             assert_eq!(
                 b.read_all(got.id),
                 a.read_all(snap),
