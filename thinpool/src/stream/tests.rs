@@ -98,8 +98,17 @@ impl P {
         };
         let placeholder = Registry::new(self.reg.path(), 0);
         let reg = Mutex::new(std::mem::replace(&mut self.reg, placeholder));
-        let r = receive(&self.pool, &reg, stream, &opts, &mut |_, _| {});
+        let mut last = None;
+        let r = receive(&self.pool, &reg, stream, &opts, &mut |d, t| {
+            last = Some((d, t))
+        });
         self.reg = reg.into_inner().unwrap();
+        // A finished receive has all of the device, unmapped tail included: a job's progress
+        // ends complete.
+        if r.is_ok() {
+            let (done, total) = last.expect("a finished receive reports progress");
+            assert_eq!(done, total, "progress at the end of a receive");
+        }
         r
     }
 
