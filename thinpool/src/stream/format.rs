@@ -325,6 +325,9 @@ impl<R: Read> StreamReader<R> {
                     self.records, self.data_bytes
                 )));
             }
+            // The end record is part of the stream: counted, so that a receiver reports
+            // the same length the sender wrote.
+            self.consumed += (RECORD_HEAD + 4) as u64;
             let mut extra = [0u8; 1];
             if read_full(&mut self.input, &mut extra)? {
                 return Err(self.corrupt("bytes follow the end record"));

@@ -250,6 +250,9 @@ pub fn receive<R: Read>(
                 committed = next;
             }
         }
+        // The end record vouches for the whole device: what no record covered reads as
+        // zeros, so the progress ends complete rather than at the last record.
+        progress(h.snapshot.size, h.snapshot.size);
         Ok(())
     })();
     match result {

@@ -98,8 +98,17 @@ impl P {
         };
         let placeholder = Registry::new(self.reg.path(), 0);
         let reg = Mutex::new(std::mem::replace(&mut self.reg, placeholder));
-        let r = receive(&self.pool, &reg, stream, &opts, &mut |_, _| {});
+        let mut last = None;
+        let r = receive(&self.pool, &reg, stream, &opts, &mut |d, t| {
+            last = Some((d, t))
+        });
         self.reg = reg.into_inner().unwrap();
+        // A finished receive has all of the device, unmapped tail included: a job's progress
+        // ends complete.
+        if r.is_ok() {
+            let (done, total) = last.expect("a finished receive reports progress");
+            assert_eq!(done, total, "progress at the end of a receive");
+        }
         r
     }
 
@@ -157,6 +166,7 @@ fn full_and_incremental_chains_recreate_every_snapshot_across_block_sizes() {
             assert_eq!(got.name, format!("s{round}"));
             assert_eq!(got.base.is_some(), prev.is_some());
             assert_eq!(st.stream_bytes, stream.len() as u64);
+            assert_eq!(got.stream_bytes, stream.len() as u64);
             assert_eq!(
                 b.read_all(got.id),
                 a.read_all(snap),
