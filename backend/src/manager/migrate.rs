@@ -32,7 +32,7 @@ const MAX_LIVE_PASSES: usize = 8;
 /// A live pass that sent less than this is followed by the final pass: what the guest
 /// writes meanwhile is about as much, and that is what the final pass sends with writes
 /// held.
-const FINAL_PASS_BELOW: u64 = 8 << 20;
+const FINAL_PASS_BELOW: u64 = 2 << 20;
 
 /// What a migration made so far, to undo on failure.
 #[derive(Default)]
