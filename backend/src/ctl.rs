@@ -80,6 +80,9 @@ enum CtlCmd {
         /// Only what changed since this snapshot (the receiver has it).
         #[arg(long, short = 'i')]
         base: Option<String>,
+        /// The rest of an interrupted resumable receive (the token it gave).
+        #[arg(long, value_name = "TOKEN")]
+        resume: Option<String>,
         /// A new file the stream is written to (on the daemon's host).
         #[arg(long, short = 'o', conflicts_with_all = ["to_pool", "command"])]
         file: Option<PathBuf>,
@@ -396,13 +399,14 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Send {
             snapshot,
             base,
+            resume,
             file,
             to_pool,
             name,
             command,
             ..
         } => {
-            let mut args = json!({"snapshot": snapshot, "base": base});
+            let mut args = json!({"snapshot": snapshot, "base": base, "resume-token": resume});
             match (file, to_pool, command.is_empty()) {
                 (Some(f), None, true) => args["file"] = json!(f),
                 (None, Some(p), true) => {

@@ -1036,3 +1036,80 @@ fn a_send_into_a_command_that_read_everything_but_does_not_exit_is_cancelled() {
     // Well before the command's own 60 s: it was killed, not waited for.
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
 }
+
+#[test]
+fn an_interrupted_resumable_receive_goes_on_from_where_it_stopped() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    write_pattern(&d.path("vm.sock"), 8, &[0, 4, 9, 20, 31]);
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "r1"}))
+        .unwrap();
+    let whole = d.path("r1.vts");
+    let r = c
+        .execute("snapshot-send", json!({"snapshot": "r1", "file": whole}))
+        .unwrap();
+    assert!(wait_job(&mut c, r["job-id"].as_str().unwrap())
+        .get("error")
+        .is_none());
+    // The stream cut short: what arrived is kept, and the error gives a token.
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = d.path("r1-cut.vts");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 5]).unwrap();
+    let r = c
+        .execute(
+            "snapshot-receive",
+            json!({"file": cut, "pool": "b", "name": "r1-b", "resumable": true}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    let err = j["error"].as_str().unwrap_or_default().to_string();
+    let token = err
+        .split_whitespace()
+        .find(|w| w.trim_matches('`').starts_with("vt1-"))
+        .map(|w| w.trim_matches(|ch| ch == '`' || ch == ',').to_string())
+        .unwrap_or_else(|| panic!("no resume token in {err:?}"));
+    let e = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "vm@none", "file": d.path("x.vts"), "resume-token": token}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("vm@none"), "{e}");
+    // The rest only, then received on top of what arrived.
+    let rest = d.path("r1-rest.vts");
+    let r = c
+        .execute(
+            "snapshot-send",
+            json!({"snapshot": "r1", "file": rest, "resume-token": token}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
+    let rest_len = std::fs::metadata(&rest).unwrap().len();
+    // Less than the whole: what arrived (the complete records before the cut) is not sent.
+    assert!(
+        rest_len < bytes.len() as u64 - (1 << 18),
+        "{rest_len} of {}",
+        bytes.len()
+    );
+    let r = c
+        .execute(
+            "snapshot-receive",
+            json!({"file": rest, "pool": "b", "resumable": true}),
+        )
+        .unwrap();
+    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
+    assert_eq!(j["result"]["name"], "r1-b");
+    let (a_id, b_id) = (
+        entry(&mut c, "query-snapshots", "r1").unwrap()["thin-id"]
+            .as_u64()
+            .unwrap(),
+        entry(&mut c, "query-snapshots", "r1-b").unwrap()["thin-id"]
+            .as_u64()
+            .unwrap(),
+    );
+    drop(c);
+    d.stop();
+    assert!(offline_bytes(&d, "a", a_id) == offline_bytes(&d, "b", b_id));
+}

@@ -432,7 +432,11 @@ impl Manager {
             }
             ReplicationTarget::Command { argv } => {
                 s.pool.ensure_guids(&ids)?;
-                send_to_command(&s.pool, s.id, base_id, argv, ctx)?
+                let opts = thinpool::stream::SendOptions {
+                    base: base_id,
+                    resume_offset: 0,
+                };
+                send_to_command(&s.pool, s.id, &opts, argv, ctx)?
                     .0
                     .stream_bytes
             }

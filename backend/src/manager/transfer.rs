@@ -62,7 +62,7 @@ fn receive_err(e: ReceiveError) -> QmpError {
 fn send_to(
     src: &PoolHandle,
     snap: u32,
-    base: Option<u32>,
+    opts: &SendOptions,
     out: impl Write,
     ctx: &JobCtx,
 ) -> R<SendStats> {
@@ -70,11 +70,7 @@ fn send_to(
     // one stays free for other commands while the data is read.
     let reg = lock(&src.registry).clone();
     let mut out = BufWriter::with_capacity(1 << 20, Cancellable::new(out, ctx.flag()));
-    let opts = SendOptions {
-        base,
-        resume_offset: 0,
-    };
-    let stats = stream::send(&src.pool, &reg, snap, &opts, &mut out, &mut |d, t| {
+    let stats = stream::send(&src.pool, &reg, snap, opts, &mut out, &mut |d, t| {
         ctx.progress(d, t)
     })
     .map_err(stream_err)?;
@@ -137,7 +133,11 @@ pub(super) fn copy_snapshot(
     let (tx, rx) = UnixStream::pair().map_err(|e| QmpError::generic(e.to_string()))?;
     std::thread::scope(|s| {
         let sender = s.spawn(move || {
-            let r = send_to(src, snap, base, &tx, ctx);
+            let opts = SendOptions {
+                base,
+                resume_offset: 0,
+            };
+            let r = send_to(src, snap, &opts, &tx, ctx);
             // The receiver sees the end (or, after a failure, a truncated stream).
             let _ = tx.shutdown(std::net::Shutdown::Write);
             r
@@ -232,7 +232,7 @@ fn read_tail(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
 pub(super) fn send_to_command(
     src: &PoolHandle,
     snap: u32,
-    base: Option<u32>,
+    opts: &SendOptions,
     argv: &[String],
     ctx: &JobCtx,
 ) -> R<(SendStats, String)> {
@@ -266,7 +266,7 @@ pub(super) fn send_to_command(
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         });
-        let r = send_to(src, snap, base, stdin, ctx);
+        let r = send_to(src, snap, opts, stdin, ctx);
         sending.store(false, std::sync::atomic::Ordering::SeqCst);
         r
     });
@@ -344,6 +344,7 @@ impl Manager {
         job_id: Option<String>,
         snapshot: &str,
         base: Option<&str>,
+        resume: Option<&str>,
         dest: Destination,
     ) -> R<Value> {
         let s = self.find(snapshot)?;
@@ -405,6 +406,34 @@ impl Manager {
         };
         let ids: Vec<u32> = std::iter::once(s.id).chain(base_id).collect();
         s.pool.ensure_guids(&ids)?;
+        // The rest of an interrupted resumable receive: only what lies past its offset.
+        let resume_offset = match resume {
+            None => 0,
+            Some(t) => {
+                let token: stream::ResumeToken = t.parse().map_err(stream_err)?;
+                let guid = lock(&s.pool.registry)
+                    .devices
+                    .get(&s.id)
+                    .and_then(|e| e.guid.clone())
+                    .unwrap_or_default();
+                if token.guid != guid {
+                    return Err(QmpError::generic(format!(
+                        "the token resumes snapshot {}, not {snapshot} ({guid})",
+                        token.guid
+                    )));
+                }
+                if matches!(dest, Destination::Pool { .. }) {
+                    return Err(QmpError::generic(
+                        "a copy into a pool of this daemon is not resumable: send it again",
+                    ));
+                }
+                token.offset
+            }
+        };
+        let opts = SendOptions {
+            base: base_id,
+            resume_offset,
+        };
         let description = format!(
             "send {snapshot}{} to {}",
             base.map(|b| format!(" (since {b})")).unwrap_or_default(),
@@ -438,7 +467,7 @@ impl Manager {
                         .map_err(|e| {
                             QmpError::generic(format!("cannot create {}: {e}", path.display()))
                         })?;
-                    let r = send_to(&src, snap, base_id, &file, ctx).and_then(|st| {
+                    let r = send_to(&src, snap, &opts, &file, ctx).and_then(|st| {
                         file.sync_all().map_err(|e| {
                             QmpError::generic(format!("syncing {}: {e}", path.display()))
                         })?;
@@ -454,7 +483,7 @@ impl Manager {
                     }
                 }
                 Destination::Command(argv) => {
-                    let (st, out) = send_to_command(&src, snap, base_id, &argv, ctx)?;
+                    let (st, out) = send_to_command(&src, snap, &opts, &argv, ctx)?;
                     Ok(json!({"sent": sent_json(&st), "output": out}))
                 }
                 Destination::Pool { .. } => Err(QmpError::generic(

@@ -180,6 +180,7 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
             let job_id = a.opt_str("job-id")?;
             let snapshot = a.str("snapshot")?;
             let base = a.opt_str("base")?;
+            let resume = a.opt_str("resume-token")?;
             let file = a.opt_str("file")?;
             let command = a.opt_str_list("command")?;
             let pool = a.opt_str("pool")?;
@@ -207,7 +208,7 @@ pub fn execute(m: &Arc<Manager>, name: &str, mut a: Args) -> Result<Value, QmpEr
                     "'name' goes with 'pool' (a receiver names what it receives)",
                 ));
             }
-            m.snapshot_send(job_id, &snapshot, base.as_deref(), dest)?
+            m.snapshot_send(job_id, &snapshot, base.as_deref(), resume.as_deref(), dest)?
         }
         "replication-start" => {
             let disk = a.str("disk")?;
