@@ -83,11 +83,11 @@ pools:
   - name: a
     metadata: $work/a.meta
     data: $work/a.data
-    create: {data-size: $((size_bytes * 2))}
+    create: {data-size: $((size_bytes * 3))}
   - name: b
     metadata: $work/b.meta
     data: $work/b.data
-    create: {data-size: $((size_bytes * 2))}
+    create: {data-size: $((size_bytes * 3))}
 disks:
   - name: disk0
     pool: a

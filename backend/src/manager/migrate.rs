@@ -34,6 +34,60 @@ const MAX_LIVE_PASSES: usize = 8;
 /// held.
 const FINAL_PASS_BELOW: u64 = 2 << 20;
 
+/// Auto-converge: a guest that writes faster than the passes copy never lets them shrink,
+/// and the final pass (the pause) would be as long as a whole pass. So, after a pass that
+/// did not halve, the guest's writes are held for a growing share of each 50 ms period
+/// (25 %, 50 %, 75 %, at most 90 %): short, spread-out holds instead of one long one, as
+/// QEMU throttles the vCPUs of a guest whose memory migration does not converge.
+struct Throttle {
+    duty: Arc<std::sync::atomic::AtomicU32>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Throttle {
+    fn start(disk: Arc<crate::blk::disk::Disk>) -> Throttle {
+        use std::sync::atomic::Ordering::SeqCst;
+        let duty = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, st) = (duty.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("throttle-{}", disk.name))
+            .spawn(move || {
+                while !st.load(SeqCst) {
+                    let pct = d.load(SeqCst).min(90);
+                    let held = THROTTLE_PERIOD * pct / 100;
+                    if !held.is_zero() {
+                        let _gate = disk.drain();
+                        std::thread::sleep(held);
+                    }
+                    std::thread::sleep(THROTTLE_PERIOD - held);
+                }
+            })
+            .ok();
+        Throttle { duty, stop, thread }
+    }
+
+    /// One step harder; the share now held, in percent.
+    fn harder(&self) -> u32 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = (self.duty.load(SeqCst) + 25).min(90);
+        self.duty.store(now, SeqCst);
+        now
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// What a migration made so far, to undo on failure.
 #[derive(Default)]
 struct Made {
@@ -224,17 +278,41 @@ impl Manager {
             .as_ref()
             .is_some_and(|d| d.connected.load(std::sync::atomic::Ordering::SeqCst));
         let mut passes: Vec<u64> = Vec::new();
+        let mut helpers = 0usize;
+        let mut last_helper: Option<(u32, u32)> = None;
+        let throttle = served.clone().filter(|_| live).map(Throttle::start);
+        let mut throttled = 0u32;
         while live && passes.len() < MAX_LIVE_PASSES {
             if passes.last().is_some_and(|&b| b < FINAL_PASS_BELOW) {
                 break;
             }
-            let t = helper_snapshot(src, disk, &job, made.src.len())?;
+            // A pass (after the first, which copies everything) that did not halve the
+            // one before: the guest writes about as fast as we copy.
+            if let (Some(t), [.., a, b]) = (&throttle, passes.as_slice()) {
+                if passes.len() >= 2 && *b > *a / 2 {
+                    throttled = t.harder();
+                    tracing::info!("migrate {name}: pass of {b} bytes after {a}: writes held {throttled}% of the time");
+                }
+            }
+            let t = helper_snapshot(src, disk, &job, helpers)?;
+            helpers += 1;
             made.src.push(t);
-            let (_, b) = copy(made, t, prev)?;
+            let (d, b) = copy(made, t, prev)?;
+            // Only the newest helper is a base from now on. The older one goes at once, in
+            // both pools: each helper shares the disk's blocks, so while it lives every
+            // block the guest rewrites is copied (as after any snapshot), and keeping them
+            // all would take up to a disk's worth of space per pass.
+            if let Some((ts, td)) = last_helper.replace((t, d)) {
+                delete_all(src, &[ts])?;
+                delete_all(dst, &[td])?;
+                made.src.retain(|&x| x != ts);
+                made.dst.retain(|&x| x != td);
+            }
             prev = Some(t);
             passes.push(b);
             bytes += b;
         }
+        drop(throttle);
         // The final pass, with the guest's writes held, and the switch.
         ctx.check()?;
         let _op = lock(&self.op);
@@ -245,9 +323,11 @@ impl Manager {
             .ok_or_else(|| {
                 QmpError::generic(format!("disk '{name}' vanished during the migration"))
             })?;
+        // As for a snapshot: written back first, so the commits with writes held are short.
+        src.pool.write_back()?;
         let mut gate = served.as_ref().map(|d| d.drain());
         let t0 = Instant::now();
-        let tf = helper_snapshot(src, disk, &job, made.src.len())?;
+        let tf = helper_snapshot(src, disk, &job, helpers)?;
         made.src.push(tf);
         let (last_copy, b) = copy(made, tf, prev)?;
         passes.push(b);
@@ -334,6 +414,7 @@ impl Manager {
             "pass-bytes": passes,
             "data-bytes": bytes,
             "pause-us": pause.as_micros() as u64,
+            "throttled-percent": throttled,
         });
         self.events.emit("DISK_MIGRATED", result.clone());
         Ok(result)

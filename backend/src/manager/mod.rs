@@ -948,6 +948,10 @@ impl Manager {
         // gate is taken as well so that a guest request made of several pool operations
         // (discard or write-zeroes ranges, zeroing a block at a time) is wholly in the
         // snapshot or wholly out. A write held for pool space does not hold this gate.
+        // The change commits, with the guest's writes held; what they wrote since the last
+        // commit is written back first, while they go on, so that the commit (and so the
+        // pause) has little left to flush.
+        f.pool.pool.write_back()?;
         let gate = served
             .as_ref()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));

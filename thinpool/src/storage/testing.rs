@@ -86,6 +86,11 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.tick(FaultOp::Sync)?;
         self.inner.sync()
     }
+    fn writeback(&self) -> io::Result<()> {
+        // Counted as a sync: an EIO on write-back must fail the pool as a failed sync does.
+        self.tick(FaultOp::Sync)?;
+        self.inner.writeback()
+    }
     fn len(&self) -> u64 {
         self.inner.len()
     }
