@@ -549,6 +549,10 @@ impl Pool {
     /// during it; only new mappings wait (their data might otherwise miss the flush while
     /// their mapping makes the commit). The metadata writes then run under the lock.
     pub fn commit(&self) -> Result<()> {
+        // Written back before taking the commit lock: a change that holds commits (and
+        // perhaps a guest's writes) while it waits for this one then waits for a short flush,
+        // not for all the data written since the last commit.
+        self.write_back()?;
         self.hold_commits().commit()
     }
 

@@ -323,8 +323,8 @@ impl Manager {
             .ok_or_else(|| {
                 QmpError::generic(format!("disk '{name}' vanished during the migration"))
             })?;
-        // As for a snapshot: written back first, so the commits with writes held are short.
-        src.pool.write_back()?;
+        // As for a snapshot: committed first, so the commits with writes held are short.
+        src.pool.commit()?;
         let mut gate = served.as_ref().map(|d| d.drain());
         let t0 = Instant::now();
         let tf = helper_snapshot(src, disk, &job, helpers)?;

@@ -942,19 +942,21 @@ impl Manager {
         self.check_unpinned(&f, disk)?;
         let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
         let created = crate::offline::now_secs();
-        let t0 = Instant::now();
         // Pool::create_snap already waits for the origin's writes in flight and holds new
         // ones (the pool's per-device gate), which is all a point in time needs. The disk's
         // gate is taken as well so that a guest request made of several pool operations
         // (discard or write-zeroes ranges, zeroing a block at a time) is wholly in the
         // snapshot or wholly out. A write held for pool space does not hold this gate.
-        // The change commits, with the guest's writes held; what they wrote since the last
-        // commit is written back first, while they go on, so that the commit (and so the
-        // pause) has little left to flush.
-        f.pool.pool.write_back()?;
+        // The change commits, with the guest's writes held. A commit first, while they go
+        // on, leaves that one little to flush, and waits out a commit already under way
+        // (the timer's, another disk's FLUSH) that the held writes would otherwise wait for.
+        f.pool.pool.commit()?;
+        // The pause starts here: new requests wait from the moment the gate is asked for.
+        let t0 = Instant::now();
         let gate = served
             .as_ref()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));
+        let drained = t0.elapsed();
         let r = f.pool.change(|pool, reg| {
             let id = reg.next_id(&f.pool.devices());
             pool.create_snap(id, f.id)?;
@@ -979,7 +981,7 @@ impl Manager {
         drop(gate);
         let pause = t0.elapsed();
         let id = r?;
-        tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?}");
+        tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?} (requests in flight finished after {drained:?})");
         Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
     }
 

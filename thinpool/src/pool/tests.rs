@@ -286,3 +286,20 @@ fn running_out_of_space_does_not_commit_a_held_change() {
     p.write(0, 3 * BS, &[2]).unwrap();
     assert_eq!(read_vec(&p, 0, 3 * BS, 1), vec![2]);
 }
+
+#[test]
+fn a_failed_write_back_before_a_commit_fails_the_pool_as_a_failed_flush_does() {
+    use crate::storage::testing::{FaultOp, FaultyStorage};
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(FaultyStorage::new(MemStorage::new(16 * BS)));
+    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.commit().unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    data.fail_nth(FaultOp::Writeback, 1, false);
+    // The page cache may have dropped what it could not write: nothing since the last
+    // commit can be trusted, so the pool fails rather than commit a mapping to it.
+    assert!(matches!(p.commit(), Err(Error::DataIo { op: "sync", .. })));
+    assert_eq!(p.status().mode, PoolMode::Fail);
+    assert!(data.count(FaultOp::Writeback) >= 1);
+}

@@ -14,14 +14,16 @@ pub enum FaultOp {
     Read,
     Write,
     Sync,
+    /// A write-back without a flush ([`Storage::writeback`]).
+    Writeback,
 }
 
 /// Wraps a store and fails the Nth read, write or sync (counting from 1) with EIO. With
 /// `sticky`, every operation of that kind after the Nth fails too (a dead disk).
 pub struct FaultyStorage<S> {
     inner: S,
-    counts: [AtomicU64; 3],
-    fail_at: [AtomicU64; 3],
+    counts: [AtomicU64; 4],
+    fail_at: [AtomicU64; 4],
     sticky: std::sync::atomic::AtomicBool,
 }
 
@@ -40,6 +42,7 @@ impl<S: Storage> FaultyStorage<S> {
             FaultOp::Read => 0,
             FaultOp::Write => 1,
             FaultOp::Sync => 2,
+            FaultOp::Writeback => 3,
         }
     }
 
@@ -87,8 +90,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.sync()
     }
     fn writeback(&self) -> io::Result<()> {
-        // Counted as a sync: an EIO on write-back must fail the pool as a failed sync does.
-        self.tick(FaultOp::Sync)?;
+        self.tick(FaultOp::Writeback)?;
         self.inner.writeback()
     }
     fn len(&self) -> u64 {
