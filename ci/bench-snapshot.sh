@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Snapshots of a disk under write load, ours against qemu-storage-daemon (QSD):
+#   ours  `snapshot-create` on `vhost-thin serve` (an internal dm-thin snapshot; the daemon
+#         reports how long the guest's writes were held)
+#   QSD   `blockdev-snapshot-sync` of the exported qcow2 image (an external qcow2 overlay;
+#         the time the command took, QSD reports no pause of its own)
+# Both while vhost-thin-bench writes 4 KiB at random offsets, QD32, with verification, on a
+# fully written 1 GiB disk; a snapshot every 2 s. Printed: each snapshot's figure, and the
+# load generator's IOPS and latency with snapshots and without.
+#
+#   ci/bench-snapshot.sh [--size SIZE] [--runtime SECS] [--every SECS] [--keep]
+# Environment: BENCH_DIR (parent of the work directory, default /var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=1GiB runtime=12 every=2 keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) size=$2; shift ;;
+    --runtime) runtime=$2; shift ;;
+    --every) every=$2; shift ;;
+    --keep) keep=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for t in qemu-storage-daemon qemu-img; do
+  command -v "$t" >/dev/null || { echo "bench-snapshot: $t is needed (qemu-system-common, qemu-utils)" >&2; exit 1; }
+done
+echo "building release binaries"
+cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench
+target=$(cargo metadata --format-version 1 --no-deps --locked |
+  grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
+thin=$target/release/vhost-thin
+bench=$target/release/vhost-thin-bench
+
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vhost-thin-snap.XXXXXX")
+pid=
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  if [ "$keep" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+sock=$work/disk0.sock
+size_bytes=$(python3 -c "
+import re, sys; m = re.fullmatch(r'(\d+)\s*([kKmMgGtT]?)(i?[bB])?', sys.argv[1]) or sys.exit('bad size ' + sys.argv[1])
+print(int(m.group(1)) << {'': 0, 'k': 10, 'm': 20, 'g': 30, 't': 40}[m.group(2).lower()])" "$size")
+count=$(python3 -c "print(max(1, int(($runtime - 1) / $every)))")
+
+wait_socket() {
+  for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done
+  echo "bench-snapshot: no socket $1" >&2; tail -n 20 "$2" >&2; exit 1
+}
+stop() { kill -TERM "$pid"; wait "$pid" || true; pid=; }
+jget() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+load() {
+  "$bench" --socket "$sock" --json --rw randwrite --bs 4k --iodepth 32 --queues 1 \
+    --runtime "$runtime" --verify >"$1" 2>"$1.err"
+}
+report() {
+  printf '  %-24s %8.0f IOPS  p99 %8.1f us  p99.9 %9.1f us  max %9.1f us\n' "$1" \
+    "$(jget "$2" iops)" "$(jget "$2" lat_p99_us)" "$(jget "$2" lat_p999_us)" "$(jget "$2" lat_max_us)"
+}
+prefill() {
+  "$bench" --socket "$sock" --rw write --bs 128k --iodepth 8 --single-pass --runtime 600 --verify >/dev/null
+}
+echo "machine: $(nproc) CPUs; disk $size_bytes bytes; 4 KiB random writes QD32 for $runtime s; $count snapshots, one every $every s"
+
+# ---- ours -------------------------------------------------------------------------------
+"$thin" pool create -m "$work/p.meta" -d "$work/p.data" --data-size $((size_bytes * (count + 2))) >/dev/null
+"$thin" thin create -m "$work/p.meta" -d "$work/p.data" --id 0 --size "$size_bytes" --name disk0 >/dev/null
+RUST_LOG=warn "$thin" serve -m "$work/p.meta" -d "$work/p.data" --disk "name=disk0,socket=$sock" \
+  --qmp "$work/qmp.sock" >>"$work/ours.log" 2>&1 &
+pid=$!
+wait_socket "$sock" "$work/ours.log"
+prefill
+echo "== vhost-thin snapshot-create"
+load "$work/ours-base.json"; report "without snapshots" "$work/ours-base.json"
+load "$work/ours-snap.json" & lpid=$!
+pauses=()
+for i in $(seq "$count"); do
+  sleep "$every"
+  "$thin" ctl -s "$work/qmp.sock" --json snapshot disk0 "s$i" >"$work/s$i.json"
+  pauses+=("$(jget "$work/s$i.json" pause-us)")
+done
+wait "$lpid" || { cat "$work/ours-snap.json.err" >&2; exit 1; }
+report "with snapshots" "$work/ours-snap.json"
+echo "  writes held per snapshot (us): ${pauses[*]}"
+stop
+
+# ---- qemu-storage-daemon ----------------------------------------------------------------
+qemu-img create -q -f qcow2 -o preallocation=full "$work/base.qcow2" "$size_bytes"
+rm -f "$sock"
+qemu-storage-daemon \
+  --blockdev "driver=file,filename=$work/base.qcow2,node-name=f,cache.direct=off" \
+  --blockdev "driver=qcow2,file=f,node-name=top" \
+  --export "type=vhost-user-blk,id=e,node-name=top,addr.type=unix,addr.path=$sock,writable=on" \
+  --chardev "socket,id=m,path=$work/qsd-qmp.sock,server=on,wait=off" --monitor chardev=m \
+  >>"$work/qsd.log" 2>&1 &
+pid=$!
+wait_socket "$sock" "$work/qsd.log"
+prefill
+echo "== QSD blockdev-snapshot-sync (qcow2 overlays)"
+load "$work/qsd-base.json"; report "without snapshots" "$work/qsd-base.json"
+load "$work/qsd-snap.json" & lpid=$!
+python3 - "$work/qsd-qmp.sock" "$work" "$count" "$every" >"$work/qsd-snaps.txt" <<'PY'
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+def cmd(name, **args):
+    f.write(json.dumps({"execute": name, "arguments": args}) + "\n"); f.flush()
+    while True:
+        m = json.loads(f.readline())
+        if "return" in m: return m["return"]
+        if "error" in m: sys.exit(f"{name}: {m['error']}")
+json.loads(f.readline()); cmd("qmp_capabilities")
+took = []
+top = "top"
+for i in range(1, int(sys.argv[3]) + 1):
+    time.sleep(float(sys.argv[4]))
+    t0 = time.monotonic()
+    cmd("blockdev-snapshot-sync", **{"node-name": top, "snapshot-file": f"{sys.argv[2]}/s{i}.qcow2",
+        "snapshot-node-name": f"s{i}", "format": "qcow2"})
+    took.append(round((time.monotonic() - t0) * 1e6))
+    top = f"s{i}"
+print(" ".join(map(str, took)))
+PY
+wait "$lpid" || { cat "$work/qsd-snap.json.err" >&2; exit 1; }
+report "with snapshots" "$work/qsd-snap.json"
+echo "  blockdev-snapshot-sync took (us): $(cat "$work/qsd-snaps.txt")"
+stop
