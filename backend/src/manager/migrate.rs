@@ -126,6 +126,9 @@ fn lineage(reg: &thinpool::registry::Registry, disk: u32) -> Vec<u32> {
 
 /// A helper snapshot of `disk` in `p`, marked outgoing.
 fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
+    // Its change commits, and a commit holds new mappings while it flushes: a commit first,
+    // with nothing held, leaves that one little to flush (the guest goes on writing).
+    p.pool.commit()?;
     let created = crate::offline::now_secs();
     p.change(|pool, reg| {
         let size = reg.devices.get(&disk).map(|e| e.size).unwrap_or(0);
@@ -150,6 +153,20 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
         .map_err(|e| QmpError::generic(e.to_string()))?;
         Ok(id)
     })
+}
+
+/// Deletes helper snapshots (or copies) while the guest writes: each is emptied first a
+/// block at a time, so that no step holds the pool's metadata (and so the guest's I/O) for
+/// long, then deleted.
+fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
+    for id in ids {
+        let size = lock(&p.registry).devices.get(id).map(|e| e.size);
+        if let Some(size) = size {
+            let bs = p.pool.block_bytes();
+            p.pool.discard(*id, 0, size.div_ceil(bs) * bs)?;
+        }
+    }
+    delete_all(p, ids)
 }
 
 /// Deletes devices and their entries from `p` in one change.
@@ -303,8 +320,8 @@ impl Manager {
             // block the guest rewrites is copied (as after any snapshot), and keeping them
             // all would take up to a disk's worth of space per pass.
             if let Some((ts, td)) = last_helper.replace((t, d)) {
-                delete_all(src, &[ts])?;
-                delete_all(dst, &[td])?;
+                delete_helpers(src, &[ts])?;
+                delete_helpers(dst, &[td])?;
                 made.src.retain(|&x| x != ts);
                 made.dst.retain(|&x| x != td);
             }
