@@ -1113,3 +1113,27 @@ fn an_interrupted_resumable_receive_goes_on_from_where_it_stopped() {
     d.stop();
     assert!(offline_bytes(&d, "a", a_id) == offline_bytes(&d, "b", b_id));
 }
+
+#[test]
+fn a_command_that_leaves_a_process_holding_its_output_does_not_hold_up_the_send() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "o1"}))
+        .unwrap();
+    // The command reads everything and exits 0, but a background process it started keeps
+    // its standard output and error open for 30 s.
+    let r = c
+        .execute(
+            "snapshot-send",
+            json!({"job-id": "bg", "snapshot": "o1",
+                   "command": ["sh", "-c", "cat >/dev/null; echo done; sleep 30 & exit 0"]}),
+        )
+        .unwrap();
+    assert_eq!(r["job-id"], "bg");
+    let t0 = Instant::now();
+    let j = wait_job(&mut c, "bg");
+    assert!(j.get("error").is_none(), "{j}");
+    assert_eq!(j["result"]["output"], "done");
+    // A bound on hanging, not a speed figure: waiting for the output's end would take 30 s.
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}

@@ -210,22 +210,44 @@ impl Read for Polled {
     }
 }
 
-/// Keeps the last [`OUTPUT_TAIL`] bytes of a child's output.
-fn read_tail(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut tail = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
+/// Keeps the last [`OUTPUT_TAIL`] bytes of a child's output, as it comes.
+struct Tail {
+    text: Arc<std::sync::Mutex<Vec<u8>>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Tail {
+    fn read(mut r: impl Read + Send + 'static) -> Tail {
+        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, done) = std::sync::mpsc::channel();
+        let t = text.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut tail = lock(&t);
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > OUTPUT_TAIL {
+                    let cut = tail.len() - OUTPUT_TAIL;
+                    tail.drain(..cut);
+                }
             }
-            tail.extend_from_slice(&buf[..n]);
-            if tail.len() > OUTPUT_TAIL {
-                tail.drain(..tail.len() - OUTPUT_TAIL);
-            }
-        }
-        String::from_utf8_lossy(&tail).trim().to_string()
-    })
+            let _ = tx.send(());
+        });
+        Tail { text, done }
+    }
+
+    /// What came, once the output ended, or after a short wait: a command that exited may
+    /// have left a background process holding its output open, which must not hold up
+    /// the job (nor its cancel).
+    fn take(self) -> String {
+        let _ = self.done.recv_timeout(std::time::Duration::from_secs(2));
+        String::from_utf8_lossy(&lock(&self.text))
+            .trim()
+            .to_string()
+    }
 }
 
 /// Sends into a command's standard input; its exit status decides success.
@@ -250,8 +272,8 @@ pub(super) fn send_to_command(
         let _ = child.wait();
         return Err(QmpError::generic("the command's pipes could not be made"));
     };
-    let out = read_tail(stdout);
-    let err = read_tail(stderr);
+    let out = Tail::read(stdout);
+    let err = Tail::read(stderr);
     let child = std::sync::Mutex::new(child);
     let sending = std::sync::atomic::AtomicBool::new(true);
     let sent = std::thread::scope(|s| {
@@ -302,8 +324,8 @@ pub(super) fn send_to_command(
             Err(e) => break Err(e),
         }
     };
-    let out = out.join().unwrap_or_default();
-    let err = err.join().unwrap_or_default();
+    let out = out.take();
+    let err = err.take();
     let failed = |s: std::process::ExitStatus| {
         QmpError::generic(format!(
             "{} failed ({s}){}",
