@@ -109,6 +109,7 @@ pub struct JobCtx {
     job: Arc<Job>,
     events: EventBus,
     last_event: Mutex<Instant>,
+    past_return: AtomicBool,
 }
 
 impl JobCtx {
@@ -134,6 +135,16 @@ impl JobCtx {
 
     pub fn cancelled(&self) -> bool {
         self.job.cancelled()
+    }
+
+    /// The job has made a change it will finish rather than undo (a migration that
+    /// switched pools): a cancel no longer stops it, and its errors are reported as they are.
+    pub fn point_of_no_return(&self) {
+        self.past_return.store(true, Ordering::SeqCst);
+    }
+
+    fn past_return(&self) -> bool {
+        self.past_return.load(Ordering::SeqCst)
     }
 
     /// Err("cancelled") once the job was asked to stop: for its safe points.
@@ -261,6 +272,7 @@ impl Jobs {
             job: job.clone(),
             events: self.events.clone(),
             last_event: Mutex::new(Instant::now()),
+            past_return: AtomicBool::new(false),
         };
         let events = self.events.clone();
         let spawned = std::thread::Builder::new()
@@ -284,7 +296,9 @@ impl Jobs {
                     });
                 let outcome = match r {
                     Ok(v) => Ok(v),
-                    Err(_) if ctx.cancelled() => Err(CANCELLED.to_string()),
+                    // The errors a cancel provokes (a stream cut, a read refused) say less than
+                    // "cancelled"; past its point of no return a job's errors are its own.
+                    Err(_) if ctx.cancelled() && !ctx.past_return() => Err(CANCELLED.to_string()),
                     Err(e) => Err(e.desc),
                 };
                 match &outcome {
@@ -531,6 +545,29 @@ mod tests {
         assert_eq!(
             statuses(&rx, "c"),
             ["created", "running", "aborting", "concluded"]
+        );
+    }
+
+    #[test]
+    fn past_its_point_of_no_return_a_job_s_errors_are_its_own_even_after_a_cancel() {
+        let jobs = Jobs::new(EventBus::default());
+        let (go_tx, go_rx) = sync_channel::<()>(1);
+        let (past_tx, past_rx) = sync_channel::<()>(1);
+        jobs.start(Some("m".into()), "test", String::new(), move |ctx| {
+            ctx.point_of_no_return();
+            let _ = past_tx.send(());
+            let _ = go_rx.recv();
+            Err(QmpError::generic(
+                "moved, but the old copy could not be deleted",
+            ))
+        })
+        .unwrap();
+        past_rx.recv().unwrap();
+        jobs.cancel("m").unwrap();
+        go_tx.send(()).unwrap();
+        assert_eq!(
+            jobs.wait("m").unwrap(),
+            Err("moved, but the old copy could not be deleted".to_string())
         );
     }
 

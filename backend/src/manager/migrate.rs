@@ -401,6 +401,7 @@ impl Manager {
             Ok(id)
         })?;
         // Switched: from here on nothing is undone, only finished.
+        ctx.point_of_no_return();
         made.dst.clear();
         made.src.clear();
         if let (Some(d), Some(g)) = (served.as_ref(), gate.as_mut()) {
