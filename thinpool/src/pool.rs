@@ -123,6 +123,7 @@ impl CommitHold<'_> {
 
     /// Commits, as [`Pool::commit`]; the hold goes on.
     pub fn commit(&self) -> Result<()> {
+        self.pool.write_back()?;
         self.pool.commit_held()
     }
 }
@@ -553,7 +554,8 @@ impl Pool {
         // perhaps a guest's writes) while it waits for this one then waits for a short flush,
         // not for all the data written since the last commit.
         self.write_back()?;
-        self.hold_commits().commit()
+        let _one_at_a_time = self.hold_commits();
+        self.commit_held()
     }
 
     /// Keeps every other commit (periodic, a guest's FLUSH, …) out until the hold is
@@ -583,20 +585,13 @@ impl Pool {
             .map_err(|source| Self::flush_failed(&mut self.lock(), source))
     }
 
+    /// The commit itself, with commits held. Callers write the data back first
+    /// ([`Pool::write_back`]): new mappings wait while the data device is flushed (a mapping
+    /// committed before its data is durable would point at stale bytes after a crash), and
+    /// a write-back done while writers go on leaves that flush little to do, so the wait is
+    /// short even with much written since the last commit (after a snapshot every write
+    /// copies its block and maps a new one).
     fn commit_held(&self) -> Result<()> {
-        // New mappings wait while the data device is flushed (below): a mapping committed
-        // before its data is durable would point at stale bytes after a crash. Writing back
-        // first, while writers go on, leaves that flush little to do, so the wait is short
-        // even with much written since the last commit (after a snapshot every write
-        // copies its block and maps a new one). Only metadata-changing commits wait.
-        let worth_it = {
-            let g = self.lock();
-            Self::check_not_failed(&g)?;
-            g.md.is_dirty() && self.data_written.load(Ordering::SeqCst)
-        };
-        if worth_it {
-            self.write_back()?;
-        }
         let metadata_dirty = {
             let mut g = self.lock();
             Self::check_not_failed(&g)?;
