@@ -76,14 +76,13 @@ impl Replicator {
     }
 }
 
-/// The `@r<seq>` snapshots of `base` among `names`, oldest first.
-fn series<'a>(names: impl Iterator<Item = &'a String>, base: &str) -> Vec<(u64, String)> {
+/// The replicas of `base` among named items: those named `<base>@r<seq>`, with their
+/// sequence numbers, oldest first. (The daemon prunes its own with it, `receive
+/// --keep-last` a target's.)
+pub fn series<'a, T: Ord>(named: impl Iterator<Item = (&'a str, T)>, base: &str) -> Vec<(u64, T)> {
     let prefix = format!("{base}@r");
-    let mut v: Vec<(u64, String)> = names
-        .filter_map(|n| {
-            let seq = n.strip_prefix(&prefix)?.parse::<u64>().ok()?;
-            Some((seq, n.clone()))
-        })
+    let mut v: Vec<(u64, T)> = named
+        .filter_map(|(n, t)| Some((n.strip_prefix(&prefix)?.parse::<u64>().ok()?, t)))
         .collect();
     v.sort();
     v
@@ -151,10 +150,16 @@ impl Manager {
         // the snapshots of the old one).
         let taken = {
             let reg = lock(&f.pool.registry);
-            series(reg.devices.values().filter_map(|e| e.name.as_ref()), disk)
-                .last()
-                .map(|(n, _)| n + 1)
-                .unwrap_or(0)
+            series(
+                reg.devices
+                    .values()
+                    .filter_map(|e| e.name.as_deref())
+                    .map(|n| (n, ())),
+                disk,
+            )
+            .last()
+            .map(|(n, _)| n + 1)
+            .unwrap_or(0)
         };
         let spec = ReplicationSpec {
             interval_secs,
@@ -472,7 +477,7 @@ impl Manager {
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            series(names.iter(), base)
+            series(names.iter().map(|n| (n.as_str(), n.clone())), base)
         };
         let mut doomed = Vec::new();
         let mine = series_of(disk, None);
@@ -609,7 +614,7 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let s = series(names.iter(), "vm");
+        let s = series(names.iter().map(|n| (n.as_str(), n.clone())), "vm");
         assert_eq!(
             s,
             vec![

@@ -63,18 +63,12 @@ pub fn replica_series(reg: &Registry, name: &str) -> Vec<(u64, u32)> {
     let Some((disk, _)) = name.rsplit_once("@r") else {
         return Vec::new();
     };
-    let prefix = format!("{disk}@r");
-    let mut v: Vec<(u64, u32)> = reg
+    let received = reg
         .devices
         .iter()
         .filter(|(_, e)| e.snapshot && e.receiving.is_none())
-        .filter_map(|(&id, e)| {
-            let seq = e.name.as_deref()?.strip_prefix(&prefix)?.parse().ok()?;
-            Some((seq, id))
-        })
-        .collect();
-    v.sort();
-    v
+        .filter_map(|(&id, e)| Some((e.name.as_deref()?, id)));
+    crate::manager::replication::series(received, disk)
 }
 
 /// A device by name (registry) or thin id.
