@@ -166,25 +166,7 @@ fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
             p.pool.discard(*id, 0, size.div_ceil(bs) * bs)?;
         }
     }
-    delete_all(p, ids)
-}
-
-/// Deletes devices and their entries from `p` in one change.
-fn delete_all(p: &PoolHandle, ids: &[u32]) -> R<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    p.change(|pool, reg| {
-        for id in ids {
-            if pool.devices().iter().any(|(d, _)| d == id) {
-                pool.delete(*id)?;
-            }
-            reg.devices.remove(id);
-        }
-        Ok(())
-    })?;
-    p.space.space_changed();
-    Ok(())
+    p.delete_devices(ids)
 }
 
 impl Manager {
@@ -234,7 +216,7 @@ impl Manager {
             if r.is_err() {
                 // Nothing switched: the disk stays where it was; the copies and helpers go.
                 for (p, ids) in [(&dst, &made.dst), (&src, &made.src)] {
-                    if let Err(e) = delete_all(p, ids) {
+                    if let Err(e) = p.delete_devices(ids) {
                         tracing::error!(
                             "migrate {name}: cannot delete what the failed migration made in pool {} ({ids:?}): {}; it is deleted at the next start",
                             p.name,
@@ -461,7 +443,7 @@ impl Manager {
             })
             .map(|(&id, _)| id)
             .collect();
-        delete_all(src, &old)?;
+        src.delete_devices(&old)?;
         dst.change(|pool, reg| {
             let helpers: Vec<u32> = reg
                 .devices
@@ -530,7 +512,7 @@ impl Manager {
                 .map(|(&id, _)| id)
                 .collect();
             if !left.is_empty() {
-                delete_all(p, &left)?;
+                p.delete_devices(&left)?;
                 done.push(format!(
                     "pool {}: deleted {} copies and helper snapshots of unfinished migrations",
                     p.name,

@@ -65,6 +65,26 @@ impl PoolHandle {
         self.pool.devices().iter().map(|(id, _)| *id).collect()
     }
 
+    /// Deletes devices and their registry entries in one durable change (an entry whose
+    /// device the pool no longer has goes too), and wakes writes held for space.
+    pub(crate) fn delete_devices(&self, ids: &[u32]) -> R<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.change(|pool, reg| {
+            let present = self.devices();
+            for id in ids {
+                if present.contains(id) {
+                    pool.delete(*id)?;
+                }
+                reg.devices.remove(id);
+            }
+            Ok(())
+        })?;
+        self.space.space_changed();
+        Ok(())
+    }
+
     /// Applies a change to the pool and the registry, then makes both durable. `f` must
     /// do its checks before it changes anything.
     ///
@@ -246,15 +266,7 @@ impl Manager {
             if left.is_empty() {
                 continue;
             }
-            p.change(|pool, reg| {
-                for (id, _) in &left {
-                    if pool.devices().iter().any(|(d, _)| d == id) {
-                        pool.delete(*id)?;
-                    }
-                    reg.devices.remove(id);
-                }
-                Ok(())
-            })?;
+            p.delete_devices(&left.iter().map(|(id, _)| *id).collect::<Vec<_>>())?;
             for (id, name) in left {
                 done.push(format!(
                     "pool {}: deleted the unfinished receive of {name} (thin device {id}), cut short by the last stop",
@@ -867,12 +879,7 @@ impl Manager {
 
     /// Deletes a thin device and its registry entry, durably; wakes held writes.
     fn delete_device(f: &Found) -> R<Value> {
-        f.pool.change(|pool, reg| {
-            pool.delete(f.id)?;
-            reg.devices.remove(&f.id);
-            Ok(())
-        })?;
-        f.pool.space.space_changed();
+        f.pool.delete_devices(&[f.id])?;
         Ok(json!({}))
     }
 
