@@ -29,6 +29,13 @@ pub enum Destination {
     Pool { pool: String, name: String },
 }
 
+/// A destination once checked: a pool named by the command, resolved.
+enum To {
+    File(PathBuf),
+    Command(Vec<String>),
+    Pool(Arc<PoolHandle>, String),
+}
+
 /// What a command's output keeps for the job's result and errors.
 const OUTPUT_TAIL: usize = 4096;
 
@@ -393,8 +400,17 @@ impl Manager {
                 Some(f.id)
             }
         };
+        let description = format!(
+            "send {snapshot}{} to {}",
+            base.map(|b| format!(" (since {b})")).unwrap_or_default(),
+            match &dest {
+                Destination::File(p) => p.display().to_string(),
+                Destination::Command(a) => a.join(" "),
+                Destination::Pool { pool, name } => format!("pool {pool} as {name}"),
+            }
+        );
         // The destination, checked; a pool destination resolved to its pool.
-        let to_pool = match &dest {
+        let to = match dest {
             Destination::File(p) => {
                 if p.as_os_str().is_empty() {
                     return Err(QmpError::generic("'file' is empty"));
@@ -405,7 +421,7 @@ impl Manager {
                         p.display()
                     )));
                 }
-                None
+                To::File(p)
             }
             Destination::Command(argv) => {
                 if argv.is_empty() || argv[0].is_empty() {
@@ -413,17 +429,17 @@ impl Manager {
                         "'command' must name a program: [\"ssh\", \"host\", \"vhost-thin\", \"receive\", …]",
                     ));
                 }
-                None
+                To::Command(argv)
             }
             Destination::Pool { pool, name } => {
-                let d = self.pool(Some(pool))?;
+                let d = self.pool(Some(&pool))?;
                 if d.name == s.pool.name {
                     return Err(QmpError::generic(
                         "the destination is the snapshot's own pool: clone it with disk-add instead",
                     ));
                 }
-                self.name_free(name)?;
-                Some((d, name.clone()))
+                self.name_free(&name)?;
+                To::Pool(d, name)
             }
         };
         let ids: Vec<u32> = std::iter::once(s.id).chain(base_id).collect();
@@ -444,7 +460,7 @@ impl Manager {
                         token.guid
                     )));
                 }
-                if matches!(dest, Destination::Pool { .. }) {
+                if matches!(to, To::Pool(..)) {
                     return Err(QmpError::generic(
                         "a copy into a pool of this daemon is not resumable: send it again",
                     ));
@@ -456,32 +472,23 @@ impl Manager {
             base: base_id,
             resume_offset,
         };
-        let description = format!(
-            "send {snapshot}{} to {}",
-            base.map(|b| format!(" (since {b})")).unwrap_or_default(),
-            match &dest {
-                Destination::File(p) => p.display().to_string(),
-                Destination::Command(a) => a.join(" "),
-                Destination::Pool { pool, name } => format!("pool {pool} as {name}"),
-            }
-        );
         let pins = self.pin(&s.pool, &ids, "send")?;
         let src = s.pool.clone();
         let snap = s.id;
         let job = self.jobs.start(job_id, "send", description, move |ctx| {
             let _pins = pins;
-            if let Some((dst, name)) = to_pool {
-                let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx, None)?;
-                dst.space.space_changed();
-                return Ok(json!({
-                    "pool": dst.name,
-                    "name": c.received.name,
-                    "thin-id": c.received.id,
-                    "sent": sent_json(&c.sent),
-                }));
-            }
-            match dest {
-                Destination::File(path) => {
+            match to {
+                To::Pool(dst, name) => {
+                    let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx, None)?;
+                    dst.space.space_changed();
+                    Ok(json!({
+                        "pool": dst.name,
+                        "name": c.received.name,
+                        "thin-id": c.received.id,
+                        "sent": sent_json(&c.sent),
+                    }))
+                }
+                To::File(path) => {
                     let file = std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
@@ -504,13 +511,10 @@ impl Manager {
                         }
                     }
                 }
-                Destination::Command(argv) => {
+                To::Command(argv) => {
                     let (st, out) = send_to_command(&src, snap, &opts, &argv, ctx)?;
                     Ok(json!({"sent": sent_json(&st), "output": out}))
                 }
-                Destination::Pool { .. } => Err(QmpError::generic(
-                    "internal error: a pool destination without its pool",
-                )),
             }
         })?;
         Ok(json!({"job-id": job.id}))
