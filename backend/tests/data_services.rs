@@ -4,116 +4,27 @@
 //! written to the other pool. Figures are printed, not asserted.
 
 mod common;
-use common::{bin, cli, export, pattern, sigterm, thin_check_ok, wait_for, Guest};
+use common::two_pools::{self, TwoPools};
+use common::{bin, cli, export, pattern, thin_check_ok, Guest};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const DISK_MIB: u64 = 32;
 
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    /// Pools `a` (64 KiB blocks) and `b` (256 KiB blocks); disk `vm` in `a`.
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        std::fs::write(
-            dir.path().join("cfg.yaml"),
-            format!(
-                "pools:\n\
-                 \x20 - name: a\n    metadata: {d}/a.meta\n    data: {d}/a.data\n    block-size: 64KiB\n    create:\n      data-size: 256MiB\n\
-                 \x20 - name: b\n    metadata: {d}/b.meta\n    data: {d}/b.data\n    block-size: 256KiB\n    create:\n      data-size: 256MiB\n\
-                 disks:\n  - name: vm\n    pool: a\n    size: {DISK_MIB}MiB\n    socket: {d}/vm.sock\n    num-queues: 2\n\
-                 management:\n  socket: {d}/qmp.sock\n"
-            ),
-        )
-        .unwrap();
-        let mut me = Daemon { dir, child: None };
-        me.spawn();
-        me
-    }
-
-    fn spawn(&mut self) {
-        // A daemon killed with SIGKILL leaves its sockets: wait for new ones.
-        let _ = std::fs::remove_file(self.path("qmp.sock"));
-        let _ = std::fs::remove_file(self.path("vm.sock"));
-        let child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(self.path("cfg.yaml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        wait_for(&self.path("qmp.sock"));
-        wait_for(&self.path("vm.sock"));
-    }
-
-    fn stop(&mut self) {
-        let out = sigterm(self.child.take().unwrap());
-        assert!(out.status.success(), "daemon exit: {:?}", out.status);
-    }
-
-    /// SIGKILL: no chance to clean up.
-    fn kill(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-
-    fn client(&self) -> vhost_thin::ctl::Client {
-        vhost_thin::ctl::Client::connect(&self.path("qmp.sock")).unwrap()
-    }
-
-    fn pool_files(&self, p: &str) -> (String, String) {
-        (
-            self.path(&format!("{p}.meta")).display().to_string(),
-            self.path(&format!("{p}.data")).display().to_string(),
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// The two-pool daemon, started, with `vm` on 2 queues.
+fn start() -> TwoPools {
+    let mut d = TwoPools::new(DISK_MIB, 2);
+    d.spawn();
+    d
 }
 
 /// Waits for job `id` to conclude; its query-jobs entry.
 fn wait_job(c: &mut vhost_thin::ctl::Client, id: &str) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let jobs = c.execute("query-jobs", json!({})).unwrap();
-        let j = jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("job {id} not listed: {jobs}"));
-        if j["status"] == "concluded" {
-            return j;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "job {id} never ended: {j}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    two_pools::wait_job(c, id, Duration::from_secs(300))
 }
 
 fn entry(c: &mut vhost_thin::ctl::Client, q: &str, name: &str) -> Option<Value> {
@@ -127,7 +38,7 @@ fn entry(c: &mut vhost_thin::ctl::Client, q: &str, name: &str) -> Option<Value> 
 }
 
 /// The bytes of `name` (a disk or snapshot), read offline from its pool after a stop.
-fn offline_bytes(d: &Daemon, pool: &str, thin_id: u64) -> Vec<u8> {
+fn offline_bytes(d: &TwoPools, pool: &str, thin_id: u64) -> Vec<u8> {
     let (m, data) = d.pool_files(pool);
     export(
         &m,
@@ -150,7 +61,7 @@ fn write_pattern(sock: &Path, seed: u8, at_mib: &[u64]) {
 
 #[test]
 fn send_and_receive_run_as_jobs_between_files_commands_and_pools() {
-    let mut d = Daemon::start();
+    let mut d = start();
     let mut c = d.client();
     write_pattern(&d.path("vm.sock"), 1, &[0, 3, 17, 31]);
     c.execute("snapshot-create", json!({"disk": "vm", "name": "s1"}))
@@ -372,7 +283,7 @@ fn slot_data(seq: u64, slot: u64) -> Vec<u8> {
 
 #[test]
 fn a_disk_being_written_moves_to_the_other_pool_with_its_snapshots() {
-    let mut d = Daemon::start();
+    let mut d = start();
     let mut c = d.client();
     // History: three snapshots with changes between them.
     write_pattern(&d.path("vm.sock"), 7, &[8, 12, 20, 30]);
@@ -526,7 +437,7 @@ fn snapshot_names(c: &mut vhost_thin::ctl::Client, pool: &str) -> Vec<String> {
 
 #[test]
 fn replication_rounds_copy_snapshots_keep_the_last_and_survive_failures_and_restarts() {
-    let mut d = Daemon::start();
+    let mut d = start();
     let mut c = d.client();
     // A writer runs the whole time, verified at the end.
     let stop = Arc::new(AtomicBool::new(false));
@@ -716,7 +627,7 @@ fn read_bytes(g: &mut Guest, off: u64, len: usize) -> Vec<u8> {
 #[test]
 fn disks_over_an_external_origin_and_merging_a_snapshot_back_into_it() {
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES};
-    let d = Daemon::start();
+    let d = start();
     let mut c = d.client();
     const IMG: usize = 8 << 20;
     let golden = d.path("golden.img");
@@ -811,8 +722,8 @@ fn disks_over_an_external_origin_and_merging_a_snapshot_back_into_it() {
 
 #[test]
 fn a_snapshot_chain_moves_to_another_daemon_through_a_pipe() {
-    let mut a = Daemon::start();
-    let mut b = Daemon::start();
+    let mut a = start();
+    let mut b = start();
     let mut ca = a.client();
     write_pattern(&a.path("vm.sock"), 3, &[0, 5, 30]);
     ca.execute("snapshot-create", json!({"disk": "vm", "name": "t1"}))
@@ -885,7 +796,7 @@ fn a_snapshot_chain_moves_to_another_daemon_through_a_pipe() {
 
 #[test]
 fn a_receive_cut_short_by_a_crash_is_dropped_at_the_next_start() {
-    let mut d = Daemon::start();
+    let mut d = start();
     let mut c = d.client();
     write_pattern(&d.path("vm.sock"), 6, &[1, 2, 3]);
     c.execute("snapshot-create", json!({"disk": "vm", "name": "k1"}))
@@ -953,7 +864,7 @@ fn mkfifo(p: &Path) {
 #[test]
 fn a_receive_from_a_fifo_that_gets_no_data_is_cancelled_and_does_not_hold_up_a_stop() {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut d = Daemon::start();
+    let mut d = start();
     let mut c = d.client();
     // No writer ever comes.
     let fifo = d.path("never.fifo");
@@ -996,26 +907,15 @@ fn a_receive_from_a_fifo_that_gets_no_data_is_cancelled_and_does_not_hold_up_a_s
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(wait_status(&mut c, "r2"), "running");
     drop(c);
-    let mut child = d.child.take().unwrap();
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("the daemon did not stop: a receive job kept it waiting");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = d
+        .stop_within(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the daemon did not stop: a receive job kept it waiting"));
     assert!(status.success(), "{status:?}");
 }
 
 #[test]
 fn a_send_into_a_command_that_read_everything_but_does_not_exit_is_cancelled() {
-    let d = Daemon::start();
+    let d = start();
     let mut c = d.client();
     write_pattern(&d.path("vm.sock"), 3, &[1]);
     c.execute("snapshot-create", json!({"disk": "vm", "name": "s1"}))
@@ -1039,7 +939,7 @@ fn a_send_into_a_command_that_read_everything_but_does_not_exit_is_cancelled() {
 
 #[test]
 fn an_interrupted_resumable_receive_goes_on_from_where_it_stopped() {
-    let mut d = Daemon::start();
+    let mut d = start();
     let mut c = d.client();
     write_pattern(&d.path("vm.sock"), 8, &[0, 4, 9, 20, 31]);
     c.execute("snapshot-create", json!({"disk": "vm", "name": "r1"}))
@@ -1116,7 +1016,7 @@ fn an_interrupted_resumable_receive_goes_on_from_where_it_stopped() {
 
 #[test]
 fn a_command_that_leaves_a_process_holding_its_output_does_not_hold_up_the_send() {
-    let d = Daemon::start();
+    let d = start();
     let mut c = d.client();
     c.execute("snapshot-create", json!({"disk": "vm", "name": "o1"}))
         .unwrap();

@@ -11,11 +11,12 @@
 //! `VHOST_THIN_MIGRATE_CRASH_ROUNDS` changes its length.
 
 mod common;
-use common::{bin, cli, export, thin_check_ok, wait_for, Guest, D};
+use common::two_pools::{self, TwoPools};
+use common::{bin, cli, export, thin_check_ok, Guest, D};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -45,83 +46,8 @@ impl Rng {
     }
 }
 
-/// Pools `a` (64 KiB blocks) and `b` (256 KiB blocks); the configuration creates `vm` in
-/// `a` the first time, and serves it from wherever it is afterwards.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn new() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        std::fs::write(
-            dir.path().join("cfg.yaml"),
-            format!(
-                "pools:\n\
-                 \x20 - name: a\n    metadata: {d}/a.meta\n    data: {d}/a.data\n    block-size: 64KiB\n    create:\n      data-size: 256MiB\n\
-                 \x20 - name: b\n    metadata: {d}/b.meta\n    data: {d}/b.data\n    block-size: 256KiB\n    create:\n      data-size: 256MiB\n\
-                 disks:\n  - name: vm\n    pool: a\n    size: {DISK_MIB}MiB\n    socket: {d}/vm.sock\n    num-queues: 1\n\
-                 management:\n  socket: {d}/qmp.sock\n"
-            ),
-        )
-        .unwrap();
-        Daemon { dir, child: None }
-    }
-
-    fn spawn(&mut self) {
-        // A killed daemon leaves its sockets behind: waiting for them must see new ones.
-        for s in ["qmp.sock", "vm.sock"] {
-            let _ = std::fs::remove_file(self.path(s));
-        }
-        let child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(self.path("cfg.yaml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        wait_for(&self.path("qmp.sock"));
-        wait_for(&self.path("vm.sock"));
-    }
-
-    fn stop(&mut self) {
-        let out = common::sigterm(self.child.take().unwrap());
-        assert!(out.status.success(), "daemon exit: {:?}", out.status);
-    }
-
-    fn kill(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-
-    fn client(&self) -> vhost_thin::ctl::Client {
-        vhost_thin::ctl::Client::connect(&self.path("qmp.sock")).unwrap()
-    }
-
-    fn pool_files(&self, p: &str) -> (String, String) {
-        (
-            self.path(&format!("{p}.meta")).display().to_string(),
-            self.path(&format!("{p}.data")).display().to_string(),
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+// The daemon (common::two_pools) creates `vm` in pool `a` the first time and serves it
+// from wherever it is afterwards.
 
 fn other(pool: &str) -> &'static str {
     if pool == "a" {
@@ -300,7 +226,7 @@ fn check_layout(
 }
 
 /// Offline, after a kill: both pools check clean.
-fn check_pools(d: &Daemon, round: usize, seed: u64) {
+fn check_pools(d: &TwoPools, round: usize, seed: u64) {
     for p in ["a", "b"] {
         let (m, data) = d.pool_files(p);
         let out = cli(&["pool", "check", "-m", &m, "-d", &data]);
@@ -316,7 +242,7 @@ fn check_pools(d: &Daemon, round: usize, seed: u64) {
 /// else anywhere (every device named, none left by the migration), and each snapshot reads
 /// as it did when it was taken.
 fn check_offline(
-    d: &Daemon,
+    d: &TwoPools,
     pool: &str,
     snaps: &BTreeMap<String, Vec<u8>>,
     round: usize,
@@ -364,25 +290,7 @@ fn check_offline(
 }
 
 fn wait_job(c: &mut vhost_thin::ctl::Client, id: &str) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let jobs = c.execute("query-jobs", json!({})).unwrap();
-        let j = jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("job {id} not listed: {jobs}"));
-        if j["status"] == "concluded" {
-            return j;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "job {id} never ended: {j}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    two_pools::wait_job(c, id, Duration::from_secs(120))
 }
 
 /// Runs the guest and a migration of `vm` to `to`; kills the daemon `kill_after` after the
@@ -390,7 +298,7 @@ fn wait_job(c: &mut vhost_thin::ctl::Client, id: &str) -> Value {
 /// how long the migration took (when waited for), and whether the job had concluded by the
 /// kill.
 fn migrate_under_writes(
-    d: &mut Daemon,
+    d: &mut TwoPools,
     w: Writes,
     seed: u64,
     to: &str,
@@ -465,7 +373,7 @@ fn sigkill_during_disk_migrate_leaves_the_disk_whole_in_one_pool() {
         .unwrap_or(40);
     println!("migrate crash: seed {seed} (VHOST_THIN_MIGRATE_CRASH_SEED={seed} replays it)");
     let mut rng = Rng(seed);
-    let mut d = Daemon::new();
+    let mut d = TwoPools::new(DISK_MIB, 1);
     d.spawn();
 
     // History: three snapshots, with writes between them (through the same slots the

@@ -6,6 +6,8 @@
 //! Compiled into every test binary, which each use part of it.
 #![allow(dead_code)]
 
+pub mod two_pools;
+
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
