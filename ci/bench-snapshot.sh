@@ -28,43 +28,11 @@ done
 for t in qemu-storage-daemon qemu-img; do
   command -v "$t" >/dev/null || { echo "bench-snapshot: $t is needed (qemu-system-common, qemu-utils)" >&2; exit 1; }
 done
-echo "building release binaries"
-cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench
-target=$(cargo metadata --format-version 1 --no-deps --locked |
-  grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
-thin=$target/release/vhost-thin
-bench=$target/release/vhost-thin-bench
-
-work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vhost-thin-snap.XXXXXX")
-pid=
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  if [ "$keep" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-sock=$work/disk0.sock
-size_bytes=$(python3 -c "
-import re, sys; m = re.fullmatch(r'(\d+)\s*([kKmMgGtT]?)(i?[bB])?', sys.argv[1]) or sys.exit('bad size ' + sys.argv[1])
-print(int(m.group(1)) << {'': 0, 'k': 10, 'm': 20, 'g': 30, 't': 40}[m.group(2).lower()])" "$size")
+name=snap
+# shellcheck source=ci/bench-lib.sh
+. ci/bench-lib.sh
 count=$(python3 -c "print(max(1, int(($runtime - 1) / $every)))")
 
-wait_socket() {
-  for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done
-  echo "bench-snapshot: no socket $1" >&2; tail -n 20 "$2" >&2; exit 1
-}
-stop() { kill -TERM "$pid"; wait "$pid" || true; pid=; }
-jget() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
-load() {
-  "$bench" --socket "$sock" --json --rw randwrite --bs 4k --iodepth 32 --queues 1 \
-    --runtime "$runtime" --verify >"$1" 2>"$1.err"
-}
-report() {
-  printf '  %-24s %8.0f IOPS  p99 %8.1f us  p99.9 %9.1f us  max %9.1f us\n' "$1" \
-    "$(jget "$2" iops)" "$(jget "$2" lat_p99_us)" "$(jget "$2" lat_p999_us)" "$(jget "$2" lat_max_us)"
-}
-prefill() {
-  "$bench" --socket "$sock" --rw write --bs 128k --iodepth 8 --single-pass --runtime 600 --verify >/dev/null
-}
 echo "machine: $(nproc) CPUs; disk $size_bytes bytes; 4 KiB random writes QD32 for $runtime s; $count snapshots, one every $every s"
 
 # ---- ours -------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+# Shared by ci/bench-migrate.sh and ci/bench-snapshot.sh (sourced, not run): release
+# binaries, a work directory removed at exit unless --keep, the disk size in bytes, and the
+# 4 KiB random-write load whose latency both report.
+#
+# The sourcing script sets: name (for messages and the work directory), size, runtime,
+# keep. It gets: thin, bench, work, sock, size_bytes, pid (the daemon under test).
+
+echo "building release binaries"
+cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench
+target=$(cargo metadata --format-version 1 --no-deps --locked |
+  grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
+thin=$target/release/vhost-thin
+bench=$target/release/vhost-thin-bench
+
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vhost-thin-$name.XXXXXX")
+pid=
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  if [ "$keep" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+sock=$work/disk0.sock
+size_bytes=$(python3 -c "
+import re, sys; m = re.fullmatch(r'(\d+)\s*([kKmMgGtT]?)(i?[bB])?', sys.argv[1]) or sys.exit('bad size ' + sys.argv[1])
+print(int(m.group(1)) << {'': 0, 'k': 10, 'm': 20, 'g': 30, 't': 40}[m.group(2).lower()])" "$size")
+
+wait_socket() { # SOCKET LOG
+  for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done
+  echo "bench-$name: no socket $1" >&2; tail -n 20 "$2" >&2; exit 1
+}
+stop() { kill -TERM "$pid"; wait "$pid" || true; pid=; }
+jget() { python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))[sys.argv[2]]))' "$1" "$2"; }
+load() { # OUT: 4 KiB random writes, QD32, verified, for $runtime s
+  "$bench" --socket "$sock" --json --rw randwrite --bs 4k --iodepth 32 --queues 1 \
+    --runtime "$runtime" --verify >"$1" 2>"$1.err"
+}
+report() { # NAME OUT
+  printf '  %-28s %8.0f IOPS  mean %7.1f us  p99 %8.1f us  p99.9 %9.1f us  max %9.1f us\n' "$1" \
+    "$(jget "$2" iops)" "$(jget "$2" lat_mean_us)" "$(jget "$2" lat_p99_us)" \
+    "$(jget "$2" lat_p999_us)" "$(jget "$2" lat_max_us)"
+}
+prefill() { # one sequential pass over the whole disk
+  "$bench" --socket "$sock" --rw write --bs 128k --iodepth 8 --single-pass --runtime 600 \
+    --verify >/dev/null
+}
