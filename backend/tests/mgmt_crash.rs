@@ -10,7 +10,7 @@
 //! registry written, the pool not committed.
 
 mod common;
-use common::{cli, Guest, Served, D};
+use common::{cli, Guest, Rng, Served, D};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -22,27 +22,6 @@ use std::time::Duration;
 use vhost_thin::ctl::Client;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT};
 use vm_memory::{Bytes, GuestAddress};
-
-/// splitmix64: seedable, so a failing run can be replayed from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a>(&mut self, v: &'a [String]) -> &'a String {
-        &v[self.below(v.len() as u64) as usize]
-    }
-}
 
 /// What the test expects of one registry name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -257,16 +236,7 @@ fn guest_load(sock: PathBuf, seed: u64, stop: Arc<AtomicBool>, connected: mpsc::
     let mut g = Guest::connect(&sock, 1);
     let _ = connected.send(());
     let mut rng = Rng(seed);
-    let wait = |g: &Guest, seq: u16| loop {
-        let idx: u16 = g.mem.read_obj(GuestAddress(g.queues[0].used + 2)).unwrap();
-        if idx >= seq {
-            return true;
-        }
-        if stop.load(Ordering::SeqCst) {
-            return false;
-        }
-        thread::sleep(Duration::from_micros(200));
-    };
+    let wait = |g: &Guest, seq: u16| g.wait_used_or_stop(0, seq, &stop);
     let (w, f) = (Guest::buf(1), Guest::buf(2));
     loop {
         // 4 KiB somewhere in the first 4 MiB: bounded space, many block-sharing breaks.

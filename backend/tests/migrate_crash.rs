@@ -12,7 +12,7 @@
 
 mod common;
 use common::two_pools::{self, TwoPools};
-use common::{bin, cli, export, thin_check_ok, Guest, D};
+use common::{bin, cli, export, thin_check_ok, Guest, Rng, D};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,23 +28,6 @@ const DISK_MIB: u64 = 16;
 /// The guest writes 4 KiB slots over the first 4 MiB.
 const SLOTS: u64 = 1024;
 const SNAPSHOTS: [&str; 3] = ["s0", "s1", "s2"];
-
-/// splitmix64: seedable, so a failing run can be replayed from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 // The daemon (common::two_pools) creates `vm` in pool `a` the first time and serves it
 // from wherever it is afterwards.
@@ -95,16 +78,7 @@ fn guest_writes(
     let mut g = Guest::connect(&sock, 1);
     let _ = connected.send(());
     let mut rng = Rng(seed);
-    let wait = |g: &Guest, seq: u16| loop {
-        let idx: u16 = g.mem.read_obj(GuestAddress(g.queues[0].used + 2)).unwrap();
-        if idx >= seq {
-            return true;
-        }
-        if stop.load(Ordering::SeqCst) {
-            return false;
-        }
-        thread::sleep(Duration::from_micros(200));
-    };
+    let wait = |g: &Guest, seq: u16| g.wait_used_or_stop(0, seq, &stop);
     let (wb, fb) = (Guest::buf(1), Guest::buf(2));
     // Acknowledged since the last acknowledged FLUSH: durable once the next one is.
     let mut unflushed: Vec<(u64, u64)> = Vec::new();

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -22,6 +23,27 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+/// splitmix64: seedable, so a failing run can be replayed from the printed seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len() as u64) as usize]
+    }
+}
 
 pub const MEM_SIZE: u64 = 64 << 20;
 pub const QSIZE: u16 = 64;
@@ -348,6 +370,24 @@ impl Guest {
             );
             let _ = queue.call.read();
             thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits for used idx `count` on queue `q`, or until `stop` (the daemon may be gone):
+    /// false if it stopped first. For guests that must never wait on a dead daemon.
+    pub fn wait_used_or_stop(&self, q: usize, count: u16, stop: &AtomicBool) -> bool {
+        loop {
+            let idx: u16 = self
+                .mem
+                .read_obj(GuestAddress(self.queues[q].used + 2))
+                .unwrap();
+            if idx >= count {
+                return true;
+            }
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            thread::sleep(Duration::from_micros(200));
         }
     }
 
