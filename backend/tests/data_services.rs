@@ -8,7 +8,6 @@ use common::two_pools::{self, TwoPools};
 use common::{bin, cli, export, pattern, thin_check_ok, Guest};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +24,15 @@ fn start() -> TwoPools {
 /// Waits for job `id` to conclude; its query-jobs entry.
 fn wait_job(c: &mut vhost_thin::ctl::Client, id: &str) -> Value {
     two_pools::wait_job(c, id, Duration::from_secs(300))
+}
+
+/// Sends snapshot `snap` to a new stream file, and waits for the job, which must succeed.
+fn send_to_file(c: &mut vhost_thin::ctl::Client, snap: &str, file: &Path) {
+    let r = c
+        .execute("snapshot-send", json!({"snapshot": snap, "file": file}))
+        .unwrap();
+    let j = wait_job(c, r["job-id"].as_str().unwrap());
+    assert!(j.get("error").is_none(), "{j}");
 }
 
 fn entry(c: &mut vhost_thin::ctl::Client, q: &str, name: &str) -> Option<Value> {
@@ -191,17 +199,9 @@ fn send_and_receive_run_as_jobs_between_files_commands_and_pools() {
     c.execute("snapshot-create", json!({"disk": "vm", "name": "s3"}))
         .unwrap();
     let s3 = d.path("s3.vts");
-    let r = c
-        .execute("snapshot-send", json!({"snapshot": "s3", "file": s3}))
-        .unwrap();
-    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
-    assert!(j.get("error").is_none(), "{j}");
+    send_to_file(&mut c, "s3", &s3);
     let fifo = d.path("slow.fifo");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    mkfifo(&fifo);
     let devices_b = |c: &mut vhost_thin::ctl::Client| {
         c.execute("query-pools", json!({})).unwrap()[1]["devices"].clone()
     };
@@ -802,17 +802,9 @@ fn a_receive_cut_short_by_a_crash_is_dropped_at_the_next_start() {
     c.execute("snapshot-create", json!({"disk": "vm", "name": "k1"}))
         .unwrap();
     let file = d.path("k1.vts");
-    let r = c
-        .execute("snapshot-send", json!({"snapshot": "k1", "file": file}))
-        .unwrap();
-    let j = wait_job(&mut c, r["job-id"].as_str().unwrap());
-    assert!(j.get("error").is_none(), "{j}");
+    send_to_file(&mut c, "k1", &file);
     let fifo = d.path("k1.fifo");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    mkfifo(&fifo);
     let r = c
         .execute(
             "snapshot-receive",
@@ -945,12 +937,7 @@ fn an_interrupted_resumable_receive_goes_on_from_where_it_stopped() {
     c.execute("snapshot-create", json!({"disk": "vm", "name": "r1"}))
         .unwrap();
     let whole = d.path("r1.vts");
-    let r = c
-        .execute("snapshot-send", json!({"snapshot": "r1", "file": whole}))
-        .unwrap();
-    assert!(wait_job(&mut c, r["job-id"].as_str().unwrap())
-        .get("error")
-        .is_none());
+    send_to_file(&mut c, "r1", &whole);
     // The stream cut short: what arrived is kept, and the error gives a token.
     let bytes = std::fs::read(&whole).unwrap();
     let cut = d.path("r1-cut.vts");
