@@ -22,7 +22,6 @@ use crate::origin::OriginError;
 use crate::pool::Pool;
 use crate::storage::{FileStorage, Storage};
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 /// How much is written between two syncs of the origin (and two progress reports).
@@ -108,22 +107,7 @@ pub fn merge_into_origin(
     progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<MergeOutcome, MergeError> {
     check_size(device_size)?;
-    let meta = std::fs::metadata(origin_path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => OriginError::NotFound {
-            path: origin_path.into(),
-        },
-        _ => OriginError::Open {
-            path: origin_path.into(),
-            source,
-        },
-    })?;
-    let ft = meta.file_type();
-    if !ft.is_file() && !ft.is_block_device() {
-        return Err(OriginError::NotFileOrDevice {
-            path: origin_path.into(),
-        }
-        .into());
-    }
+    let ft = crate::origin::image_metadata(origin_path)?.file_type();
     let target = FileStorage::open(origin_path).map_err(|source| MergeError::OpenForWrite {
         path: origin_path.into(),
         source,

@@ -61,20 +61,27 @@ impl std::fmt::Debug for ExternalOrigin {
     }
 }
 
+/// The metadata of an image path: a regular file or a block device (anything else, or nothing,
+/// is refused with the error that says which).
+pub(crate) fn image_metadata(path: &Path) -> Result<std::fs::Metadata, OriginError> {
+    let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => OriginError::NotFound { path: path.into() },
+        _ => OriginError::Open {
+            path: path.into(),
+            source,
+        },
+    })?;
+    let ft = meta.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(OriginError::NotFileOrDevice { path: path.into() });
+    }
+    Ok(meta)
+}
+
 impl ExternalOrigin {
     /// Opens a regular file or a block device read-only.
     pub fn open(path: &Path) -> Result<Self, OriginError> {
-        let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => OriginError::NotFound { path: path.into() },
-            _ => OriginError::Open {
-                path: path.into(),
-                source,
-            },
-        })?;
-        let ft = meta.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
-            return Err(OriginError::NotFileOrDevice { path: path.into() });
-        }
+        let meta = image_metadata(path)?;
         let storage = FileStorage::open_read_only(path).map_err(|source| OriginError::Open {
             path: path.into(),
             source,
