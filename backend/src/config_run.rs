@@ -7,7 +7,7 @@
 //! disagree the registry wins and the daemon says so.
 
 use crate::manager::{Manager, PoolHandle};
-use crate::offline::{load_registry, open_pool_zeroing, serial_salt, PoolPaths};
+use crate::pools::{load_registry, open_pool_zeroing, serial_salt, PoolPaths};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 
 use crate::daemon::{self, parse_disk_spec, DiskSpec};
 use crate::manager::{Manager, PoolHandle};
-use crate::offline::{load_registry, open_pool, PoolPaths};
+use crate::pools::{load_registry, open_pool, PoolPaths};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -72,11 +72,11 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         cache_blocks: a.cache_blocks,
     };
     let pool = Arc::new(open_pool(&paths, true)?);
-    let reg_path = crate::offline::registry_path(&paths)
+    let reg_path = crate::pools::registry_path(&paths)
         .unwrap_or_else(|| thinpool::registry::Registry::default_path(&paths.metadata));
     let mut reg = load_registry(&paths, &pool)?
         .unwrap_or_else(|| Registry::new(&reg_path, pool.status().transaction_id));
-    let salt = crate::offline::serial_salt(&paths.metadata);
+    let salt = crate::pools::serial_salt(&paths.metadata);
     // Resolve the --disk specs to registry entries (in memory: a bare pool made by the
     // kernel gets entries named thinN; nothing is written until something changes).
     let mut to_serve = Vec::new();

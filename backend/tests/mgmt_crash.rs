@@ -464,7 +464,7 @@ fn thin_ls(s: &Served) -> (BTreeMap<u32, String>, String) {
 fn a_crash_after_the_registry_write_leaves_the_old_state() {
     use thinpool::pool::Pool;
     use thinpool::registry::{DeviceEntry, Registry};
-    use vhost_thin::offline::{load_registry, open_pool, PoolPaths};
+    use vhost_thin::pools::{load_registry, open_pool, PoolPaths};
 
     let mut s = Served::with_pool("", "64MiB");
     let snap = s

@@ -129,7 +129,7 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     // Its change commits, and a commit holds new mappings while it flushes: a commit first,
     // with nothing held, leaves that one little to flush (the guest goes on writing).
     p.pool.commit()?;
-    let created = crate::offline::now_secs();
+    let created = crate::pools::now_secs();
     p.change(|pool, reg| {
         let size = reg.devices.get(&disk).map(|e| e.size).unwrap_or(0);
         let id = reg.next_id(&p.devices());

@@ -16,13 +16,14 @@ use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
 use crate::blk::relay::{self, HandlerSocket};
 use crate::mgmt::events::EventBus;
 use crate::mgmt::QmpError;
-use crate::offline::commit_change_held;
+use crate::pools::commit_change_held;
+use crate::sync::lock;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::delta::DeltaMode;
@@ -391,7 +392,7 @@ impl Manager {
                 )));
             }
         }
-        let listener = listen(&socket).map_err(|e| {
+        let listener = crate::socket::listen(&socket).map_err(|e| {
             QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
         })?;
         Ok(Bound { socket, listener })
@@ -817,7 +818,7 @@ impl Manager {
     /// Creates the thin device and its registry entry, durably.
     fn create_disk(&self, new: &NewDisk<'_>, plan: &DiskPlan) -> R<u32> {
         let ph = &plan.pool;
-        let created = crate::offline::now_secs();
+        let created = crate::pools::now_secs();
         ph.change(|pool, reg| {
             let id = reg.next_id(&ph.devices());
             match plan.origin {
@@ -948,7 +949,7 @@ impl Manager {
         // A disk being migrated: a snapshot taken now would be left behind.
         self.check_unpinned(&f, disk)?;
         let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
-        let created = crate::offline::now_secs();
+        let created = crate::pools::now_secs();
         // Pool::create_snap already waits for the origin's writes in flight and holds new
         // ones (the pool's per-device gate), which is all a point in time needs. The disk's
         // gate is taken as well so that a guest request made of several pool operations
@@ -1209,14 +1210,6 @@ impl Manager {
     }
 }
 
-/// Locks `m`, recovering from poisoning: a panic in one management operation (caught and
-/// answered as an internal error) must not make every later one panic too. The state
-/// behind these locks is left consistent by the operations' own ordering (checks first,
-/// then one durable change), which is what poisoning would otherwise guard.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The queues of a disk to serve, checked (None: the defaults): a count or size out of
 /// range is refused, not clamped, so the guest gets what was asked or an error says why.
 fn queue_options(num_queues: Option<usize>, queue_size: Option<usize>) -> R<(usize, usize)> {
@@ -1236,25 +1229,6 @@ fn queue_options(num_queues: Option<usize>, queue_size: Option<usize>) -> R<(usi
         )));
     }
     Ok((n, q))
-}
-
-/// Listens on a socket path, replacing a socket left there by an earlier run. Anything
-/// else at the path (a file, a directory, a typo pointing at data) is left alone and
-/// refused: removing it could destroy what the operator meant to keep.
-pub(crate) fn listen(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "it exists and is not a socket; not replacing it",
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    UnixListener::bind(path)
 }
 
 /// Serves one disk until `stop`: a fresh backend and vhost-user daemon per connection,

@@ -19,6 +19,7 @@ use super::jobs::JobCtx;
 use super::transfer::{copy_snapshot, send_to_command};
 use super::{lock, Manager, R};
 use crate::mgmt::QmpError;
+use crate::replica_names::series;
 use serde_json::{json, Value};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -74,18 +75,6 @@ impl Replicator {
         lock(m).1 = true;
         cv.notify_all();
     }
-}
-
-/// The replicas of `base` among named items: those named `<base>@r<seq>`, with their
-/// sequence numbers, oldest first. (The daemon prunes its own with it, `receive
-/// --keep-last` a target's.)
-pub fn series<'a, T: Ord>(named: impl Iterator<Item = (&'a str, T)>, base: &str) -> Vec<(u64, T)> {
-    let prefix = format!("{base}@r");
-    let mut v: Vec<(u64, T)> = named
-        .filter_map(|(n, t)| Some((n.strip_prefix(&prefix)?.parse::<u64>().ok()?, t)))
-        .collect();
-    v.sort();
-    v
 }
 
 fn check_spec(m: &Manager, disk: &str, spec: &ReplicationSpec) -> R<()> {
@@ -214,7 +203,7 @@ impl Manager {
 
     pub fn query_replication(&self) -> R<Value> {
         let reps = lock(&self.replicators);
-        let now = crate::offline::now_secs();
+        let now = crate::pools::now_secs();
         let mut out = Vec::new();
         for (disk, r) in reps.iter() {
             let Ok(f) = self.find(disk) else { continue };

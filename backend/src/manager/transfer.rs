@@ -51,7 +51,7 @@ impl PoolHandle {
         let mut reg = lock(&self.registry);
         let hold = self.pool.hold_commits();
         if stream::assign_guids(&mut reg, ids).map_err(stream_err)? {
-            crate::offline::commit_change_held(&hold, Some(&mut reg))?;
+            crate::pools::commit_change_held(&hold, Some(&mut reg))?;
         }
         Ok(())
     }
@@ -168,7 +168,7 @@ pub(super) fn copy_snapshot(
                 let hold = dst.pool.hold_commits();
                 reg.devices.remove(&got.id);
                 let _ = dst.pool.delete(got.id);
-                let _ = crate::offline::commit_change_held(&hold, Some(&mut reg));
+                let _ = crate::pools::commit_change_held(&hold, Some(&mut reg));
                 Err(e)
             }
         }

@@ -27,7 +27,7 @@ pub fn spawn(
     path: &Path,
     mode: u32,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let listener = crate::manager::listen(path)?;
+    let listener = crate::socket::listen(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     tracing::info!("management socket {}", path.display());
     std::thread::Builder::new()

@@ -1,6 +1,6 @@
 //! `vhost-thin pool …`
 
-use super::{open_file, registry_path};
+use crate::pools::{open_file, open_metadata_read_only, registry_path, PoolPaths};
 use crate::size::{human, parse_size};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -156,7 +156,7 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
     if !a.force {
         let mut first = vec![0u8; 4096.min(meta.len() as usize)];
         meta.read_at(&mut first, 0)?;
-        if first.iter().any(|&b| b != 0) && super::open_metadata_read_only(meta.clone()).is_ok() {
+        if first.iter().any(|&b| b != 0) && open_metadata_read_only(meta.clone()).is_ok() {
             bail!(
                 "{} already holds a pool; pass --force to overwrite it",
                 a.metadata.display()
@@ -198,7 +198,7 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot check {}", a.metadata.display()))?;
     if let Some(d) = &a.data {
         let data = open_file(d, "data device", false)?;
-        let md = super::open_metadata_read_only(meta.clone());
+        let md = open_metadata_read_only(meta.clone());
         if let Ok(md) = md {
             let need = md.usage().data_blocks * md.data_block_bytes();
             if data.len() < need {
@@ -267,7 +267,7 @@ fn status(a: StatusArgs) -> Result<ExitCode> {
         }
         None => {
             // Without the data device: metadata only, through a scratch data device of the right size.
-            let md = super::open_metadata_read_only(meta.clone())
+            let md = open_metadata_read_only(meta.clone())
                 .with_context(|| format!("cannot open {}", a.metadata.display()))?;
             let data: Arc<dyn Storage> =
                 Arc::new(SizeOnly(md.usage().data_blocks * md.data_block_bytes()));
@@ -330,7 +330,7 @@ fn status(a: StatusArgs) -> Result<ExitCode> {
         "needs_check:     {}",
         if st.needs_check { "yes" } else { "no" }
     );
-    if let Some(path) = registry_path(&super::PoolPaths {
+    if let Some(path) = registry_path(&PoolPaths {
         metadata: a.metadata.clone(),
         data: PathBuf::new(),
         registry: None,
@@ -367,7 +367,7 @@ impl Storage for SizeOnly {
 
 fn dump(a: DumpArgs) -> Result<ExitCode> {
     let meta = open_file(&a.metadata, "metadata device", false)?;
-    let mut md = super::open_metadata_read_only(meta)
+    let mut md = open_metadata_read_only(meta)
         .with_context(|| format!("cannot open {}", a.metadata.display()))?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     thinpool::dump::dump(&mut md, a.metadata_snap, out)

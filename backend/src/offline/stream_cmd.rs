@@ -1,7 +1,8 @@
 //! `vhost-thin send` and `vhost-thin receive`: snapshots as streams, between pools, files
 //! and pipes (`send … | ssh host vhost-thin receive …`). Format: docs/STREAMS.md.
 
-use super::{commit_change, input_stream, load_registry, open_pool, output_stream, PoolPaths};
+use super::{input_stream, output_stream};
+use crate::pools::{commit_change, commit_change_held, load_registry, open_pool, PoolPaths};
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -68,7 +69,7 @@ pub fn replica_series(reg: &Registry, name: &str) -> Vec<(u64, u32)> {
         .iter()
         .filter(|(_, e)| e.snapshot && e.receiving.is_none())
         .filter_map(|(&id, e)| Some((e.name.as_deref()?, id)));
-    crate::manager::replication::series(received, disk)
+    crate::replica_names::series(received, disk)
 }
 
 /// A device by name (registry) or thin id.
@@ -172,7 +173,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
                         pool.delete(*id)?;
                         reg.devices.remove(id);
                     }
-                    super::commit_change_held(&hold, Some(&mut reg))?;
+                    commit_change_held(&hold, Some(&mut reg))?;
                     eprintln!("deleted {} older replicas (--keep-last {keep})", old.len());
                 }
             }

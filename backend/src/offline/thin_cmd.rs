@@ -1,6 +1,6 @@
 //! `vhost-thin thin …`
 
-use super::{commit_change, load_registry, now_secs, open_pool, PoolPaths};
+use crate::pools::{commit_change, load_registry, now_secs, open_pool, serial_salt, PoolPaths};
 use crate::progress::Progress;
 use crate::size::{human, parse_size};
 use anyhow::{bail, Context, Result};
@@ -155,7 +155,7 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
             DeviceEntry {
                 name: a.name.clone(),
                 size: a.size.unwrap_or(0),
-                serial: make_serial(a.id, created, super::serial_salt(&a.paths.metadata)),
+                serial: make_serial(a.id, created, serial_salt(&a.paths.metadata)),
                 created,
                 ..Default::default()
             },
@@ -179,7 +179,7 @@ fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
             DeviceEntry {
                 name: a.name.clone(),
                 size,
-                serial: make_serial(a.id, created, super::serial_salt(&a.paths.metadata)),
+                serial: make_serial(a.id, created, serial_salt(&a.paths.metadata)),
                 origin: Some(a.origin),
                 created,
                 snapshot: a.kept,
@@ -382,8 +382,8 @@ pub fn export_to(pool: &Pool, id: u32, size: u64, out: &mut dyn Write) -> Result
 }
 
 fn delta(a: DeltaArgs) -> Result<ExitCode> {
-    let meta = super::open_file(&a.metadata, "metadata device", false)?;
-    let mut md = super::open_metadata_read_only(meta)
+    let meta = crate::pools::open_file(&a.metadata, "metadata device", false)?;
+    let mut md = crate::pools::open_metadata_read_only(meta)
         .with_context(|| format!("cannot open {}", a.metadata.display()))?;
     let mode = if a.changed_only {
         DeltaMode::ChangedOnly
