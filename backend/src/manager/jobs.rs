@@ -14,6 +14,7 @@
 
 use crate::mgmt::events::EventBus;
 use crate::mgmt::QmpError;
+use crate::sync::lock;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -267,7 +268,7 @@ impl Jobs {
             }
             jobs.insert(id.clone(), job.clone());
         }
-        self.status_change(&job, JobStatus::Created);
+        transition(&self.events, &job, |_| Some(JobStatus::Created));
         let ctx = JobCtx {
             job: job.clone(),
             events: self.events.clone(),
@@ -278,13 +279,10 @@ impl Jobs {
         let spawned = std::thread::Builder::new()
             .name(format!("job-{id}"))
             .spawn(move || {
-                {
-                    let mut st = lock(&ctx.job.status);
-                    if *st == JobStatus::Created {
-                        *st = JobStatus::Running;
-                    }
-                }
-                emit_status(&events, &ctx.job);
+                // Not over a cancel that came first: the job then starts as aborting.
+                transition(&events, &ctx.job, |st| {
+                    (st == JobStatus::Created).then_some(JobStatus::Running)
+                });
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&ctx)))
                     .unwrap_or_else(|p| {
                         let what = p
@@ -306,8 +304,7 @@ impl Jobs {
                     Err(e) => tracing::warn!("job {}: {e}", ctx.job.id),
                 }
                 *lock(&ctx.job.outcome) = Some(outcome);
-                *lock(&ctx.job.status) = JobStatus::Concluded;
-                emit_status(&events, &ctx.job);
+                transition(&events, &ctx.job, |_| Some(JobStatus::Concluded));
             });
         match spawned {
             Ok(h) => *lock(&job.thread) = Some(h),
@@ -318,11 +315,6 @@ impl Jobs {
         }
         self.forget_old();
         Ok(job)
-    }
-
-    fn status_change(&self, job: &Job, st: JobStatus) {
-        *lock(&job.status) = st;
-        emit_status(&self.events, job);
     }
 
     pub fn get(&self, id: &str) -> R<Arc<Job>> {
@@ -342,16 +334,20 @@ impl Jobs {
     /// the error "cancelled" once it has undone its work.
     pub fn cancel(&self, id: &str) -> R<()> {
         let job = self.get(id)?;
-        let mut st = lock(&job.status);
-        match *st {
+        let mut refused = None;
+        transition(&self.events, &job, |st| match st {
             JobStatus::Created | JobStatus::Running => {
                 job.cancel.store(true, Ordering::SeqCst);
-                *st = JobStatus::Aborting;
-                drop(st);
-                emit_status(&self.events, &job);
-                Ok(())
+                Some(JobStatus::Aborting)
             }
-            other => Err(QmpError::generic(format!(
+            other => {
+                refused = Some(other);
+                None
+            }
+        });
+        match refused {
+            None => Ok(()),
+            Some(other) => Err(QmpError::generic(format!(
                 "Job '{id}' in state '{}' cannot accept command verb 'cancel'",
                 other.as_str()
             ))),
@@ -377,8 +373,7 @@ impl Jobs {
         if let Some(h) = lock(&job.thread).take() {
             let _ = h.join();
         }
-        *lock(&job.status) = JobStatus::Null;
-        emit_status(&self.events, job);
+        transition(&self.events, job, |_| Some(JobStatus::Null));
     }
 
     fn forget_old(&self) {
@@ -426,15 +421,27 @@ impl Jobs {
     }
 }
 
-fn emit_status(events: &EventBus, job: &Job) {
+/// Moves `job` to the status `next` returns for its current one (None: no change), and
+/// emits the change while the status is still locked: two threads moving one job (a
+/// cancel, the job concluding) then emit in the order of their transitions, each with
+/// the status it set, never a later one read back.
+fn transition(events: &EventBus, job: &Job, next: impl FnOnce(JobStatus) -> Option<JobStatus>) {
+    let mut st = lock(&job.status);
+    if let Some(n) = next(*st) {
+        *st = n;
+        emit_status(events, job, n);
+    }
+}
+
+fn emit_status(events: &EventBus, job: &Job, status: JobStatus) {
     let mut data = json!({
         "id": job.id,
-        "status": job.status().as_str(),
+        "status": status.as_str(),
         "type": job.kind,
         "current-progress": job.current.load(Ordering::SeqCst),
         "total-progress": job.total.load(Ordering::SeqCst),
     });
-    if job.status() == JobStatus::Concluded {
+    if status == JobStatus::Concluded {
         match &*lock(&job.outcome) {
             Some(Ok(r)) => data["result"] = r.clone(),
             Some(Err(e)) => data["error"] = json!(e),
@@ -442,10 +449,6 @@ fn emit_status(events: &EventBus, job: &Job) {
         }
     }
     events.emit("JOB_STATUS_CHANGE", data);
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -546,6 +549,34 @@ mod tests {
             statuses(&rx, "c"),
             ["created", "running", "aborting", "concluded"]
         );
+    }
+
+    #[test]
+    fn status_events_follow_the_transitions_when_a_job_ends_as_it_is_cancelled() {
+        // The job ends the moment it sees the cancel, racing the cancel's own event: each
+        // event must still carry the status its transition set, in transition order.
+        for round in 0..300 {
+            let (bus, rx) = events();
+            let jobs = Jobs::new(bus);
+            let id = format!("r{round}");
+            let (started_tx, started_rx) = sync_channel(1);
+            jobs.start(Some(id.clone()), "test", String::new(), move |ctx| {
+                let _ = started_tx.send(());
+                while !ctx.cancelled() {
+                    std::hint::spin_loop();
+                }
+                Err(QmpError::generic("stopped"))
+            })
+            .unwrap();
+            started_rx.recv().unwrap();
+            jobs.cancel(&id).unwrap();
+            assert_eq!(jobs.wait(&id).unwrap(), Err(CANCELLED.to_string()));
+            assert_eq!(
+                statuses(&rx, &id),
+                ["created", "running", "aborting", "concluded"],
+                "round {round}"
+            );
+        }
     }
 
     #[test]
