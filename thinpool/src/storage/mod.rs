@@ -12,6 +12,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::RwLock;
 
+pub mod lock;
 pub mod testing;
 
 /// Byte-addressed, fixed-length storage. All methods take `&self`: implementations are
@@ -94,13 +95,16 @@ impl FileStorage {
         Ok(FileStorage { file, len })
     }
 
-    /// Creates (or truncates) a regular file of `len` bytes, sparse.
+    /// Creates (or truncates) a regular file of `len` bytes, sparse. A new file is readable
+    /// and writable by its owner only, whatever the umask: it holds a VM's disks.
     pub fn create(path: &Path, len: u64) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(path)?;
         file.set_len(len)?;
         Ok(FileStorage {
