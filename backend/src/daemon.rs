@@ -113,10 +113,20 @@ pub fn run(
             .name(format!("commit-{}", p.name))
             .spawn(move || {
                 // dm-thin commits at least every second; so do we, when anything changed.
+                // A failure is logged once until it changes: a failed pool fails every
+                // commit, and the log is no place for one line a second.
+                let mut last_error = None;
                 while !stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(commit_interval);
-                    if let Err(e) = pool.commit() {
-                        tracing::error!("periodic commit failed: {e}");
+                    match pool.commit() {
+                        Ok(()) => last_error = None,
+                        Err(e) => {
+                            let text = e.to_string();
+                            if last_error.as_ref() != Some(&text) {
+                                tracing::error!("periodic commit failed: {text}");
+                                last_error = Some(text);
+                            }
+                        }
                     }
                 }
             })?;

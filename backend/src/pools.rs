@@ -3,12 +3,14 @@
 //! protect it (one writer at a time, needs_check, the registry recovered to the pool's
 //! transaction) hold wherever it is opened.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use thinpool::journal::{self, Journal};
 use thinpool::pool::{CommitHold, Pool, PoolOptions};
 use thinpool::registry::Registry;
+use thinpool::storage::lock::{LockError, LockKind};
 use thinpool::storage::{FileStorage, Storage};
 use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 
@@ -30,6 +32,9 @@ pub struct PoolPaths {
     pub cache_blocks: usize,
 }
 
+/// Opens a pool's metadata or data device, locked: exclusively to change the pool, shared
+/// to read it (see `thinpool::storage::lock`). A pool has one writer: a second daemon, or
+/// an offline change of a pool a daemon serves, is refused with the holder's process id.
 pub fn open_file(path: &Path, what: &str, writable: bool) -> Result<Arc<dyn Storage>> {
     let s = if writable {
         FileStorage::open(path)
@@ -37,7 +42,100 @@ pub fn open_file(path: &Path, what: &str, writable: bool) -> Result<Arc<dyn Stor
         FileStorage::open_read_only(path)
     }
     .with_context(|| format!("cannot open {what} {}", path.display()))?;
+    let kind = if writable {
+        LockKind::Exclusive
+    } else {
+        LockKind::Shared
+    };
+    s.try_lock(kind).map_err(|e| match e {
+        LockError::Held { .. } => anyhow!(
+            "{what} {}: {e}; a pool has one writer at a time: stop that process first, or change a served pool through its management socket (`vhost-thin ctl`)",
+            path.display()
+        ),
+        LockError::Io(_) => anyhow!("{what} {}: {e}", path.display()),
+    })?;
     Ok(Arc::new(s))
+}
+
+/// Where a pool's journal lives (see `thinpool::journal`): beside the metadata file, or
+/// beside the registry given for a metadata block device. None for a block device
+/// without one: such a pool has no journal, and a daemon killed between commits loses
+/// the writes acknowledged since the last one.
+pub fn journal_path(paths: &PoolPaths) -> Option<PathBuf> {
+    let regular = std::fs::metadata(&paths.metadata).is_ok_and(|m| m.is_file());
+    let base = if regular {
+        &paths.metadata
+    } else {
+        paths.registry.as_ref()?
+    };
+    let mut p = base.as_os_str().to_owned();
+    p.push(".journal");
+    Some(PathBuf::from(p))
+}
+
+/// Opens the pool's journal, making it first for a writable open.
+fn open_journal(path: &Path, writable: bool) -> Result<Option<Journal>> {
+    let boot_id = match journal::host_boot_id() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!("no journal: the host's boot id is unknown ({e})");
+            return Ok(None);
+        }
+    };
+    if !path.exists() {
+        if !writable {
+            return Ok(None);
+        }
+        journal::create_file(path, journal::DEFAULT_BYTES)
+            .with_context(|| format!("cannot create the journal {}", path.display()))?;
+    }
+    let s = if writable {
+        FileStorage::open(path)
+    } else {
+        FileStorage::open_read_only(path)
+    }
+    .with_context(|| format!("cannot open the journal {}", path.display()))?;
+    let j = Journal::open(Arc::new(s), boot_id)
+        .with_context(|| format!("journal {}", path.display()))?;
+    Ok(Some(j))
+}
+
+/// For commands that read the metadata without opening the pool (dump, delta): applies,
+/// in memory, the journaled changes a writer that did not stop cleanly left, so that what
+/// they show holds every acknowledged write. Returns how many were applied.
+pub fn replay_journal_read_only(metadata: &Path, md: &mut ThinMetadata) -> Result<usize> {
+    let Some(path) = journal_path(&metadata_only(metadata)) else {
+        return Ok(0);
+    };
+    let Some(j) = open_journal(&path, false)? else {
+        return Ok(0);
+    };
+    let pending = j.pending(md.committed_ident())?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    Ok(md.replay_in_memory(&pending)?)
+}
+
+/// How many journaled changes wait for the next writable open (for `pool check`, which
+/// checks what is on disk).
+pub fn pending_journal(metadata: &Path, md: &ThinMetadata) -> Result<usize> {
+    let Some(path) = journal_path(&metadata_only(metadata)) else {
+        return Ok(0);
+    };
+    match open_journal(&path, false)? {
+        Some(j) => Ok(j.pending(md.committed_ident())?.len()),
+        None => Ok(0),
+    }
+}
+
+fn metadata_only(metadata: &Path) -> PoolPaths {
+    PoolPaths {
+        metadata: metadata.to_path_buf(),
+        data: PathBuf::new(),
+        registry: None,
+        cache_blocks: 0,
+    }
 }
 
 /// The metadata of a pool, opened without writing anything (what inspecting commands use).
@@ -75,13 +173,29 @@ pub fn open_pool_zeroing(paths: &PoolPaths, writable: bool, zeroing: bool) -> Re
         read_only: !writable,
         skip_block_zeroing: !zeroing,
     };
-    let pool = Pool::open(meta, data, opts).with_context(|| {
+    let journal = match journal_path(paths) {
+        Some(p) => open_journal(&p, writable)?,
+        None => None,
+    };
+    let pool = Pool::open_with_journal(meta, data, journal, opts).with_context(|| {
         format!(
             "cannot open the pool (metadata {}, data {})",
             paths.metadata.display(),
             paths.data.display()
         )
     })?;
+    if pool.replayed_at_open() > 0 {
+        eprintln!(
+            "vhost-thin: {}: replayed {} journaled mapping changes of writes acknowledged before the pool was last closed uncleanly{}",
+            paths.metadata.display(),
+            pool.replayed_at_open(),
+            if writable {
+                ""
+            } else {
+                " (in memory only: the next writable open commits them)"
+            }
+        );
+    }
     if writable {
         let st = pool.status();
         if st.needs_check {

@@ -69,6 +69,20 @@ pub enum Error {
     TimeExhausted,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("writes acknowledged since the pool's last commit were rolled back after a metadata failure ({0}); a flush cannot vouch for them (restart the daemon after checking the pool: its journal replays them)")]
+    RolledBack(String),
+    #[error("journal I/O error during {op}: {source}")]
+    JournalIo {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the journal is full ({records} changes since the last commit)")]
+    JournalFull { records: u64 },
+    #[error("the journal refuses changes: {0}")]
+    JournalRefused(String),
+    #[error("replaying the journal failed at {0}; the pool is left as last committed (move the journal file aside to open it without those writes)")]
+    JournalReplay(String),
     #[error("writing the output failed: {0}")]
     Output(#[source] io::Error),
 }
@@ -88,6 +102,8 @@ impl Error {
                 | Error::WrongLocation { .. }
                 | Error::Corrupt(_)
                 | Error::MetadataExhausted { .. }
+                | Error::JournalIo { .. }
+                | Error::JournalRefused(_)
         )
     }
 }

@@ -14,6 +14,7 @@ pub mod check;
 pub mod delta;
 pub mod dump;
 pub mod error;
+pub mod journal;
 pub mod merge;
 pub mod origin;
 pub mod pdata;

@@ -23,6 +23,7 @@
 //! read or write error fails only that request.
 
 use crate::cells::CellTable;
+use crate::journal::Journal;
 use crate::origin::ExternalOrigin;
 use crate::pdata::block::SECTOR_SIZE;
 use crate::storage::Storage;
@@ -80,6 +81,9 @@ pub struct PoolStatus {
     /// This process opened the pool read-only (inspection); says nothing of its health.
     pub opened_read_only: bool,
     pub needs_check: bool,
+    /// A metadata failure rolled back writes acknowledged since the last commit: every
+    /// FLUSH fails from then on (see [`Error::RolledBack`]).
+    pub rolled_back: bool,
     pub devices: usize,
     pub uncommitted_changes: bool,
 }
@@ -94,6 +98,10 @@ struct Inner {
     committing: bool,
     /// Read-only mode was asked for (not caused by an error).
     read_only_requested: bool,
+    /// A metadata failure rolled the transaction back: writes acknowledged since the last
+    /// commit are gone from memory (kept in the journal for the next open, if there is
+    /// one), so no FLUSH may succeed for them, ever, in this process.
+    rolled_back: Option<String>,
     /// External origins by thin id. Here rather than behind a lock of their own: every
     /// block operation takes this lock for its lookup anyway, so a device without an
     /// origin pays one lookup in an (almost always empty) map for an unmapped block, and
@@ -143,6 +151,8 @@ pub struct Pool {
     gates: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
     opts: PoolOptions,
     zeroes: Vec<u8>,
+    /// Journaled mapping changes replayed at open.
+    replayed: usize,
 }
 
 fn md_opts(opts: &PoolOptions) -> MetadataOptions {
@@ -188,6 +198,20 @@ impl Pool {
         data: Arc<dyn Storage>,
         opts: PoolOptions,
     ) -> Result<Self> {
+        Self::open_with_journal(metadata, data, None, opts)
+    }
+
+    /// [`Pool::open`] with the pool's journal ([`crate::journal`]): the mapping changes a
+    /// process that did not stop cleanly left in it are replayed and committed first, and
+    /// the data path records its changes there from then on. A read-only open replays them
+    /// in memory only (what it shows holds every acknowledged write; nothing is written);
+    /// with needs_check set they wait, untouched, for a writable open after the check.
+    pub fn open_with_journal(
+        metadata: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        journal: Option<Journal>,
+        opts: PoolOptions,
+    ) -> Result<Self> {
         let mut md = ThinMetadata::open(metadata, md_opts(&opts))?;
         let block_bytes = md.data_block_bytes();
         let have = data.len() / block_bytes;
@@ -197,21 +221,58 @@ impl Pool {
                 "data device holds {have} blocks of {block_bytes} bytes, the pool has {need}"
             )));
         }
+        let pending = match &journal {
+            Some(j) => j.pending(md.committed_ident())?,
+            None => Vec::new(),
+        };
+        let mut replayed = 0;
+        if opts.read_only && !pending.is_empty() {
+            // Shown, not written: the next writable open commits them.
+            replayed = md.replay_in_memory(&pending)?;
+        }
         let (mode, reason) = if md.needs_check() {
+            let waiting = if pending.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} journaled mapping changes wait for a writable open after the check",
+                    pending.len()
+                )
+            };
             (
                 PoolMode::ReadOnly,
-                Some("metadata flagged needs_check".to_string()),
+                Some(format!("metadata flagged needs_check{waiting}")),
             )
         } else {
             (PoolMode::Write, None)
         };
+        // With needs_check set, changes wait (the metadata they extend is in doubt); an
+        // empty journal is attached anyway, for writes after the flag is cleared.
+        let attach = !opts.read_only && (mode == PoolMode::Write || pending.is_empty());
+        if attach {
+            if let Some(j) = journal {
+                replayed = md.attach_journal(j, &pending)?;
+                if !pending.is_empty() {
+                    // Their data is in the page cache (the same boot wrote it): durable
+                    // before the mappings that point at it.
+                    data.sync().map_err(Self::data_err("sync", 0))?;
+                    md.commit()?;
+                    tracing::warn!(
+                        "replayed {replayed} mapping changes of acknowledged writes that the last process using the pool did not commit ({} skipped: their device was never committed)",
+                        pending.len() - replayed
+                    );
+                }
+            }
+        }
         if mode == PoolMode::Write && !opts.read_only {
             if have > need {
                 md.resize_data(have)?;
             }
             md.resize_metadata()?;
         }
-        Ok(Self::assemble(md, data, opts, mode, reason))
+        let mut pool = Self::assemble(md, data, opts, mode, reason);
+        pool.replayed = replayed;
+        Ok(pool)
     }
 
     fn assemble(
@@ -230,6 +291,7 @@ impl Pool {
                 generation: 0,
                 committing: false,
                 read_only_requested: false,
+                rolled_back: None,
                 origins: HashMap::new(),
             }),
             commit_lock: Mutex::new(()),
@@ -242,7 +304,13 @@ impl Pool {
             zeroes: vec![0; block_bytes.min(1 << 20) as usize],
             data_written: AtomicBool::new(false),
             io_epoch: RwLock::new(()),
+            replayed: 0,
         }
+    }
+
+    /// How many journaled mapping changes the open replayed (see [`crate::journal`]).
+    pub fn replayed_at_open(&self) -> usize {
+        self.replayed
     }
 
     pub fn block_bytes(&self) -> u64 {
@@ -273,6 +341,15 @@ impl Pool {
         Ok(())
     }
 
+    /// A FLUSH vouches for every write completed before it: after a rollback some of those
+    /// are gone, so it fails (dm-thin fails flushes once it is read-only for the same reason).
+    fn check_not_rolled_back(inner: &Inner) -> Result<()> {
+        match &inner.rolled_back {
+            Some(why) => Err(Error::RolledBack(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn check_writable(inner: &Inner) -> Result<()> {
         Self::check_not_failed(inner)?;
         if inner.md.options().read_only {
@@ -301,13 +378,12 @@ impl Pool {
     ) -> Result<T> {
         Self::check_writable(inner)?;
         let r = match f(&mut inner.md) {
+            // A commit makes the blocks freed in this transaction reusable, and starts the
+            // journal over.
             Err(e @ Error::OutOfMetadataSpace { .. }) if inner.md.pending_metadata_frees() > 0 => {
-                match self.commit_locked(inner) {
-                    Ok(true) => f(&mut inner.md),
-                    Ok(false) => Err(e),
-                    Err(e) => Err(e),
-                }
+                self.commit_and_retry(inner, e, &mut f)
             }
+            Err(e @ Error::JournalFull { .. }) => self.commit_and_retry(inner, e, &mut f),
             r => r,
         };
         if let Err(e) = &r {
@@ -316,6 +392,19 @@ impl Pool {
             }
         }
         r
+    }
+
+    fn commit_and_retry<T>(
+        &self,
+        inner: &mut Inner,
+        e: Error,
+        f: &mut impl FnMut(&mut ThinMetadata) -> Result<T>,
+    ) -> Result<T> {
+        match self.commit_locked(inner) {
+            Ok(true) => f(&mut inner.md),
+            Ok(false) => Err(e),
+            Err(e) => Err(e),
+        }
     }
 
     /// Commits with the metadata lock held throughout (rare paths: out of space). False,
@@ -339,6 +428,7 @@ impl Pool {
     fn metadata_failed(inner: &mut Inner, e: &Error) {
         tracing::error!("metadata operation failed: {e}; rolling back to the last commit");
         inner.generation += 1;
+        inner.rolled_back = Some(format!("{e}"));
         match inner.md.abort() {
             Ok(()) => {
                 if let Err(e2) = inner.md.write_needs_check(true) {
@@ -538,6 +628,7 @@ impl Pool {
             mode_reason: g.reason.clone(),
             opened_read_only: g.md.options().read_only,
             needs_check: g.md.needs_check(),
+            rolled_back: g.rolled_back.is_some(),
             devices: g.md.devices().len(),
             uncommitted_changes: g.md.is_dirty(),
         }
@@ -595,6 +686,7 @@ impl Pool {
         let metadata_dirty = {
             let mut g = self.lock();
             Self::check_not_failed(&g)?;
+            Self::check_not_rolled_back(&g)?;
             let dirty = g.md.is_dirty();
             if dirty {
                 Self::check_writable(&g)?;
@@ -640,7 +732,8 @@ impl Pool {
             g.reason = Some(format!("abort failed: {e}"));
             return Err(e);
         }
-        Ok(())
+        // Asked for: the dropped changes must not come back at the next open.
+        g.md.void_journal()
     }
 
     /// Runs `f` with the metadata locked (checker, dump, tests).

@@ -582,6 +582,7 @@ impl Manager {
                 "mode": st.mode,
                 "mode-reason": st.mode_reason,
                 "needs-check": st.needs_check,
+                "rolled-back": st.rolled_back,
                 "held-metadata-snap": st.held_metadata_root,
                 "policy": policy,
                 "low-water": {"data": lw_data, "metadata": lw_meta},
@@ -1197,7 +1198,7 @@ impl Manager {
                         me.events.emit("POOL_OUT_OF_SPACE", json!({"pool": p.name, "data-blocks": u.data_blocks, "queued-writes": p.space.waiting.load(Ordering::SeqCst)}));
                     }
                     if st.mode != e.3 || st.needs_check != e.4 {
-                        me.events.emit("POOL_MODE_CHANGED", json!({"pool": p.name, "mode": st.mode, "needs-check": st.needs_check, "reason": st.mode_reason}));
+                        me.events.emit("POOL_MODE_CHANGED", json!({"pool": p.name, "mode": st.mode, "needs-check": st.needs_check, "rolled-back": st.rolled_back, "reason": st.mode_reason}));
                     }
                     if u.data_used < e.5 {
                         p.space.space_changed();

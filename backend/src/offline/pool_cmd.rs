@@ -241,6 +241,14 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
     if !report.is_clean() {
         return Ok(ExitCode::from(1));
     }
+    if let Ok(md) = open_metadata_read_only(meta.clone()) {
+        let pending = crate::pools::pending_journal(&a.metadata, &md)?;
+        if pending > 0 {
+            println!(
+                "journal: {pending} mapping changes of acknowledged writes are not in the metadata yet; the next writable open of the pool replays them"
+            );
+        }
+    }
     if a.clear_needs_check && report.needs_check {
         let mut md = ThinMetadata::open(meta, MetadataOptions::default())?;
         md.write_needs_check(false)?;
@@ -369,6 +377,7 @@ fn dump(a: DumpArgs) -> Result<ExitCode> {
     let meta = open_file(&a.metadata, "metadata device", false)?;
     let mut md = open_metadata_read_only(meta)
         .with_context(|| format!("cannot open {}", a.metadata.display()))?;
+    crate::pools::replay_journal_read_only(&a.metadata, &mut md)?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     thinpool::dump::dump(&mut md, a.metadata_snap, out)
         .with_context(|| format!("dump of {} failed", a.metadata.display()))?;

@@ -385,6 +385,7 @@ fn delta(a: DeltaArgs) -> Result<ExitCode> {
     let meta = crate::pools::open_file(&a.metadata, "metadata device", false)?;
     let mut md = crate::pools::open_metadata_read_only(meta)
         .with_context(|| format!("cannot open {}", a.metadata.display()))?;
+    crate::pools::replay_journal_read_only(&a.metadata, &mut md)?;
     let mode = if a.changed_only {
         DeltaMode::ChangedOnly
     } else {

@@ -56,6 +56,12 @@ impl BlockManager {
         self.read_only = ro;
     }
 
+    /// Keeps every dirty block in memory however many there are: for changes made to a
+    /// read-only open that are never to be written (a journal replayed for inspection).
+    pub fn keep_dirty_in_memory(&mut self) {
+        self.dirty_limit = usize::MAX;
+    }
+
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }

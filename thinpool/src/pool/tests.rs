@@ -174,6 +174,27 @@ fn metadata_write_error_rolls_back_and_goes_read_only() {
 }
 
 #[test]
+fn no_flush_succeeds_after_a_failed_commit_rolled_writes_back() {
+    let meta = Arc::new(FaultyStorage::new(MemStorage::new(4 << 20)));
+    let data: Arc<dyn Storage> = Arc::new(MemStorage::new(16 * BS));
+    let p = Pool::create(meta.clone(), data, 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.commit().unwrap();
+    // Acknowledged, then lost with the transaction.
+    p.write(0, BS, &[2u8; 4096]).unwrap();
+    meta.fail_nth(FaultOp::Write, 1, false);
+    assert!(p.commit().is_err());
+    assert!(p.status().rolled_back);
+    // The device is healthy again, and an in-place write lands; still no FLUSH may vouch
+    // for the write to block 1.
+    p.write(0, 0, &[3]).unwrap();
+    for _ in 0..2 {
+        assert!(matches!(p.commit(), Err(Error::RolledBack(_))));
+    }
+}
+
+#[test]
 fn data_sync_error_fails_the_pool() {
     let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
     let data = Arc::new(FaultyStorage::new(MemStorage::new(16 * BS)));

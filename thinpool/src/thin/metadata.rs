@@ -8,6 +8,7 @@
 
 use super::device::{DeviceDetails, Mapping, DETAILS_SIZE, MAX_DATA_BLOCKS, MAX_THIN_ID, MAX_TIME};
 use super::superblock::{self, Superblock, METADATA_BLOCK_SECTORS, NEEDS_CHECK, VERSION};
+use crate::journal::{Change, Journal};
 use crate::pdata::block::{BlockKind, BLOCK_SIZE};
 use crate::pdata::block_manager::{BlockManager, DEFAULT_CACHE_BLOCKS};
 use crate::pdata::btree::{self, node, ValueKind};
@@ -52,6 +53,14 @@ pub struct ThinMetadata {
     opts: MetadataOptions,
     /// Warnings found at format or open (e.g. unusable metadata space).
     pub warnings: Vec<String>,
+    /// [`Superblock::ident`] of the superblock last committed (or read at open).
+    committed_ident: u64,
+    /// Where the data path's mapping changes go until they are committed (see
+    /// [`crate::journal`]); None for inspection and offline use.
+    journal: Option<Journal>,
+    /// A read-only open is applying journaled changes in memory (see
+    /// [`replay_in_memory`](Self::replay_in_memory)): changes are let through, commits not.
+    replaying_in_memory: bool,
 }
 
 /// Snapshot of the pool's space, for status reports.
@@ -137,6 +146,9 @@ impl ThinMetadata {
             in_flight: BTreeSet::new(),
             opts,
             warnings,
+            committed_ident: 0,
+            journal: None,
+            replaying_in_memory: false,
         };
         match md.commit() {
             Err(Error::MetadataExhausted { .. }) => Err(Error::InvalidArgument(format!(
@@ -194,6 +206,7 @@ impl ThinMetadata {
         }
         Ok(ThinMetadata {
             tm,
+            committed_ident: sb.ident(),
             sb,
             devices,
             dirty_devices: BTreeSet::new(),
@@ -201,6 +214,8 @@ impl ThinMetadata {
             in_flight: BTreeSet::new(),
             opts,
             warnings,
+            journal: None,
+            replaying_in_memory: false,
         })
     }
 
@@ -277,7 +292,7 @@ impl ThinMetadata {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.opts.read_only {
+        if self.opts.read_only && !self.replaying_in_memory {
             return Err(Error::ReadOnly("metadata opened read-only"));
         }
         Ok(())
@@ -443,9 +458,26 @@ impl ThinMetadata {
 
     /// Maps `vblock` of device `id` to `data_block` (whose reference the caller hands
     /// over) stamped with the current time. A previous mapping is released.
+    /// This is the data path's insertion: with a journal attached, the change is recorded
+    /// there before this returns (a full journal refuses it before anything changes).
     pub fn insert_mapping(&mut self, id: u32, vblock: u64, data_block: u64) -> Result<()> {
+        if let Some(j) = &self.journal {
+            j.check_room()?;
+        }
         let time = self.sb.time;
-        self.insert_mapping_at(id, vblock, Mapping { data_block, time })
+        self.insert_mapping_at(id, vblock, Mapping { data_block, time })?;
+        self.journal_append(Change::Map {
+            dev: id,
+            vblock,
+            data_block,
+        })
+    }
+
+    fn journal_append(&mut self, c: Change) -> Result<()> {
+        match &mut self.journal {
+            Some(j) => j.append(c),
+            None => Ok(()),
+        }
     }
 
     pub fn insert_mapping_at(&mut self, id: u32, vblock: u64, m: Mapping) -> Result<()> {
@@ -594,9 +626,13 @@ impl ThinMetadata {
 
     /// Unmaps one virtual block in one descent of each tree; false when it was not mapped.
     /// (A discard takes each block's cell first, so it unmaps them one at a time.)
+    /// The data path's unmapping: recorded in the journal as [`insert_mapping`](Self::insert_mapping) is.
     pub fn remove_mapping(&mut self, id: u32, vb: u64) -> Result<bool> {
         self.device(id)?;
         self.check_writable()?;
+        if let Some(j) = &self.journal {
+            j.check_room()?;
+        }
         let mut removed = false;
         self.sb.mapping_root = btree::update_in_place(
             &mut self.tm,
@@ -613,6 +649,10 @@ impl ThinMetadata {
             let d = self.devices.get_mut(&id).expect("checked");
             d.mapped_blocks = d.mapped_blocks.saturating_sub(1);
             self.touch(id);
+            self.journal_append(Change::Unmap {
+                dev: id,
+                vblock: vb,
+            })?;
         }
         Ok(removed)
     }
@@ -754,7 +794,9 @@ impl ThinMetadata {
         if !self.changed {
             return Ok(());
         }
-        self.check_writable()?;
+        if self.opts.read_only {
+            return Err(Error::ReadOnly("metadata opened read-only"));
+        }
         // Blocks of writes still in flight are not mapped yet: commit them as free, so that
         // a crash cannot leak them, and take them back afterwards.
         let in_flight: Vec<u64> = self.in_flight.iter().copied().collect();
@@ -799,15 +841,133 @@ impl ThinMetadata {
         self.tm.meta_sm.commit_done();
         self.tm.data_sm.commit_done();
         self.changed = false;
+        self.committed_ident = self.sb.ident();
+        if let Some(j) = &mut self.journal {
+            // The commit stands; a journal that cannot start over refuses the next change
+            // (a metadata failure), so nothing is acknowledged that a crash would lose.
+            if let Err(e) = j.reset(self.committed_ident) {
+                tracing::error!("{e}");
+            }
+        }
         Ok(())
     }
 
-    /// Drops everything since the last commit by reopening from disk.
+    /// Drops everything since the last commit by reopening from disk. The journal keeps
+    /// its records, frozen: they are the acknowledged writes the rollback took from
+    /// memory, and the next open replays them (after a check, since an abort comes with
+    /// needs_check). [`void_journal`](Self::void_journal) drops them instead.
     pub fn abort(&mut self) -> Result<()> {
         let storage = self.storage();
-        let fresh = ThinMetadata::open(storage, self.opts.clone())?;
-        *self = fresh;
-        Ok(())
+        let journal = self.journal.take();
+        let fresh = ThinMetadata::open(storage, self.opts.clone());
+        let journal = journal.map(|mut j| {
+            j.freeze("a metadata failure");
+            j
+        });
+        match fresh {
+            Ok(fresh) => {
+                *self = fresh;
+                self.journal = journal;
+                Ok(())
+            }
+            Err(e) => {
+                self.journal = journal;
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the journal's records: a deliberate abort, whose changes must not come back.
+    pub fn void_journal(&mut self) -> Result<()> {
+        match &mut self.journal {
+            Some(j) => j.reset(self.committed_ident),
+            None => Ok(()),
+        }
+    }
+
+    /// Identity of the superblock last committed: what the journal's records extend.
+    pub fn committed_ident(&self) -> u64 {
+        self.committed_ident
+    }
+
+    /// Records the data path's mapping changes in `journal` from now on, after applying
+    /// `pending`, the changes it held for the committed superblock
+    /// ([`Journal::pending`]). Changes to a device the metadata does not hold are skipped
+    /// (it was created in the transaction that did not commit, so nothing of it was
+    /// acknowledged). Returns how many were applied; the caller commits them (after
+    /// flushing the data device, which holds their data).
+    pub fn attach_journal(&mut self, mut journal: Journal, pending: &[Change]) -> Result<usize> {
+        self.check_writable()?;
+        let applied = self.apply_pending(pending)?;
+        if pending.is_empty() {
+            journal.reset(self.committed_ident)?;
+        } else {
+            // Until the commit, new changes go after the pending ones.
+            journal.resume_after(pending.len() as u64);
+        }
+        self.journal = Some(journal);
+        Ok(applied)
+    }
+
+    /// For a read-only open (inspection: `thin ls`, `export`, `dump`, deltas): applies the
+    /// journaled changes in memory only, so that what is shown holds every acknowledged
+    /// write, and nothing is written. Returns how many were applied (changes to devices
+    /// the metadata does not hold are skipped, as at a writable open).
+    pub fn replay_in_memory(&mut self, pending: &[Change]) -> Result<usize> {
+        if !self.opts.read_only {
+            return Err(Error::InvalidArgument(
+                "replay_in_memory is for read-only opens; attach the journal instead".into(),
+            ));
+        }
+        self.tm.bm.keep_dirty_in_memory();
+        self.replaying_in_memory = true;
+        let r = self.apply_pending(pending);
+        self.replaying_in_memory = false;
+        r
+    }
+
+    fn apply_pending(&mut self, pending: &[Change]) -> Result<usize> {
+        let mut applied = 0;
+        for (i, c) in pending.iter().enumerate() {
+            let dev = match *c {
+                Change::Map { dev, .. } | Change::Unmap { dev, .. } => dev,
+            };
+            if !self.devices.contains_key(&dev) {
+                continue;
+            }
+            self.apply_journaled(c).map_err(|e| {
+                Error::JournalReplay(format!(
+                    "change {} of {} ({c:?}): {e}",
+                    i + 1,
+                    pending.len()
+                ))
+            })?;
+            applied += 1;
+        }
+        Ok(applied)
+    }
+
+    fn apply_journaled(&mut self, c: &Change) -> Result<()> {
+        match *c {
+            Change::Map {
+                dev,
+                vblock,
+                data_block,
+            } => {
+                // A journaled block was free at the last commit and is mapped once: a
+                // record that says otherwise is not one this engine wrote.
+                if data_block < self.tm.data_sm.nr_blocks()
+                    && self.data_block_count(data_block)? != 0
+                {
+                    return Err(Error::corrupt(format!(
+                        "data block {data_block} is already in use"
+                    )));
+                }
+                let time = self.sb.time;
+                self.insert_mapping_ref(dev, vblock, Mapping { data_block, time })
+            }
+            Change::Unmap { dev, vblock } => self.remove_mapping(dev, vblock).map(|_| ()),
+        }
     }
 
     /// Sets or clears NEEDS_CHECK in the committed superblock on disk (and in core).

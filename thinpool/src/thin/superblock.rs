@@ -108,6 +108,17 @@ impl Superblock {
         Ok(sb)
     }
 
+    /// Tells one committed superblock from another: a hash of every field but the flags
+    /// (which change outside commits: needs_check). Two commits that changed anything
+    /// differ, as a commit shadows its roots into blocks free at the one before.
+    pub fn ident(&self) -> u64 {
+        let mut copy = self.clone();
+        copy.flags = 0;
+        copy.pack().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+
     pub fn pack(&self) -> Box<Block> {
         let mut b = block::zeroed();
         put_u32(&mut b[..], 4, self.flags);

@@ -1,0 +1,154 @@
+//! What a killed daemon leaves: every write it acknowledged, flushed or not (the host's page
+//! cache outlives the process, so the pool's journal does too), and a pool that checks
+//! clean. And one writer per pool: a second daemon or an offline change of a served pool is
+//! refused, naming the process that holds it.
+
+mod common;
+use common::{cli, export, pattern, run, thin_check_ok, Guest, Served};
+use serde_json::json;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BS: u64 = 64 * 1024;
+
+/// SIGKILL: no chance to commit or clean up.
+fn kill(s: &mut Served) {
+    let mut c = s.child.take().expect("running");
+    c.kill().unwrap();
+    c.wait().unwrap();
+}
+
+#[test]
+fn writes_acknowledged_without_a_flush_survive_sigkill() {
+    let mut s = Served::new("");
+    let mut want = vec![0u8; 16 << 20];
+    let put = |g: &mut Guest, want: &mut Vec<u8>, at: u64, data: &[u8]| {
+        assert_eq!(g.write(0, at / 512, data, 3), 0, "write at {at}");
+        want[at as usize..at as usize + data.len()].copy_from_slice(data);
+    };
+    let mut g = Guest::connect(&s.sock, 1);
+    // Provisioning writes: whole blocks, partial blocks (zero-filled around), and one
+    // crossing a block boundary.
+    for (i, at) in [0, 3 * BS, 5 * BS + 4096, 9 * BS - 512, 100 * BS + 1024]
+        .into_iter()
+        .enumerate()
+    {
+        let len = if i % 2 == 0 { BS as usize } else { 8192 };
+        put(&mut g, &mut want, at, &pattern(len, i as u8 + 1));
+    }
+    // A snapshot commits; the writes after it break sharing: new mappings again.
+    let mut c = s.client();
+    c.execute("snapshot-create", json!({"disk": "disk0", "name": "s1"}))
+        .unwrap();
+    let snap = want.clone();
+    put(&mut g, &mut want, 3 * BS + 512, &pattern(4096, 40));
+    put(&mut g, &mut want, 200 * BS, &pattern(BS as usize, 41));
+    // Killed right after the last completion: well inside the one-second commit interval.
+    kill(&mut s);
+    drop(g);
+    // Offline inspection shows them too (replayed in memory; nothing written), and the
+    // metadata on disk is the last commit, which the kernel's tools accept.
+    assert!(
+        export(&s.m, &s.d, "0", None) == want,
+        "thin export after the kill"
+    );
+    thin_check_ok(&s.m);
+
+    s.start("");
+    let mut g = Guest::connect(&s.sock, 1);
+    for at in (0..want.len()).step_by(BS as usize * 4) {
+        let (st, got) = g.read(0, at as u64 / 512, 4 * BS as u32);
+        assert_eq!(st, 0);
+        assert!(
+            got == want[at..at + 4 * BS as usize],
+            "bytes at {at} differ after the restart"
+        );
+    }
+    g.stop();
+    assert!(s.stop().success());
+    thin_check_ok(&s.m);
+    let out = cli(&["pool", "check", "--metadata", &s.m, "--data", &s.d]);
+    assert!(!out.contains("journal:"), "{out}");
+    let snap_id = cli(&["thin", "ls", "-m", &s.m, "-d", &s.d, "--json"]);
+    let ls: serde_json::Value = serde_json::from_str(&snap_id).unwrap();
+    let id = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "s1")
+        .map(|d| d["id"].to_string())
+        .expect("s1 listed");
+    assert!(
+        export(&s.m, &s.d, &id, None) == snap,
+        "the snapshot changed"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_a_served_pool_is_refused_with_the_holder_named() {
+    let s = Served::new("");
+    let pid = s.child.as_ref().unwrap().id();
+    let sock2 = s.dir.path().join("other.sock");
+    let mut second = Command::new(common::bin())
+        .args(["serve", "-m", &s.m, "-d", &s.d, "--disk"])
+        .arg(format!("id=0,socket={}", sock2.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A refusal is immediate; one that serves would run until stopped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second daemon kept running on the served pool");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("process {pid}")),
+        "the error names the daemon: {err}"
+    );
+    assert!(!sock2.exists());
+    // The first daemon still serves.
+    let mut g = Guest::connect(&s.sock, 1);
+    assert_eq!(g.write(0, 0, &pattern(4096, 9), 1), 0);
+}
+
+#[test]
+fn offline_commands_on_a_served_pool_are_refused_and_change_nothing() {
+    let mut s = Served::new("");
+    let pid = s.child.as_ref().unwrap().id();
+    let file = s.dir.path().join("in.img");
+    std::fs::write(&file, pattern(1 << 20, 3)).unwrap();
+    let attempts: [&[&str]; 4] = [
+        &["thin", "create", "-m", &s.m, "-d", &s.d, "--id", "5"],
+        &[
+            "thin",
+            "import",
+            "-m",
+            &s.m,
+            "-d",
+            &s.d,
+            "--id",
+            "0",
+            "--input",
+            file.to_str().unwrap(),
+        ],
+        &["thin", "ls", "-m", &s.m, "-d", &s.d],
+        &["pool", "dump", "-m", &s.m],
+    ];
+    for args in attempts {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded on a served pool");
+        assert!(err.contains(&format!("process {pid}")), "{args:?}: {err}");
+    }
+    assert!(s.stop().success());
+    let ls = cli(&["thin", "ls", "-m", &s.m, "-d", &s.d]);
+    assert!(!ls.contains(" 5 "), "{ls}");
+    assert!(export(&s.m, &s.d, "0", None).iter().all(|&b| b == 0));
+}
