@@ -168,6 +168,19 @@ pub fn commit_change_held(hold: &CommitHold<'_>, registry: Option<&mut Registry>
     Ok(())
 }
 
+/// A name given on the command line (`--name`, `--disk name=`): held to the rule of names
+/// (see `thinpool::names`) before anything is opened, as everywhere else names come in.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    vmm_config::limits::check_name(s)
+        .map(|()| s.to_string())
+        .map_err(|why| {
+            format!(
+                "{s:?} is not a valid name: {why}; a name is {}",
+                vmm_config::limits::NAME_RULE
+            )
+        })
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
