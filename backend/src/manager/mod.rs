@@ -294,16 +294,20 @@ impl Manager {
                 .get(n)
                 .cloned()
                 .ok_or_else(|| QmpError::not_found(format!("no pool named '{n}'"))),
-            None if self.pools.len() == 1 => Ok(self.pools.values().next().unwrap().clone()),
-            None => Err(QmpError::generic("several pools: say which with 'pool'")),
+            None => match (self.pools.len(), self.pools.values().next()) {
+                (1, Some(p)) => Ok(p.clone()),
+                _ => Err(QmpError::generic("several pools: say which with 'pool'")),
+            },
         }
     }
 
     fn find(&self, name: &str) -> R<Found> {
         for p in self.pools.values() {
             let reg = lock(&p.registry);
-            if let Some(id) = reg.find(name) {
-                let entry = reg.devices[&id].clone();
+            let found = reg
+                .find(name)
+                .and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
+            if let Some((id, entry)) = found {
                 return Ok(Found {
                     pool: p.clone(),
                     id,
@@ -337,11 +341,14 @@ impl Manager {
     }
 
     fn name_free(&self, name: &str) -> R<()> {
-        if name.is_empty() || name.len() > 64 || name.contains(['/', '\0']) {
-            return Err(QmpError::generic(format!(
-                "'{name}' is not a valid name (1 to 64 characters, no '/')"
-            )));
-        }
+        // The management socket checks names as it reads them; names made here (a
+        // replica's `<prefix>@r<seq>`) and the configuration's come this way too.
+        limits::check_name(name).map_err(|why| {
+            QmpError::generic(format!(
+                "{name:?} is not a valid name: {why}; a name is {}",
+                limits::NAME_RULE
+            ))
+        })?;
         // Names of snapshots being received are taken too.
         let taken = self
             .pools
@@ -800,10 +807,12 @@ impl Manager {
             (None, Some((_, osize))) => osize,
             (None, None) => return Err(QmpError::generic("Parameter 'size' is missing")),
         };
-        if size == 0 || size % 512 != 0 {
-            return Err(QmpError::generic(
-                "'size' must be a positive multiple of 512",
-            ));
+        // Checked again here: a clone's or an external origin's size is not an argument.
+        if let Some(why) = limits::disk_size_problem(size) {
+            return Err(QmpError::generic(format!(
+                "'size' must be {}: {why}",
+                limits::DISK_SIZE_RULE
+            )));
         }
         Ok(DiskPlan {
             pool,
@@ -892,8 +901,11 @@ impl Manager {
                 f.entry.size
             )));
         }
-        if size % 512 != 0 {
-            return Err(QmpError::generic("'size' must be a multiple of 512"));
+        if let Some(why) = limits::disk_size_problem(size) {
+            return Err(QmpError::generic(format!(
+                "'size' must be {}: {why}",
+                limits::DISK_SIZE_RULE
+            )));
         }
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
