@@ -567,6 +567,39 @@ mod tests {
         jobs.cancel_all_and_wait();
     }
 
+    /// Should a job's thread not start after the job was listed (the spawn failing or
+    /// panicking), the job goes again: nothing is left that no thread will conclude.
+    #[test]
+    fn a_job_whose_thread_never_started_is_unlisted_even_by_a_panic() {
+        let (bus, rx) = events();
+        let jobs = Jobs::new(bus);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // What start does before the spawn, then a panic where the spawn would be.
+            let job = Arc::new(Job {
+                id: "p".into(),
+                kind: "test",
+                description: String::new(),
+                status: Mutex::new(JobStatus::Created),
+                current: AtomicU64::new(0),
+                total: AtomicU64::new(0),
+                cancel: AtomicBool::new(false),
+                outcome: Mutex::new(None),
+                thread: Mutex::new(None),
+                seq: 0,
+            });
+            lock(&jobs.jobs).insert("p".into(), job.clone());
+            let _unlist = Unlist {
+                jobs: &jobs,
+                job: Some(job),
+            };
+            panic!("the spawn failed");
+        }));
+        assert!(r.is_err());
+        assert_eq!(jobs.query(), json!([]));
+        assert_eq!(statuses(&rx, "p"), ["null"]);
+        jobs.cancel_all_and_wait();
+    }
+
     #[test]
     fn cancel_stops_a_reader_and_the_job_concludes_cancelled() {
         let (bus, rx) = events();

@@ -1115,13 +1115,18 @@ impl Manager {
         low_water_metadata: Option<u64>,
     ) -> R<Value> {
         let p = self.pool(pool)?;
-        for v in [low_water_data, low_water_metadata].into_iter().flatten() {
-            if v > 100 {
-                return Err(QmpError::generic(
-                    "low-water marks are percentages, 0 to 100",
-                ));
-            }
-        }
+        // Converted once checked, so that no cast below can cut a number short.
+        let percent = |v: Option<u64>| -> R<Option<u8>> {
+            v.map(|v| {
+                u8::try_from(v)
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .ok_or_else(|| QmpError::generic("low-water marks are percentages, 0 to 100"))
+            })
+            .transpose()
+        };
+        let (low_water_data, low_water_metadata) =
+            (percent(low_water_data)?, percent(low_water_metadata)?);
         if let Some(t) = timeout {
             vmm_config::limits::check_queue_timeout(t).map_err(QmpError::generic)?;
         }
@@ -1148,10 +1153,10 @@ impl Manager {
         }
         let mut lw = lock(&p.low_water);
         if let Some(d) = low_water_data {
-            lw.0 = d as u8;
+            lw.0 = d;
         }
         if let Some(m) = low_water_metadata {
-            lw.1 = m as u8;
+            lw.1 = m;
         }
         Ok(json!({}))
     }
