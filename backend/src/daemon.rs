@@ -34,7 +34,7 @@ pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, String> {
         };
         match k {
             "id" => d.id = Some(v.parse().map_err(|_| format!("--disk id={v:?}: not a thin id"))?),
-            "name" => d.name = Some(v.to_string()),
+            "name" => d.name = Some(crate::offline::parse_name(v)?),
             "socket" => socket = Some(PathBuf::from(v)),
             "size" => d.size = Some(crate::size::parse_size(v)?),
             "num-queues" => d.num_queues = Some(num(v)?),

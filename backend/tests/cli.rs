@@ -454,3 +454,72 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
     cli(&["pool", "check", "-m", &b.m, "-d", &b.d]);
     thin_check_ok(&b.m);
 }
+
+#[test]
+fn names_given_on_the_command_line_follow_the_name_rule() {
+    let p = new_pool("16MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    for (bad, why) in [
+        ("--name=../../x", "'/'"),
+        ("--name=..", "'.' or '..'"),
+        ("--name=-x", "'-'"),
+        ("--name=a\nb", "control character"),
+    ] {
+        fails(&["thin", "create", "-m", m, "-d", d, "--id", "0", bad], why);
+    }
+    // Nothing was made by the refused commands.
+    let ls = cli(&["thin", "ls", "-m", m, "-d", d, "--json"]);
+    assert_eq!(ls.trim(), "[]", "{ls}");
+    cli(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "1MiB", "--name", "vm",
+    ]);
+    fails(
+        &[
+            "thin",
+            "snapshot",
+            "-m",
+            m,
+            "-d",
+            d,
+            "--origin",
+            "0",
+            "--id",
+            "1",
+            "--kept",
+            "--name",
+            &"s".repeat(65),
+        ],
+        "65 bytes",
+    );
+    cli(&[
+        "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", "1", "--kept", "--name", "s",
+    ]);
+    let stream = p.root.join("s.vts");
+    cli(&[
+        "send",
+        "-m",
+        m,
+        "-d",
+        d,
+        "s",
+        "-o",
+        stream.to_str().unwrap(),
+    ]);
+    let q = new_pool("16MiB");
+    fails(
+        &[
+            "receive",
+            "-m",
+            &q.m,
+            "-d",
+            &q.d,
+            "-i",
+            stream.to_str().unwrap(),
+            "--name",
+            "a/b",
+        ],
+        "'/'",
+    );
+    let ls = cli(&["thin", "ls", "-m", &q.m, "-d", &q.d, "--json"]);
+    assert_eq!(ls.trim(), "[]", "{ls}");
+}

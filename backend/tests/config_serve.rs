@@ -227,3 +227,59 @@ fn each_management_command_is_logged_with_its_outcome() {
     let log = run(Some("info"));
     assert!(line(&log, "disk-remove").is_some(), "{log}");
 }
+
+#[test]
+fn a_registry_entry_named_like_a_path_is_refused_at_start_and_nothing_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let run_dir = state.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let m = state.join("p.meta").display().to_string();
+    let d = state.join("p.data").display().to_string();
+    cli(&["pool", "create", "-m", &m, "-d", &d, "--data-size", "64MiB"]);
+    cli(&[
+        "thin", "create", "-m", &m, "-d", &d, "--id", "0", "--size", "1MiB", "--name", "disk0",
+    ]);
+    // The registry is a file anybody with access may edit: a name in it that is a path
+    // would put the disk's socket (`<socket dir>/<name>.sock`) outside the socket directory.
+    let reg = format!("{m}.registry.json");
+    let text = std::fs::read_to_string(&reg).unwrap();
+    assert!(text.contains("\"disk0\""), "{text}");
+    std::fs::write(&reg, text.replace("\"disk0\"", "\"../../x\"")).unwrap();
+    let cfg = dir.path().join("vhost-thin.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: main\n    metadata: {m}\n    data: {d}\nmanagement:\n  socket: {}/qmp.sock\n",
+            run_dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, in_time) = common::wait_output(child, Duration::from_secs(60));
+    let outside = dir.path().join("x.sock");
+    assert!(
+        !outside.exists(),
+        "a socket was made outside the socket directory"
+    );
+    assert!(in_time, "the daemon started with the bad name");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&reg) && err.contains("thin device 0") && err.contains("\"../../x\""),
+        "{err}"
+    );
+    assert!(!run_dir.join("qmp.sock").exists());
+    // The offline CLI refuses it the same way: one rule wherever the registry is opened.
+    let o = common::run(&["thin", "ls", "-m", &m, "-d", &d]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("thin device 0") && err.contains("\"../../x\""),
+        "{err}"
+    );
+}

@@ -18,16 +18,19 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
 const BS: usize = 64 * 1024;
 
 /// A daemon serving disk0 from a pool whose metadata, registry and journal are on a tmpfs
-/// of `fs_bytes`; the data file and the sockets are in `dir`.
-fn serve_on_small_fs(dir: &std::path::Path, fs_bytes: u64) -> Child {
+/// that a filler file leaves with `free_bytes` free once the pool exists; the data file
+/// and the sockets are in `dir`.
+fn serve_on_small_fs(dir: &std::path::Path, free_bytes: u64) -> Child {
     let mnt = dir.join("fs");
     std::fs::create_dir(&mnt).unwrap();
     let (m, d) = (mnt.join("meta"), dir.join("data"));
     let b = bin();
     let script = format!(
-        "set -e; mount -t tmpfs -o size={fs_bytes} tmpfs {mnt}; \
+        "set -e; mount -t tmpfs -o size=32m tmpfs {mnt}; \
          {b} pool create -m {m} -d {d} --data-size 512MiB --metadata-size 8MiB >/dev/null; \
          {b} thin create -m {m} -d {d} --id 0 --size 256MiB --name disk0 >/dev/null; \
+         avail=$(( $(stat -f -c '%a * %S' {mnt}) )); \
+         head -c $(( avail - {free_bytes} )) /dev/zero > {mnt}/filler; \
          exec {b} serve -m {m} -d {d} --disk id=0,socket={sock} --qmp {qmp} --commit-interval-ms 50",
         mnt = mnt.display(),
         m = m.display(),
@@ -90,9 +93,8 @@ impl Qmp {
 #[test]
 fn after_a_failed_commit_no_flush_succeeds_and_the_pool_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    // The journal (8 MiB, written in full) fits; the metadata's 8 MiB sparse file soon
-    // does not.
-    let mut child = serve_on_small_fs(dir.path(), (8 << 20) + (256 << 10));
+    // 64 metadata blocks' worth of room: the metadata's sparse file soon outgrows it.
+    let mut child = serve_on_small_fs(dir.path(), 256 << 10);
     let mut q = Qmp::connect(&dir.path().join("qmp.sock"));
     let mut g = Guest::connect(&dir.path().join("disk0.sock"), 1);
     let mut failed_at = None;

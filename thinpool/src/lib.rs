@@ -5,7 +5,8 @@
 //! transaction manager, copy-on-write B-trees, reference-counted space maps) → [`thin`]
 //! (superblock, device details, the two-level mapping tree) → [`pool`] (the data path with
 //! per-block locking, modes, commit policy). [`check`] verifies a pool the way `thin_check`
-//! does; [`xml`] reads and writes `thin_dump` XML; [`registry`] keeps names and sizes;
+//! does; [`xml`] reads and writes `thin_dump` XML; [`registry`] keeps names and sizes
+//! ([`names`] says what a name is);
 //! [`origin`] serves external origins (golden images) and [`merge`] writes a thin device
 //! back into one.
 
@@ -16,6 +17,7 @@ pub mod dump;
 pub mod error;
 pub mod journal;
 pub mod merge;
+pub mod names;
 pub mod origin;
 pub mod pdata;
 pub mod storage;

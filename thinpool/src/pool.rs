@@ -1075,8 +1075,16 @@ impl Pool {
     }
 }
 
+/// The largest thin device served, in bytes: 4 EiB (2^62). Every byte range a device is
+/// read or written by must end at or below it (see `check_span`), so that offset
+/// arithmetic (`offset + len`, `virtual block * block size + within`) cannot overflow
+/// a u64; virtual block numbers (the mapping tree's keys, u64) are then below 2^62 / 64 KiB,
+/// far from their limit, and the size in 512-byte sectors (virtio-blk's capacity, the
+/// kernel's sector_t) fits too. Disk sizes are checked against it where they are asked for.
+pub const MAX_DEVICE_BYTES: u64 = 1 << 62;
+
 fn check_span(offset: u64, len: u64) -> Result<()> {
-    if offset.checked_add(len).is_none_or(|e| e > (1u64 << 62)) {
+    if offset.checked_add(len).is_none_or(|e| e > MAX_DEVICE_BYTES) {
         return Err(Error::InvalidArgument(format!(
             "range of {len} bytes at {offset} is beyond any device"
         )));

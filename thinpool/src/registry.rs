@@ -12,6 +12,7 @@
 //! that is in the pool but not in the registry is still reachable by its thin id, and a
 //! registry entry without a pool device is reported.
 
+use crate::names::{check_name, NameError, NAME_RULE};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -34,6 +35,8 @@ pub enum RegistryError {
     Invalid { path: PathBuf, msg: String },
     #[error("a device named {0:?} already exists")]
     NameTaken(String),
+    #[error("{name:?} is not a valid name: {why}; a name is {rule}", rule = crate::names::NAME_RULE)]
+    BadName { name: String, why: NameError },
     #[error("commit failed: {0}")]
     Commit(#[from] crate::Error),
 }
@@ -229,6 +232,21 @@ impl Registry {
                 ),
             });
         }
+        // Names go into socket paths, thread names and command lines: a file edited by hand
+        // (or written by an older version that did not check) must not smuggle in one that
+        // is a path or holds a NUL. Refused whole, naming the entry, for a person to correct.
+        let previous = d
+            .previous
+            .iter()
+            .map(|p| (&p.devices, " (in the state before the last change)"));
+        for (devices, when) in std::iter::once((&d.devices, "")).chain(previous) {
+            if let Err(msg) = check_names(devices) {
+                return Err(RegistryError::Invalid {
+                    path,
+                    msg: format!("{msg}{when}; correct it in the file"),
+                });
+            }
+        }
         Ok(Some(Registry {
             path,
             transaction_id: d.transaction_id,
@@ -375,10 +393,16 @@ impl Registry {
             .map(|(&id, _)| id)
     }
 
-    /// Adds or replaces an entry; names are unique (pending receives' names included).
+    /// Adds or replaces an entry; names are unique (pending receives' names included) and
+    /// follow the rule of [`crate::names`]: what [`Registry::load`] would refuse is never
+    /// written.
     pub fn insert(&mut self, id: u32, entry: DeviceEntry) -> Result<(), RegistryError> {
         let pending = entry.receiving.as_ref().map(|p| &p.name);
         for n in entry.name.iter().chain(pending) {
+            check_name(n).map_err(|why| RegistryError::BadName {
+                name: n.clone(),
+                why,
+            })?;
             if self.holder_of(n).is_some_and(|other| other != id) {
                 return Err(RegistryError::NameTaken(n.clone()));
             }
@@ -426,6 +450,31 @@ impl Registry {
         r.consistent = r.messages.is_empty();
         r
     }
+}
+
+/// Checks every name an entry holds (its own, its pending receive's, its replication's);
+/// the message names the entry and says what is wrong.
+fn check_names(devices: &BTreeMap<u32, DeviceEntry>) -> Result<(), String> {
+    for (id, e) in devices {
+        let mut names: Vec<(&str, &String)> = Vec::new();
+        names.extend(e.name.iter().map(|n| ("name", n)));
+        if let Some(r) = &e.receiving {
+            names.push(("name of its receive", &r.name));
+        }
+        if let Some(r) = &e.replication {
+            if let ReplicationTarget::Pool { pool, prefix } = &r.target {
+                names.push(("replication target pool", pool));
+                names.push(("replication prefix", prefix));
+            }
+            names.extend(r.last.iter().map(|l| ("last replicated snapshot", l)));
+        }
+        for (what, n) in names {
+            check_name(n).map_err(|why| {
+                format!("thin device {id}: the {what} {n:?} is not a valid name: {why}; a name is {NAME_RULE}")
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// A stable serial for a new device: `vt-` and 16 hex digits from the pool's identity,
@@ -564,6 +613,82 @@ mod tests {
         // It does not say what came before: reported by reconcile, not undone.
         assert_eq!(r.recover(4), None);
         assert!(!r.reconcile(4, &[0]).consistent);
+    }
+
+    /// The registry is a file people and tools may edit: a name in it that is not a name
+    /// (a path, a NUL, too long) is refused when the file is opened, with the entry named,
+    /// rather than served (a disk's socket is `<dir>/<name>.sock`).
+    #[test]
+    fn a_file_with_a_bad_name_is_refused_at_load_naming_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.registry.json");
+        let write = |devices: &str, previous: &str| {
+            std::fs::write(
+                &path,
+                format!(
+                    r#"{{"format": "vhost-thin-registry", "version": 2, "transaction_id": 5,
+                        "devices": {devices}{previous}}}"#
+                ),
+            )
+            .unwrap()
+        };
+        let cases = [
+            (
+                r#"{"7": {"name": "../../x", "size": 512, "serial": "x"}}"#,
+                "",
+                "thin device 7",
+                "\"../../x\"",
+            ),
+            (
+                r#"{"0": {"name": "a\u0000b", "size": 512, "serial": "x"}}"#,
+                "",
+                "thin device 0",
+                "control character",
+            ),
+            (
+                r#"{"0": {"name": "..", "size": 512, "serial": "x"}}"#,
+                "",
+                "thin device 0",
+                "'.' or '..'",
+            ),
+            (
+                r#"{"3": {"size": 512, "serial": "x", "receiving": {"name": "-r", "next_offset": 0, "resumable": true}}}"#,
+                "",
+                "thin device 3",
+                "'-'",
+            ),
+            (
+                r#"{"1": {"name": "ok", "size": 512, "serial": "x"}}"#,
+                r#", "previous": {"transaction_id": 4, "devices": {"2": {"name": "a/b", "size": 512, "serial": "x"}}}"#,
+                "thin device 2",
+                "'/'",
+            ),
+        ];
+        for (devices, previous, entry, why) in cases {
+            write(devices, previous);
+            let e = Registry::load(&path).unwrap_err();
+            assert!(matches!(e, RegistryError::Invalid { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&path.display().to_string())
+                    && msg.contains(entry)
+                    && msg.contains(why),
+                "{msg}"
+            );
+        }
+        // A good name loads; and a bad one cannot be put in to begin with.
+        write(
+            r#"{"1": {"name": "vm 1@r2", "size": 512, "serial": "x"}}"#,
+            "",
+        );
+        let mut r = Registry::load(&path).unwrap().unwrap();
+        let bad = DeviceEntry {
+            name: Some("../x".into()),
+            ..Default::default()
+        };
+        let e = r.insert(2, bad).unwrap_err().to_string();
+        assert!(e.contains("\"../x\"") && e.contains("'/'"), "{e}");
+        assert_eq!(r.devices.len(), 1);
     }
 
     #[test]

@@ -36,8 +36,21 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
             hint,
         }
     };
+    // A name that is not one, refused where it is written (see limits::check_name).
+    let bad_name = |field: String, key: &str, name: &str| -> Result<(), ConfigError> {
+        limits::check_name(name).map_err(|why| {
+            err(
+                field,
+                key,
+                name,
+                format!("{name:?} is not a valid name: {why}"),
+                Some(format!("a name is {}", limits::NAME_RULE)),
+            )
+        })
+    };
     let mut names = HashSet::new();
     for (i, p) in cfg.pools.iter().enumerate() {
+        bad_name(format!("pools[{i}].name"), "name", &p.name)?;
         if !names.insert(p.name.as_str()) {
             return Err(err(
                 format!("pools[{i}].name"),
@@ -95,6 +108,10 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
     let mut sockets = HashSet::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let f = |k: &str| format!("disks[{i}].{k}");
+        bad_name(f("name"), "name", &d.name)?;
+        if let Some(c) = &d.clone_from {
+            bad_name(f("clone-from"), "clone-from", c)?;
+        }
         if !disk_names.insert(d.name.as_str()) {
             return Err(err(
                 f("name"),
@@ -138,6 +155,15 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
                 "",
                 format!("{} bytes is not a disk size", d.size.0),
                 Some("use a positive multiple of 512 bytes, like 10GiB".into()),
+            ));
+        }
+        if d.size.0 > limits::MAX_DISK_SIZE {
+            return Err(err(
+                f("size"),
+                "size",
+                "",
+                format!("{} bytes is larger than the largest disk", d.size.0),
+                Some(format!("use at most {}", limits::MAX_DISK_SIZE_TEXT)),
             ));
         }
         if !limits::num_queues_ok(d.num_queues as usize) {

@@ -183,3 +183,63 @@ fn load_names_the_file() {
         "{e}"
     );
 }
+
+/// Names and sizes are held to the engine's rules (the same as the management socket's):
+/// a name that is not one, or a disk larger than the engine serves, is refused with its line.
+#[test]
+fn names_and_sizes_the_engine_refuses_are_refused_where_they_are() {
+    const RULE: &str = "a name is 1 to 64 printable characters, without '/', not '.' or '..', and not starting with '-'";
+    let disks = |name: &str, extra: &str| {
+        format!(
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: {name}\n    size: 1GiB\n    socket: /s\n{extra}"
+        )
+    };
+    let long = "n".repeat(65);
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "a disk name that is a path",
+            disks("../../x", ""),
+            format!("f.yaml:6: disks[0].name: \"../../x\" is not a valid name: it contains '/'; {RULE}"),
+        ),
+        (
+            "a disk name with a NUL (no line: the file holds it escaped)",
+            disks("\"a\\0b\"", ""),
+            format!("f.yaml: disks[0].name: \"a\\0b\" is not a valid name: it contains a control character (U+0000); {RULE}"),
+        ),
+        (
+            "a disk name too long",
+            disks(&long, ""),
+            format!("f.yaml:6: disks[0].name: \"{long}\" is not a valid name: it is 65 bytes long, more than 64; {RULE}"),
+        ),
+        (
+            "a pool name like an option",
+            "pools:\n  - name: -p\n    metadata: /m\n    data: /d\n".into(),
+            format!("f.yaml:2: pools[0].name: \"-p\" is not a valid name: it starts with '-'; {RULE}"),
+        ),
+        (
+            "a clone of '..'",
+            disks("d", "  - name: e\n    socket: /t\n    size: 1GiB\n    clone-from: ..\n"),
+            format!("f.yaml:12: disks[1].clone-from: \"..\" is not a valid name: it is '.' or '..'; {RULE}"),
+        ),
+        (
+            "a disk larger than the engine serves",
+            "pools:\n  - name: p\n    metadata: /m\n    data: /d\ndisks:\n  - name: d\n    size: 4194305TiB\n    socket: /s\n".into(),
+            "f.yaml:7: disks[0].size: 4611687117939015680 bytes is larger than the largest disk; use at most 4 EiB (4194304TiB)".into(),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, text, want) in &cases {
+        match parse(text, "f.yaml") {
+            Ok(_) => failures.push(format!("{what}: parsed, expected {want:?}")),
+            Err(e) if e.to_string() != *want => failures.push(format!(
+                "{what}:\n   got {:?}\n  want {want:?}",
+                e.to_string()
+            )),
+            Err(_) => {}
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    // The largest disk, and names that are names, are taken.
+    let ok = "pools:\n  - name: p.1\n    metadata: /m\n    data: /d\ndisks:\n  - name: \"vm 1@r2 (é)\"\n    size: 4194304TiB\n    socket: /s\n";
+    parse(ok, "f.yaml").unwrap();
+}

@@ -28,8 +28,8 @@ type R<T> = Result<T, QmpError>;
 /// Concluded jobs kept for `query-jobs` before the oldest are forgotten.
 pub const KEEP_CONCLUDED: usize = 64;
 
-/// The longest job id.
-pub const MAX_ID: usize = 128;
+/// The longest job id (the rule is `thinpool::names`').
+pub const MAX_ID: usize = vmm_config::limits::MAX_JOB_ID_LEN;
 
 /// How often a running job reports its progress as an event.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -242,13 +242,14 @@ impl Jobs {
     {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let id = id.unwrap_or_else(|| format!("{kind}-{seq}"));
-        // Room for the ids the daemon makes itself: `replicate-<disk>-<seq>` with a disk
-        // name of up to 64 characters.
-        if id.is_empty() || id.len() > MAX_ID {
-            return Err(QmpError::generic(format!(
-                "'job-id' must be 1 to {MAX_ID} characters"
-            )));
-        }
+        // The management socket checks a client's id already; this is for every caller,
+        // before the id is listed and names a thread (a NUL in it made the spawn panic).
+        vmm_config::limits::check_job_id(&id).map_err(|why| {
+            QmpError::generic(format!(
+                "Parameter 'job-id' expects a job ID ({}): {why}",
+                vmm_config::limits::JOB_ID_RULE
+            ))
+        })?;
         let job = Arc::new(Job {
             id: id.clone(),
             kind,
@@ -268,6 +269,13 @@ impl Jobs {
             }
             jobs.insert(id.clone(), job.clone());
         }
+        // Listed from here on. Should the thread not start (an error, or a panic), the job is
+        // taken off the list again: a listed job that no thread will conclude could never
+        // be dismissed, and shutdown would wait for it for ever.
+        let mut unlist = Unlist {
+            jobs: self,
+            job: Some(job.clone()),
+        };
         transition(&self.events, &job, |_| Some(JobStatus::Created));
         let ctx = JobCtx {
             job: job.clone(),
@@ -307,11 +315,11 @@ impl Jobs {
                 transition(&events, &ctx.job, |_| Some(JobStatus::Concluded));
             });
         match spawned {
-            Ok(h) => *lock(&job.thread) = Some(h),
-            Err(e) => {
-                lock(&self.jobs).remove(&id);
-                return Err(QmpError::generic(format!("cannot start a job: {e}")));
+            Ok(h) => {
+                *lock(&job.thread) = Some(h);
+                unlist.job = None;
             }
+            Err(e) => return Err(QmpError::generic(format!("cannot start a job: {e}"))),
         }
         self.forget_old();
         Ok(job)
@@ -421,6 +429,22 @@ impl Jobs {
     }
 }
 
+/// Takes a job that never got its thread off the list when dropped (see [`Jobs::start`]).
+struct Unlist<'a> {
+    jobs: &'a Jobs,
+    /// None once the thread is running (nothing to undo).
+    job: Option<Arc<Job>>,
+}
+
+impl Drop for Unlist<'_> {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            lock(&self.jobs.jobs).remove(&job.id);
+            transition(&self.jobs.events, &job, |_| Some(JobStatus::Null));
+        }
+    }
+}
+
 /// Moves `job` to the status `next` returns for its current one (None: no change), and
 /// emits the change while the status is still locked: two threads moving one job (a
 /// cancel, the job concluding) then emit in the order of their transitions, each with
@@ -524,6 +548,59 @@ mod tests {
             ))
             .is_err());
         assert_eq!(jobs.get("nope").unwrap_err().class, "DeviceNotFound");
+    }
+
+    /// An id is a name (and names the job's thread): one with a NUL once made the thread
+    /// spawn panic with the job already listed, where it stayed, never concluding, never
+    /// dismissable, and holding up shutdown for ever.
+    #[test]
+    fn an_id_that_is_not_a_name_is_refused_and_leaves_no_job() {
+        let jobs = Jobs::new(EventBus::default());
+        for bad in ["a\0b", "a/b", "..", "-j", "", "line\nbreak"] {
+            let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                jobs.start(Some(bad.into()), "test", String::new(), |_| Ok(json!({})))
+            }))
+            .unwrap_or_else(|_| panic!("starting job {bad:?} panicked"))
+            .unwrap_err();
+            assert_eq!(e.class, "GenericError", "{bad:?}");
+            assert!(e.desc.contains("job ID"), "{bad:?}: {}", e.desc);
+        }
+        assert_eq!(jobs.query(), json!([]));
+        // Nothing is left for shutdown to wait for.
+        jobs.cancel_all_and_wait();
+    }
+
+    /// Should a job's thread not start after the job was listed (the spawn failing or
+    /// panicking), the job goes again: nothing is left that no thread will conclude.
+    #[test]
+    fn a_job_whose_thread_never_started_is_unlisted_even_by_a_panic() {
+        let (bus, rx) = events();
+        let jobs = Jobs::new(bus);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // What start does before the spawn, then a panic where the spawn would be.
+            let job = Arc::new(Job {
+                id: "p".into(),
+                kind: "test",
+                description: String::new(),
+                status: Mutex::new(JobStatus::Created),
+                current: AtomicU64::new(0),
+                total: AtomicU64::new(0),
+                cancel: AtomicBool::new(false),
+                outcome: Mutex::new(None),
+                thread: Mutex::new(None),
+                seq: 0,
+            });
+            lock(&jobs.jobs).insert("p".into(), job.clone());
+            let _unlist = Unlist {
+                jobs: &jobs,
+                job: Some(job),
+            };
+            panic!("the spawn failed");
+        }));
+        assert!(r.is_err());
+        assert_eq!(jobs.query(), json!([]));
+        assert_eq!(statuses(&rx, "p"), ["null"]);
+        jobs.cancel_all_and_wait();
     }
 
     #[test]

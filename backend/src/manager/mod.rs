@@ -295,16 +295,20 @@ impl Manager {
                 .get(n)
                 .cloned()
                 .ok_or_else(|| QmpError::not_found(format!("no pool named '{n}'"))),
-            None if self.pools.len() == 1 => Ok(self.pools.values().next().unwrap().clone()),
-            None => Err(QmpError::generic("several pools: say which with 'pool'")),
+            None => match (self.pools.len(), self.pools.values().next()) {
+                (1, Some(p)) => Ok(p.clone()),
+                _ => Err(QmpError::generic("several pools: say which with 'pool'")),
+            },
         }
     }
 
     fn find(&self, name: &str) -> R<Found> {
         for p in self.pools.values() {
             let reg = lock(&p.registry);
-            if let Some(id) = reg.find(name) {
-                let entry = reg.devices[&id].clone();
+            let found = reg
+                .find(name)
+                .and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
+            if let Some((id, entry)) = found {
                 return Ok(Found {
                     pool: p.clone(),
                     id,
@@ -338,11 +342,14 @@ impl Manager {
     }
 
     fn name_free(&self, name: &str) -> R<()> {
-        if name.is_empty() || name.len() > 64 || name.contains(['/', '\0']) {
-            return Err(QmpError::generic(format!(
-                "'{name}' is not a valid name (1 to 64 characters, no '/')"
-            )));
-        }
+        // The management socket checks names as it reads them; names made here (a
+        // replica's `<prefix>@r<seq>`) and the configuration's come this way too.
+        limits::check_name(name).map_err(|why| {
+            QmpError::generic(format!(
+                "{name:?} is not a valid name: {why}; a name is {}",
+                limits::NAME_RULE
+            ))
+        })?;
         // Names of snapshots being received are taken too.
         let taken = self
             .pools
@@ -802,10 +809,12 @@ impl Manager {
             (None, Some((_, osize))) => osize,
             (None, None) => return Err(QmpError::generic("Parameter 'size' is missing")),
         };
-        if size == 0 || size % 512 != 0 {
-            return Err(QmpError::generic(
-                "'size' must be a positive multiple of 512",
-            ));
+        // Checked again here: a clone's or an external origin's size is not an argument.
+        if let Some(why) = limits::disk_size_problem(size) {
+            return Err(QmpError::generic(format!(
+                "'size' must be {}: {why}",
+                limits::DISK_SIZE_RULE
+            )));
         }
         Ok(DiskPlan {
             pool,
@@ -894,8 +903,11 @@ impl Manager {
                 f.entry.size
             )));
         }
-        if size % 512 != 0 {
-            return Err(QmpError::generic("'size' must be a multiple of 512"));
+        if let Some(why) = limits::disk_size_problem(size) {
+            return Err(QmpError::generic(format!(
+                "'size' must be {}: {why}",
+                limits::DISK_SIZE_RULE
+            )));
         }
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
@@ -1105,13 +1117,18 @@ impl Manager {
         low_water_metadata: Option<u64>,
     ) -> R<Value> {
         let p = self.pool(pool)?;
-        for v in [low_water_data, low_water_metadata].into_iter().flatten() {
-            if v > 100 {
-                return Err(QmpError::generic(
-                    "low-water marks are percentages, 0 to 100",
-                ));
-            }
-        }
+        // Converted once checked, so that no cast below can cut a number short.
+        let percent = |v: Option<u64>| -> R<Option<u8>> {
+            v.map(|v| {
+                u8::try_from(v)
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .ok_or_else(|| QmpError::generic("low-water marks are percentages, 0 to 100"))
+            })
+            .transpose()
+        };
+        let (low_water_data, low_water_metadata) =
+            (percent(low_water_data)?, percent(low_water_metadata)?);
         if let Some(t) = timeout {
             vmm_config::limits::check_queue_timeout(t).map_err(QmpError::generic)?;
         }
@@ -1138,10 +1155,10 @@ impl Manager {
         }
         let mut lw = lock(&p.low_water);
         if let Some(d) = low_water_data {
-            lw.0 = d as u8;
+            lw.0 = d;
         }
         if let Some(m) = low_water_metadata {
-            lw.1 = m as u8;
+            lw.1 = m;
         }
         Ok(json!({}))
     }

@@ -105,7 +105,7 @@ fn check_spec(m: &Manager, disk: &str, spec: &ReplicationSpec) -> R<()> {
             }
         }
         ReplicationTarget::Command { argv } => {
-            if argv.is_empty() || argv[0].is_empty() {
+            if argv.first().is_none_or(|p| p.is_empty()) {
                 return Err(QmpError::generic("'command' must name a program"));
             }
         }

@@ -424,7 +424,7 @@ impl Manager {
                 To::File(p)
             }
             Destination::Command(argv) => {
-                if argv.is_empty() || argv[0].is_empty() {
+                if argv.first().is_none_or(|p| p.is_empty()) {
                     return Err(QmpError::generic(
                         "'command' must name a program: [\"ssh\", \"host\", \"vhost-thin\", \"receive\", …]",
                     ));

@@ -23,6 +23,12 @@ pub struct EventBus {
     subscribers: Arc<Mutex<Vec<Subscriber>>>,
 }
 
+/// Locks the subscriber list, recovering from poisoning: a panic elsewhere while it was
+/// held must not make every later event (and command) panic too.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub fn timestamp() -> Value {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -33,7 +39,7 @@ pub fn timestamp() -> Value {
 impl EventBus {
     /// A queue for one client; `id` names it in logs.
     pub fn subscribe(&self, id: u64, sender: SyncSender<String>) {
-        self.subscribers.lock().unwrap().push(Subscriber {
+        lock(&self.subscribers).push(Subscriber {
             id,
             tx: sender,
             warned: false,
@@ -41,13 +47,13 @@ impl EventBus {
     }
 
     pub fn unsubscribe(&self, id: u64) {
-        self.subscribers.lock().unwrap().retain(|s| s.id != id);
+        lock(&self.subscribers).retain(|s| s.id != id);
     }
 
     pub fn emit(&self, name: &str, data: Value) {
         tracing::info!("event {name} {data}");
         let msg = json!({"event": name, "data": data, "timestamp": timestamp()}).to_string();
-        let mut subs = self.subscribers.lock().unwrap();
+        let mut subs = lock(&self.subscribers);
         subs.retain_mut(|s| match s.tx.try_send(msg.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {

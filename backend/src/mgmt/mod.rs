@@ -5,6 +5,7 @@ pub mod args;
 pub mod commands;
 pub mod events;
 pub mod framing;
+pub mod message;
 pub mod server;
 
 use serde_json::{json, Value};

@@ -3,10 +3,11 @@
 //! bounded queue: a client that does not read blocks only itself, and loses events rather
 //! than holding anybody up.
 
-use super::args::Args;
+use super::args::{Args, Command};
 use super::commands::{execute, version};
 use super::events::CLIENT_QUEUE;
 use super::framing::{Frame, Splitter};
+use super::message::Message;
 use super::QmpError;
 use crate::manager::Manager;
 use serde_json::{json, Map, Value};
@@ -230,50 +231,27 @@ fn dispatch(
     client: u64,
     tx: &SyncSender<String>,
 ) -> Request {
-    let refused = |id, e| Request {
-        id,
-        name: None,
-        args: args_for_log(None),
-        result: Err(e),
-    };
-    let v = match frame {
-        Frame::Invalid(msg) => return refused(None, QmpError::generic(msg)),
-        Frame::Value(v) => v,
-    };
-    let Value::Object(mut obj) = v else {
-        return refused(None, QmpError::generic("QMP input must be a JSON object"));
-    };
-    let id = obj.remove("id");
-    if let Some(k) = obj.keys().find(|k| *k != "execute" && *k != "arguments") {
-        let e = QmpError::generic(format!("QMP input member '{k}' is unexpected"));
-        return refused(id, e);
-    }
-    let name = match obj.remove("execute") {
-        Some(Value::String(s)) => s,
-        Some(_) => {
-            let e = QmpError::generic("QMP input member 'execute' must be a string");
-            return refused(id, e);
-        }
-        None => return refused(id, QmpError::generic("QMP input lacks member 'execute'")),
-    };
-    let args = match obj.remove("arguments") {
-        None => Map::new(),
-        Some(Value::Object(a)) => a,
-        Some(_) => {
-            let e = QmpError::generic("QMP input member 'arguments' must be an object");
+    let msg = match Message::from_frame(frame) {
+        Ok(msg) => msg,
+        Err(r) => {
             return Request {
-                id,
-                name: Some(name),
+                id: r.id,
+                name: r.name,
                 args: args_for_log(None),
-                result: Err(e),
-            };
+                result: Err(r.error),
+            }
         }
     };
+    let Message {
+        id,
+        execute: name,
+        arguments,
+    } = msg;
     // Made before the arguments go to the command: a log line needs at most LOGGED_MAX
     // bytes of them, not a copy of them all.
-    let logged = args_for_log(Some(&args));
+    let logged = args_for_log(Some(&arguments));
     let result = guarded(&name, || {
-        run_command(m, &name, args, negotiated, client, tx)
+        run_command(m, &name, arguments, negotiated, client, tx)
     });
     Request {
         id,
@@ -312,25 +290,19 @@ fn run_command(
                 desc: "Capabilities negotiation is already complete, command ignored".into(),
             });
         }
-        let mut a = Args::new(args);
-        // We offer no capabilities; asking for one is an error, as in QEMU.
-        let r = match a.opt_str("enable") {
-            Err(_) => Err(QmpError::generic("Capability 'oob' not available")),
-            Ok(_) => a.finish(),
-        };
-        if r.is_ok() {
-            *negotiated = true;
-            m.events.subscribe(client, tx.clone());
-        }
-        return r.map(|_| json!({}));
+        Command::parse(name, Args::new(args))?;
+        *negotiated = true;
+        m.events.subscribe(client, tx.clone());
+        return Ok(json!({}));
     }
+    // Before negotiation no command is looked at further, its arguments included.
     if !*negotiated {
         return Err(QmpError {
             class: "CommandNotFound",
             desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
         });
     }
-    execute(m, name, Args::new(args))
+    execute(m, Command::parse(name, Args::new(args))?)
 }
 
 #[cfg(test)]

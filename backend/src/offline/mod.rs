@@ -33,3 +33,16 @@ pub fn input_stream(path: &Path) -> Result<Box<dyn std::io::Read>> {
     };
     Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, r)))
 }
+
+/// A name given on the command line (`--name`, `--disk name=`): held to the rule of names
+/// (see `thinpool::names`) before anything is opened, as everywhere else names come in.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    vmm_config::limits::check_name(s)
+        .map(|()| s.to_string())
+        .map_err(|why| {
+            format!(
+                "{s:?} is not a valid name: {why}; a name is {}",
+                vmm_config::limits::NAME_RULE
+            )
+        })
+}

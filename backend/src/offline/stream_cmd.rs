@@ -39,7 +39,7 @@ pub struct ReceiveArgs {
     #[command(flatten)]
     pub paths: PoolPaths,
     /// Name of the received snapshot (default: the sender's).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = super::parse_name)]
     pub name: Option<String>,
     /// Keep what arrived if the stream is cut off, and print a token to resume from.
     #[arg(long, short = 's')]

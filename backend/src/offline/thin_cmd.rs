@@ -62,7 +62,7 @@ pub struct CreateArgs {
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     /// Name, recorded in the registry.
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_name)]
     name: Option<String>,
 }
 
@@ -76,7 +76,8 @@ pub struct SnapshotArgs {
     /// Thin id of the new snapshot.
     #[arg(long)]
     id: u32,
-    #[arg(long)]
+    /// Name, recorded in the registry.
+    #[arg(long, value_parser = super::parse_name)]
     name: Option<String>,
     /// A kept snapshot (read-only, never served; what `ctl snapshot` makes and what `send`
     /// sends) instead of a writable clone.

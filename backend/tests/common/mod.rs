@@ -609,3 +609,71 @@ impl Drop for Served {
         }
     }
 }
+
+/// A management connection that sends text as it is (what `ctl::Client` cannot: duplicate
+/// keys, bytes no serialiser would write), negotiated, with a read timeout so that a daemon
+/// that stops answering fails the test instead of hanging it.
+pub struct RawQmp {
+    writer: std::os::unix::net::UnixStream,
+    lines: std::io::Lines<std::io::BufReader<std::os::unix::net::UnixStream>>,
+}
+
+impl RawQmp {
+    pub fn connect(qmp: &Path) -> RawQmp {
+        use std::io::BufRead;
+        wait_for(qmp);
+        let s = std::os::unix::net::UnixStream::connect(qmp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut c = RawQmp {
+            lines: std::io::BufReader::new(s.try_clone().unwrap()).lines(),
+            writer: s,
+        };
+        let greeting = c.next_line();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        let r = c.send(r#"{"execute": "qmp_capabilities"}"#);
+        assert_eq!(r, serde_json::json!({"return": {}}));
+        c
+    }
+
+    fn next_line(&mut self) -> serde_json::Value {
+        let line = self
+            .lines
+            .next()
+            .expect("the daemon closed the connection")
+            .expect("no reply within a minute");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Sends `text` and a newline; the next reply (events are skipped).
+    pub fn send(&mut self, text: &str) -> serde_json::Value {
+        use std::io::Write;
+        self.writer.write_all(text.as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        loop {
+            let v = self.next_line();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+}
+
+/// Waits for `child` to exit, for at most `patience`; its output (what was piped), and
+/// whether it exited in time (if not, it is killed). A thread waits, so that a daemon that
+/// never exits fails the test rather than hangs it.
+pub fn wait_output(child: Child, patience: Duration) -> (Output, bool) {
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    if let Ok(out) = rx.recv_timeout(patience) {
+        let _ = waiter.join();
+        return (out.unwrap(), true);
+    }
+    // Not reaped yet (its waiter is still waiting for it), so the pid is still ours.
+    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    let out = rx.recv().unwrap().unwrap();
+    let _ = waiter.join();
+    (out, false)
+}

@@ -227,6 +227,16 @@ impl<R: Read> StreamReader<R> {
                     r.guid
                 )));
             }
+            // The snapshot's name becomes the received one's (unless the receiver gives
+            // another): one that is not a name is refused before anything is received.
+            if let Some(n) = &r.name {
+                crate::names::check_name(n).map_err(|why| {
+                    StreamError::BadHeader(format!(
+                        "the snapshot name {n:?} is not a valid name: {why}; a name is {}",
+                        crate::names::NAME_RULE
+                    ))
+                })?;
+            }
         }
         if header.block_size == 0 || header.block_size % 512 != 0 {
             return Err(StreamError::BadHeader(format!(

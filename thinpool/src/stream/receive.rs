@@ -157,6 +157,13 @@ fn target(
         .clone()
         .or_else(|| h.snapshot.name.clone())
         .ok_or_else(|| refused("the stream's snapshot has no name: give one (--name)"))?;
+    // Checked before the device is made (the registry would refuse it only after).
+    crate::names::check_name(&name).map_err(|why| {
+        refused(format!(
+            "{name:?} is not a valid name: {why}; a name is {}",
+            crate::names::NAME_RULE
+        ))
+    })?;
     if let Some(other) = reg.holder_of(&name) {
         return Err(refused(format!(
             "a device named {name:?} exists (thin device {other}): give the received snapshot another name"

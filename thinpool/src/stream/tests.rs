@@ -568,6 +568,70 @@ fn header() -> StreamHeader {
     }
 }
 
+/// A stream's header names the snapshot (and its base): a name that is not one (a path, a
+/// NUL, too long) is refused when the header is read, before anything is received, and so is
+/// such a name given to the receiver.
+#[test]
+fn a_stream_whose_header_carries_a_bad_name_is_refused_and_changes_nothing() {
+    let with_name = |name: &str, base: Option<&str>| {
+        let mut h = header();
+        h.snapshot.name = Some(name.into());
+        h.base = base.map(|b| SnapshotRef {
+            guid: "1".repeat(32),
+            name: Some(b.into()),
+            size: 1 << 30,
+            created: 0,
+        });
+        let (bytes, _) = StreamWriter::new(Vec::new(), &h).unwrap().finish().unwrap();
+        bytes
+    };
+    for (name, base) in [
+        ("../../x", None),
+        ("a\0b", None),
+        ("..", None),
+        ("-x", None),
+        ("", None),
+        ("ok", Some("a/b")),
+    ] {
+        let long = "n".repeat(65);
+        for n in [name, long.as_str()] {
+            let e = match StreamReader::new(&with_name(n, base)[..]) {
+                Ok(_) => panic!("{n:?} (base {base:?}) was read"),
+                Err(e) => e,
+            };
+            assert!(
+                matches!(&e, StreamError::BadHeader(m) if m.contains("is not a valid name")),
+                "{n:?}: {e}"
+            );
+        }
+    }
+    // Nothing is received from such a stream, and a bad name given to the receiver is
+    // refused too.
+    let mut a = pool(128);
+    a.disk(0);
+    a.snap(1, 0, "s1");
+    let (stream, _) = a.send(1, None, 0);
+    let mut b = pool(128);
+    let bad = with_name("../../x", None);
+    assert!(b.recv(&bad, false).is_err());
+    let opts = ReceiveOptions {
+        name: Some("a/b".into()),
+        ..Default::default()
+    };
+    let reg = Mutex::new(std::mem::replace(
+        &mut b.reg,
+        Registry::new("/nonexistent", 0),
+    ));
+    let e = receive(&b.pool, &reg, &stream[..], &opts, &mut |_, _| {})
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not a valid name"), "{e}");
+    b.reg = reg.into_inner().unwrap();
+    assert!(b.reg.devices.is_empty());
+    assert!(b.pool.devices().is_empty());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
 
