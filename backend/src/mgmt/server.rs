@@ -12,7 +12,6 @@ use crate::manager::Manager;
 use serde_json::{json, Map, Value};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,8 +26,7 @@ pub fn spawn(
     path: &Path,
     mode: u32,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let listener = crate::manager::listen(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let listener = crate::manager::listen(path, Some(mode))?;
     tracing::info!("management socket {}", path.display());
     std::thread::Builder::new()
         .name("qmp-accept".into())
