@@ -930,6 +930,45 @@ fn a_send_into_a_command_that_read_everything_but_does_not_exit_is_cancelled() {
 }
 
 #[test]
+fn a_send_cancelled_while_its_command_reads_kills_the_command_and_does_not_wait_for_it() {
+    let d = start();
+    let mut c = d.client();
+    // A stream of several MiB: the send is under way when the cancel comes.
+    let every_mib: Vec<u64> = (0..DISK_MIB).collect();
+    write_pattern(&d.path("vm.sock"), 4, &every_mib);
+    c.execute("snapshot-create", json!({"disk": "vm", "name": "big"}))
+        .unwrap();
+    // The command reads a MiB, then stops reading at a gate (a FIFO, which it opens then),
+    // while the send blocks in a write; past the gate it reads the rest, and never exits
+    // by itself.
+    let gate = d.path("gate.fifo");
+    mkfifo(&gate);
+    let script = format!(
+        "head -c 1048576 >/dev/null; read go <'{}'; cat >/dev/null; exec sleep 60",
+        gate.display()
+    );
+    c.execute(
+        "snapshot-send",
+        json!({"job-id": "g", "snapshot": "big", "command": ["sh", "-c", script]}),
+    )
+    .unwrap();
+    // Opened once the command is at the gate.
+    let mut gate = std::fs::OpenOptions::new().write(true).open(&gate).unwrap();
+    c.execute("job-cancel", json!({"id": "g"})).unwrap();
+    let t0 = Instant::now();
+    // Reading again, the command lets the blocked write finish: the next one sees the cancel
+    // and ends the send, most likely before the daemon's watcher of the send looks again.
+    // (An error here is a command killed already.)
+    use std::io::Write;
+    let _ = gate.write_all(b"go\n");
+    drop(gate);
+    let j = wait_job(&mut c, "g");
+    assert_eq!(j["error"], "cancelled", "{j}");
+    // A bound on hanging, not a speed figure: the command's own 60 s.
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
+
+#[test]
 fn an_interrupted_resumable_receive_goes_on_from_where_it_stopped() {
     let mut d = start();
     let mut c = d.client();

@@ -283,13 +283,15 @@ pub(super) fn send_to_command(
     let err = Tail::read(stderr);
     let child = std::sync::Mutex::new(child);
     let sending = std::sync::atomic::AtomicBool::new(true);
+    let killed_while_sending = std::sync::atomic::AtomicBool::new(false);
     let sent = std::thread::scope(|s| {
         // A command that stops reading would keep the send blocked in a write, where a
         // cancel is not seen: a cancel kills the command, which ends the write (EPIPE).
         s.spawn(|| {
             while sending.load(std::sync::atomic::Ordering::SeqCst) {
                 if ctx.cancelled() {
-                    let _ = lock(&child).kill();
+                    let killed = lock(&child).kill().is_ok();
+                    killed_while_sending.store(killed, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -301,7 +303,13 @@ pub(super) fn send_to_command(
     });
     let mut child = child.into_inner().unwrap_or_else(|p| p.into_inner());
     // stdin was moved into the sender and is closed: the command sees the end.
-    let mut killed = ctx.cancelled();
+    // Killed only if it was: a cancel that the send saw first (its next write refused)
+    // ends the send before the watcher above looks again, and the command, which may go
+    // on running after the end of its input, must still be killed.
+    let mut killed = killed_while_sending.load(std::sync::atomic::Ordering::SeqCst);
+    if ctx.cancelled() && !killed {
+        killed = child.kill().is_ok();
+    }
     if sent.is_err() && !killed {
         // A command that stopped reading because it failed says why when it exits: give
         // it a moment to exit by itself before it is killed.
