@@ -399,7 +399,7 @@ impl Manager {
                 )));
             }
         }
-        let listener = crate::socket::listen(&socket).map_err(|e| {
+        let listener = crate::socket::listen(&socket, None).map_err(|e| {
             QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
         })?;
         Ok(Bound { socket, listener })

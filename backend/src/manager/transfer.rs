@@ -220,37 +220,103 @@ impl Read for Polled {
 /// Keeps the last [`OUTPUT_TAIL`] bytes of a child's output, as it comes.
 struct Tail {
     text: Arc<std::sync::Mutex<Vec<u8>>>,
-    done: std::sync::mpsc::Receiver<()>,
+    /// Closed once the command has exited (see [`Tail::take`]).
+    exited: UnixStream,
+    reader: std::thread::JoinHandle<()>,
 }
 
+/// What the reader takes from the pipe once the command has exited, at most: a process the
+/// command left behind may go on writing there.
+const LEFT_IN_PIPE: usize = 1 << 20;
+
 impl Tail {
-    fn read(mut r: impl Read + Send + 'static) -> Tail {
+    fn read<T: Read + std::os::fd::AsRawFd + Send + 'static>(mut r: T) -> std::io::Result<Tail> {
+        use std::os::fd::AsRawFd;
+        let (exited, told) = UnixStream::pair()?;
+        // Our end only (the command's is another open file): read until it is empty, once
+        // told, without blocking.
+        // SAFETY: F_GETFL/F_SETFL on a descriptor `r` keeps open.
+        unsafe {
+            let fd = r.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
         let text = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, done) = std::sync::mpsc::channel();
         let t = text.clone();
-        std::thread::spawn(move || {
+        let keep = move |bytes: &[u8]| {
+            let mut tail = lock(&t);
+            tail.extend_from_slice(bytes);
+            if tail.len() > OUTPUT_TAIL {
+                let cut = tail.len() - OUTPUT_TAIL;
+                tail.drain(..cut);
+            }
+        };
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0 {
-                    break;
+            loop {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: r.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: told.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: two valid pollfds, for descriptors `r` and `told` keep open.
+                if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return;
                 }
-                let mut tail = lock(&t);
-                tail.extend_from_slice(&buf[..n]);
-                if tail.len() > OUTPUT_TAIL {
-                    let cut = tail.len() - OUTPUT_TAIL;
-                    tail.drain(..cut);
+                if fds[1].revents != 0 {
+                    // Everything the command wrote before it exited is in the pipe now.
+                    let mut left = LEFT_IN_PIPE;
+                    while left > 0 {
+                        match r.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => {
+                                keep(&buf[..n]);
+                                left = left.saturating_sub(n);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            // Empty (WouldBlock), or unreadable.
+                            Err(_) => return,
+                        }
+                    }
+                    return;
+                }
+                match r.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => keep(&buf[..n]),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => return,
                 }
             }
-            let _ = tx.send(());
         });
-        Tail { text, done }
+        Ok(Tail {
+            text,
+            exited,
+            reader,
+        })
     }
 
-    /// What came, once the output ended, or after a short wait: a command that exited may
-    /// have left a background process holding its output open, which must not hold up
-    /// the job (nor its cancel).
+    /// What the command wrote, once it has exited: what reached the pipe by then, without
+    /// waiting for the pipe's end, which a process the command left behind may hold off
+    /// for as long as it lives (that must not hold up the job, nor its cancel).
     fn take(self) -> String {
-        let _ = self.done.recv_timeout(std::time::Duration::from_secs(2));
+        drop(self.exited);
+        let _ = self.reader.join();
         String::from_utf8_lossy(&lock(&self.text))
             .trim()
             .to_string()
@@ -279,17 +345,28 @@ pub(super) fn send_to_command(
         let _ = child.wait();
         return Err(QmpError::generic("the command's pipes could not be made"));
     };
-    let out = Tail::read(stdout);
-    let err = Tail::read(stderr);
+    let tails = Tail::read(stdout).and_then(|out| Ok((out, Tail::read(stderr)?)));
+    let (out, err) = match tails {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(QmpError::generic(format!(
+                "cannot read the command's output: {e}"
+            )));
+        }
+    };
     let child = std::sync::Mutex::new(child);
     let sending = std::sync::atomic::AtomicBool::new(true);
+    let killed_while_sending = std::sync::atomic::AtomicBool::new(false);
     let sent = std::thread::scope(|s| {
         // A command that stops reading would keep the send blocked in a write, where a
         // cancel is not seen: a cancel kills the command, which ends the write (EPIPE).
         s.spawn(|| {
             while sending.load(std::sync::atomic::Ordering::SeqCst) {
                 if ctx.cancelled() {
-                    let _ = lock(&child).kill();
+                    let killed = lock(&child).kill().is_ok();
+                    killed_while_sending.store(killed, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -301,7 +378,13 @@ pub(super) fn send_to_command(
     });
     let mut child = child.into_inner().unwrap_or_else(|p| p.into_inner());
     // stdin was moved into the sender and is closed: the command sees the end.
-    let mut killed = ctx.cancelled();
+    // Killed only if it was: a cancel that the send saw first (its next write refused)
+    // ends the send before the watcher above looks again, and the command, which may go
+    // on running after the end of its input, must still be killed.
+    let mut killed = killed_while_sending.load(std::sync::atomic::Ordering::SeqCst);
+    if ctx.cancelled() && !killed {
+        killed = child.kill().is_ok();
+    }
     if sent.is_err() && !killed {
         // A command that stopped reading because it failed says why when it exits: give
         // it a moment to exit by itself before it is killed.
@@ -594,5 +677,46 @@ impl Manager {
                 }))
             })?;
         Ok(json!({"job-id": job.id}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_command_s_output_is_what_it_wrote_before_it_exited_though_a_process_it_left_holds_it() {
+        let mut child = Command::new("sh")
+            .args(["-c", "echo one; echo two >&2; sleep 30 & exit 0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Tail::read(child.stdout.take().unwrap()).unwrap();
+        let err = Tail::read(child.stderr.take().unwrap()).unwrap();
+        assert!(child.wait().unwrap().success());
+        let t0 = Instant::now();
+        assert_eq!(out.take(), "one");
+        assert_eq!(err.take(), "two");
+        // A bound on hanging, not a speed figure: the outputs end with `sleep 30`.
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn a_command_s_output_keeps_its_last_bytes() {
+        let mut child = Command::new("sh")
+            .args(["-c", "seq 100000; echo last"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = Tail::read(child.stdout.take().unwrap()).unwrap();
+        assert!(child.wait().unwrap().success());
+        let text = out.take();
+        assert!(text.len() <= OUTPUT_TAIL, "{}", text.len());
+        assert!(text.ends_with("99999\n100000\nlast"), "{text}");
     }
 }

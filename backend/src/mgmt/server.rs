@@ -13,7 +13,6 @@ use crate::manager::Manager;
 use serde_json::{json, Map, Value};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,8 +27,7 @@ pub fn spawn(
     path: &Path,
     mode: u32,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let listener = crate::socket::listen(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let listener = crate::socket::listen(path, Some(mode))?;
     tracing::info!("management socket {}", path.display());
     std::thread::Builder::new()
         .name("qmp-accept".into())

@@ -2,7 +2,7 @@
 //! (64 KiB blocks) and `b` (256 KiB blocks), 256 MiB each, with disk `vm` created in `a`
 //! and a management socket; started, stopped (SIGTERM) or killed (SIGKILL) at will.
 
-use super::{bin, sigterm, wait_for};
+use super::{bin, sigterm};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -33,7 +33,8 @@ impl TwoPools {
         TwoPools { dir, child: None }
     }
 
-    /// Starts the daemon and waits for its sockets.
+    /// Starts the daemon and waits for its sockets, which accept connections once they
+    /// exist (the daemon binds each under another name and renames it into place).
     pub fn spawn(&mut self) {
         // A daemon killed with SIGKILL leaves its sockets: wait for new ones.
         for s in ["qmp.sock", "vm.sock"] {
@@ -47,8 +48,29 @@ impl TwoPools {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        wait_for(&self.path("qmp.sock"));
-        wait_for(&self.path("vm.sock"));
+        for s in ["qmp.sock", "vm.sock"] {
+            self.wait_socket(s);
+        }
+    }
+
+    /// Waits for socket `name` to appear; a daemon that exits first fails the test at once,
+    /// with its status (and its error on the test's stderr).
+    fn wait_socket(&mut self, name: &str) {
+        let path = self.path(name);
+        // A bound on hanging, not a speed figure.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !path.exists() {
+            let child = self.child.as_mut().unwrap();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the daemon exited before making {name}: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGTERM, which must end the daemon cleanly.
