@@ -17,8 +17,8 @@ use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
 use vmm_config::{Config, DiscardMode, OutOfSpacePolicy};
 
-/// The management socket and its file mode, when configured.
-pub type QmpSocket = Option<(PathBuf, u32)>;
+/// The management socket and who may connect to it, when configured.
+pub type QmpSocket = Option<(PathBuf, crate::socket::Access)>;
 
 fn create_pool(p: &vmm_config::PoolConfig) -> Result<()> {
     let Some(c) = &p.create else {
@@ -110,7 +110,18 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         .and_then(|s| s.parent().map(Path::to_path_buf))
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
-    let manager = Manager::new(handles, socket_dir);
+    let disk_access = socket_access(&cfg.disk_sockets.mode, cfg.disk_sockets.group.as_deref())
+        .context("disk-sockets")?;
+    let manager = Manager::with_socket_access(handles, socket_dir, disk_access);
+    let qmp = match &cfg.management {
+        Some(m) => {
+            let access = socket_access(&m.mode, m.group.as_deref()).context("management")?;
+            // Kept before any disk is served: no disk may take the management socket.
+            let path = manager.reserve_management_socket(&m.socket)?;
+            Some((path, access))
+        }
+        None => None,
+    };
     manager.recover_at_start()?;
     for d in &cfg.disks {
         if let Some(dir) = d.socket.parent().filter(|x| !x.as_os_str().is_empty()) {
@@ -203,20 +214,35 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
             Err(e) => println!("disk {name}: in the registry but not served: {}", e.desc),
         }
     }
-    let qmp = cfg.management.as_ref().map(|m| {
-        (
-            m.socket.clone(),
-            u32::from_str_radix(&m.mode, 8).unwrap_or(0o600),
-        )
-    });
     Ok((manager, qmp))
+}
+
+/// A socket's access from the configuration's octal mode and group (checked by
+/// `vmm_config` already; the group is looked up here, on the host that serves).
+fn socket_access(mode: &str, group: Option<&str>) -> Result<crate::socket::Access> {
+    let mode = u32::from_str_radix(mode, 8).with_context(|| format!("mode {mode:?}"))?;
+    let gid = match group {
+        Some(g) => Some(crate::socket::group_id(g).with_context(|| format!("group {g:?}"))?),
+        None => None,
+    };
+    Ok(crate::socket::Access { mode, gid })
 }
 
 /// The quickstart: a state directory with a default pool and a first disk, made on first
 /// use and reused after; prints how to attach QEMU and cloud-hypervisor and the ctl commands.
 pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSocket)> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        // The state directory holds every VM's disks: its owner's alone, also when an
+        // earlier version made it with the umask's mode.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict the state directory {}", dir.display()))?;
+    }
     let dir = dir.canonicalize()?;
     let cfg_path = dir.join("vhost-thin.yaml");
     if !cfg_path.exists() {
@@ -231,7 +257,17 @@ pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpS
              management:\n  socket: {d}/qmp.sock\n",
             d = dir.display()
         );
-        std::fs::write(&cfg_path, text)?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&cfg_path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+        }
         println!("quickstart: wrote {}", cfg_path.display());
     }
     let cfg = vmm_config::load(&cfg_path)?;

@@ -104,7 +104,7 @@ fn wait_for_signal() -> i32 {
 pub fn run(
     manager: Arc<Manager>,
     commit_interval: Duration,
-    qmp: Option<(PathBuf, u32)>,
+    qmp: crate::config_run::QmpSocket,
 ) -> Result<()> {
     let stopping = Arc::new(AtomicBool::new(false));
     for p in manager.pools.values() {
@@ -132,16 +132,23 @@ pub fn run(
             })?;
     }
     manager.monitor(stopping.clone())?;
-    if let Some((path, mode)) = &qmp {
-        crate::mgmt::server::spawn(manager.clone(), path, *mode)
-            .with_context(|| format!("cannot open the management socket {}", path.display()))?;
-    }
+    let management = match &qmp {
+        Some((path, access)) => {
+            let path = manager.reserve_management_socket(path)?;
+            Some(
+                crate::mgmt::server::spawn(manager.clone(), &path, *access).with_context(|| {
+                    format!("cannot open the management socket {}", path.display())
+                })?,
+            )
+        }
+        None => None,
+    };
     let sig = wait_for_signal();
     tracing::info!("signal {sig}: draining requests in flight");
     stopping.store(true, Ordering::SeqCst);
     manager.shutdown()?;
-    if let Some((path, _)) = &qmp {
-        let _ = std::fs::remove_file(path);
+    if let Some(f) = management {
+        f.remove();
     }
     tracing::info!("pools committed; exiting");
     Ok(())

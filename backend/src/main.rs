@@ -1,4 +1,5 @@
-//! `vhost-thin`: thin-provisioned VM disks. For now the offline pool and device commands.
+//! `vhost-thin`: thin-provisioned VM disks: the daemon (`serve`), its client (`ctl`) and the
+//! offline pool, device and stream commands.
 
 use vhost_thin::offline;
 
@@ -44,6 +45,15 @@ enum ConfigCmd {
 }
 
 fn main() -> ExitCode {
+    // Everything vhost-thin creates holds VM data or controls it (pools, registries,
+    // journals, streams, exports, sockets, state directories): its owner's alone, whatever
+    // umask the invoker had. Wider access is given explicitly (a socket's configured mode
+    // and group), never by default.
+    // SAFETY: umask only sets this process's file-creation mask; set before any thread
+    // starts.
+    unsafe {
+        libc::umask(0o077);
+    }
     let default_level = if matches!(std::env::args().nth(1).as_deref(), Some("serve")) {
         "info"
     } else {

@@ -122,6 +122,14 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         .or_else(|| paths.metadata.parent().map(|p| p.to_path_buf()))
         .unwrap_or_else(|| ".".into());
     let manager = Manager::new(vec![handle], socket_dir);
+    // Kept before any disk is served: no disk may take the management socket.
+    let qmp = match &a.qmp {
+        Some(p) => Some((
+            manager.reserve_management_socket(p)?,
+            crate::socket::Access::default(),
+        )),
+        None => None,
+    };
     manager.recover_at_start()?;
     for (name, spec) in &to_serve {
         let socket = manager
@@ -148,7 +156,6 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             d.num_queues
         );
     }
-    let qmp = a.qmp.clone().map(|p| (p, 0o600));
     if let Some((p, _)) = &qmp {
         println!("management socket: {}", p.display());
     }

@@ -287,10 +287,13 @@ impl Registry {
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
         {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Names, sizes and origins of VM disks: the owner's alone.
             let mut f = OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&tmp)
                 .map_err(err)?;
             f.write_all(text.as_bytes()).map_err(err)?;

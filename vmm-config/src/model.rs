@@ -13,8 +13,34 @@ pub struct Config {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub management: Option<ManagementConfig>,
+    /// Who may connect to the disks' sockets (all of them, those added at run time too).
+    #[serde(default)]
+    pub disk_sockets: SocketAccess,
     #[serde(default)]
     pub logging: Option<LoggingConfig>,
+}
+
+/// A socket's file mode and group: who may connect. Connecting to a disk's socket is
+/// writing to the VM's disk; to the management socket, running the daemon.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SocketAccess {
+    /// Octal file mode (default 0600: the daemon's user only).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// The socket's group, by name or number (e.g. the group QEMU runs as); default the
+    /// daemon's.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: default_mode(),
+            group: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -146,6 +172,17 @@ pub struct ManagementConfig {
     /// File mode of the socket, octal (default 0600).
     #[serde(default = "default_mode")]
     pub mode: String,
+    /// The socket's group, by name or number; default the daemon's.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Directories under which management commands may read and write files (stream
+    /// files, external origins, merge targets); default: the directories of the pools'
+    /// metadata files.
+    #[serde(default)]
+    pub file_dirs: Option<Vec<PathBuf>>,
+    /// Whether `snapshot-send` and replication may run a program (as the daemon's user).
+    #[serde(default)]
+    pub allow_commands: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

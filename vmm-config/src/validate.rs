@@ -229,18 +229,53 @@ pub(crate) fn validate(cfg: &Config, text: &str, file: &str) -> Result<(), Confi
         }
     }
     if let Some(m) = &cfg.management {
-        if u32::from_str_radix(&m.mode, 8)
-            .map(|v| v > 0o777)
-            .unwrap_or(true)
-        {
-            return Err(err(
-                "management.mode".into(),
-                "mode",
-                &m.mode,
-                format!("`{}` is not an octal file mode", m.mode),
-                Some("like \"0600\"".into()),
-            ));
+        check_mode(&err, "management.mode", &m.mode, false)?;
+        if let Some(dirs) = &m.file_dirs {
+            for (i, d) in dirs.iter().enumerate() {
+                if !d.is_absolute() {
+                    return Err(err(
+                        format!("management.file-dirs[{i}]"),
+                        "file-dirs",
+                        "",
+                        format!("`{}` is not an absolute path", d.display()),
+                        Some("give directories as absolute paths".into()),
+                    ));
+                }
+            }
         }
+    }
+    check_mode(&err, "disk-sockets.mode", &cfg.disk_sockets.mode, true)?;
+    Ok(())
+}
+
+/// An octal file mode for a socket. For a disk's socket, no permission for other users:
+/// connecting to it is writing to the VM's disk (give the socket a group instead).
+fn check_mode(
+    err: &impl Fn(String, &str, &str, String, Option<String>) -> ConfigError,
+    field: &str,
+    mode: &str,
+    disk: bool,
+) -> Result<(), ConfigError> {
+    let parsed = u32::from_str_radix(mode, 8).ok().filter(|v| *v <= 0o777);
+    let Some(v) = parsed else {
+        return Err(err(
+            field.into(),
+            "mode",
+            mode,
+            format!("`{mode}` is not an octal file mode"),
+            Some("like \"0600\"".into()),
+        ));
+    };
+    if disk && v & 0o007 != 0 {
+        return Err(err(
+            field.into(),
+            "mode",
+            mode,
+            format!("`{mode}` lets every local user connect to the disks, and so write to them"),
+            Some(
+                "give the sockets a `group` (the one QEMU runs as) and a mode like \"0660\"".into(),
+            ),
+        ));
     }
     Ok(())
 }

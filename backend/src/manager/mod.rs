@@ -17,6 +17,7 @@ use crate::blk::relay::{self, HandlerSocket};
 use crate::mgmt::events::EventBus;
 use crate::mgmt::QmpError;
 use crate::pools::commit_change_held;
+use crate::socket::SocketFile;
 use crate::sync::lock;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -107,7 +108,10 @@ impl PoolHandle {
 pub struct Served {
     pub disk: Arc<Disk>,
     pub pool: Arc<PoolHandle>,
+    /// Resolved (see `crate::socket::resolve`).
     pub socket: PathBuf,
+    /// The socket file made for it: removed when it stops being served, if still there.
+    socket_file: SocketFile,
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
@@ -119,8 +123,14 @@ pub struct Manager {
     pub events: EventBus,
     /// One management operation at a time.
     op: Mutex<()>,
-    /// Where sockets of disks added without a socket path go.
+    /// Where sockets of disks added without a socket path go. A dead socket found there
+    /// (left by a run that crashed) is replaced; elsewhere only at a path the operator
+    /// configured at start.
     pub socket_dir: PathBuf,
+    /// Who may connect to the disks' sockets (configuration `disk-sockets`).
+    pub socket_access: crate::socket::Access,
+    /// The management socket's path, resolved: no disk may take it.
+    management_socket: Mutex<Option<PathBuf>>,
     pub jobs: jobs::Jobs,
     /// Devices a job reads or writes: (pool, thin id) → the job's kind. They cannot be
     /// deleted or reverted until it ends.
@@ -183,6 +193,18 @@ struct DiskPlan {
 struct Bound {
     socket: PathBuf,
     listener: UnixListener,
+    file: SocketFile,
+}
+
+/// Where a disk's socket path came from, which decides whether a dead socket found there
+/// may be replaced (see [`crate::socket::Stale`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketOrigin {
+    /// The operator's: the configuration or the command line at start.
+    Operator,
+    /// A management client's (`disk-add`): a dead socket is replaced only in the socket
+    /// directory.
+    Client,
 }
 
 /// Where a registry name points.
@@ -194,6 +216,15 @@ struct Found {
 
 impl Manager {
     pub fn new(pools: Vec<Arc<PoolHandle>>, socket_dir: PathBuf) -> Arc<Self> {
+        Self::with_socket_access(pools, socket_dir, crate::socket::Access::default())
+    }
+
+    /// [`Manager::new`] with the access the disks' sockets get.
+    pub fn with_socket_access(
+        pools: Vec<Arc<PoolHandle>>,
+        socket_dir: PathBuf,
+        socket_access: crate::socket::Access,
+    ) -> Arc<Self> {
         let events = EventBus::default();
         Arc::new(Manager {
             pools: pools.into_iter().map(|p| (p.name.clone(), p)).collect(),
@@ -202,6 +233,8 @@ impl Manager {
             events,
             op: Mutex::new(()),
             socket_dir,
+            socket_access,
+            management_socket: Mutex::new(None),
             pins: Arc::default(),
             replicators: Mutex::default(),
             replication_op: Mutex::default(),
@@ -365,7 +398,7 @@ impl Manager {
 
     // ----- serving -----
 
-    /// Starts serving a registered disk on `socket`.
+    /// Starts serving a registered disk on `socket` (the operator's, at start).
     pub fn serve(
         self: &Arc<Self>,
         name: &str,
@@ -376,15 +409,34 @@ impl Manager {
         let queues = queue_options(num_queues, queue_size)?;
         let _op = lock(&self.op);
         let f = self.find(name)?;
-        let bound = self.bind(name, socket)?;
+        let bound = self.bind(name, socket, SocketOrigin::Operator)?;
         self.start_serving(name, &f, bound, queues)
+    }
+
+    /// Keeps `path` for the management socket: no disk may be served on it. Returns it
+    /// resolved; refused if a disk is served there already.
+    pub fn reserve_management_socket(&self, path: &Path) -> anyhow::Result<PathBuf> {
+        let resolved = crate::socket::resolve(path)
+            .map_err(|e| anyhow::anyhow!("management socket {}: {e}", path.display()))?;
+        if let Some(s) = lock(&self.disks).values().find(|s| s.socket == resolved) {
+            anyhow::bail!(
+                "management socket {}: disk '{}' is served there",
+                path.display(),
+                s.disk.name
+            );
+        }
+        *lock(&self.management_socket) = Some(resolved.clone());
+        Ok(resolved)
     }
 
     /// Checks that `name` may be served on `socket` (default: in the socket directory)
     /// and binds it: everything about serving that can fail for a reason of the caller's,
     /// done before a disk-add commits anything.
-    fn bind(&self, name: &str, socket: Option<PathBuf>) -> R<Bound> {
-        let socket = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
+    fn bind(&self, name: &str, socket: Option<PathBuf>, origin: SocketOrigin) -> R<Bound> {
+        let given = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
+        let refused =
+            |why: String| QmpError::generic(format!("cannot listen on {}: {why}", given.display()));
+        let socket = crate::socket::resolve(&given).map_err(|e| refused(e.to_string()))?;
         {
             let disks = lock(&self.disks);
             if disks.contains_key(name) {
@@ -392,17 +444,27 @@ impl Manager {
                     "disk '{name}' is already served"
                 )));
             }
-            if disks.values().any(|s| s.socket == socket) {
-                return Err(QmpError::generic(format!(
-                    "socket {} is in use",
-                    socket.display()
-                )));
+            if let Some(s) = disks.values().find(|s| s.socket == socket) {
+                return Err(refused(format!("disk '{}' is served there", s.disk.name)));
             }
         }
-        let listener = crate::socket::listen(&socket, None).map_err(|e| {
-            QmpError::generic(format!("cannot listen on {}: {e}", socket.display()))
-        })?;
-        Ok(Bound { socket, listener })
+        if lock(&self.management_socket).as_ref() == Some(&socket) {
+            return Err(refused("it is the management socket".into()));
+        }
+        let in_socket_dir = std::fs::canonicalize(&self.socket_dir)
+            .is_ok_and(|d| socket.parent() == Some(d.as_path()));
+        let stale = if origin == SocketOrigin::Operator || in_socket_dir {
+            crate::socket::Stale::Replace
+        } else {
+            crate::socket::Stale::Refuse
+        };
+        let l = crate::socket::listen(&socket, self.socket_access, stale)
+            .map_err(|e| refused(e.to_string()))?;
+        Ok(Bound {
+            file: l.file(),
+            socket: l.path,
+            listener: l.listener,
+        })
     }
 
     /// Serves the registered disk `f` (named `name`) on a socket bound by [`Self::bind`].
@@ -414,10 +476,14 @@ impl Manager {
         bound: Bound,
         queues: (usize, usize),
     ) -> R<PathBuf> {
-        let Bound { socket, listener } = bound;
-        let r = self.spawn_server(name, f, &socket, listener, queues);
+        let Bound {
+            socket,
+            listener,
+            file,
+        } = bound;
+        let r = self.spawn_server(name, f, &file, listener, queues);
         if r.is_err() {
-            let _ = std::fs::remove_file(&socket);
+            file.remove();
         }
         r.map(|()| socket)
     }
@@ -426,7 +492,7 @@ impl Manager {
         self: &Arc<Self>,
         name: &str,
         f: &Found,
-        socket: &Path,
+        socket: &SocketFile,
         listener: UnixListener,
         (num_queues, queue_size): (usize, usize),
     ) -> R<()> {
@@ -487,14 +553,15 @@ impl Manager {
         tracing::info!(
             "{name}: serving thin device {} on {}",
             f.id,
-            socket.display()
+            socket.path.display()
         );
         lock(&self.disks).insert(
             name.to_string(),
             Served {
                 disk,
                 pool: f.pool.clone(),
-                socket: socket.to_path_buf(),
+                socket: socket.path.clone(),
+                socket_file: socket.clone(),
                 stop,
                 conn,
                 thread: Some(thread),
@@ -520,7 +587,7 @@ impl Manager {
         if let Some(t) = s.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&s.socket);
+        s.socket_file.remove();
         Ok(s)
     }
 
@@ -528,6 +595,13 @@ impl Manager {
         lock(&self.disks)
             .values()
             .map(|s| (s.disk.clone(), s.socket.clone()))
+            .collect()
+    }
+
+    fn served_socket_files(&self) -> Vec<SocketFile> {
+        lock(&self.disks)
+            .values()
+            .map(|s| s.socket_file.clone())
             .collect()
     }
 
@@ -552,8 +626,10 @@ impl Manager {
                 .commit()
                 .map_err(|e| anyhow::anyhow!("final commit of pool {}: {e}", p.name))?;
         }
-        for (d, socket) in self.served() {
-            let _ = std::fs::remove_file(&socket);
+        for f in self.served_socket_files() {
+            f.remove();
+        }
+        for (d, _) in self.served() {
             tracing::info!(
                 "{}: served {} requests",
                 d.name,
@@ -706,11 +782,11 @@ impl Manager {
         let queues = queue_options(num_queues, queue_size)?;
         let _op = lock(&self.op);
         let plan = self.plan_disk(new)?;
-        let bound = self.bind(new.name, socket)?;
+        let bound = self.bind(new.name, socket, SocketOrigin::Client)?;
         let id = match self.create_disk(new, &plan) {
             Ok(id) => id,
             Err(e) => {
-                let _ = std::fs::remove_file(&bound.socket);
+                bound.file.remove();
                 return Err(e);
             }
         };

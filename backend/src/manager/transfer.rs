@@ -572,9 +572,14 @@ impl Manager {
                     }))
                 }
                 To::File(path) => {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    // A stream holds a VM's data: the daemon's user's alone; never through a
+                    // symlink planted at the path.
                     let file = std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
                         .open(&path)
                         .map_err(|e| {
                             QmpError::generic(format!("cannot create {}: {e}", path.display()))

@@ -21,13 +21,16 @@ use std::sync::Arc;
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
-/// Binds the socket (mode `mode`, e.g. 0o600) and serves clients in the background.
+/// Binds the socket (with `access`, e.g. mode 0o600) and serves clients in the background.
+/// Returns the socket file made, for the daemon to remove when it stops.
 pub fn spawn(
     m: Arc<Manager>,
     path: &Path,
-    mode: u32,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let listener = crate::socket::listen(path, Some(mode))?;
+    access: crate::socket::Access,
+) -> std::io::Result<crate::socket::SocketFile> {
+    let l = crate::socket::listen(path, access, crate::socket::Stale::Replace)?;
+    let file = l.file();
+    let listener = l.listener;
     tracing::info!("management socket {}", path.display());
     std::thread::Builder::new()
         .name("qmp-accept".into())
@@ -44,7 +47,8 @@ pub fn spawn(
                     Err(e) => tracing::warn!("management socket: accept failed: {e}"),
                 }
             }
-        })
+        })?;
+    Ok(file)
 }
 
 fn reply(id: Option<Value>, body: Result<Value, QmpError>) -> String {

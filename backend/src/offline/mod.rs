@@ -15,8 +15,17 @@ pub fn output_stream(path: &Path) -> Result<Box<dyn std::io::Write>> {
         Box::new(std::io::stdout().lock())
     } else {
         Box::new(
-            std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?,
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                // Exports and streams hold a VM's data: the owner's alone.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(path)
+            }
+            .with_context(|| format!("cannot create {}", path.display()))?,
         )
     };
     Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, w)))
