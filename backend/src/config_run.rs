@@ -112,7 +112,22 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         .unwrap_or_else(|| PathBuf::from("."));
     let disk_access = socket_access(&cfg.disk_sockets.mode, cfg.disk_sockets.group.as_deref())
         .context("disk-sockets")?;
-    let manager = Manager::with_socket_access(handles, socket_dir, disk_access);
+    let confinement = match cfg.management.as_ref().and_then(|m| m.file_dirs.clone()) {
+        Some(dirs) => dirs,
+        // The pools' directories and the management socket's: the quickstart's state
+        // directory, or what the operator set aside for the daemon.
+        None => cfg
+            .pools
+            .iter()
+            .map(|p| parent_dir(&p.metadata))
+            .chain(cfg.management.as_ref().map(|m| parent_dir(&m.socket)))
+            .collect(),
+    };
+    let confinement = crate::manager::confine::Confinement::new(
+        confinement,
+        cfg.management.as_ref().is_some_and(|m| m.allow_commands),
+    );
+    let manager = Manager::with_limits(handles, socket_dir, disk_access, confinement);
     let qmp = match &cfg.management {
         Some(m) => {
             let access = socket_access(&m.mode, m.group.as_deref()).context("management")?;
@@ -215,6 +230,14 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         }
     }
     Ok((manager, qmp))
+}
+
+/// The directory a file given by the configuration lies in ("." for a bare name).
+pub fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// A socket's access from the configuration's octal mode and group (checked by

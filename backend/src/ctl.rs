@@ -207,6 +207,7 @@ impl Client {
 /// (the daemon opens it by path, as it opens a stream file), then follows the job.
 fn receive_stdin(
     c: &mut Client,
+    management: &std::path::Path,
     pool: Option<&str>,
     name: Option<&str>,
     resumable: bool,
@@ -217,7 +218,13 @@ fn receive_stdin(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("vhost-thin-recv-{}-{nanos}", std::process::id()));
+    // Beside the management socket: a directory the daemon lets its clients' files come
+    // from by default (see docs/SECURITY.md), which the system's temporary one is not.
+    let near = match management.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = near.join(format!(".vhost-thin-recv-{}-{nanos}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
@@ -425,7 +432,14 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
             resumable,
             ..
         } if file.as_os_str() == "-" => {
-            return receive_stdin(&mut c, pool.as_deref(), name.as_deref(), *resumable, a.json)
+            return receive_stdin(
+                &mut c,
+                &path,
+                pool.as_deref(),
+                name.as_deref(),
+                *resumable,
+                a.json,
+            )
         }
         CtlCmd::Receive {
             file,

@@ -42,6 +42,14 @@ pub struct ServeArgs {
     /// Metadata cache size in 4 KiB blocks.
     #[arg(long, default_value_t = 16384, value_name = "BLOCKS")]
     cache_blocks: usize,
+    /// A directory under which management clients may read and write files (stream
+    /// files, external origins); repeat for more. Default: the metadata's directory, the
+    /// socket directory and the management socket's. See docs/SECURITY.md.
+    #[arg(long = "file-dir", value_name = "DIR")]
+    file_dirs: Vec<PathBuf>,
+    /// Let management clients run programs (snapshot-send and replication to a `command`).
+    #[arg(long)]
+    allow_commands: bool,
     /// Commit the pool at least this often (milliseconds; dm-thin uses 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
     commit_interval_ms: u64,
@@ -121,7 +129,22 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         .clone()
         .or_else(|| paths.metadata.parent().map(|p| p.to_path_buf()))
         .unwrap_or_else(|| ".".into());
-    let manager = Manager::new(vec![handle], socket_dir);
+    let file_dirs = if a.file_dirs.is_empty() {
+        [Some(&paths.metadata), a.qmp.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|p| crate::config_run::parent_dir(p))
+            .chain([socket_dir.clone()])
+            .collect()
+    } else {
+        a.file_dirs.clone()
+    };
+    let manager = Manager::with_limits(
+        vec![handle],
+        socket_dir,
+        crate::socket::Access::default(),
+        crate::manager::confine::Confinement::new(file_dirs, a.allow_commands),
+    );
     // Kept before any disk is served: no disk may take the management socket.
     let qmp = match &a.qmp {
         Some(p) => Some((

@@ -11,7 +11,7 @@
 //! - gives the socket its mode (and group) before it appears, under a temporary name
 //!   renamed into place, so it is never open wider than asked and accepts connections as
 //!   soon as the path exists;
-//! - removes only the socket file it made ([`Listening::remove`], by device and inode), not
+//! - removes only the socket file it made ([`SocketFile::remove`], by device and inode, its inode held), not
 //!   whatever another program put at the path since.
 
 use std::io::{self, ErrorKind};
@@ -53,8 +53,41 @@ pub struct Listening {
     pub listener: UnixListener,
     /// The resolved path.
     pub path: PathBuf,
-    /// The socket file made, by device and inode.
-    id: (u64, u64),
+    /// The socket file made (see [`Pinned`]).
+    id: Pinned,
+}
+
+/// The socket file made here, held open (`O_PATH`) so that its inode cannot be freed and
+/// its number reused by a file made later at the same path: comparing device and inode
+/// then tells the two apart.
+#[derive(Clone, Debug)]
+struct Pinned {
+    /// Held, never read: the pin itself.
+    _file: std::sync::Arc<std::fs::File>,
+    dev: u64,
+    ino: u64,
+}
+
+impl PartialEq for Pinned {
+    fn eq(&self, o: &Self) -> bool {
+        (self.dev, self.ino) == (o.dev, o.ino)
+    }
+}
+
+impl Eq for Pinned {}
+
+fn pin(path: &Path) -> io::Result<Pinned> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    let m = file.metadata()?;
+    Ok(Pinned {
+        _file: std::sync::Arc::new(file),
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
 
 impl Listening {
@@ -62,7 +95,7 @@ impl Listening {
     pub fn file(&self) -> SocketFile {
         SocketFile {
             path: self.path.clone(),
-            id: self.id,
+            id: self.id.clone(),
         }
     }
 }
@@ -71,7 +104,7 @@ impl Listening {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketFile {
     pub path: PathBuf,
-    id: (u64, u64),
+    id: Pinned,
 }
 
 impl SocketFile {
@@ -79,7 +112,7 @@ impl SocketFile {
     /// took over since (after this one stopped serving it) is left alone.
     pub fn remove(&self) {
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if (m.dev(), m.ino()) == self.id {
+            if (m.dev(), m.ino()) == (self.id.dev, self.id.ino) {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
@@ -145,12 +178,8 @@ pub fn listen(path: &Path, access: Access, stale: Stale) -> io::Result<Listening
         Err(e) => return Err(e),
     }
     let listener = publish(&path, access)?;
-    let m = std::fs::symlink_metadata(&path)?;
-    Ok(Listening {
-        listener,
-        path,
-        id: (m.dev(), m.ino()),
-    })
+    let id = pin(&path)?;
+    Ok(Listening { listener, path, id })
 }
 
 /// Binds under a temporary name beside `path`, sets the access, then renames it into

@@ -55,13 +55,13 @@ fn another_spelling_of_a_served_socket_is_refused() {
     refused(
         &s,
         &dir.join("..").join(name).join("disk0.sock"),
-        "disk 'disk0' is served there",
+        "in use by disk 'disk0'",
     );
     // Through a symlinked directory.
     let link = tempfile::tempdir().unwrap();
     let via = link.path().join("via");
     std::os::unix::fs::symlink(dir, &via).unwrap();
-    refused(&s, &via.join("disk0.sock"), "disk 'disk0' is served there");
+    refused(&s, &via.join("disk0.sock"), "in use by disk 'disk0'");
     // A symlink to the socket itself.
     let alias = dir.join("alias.sock");
     std::os::unix::fs::symlink(&s.sock, &alias).unwrap();

@@ -75,6 +75,10 @@ impl Manager {
         let path = f.entry.external_origin.clone().ok_or_else(|| {
             QmpError::generic(format!("'{snapshot}' has no external origin to merge into"))
         })?;
+        // Written in place: only where clients may write (an origin recorded before the
+        // operator narrowed the directories, or by the offline CLI, may lie elsewhere).
+        self.confinement
+            .existing("external origin", std::path::Path::new(&path))?;
         // The snapshot's ancestry: what it was taken of, and so on up.
         let ancestry: BTreeSet<u32> = {
             let reg = lock(&f.pool.registry);

@@ -5,6 +5,7 @@
 //! committed carrying the same id (see `thinpool::registry`), so a crash in between leaves
 //! the registry one transaction ahead, and the next start goes back to the old state.
 
+pub mod confine;
 pub mod jobs;
 pub mod merge;
 pub mod migrate;
@@ -131,6 +132,8 @@ pub struct Manager {
     pub socket_access: crate::socket::Access,
     /// The management socket's path, resolved: no disk may take it.
     management_socket: Mutex<Option<PathBuf>>,
+    /// What management clients may reach beyond the pools (files, programs).
+    pub confinement: confine::Confinement,
     pub jobs: jobs::Jobs,
     /// Devices a job reads or writes: (pool, thin id) → the job's kind. They cannot be
     /// deleted or reverted until it ends.
@@ -215,15 +218,24 @@ struct Found {
 }
 
 impl Manager {
+    /// A manager whose disks' sockets are the daemon's user's alone and whose clients may
+    /// use files in the socket directory only, and run no program.
     pub fn new(pools: Vec<Arc<PoolHandle>>, socket_dir: PathBuf) -> Arc<Self> {
-        Self::with_socket_access(pools, socket_dir, crate::socket::Access::default())
+        let confinement = confine::Confinement::new([socket_dir.clone()], false);
+        Self::with_limits(
+            pools,
+            socket_dir,
+            crate::socket::Access::default(),
+            confinement,
+        )
     }
 
-    /// [`Manager::new`] with the access the disks' sockets get.
-    pub fn with_socket_access(
+    /// [`Manager::new`] with the access the disks' sockets get and what clients may reach.
+    pub fn with_limits(
         pools: Vec<Arc<PoolHandle>>,
         socket_dir: PathBuf,
         socket_access: crate::socket::Access,
+        confinement: confine::Confinement,
     ) -> Arc<Self> {
         let events = EventBus::default();
         Arc::new(Manager {
@@ -235,6 +247,7 @@ impl Manager {
             socket_dir,
             socket_access,
             management_socket: Mutex::new(None),
+            confinement,
             pins: Arc::default(),
             replicators: Mutex::default(),
             replication_op: Mutex::default(),
@@ -445,7 +458,7 @@ impl Manager {
                 )));
             }
             if let Some(s) = disks.values().find(|s| s.socket == socket) {
-                return Err(refused(format!("disk '{}' is served there", s.disk.name)));
+                return Err(refused(format!("it is in use by disk '{}'", s.disk.name)));
             }
         }
         if lock(&self.management_socket).as_ref() == Some(&socket) {
@@ -780,6 +793,9 @@ impl Manager {
         queue_size: Option<usize>,
     ) -> R<Value> {
         let queues = queue_options(num_queues, queue_size)?;
+        if let Some(o) = new.external_origin {
+            self.confinement.existing("external origin", Path::new(o))?;
+        }
         let _op = lock(&self.op);
         let plan = self.plan_disk(new)?;
         let bound = self.bind(new.name, socket, SocketOrigin::Client)?;

@@ -105,6 +105,7 @@ fn check_spec(m: &Manager, disk: &str, spec: &ReplicationSpec) -> R<()> {
             }
         }
         ReplicationTarget::Command { argv } => {
+            m.confinement.command("replication to a 'command'")?;
             if argv.first().is_none_or(|p| p.is_empty()) {
                 return Err(QmpError::generic("'command' must name a program"));
             }
@@ -425,6 +426,8 @@ impl Manager {
                 c.sent.stream_bytes
             }
             ReplicationTarget::Command { argv } => {
+                // A schedule kept in the registry outlives a change of the operator's mind.
+                self.confinement.command("replication to a 'command'")?;
                 s.pool.ensure_guids(&ids)?;
                 let opts = thinpool::stream::SendOptions {
                     base: base_id,

@@ -498,6 +498,7 @@ impl Manager {
                 if p.as_os_str().is_empty() {
                     return Err(QmpError::generic("'file' is empty"));
                 }
+                let p = self.confinement.new_file("stream file", &p)?;
                 if p.exists() {
                     return Err(QmpError::generic(format!(
                         "{} exists: streams are written to new files only",
@@ -507,6 +508,7 @@ impl Manager {
                 To::File(p)
             }
             Destination::Command(argv) => {
+                self.confinement.command("snapshot-send with 'command'")?;
                 if argv.first().is_none_or(|p| p.is_empty()) {
                     return Err(QmpError::generic(
                         "'command' must name a program: [\"ssh\", \"host\", \"vhost-thin\", \"receive\", …]",
@@ -620,6 +622,7 @@ impl Manager {
         resumable: bool,
     ) -> R<Value> {
         let dst = self.pool(pool)?;
+        let file = self.confinement.existing("stream file", &file)?;
         let meta = std::fs::metadata(&file)
             .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
         // A regular file's header is read now, so that most refusals (a base this pool

@@ -26,7 +26,7 @@ impl TwoPools {
                  \x20 - name: a\n    metadata: {d}/a.meta\n    data: {d}/a.data\n    block-size: 64KiB\n    create:\n      data-size: 256MiB\n\
                  \x20 - name: b\n    metadata: {d}/b.meta\n    data: {d}/b.data\n    block-size: 256KiB\n    create:\n      data-size: 256MiB\n\
                  disks:\n  - name: vm\n    pool: a\n    size: {disk_mib}MiB\n    socket: {d}/vm.sock\n    num-queues: {queues}\n\
-                 management:\n  socket: {d}/qmp.sock\n"
+                 management:\n  socket: {d}/qmp.sock\n  allow-commands: true\n"
             ),
         )
         .unwrap();
