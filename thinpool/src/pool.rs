@@ -337,12 +337,19 @@ impl Pool {
     }
 
     fn metadata_failed(inner: &mut Inner, e: &Error) {
-        tracing::error!("metadata operation failed: {e}; rolling back to the last commit");
+        // A pool opened read-only (inspection, export) has nothing to roll back and writes
+        // nothing, not even the flag; its caller reports the error.
+        let read_only = inner.md.options().read_only;
+        if !read_only {
+            tracing::error!("metadata operation failed: {e}; rolling back to the last commit");
+        }
         inner.generation += 1;
         match inner.md.abort() {
             Ok(()) => {
-                if let Err(e2) = inner.md.write_needs_check(true) {
-                    tracing::error!("cannot flag the metadata needs_check: {e2}");
+                if !read_only {
+                    if let Err(e2) = inner.md.write_needs_check(true) {
+                        tracing::error!("cannot flag the metadata needs_check: {e2}");
+                    }
                 }
                 inner.mode = PoolMode::ReadOnly;
                 inner.reason = Some(format!("metadata error: {e}"));
