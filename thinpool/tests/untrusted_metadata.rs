@@ -767,7 +767,12 @@ fn resealed_random_damage_gives_an_error_or_the_original_bytes() {
         .collect();
     let mut tally = BTreeMap::new();
     for case in 0..cases {
-        let mut rng = Rng((seed + case).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng = Rng((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ case.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+            | 1);
+        for _ in 0..4 {
+            rng.next();
+        }
         let mut img = base.clone();
         // Mostly blocks the pool reaches; now and then a stale one from an older transaction.
         let pool_of = if rng.below(10) == 0 { &sealed } else { &live };
@@ -779,6 +784,9 @@ fn resealed_random_damage_gives_an_error_or_the_original_bytes() {
                 !(d.strict && *o == Outcome::Different),
                 "case {case} (DAMAGE_SEED={seed}): reads gave other bytes without an error after {d:?}: {outcomes:?}"
             );
+        }
+        if std::env::var("DAMAGE_VERBOSE").is_ok() && outcomes.contains(&Outcome::Different) {
+            eprintln!("{d:?} {outcomes:?}");
         }
         let key = if outcomes.contains(&Outcome::Refused) {
             "refused"
