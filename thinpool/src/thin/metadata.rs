@@ -497,7 +497,9 @@ impl ThinMetadata {
             },
         )?;
         if inserted {
-            self.devices.get_mut(&id).expect("checked").mapped_blocks += 1;
+            // Saturating: the count comes from disk.
+            let d = self.devices.get_mut(&id).expect("checked");
+            d.mapped_blocks = d.mapped_blocks.saturating_add(1);
         }
         self.in_flight.remove(&m.data_block);
         self.touch(id);
