@@ -561,8 +561,11 @@ fn damaged_metadata_fails_commands_with_a_message() {
             vec!["thin", "delta", "-m", mm, "--snap1", "1", "--snap2", "0"],
             vec!["send", "-m", mm, "-d", d, "snap", "-o", "-"],
         ];
+        let sock = p.root.join(format!("damaged{n}.sock"));
+        let disk = format!("id=1,socket={}", sock.display());
         if at_open {
             commands.push(vec!["pool", "status", "-m", mm, "-d", d]);
+            commands.push(vec!["serve", "-m", mm, "-d", d, "--disk", &disk]);
         }
         for args in &commands {
             let out = run(args);
