@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 use thinpool::pdata::block::{get_u32, get_u64, put_u32, put_u64, BlockKind, BLOCK_SIZE};
 use thinpool::pdata::btree::node;
-use thinpool::pdata::image::Image;
+use thinpool::pdata::image::{from_fuzz_input, to_fuzz_input, Image, FUZZ_DEVICE_BLOCKS};
 use thinpool::pool::{Pool, PoolMode, PoolOptions};
 use thinpool::storage::MemStorage;
 use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
@@ -798,4 +798,135 @@ fn resealed_random_damage_gives_an_error_or_the_original_bytes() {
         *tally.entry(key).or_insert(0u64) += 1;
     }
     eprintln!("{cases} damaged pools: {tally:?}");
+}
+
+// ----- the fuzzer's seeds -----
+
+/// Small pools made by the engine, as fuzz inputs ([`to_fuzz_input`]): the seed corpus of
+/// fuzz/fuzz_targets/metadata.rs.
+fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    type Make = fn(&mut ThinMetadata);
+    fn map(md: &mut ThinMetadata, id: u32, blocks: std::ops::Range<u64>) {
+        for vb in blocks {
+            let b = md.alloc_data_block().unwrap();
+            md.insert_mapping(id, vb, b).unwrap();
+        }
+    }
+    let pools: [(&str, Make); 6] = [
+        ("empty", |_| {}),
+        ("one-device", |md| {
+            md.create_thin(0).unwrap();
+        }),
+        ("snapshots", |md| {
+            md.create_thin(0).unwrap();
+            map(md, 0, 0..20);
+            md.commit().unwrap();
+            md.create_snap(1, 0).unwrap();
+            map(md, 1, 5..10);
+            md.create_thin(2).unwrap();
+            map(md, 2, 100..103);
+            md.create_snap(3, 1).unwrap();
+        }),
+        ("two-levels", |md| {
+            md.create_thin(0).unwrap();
+            map(md, 0, 0..300);
+            md.commit().unwrap();
+            md.create_snap(1, 0).unwrap();
+            map(md, 1, 250..260);
+        }),
+        ("held-snapshot", |md| {
+            md.create_thin(0).unwrap();
+            map(md, 0, 0..8);
+            md.reserve_metadata_snap().unwrap();
+            map(md, 0, 4..12);
+            md.create_snap(1, 0).unwrap();
+        }),
+        ("shared-three-times", |md| {
+            // Each write to a snapshot copies the shared leaf, so its data blocks gain a
+            // reference per snapshot: counts of 3 and more, in the reference-count trees.
+            md.create_thin(0).unwrap();
+            map(md, 0, 0..10);
+            for id in 1..4 {
+                md.commit().unwrap();
+                md.create_snap(id, 0).unwrap();
+                map(md, id, 0..1);
+            }
+        }),
+    ];
+    pools
+        .into_iter()
+        .map(|(name, make)| {
+            let meta = Arc::new(MemStorage::new(
+                thinpool::thin::metadata::MIN_METADATA_BLOCKS * BLOCK_SIZE as u64,
+            ));
+            let mut md =
+                ThinMetadata::format(meta.clone(), 128, 1000, MetadataOptions::default()).unwrap();
+            make(&mut md);
+            md.commit().unwrap();
+            // Blocks the pool does not use (older copies) zeroed: smaller seeds, and all
+            // that the fuzzer changes matters.
+            let mut img = Image(meta.to_vec());
+            for b in 0..img.nr_blocks() {
+                if md.tm().meta_sm.get(b).unwrap() == 0 {
+                    img.block_mut(b).unwrap().fill(0);
+                }
+            }
+            drop(md);
+            // Cut to the fuzzer's device: the same pool with a smaller metadata space map.
+            let blocks = FUZZ_DEVICE_BLOCKS as u64;
+            assert!(
+                img.0[blocks as usize * BLOCK_SIZE..]
+                    .iter()
+                    .all(|&b| b == 0),
+                "seed {name} uses blocks past the fuzzer's {blocks}"
+            );
+            img.0.truncate(blocks as usize * BLOCK_SIZE);
+            let mut sb = img.superblock().unwrap();
+            sb.metadata_sm_root.nr_blocks = blocks;
+            sb.metadata_nr_blocks = blocks;
+            img.set_superblock(&sb).unwrap();
+            (name, to_fuzz_input(&img).unwrap())
+        })
+        .collect()
+}
+
+/// Every seed in fuzz/corpus/metadata (and every one the engine makes now) is a valid
+/// pool: it opens, and checks clean. WRITE_FUZZ_SEEDS=1 writes the seeds again.
+#[test]
+fn fuzz_seeds_are_valid_pools() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/metadata");
+    let made = fuzz_seeds();
+    if std::env::var("WRITE_FUZZ_SEEDS").as_deref() == Ok("1") {
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in &made {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    let mut on_disk: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (WRITE_FUZZ_SEEDS=1 makes it)", dir.display()))
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.display().to_string(), std::fs::read(&p).unwrap())
+        })
+        .collect();
+    assert!(
+        on_disk.len() >= made.len(),
+        "seeds missing in {}",
+        dir.display()
+    );
+    on_disk.extend(made.into_iter().map(|(n, b)| (format!("made: {n}"), b)));
+    for (name, input) in on_disk {
+        let img = from_fuzz_input(&input);
+        let report = thinpool::check::check(Arc::new(MemStorage::from_vec(img.0.clone()))).unwrap();
+        assert!(report.is_clean(), "{name}: {report:?}");
+        let mut md = ThinMetadata::open(
+            Arc::new(MemStorage::from_vec(img.0)),
+            MetadataOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for id in md.devices().keys().copied().collect::<Vec<_>>() {
+            md.for_each_mapping(id, 0, u64::MAX, &mut |_, _| Ok(()))
+                .unwrap();
+        }
+    }
 }

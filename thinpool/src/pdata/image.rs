@@ -88,12 +88,12 @@ const KINDS: [BlockKind; 4] = [
     BlockKind::Index,
 ];
 
-/// Blocks a fuzz input can give (the kind table has one byte for each).
+/// Blocks a fuzz input can give (the kind table has one byte for each), and the size of
+/// the metadata device it describes: small, so that an execution copies little. (The
+/// engine formats devices of 512 blocks at least, but opens any size; the seeds are pools
+/// whose metadata space map was cut to this size.)
 pub const FUZZ_MAX_BLOCKS: usize = 64;
-/// Size of the metadata device a fuzz input is laid on: blocks past the input are zero,
-/// so a pool formatted on the engine's smallest device fits with all its used blocks in the
-/// input.
-pub const FUZZ_DEVICE_BLOCKS: usize = 512;
+pub const FUZZ_DEVICE_BLOCKS: usize = FUZZ_MAX_BLOCKS;
 
 fn kind_code(k: Option<BlockKind>) -> u8 {
     match k {
@@ -117,8 +117,8 @@ fn code_kind(c: u8) -> Option<BlockKind> {
 
 /// The metadata device a fuzz input describes: `FUZZ_MAX_BLOCKS` kind bytes (0: leave the
 /// block as it is; 1 to 4: seal it as superblock, node, bitmap or index; taken modulo 5),
-/// then up to `FUZZ_MAX_BLOCKS` blocks of 4 KiB (a short last one is zero-filled), on a
-/// device of `FUZZ_DEVICE_BLOCKS` blocks.
+/// then up to `FUZZ_MAX_BLOCKS` blocks of 4 KiB, zero-filled to a device of
+/// `FUZZ_DEVICE_BLOCKS` blocks.
 pub fn from_fuzz_input(data: &[u8]) -> Image {
     let (kinds, blocks) = data.split_at(data.len().min(FUZZ_MAX_BLOCKS));
     let mut img = Image(vec![0u8; FUZZ_DEVICE_BLOCKS * BLOCK_SIZE]);
@@ -134,8 +134,8 @@ pub fn from_fuzz_input(data: &[u8]) -> Image {
 }
 
 /// The fuzz input for a metadata image whose blocks past the first `FUZZ_MAX_BLOCKS` are
-/// all zero (None otherwise): the inverse of [`from_fuzz_input`] for a valid image, with
-/// trailing zero blocks left out.
+/// all zero (None otherwise): the inverse of [`from_fuzz_input`] for a valid image of
+/// `FUZZ_DEVICE_BLOCKS` blocks, with trailing zero blocks left out.
 pub fn to_fuzz_input(img: &Image) -> Option<Vec<u8>> {
     let used = (0..img.nr_blocks())
         .rev()
