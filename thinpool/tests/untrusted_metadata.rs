@@ -209,6 +209,18 @@ fn mapping_tree_naming_a_details_node_is_refused() {
 }
 
 #[test]
+fn device_with_details_but_no_mapping_tree_is_refused() {
+    let mut img = image();
+    let m = map(&img);
+    img.edit(m.top, |b| {
+        let i = node::find(b, 2).unwrap();
+        node::remove_at(b, i);
+    })
+    .unwrap();
+    assert_refused(&img, 2);
+}
+
+#[test]
 fn internal_node_without_entries_is_refused() {
     let mut img = image();
     let (root, _) = dev0_root_and_leaf(&img);

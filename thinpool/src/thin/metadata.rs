@@ -420,13 +420,21 @@ impl ThinMetadata {
     }
 
     fn bottom_root(&mut self, id: u32) -> Result<u64> {
+        let has_details = self.devices.contains_key(&id);
         btree::lookup_u64(
             &mut self.tm,
             self.sb.mapping_root,
             id as u64,
             ValueKind::Subtree,
         )?
-        .ok_or(Error::NoSuchDevice(id))
+        .ok_or_else(|| {
+            if has_details {
+                // The two trees disagree: damage, not a missing device.
+                Error::corrupt(format!("thin device {id} has details but no mapping tree"))
+            } else {
+                Error::NoSuchDevice(id)
+            }
+        })
     }
 
     pub fn lookup(&mut self, id: u32, vblock: u64) -> Result<Option<Mapping>> {
