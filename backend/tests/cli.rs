@@ -7,6 +7,8 @@ use common::{
 };
 use sha2::{Digest, Sha256};
 use std::process::Command;
+use thinpool::pdata::btree::node;
+use thinpool::pdata::image::Image;
 
 /// Runs the CLI, expecting it to fail with `needle` in its stderr; returns the stderr.
 fn fails(args: &[&str], needle: &str) -> String {
@@ -522,4 +524,138 @@ fn names_given_on_the_command_line_follow_the_name_rule() {
     );
     let ls = cli(&["thin", "ls", "-m", &q.m, "-d", &q.d, "--json"]);
     assert_eq!(ls.trim(), "[]", "{ls}");
+}
+
+/// Checksum-valid damage to the metadata (see thinpool's tests/untrusted_metadata.rs):
+/// every command that reads what is damaged fails with exit status 2 and a message that
+/// says what is wrong. None panics (status 101), none prints a device's bytes as if
+/// nothing were wrong, and `pool check` calls the pool damaged.
+#[test]
+fn damaged_metadata_fails_commands_with_a_message() {
+    let p = new_pool("64MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    cli(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "24MiB", "--name", "disk",
+    ]);
+    // 320 blocks: the device's mapping tree has an internal root.
+    import(&p, "0", "image", &pattern(20 << 20, 3), None);
+    cli(&[
+        "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", "1", "--name", "snap",
+        "--kept",
+    ]);
+    // Device 0 moves on (and gets a root of its own); the damage is to the snapshot's tree.
+    import(&p, "0", "patch", &pattern(4096, 4), Some("65536"));
+
+    fn top_entry(img: &mut Image, dev: u64, to: u64) {
+        let top = img.superblock().unwrap().mapping_root;
+        img.edit(top, |b| {
+            let i = node::find(b, dev).unwrap();
+            node::set_value_u64(b, i, to);
+        })
+        .unwrap();
+    }
+    fn snapshot_root(img: &Image) -> u64 {
+        let top = img.block(img.superblock().unwrap().mapping_root).unwrap();
+        node::value_u64(top, node::find(top, 1).unwrap())
+    }
+    type Damage = fn(&mut Image);
+    // (what, damage, words the error must hold, whether opening the pool fails)
+    let cases: [(&str, Damage, &str, bool); 5] = [
+        (
+            "details tree on a space-map node",
+            |img| {
+                let mut sb = img.superblock().unwrap();
+                sb.details_root = sb.data_sm_root.bitmap_root;
+                img.set_superblock(&sb).unwrap();
+            },
+            "corrupt",
+            true,
+        ),
+        (
+            "snapshot's mapping tree on a details node",
+            |img| {
+                let details = img.superblock().unwrap().details_root;
+                top_entry(img, 1, details);
+            },
+            "corrupt",
+            false,
+        ),
+        (
+            "snapshot's internal root without entries",
+            |img| {
+                let root = snapshot_root(img);
+                assert!(!node::is_leaf(img.block(root).unwrap()));
+                img.edit(root, |b| node::set_nr_entries(b, 0)).unwrap();
+            },
+            "corrupt",
+            false,
+        ),
+        (
+            "unknown version",
+            |img| {
+                let mut sb = img.superblock().unwrap();
+                sb.version = 3;
+                img.set_superblock(&sb).unwrap();
+            },
+            "version 3",
+            true,
+        ),
+        (
+            "unknown incompatible feature",
+            |img| {
+                let mut sb = img.superblock().unwrap();
+                sb.incompat_flags = 1;
+                img.set_superblock(&sb).unwrap();
+            },
+            "incompatible",
+            true,
+        ),
+    ];
+    for (n, (what, damage, needle, at_open)) in cases.into_iter().enumerate() {
+        let meta = p.root.join(format!("damaged{n}"));
+        std::fs::copy(m, &meta).unwrap();
+        std::fs::copy(
+            format!("{m}.registry.json"),
+            p.root.join(format!("damaged{n}.registry.json")),
+        )
+        .unwrap();
+        let mut img = Image(std::fs::read(&meta).unwrap());
+        damage(&mut img);
+        std::fs::write(&meta, &img.0).unwrap();
+        let mm = meta.to_str().unwrap();
+        let mut commands = vec![
+            vec!["thin", "export", "-m", mm, "-d", d, "--id", "1", "-o", "-"],
+            vec!["thin", "ls", "-m", mm, "-d", d],
+            vec!["pool", "dump", "-m", mm],
+            vec!["thin", "delta", "-m", mm, "--snap1", "1", "--snap2", "0"],
+            vec!["send", "-m", mm, "-d", d, "snap", "-o", "-"],
+        ];
+        let sock = p.root.join(format!("damaged{n}.sock"));
+        let disk = format!("id=1,socket={}", sock.display());
+        if at_open {
+            commands.push(vec!["pool", "status", "-m", mm, "-d", d]);
+            commands.push(vec!["serve", "-m", mm, "-d", d, "--disk", &disk]);
+        }
+        for args in &commands {
+            let out = run(args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{what}: vhost-thin {args:?} exited with {}: {err}",
+                out.status
+            );
+            assert!(
+                err.contains(needle),
+                "{what}: vhost-thin {args:?}: the error lacks {needle:?}: {err}"
+            );
+        }
+        let out = run(&["pool", "check", "-m", mm]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: pool check: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }

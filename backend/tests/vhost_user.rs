@@ -3,6 +3,9 @@
 
 mod common;
 use common::{cli, export, pattern, Guest, Served, D};
+use serde_json::json;
+use thinpool::pdata::btree::node;
+use thinpool::pdata::image::Image;
 use virtio_bindings::virtio_blk::*;
 
 #[test]
@@ -51,10 +54,10 @@ fn io_flush_discard_zeroes_get_id_and_sigterm() {
     assert!(id.starts_with(b"vt-"), "{id:?}");
 
     // Discard the second 64 KiB block: it reads as zeroes and leaves the pool.
+    // From the daemon: a served pool is not opened by another process.
     let used = |s: &Served| -> u64 {
-        let st: serde_json::Value =
-            serde_json::from_str(&cli(&["pool", "status", "-m", &s.m, "--json"])).unwrap();
-        st["data_used"].as_u64().unwrap()
+        let pools = s.client().execute("query-pools", json!({})).unwrap();
+        pools[0]["data-used"].as_u64().unwrap()
     };
     assert_eq!(g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(128, 128, 0)]), 0);
     assert_eq!(g.read(0, 128, 512).1, vec![0u8; 512]);
@@ -196,4 +199,41 @@ fn without_event_idx_too() {
             (0, pattern(4096, i as u8))
         );
     }
+}
+
+/// A guest read that meets damaged metadata (checksums valid, the device's entry in the
+/// top-level mapping tree naming the details tree's leaf) fails with IOERR, rather than
+/// giving zeroes or other blocks' bytes; so does every later read of the device, and the
+/// pool turns read-only with its metadata flagged for checking.
+#[test]
+fn damaged_metadata_fails_guest_reads_and_turns_the_pool_read_only() {
+    let mut s = Served::new("");
+    let mut g = Guest::connect(&s.sock, 1);
+    let data = pattern(16 << 20, 5);
+    for (i, chunk) in data.chunks(512 << 10).enumerate() {
+        assert_eq!(g.write(0, i as u64 * 1024, chunk, 1), 0);
+    }
+    g.stop();
+    assert!(s.stop().success());
+
+    let mut img = Image(std::fs::read(&s.m).unwrap());
+    let sb = img.superblock().unwrap();
+    img.edit(sb.mapping_root, |b| {
+        let i = node::find(b, 0).unwrap();
+        node::set_value_u64(b, i, sb.details_root);
+    })
+    .unwrap();
+    std::fs::write(&s.m, &img.0).unwrap();
+
+    s.start("");
+    let mut g = Guest::connect(&s.sock, 1);
+    let ioerr = VIRTIO_BLK_S_IOERR as u8;
+    assert_eq!(g.read(0, 0, 65536).0, ioerr);
+    assert_eq!(g.read(0, 8 << 11, 4096).0, ioerr, "a second read fails too");
+    assert_eq!(g.write(0, 0, &pattern(4096, 6), 1), ioerr);
+    g.stop();
+    s.stop();
+    let st: serde_json::Value =
+        serde_json::from_str(&cli(&["pool", "status", "-m", &s.m, "--json"])).unwrap();
+    assert_eq!(st["needs_check"], true, "{st}");
 }

@@ -9,7 +9,7 @@
 
 use crate::pdata::block::BlockKind;
 use crate::pdata::block_manager::BlockManager;
-use crate::pdata::btree::{self, node, ValueKind};
+use crate::pdata::btree::{self, node, KeyRange, ValueKind};
 use crate::pdata::space_map::{self, disk, SpaceMap};
 use crate::pdata::tm::Tm;
 use crate::storage::Storage;
@@ -86,7 +86,7 @@ impl Checker {
             what,
             true,
             0,
-            None,
+            KeyRange::ALL,
             &mut leaf_depth,
             &mut last_key,
         )
@@ -100,7 +100,7 @@ impl Checker {
         what: &str,
         is_root: bool,
         depth: usize,
-        lower: Option<u64>,
+        range: KeyRange,
         leaf_depth: &mut Option<usize>,
         last_key: &mut Option<u64>,
     ) -> u64 {
@@ -128,13 +128,8 @@ impl Checker {
                 node::max(&n) / 3
             ));
         }
-        if let (Some(l), true) = (lower, count > 0) {
-            if l > node::key(&n, 0) {
-                self.error(format!(
-                    "{what}: parent key {l} is above the first key {} of node {b}",
-                    node::key(&n, 0)
-                ));
-            }
+        if let Err(e) = node::check_range(&n, b, range) {
+            self.error(format!("{what}: {e}"));
         }
         let mut entries = 0u64;
         if node::is_leaf(&n) {
@@ -193,7 +188,7 @@ impl Checker {
                         what,
                         false,
                         depth + 1,
-                        Some(node::key(&n, i)),
+                        range.child(&n, i),
                         leaf_depth,
                         last_key,
                     );
@@ -226,7 +221,11 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
         data_sm: SpaceMap::new("data", 0),
     };
     let meta_sm = space_map::metadata::load(&mut tm, &sb.metadata_sm_root);
-    let data_sm = disk::load(&mut tm, &sb.data_sm_root);
+    let metadata_blocks = match &meta_sm {
+        Ok(m) => m.nr_blocks(),
+        Err(_) => tm.bm.device_blocks(),
+    };
+    let data_sm = disk::load(&mut tm, &sb.data_sm_root, metadata_blocks);
     let (meta_sm, data_sm) = match (meta_sm, data_sm) {
         (Ok(m), Ok(d)) => (m, d),
         (m, d) => {

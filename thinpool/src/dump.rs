@@ -53,12 +53,26 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DumpError {
+    // The cause is in the message and not also a `source`: printed as a chain (anyhow's
+    // `{:#}`), it would appear twice.
     #[error("reading the metadata: {0}")]
-    Metadata(#[from] crate::Error),
+    Metadata(crate::Error),
     #[error("writing the dump: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("the metadata is inconsistent: {0}")]
     Inconsistent(String),
+}
+
+impl From<crate::Error> for DumpError {
+    fn from(e: crate::Error) -> Self {
+        DumpError::Metadata(e)
+    }
+}
+
+impl From<io::Error> for DumpError {
+    fn from(e: io::Error) -> Self {
+        DumpError::Io(e)
+    }
 }
 
 /// Why a restore failed. Nothing usable is left on the metadata device after an error

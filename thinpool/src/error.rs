@@ -41,6 +41,18 @@ pub enum Error {
     },
     #[error("metadata is corrupt: {0}")]
     Corrupt(String),
+    /// A block whose checksum is right but whose contents are not what its place in the
+    /// metadata needs (a btree node of the wrong tree, keys out of order, …).
+    #[error("metadata block {block} ({kind}) is corrupt: {problem}")]
+    CorruptBlock {
+        block: u64,
+        kind: BlockKind,
+        problem: String,
+    },
+    /// Metadata written by a newer format (a version or feature flags this engine does not
+    /// know): not damage, so it does not flag the pool for checking.
+    #[error("unsupported metadata: {0}")]
+    Unsupported(String),
     #[error("not a dm-thin metadata device: {0}")]
     NotThinMetadata(String),
     #[error("the pool is out of data space ({nr_blocks} data blocks, all in use)")]
@@ -92,6 +104,14 @@ impl Error {
         Error::Corrupt(msg.into())
     }
 
+    pub(crate) fn corrupt_block(block: u64, kind: BlockKind, problem: impl Into<String>) -> Self {
+        Error::CorruptBlock {
+            block,
+            kind,
+            problem: problem.into(),
+        }
+    }
+
     /// True when the error means the in-core transaction can no longer be trusted:
     /// the pool must abort to the last commit and flag the metadata for checking.
     pub fn is_metadata_failure(&self) -> bool {
@@ -101,6 +121,7 @@ impl Error {
                 | Error::Checksum { .. }
                 | Error::WrongLocation { .. }
                 | Error::Corrupt(_)
+                | Error::CorruptBlock { .. }
                 | Error::MetadataExhausted { .. }
                 | Error::JournalIo { .. }
                 | Error::JournalRefused(_)

@@ -426,13 +426,30 @@ impl Pool {
     }
 
     fn metadata_failed(inner: &mut Inner, e: &Error) {
-        tracing::error!("metadata operation failed: {e}; rolling back to the last commit");
+        // A pool opened read-only (inspection, export) has nothing to roll back and writes
+        // nothing, not even the flag; its caller reports the error.
+        let read_only = inner.md.options().read_only;
+        if !read_only {
+            tracing::error!("metadata operation failed: {e}; rolling back to the last commit");
+        }
         inner.generation += 1;
         inner.rolled_back = Some(format!("{e}"));
+        if read_only && inner.md.is_dirty() {
+            // Journaled changes applied in memory (see ThinMetadata::replay_in_memory): a
+            // rollback would drop them and show the last commit's stale bytes as the
+            // disks' contents. Nothing more is shown instead.
+            inner.mode = PoolMode::Fail;
+            inner.reason = Some(format!(
+                "metadata error: {e} (journaled changes were applied in memory; nothing more is read)"
+            ));
+            return;
+        }
         match inner.md.abort() {
             Ok(()) => {
-                if let Err(e2) = inner.md.write_needs_check(true) {
-                    tracing::error!("cannot flag the metadata needs_check: {e2}");
+                if !read_only {
+                    if let Err(e2) = inner.md.write_needs_check(true) {
+                        tracing::error!("cannot flag the metadata needs_check: {e2}");
+                    }
                 }
                 inner.mode = PoolMode::ReadOnly;
                 inner.reason = Some(format!("metadata error: {e}"));

@@ -233,7 +233,9 @@ fn ls(a: LsArgs) -> Result<ExitCode> {
     let pool = open_pool(&a.paths, false)?;
     let reg = load_registry(&a.paths, &pool)?;
     let bs = pool.block_bytes();
-    let usage = pool.with_metadata(thinpool::thin::usage::device_usage)?;
+    let usage = pool
+        .with_metadata(thinpool::thin::usage::device_usage)
+        .context("cannot read the devices' mappings")?;
     let rows: Vec<LsRow> = usage
         .iter()
         .map(|u| {

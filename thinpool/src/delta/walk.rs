@@ -17,7 +17,7 @@
 
 use super::{DeltaKind, Runs};
 use crate::pdata::block::Block;
-use crate::pdata::btree::{self, node, ValueKind};
+use crate::pdata::btree::{self, node, KeyRange, ValueKind};
 use crate::pdata::tm::Tm;
 use crate::Result;
 use std::sync::Arc;
@@ -31,6 +31,8 @@ pub struct WalkStats {
 
 struct Frame {
     node: Arc<Block>,
+    /// The keys the node may hold (its children's ranges are cut from it).
+    range: KeyRange,
     next: usize,
     /// Levels above the leaves (0 for a leaf); a guide for choosing the side to descend.
     height: usize,
@@ -43,10 +45,10 @@ enum Head {
         key: u64,
         data: u64,
     },
-    /// An unread child: its block, the lower bound of its keys, its height.
+    /// An unread child: its block, the range of its keys, its height.
     Child {
         block: u64,
-        lo: u64,
+        range: KeyRange,
         height: usize,
     },
     End,
@@ -62,31 +64,38 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn node(&mut self, b: u64) -> Result<Arc<Block>> {
+    fn node(&mut self, b: u64, range: KeyRange) -> Result<Arc<Block>> {
         self.stats.nodes_read += 1;
-        btree::read_node(self.tm, b, ValueKind::Data)
+        btree::read_child(self.tm, b, ValueKind::Data, range)
     }
 
     /// The height of a tree whose root is `root`: its leftmost path's length below the root
     /// (all leaves sit at one depth).
     fn height(&mut self, root: Arc<Block>, at: u64) -> Result<usize> {
-        let mut n = root;
+        let (mut n, mut range) = (root, KeyRange::ALL);
         for h in 0..btree::MAX_DEPTH {
             if node::is_leaf(&n) || node::nr_entries(&n) == 0 {
                 return Ok(h);
             }
-            n = self.node(node::value_u64(&n, 0))?;
+            range = range.child(&n, 0);
+            n = self.node(node::value_u64(&n, 0), range)?;
         }
         Err(btree::depth_error(at))
     }
 
     /// Adds every key under `b` as `same` runs, reading only keys (the shared subtree's
     /// values are equal on both sides by construction).
-    fn same_subtree(&mut self, b: u64, runs: &mut Runs, depth: usize) -> Result<()> {
+    fn same_subtree(
+        &mut self,
+        b: u64,
+        range: KeyRange,
+        runs: &mut Runs,
+        depth: usize,
+    ) -> Result<()> {
         if depth > btree::MAX_DEPTH {
             return Err(btree::depth_error(b));
         }
-        let n = self.node(b)?;
+        let n = self.node(b, range)?;
         let count = node::nr_entries(&n);
         if node::is_leaf(&n) {
             let mut i = 0;
@@ -102,7 +111,7 @@ impl Reader<'_> {
             return Ok(());
         }
         for i in 0..count {
-            self.same_subtree(node::value_u64(&n, i), runs, depth + 1)?;
+            self.same_subtree(node::value_u64(&n, i), range.child(&n, i), runs, depth + 1)?;
         }
         Ok(())
     }
@@ -111,17 +120,17 @@ impl Reader<'_> {
 impl Cursor {
     fn new(r: &mut Reader, root: u64) -> Result<Self> {
         let mut c = Cursor { stack: Vec::new() };
-        c.push(r, root, 0)?;
+        c.push(r, root, 0, KeyRange::ALL)?;
         let height = r.height(c.stack[0].node.clone(), root)?;
         c.stack[0].height = height;
         Ok(c)
     }
 
-    fn push(&mut self, r: &mut Reader, b: u64, height: usize) -> Result<()> {
+    fn push(&mut self, r: &mut Reader, b: u64, height: usize, range: KeyRange) -> Result<()> {
         if self.stack.len() >= btree::MAX_DEPTH {
             return Err(btree::depth_error(b));
         }
-        let node = r.node(b)?;
+        let node = r.node(b, range)?;
         // A leaf is height 0 whatever its parent claims; the heights only guide choices.
         let height = if node::is_leaf(&node) {
             0
@@ -130,6 +139,7 @@ impl Cursor {
         };
         self.stack.push(Frame {
             node,
+            range,
             next: 0,
             height,
         });
@@ -149,8 +159,8 @@ impl Cursor {
                 } else {
                     Head::Child {
                         block: node::value_u64(n, i),
-                        lo: node::key(n, i),
-                        height: f.height - 1,
+                        range: f.range.child(n, i),
+                        height: f.height.saturating_sub(1),
                     }
                 };
             }
@@ -167,9 +177,15 @@ impl Cursor {
     }
 
     /// Replaces the head child by its entries.
-    fn descend(&mut self, r: &mut Reader, block: u64, height: usize) -> Result<()> {
+    fn descend(
+        &mut self,
+        r: &mut Reader,
+        block: u64,
+        height: usize,
+        range: KeyRange,
+    ) -> Result<()> {
         self.skip();
-        self.push(r, block, height)
+        self.push(r, block, height, range)
     }
 }
 
@@ -188,7 +204,7 @@ pub(super) fn walk(
     };
     if left == right {
         if with_same {
-            r.same_subtree(left, runs, 0)?;
+            r.same_subtree(left, KeyRange::ALL, runs, 0)?;
         }
         return Ok(r.stats);
     }
@@ -197,11 +213,16 @@ pub(super) fn walk(
     loop {
         match (a.head(), b.head()) {
             (Head::End, Head::End) => break,
-            (Head::Child { block: x, .. }, Head::Child { block: y, .. }) if x == y => {
+            (
+                Head::Child {
+                    block: x, range, ..
+                },
+                Head::Child { block: y, .. },
+            ) if x == y => {
                 a.skip();
                 b.skip();
                 if with_same {
-                    r.same_subtree(x, runs, a.stack.len())?;
+                    r.same_subtree(x, range, runs, a.stack.len())?;
                 }
             }
             (Head::Entry { key: ka, data: da }, Head::Entry { key: kb, data: db }) => {
@@ -232,45 +253,74 @@ pub(super) fn walk(
                 runs.add(DeltaKind::RightOnly, key, 1);
                 b.skip();
             }
-            (Head::Child { block, height, .. }, Head::End) => a.descend(&mut r, block, height)?,
-            (Head::End, Head::Child { block, height, .. }) => b.descend(&mut r, block, height)?,
-            (Head::Entry { key, .. }, Head::Child { block, lo, height }) => {
-                if key < lo {
+            (
+                Head::Child {
+                    block,
+                    range,
+                    height,
+                },
+                Head::End,
+            ) => a.descend(&mut r, block, height, range)?,
+            (
+                Head::End,
+                Head::Child {
+                    block,
+                    range,
+                    height,
+                },
+            ) => b.descend(&mut r, block, height, range)?,
+            (
+                Head::Entry { key, .. },
+                Head::Child {
+                    block,
+                    range,
+                    height,
+                },
+            ) => {
+                if key < range.lo {
                     runs.add(DeltaKind::LeftOnly, key, 1);
                     a.skip();
                 } else {
-                    b.descend(&mut r, block, height)?;
+                    b.descend(&mut r, block, height, range)?;
                 }
             }
-            (Head::Child { block, lo, height }, Head::Entry { key, .. }) => {
-                if key < lo {
+            (
+                Head::Child {
+                    block,
+                    range,
+                    height,
+                },
+                Head::Entry { key, .. },
+            ) => {
+                if key < range.lo {
                     runs.add(DeltaKind::RightOnly, key, 1);
                     b.skip();
                 } else {
-                    a.descend(&mut r, block, height)?;
+                    a.descend(&mut r, block, height, range)?;
                 }
             }
             (
                 Head::Child {
                     block: x,
-                    lo: lx,
+                    range: rx,
                     height: hx,
                 },
                 Head::Child {
                     block: y,
-                    lo: ly,
+                    range: ry,
                     height: hy,
                 },
             ) => {
+                let (lx, ly) = (rx.lo, ry.lo);
                 let (left_first, right_first) = (
                     (lx, std::cmp::Reverse(hx)) < (ly, std::cmp::Reverse(hy)),
                     (ly, std::cmp::Reverse(hy)) < (lx, std::cmp::Reverse(hx)),
                 );
                 if !right_first {
-                    a.descend(&mut r, x, hx)?;
+                    a.descend(&mut r, x, hx, rx)?;
                 }
                 if !left_first {
-                    b.descend(&mut r, y, hy)?;
+                    b.descend(&mut r, y, hy, ry)?;
                 }
             }
         }

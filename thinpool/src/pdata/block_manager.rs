@@ -22,6 +22,9 @@ pub const DEFAULT_CACHE_BLOCKS: usize = 4096;
 struct Entry {
     data: Arc<Block>,
     kind: BlockKind,
+    /// Passed the check of a [`BlockManager::read_checked`], or written by this process:
+    /// a cached block is checked once, not on every read.
+    checked: bool,
     dirty: bool,
     last_use: u64,
 }
@@ -109,38 +112,59 @@ impl BlockManager {
         Ok(buf)
     }
 
-    /// Reads and validates a block of the given kind.
+    /// Reads and validates (checksum, location) a block of the given kind.
     pub fn read(&mut self, b: u64, kind: BlockKind) -> Result<Arc<Block>> {
-        self.read_checked(b, kind, |_| Ok(()))
+        self.fetch(b, kind, None::<fn(&Block) -> Result<()>>)
     }
 
-    /// Reads a block; `check` runs once, when the block comes from the device.
+    /// Reads a block; `check` runs once, when the block comes from the device (or on the
+    /// first checked read of a block that a plain [`read`](Self::read) brought in).
     pub fn read_checked(
         &mut self,
         b: u64,
         kind: BlockKind,
         check: impl FnOnce(&Block) -> Result<()>,
     ) -> Result<Arc<Block>> {
+        self.fetch(b, kind, Some(check))
+    }
+
+    fn fetch(
+        &mut self,
+        b: u64,
+        kind: BlockKind,
+        check: Option<impl FnOnce(&Block) -> Result<()>>,
+    ) -> Result<Arc<Block>> {
         self.tick += 1;
         if let Some(e) = self.entries.get_mut(&b) {
             if e.kind != kind {
-                return Err(Error::corrupt(format!(
-                    "metadata block {b} is used both as a {} and as a {kind}",
-                    e.kind
-                )));
+                return Err(Error::corrupt_block(
+                    b,
+                    kind,
+                    format!("the block is already in use as a {}", e.kind),
+                ));
+            }
+            if let (Some(check), false) = (check, e.checked) {
+                check(&e.data)?;
+                e.checked = true;
             }
             e.last_use = self.tick;
             return Ok(e.data.clone());
         }
         let buf = self.read_raw(b)?;
         block::validate(&buf, b, kind)?;
-        check(&buf)?;
+        let checked = match check {
+            Some(check) => {
+                check(&buf)?;
+                true
+            }
+            None => false,
+        };
         let data: Arc<Block> = Arc::from(buf);
-        self.insert(b, data.clone(), kind, false);
+        self.insert(b, data.clone(), kind, false, checked);
         Ok(data)
     }
 
-    fn insert(&mut self, b: u64, data: Arc<Block>, kind: BlockKind, dirty: bool) {
+    fn insert(&mut self, b: u64, data: Arc<Block>, kind: BlockKind, dirty: bool, checked: bool) {
         if dirty {
             self.nr_dirty += 1;
         }
@@ -149,6 +173,7 @@ impl BlockManager {
             Entry {
                 data,
                 kind,
+                checked,
                 dirty,
                 last_use: self.tick,
             },
@@ -183,7 +208,8 @@ impl BlockManager {
     pub fn write_new(&mut self, b: u64, kind: BlockKind, data: Box<Block>) -> Result<()> {
         self.check_location(b)?;
         self.tick += 1;
-        self.insert(b, Arc::from(data), kind, true);
+        // Our own contents (a new node, or a copy of one that passed its check).
+        self.insert(b, Arc::from(data), kind, true, true);
         self.maybe_write_back()
     }
 

@@ -7,5 +7,6 @@ pub mod block;
 pub mod block_manager;
 pub mod btree;
 pub mod checksum;
+pub mod image;
 pub mod space_map;
 pub mod tm;

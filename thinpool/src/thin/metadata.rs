@@ -73,6 +73,20 @@ pub struct SpaceUsage {
     pub metadata_reserve: u64,
 }
 
+/// A mapping value as read from a tree: it must name one of the pool's `nr_blocks` data
+/// blocks, or I/O through it would go past the data device's end (or past 2^64 bytes).
+#[inline]
+fn mapping_in_pool(id: u32, vblock: u64, v: u64, nr_blocks: u64) -> Result<Mapping> {
+    let m = Mapping::unpack(v);
+    if m.data_block >= nr_blocks {
+        return Err(Error::corrupt(format!(
+            "thin device {id} maps block {vblock} to data block {}, beyond the pool's {nr_blocks}",
+            m.data_block
+        )));
+    }
+    Ok(m)
+}
+
 fn metadata_reserve(nr_blocks: u64) -> u64 {
     (nr_blocks / 10).min(4096)
 }
@@ -172,24 +186,22 @@ impl ThinMetadata {
             ));
         }
         let sb = Superblock::unpack(&raw, 0)?;
-        let mut warnings = Vec::new();
-        if sb.version != 1 && sb.version != 2 {
-            warnings.push(format!("unknown metadata version {}", sb.version));
+        if sb.compat_ro_flags != 0 && !opts.read_only {
+            return Err(Error::Unsupported(format!(
+                "feature flags {:#x} allow only read-only use; open the pool read-only",
+                sb.compat_ro_flags
+            )));
         }
+        let mut warnings = Vec::new();
         let mut tm = Tm {
             bm,
             meta_sm: SpaceMap::new("metadata", 0),
             data_sm: SpaceMap::new("data", 0),
         };
         let device_blocks = tm.bm.device_blocks();
-        if sb.metadata_sm_root.nr_blocks > device_blocks {
-            return Err(Error::corrupt(format!(
-                "metadata space map covers {} blocks but the device has only {device_blocks}",
-                sb.metadata_sm_root.nr_blocks
-            )));
-        }
         tm.meta_sm = space_map::metadata::load(&mut tm, &sb.metadata_sm_root)?;
-        tm.data_sm = disk::load(&mut tm, &sb.data_sm_root)?;
+        let metadata_blocks = tm.meta_sm.nr_blocks();
+        tm.data_sm = disk::load(&mut tm, &sb.data_sm_root, metadata_blocks)?;
         let mut devices = BTreeMap::new();
         for (k, v) in btree::entries(&mut tm, sb.details_root, DETAILS_VALUE)? {
             let id = u32::try_from(k)
@@ -423,18 +435,29 @@ impl ThinMetadata {
     }
 
     fn bottom_root(&mut self, id: u32) -> Result<u64> {
+        let has_details = self.devices.contains_key(&id);
         btree::lookup_u64(
             &mut self.tm,
             self.sb.mapping_root,
             id as u64,
             ValueKind::Subtree,
         )?
-        .ok_or(Error::NoSuchDevice(id))
+        .ok_or_else(|| {
+            if has_details {
+                // The two trees disagree: damage, not a missing device.
+                Error::corrupt(format!("thin device {id} has details but no mapping tree"))
+            } else {
+                Error::NoSuchDevice(id)
+            }
+        })
     }
 
     pub fn lookup(&mut self, id: u32, vblock: u64) -> Result<Option<Mapping>> {
         let root = self.bottom_root(id)?;
-        Ok(btree::lookup_u64(&mut self.tm, root, vblock, ValueKind::Data)?.map(Mapping::unpack))
+        let nr_blocks = self.tm.data_sm.nr_blocks();
+        btree::lookup_u64(&mut self.tm, root, vblock, ValueKind::Data)?
+            .map(|v| mapping_in_pool(id, vblock, v, nr_blocks))
+            .transpose()
     }
 
     /// Allocates a data block (count 1, owned by the caller until mapped or released).
@@ -514,7 +537,9 @@ impl ThinMetadata {
             },
         )?;
         if inserted {
-            self.devices.get_mut(&id).expect("checked").mapped_blocks += 1;
+            // Saturating: the count comes from disk.
+            let d = self.devices.get_mut(&id).expect("checked");
+            d.mapped_blocks = d.mapped_blocks.saturating_add(1);
         }
         self.in_flight.remove(&m.data_block);
         self.touch(id);
@@ -676,11 +701,12 @@ impl ThinMetadata {
         f: &mut dyn FnMut(u64, Mapping) -> Result<()>,
     ) -> Result<()> {
         let root = self.bottom_root(id)?;
+        let nr_blocks = self.tm.data_sm.nr_blocks();
         btree::for_each_leaf_in(&mut self.tm, root, ValueKind::Data, begin, end, &mut |n| {
             for i in 0..node::nr_entries(n) {
                 let k = node::key(n, i);
                 if k >= begin && k < end {
-                    f(k, Mapping::unpack(node::value_u64(n, i)))?;
+                    f(k, mapping_in_pool(id, k, node::value_u64(n, i), nr_blocks)?)?;
                 }
             }
             Ok(())

@@ -28,7 +28,10 @@ use crate::pdata::space_map::root::SmRoot;
 use crate::{Error, Result};
 
 pub const MAGIC: u64 = 27_022_010;
+/// The version every commit writes.
 pub const VERSION: u32 = 2;
+/// The oldest version read.
+pub const MIN_VERSION: u32 = 1;
 pub const NEEDS_CHECK: u32 = 1;
 pub const METADATA_BLOCK_SECTORS: u32 = 8;
 pub const MIN_DATA_BLOCK_SECTORS: u32 = 128;
@@ -90,9 +93,19 @@ impl Superblock {
             compat_ro_flags: get_u32(b, 356),
             incompat_flags: get_u32(b, 360),
         };
+        // Versions 1 and 2 differ only in the meaning of the needs_check flag; a later one
+        // may mean anything. (The kernel has defined no feature flag: any incompatible one
+        // makes it refuse the pool, as here; compat_ro ones refuse writing, see
+        // ThinMetadata::open.)
+        if !(MIN_VERSION..=VERSION).contains(&sb.version) {
+            return Err(Error::Unsupported(format!(
+                "metadata version {} (versions {MIN_VERSION} to {VERSION} are supported)",
+                sb.version
+            )));
+        }
         if sb.incompat_flags != 0 {
-            return Err(Error::NotThinMetadata(format!(
-                "unsupported incompatible feature flags {:#x}",
+            return Err(Error::Unsupported(format!(
+                "incompatible feature flags {:#x}",
                 sb.incompat_flags
             )));
         }

@@ -13,6 +13,8 @@
 
 pub mod node;
 
+pub use node::KeyRange;
+
 use super::block::{Block, BlockKind};
 use super::tm::Tm;
 use crate::{Error, Result};
@@ -44,9 +46,27 @@ fn u64_of(v: &[u8]) -> u64 {
     u64::from_le_bytes(v[..8].try_into().unwrap())
 }
 
+/// Reads node `b` of a tree whose leaves hold `vk` values. Every node any path reads
+/// comes through here: its structure is checked once, when it is read from the device
+/// ([`node::validate`]), and its fit with this tree on every read, cached or not
+/// ([`node::check_value_size`], two loads and a compare).
 pub fn read_node(tm: &mut Tm, b: u64, vk: ValueKind) -> Result<Arc<Block>> {
-    tm.bm
-        .read_checked(b, BlockKind::Node, |blk| node::validate(blk, b, vk.size()))
+    let device_blocks = tm.bm.device_blocks();
+    let n = tm.bm.read_checked(b, BlockKind::Node, |blk| {
+        node::validate(blk, b, device_blocks)
+    })?;
+    node::check_value_size(&n, b, vk.size())?;
+    Ok(n)
+}
+
+/// [`read_node`] for a node reached through a parent entry whose keys are `range`: its
+/// keys must lie there. Walks that check this meet every node of a tree on one path at
+/// most, so a damaged tree that names one node from many entries cannot make them
+/// exponential.
+pub fn read_child(tm: &mut Tm, b: u64, vk: ValueKind, range: KeyRange) -> Result<Arc<Block>> {
+    let n = read_node(tm, b, vk)?;
+    node::check_range(&n, b, range)?;
+    Ok(n)
 }
 
 pub(crate) fn depth_error(root: u64) -> Error {
@@ -112,14 +132,14 @@ fn node_mut(tm: &mut Tm, b: u64) -> Result<&mut Block> {
 }
 
 pub fn lookup(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<Option<Vec<u8>>> {
-    let mut b = root;
+    let (mut b, mut range) = (root, KeyRange::ALL);
     for _ in 0..MAX_DEPTH {
-        let n = read_node(tm, b, vk)?;
+        let n = read_child(tm, b, vk, range)?;
         if node::is_leaf(&n) {
             return Ok(node::find(&n, key).map(|i| node::value(&n, i).to_vec()));
         }
         match node::lower_bound(&n, key) {
-            Some(i) => b = node::value_u64(&n, i),
+            Some(i) => (b, range) = (node::value_u64(&n, i), range.child(&n, i)),
             None => return Ok(None),
         }
     }
@@ -137,7 +157,7 @@ pub fn lookup_ge(
     key: u64,
     vk: ValueKind,
 ) -> Result<Option<(u64, Vec<u8>)>> {
-    lookup_ge_rec(tm, root, key, vk, 0)
+    lookup_ge_rec(tm, root, key, vk, KeyRange::ALL, 0)
 }
 
 fn lookup_ge_rec(
@@ -145,12 +165,13 @@ fn lookup_ge_rec(
     b: u64,
     key: u64,
     vk: ValueKind,
+    range: KeyRange,
     depth: usize,
 ) -> Result<Option<(u64, Vec<u8>)>> {
     if depth > MAX_DEPTH {
         return Err(depth_error(b));
     }
-    let n = read_node(tm, b, vk)?;
+    let n = read_child(tm, b, vk, range)?;
     let count = node::nr_entries(&n);
     if node::is_leaf(&n) {
         let i = match node::lower_bound(&n, key) {
@@ -162,7 +183,8 @@ fn lookup_ge_rec(
     }
     let start = node::lower_bound(&n, key).unwrap_or(0);
     for i in start..count {
-        if let Some(r) = lookup_ge_rec(tm, node::value_u64(&n, i), key, vk, depth + 1)? {
+        let (c, cr) = (node::value_u64(&n, i), range.child(&n, i));
+        if let Some(r) = lookup_ge_rec(tm, c, key, vk, cr, depth + 1)? {
             return Ok(Some(r));
         }
     }
@@ -445,7 +467,7 @@ pub fn for_each_leaf(
     vk: ValueKind,
     f: &mut dyn FnMut(&Block) -> Result<()>,
 ) -> Result<()> {
-    walk(tm, root, vk, 0, u64::MAX, f, 0)
+    walk(tm, root, vk, 0, u64::MAX, f, KeyRange::ALL, 0)
 }
 
 /// Visits the leaves that may hold keys in `[begin, end)`, in key order.
@@ -457,9 +479,10 @@ pub fn for_each_leaf_in(
     end: u64,
     f: &mut dyn FnMut(&Block) -> Result<()>,
 ) -> Result<()> {
-    walk(tm, root, vk, begin, end, f, 0)
+    walk(tm, root, vk, begin, end, f, KeyRange::ALL, 0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn walk(
     tm: &mut Tm,
     b: u64,
@@ -467,12 +490,13 @@ fn walk(
     begin: u64,
     end: u64,
     f: &mut dyn FnMut(&Block) -> Result<()>,
+    range: KeyRange,
     depth: usize,
 ) -> Result<()> {
     if depth > MAX_DEPTH {
         return Err(depth_error(b));
     }
-    let n = read_node(tm, b, vk)?;
+    let n = read_child(tm, b, vk, range)?;
     if node::is_leaf(&n) {
         return f(&n);
     }
@@ -482,7 +506,8 @@ fn walk(
         if node::key(&n, i) >= end {
             break;
         }
-        walk(tm, node::value_u64(&n, i), vk, begin, end, f, depth + 1)?;
+        let (c, cr) = (node::value_u64(&n, i), range.child(&n, i));
+        walk(tm, c, vk, begin, end, f, cr, depth + 1)?;
     }
     Ok(())
 }

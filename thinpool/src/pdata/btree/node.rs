@@ -15,7 +15,7 @@
 //! Keys are strictly increasing. In an internal node key `i` is a lower bound of every key
 //! in child `i`. Every node except a tree's root holds at least max_entries / 3 entries.
 
-use crate::pdata::block::{get_u32, get_u64, put_u32, put_u64, Block, BLOCK_SIZE};
+use crate::pdata::block::{get_u32, get_u64, put_u32, put_u64, Block, BlockKind, BLOCK_SIZE};
 use crate::{Error, Result};
 
 pub const INTERNAL: u32 = 1;
@@ -162,30 +162,153 @@ pub fn set_entries(b: &mut Block, keys: &[u64], values: &[u8]) {
     set_nr_entries(b, keys.len());
 }
 
-/// Structural checks of a node read from disk, before anything indexes into it.
-pub fn validate(b: &Block, location: u64, expect_value_size: usize) -> Result<()> {
+fn corrupt(location: u64, problem: String) -> Error {
+    Error::corrupt_block(location, BlockKind::Node, problem)
+}
+
+/// What a node must be whatever tree it is in, checked once, when it is read from the
+/// device (before anything indexes into it; see [`crate::pdata::btree::read_node`]):
+/// exactly one of internal or leaf; a value size whose capacity is dm-thin's formula
+/// (so that every key and value slot lies inside the block); no more entries than that;
+/// keys strictly increasing; an internal node has entries (lookups in an empty one would
+/// find nothing rather than fail), 8-byte values, and children on the device other than
+/// itself. `device_blocks` is the metadata device's size in blocks.
+pub fn validate(b: &Block, location: u64, device_blocks: u64) -> Result<()> {
     let f = flags(b);
     let vs = value_size(b);
     let m = max(b);
     let n = nr_entries(b);
-    let bad = |what: String| Err(Error::corrupt(format!("btree node {location}: {what}")));
     if f != INTERNAL && f != LEAF {
-        return bad(format!("flags {f} are neither internal nor leaf"));
+        return Err(corrupt(
+            location,
+            format!("flags {f} are neither internal ({INTERNAL}) nor leaf ({LEAF})"),
+        ));
     }
-    let want = if f == INTERNAL { 8 } else { expect_value_size };
-    if vs != want {
-        return bad(format!("value size {vs}, expected {want}"));
+    // Bounded first, so that the capacity formula cannot underflow or overflow.
+    if vs > BLOCK_SIZE - HEADER - 8 {
+        return Err(corrupt(
+            location,
+            format!("value size {vs} does not fit a block"),
+        ));
     }
-    if m != max_entries(vs) {
-        return bad(format!("max_entries {m}, expected {}", max_entries(vs)));
+    let want = max_entries(vs);
+    if m != want || m == 0 {
+        return Err(corrupt(
+            location,
+            format!("max_entries {m}, but {vs}-byte values give {want}"),
+        ));
     }
     if n > m {
-        return bad(format!("{n} entries, more than the maximum {m}"));
+        return Err(corrupt(
+            location,
+            format!("{n} entries, more than the maximum {m}"),
+        ));
     }
-    for i in 1..n {
-        if key(b, i - 1) >= key(b, i) {
-            return bad(format!("keys not strictly increasing at entry {i}"));
+    if let Some(i) = (1..n).find(|&i| key(b, i - 1) >= key(b, i)) {
+        return Err(corrupt(
+            location,
+            format!(
+                "keys not strictly increasing: {} then {} at entry {i}",
+                key(b, i - 1),
+                key(b, i)
+            ),
+        ));
+    }
+    if f == INTERNAL {
+        if vs != 8 {
+            return Err(corrupt(
+                location,
+                format!("internal node with {vs}-byte values, not 8"),
+            ));
         }
+        if n == 0 {
+            return Err(corrupt(location, "internal node without entries".into()));
+        }
+        for i in 0..n {
+            let c = value_u64(b, i);
+            if c >= device_blocks || c == location {
+                return Err(corrupt(
+                    location,
+                    format!(
+                        "child {i} is block {c}, {}",
+                        if c == location {
+                            "the node itself".to_string()
+                        } else {
+                            format!("beyond the device ({device_blocks} blocks)")
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a node (already [`validate`]d) can be one of a tree whose leaves hold
+/// `value_size`-byte values. Checked on every read, cached or not: a block's place in the
+/// metadata, not its contents, says which tree it belongs to, and a damaged pointer can
+/// name a block that another tree has already brought into the cache.
+#[inline]
+pub fn check_value_size(b: &Block, location: u64, value_size: usize) -> Result<()> {
+    let vs = self::value_size(b);
+    if is_leaf(b) && vs != value_size {
+        return Err(corrupt(
+            location,
+            format!(
+                "a leaf of {vs}-byte values where this tree's leaves hold {value_size}-byte values"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The keys a node may hold, given the parent entry that leads to it: `[lo, hi)`, with
+/// `hi` None for no upper bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    pub lo: u64,
+    pub hi: Option<u64>,
+}
+
+impl KeyRange {
+    /// A tree's root may hold any key.
+    pub const ALL: KeyRange = KeyRange { lo: 0, hi: None };
+
+    /// The range of child `i` of the internal node `b` (which holds keys in `self`): from
+    /// its key to the next one.
+    #[inline]
+    pub fn child(self, b: &Block, i: usize) -> KeyRange {
+        KeyRange {
+            lo: key(b, i),
+            hi: if i + 1 < nr_entries(b) {
+                Some(key(b, i + 1))
+            } else {
+                self.hi
+            },
+        }
+    }
+}
+
+/// Checks that node `b`'s keys lie in `range`. A parent key is a lower bound of its child's
+/// keys (not always equal to the first: a removal leaves it), and the next parent key an
+/// upper bound; a child outside that is in the wrong place, and a walk that allowed it
+/// could meet one node on many paths. Constant time: the keys are in order.
+#[inline]
+pub fn check_range(b: &Block, location: u64, range: KeyRange) -> Result<()> {
+    let n = nr_entries(b);
+    if n == 0 {
+        return Ok(());
+    }
+    let (first, last) = (key(b, 0), key(b, n - 1));
+    if first < range.lo || range.hi.is_some_and(|hi| last >= hi) {
+        return Err(corrupt(
+            location,
+            format!(
+                "keys {first}..={last} outside the range its parent gives it ({}..{})",
+                range.lo,
+                range.hi.map_or(String::new(), |h| h.to_string())
+            ),
+        ));
     }
     Ok(())
 }
@@ -200,6 +323,39 @@ mod tests {
         assert_eq!(max_entries(8), 252);
         assert_eq!(max_entries(16), 168);
         assert_eq!(max_entries(24), 126);
+    }
+
+    #[test]
+    fn validator_names_each_kind_of_damage() {
+        let mut leaf = [0u8; 4096];
+        init(&mut leaf, LEAF, 8);
+        for i in 0..3 {
+            insert_at(&mut leaf, i, 2 * i as u64, &7u64.to_le_bytes());
+        }
+        validate(&leaf, 5, 10).unwrap();
+        let damaged = |base: &Block, f: &dyn Fn(&mut Block)| {
+            let mut b = *base;
+            f(&mut b);
+            validate(&b, 5, 10).unwrap_err().to_string()
+        };
+        assert!(damaged(&leaf, &|b| put_u32(b, 4, 3)).contains("flags 3"));
+        assert!(damaged(&leaf, &|b| put_u32(b, 20, 251)).contains("max_entries 251"));
+        assert!(damaged(&leaf, &|b| put_u32(b, 24, 5000)).contains("value size 5000"));
+        assert!(damaged(&leaf, &|b| set_nr_entries(b, 253)).contains("253 entries"));
+        assert!(damaged(&leaf, &|b| set_key(b, 2, 2)).contains("not strictly increasing"));
+        let mut internal = [0u8; 4096];
+        init(&mut internal, INTERNAL, 8);
+        assert!(damaged(&internal, &|_| {}).contains("without entries"));
+        insert_at(&mut internal, 0, 0, &9u64.to_le_bytes());
+        validate(&internal, 5, 10).unwrap();
+        assert!(damaged(&internal, &|b| set_value_u64(b, 0, 10)).contains("beyond the device"));
+        assert!(damaged(&internal, &|b| set_value_u64(b, 0, 5)).contains("itself"));
+        let e = damaged(&internal, &|b| {
+            init(b, INTERNAL, 16);
+            insert_at(b, 0, 0, &[0u8; 16]);
+        });
+        assert!(e.contains("16-byte values"), "{e}");
+        assert!(e.contains("block 5 (btree node)"), "{e}");
     }
 
     #[test]
@@ -218,7 +374,19 @@ mod tests {
         remove_at(&mut b, 1);
         assert_eq!(entries(&b).0, vec![1, 5, 9]);
         assert_eq!(value_u64(&b, 1), 50);
-        validate(&b, 0, 8).unwrap();
-        assert!(validate(&b, 0, 24).is_err());
+        validate(&b, 0, 1).unwrap();
+        check_value_size(&b, 0, 8).unwrap();
+        assert!(check_value_size(&b, 0, 24).is_err());
+        check_range(
+            &b,
+            0,
+            KeyRange {
+                lo: 1,
+                hi: Some(10),
+            },
+        )
+        .unwrap();
+        assert!(check_range(&b, 0, KeyRange { lo: 2, hi: None }).is_err());
+        assert!(check_range(&b, 0, KeyRange { lo: 0, hi: Some(9) }).is_err());
     }
 }

@@ -10,25 +10,41 @@ use super::{BitmapState, SpaceMap};
 use crate::pdata::block::BlockKind;
 use crate::pdata::btree::{self, ValueKind};
 use crate::pdata::tm::Tm;
+use crate::thin::device::MAX_DATA_BLOCKS;
 use crate::{Error, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 pub const INDEX_VALUE: ValueKind = ValueKind::Plain(16);
 pub const OVERFLOW_VALUE: ValueKind = ValueKind::Plain(4);
 
-/// Loads the whole data space map into memory.
-pub fn load(tm: &mut Tm, root: &SmRoot) -> Result<SpaceMap> {
+/// Loads the whole data space map into memory. Its bitmaps are metadata blocks below
+/// `metadata_blocks` (the metadata space map's size).
+pub fn load(tm: &mut Tm, root: &SmRoot, metadata_blocks: u64) -> Result<SpaceMap> {
+    if root.nr_blocks > MAX_DATA_BLOCKS {
+        return Err(Error::corrupt(format!(
+            "data space map claims {} blocks, the format addresses at most 2^40",
+            root.nr_blocks
+        )));
+    }
     let entries = btree::entries(tm, root.bitmap_root, INDEX_VALUE)?;
-    let mut bitmaps = Vec::with_capacity(entries.len());
+    let needed = root.nr_blocks.div_ceil(bitmap::ENTRIES_PER_BITMAP);
+    if entries.len() as u64 != needed {
+        return Err(Error::corrupt(format!(
+            "data space map of {} blocks needs {needed} bitmaps, its index has {}",
+            root.nr_blocks,
+            entries.len()
+        )));
+    }
+    let mut index = Vec::with_capacity(entries.len());
     for (i, (k, v)) in entries.iter().enumerate() {
         if *k != i as u64 {
             return Err(Error::corrupt(format!(
                 "data space map index has key {k} where {i} was expected"
             )));
         }
-        let e = IndexEntry::unpack(v);
-        bitmaps.push(load_bitmap(tm, e)?);
+        index.push(IndexEntry::unpack(v));
     }
+    let bitmaps = load_bitmaps(tm, "data", &index, metadata_blocks)?;
     let overflow = load_overflow(tm, root.ref_count_root)?;
     SpaceMap::loaded(
         "data",
@@ -39,9 +55,49 @@ pub fn load(tm: &mut Tm, root: &SmRoot) -> Result<SpaceMap> {
     )
 }
 
-pub fn load_bitmap(tm: &mut Tm, e: IndexEntry) -> Result<BitmapState> {
-    let blk = tm.read(e.blocknr, BlockKind::Bitmap)?;
-    Ok(BitmapState::loaded(bitmap::unpack(&blk), e))
+/// Loads the bitmaps a space map's index names, each entry checked first: a bitmap lives
+/// in a metadata block other than the superblock, inside the metadata space map (below
+/// `metadata_blocks`), named by one entry only (two entries sharing a block would count
+/// each other's blocks), with counts a bitmap can hold.
+pub fn load_bitmaps(
+    tm: &mut Tm,
+    name: &str,
+    index: &[IndexEntry],
+    metadata_blocks: u64,
+) -> Result<Vec<BitmapState>> {
+    let mut seen = HashSet::with_capacity(index.len());
+    let mut bitmaps = Vec::with_capacity(index.len());
+    for (i, e) in index.iter().enumerate() {
+        let bad = |problem: String| {
+            Error::corrupt(format!("{name} space map index entry {i}: {problem}"))
+        };
+        if e.blocknr == 0 || e.blocknr >= metadata_blocks {
+            return Err(bad(format!(
+                "bitmap at block {}, not a block of the metadata space map (1 to {})",
+                e.blocknr,
+                metadata_blocks.saturating_sub(1)
+            )));
+        }
+        if e.nr_free as u64 > bitmap::ENTRIES_PER_BITMAP
+            || e.none_free_before as u64 > bitmap::ENTRIES_PER_BITMAP
+        {
+            return Err(bad(format!(
+                "{} free and none free before {}, in a bitmap of {} entries",
+                e.nr_free,
+                e.none_free_before,
+                bitmap::ENTRIES_PER_BITMAP
+            )));
+        }
+        if !seen.insert(e.blocknr) {
+            return Err(bad(format!(
+                "bitmap block {} is named by an earlier entry too",
+                e.blocknr
+            )));
+        }
+        let blk = tm.read(e.blocknr, BlockKind::Bitmap)?;
+        bitmaps.push(BitmapState::loaded(bitmap::unpack(&blk), *e));
+    }
+    Ok(bitmaps)
 }
 
 pub fn load_overflow(tm: &mut Tm, root: u64) -> Result<BTreeMap<u64, u32>> {

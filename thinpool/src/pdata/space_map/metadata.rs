@@ -28,19 +28,22 @@ pub fn load(tm: &mut Tm, root: &SmRoot) -> Result<SpaceMap> {
             root.nr_blocks
         )));
     }
-    let idx = tm.read(root.bitmap_root, BlockKind::Index)?;
-    let nr_bitmaps = root.nr_blocks.div_ceil(ENTRIES_PER_BITMAP) as usize;
-    let mut bitmaps = Vec::with_capacity(nr_bitmaps);
-    for i in 0..nr_bitmaps {
-        let o = INDEX_HEADER + i * INDEX_ENTRY_SIZE;
-        let e = IndexEntry::unpack(&idx[o..o + INDEX_ENTRY_SIZE]);
-        if e.blocknr == 0 {
-            return Err(Error::corrupt(format!(
-                "metadata space map index lacks bitmap {i}"
-            )));
-        }
-        bitmaps.push(disk::load_bitmap(tm, e)?);
+    let device_blocks = tm.bm.device_blocks();
+    if root.nr_blocks > device_blocks {
+        return Err(Error::corrupt(format!(
+            "metadata space map covers {} blocks but the device has only {device_blocks}",
+            root.nr_blocks
+        )));
     }
+    let idx = tm.read(root.bitmap_root, BlockKind::Index)?;
+    // At most MAX_BITMAPS (checked above), so every entry lies inside the block.
+    let nr_bitmaps = root.nr_blocks.div_ceil(ENTRIES_PER_BITMAP) as usize;
+    let index: Vec<IndexEntry> = idx[INDEX_HEADER..]
+        .chunks_exact(INDEX_ENTRY_SIZE)
+        .take(nr_bitmaps)
+        .map(IndexEntry::unpack)
+        .collect();
+    let bitmaps = disk::load_bitmaps(tm, "metadata", &index, root.nr_blocks)?;
     let overflow = disk::load_overflow(tm, root.ref_count_root)?;
     SpaceMap::loaded(
         "metadata",

@@ -132,18 +132,24 @@ impl SpaceMap {
         };
         // Count from the bitmaps rather than trusting the root's nr_allocated.
         let mut n = 0u64;
+        let mut overflowing = 0u64;
         for (i, bm) in sm.bitmaps.iter().enumerate() {
             let limit = (nr_blocks - i as u64 * ENTRIES_PER_BITMAP).min(ENTRIES_PER_BITMAP);
-            for (wi, w) in bm.words.iter().enumerate() {
-                if (wi as u64) * 32 >= limit {
-                    if *w != 0 {
-                        return Err(Error::corrupt(format!(
-                            "{name} space map bitmap {i} has counts beyond the end of the device"
-                        )));
-                    }
-                    continue;
+            for (wi, &w) in bm.words.iter().enumerate() {
+                // The entries of this word that describe blocks of the device.
+                let inside = limit.saturating_sub(wi as u64 * 32).min(32);
+                let mask = if inside == 32 {
+                    u64::MAX
+                } else {
+                    (1u64 << (2 * inside)) - 1
+                };
+                if w & !mask != 0 {
+                    return Err(Error::corrupt(format!(
+                        "{name} space map bitmap {i} has counts beyond the end of the device"
+                    )));
                 }
-                n += bitmap::used_mask(*w).count_ones() as u64;
+                n += bitmap::used_mask(w).count_ones() as u64;
+                overflowing += (w & (w >> 1) & 0x5555_5555_5555_5555).count_ones() as u64;
             }
         }
         for (&b, &c) in &sm.overflow {
@@ -152,6 +158,14 @@ impl SpaceMap {
                     "{name} space map overflow entry for block {b} (count {c}) does not match its bitmap"
                 )));
             }
+        }
+        // Each entry above names a block marked "3 or more", so equal numbers mean each
+        // such block has its count (rather than failing the first time it is used).
+        if overflowing != sm.overflow.len() as u64 {
+            return Err(Error::corrupt(format!(
+                "{name} space map bitmaps mark {overflowing} blocks with 3 or more references, its reference-count tree holds {}",
+                sm.overflow.len()
+            )));
         }
         sm.nr_allocated = n;
         Ok(sm)
@@ -243,8 +257,9 @@ impl SpaceMap {
         }
         bm.dirty = true;
         bitmap::set(&mut bm.words, j, new);
+        // The free counts come from disk, where only their range is checked: saturating.
         if old == 0 && new != 0 {
-            bm.nr_free -= 1;
+            bm.nr_free = bm.nr_free.saturating_sub(1);
             if j as u32 == bm.none_free_before {
                 bm.none_free_before = j as u32 + 1;
             }
@@ -254,7 +269,7 @@ impl SpaceMap {
                 self.pending_frees -= 1;
             }
         } else if old != 0 && new == 0 {
-            bm.nr_free += 1;
+            bm.nr_free = bm.nr_free.saturating_add(1);
             bm.none_free_before = bm.none_free_before.min(j as u32);
             self.nr_allocated -= 1;
             let committed = bitmap::get(bm.committed.as_deref().unwrap(), j) != 0;
