@@ -78,6 +78,22 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job just listed: created, no progress, no thread yet.
+    fn new(id: String, kind: &'static str, description: String, seq: u64) -> Self {
+        Job {
+            id,
+            kind,
+            description,
+            status: Mutex::new(JobStatus::Created),
+            current: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            cancel: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            thread: Mutex::new(None),
+            seq,
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         *lock(&self.status)
     }
@@ -250,18 +266,7 @@ impl Jobs {
                 vmm_config::limits::JOB_ID_RULE
             ))
         })?;
-        let job = Arc::new(Job {
-            id: id.clone(),
-            kind,
-            description,
-            status: Mutex::new(JobStatus::Created),
-            current: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            cancel: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            thread: Mutex::new(None),
-            seq,
-        });
+        let job = Arc::new(Job::new(id.clone(), kind, description, seq));
         {
             let mut jobs = lock(&self.jobs);
             if jobs.contains_key(&id) {
@@ -578,18 +583,7 @@ mod tests {
         let jobs = Jobs::new(bus);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // What start does before the spawn, then a panic where the spawn would be.
-            let job = Arc::new(Job {
-                id: "p".into(),
-                kind: "test",
-                description: String::new(),
-                status: Mutex::new(JobStatus::Created),
-                current: AtomicU64::new(0),
-                total: AtomicU64::new(0),
-                cancel: AtomicBool::new(false),
-                outcome: Mutex::new(None),
-                thread: Mutex::new(None),
-                seq: 0,
-            });
+            let job = Arc::new(Job::new("p".into(), "test", String::new(), 0));
             lock(&jobs.jobs).insert("p".into(), job.clone());
             let _unlist = Unlist {
                 jobs: &jobs,

@@ -150,8 +150,10 @@ fn racing_writers_provision_one_block_once() {
     }
 }
 
-#[test]
-fn metadata_write_error_rolls_back_and_goes_read_only() {
+/// A pool with block 0 of device 0 committed (1s) and block 1 written after the commit
+/// (2s), whose next commit fails on the metadata device: returns the pool and the commit's
+/// error.
+fn pool_whose_commit_failed() -> (Pool, Error) {
     let meta = Arc::new(FaultyStorage::new(MemStorage::new(4 << 20)));
     let data: Arc<dyn Storage> = Arc::new(MemStorage::new(16 * BS));
     let p = Pool::create(meta.clone(), data, 128, PoolOptions::default()).unwrap();
@@ -161,6 +163,12 @@ fn metadata_write_error_rolls_back_and_goes_read_only() {
     p.write(0, BS, &[2u8; 4096]).unwrap();
     meta.fail_nth(FaultOp::Write, 1, false);
     let e = p.commit().unwrap_err();
+    (p, e)
+}
+
+#[test]
+fn metadata_write_error_rolls_back_and_goes_read_only() {
+    let (p, e) = pool_whose_commit_failed();
     assert!(matches!(e, Error::MetadataIo { .. }), "{e}");
     let st = p.status();
     assert_eq!(st.mode, PoolMode::ReadOnly);
@@ -175,16 +183,8 @@ fn metadata_write_error_rolls_back_and_goes_read_only() {
 
 #[test]
 fn no_flush_succeeds_after_a_failed_commit_rolled_writes_back() {
-    let meta = Arc::new(FaultyStorage::new(MemStorage::new(4 << 20)));
-    let data: Arc<dyn Storage> = Arc::new(MemStorage::new(16 * BS));
-    let p = Pool::create(meta.clone(), data, 128, PoolOptions::default()).unwrap();
-    p.create_thin(0).unwrap();
-    p.write(0, 0, &[1u8; 4096]).unwrap();
-    p.commit().unwrap();
-    // Acknowledged, then lost with the transaction.
-    p.write(0, BS, &[2u8; 4096]).unwrap();
-    meta.fail_nth(FaultOp::Write, 1, false);
-    assert!(p.commit().is_err());
+    // The write to block 1 was acknowledged, then lost with the transaction.
+    let (p, _) = pool_whose_commit_failed();
     assert!(p.status().rolled_back);
     // The device is healthy again, and an in-place write lands; still no FLUSH may vouch
     // for the write to block 1.
