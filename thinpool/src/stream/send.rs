@@ -46,6 +46,13 @@ pub struct SendStats {
     pub stream_bytes: u64,
 }
 
+/// Whether any of `ids` lacks its send/receive identity, so that [`assign_guids`] would
+/// change the registry (a change to make durable).
+pub fn needs_guids(reg: &Registry, ids: &[u32]) -> bool {
+    ids.iter()
+        .any(|id| reg.devices.get(id).is_none_or(|e| e.guid.is_none()))
+}
+
 /// Gives every device in `ids` a guid if it has none. True when the registry changed (the
 /// caller commits it before sending, so the receiver's copy can be matched later).
 pub fn assign_guids(reg: &mut Registry, ids: &[u32]) -> Result<bool, StreamError> {
