@@ -913,32 +913,28 @@ impl Manager {
         let cat = &plan.pool.catalog;
         plan.pool.change(|devices, reg| {
             let id = devices.next_id(reg);
-            let entry = match plan.origin {
+            // A clone reads what its origin reads; a new disk, its external origin if any.
+            let mut entry = match plan.origin {
                 Some(oid) => {
                     devices.create_snap(id, oid)?;
-                    DeviceEntry {
-                        size: plan.size,
-                        read_only: new.read_only,
-                        ..cat.new_snapshot_entry(reg, oid, id, SnapshotKind::Clone)
-                    }
+                    cat.new_snapshot_entry(reg, oid, id, SnapshotKind::Clone)
                 }
                 None => {
                     devices.create_thin(id)?;
-                    let mut e = cat.new_thin_entry(id, plan.size);
-                    e.read_only = new.read_only;
-                    if let Some((path, o)) = &plan.external {
-                        devices.set_external_origin(id, Some(o.clone()))?;
-                        e.external_origin = Some(path.clone());
-                    }
-                    e
+                    cat.new_thin_entry(id, 0)
                 }
             };
-            let serial = new.serial.clone().unwrap_or(entry.serial.clone());
-            let entry = DeviceEntry {
-                name: Some(new.name.to_string()),
-                serial,
-                ..entry
-            };
+            if let Some((path, o)) = &plan.external {
+                devices.set_external_origin(id, Some(o.clone()))?;
+                entry.external_origin = Some(path.clone());
+            }
+            entry.name = Some(new.name.to_string());
+            // A clone may be bigger than its origin.
+            entry.size = plan.size;
+            entry.read_only = new.read_only;
+            if let Some(s) = &new.serial {
+                entry.serial = s.clone();
+            }
             reg.insert(id, entry)
                 .map_err(|e| QmpError::generic(e.to_string()))?;
             Ok(id)

@@ -48,13 +48,7 @@ pub(super) struct Copied {
 impl PoolHandle {
     /// Gives `ids` their send/receive identities, durably, if they have none yet.
     pub(super) fn ensure_guids(&self, ids: &[u32]) -> R<()> {
-        if !stream::needs_guids(&self.registry(), ids) {
-            return Ok(());
-        }
-        self.change(|_, reg| {
-            stream::assign_guids(reg, ids).map_err(stream_err)?;
-            Ok(())
-        })
+        stream::ensure_guids(&self.catalog, ids).map_err(stream_err)
     }
 }
 

@@ -107,12 +107,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
         )
     };
     let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
-    if stream::needs_guids(&cat.registry(), &ids) {
-        cat.change(|_, reg| -> Result<()> {
-            stream::assign_guids(reg, &ids)?;
-            Ok(())
-        })?;
-    }
+    stream::ensure_guids(&cat, &ids)?;
     let reg = cat.registry();
     let resume_offset = match &a.resume {
         None => 0,

@@ -14,7 +14,7 @@ use std::io;
 
 pub use format::{SnapshotRef, StreamHeader};
 pub use receive::{abort, receive, Interrupted, ReceiveError, ReceiveOptions, Received};
-pub use send::{assign_guids, needs_guids, send, SendOptions, SendStats};
+pub use send::{assign_guids, ensure_guids, send, SendOptions, SendStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {

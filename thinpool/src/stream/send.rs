@@ -14,6 +14,7 @@
 
 use super::format::{SnapshotRef, StreamHeader, StreamWriter, MAX_DATA};
 use super::{new_guid, StreamError};
+use crate::catalog::Catalog;
 use crate::delta::{self, DeltaKind, DeltaMode};
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -46,11 +47,22 @@ pub struct SendStats {
     pub stream_bytes: u64,
 }
 
-/// Whether any of `ids` lacks its send/receive identity, so that [`assign_guids`] would
-/// change the registry (a change to make durable).
-pub fn needs_guids(reg: &Registry, ids: &[u32]) -> bool {
-    ids.iter()
-        .any(|id| reg.devices.get(id).is_none_or(|e| e.guid.is_none()))
+/// Gives `ids` their send/receive identities, durably, if any has none yet: a snapshot
+/// gets its identity at its first send. Nothing is committed when all have one.
+pub fn ensure_guids(cat: &Catalog, ids: &[u32]) -> Result<(), StreamError> {
+    let needed = ids.iter().any(|id| {
+        cat.registry()
+            .devices
+            .get(id)
+            .is_none_or(|e| e.guid.is_none())
+    });
+    if !needed {
+        return Ok(());
+    }
+    cat.change(|_, reg| -> Result<(), StreamError> {
+        assign_guids(reg, ids)?;
+        Ok(())
+    })
 }
 
 /// Gives every device in `ids` a guid if it has none. True when the registry changed (the
