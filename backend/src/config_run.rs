@@ -7,7 +7,7 @@
 //! disagree the registry wins and the daemon says so.
 
 use crate::manager::{Manager, PoolHandle};
-use crate::pools::{load_registry, open_pool_zeroing, serial_salt, PoolPaths};
+use crate::pools::{catalog, load_registry, open_pool_zeroing, PoolPaths};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,17 +78,15 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 .map(|s| (s.0 / 4096) as usize)
                 .unwrap_or(cache_blocks),
         };
-        let pool = Arc::new(
-            open_pool_zeroing(&paths, true, p.zeroing)
-                .with_context(|| format!("pool {}", p.name))?,
-        );
+        let pool = open_pool_zeroing(&paths, true, p.zeroing)
+            .with_context(|| format!("pool {}", p.name))?;
         let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
             Registry::new(
                 Registry::default_path(&p.metadata),
                 pool.status().transaction_id,
             )
         });
-        let mut h = PoolHandle::new(&p.name, pool, reg, serial_salt(&p.metadata));
+        let mut h = PoolHandle::new(&p.name, catalog(&paths, pool, Some(reg)));
         h.discard = p.discard == DiscardMode::Unmap;
         h.space.set_mode(match p.out_of_space.policy {
             OutOfSpacePolicy::Error => crate::blk::disk::OutOfSpace::Error,

@@ -108,7 +108,7 @@ pub fn run(
 ) -> Result<()> {
     let stopping = Arc::new(AtomicBool::new(false));
     for p in manager.pools.values() {
-        let (pool, stopping) = (p.pool.clone(), stopping.clone());
+        let (pool, stopping) = (p.pool().clone(), stopping.clone());
         std::thread::Builder::new()
             .name(format!("commit-{}", p.name))
             .spawn(move || {

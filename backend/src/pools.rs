@@ -1,5 +1,5 @@
-//! Opening a pool with its registry, and the one durable-change protocol: what the daemon
-//! and the offline commands share. A pool is opened here for every use, so the rules that
+//! Opening a pool with its registry, as one `thinpool::catalog::Catalog` (which makes
+//! every change to the two durable): what the daemon and the offline commands share. A pool is opened here for every use, so the rules that
 //! protect it (one writer at a time, needs_check, the registry recovered to the pool's
 //! transaction) hold wherever it is opened.
 
@@ -7,8 +7,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use thinpool::catalog::Catalog;
 use thinpool::journal::{self, Journal};
-use thinpool::pool::{CommitHold, Pool, PoolOptions};
+use thinpool::pool::{Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::lock::{LockError, LockKind};
 use thinpool::storage::{FileStorage, Storage};
@@ -230,37 +231,35 @@ pub fn load_registry(paths: &PoolPaths, pool: &Pool) -> Result<Option<Registry>>
     for m in &rec.messages {
         eprintln!("vhost-thin: warning: {}: {m}", path.display());
     }
-    // External origins are beside the metadata, in the registry: attach them before any
-    // device is read. A missing one fails only its devices' reads of unmapped blocks.
-    for f in thinpool::origin::attach_from_registry(pool, &reg) {
-        eprintln!("vhost-thin: warning: external origin {}: {f}", f.path);
-        tracing::warn!("external origin {}: {f}", f.path);
-    }
     Ok(Some(reg))
 }
 
-/// Commits a change: registry first (with the next transaction id), then the pool
-/// carrying the same id — so after a crash in between the registry is exactly one ahead.
-pub fn commit_change(pool: &Pool, registry: Option<&mut Registry>) -> Result<()> {
-    commit_change_held(&pool.hold_commits(), registry)
-}
-
-/// [`commit_change`] under a hold the caller took before changing the pool, so that no
-/// other commit made part of the change durable under the old transaction id.
-pub fn commit_change_held(hold: &CommitHold<'_>, registry: Option<&mut Registry>) -> Result<()> {
-    match registry {
-        Some(reg) => reg.commit(hold)?,
-        None => hold.commit().context("commit failed")?,
+/// The pool with its registry (none: a pool without a registry file), as one catalog,
+/// with the external origins the registry names attached.
+pub fn catalog(paths: &PoolPaths, pool: Pool, registry: Option<Registry>) -> Catalog {
+    let pool = Arc::new(pool);
+    let salt = serial_salt(&paths.metadata);
+    let cat = match registry {
+        Some(reg) => Catalog::new(pool, reg, salt),
+        None => Catalog::without_registry(pool, salt),
+    };
+    // External origins are beside the metadata, in the registry: attach them before any
+    // device is read. A missing one fails only its devices' reads of unmapped blocks.
+    for f in cat.attach_origins() {
+        eprintln!("vhost-thin: warning: external origin {}: {f}", f.path);
+        tracing::warn!("external origin {}: {f}", f.path);
     }
-    Ok(())
+    cat
 }
 
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Opens the pool and its registry, if it has one (what the offline commands work on).
+pub fn open_catalog(paths: &PoolPaths, writable: bool) -> Result<Catalog> {
+    let pool = open_pool(paths, writable)?;
+    let reg = load_registry(paths, &pool)?;
+    Ok(catalog(paths, pool, reg))
 }
+
+pub use thinpool::catalog::now_secs;
 
 /// A per-pool value that makes generated serials differ between pools.
 pub fn serial_salt(metadata: &Path) -> u64 {

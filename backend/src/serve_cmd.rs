@@ -79,7 +79,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         registry: a.registry.clone(),
         cache_blocks: a.cache_blocks,
     };
-    let pool = Arc::new(open_pool(&paths, true)?);
+    let pool = open_pool(&paths, true)?;
     let reg_path = crate::pools::registry_path(&paths)
         .unwrap_or_else(|| thinpool::registry::Registry::default_path(&paths.metadata));
     let mut reg = load_registry(&paths, &pool)?
@@ -123,7 +123,10 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         reg.insert(id, e).map_err(|err| anyhow::anyhow!("{err}"))?;
         to_serve.push((name, spec.clone()));
     }
-    let handle = Arc::new(PoolHandle::new("pool", pool, reg, salt));
+    let handle = Arc::new(PoolHandle::new(
+        "pool",
+        crate::pools::catalog(&paths, pool, Some(reg)),
+    ));
     let socket_dir = a
         .socket_dir
         .clone()

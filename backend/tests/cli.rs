@@ -292,6 +292,35 @@ fn a_crash_between_registry_and_pool_loses_no_device() {
     );
 }
 
+/// The offline `thin snapshot` of a disk over an external origin reads the origin after the
+/// pool is reopened, as the daemon's `snapshot-create` does: the snapshot's registry entry
+/// names the origin its pool device shares.
+#[test]
+fn an_offline_snapshot_of_a_disk_over_an_external_origin_reads_the_origin() {
+    let mut s = common::Served::new("");
+    let image = pattern(1 << 20, 0xab);
+    let golden = s.dir.path().join("golden.img");
+    std::fs::write(&golden, &image).unwrap();
+    let r = s
+        .client()
+        .execute(
+            "disk-add",
+            serde_json::json!({"name": "d1", "external-origin": golden}),
+        )
+        .unwrap();
+    let id = r["thin-id"].as_u64().unwrap().to_string();
+    assert!(s.stop().success());
+    let (m, d) = (s.m.clone(), s.d.clone());
+    cli(&[
+        "thin", "snapshot", "-m", &m, "-d", &d, "--origin", &id, "--id", "7",
+    ]);
+    assert!(export(&m, &d, &id, None) == image, "the disk reads wrong");
+    assert!(
+        export(&m, &d, "7", None) == image,
+        "the offline snapshot does not read the disk's external origin"
+    );
+}
+
 fn sha(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }

@@ -5,9 +5,12 @@
 //!
 //! The small filesystem is a tmpfs mounted in a mount namespace of the daemon's own
 //! (`unshare -rm`), so nothing outlives the test.
+//!
+//! A change whose registry cannot be written fails whole: the pool and the registry change
+//! together or not at all, in memory and across a restart.
 
 mod common;
-use common::{bin, pattern, wait_for, Guest};
+use common::{bin, pattern, run, wait_for, Guest, Served};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -162,4 +165,90 @@ fn after_a_failed_commit_no_flush_succeeds_and_the_pool_says_why() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The names `query` (query-disks or query-snapshots) lists, sorted.
+fn listed(c: &mut vhost_thin::ctl::Client, query: &str) -> Vec<String> {
+    let v = c.execute(query, json!({})).unwrap();
+    let mut names: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `thin ls` of the stopped daemon's pool: (thin id, name) of every device, and what it
+/// warned of (a device in the pool but not in the registry, or the other way round).
+fn devices_at_rest(s: &Served) -> (Vec<(u64, Option<String>)>, String) {
+    let out = run(&["thin", "ls", "-m", &s.m, "-d", &s.d, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let ls: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let devices = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["name"].as_str().map(String::from),
+            )
+        })
+        .collect();
+    (devices, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_change_whose_registry_cannot_be_written_leaves_nothing_behind() {
+    let mut s = Served::new("");
+    let mut c = s.client();
+    c.execute("disk-add", json!({"name": "gone", "size": 1 << 20}))
+        .unwrap();
+    c.execute("snapshot-create", json!({"disk": "disk0", "name": "keep"}))
+        .unwrap();
+    // The registry is written to a temporary file renamed over it: a directory in its
+    // place stops the write, for root too.
+    let tmp = format!("{}.registry.json.tmp", s.m);
+    std::fs::create_dir(&tmp).unwrap();
+    let changes = [
+        ("disk-add", json!({"name": "d1", "size": 1 << 20})),
+        ("snapshot-create", json!({"disk": "disk0", "name": "s1"})),
+        ("disk-remove", json!({"name": "gone"})),
+        ("snapshot-delete", json!({"name": "keep"})),
+    ];
+    for (cmd, args) in &changes {
+        let e = c.execute(cmd, args.clone()).unwrap_err().to_string();
+        assert!(e.contains("registry"), "{cmd}: {e}");
+    }
+    assert_eq!(listed(&mut c, "query-disks"), ["disk0", "gone"]);
+    assert_eq!(listed(&mut c, "query-snapshots"), ["keep"]);
+    drop(c);
+    assert!(s.stop().success());
+    let (devices, warnings) = devices_at_rest(&s);
+    let names: Vec<Option<&str>> = devices.iter().map(|(_, n)| n.as_deref()).collect();
+    assert_eq!(
+        names,
+        [Some("disk0"), Some("gone"), Some("keep")],
+        "{devices:?}"
+    );
+    assert!(!warnings.contains("registry"), "{warnings}");
+    // Writable again: the same changes succeed.
+    std::fs::remove_dir(&tmp).unwrap();
+    s.start("");
+    let mut c = s.client();
+    for (cmd, args) in &changes {
+        c.execute(cmd, args.clone())
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    }
+    assert_eq!(listed(&mut c, "query-disks"), ["d1", "disk0"]);
+    assert_eq!(listed(&mut c, "query-snapshots"), ["s1"]);
+    drop(c);
+    assert!(s.stop().success());
+    let (devices, warnings) = devices_at_rest(&s);
+    let mut names: Vec<&str> = devices.iter().filter_map(|(_, n)| n.as_deref()).collect();
+    names.sort();
+    assert_eq!(names, ["d1", "disk0", "s1"], "{devices:?}");
+    assert!(!warnings.contains("registry"), "{warnings}");
 }

@@ -13,13 +13,15 @@ use common::{env_u64, file, scratch_dir, Rng, BS};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
+use thinpool::catalog::Catalog;
 use thinpool::pool::{Pool, PoolOptions};
 use thinpool::registry::{DeviceEntry, Registry};
 use thinpool::stream::{self, ReceiveOptions, SendOptions};
 
 struct Side {
-    pool: Pool,
+    pool: Arc<Pool>,
     reg: Registry,
 }
 
@@ -32,11 +34,23 @@ fn side(dir: &Path, name: &str, data_bytes: u64, block_sectors: u32) -> Side {
     )
     .unwrap();
     let reg = Registry::new(dir.join(format!("{name}.registry.json")), 0);
-    Side { pool, reg }
+    Side {
+        pool: Arc::new(pool),
+        reg,
+    }
+}
+
+/// The side's pool and registry as one catalog for `f`.
+fn with_catalog<T>(s: &mut Side, f: impl FnOnce(&Catalog) -> T) -> T {
+    let placeholder = Registry::new(s.reg.path(), 0);
+    let reg = std::mem::replace(&mut s.reg, placeholder);
+    let cat = Catalog::new(s.pool.clone(), reg, 0);
+    let r = f(&cat);
+    s.reg = cat.into_registry();
+    r
 }
 
 fn snapshot(s: &mut Side, id: u32, origin: u32, name: &str, size: u64) {
-    s.pool.create_snap(id, origin).unwrap();
     let e = DeviceEntry {
         name: Some(name.into()),
         size,
@@ -45,25 +59,23 @@ fn snapshot(s: &mut Side, id: u32, origin: u32, name: &str, size: u64) {
         origin: Some(origin),
         ..Default::default()
     };
-    s.reg.insert(id, e).unwrap();
-    stream::assign_guids(&mut s.reg, &[id]).unwrap();
-    s.reg.commit(&s.pool.hold_commits()).unwrap();
+    with_catalog(s, |cat| {
+        cat.change(|devices, reg| -> Result<(), stream::StreamError> {
+            devices.create_snap(id, origin)?;
+            reg.insert(id, e)?;
+            stream::assign_guids(reg, &[id])?;
+            Ok(())
+        })
+    })
+    .unwrap();
 }
 
-/// Receives into `s` with default options (the registry is lent to `stream::receive`, which
-/// locks it only around its changes).
+/// Receives into `s` with default options.
 fn receive(s: &mut Side, input: impl std::io::Read) -> thinpool::stream::Received {
-    let placeholder = Registry::new(s.reg.path(), 0);
-    let reg = std::sync::Mutex::new(std::mem::replace(&mut s.reg, placeholder));
-    let got = stream::receive(
-        &s.pool,
-        &reg,
-        input,
-        &ReceiveOptions::default(),
-        &mut |_, _| {},
-    );
-    s.reg = reg.into_inner().unwrap();
-    got.unwrap()
+    with_catalog(s, |cat| {
+        stream::receive(cat, input, &ReceiveOptions::default(), &mut |_, _| {})
+    })
+    .unwrap()
 }
 
 fn mibs(bytes: u64, secs: f64) -> String {

@@ -6,10 +6,12 @@
 //! (superblock, device details, the two-level mapping tree) → [`pool`] (the data path with
 //! per-block locking, modes, commit policy). [`check`] verifies a pool the way `thin_check`
 //! does; [`xml`] reads and writes `thin_dump` XML; [`registry`] keeps names and sizes
-//! ([`names`] says what a name is);
+//! ([`names`] says what a name is), and [`catalog`] owns a pool with its registry: every
+//! change to the two goes through it;
 //! [`origin`] serves external origins (golden images) and [`merge`] writes a thin device
 //! back into one.
 
+pub mod catalog;
 pub mod cells;
 pub mod check;
 pub mod delta;

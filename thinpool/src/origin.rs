@@ -6,13 +6,11 @@
 //! write does not cover from the origin into the new block. The origin is not part of the
 //! dm-thin metadata — the kernel takes it from the table line — so the pool keeps it in
 //! memory ([`crate::pool::Pool::set_external_origin`]) and the registry keeps its path
-//! ([`crate::registry::DeviceEntry::external_origin`]); [`attach_from_registry`] joins the
-//! two when a pool is opened.
+//! ([`crate::registry::DeviceEntry::external_origin`]);
+//! [`crate::catalog::Catalog::attach_origins`] joins the two when a pool is opened. This
+//! module is the data path's: it knows storage, not pools or registries.
 
-use crate::pool::Pool;
-use crate::registry::Registry;
 use crate::storage::{FileStorage, Storage};
-use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -198,68 +196,6 @@ impl Storage for Unavailable {
     fn len(&self) -> u64 {
         u64::MAX
     }
-}
-
-/// One device whose external origin could not be attached.
-#[derive(Debug)]
-pub struct AttachFailure {
-    pub id: u32,
-    pub path: String,
-    /// Shared by the devices that name the same path.
-    pub error: Arc<OriginError>,
-}
-
-impl std::fmt::Display for AttachFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "thin device {}: {}", self.id, self.error)
-    }
-}
-
-/// Gives every device of the pool the external origin its registry entry names (and
-/// takes it away from entries that name none). Each path is opened once and shared by
-/// the devices that name it. A device whose origin cannot be opened gets an unavailable
-/// one (its reads of unmapped blocks fail rather than read zeros) and is reported; the
-/// others are attached regardless. Registry entries without a pool device are skipped
-/// (reconciliation reports them).
-pub fn attach_from_registry(pool: &Pool, reg: &Registry) -> Vec<AttachFailure> {
-    let pool_ids: std::collections::HashSet<u32> =
-        pool.devices().into_iter().map(|(id, _)| id).collect();
-    let mut opened: HashMap<&str, Result<Arc<ExternalOrigin>, Arc<OriginError>>> = HashMap::new();
-    let mut failures = Vec::new();
-    for (&id, entry) in &reg.devices {
-        if !pool_ids.contains(&id) {
-            continue;
-        }
-        let origin = match &entry.external_origin {
-            None => None,
-            Some(path) => {
-                let got = opened.entry(path.as_str()).or_insert_with(|| {
-                    ExternalOrigin::open(Path::new(path))
-                        .map(Arc::new)
-                        .map_err(Arc::new)
-                });
-                match got {
-                    Ok(o) => Some(o.clone()),
-                    Err(e) => {
-                        failures.push(AttachFailure {
-                            id,
-                            path: path.clone(),
-                            error: e.clone(),
-                        });
-                        Some(Arc::new(ExternalOrigin::unavailable(path, e.to_string())))
-                    }
-                }
-            }
-        };
-        if let Err(e) = pool.set_external_origin(id, origin) {
-            failures.push(AttachFailure {
-                id,
-                path: entry.external_origin.clone().unwrap_or_default(),
-                error: Arc::new(e.into()),
-            });
-        }
-    }
-    failures
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@
 //! commit is undone in the registry too, and the two agree again (the old state, never
 //! half of the new one). [`Registry::reconcile`] reports any other disagreement: a device
 //! that is in the pool but not in the registry is still reachable by its thin id, and a
-//! registry entry without a pool device is reported.
+//! registry entry without a pool device is reported. The change itself is made by
+//! [`crate::catalog::Catalog::change`], which owns a pool and its registry.
 
 use crate::names::{check_name, NameError, NAME_RULE};
 use serde::{Deserialize, Serialize};
@@ -37,8 +38,6 @@ pub enum RegistryError {
     NameTaken(String),
     #[error("{name:?} is not a valid name: {why}; a name is {rule}", rule = crate::names::NAME_RULE)]
     BadName { name: String, why: NameError },
-    #[error("commit failed: {0}")]
-    Commit(#[from] crate::Error),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,24 +334,6 @@ impl Registry {
         self.saved = Some(prev);
         self.previous = None;
         Some(msg)
-    }
-
-    /// Makes a change durable in both places: the registry first, carrying the next
-    /// transaction id, then the pool committing with that id, so that after a crash in
-    /// between the registry is exactly one transaction ahead (see the module doc).
-    /// The hold must have been taken before the pool was changed, so that no other commit
-    /// made part of the change durable under the old transaction id.
-    pub fn commit(&mut self, hold: &crate::pool::CommitHold<'_>) -> Result<(), RegistryError> {
-        let pool = hold.pool();
-        let old = pool.status().transaction_id;
-        let next = old.checked_add(1).ok_or_else(|| {
-            crate::Error::InvalidArgument("the pool's transaction id is at its maximum".into())
-        })?;
-        self.transaction_id = next;
-        self.save()?;
-        pool.set_transaction_id(old, next)?;
-        hold.commit()?;
-        Ok(())
     }
 
     /// The device with this send/receive identity.

@@ -81,7 +81,7 @@ impl Manager {
             .existing("external origin", std::path::Path::new(&path))?;
         // The snapshot's ancestry: what it was taken of, and so on up.
         let ancestry: BTreeSet<u32> = {
-            let reg = lock(&f.pool.registry);
+            let reg = f.pool.registry();
             let mut set = BTreeSet::new();
             let mut o = f.entry.origin;
             while let Some(id) = o {
@@ -96,7 +96,7 @@ impl Manager {
         let mut readers = BTreeSet::new();
         let mut others = Vec::new();
         for p in self.pools.values() {
-            let reg = lock(&p.registry);
+            let reg = p.registry();
             for (id, e) in &reg.devices {
                 if e.external_origin.as_deref() != Some(path.as_str()) {
                     continue;
@@ -158,7 +158,7 @@ impl Manager {
                 start_offset: start,
                 ..Default::default()
             };
-            let outcome = merge_into_origin(&ph.pool, id, size, Path::new(&path), &opts, &mut |next, total| {
+            let outcome = merge_into_origin(ph.pool(), id, size, Path::new(&path), &opts, &mut |next, total| {
                 ctx.progress(next, total);
                 if let Err(e) = record(Some(next)) {
                     tracing::warn!("merge of {id}: cannot record the checkpoint at {next}: {}", e.desc);
@@ -175,8 +175,7 @@ impl Manager {
             record(None)?;
             // The image may have grown (extended to the snapshot's size): attach it anew.
             for p in me.pools.values() {
-                let reg = lock(&p.registry);
-                for fail in thinpool::origin::attach_from_registry(&p.pool, &reg) {
+                for fail in p.catalog.attach_origins() {
                     tracing::warn!("after the merge: external origin {}: {fail}", fail.path);
                 }
             }

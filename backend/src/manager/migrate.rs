@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
-use thinpool::registry::{make_serial, DeviceEntry, Migration};
+use thinpool::catalog::SnapshotKind;
+use thinpool::registry::{DeviceEntry, Migration};
 
 /// Live passes before the final one, at most.
 const MAX_LIVE_PASSES: usize = 8;
@@ -128,29 +129,20 @@ fn lineage(reg: &thinpool::registry::Registry, disk: u32) -> Vec<u32> {
 fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     // Its change commits, and a commit holds new mappings while it flushes: a commit first,
     // with nothing held, leaves that one little to flush (the guest goes on writing).
-    p.pool.commit()?;
-    let created = crate::pools::now_secs();
-    p.change(|pool, reg| {
-        let size = reg.devices.get(&disk).map(|e| e.size).unwrap_or(0);
-        let id = reg.next_id(&p.devices());
-        pool.create_snap(id, disk)?;
-        reg.insert(
-            id,
-            DeviceEntry {
-                name: Some(format!(".{job}.{n}")),
-                size,
-                read_only: true,
-                serial: make_serial(id, created, p.salt),
-                snapshot: true,
-                origin: Some(disk),
-                created,
-                migration: Some(Migration::Outgoing {
-                    job: job.to_string(),
-                }),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| QmpError::generic(e.to_string()))?;
+    p.pool().commit()?;
+    p.change(|devices, reg| {
+        let id = devices.next_id(reg);
+        devices.create_snap(id, disk)?;
+        let entry = DeviceEntry {
+            name: Some(format!(".{job}.{n}")),
+            migration: Some(Migration::Outgoing {
+                job: job.to_string(),
+            }),
+            ..p.catalog
+                .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
+        };
+        reg.insert(id, entry)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         Ok(id)
     })
 }
@@ -160,10 +152,10 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
 /// long, then deleted.
 fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
     for id in ids {
-        let size = lock(&p.registry).devices.get(id).map(|e| e.size);
+        let size = p.registry().devices.get(id).map(|e| e.size);
         if let Some(size) = size {
-            let bs = p.pool.block_bytes();
-            p.pool.discard(*id, 0, size.div_ceil(bs) * bs)?;
+            let bs = p.pool().block_bytes();
+            p.pool().discard(*id, 0, size.div_ceil(bs) * bs)?;
         }
     }
     p.delete_devices(ids)
@@ -199,7 +191,7 @@ impl Manager {
                 )));
             }
         }
-        let snaps = lineage(&lock(&f.pool.registry), f.id);
+        let snaps = lineage(&f.pool.registry(), f.id);
         let ids: Vec<u32> = snaps.iter().copied().chain([f.id]).collect();
         let pins = self.pin(&f.pool, &ids, "migrate")?;
         let description = format!(
@@ -315,15 +307,11 @@ impl Manager {
         // The final pass, with the guest's writes held, and the switch.
         ctx.check()?;
         let _op = lock(&self.op);
-        let entry = lock(&src.registry)
-            .devices
-            .get(&disk)
-            .cloned()
-            .ok_or_else(|| {
-                QmpError::generic(format!("disk '{name}' vanished during the migration"))
-            })?;
+        let entry = src.registry().devices.get(&disk).cloned().ok_or_else(|| {
+            QmpError::generic(format!("disk '{name}' vanished during the migration"))
+        })?;
         // As for a snapshot: committed first, so the commits with writes held are short.
-        src.pool.commit()?;
+        src.pool().commit()?;
         let mut gate = served.as_ref().map(|d| d.drain());
         let t0 = Instant::now();
         let tf = helper_snapshot(src, disk, &job, helpers)?;
@@ -337,16 +325,16 @@ impl Manager {
             from_pool: src.name.clone(),
         };
         let src_names: BTreeMap<u32, DeviceEntry> = {
-            let reg = lock(&src.registry);
+            let reg = src.registry();
             copies
                 .iter()
                 .filter_map(|(s, _)| reg.devices.get(s).map(|e| (*s, e.clone())))
                 .collect()
         };
         // The point of no return: one commit of the new pool's registry.
-        let new_id = dst.change(|pool, reg| {
-            let id = reg.next_id(&dst.devices());
-            pool.create_snap(id, last_copy)?;
+        let new_id = dst.change(|devices, reg| {
+            let id = devices.next_id(reg);
+            devices.create_snap(id, last_copy)?;
             let ids: BTreeMap<u32, u32> = copies.iter().copied().collect();
             for (s, d) in &copies {
                 let old = &src_names[s];
@@ -387,7 +375,7 @@ impl Manager {
         made.dst.clear();
         made.src.clear();
         if let (Some(d), Some(g)) = (served.as_ref(), gate.as_mut()) {
-            d.retarget(g, dst.pool.clone(), new_id, dst.space.clone());
+            d.retarget(g, dst.pool().clone(), new_id, dst.space.clone());
         }
         if let Some(s) = lock(&self.disks).get_mut(name) {
             s.pool = dst.clone();
@@ -423,7 +411,8 @@ impl Manager {
     /// After the switch of job `job` from `src` to `dst`: deletes the disk, its snapshots
     /// and the helpers from `src`, the helper copies from `dst`, and clears the marks.
     fn finish_switch(&self, src: &PoolHandle, dst: &PoolHandle, job: &str) -> R<()> {
-        let switched_names: Vec<String> = lock(&dst.registry)
+        let switched_names: Vec<String> = dst
+            .registry()
             .devices
             .values()
             .filter(
@@ -431,7 +420,8 @@ impl Manager {
             )
             .filter_map(|e| e.name.clone())
             .collect();
-        let old: Vec<u32> = lock(&src.registry)
+        let old: Vec<u32> = src
+            .registry()
             .devices
             .iter()
             .filter(|(_, e)| {
@@ -444,7 +434,7 @@ impl Manager {
             .map(|(&id, _)| id)
             .collect();
         src.delete_devices(&old)?;
-        dst.change(|pool, reg| {
+        dst.change(|devices, reg| {
             let helpers: Vec<u32> = reg
                 .devices
                 .iter()
@@ -452,7 +442,7 @@ impl Manager {
                 .map(|(&id, _)| id)
                 .collect();
             for id in helpers {
-                pool.delete(id)?;
+                devices.delete(id)?;
                 reg.devices.remove(&id);
             }
             for e in reg.devices.values_mut() {
@@ -472,7 +462,8 @@ impl Manager {
         let mut done = Vec::new();
         // Switched first: they decide which old copies go.
         for dst in self.pools.values() {
-            let jobs: BTreeMap<String, String> = lock(&dst.registry)
+            let jobs: BTreeMap<String, String> = dst
+                .registry()
                 .devices
                 .values()
                 .filter_map(|e| match &e.migration {
@@ -500,7 +491,8 @@ impl Manager {
         }
         // Whatever else carries a mark was never switched to.
         for p in self.pools.values() {
-            let left: Vec<u32> = lock(&p.registry)
+            let left: Vec<u32> = p
+                .registry()
                 .devices
                 .iter()
                 .filter(|(_, e)| {

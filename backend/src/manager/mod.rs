@@ -17,7 +17,6 @@ use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
 use crate::blk::relay::{self, HandlerSocket};
 use crate::mgmt::events::EventBus;
 use crate::mgmt::QmpError;
-use crate::pools::commit_change_held;
 use crate::socket::SocketFile;
 use crate::sync::lock;
 use serde_json::{json, Value};
@@ -28,10 +27,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use thinpool::catalog::{Catalog, Devices, RegistryRef, SnapshotKind};
 use thinpool::delta::DeltaMode;
 use thinpool::origin::ExternalOrigin;
 use thinpool::pool::{Pool, PoolMode};
-use thinpool::registry::{make_serial, DeviceEntry, Migration, Registry};
+use thinpool::registry::{DeviceEntry, Migration, Registry};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_config::limits;
@@ -41,31 +41,32 @@ type R<T> = Result<T, QmpError>;
 /// A pool the daemon serves from.
 pub struct PoolHandle {
     pub name: String,
-    pub pool: Arc<Pool>,
-    pub registry: Mutex<Registry>,
+    /// The pool and its registry: every change to them goes through it.
+    pub catalog: Catalog,
     pub space: Arc<SpacePolicy>,
     /// Low-water marks in percent: data, metadata.
     pub low_water: Mutex<(u8, u8)>,
-    pub salt: u64,
     /// Whether its disks offer DISCARD to guests (configuration `discard: unmap`).
     pub discard: bool,
 }
 
 impl PoolHandle {
-    pub fn new(name: &str, pool: Arc<Pool>, registry: Registry, salt: u64) -> Self {
+    pub fn new(name: &str, catalog: Catalog) -> Self {
         PoolHandle {
             name: name.to_string(),
-            pool,
-            registry: Mutex::new(registry),
+            catalog,
             space: Arc::new(SpacePolicy::default()),
             low_water: Mutex::new((80, 80)),
-            salt,
             discard: true,
         }
     }
 
-    fn devices(&self) -> Vec<u32> {
-        self.pool.devices().iter().map(|(id, _)| *id).collect()
+    pub fn pool(&self) -> &Arc<Pool> {
+        self.catalog.pool()
+    }
+
+    pub fn registry(&self) -> RegistryRef<'_> {
+        self.catalog.registry()
     }
 
     /// Deletes devices and their registry entries in one durable change (an entry whose
@@ -74,11 +75,11 @@ impl PoolHandle {
         if ids.is_empty() {
             return Ok(());
         }
-        self.change(|pool, reg| {
-            let present = self.devices();
+        self.change(|devices, reg| {
+            let present = devices.ids();
             for id in ids {
                 if present.contains(id) {
-                    pool.delete(*id)?;
+                    devices.delete(*id)?;
                 }
                 reg.devices.remove(id);
             }
@@ -88,20 +89,10 @@ impl PoolHandle {
         Ok(())
     }
 
-    /// Applies a change to the pool and the registry, then makes both durable. `f` must
-    /// do its checks before it changes anything.
-    ///
-    /// Commits are held off from before `f` until the change is committed: a periodic
-    /// commit or a guest's FLUSH landing after `f` changed the pool but before the
-    /// registry is written would make the pool half of the change (a device created or
-    /// deleted) under the old transaction id, which a crash then leaves disagreeing with
-    /// the registry.
-    fn change<T>(&self, f: impl FnOnce(&Pool, &mut Registry) -> R<T>) -> R<T> {
-        let mut reg = lock(&self.registry);
-        let hold = self.pool.hold_commits();
-        let v = f(&self.pool, &mut reg)?;
-        commit_change_held(&hold, Some(&mut reg))?;
-        Ok(v)
+    /// Applies a change to the pool and the registry, then makes both durable, or, if
+    /// anything fails, leaves both as they were (see `thinpool::catalog`).
+    fn change<T>(&self, f: impl FnOnce(&mut Devices<'_>, &mut Registry) -> R<T>) -> R<T> {
+        self.catalog.change(f)
     }
 }
 
@@ -186,10 +177,8 @@ struct DiskPlan {
     pool: Arc<PoolHandle>,
     origin: Option<u32>,
     size: u64,
-    /// The external origin: its path as given, opened.
+    /// The external origin: its path as given, opened. (A clone reads its origin's.)
     external: Option<(String, Arc<ExternalOrigin>)>,
-    /// A clone's: its origin's external origin (the pool's snapshot inherits it).
-    inherited_external: Option<String>,
 }
 
 /// A disk's socket, bound before the disk is served.
@@ -302,7 +291,8 @@ impl Manager {
     pub fn drop_abandoned_receives(&self) -> R<Vec<String>> {
         let mut done = Vec::new();
         for p in self.pools.values() {
-            let left: Vec<(u32, String)> = lock(&p.registry)
+            let left: Vec<(u32, String)> = p
+                .registry()
                 .devices
                 .iter()
                 .filter_map(|(&id, e)| {
@@ -350,7 +340,7 @@ impl Manager {
 
     fn find(&self, name: &str) -> R<Found> {
         for p in self.pools.values() {
-            let reg = lock(&p.registry);
+            let reg = p.registry();
             let found = reg
                 .find(name)
                 .and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
@@ -376,7 +366,7 @@ impl Manager {
     pub fn disk_names(&self) -> Vec<String> {
         let mut out = Vec::new();
         for p in self.pools.values() {
-            let reg = lock(&p.registry);
+            let reg = p.registry();
             out.extend(
                 reg.devices
                     .values()
@@ -400,7 +390,7 @@ impl Manager {
         let taken = self
             .pools
             .values()
-            .any(|p| lock(&p.registry).holder_of(name).is_some());
+            .any(|p| p.registry().holder_of(name).is_some());
         if taken {
             return Err(QmpError::generic(format!(
                 "the name '{name}' is already in use"
@@ -520,7 +510,7 @@ impl Manager {
             )));
         }
         let disk = Arc::new(Disk::with_policy(
-            f.pool.pool.clone(),
+            f.pool.pool().clone(),
             DiskOptions {
                 name: name.to_string(),
                 thin_id: f.id,
@@ -635,7 +625,7 @@ impl Manager {
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
             .collect();
         for p in self.pools.values() {
-            p.pool
+            p.pool()
                 .commit()
                 .map_err(|e| anyhow::anyhow!("final commit of pool {}: {e}", p.name))?;
         }
@@ -657,7 +647,7 @@ impl Manager {
     pub fn query_pools(&self) -> R<Value> {
         let mut out = Vec::new();
         for p in self.pools.values() {
-            let st = p.pool.status();
+            let st = p.pool().status();
             let (lw_data, lw_meta) = *lock(&p.low_water);
             let policy = match p.space.mode() {
                 OutOfSpace::Error => json!({"out-of-space": "error"}),
@@ -705,10 +695,12 @@ impl Manager {
             .collect();
         let mut out = Vec::new();
         for p in self.pools.values() {
-            let usage = p.pool.with_metadata(thinpool::thin::usage::device_usage)?;
+            let usage = p
+                .pool()
+                .with_metadata(thinpool::thin::usage::device_usage)?;
             let usage: BTreeMap<u32, _> = usage.into_iter().map(|u| (u.id, u)).collect();
-            let bs = p.pool.block_bytes();
-            let reg = lock(&p.registry);
+            let bs = p.pool().block_bytes();
+            let reg = p.registry();
             let name_of = |id: u32| reg.devices.get(&id).and_then(|e| e.name.clone());
             for (&id, e) in &reg.devices {
                 if e.snapshot != snapshots {
@@ -913,45 +905,38 @@ impl Manager {
             origin: origin.map(|(o, _)| o),
             size,
             external,
-            inherited_external,
         })
     }
 
     /// Creates the thin device and its registry entry, durably.
     fn create_disk(&self, new: &NewDisk<'_>, plan: &DiskPlan) -> R<u32> {
-        let ph = &plan.pool;
-        let created = crate::pools::now_secs();
-        ph.change(|pool, reg| {
-            let id = reg.next_id(&ph.devices());
-            match plan.origin {
-                Some(oid) => pool.create_snap(id, oid)?,
-                None => pool.create_thin(id)?,
+        let cat = &plan.pool.catalog;
+        plan.pool.change(|devices, reg| {
+            let id = devices.next_id(reg);
+            // A clone reads what its origin reads; a new disk, its external origin if any.
+            let mut entry = match plan.origin {
+                Some(oid) => {
+                    devices.create_snap(id, oid)?;
+                    cat.new_snapshot_entry(reg, oid, id, SnapshotKind::Clone)
+                }
+                None => {
+                    devices.create_thin(id)?;
+                    cat.new_thin_entry(id, 0)
+                }
+            };
+            if let Some((path, o)) = &plan.external {
+                devices.set_external_origin(id, Some(o.clone()))?;
+                entry.external_origin = Some(path.clone());
             }
-            if let Some((_, o)) = &plan.external {
-                pool.set_external_origin(id, Some(o.clone()))?;
+            entry.name = Some(new.name.to_string());
+            // A clone may be bigger than its origin.
+            entry.size = plan.size;
+            entry.read_only = new.read_only;
+            if let Some(s) = &new.serial {
+                entry.serial = s.clone();
             }
-            reg.insert(
-                id,
-                DeviceEntry {
-                    name: Some(new.name.to_string()),
-                    size: plan.size,
-                    read_only: new.read_only,
-                    serial: new
-                        .serial
-                        .clone()
-                        .unwrap_or_else(|| make_serial(id, created, ph.salt)),
-                    snapshot: false,
-                    origin: plan.origin,
-                    created,
-                    external_origin: plan
-                        .external
-                        .as_ref()
-                        .map(|(p, _)| p.clone())
-                        .or_else(|| plan.inherited_external.clone()),
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+            reg.insert(id, entry)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
             Ok(id)
         })
     }
@@ -1054,7 +1039,6 @@ impl Manager {
         // A disk being migrated: a snapshot taken now would be left behind.
         self.check_unpinned(&f, disk)?;
         let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
-        let created = crate::pools::now_secs();
         // Pool::create_snap already waits for the origin's writes in flight and holds new
         // ones (the pool's per-device gate), which is all a point in time needs. The disk's
         // gate is taken as well so that a guest request made of several pool operations
@@ -1063,32 +1047,24 @@ impl Manager {
         // The change commits, with the guest's writes held. A commit first, while they go
         // on, leaves that one little to flush, and waits out a commit already under way
         // (the timer's, another disk's FLUSH) that the held writes would otherwise wait for.
-        f.pool.pool.commit()?;
+        f.pool.pool().commit()?;
         // The pause starts here: new requests wait from the moment the gate is asked for.
         let t0 = Instant::now();
         let gate = served
             .as_ref()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));
         let drained = t0.elapsed();
-        let r = f.pool.change(|pool, reg| {
-            let id = reg.next_id(&f.pool.devices());
-            pool.create_snap(id, f.id)?;
-            reg.insert(
-                id,
-                DeviceEntry {
-                    name: Some(name.to_string()),
-                    size: f.entry.size,
-                    read_only: true,
-                    serial: make_serial(id, created, f.pool.salt),
-                    snapshot: true,
-                    origin: Some(f.id),
-                    created,
-                    // The pool's snapshot reads the same external origin.
-                    external_origin: f.entry.external_origin.clone(),
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        let r = f.pool.change(|devices, reg| {
+            let id = devices.next_id(reg);
+            devices.create_snap(id, f.id)?;
+            let entry = DeviceEntry {
+                name: Some(name.to_string()),
+                ..f.pool
+                    .catalog
+                    .new_snapshot_entry(reg, f.id, id, SnapshotKind::Kept)
+            };
+            reg.insert(id, entry)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
             Ok(id)
         });
         drop(gate);
@@ -1143,10 +1119,9 @@ impl Manager {
                 "disk '{disk}' is in use by a guest: its contents cannot change under it; shut the guest down first"
             )));
         }
-        d.pool.change(|pool, _| {
+        d.pool.change(|devices, _| {
             // Same thin id, new contents: the disk keeps its name, serial and socket.
-            pool.delete(d.id)?;
-            pool.create_snap(d.id, s.id)?;
+            devices.replace_with_snapshot(d.id, s.id)?;
             Ok(())
         })?;
         drop(gate);
@@ -1181,9 +1156,9 @@ impl Manager {
         };
         let runs = l
             .pool
-            .pool
+            .pool()
             .with_metadata(|md| thinpool::delta::runs(md, l.id, r.id, false, mode))?;
-        let bs = l.pool.pool.block_bytes();
+        let bs = l.pool.pool().block_bytes();
         let max = max.clamp(1, 100_000) as usize;
         let mut page: Vec<Value> = Vec::new();
         let mut next = None;
@@ -1257,25 +1232,25 @@ impl Manager {
 
     pub fn pool_reserve_metadata_snap(&self, pool: Option<&str>) -> R<Value> {
         let p = self.pool(pool)?;
-        let h = p.pool.reserve_metadata_snap()?;
+        let h = p.pool().reserve_metadata_snap()?;
         Ok(json!({"block": h}))
     }
 
     pub fn pool_release_metadata_snap(&self, pool: Option<&str>) -> R<Value> {
-        self.pool(pool)?.pool.release_metadata_snap()?;
+        self.pool(pool)?.pool().release_metadata_snap()?;
         Ok(json!({}))
     }
 
     pub fn pool_commit(&self, pool: Option<&str>) -> R<Value> {
-        self.pool(pool)?.pool.commit()?;
+        self.pool(pool)?.pool().commit()?;
         Ok(json!({}))
     }
 
     pub fn pool_grow(&self, pool: Option<&str>) -> R<Value> {
         let p = self.pool(pool)?;
-        let blocks = p.pool.grow_data()?;
-        let meta = p.pool.grow_metadata()?;
-        p.pool.commit()?;
+        let blocks = p.pool().grow_data()?;
+        let meta = p.pool().grow_metadata()?;
+        p.pool().commit()?;
         p.space.space_changed();
         Ok(json!({"data-blocks": blocks, "metadata-blocks": meta}))
     }
@@ -1288,7 +1263,7 @@ impl Manager {
             let mut state: BTreeMap<String, (bool, bool, bool, PoolMode, bool, u64)> = BTreeMap::new();
             while !stop.load(Ordering::SeqCst) {
                 for p in me.pools.values() {
-                    let st = p.pool.status();
+                    let st = p.pool().status();
                     let u = &st.usage;
                     let (lw_d, lw_m) = *lock(&p.low_water);
                     let data_pct = u.data_used * 100 / u.data_blocks.max(1);

@@ -139,7 +139,7 @@ impl Manager {
         // Past every `<disk>@r<n>` there is (a schedule stopped and started again keeps
         // the snapshots of the old one).
         let taken = {
-            let reg = lock(&f.pool.registry);
+            let reg = f.pool.registry();
             series(
                 reg.devices
                     .values()
@@ -241,7 +241,7 @@ impl Manager {
             .pools
             .values()
             .flat_map(|p| {
-                lock(&p.registry)
+                p.registry()
                     .devices
                     .values()
                     .filter(|e| e.replication.is_some() && !e.snapshot)
@@ -416,7 +416,7 @@ impl Manager {
                 let base_id = base_id.filter(|_| {
                     base.as_ref()
                         .and_then(|b| b.entry.guid.clone())
-                        .is_some_and(|g| lock(&dst.registry).find_guid(&g).is_some())
+                        .is_some_and(|g| dst.registry().find_guid(&g).is_some())
                 });
                 let seq = snap.rsplit("@r").next().unwrap_or("0");
                 let name = format!("{prefix}@r{seq}");
@@ -461,7 +461,7 @@ impl Manager {
                 .values()
                 .filter(|p| pool.is_none_or(|n| p.name == n))
                 .flat_map(|p| {
-                    lock(&p.registry)
+                    p.registry()
                         .devices
                         .values()
                         .filter(|e| e.snapshot)

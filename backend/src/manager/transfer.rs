@@ -48,12 +48,7 @@ pub(super) struct Copied {
 impl PoolHandle {
     /// Gives `ids` their send/receive identities, durably, if they have none yet.
     pub(super) fn ensure_guids(&self, ids: &[u32]) -> R<()> {
-        let mut reg = lock(&self.registry);
-        let hold = self.pool.hold_commits();
-        if stream::assign_guids(&mut reg, ids).map_err(stream_err)? {
-            crate::pools::commit_change_held(&hold, Some(&mut reg))?;
-        }
-        Ok(())
+        stream::ensure_guids(&self.catalog, ids).map_err(stream_err)
     }
 }
 
@@ -75,9 +70,9 @@ fn send_to(
 ) -> R<SendStats> {
     // A copy of the registry: the send reads names and identities from it, and the real
     // one stays free for other commands while the data is read.
-    let reg = lock(&src.registry).clone();
+    let reg = src.registry().clone();
     let mut out = BufWriter::with_capacity(1 << 20, Cancellable::new(out, ctx.flag()));
-    let stats = stream::send(&src.pool, &reg, snap, opts, &mut out, &mut |d, t| {
+    let stats = stream::send(src.pool(), &reg, snap, opts, &mut out, &mut |d, t| {
         ctx.progress(d, t)
     })
     .map_err(stream_err)?;
@@ -103,7 +98,7 @@ fn receive_from(
         migration,
         ..Default::default()
     };
-    let r = stream::receive(&dst.pool, &dst.registry, input, &opts, &mut |d, t| {
+    let r = stream::receive(&dst.catalog, input, &opts, &mut |d, t| {
         if report_progress {
             ctx.progress(d, t)
         }
@@ -112,8 +107,7 @@ fn receive_from(
         Ok(got) => Ok(got),
         // Cancelling means nothing is kept, resumable or not.
         Err(ReceiveError::Interrupted(i)) if ctx.cancelled() => {
-            let mut reg = lock(&dst.registry);
-            if let Err(e) = stream::abort(&dst.pool, &mut reg, &i.token.guid) {
+            if let Err(e) = stream::abort(&dst.catalog, &i.token.guid) {
                 tracing::error!("cannot drop a cancelled receive: {e}");
             }
             Err(QmpError::generic(super::jobs::CANCELLED))
@@ -164,11 +158,9 @@ pub(super) fn copy_snapshot(
             (Err(e), Ok(got)) => {
                 // Cannot happen (a complete stream was received), but never keep a copy of
                 // a send that failed.
-                let mut reg = lock(&dst.registry);
-                let hold = dst.pool.hold_commits();
-                reg.devices.remove(&got.id);
-                let _ = dst.pool.delete(got.id);
-                let _ = crate::pools::commit_change_held(&hold, Some(&mut reg));
+                if let Err(d) = dst.delete_devices(&[got.id]) {
+                    tracing::error!("cannot delete the copy of a failed send: {}", d.desc);
+                }
                 Err(e)
             }
         }
@@ -534,7 +526,9 @@ impl Manager {
             None => 0,
             Some(t) => {
                 let token: stream::ResumeToken = t.parse().map_err(stream_err)?;
-                let guid = lock(&s.pool.registry)
+                let guid = s
+                    .pool
+                    .registry()
                     .devices
                     .get(&s.id)
                     .and_then(|e| e.guid.clone())

@@ -46,6 +46,12 @@ impl From<thinpool::Error> for QmpError {
     }
 }
 
+impl From<thinpool::catalog::CatalogError> for QmpError {
+    fn from(e: thinpool::catalog::CatalogError) -> Self {
+        QmpError::generic(e.to_string())
+    }
+}
+
 impl From<anyhow::Error> for QmpError {
     fn from(e: anyhow::Error) -> Self {
         QmpError::generic(format!("{e:#}"))

@@ -2,14 +2,14 @@
 //! and pipes (`send … | ssh host vhost-thin receive …`). Format: docs/STREAMS.md.
 
 use super::{input_stream, output_stream};
-use crate::pools::{commit_change, commit_change_held, load_registry, open_pool, PoolPaths};
+use crate::pools::{open_catalog, PoolPaths};
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use thinpool::pool::Pool;
+use thinpool::catalog::Catalog;
 use thinpool::registry::Registry;
 use thinpool::stream::{self, ReceiveError, ReceiveOptions, ResumeToken, SendOptions};
 
@@ -83,25 +83,32 @@ fn resolve(reg: &Registry, what: &str) -> Result<u32> {
     }
 }
 
-fn registry_of(paths: &PoolPaths, pool: &Pool) -> Result<Registry> {
-    load_registry(paths, pool)?.with_context(|| {
-        format!(
+/// The pool with its registry, which send and receive need.
+fn open_with_registry(paths: &PoolPaths) -> Result<Catalog> {
+    let cat = open_catalog(paths, true)?;
+    if !cat.has_registry_file() {
+        bail!(
             "the pool {} has no registry: send and receive need one (names, sizes, identities)",
             paths.metadata.display()
-        )
-    })
+        );
+    }
+    Ok(cat)
 }
 
 pub fn send(a: SendArgs) -> Result<ExitCode> {
     // Writable: a snapshot gets its identity (guid) at its first send.
-    let pool = open_pool(&a.paths, true)?;
-    let mut reg = registry_of(&a.paths, &pool)?;
-    let snap = resolve(&reg, &a.snapshot)?;
-    let base = a.base.as_deref().map(|b| resolve(&reg, b)).transpose()?;
+    let cat = open_with_registry(&a.paths)?;
+    let (snap, base) = {
+        let reg = cat.registry();
+        let snap = resolve(&reg, &a.snapshot)?;
+        (
+            snap,
+            a.base.as_deref().map(|b| resolve(&reg, b)).transpose()?,
+        )
+    };
     let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
-    if stream::assign_guids(&mut reg, &ids)? {
-        commit_change(&pool, Some(&mut reg))?;
-    }
+    stream::ensure_guids(&cat, &ids)?;
+    let reg = cat.registry();
     let resume_offset = match &a.resume {
         None => 0,
         Some(t) => {
@@ -122,10 +129,17 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
         base,
         resume_offset,
     };
-    let stats = stream::send(&pool, &reg, snap, &opts, &mut out, &mut |done, total| {
-        progress.set_total(total);
-        progress.update(done);
-    })
+    let stats = stream::send(
+        cat.pool(),
+        &reg,
+        snap,
+        &opts,
+        &mut out,
+        &mut |done, total| {
+            progress.set_total(total);
+            progress.update(done);
+        },
+    )
     .with_context(|| format!("cannot send {}", a.snapshot))?;
     out.flush().context("writing the stream")?;
     progress.finish();
@@ -136,10 +150,9 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
 }
 
 pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
-    let pool = open_pool(&a.paths, true)?;
-    let mut reg = registry_of(&a.paths, &pool)?;
+    let cat = open_with_registry(&a.paths)?;
     if let Some(t) = &a.abort {
-        let id = stream::abort(&pool, &mut reg, &t.guid)?;
+        let id = stream::abort(&cat, &t.guid)?;
         println!("dropped the interrupted receive (thin device {id})");
         return Ok(ExitCode::SUCCESS);
     }
@@ -150,8 +163,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
         ..Default::default()
     };
     let mut progress = Progress::new("receiving", 0);
-    let reg = std::sync::Mutex::new(reg);
-    let r = stream::receive(&pool, &reg, input, &opts, &mut |done, total| {
+    let r = stream::receive(&cat, input, &opts, &mut |done, total| {
         progress.set_total(total);
         progress.update(done);
     });
@@ -159,8 +171,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     match r {
         Ok(got) => {
             if let Some(keep) = a.keep_last {
-                let mut reg = reg.into_inner().unwrap_or_else(|p| p.into_inner());
-                let series = replica_series(&reg, &got.name);
+                let series = replica_series(&cat.registry(), &got.name);
                 let old: Vec<u32> = series
                     .iter()
                     .rev()
@@ -168,12 +179,13 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
                     .map(|(_, id)| *id)
                     .collect();
                 if !old.is_empty() {
-                    let hold = pool.hold_commits();
-                    for id in &old {
-                        pool.delete(*id)?;
-                        reg.devices.remove(id);
-                    }
-                    commit_change_held(&hold, Some(&mut reg))?;
+                    cat.change(|devices, reg| -> Result<()> {
+                        for id in &old {
+                            devices.delete(*id)?;
+                            reg.devices.remove(id);
+                        }
+                        Ok(())
+                    })?;
                     eprintln!("deleted {} older replicas (--keep-last {keep})", old.len());
                 }
             }

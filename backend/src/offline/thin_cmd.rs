@@ -1,6 +1,6 @@
 //! `vhost-thin thin …`
 
-use crate::pools::{commit_change, load_registry, now_secs, open_pool, serial_salt, PoolPaths};
+use crate::pools::{open_catalog, PoolPaths};
 use crate::progress::Progress;
 use crate::size::{human, parse_size};
 use anyhow::{bail, Context, Result};
@@ -8,9 +8,10 @@ use clap::{Args, Subcommand};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use thinpool::catalog::{Catalog, RegistryRef, SnapshotKind};
 use thinpool::delta::DeltaMode;
 use thinpool::pool::Pool;
-use thinpool::registry::{make_serial, DeviceEntry, Registry};
+use thinpool::registry::{DeviceEntry, Registry};
 
 #[derive(Subcommand, Debug)]
 pub enum ThinCmd {
@@ -142,67 +143,56 @@ pub fn run(cmd: ThinCmd) -> Result<ExitCode> {
 }
 
 fn create(a: CreateArgs) -> Result<ExitCode> {
-    let pool = open_pool(&a.paths, true)?;
-    let mut reg = load_registry(&a.paths, &pool)?;
-    if reg.is_none() && (a.size.is_some() || a.name.is_some()) {
+    let cat = open_catalog(&a.paths, true)?;
+    if !cat.has_registry_file() && (a.size.is_some() || a.name.is_some()) {
         bail!("this pool has no registry, so --size and --name cannot be recorded (give --registry PATH to keep one)");
     }
-    pool.create_thin(a.id)
-        .with_context(|| format!("cannot create thin device {}", a.id))?;
-    if let Some(reg) = reg.as_mut() {
-        let created = now_secs();
-        reg.insert(
-            a.id,
-            DeviceEntry {
-                name: a.name.clone(),
-                size: a.size.unwrap_or(0),
-                serial: make_serial(a.id, created, serial_salt(&a.paths.metadata)),
-                created,
-                ..Default::default()
-            },
-        )?;
-    }
-    commit_change(&pool, reg.as_mut())?;
+    cat.change(|devices, reg| -> Result<()> {
+        devices
+            .create_thin(a.id)
+            .with_context(|| format!("cannot create thin device {}", a.id))?;
+        let entry = DeviceEntry {
+            name: a.name.clone(),
+            ..cat.new_thin_entry(a.id, a.size.unwrap_or(0))
+        };
+        reg.insert(a.id, entry)?;
+        Ok(())
+    })?;
     println!("created thin device {}", a.id);
     Ok(ExitCode::SUCCESS)
 }
 
 fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
-    let pool = open_pool(&a.paths, true)?;
-    let mut reg = load_registry(&a.paths, &pool)?;
-    pool.create_snap(a.id, a.origin)
-        .with_context(|| format!("cannot snapshot thin device {} as {}", a.origin, a.id))?;
-    if let Some(reg) = reg.as_mut() {
-        let created = now_secs();
-        let size = reg.devices.get(&a.origin).map(|e| e.size).unwrap_or(0);
-        reg.insert(
-            a.id,
-            DeviceEntry {
-                name: a.name.clone(),
-                size,
-                serial: make_serial(a.id, created, serial_salt(&a.paths.metadata)),
-                origin: Some(a.origin),
-                created,
-                snapshot: a.kept,
-                read_only: a.kept,
-                ..Default::default()
-            },
-        )?;
-    }
-    commit_change(&pool, reg.as_mut())?;
+    let cat = open_catalog(&a.paths, true)?;
+    let kind = if a.kept {
+        SnapshotKind::Kept
+    } else {
+        SnapshotKind::Clone
+    };
+    cat.change(|devices, reg| -> Result<()> {
+        devices
+            .create_snap(a.id, a.origin)
+            .with_context(|| format!("cannot snapshot thin device {} as {}", a.origin, a.id))?;
+        let entry = DeviceEntry {
+            name: a.name.clone(),
+            ..cat.new_snapshot_entry(reg, a.origin, a.id, kind)
+        };
+        reg.insert(a.id, entry)?;
+        Ok(())
+    })?;
     println!("created snapshot {} of thin device {}", a.id, a.origin);
     Ok(ExitCode::SUCCESS)
 }
 
 fn delete(a: IdArgs) -> Result<ExitCode> {
-    let pool = open_pool(&a.paths, true)?;
-    let mut reg = load_registry(&a.paths, &pool)?;
-    pool.delete(a.id)
-        .with_context(|| format!("cannot delete thin device {}", a.id))?;
-    if let Some(reg) = reg.as_mut() {
+    let cat = open_catalog(&a.paths, true)?;
+    cat.change(|devices, reg| -> Result<()> {
+        devices
+            .delete(a.id)
+            .with_context(|| format!("cannot delete thin device {}", a.id))?;
         reg.devices.remove(&a.id);
-    }
-    commit_change(&pool, reg.as_mut())?;
+        Ok(())
+    })?;
     println!("deleted thin device {}", a.id);
     Ok(ExitCode::SUCCESS)
 }
@@ -230,8 +220,8 @@ struct LsRow {
 }
 
 fn ls(a: LsArgs) -> Result<ExitCode> {
-    let pool = open_pool(&a.paths, false)?;
-    let reg = load_registry(&a.paths, &pool)?;
+    let cat = open_catalog(&a.paths, false)?;
+    let (pool, reg) = (cat.pool(), registry_of(&cat));
     let bs = pool.block_bytes();
     let usage = pool
         .with_metadata(thinpool::thin::usage::device_usage)
@@ -286,22 +276,26 @@ fn ls(a: LsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn registered_size(reg: &Option<Registry>, id: u32) -> Option<u64> {
-    reg.as_ref()
-        .and_then(|r| r.devices.get(&id))
+/// The registry, if the pool has a registry file.
+fn registry_of(cat: &Catalog) -> Option<RegistryRef<'_>> {
+    cat.has_registry_file().then(|| cat.registry())
+}
+
+fn registered_size(reg: Option<&Registry>, id: u32) -> Option<u64> {
+    reg.and_then(|r| r.devices.get(&id))
         .map(|e| e.size)
         .filter(|&s| s > 0)
 }
 
 fn import(a: ImportArgs) -> Result<ExitCode> {
-    let pool = open_pool(&a.paths, true)?;
-    let mut reg = load_registry(&a.paths, &pool)?;
+    let cat = open_catalog(&a.paths, true)?;
+    let pool = cat.pool();
     pool.device(a.id)
         .with_context(|| format!("cannot import into thin device {}", a.id))?;
     let mut input = std::fs::File::open(&a.input)
         .with_context(|| format!("cannot open {}", a.input.display()))?;
     let len = input.metadata()?.len();
-    if let Some(size) = registered_size(&reg, a.id) {
+    if let Some(size) = registered_size(registry_of(&cat).as_deref(), a.id) {
         if a.offset + len > size {
             bail!(
                 "{} ({} bytes at offset {}) does not fit in thin device {} of {} bytes",
@@ -336,14 +330,15 @@ fn import(a: ImportArgs) -> Result<ExitCode> {
         progress.update(pos);
     }
     progress.finish();
-    if let Some(reg) = reg.as_mut() {
+    // The data written goes into this change's commit.
+    cat.change(|_, reg| -> Result<()> {
         if let Some(e) = reg.devices.get_mut(&a.id) {
             if e.size == 0 {
                 e.size = a.offset + len;
             }
         }
-    }
-    commit_change(&pool, reg.as_mut())?;
+        Ok(())
+    })?;
     println!(
         "imported {} into thin device {} ({} blocks with data)",
         human(len),
@@ -354,15 +349,16 @@ fn import(a: ImportArgs) -> Result<ExitCode> {
 }
 
 fn export(a: ExportArgs) -> Result<ExitCode> {
-    let pool = open_pool(&a.paths, false)?;
-    let reg = load_registry(&a.paths, &pool)?;
+    let cat = open_catalog(&a.paths, false)?;
+    let pool = cat.pool();
     pool.device(a.id)
         .with_context(|| format!("cannot export thin device {}", a.id))?;
-    let Some(size) = a.size.or_else(|| registered_size(&reg, a.id)) else {
+    let registered = registered_size(registry_of(&cat).as_deref(), a.id);
+    let Some(size) = a.size.or(registered) else {
         bail!("the size of thin device {} is not known: give --size", a.id);
     };
     let mut out = super::output_stream(&a.output)?;
-    export_to(&pool, a.id, size, &mut out)?;
+    export_to(pool, a.id, size, &mut out)?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,7 @@ use std::io;
 
 pub use format::{SnapshotRef, StreamHeader};
 pub use receive::{abort, receive, Interrupted, ReceiveError, ReceiveOptions, Received};
-pub use send::{assign_guids, send, SendOptions, SendStats};
+pub use send::{assign_guids, ensure_guids, send, SendOptions, SendStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -40,6 +40,8 @@ pub enum StreamError {
     Pool(#[from] crate::Error),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
 }
 
 /// Where an interrupted resumable receive stopped: what the sender needs to send the rest.

@@ -10,16 +10,9 @@
 
 use super::format::{Record, StreamHeader, StreamReader};
 use super::{ResumeToken, StreamError};
-use crate::pool::Pool;
-use crate::registry::{make_serial, DeviceEntry, Migration, PartialReceive, Registry};
+use crate::catalog::Catalog;
+use crate::registry::{Migration, PartialReceive, Registry};
 use std::io::Read;
-use std::sync::{Mutex, MutexGuard};
-
-/// The registry is locked only around its own changes, not while data is written: a daemon
-/// receiving in the background keeps answering queries and making other changes.
-fn locked(reg: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
-    reg.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
@@ -72,8 +65,9 @@ fn refused(msg: impl Into<String>) -> StreamError {
 }
 
 /// Finds or makes the device the stream goes into; returns (id, base id, final name).
+/// The registry is the catalog's, locked by the caller.
 fn target(
-    pool: &Pool,
+    cat: &Catalog,
     reg: &mut Registry,
     h: &StreamHeader,
     opts: &ReceiveOptions,
@@ -169,58 +163,38 @@ fn target(
             "a device named {name:?} exists (thin device {other}): give the received snapshot another name"
         )));
     }
-    let ids: Vec<u32> = pool.devices().iter().map(|(id, _)| *id).collect();
-    let id = reg.next_id(&ids);
-    // No other commit may make the new device durable before the registry names it.
-    let hold = pool.hold_commits();
-    match base {
-        Some(b) => pool.create_snap(id, b)?,
-        None => pool.create_thin(id)?,
-    }
-    let salt = u64::from_str_radix(&guid[..16.min(guid.len())], 16).unwrap_or(0);
-    reg.insert(
-        id,
-        DeviceEntry {
-            name: None,
-            size: h.snapshot.size,
-            read_only: true,
-            serial: make_serial(id, h.snapshot.created, salt),
-            snapshot: true,
-            origin: base,
-            created: h.snapshot.created,
-            guid: Some(guid.clone()),
-            // A snapshot of the base reads the base's external origin where it is
-            // unmapped (the stream's records go on top of that); a full stream is a
-            // standalone copy.
-            external_origin: base
-                .and_then(|b| reg.devices.get(&b))
-                .and_then(|e| e.external_origin.clone()),
-            receiving: Some(PartialReceive {
-                name: name.clone(),
-                base_guid,
-                next_offset: 0,
-                resumable: opts.resumable,
-            }),
-            merge_offset: None,
-            migration: opts.migration.clone(),
-            replication: None,
-        },
-    )?;
     // The device exists durably and marked as receiving before any data goes in: after a
     // crash it is found (and resumed or dropped), never taken for a snapshot.
-    if let Err(e) = reg.commit(&hold) {
-        reg.devices.remove(&id);
-        let _ = pool.delete(id);
-        return Err(e.into());
-    }
+    let id = cat.change_locked(reg, |devices, reg| -> Result<u32, StreamError> {
+        let id = devices.next_id(reg);
+        match base {
+            Some(b) => devices.create_snap(id, b)?,
+            None => devices.create_thin(id)?,
+        }
+        let s = &h.snapshot;
+        let entry = cat.new_received_entry(reg, id, base, s.size, s.created, guid);
+        reg.insert(
+            id,
+            crate::registry::DeviceEntry {
+                receiving: Some(PartialReceive {
+                    name: name.clone(),
+                    base_guid,
+                    next_offset: 0,
+                    resumable: opts.resumable,
+                }),
+                migration: opts.migration.clone(),
+                ..entry
+            },
+        )?;
+        Ok(id)
+    })?;
     Ok((id, base, name))
 }
 
-/// Receives a stream into `pool`. Errors before any device was made change nothing; later
+/// Receives a stream into the catalog's pool. Errors before any device was made change nothing; later
 /// ones drop the device, or keep it for resuming (`Interrupted`, when resumable).
 pub fn receive<R: Read>(
-    pool: &Pool,
-    reg: &Mutex<Registry>,
+    cat: &Catalog,
     input: R,
     opts: &ReceiveOptions,
     progress: &mut dyn FnMut(u64, u64),
@@ -229,8 +203,8 @@ pub fn receive<R: Read>(
     let h = reader.header().clone();
     // The device is marked as being written in the same lock that found or made it.
     let (id, base, name, resumable) = {
-        let mut g = locked(reg);
-        let (id, base, name) = target(pool, &mut g, &h, opts)?;
+        let mut g = cat.lock_registry();
+        let (id, base, name) = target(cat, &mut g, &h, opts)?;
         g.receiving_now.insert(id);
         let resumable = g
             .devices
@@ -239,7 +213,8 @@ pub fn receive<R: Read>(
             .is_some_and(|p| p.resumable);
         (id, base, name, resumable)
     };
-    let _writing = Writing { reg, id };
+    let _writing = Writing { cat, id };
+    let pool = cat.pool();
     let mut next = h.resume_offset;
     let mut committed = next;
     let result = (|| -> Result<(), StreamError> {
@@ -251,9 +226,7 @@ pub fn receive<R: Read>(
             next = rec.end();
             progress(next, h.snapshot.size);
             if resumable && next - committed >= opts.commit_every {
-                let mut reg = locked(reg);
-                set_progress(&mut reg, id, next);
-                reg.commit(&pool.hold_commits())?;
+                set_progress(cat, id, next)?;
                 committed = next;
             }
         }
@@ -264,17 +237,17 @@ pub fn receive<R: Read>(
     })();
     match result {
         Ok(()) => {
-            let mut reg = locked(reg);
-            let mut e = reg.devices.get(&id).cloned().ok_or_else(|| {
-                refused(format!(
-                    "thin device {id} was deleted while it was being received"
-                ))
+            cat.change(|_, reg| -> Result<(), StreamError> {
+                let mut e = reg.devices.get(&id).cloned().ok_or_else(|| {
+                    refused(format!(
+                        "thin device {id} was deleted while it was being received"
+                    ))
+                })?;
+                e.receiving = None;
+                e.name = Some(name.clone());
+                reg.insert(id, e)?;
+                Ok(())
             })?;
-            e.receiving = None;
-            e.name = Some(name.clone());
-            reg.insert(id, e).map_err(StreamError::from)?;
-            reg.commit(&pool.hold_commits())
-                .map_err(StreamError::from)?;
             Ok(Received {
                 id,
                 name,
@@ -287,9 +260,7 @@ pub fn receive<R: Read>(
         }
         Err(cause) if resumable => {
             // Everything applied was checksummed: keep it and say where to go on.
-            let mut reg = locked(reg);
-            set_progress(&mut reg, id, next);
-            if let Err(e) = reg.commit(&pool.hold_commits()) {
+            if let Err(e) = set_progress(cat, id, next) {
                 return Err(ReceiveError::Failed(StreamError::Refused(format!(
                     "{cause}; and keeping what arrived failed too: {e}"
                 ))));
@@ -303,7 +274,7 @@ pub fn receive<R: Read>(
             }))
         }
         Err(cause) => {
-            drop_device(pool, &mut locked(reg), id);
+            drop_device(cat, id);
             Err(ReceiveError::Failed(cause))
         }
     }
@@ -311,49 +282,55 @@ pub fn receive<R: Read>(
 
 /// Unmarks a device as being written by this receive when it ends, however it ends.
 struct Writing<'a> {
-    reg: &'a Mutex<Registry>,
+    cat: &'a Catalog,
     id: u32,
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        locked(self.reg).receiving_now.remove(&self.id);
+        self.cat.lock_registry().receiving_now.remove(&self.id);
     }
 }
 
-fn set_progress(reg: &mut Registry, id: u32, next: u64) {
-    if let Some(p) = reg.devices.get_mut(&id).and_then(|e| e.receiving.as_mut()) {
-        p.next_offset = next;
-    }
+/// Records, durably, that the device's bytes before `next` have arrived.
+fn set_progress(cat: &Catalog, id: u32, next: u64) -> Result<(), StreamError> {
+    cat.change(|_, reg| -> Result<(), StreamError> {
+        if let Some(p) = reg.devices.get_mut(&id).and_then(|e| e.receiving.as_mut()) {
+            p.next_offset = next;
+        }
+        Ok(())
+    })
 }
 
 /// Deletes a receiving device and commits, so nothing half-made stays behind.
-fn drop_device(pool: &Pool, reg: &mut Registry, id: u32) {
-    if let Err(e) = delete_device(pool, reg, id) {
+fn drop_device(cat: &Catalog, id: u32) {
+    if let Err(e) = delete_device(cat, id) {
         tracing::warn!("cannot drop the partly received thin device {id}: {e}");
     }
 }
 
 /// Deletes a device and its registry entry, durably.
-fn delete_device(pool: &Pool, reg: &mut Registry, id: u32) -> Result<(), StreamError> {
-    let hold = pool.hold_commits();
-    reg.devices.remove(&id);
-    pool.delete(id)?;
-    reg.commit(&hold)?;
-    Ok(())
+fn delete_device(cat: &Catalog, id: u32) -> Result<(), StreamError> {
+    cat.change(|devices, reg| -> Result<(), StreamError> {
+        reg.devices.remove(&id);
+        devices.delete(id)?;
+        Ok(())
+    })
 }
 
 /// Drops an interrupted receive (by the guid of its token).
-pub fn abort(pool: &Pool, reg: &mut Registry, guid: &str) -> Result<u32, StreamError> {
-    let id = reg
-        .find_guid(guid)
-        .filter(|id| reg.devices[id].receiving.is_some())
-        .ok_or_else(|| {
-            refused(format!(
-                "no interrupted receive of snapshot {guid} in this pool"
-            ))
-        })?;
-    delete_device(pool, reg, id)?;
+pub fn abort(cat: &Catalog, guid: &str) -> Result<u32, StreamError> {
+    let id = {
+        let reg = cat.registry();
+        reg.find_guid(guid)
+            .filter(|id| reg.devices[id].receiving.is_some())
+            .ok_or_else(|| {
+                refused(format!(
+                    "no interrupted receive of snapshot {guid} in this pool"
+                ))
+            })?
+    };
+    delete_device(cat, id)?;
     Ok(id)
 }
 

@@ -14,6 +14,7 @@
 
 use super::format::{SnapshotRef, StreamHeader, StreamWriter, MAX_DATA};
 use super::{new_guid, StreamError};
+use crate::catalog::Catalog;
 use crate::delta::{self, DeltaKind, DeltaMode};
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -44,6 +45,24 @@ pub struct SendStats {
     pub records: u64,
     /// Length of the whole stream.
     pub stream_bytes: u64,
+}
+
+/// Gives `ids` their send/receive identities, durably, if any has none yet: a snapshot
+/// gets its identity at its first send. Nothing is committed when all have one.
+pub fn ensure_guids(cat: &Catalog, ids: &[u32]) -> Result<(), StreamError> {
+    let needed = ids.iter().any(|id| {
+        cat.registry()
+            .devices
+            .get(id)
+            .is_none_or(|e| e.guid.is_none())
+    });
+    if !needed {
+        return Ok(());
+    }
+    cat.change(|_, reg| -> Result<(), StreamError> {
+        assign_guids(reg, ids)?;
+        Ok(())
+    })
 }
 
 /// Gives every device in `ids` a guid if it has none. True when the registry changed (the

@@ -1,16 +1,17 @@
 use super::format::{Record, SnapshotRef, StreamHeader, StreamReader, StreamWriter};
 use super::*;
+use crate::catalog::{Catalog, CatalogError};
 use crate::pool::{Pool, PoolOptions};
 use crate::registry::{DeviceEntry, Registry};
 use crate::storage::MemStorage;
 use proptest::prelude::*;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const DISK: u64 = 8 << 20;
 
 /// A pool on memory with its registry in a temporary directory.
 struct P {
-    pool: Pool,
+    pool: Arc<Pool>,
     meta: Arc<MemStorage>,
     data: Arc<MemStorage>,
     reg: Registry,
@@ -30,7 +31,7 @@ fn pool(block_sectors: u32) -> P {
     .unwrap();
     let reg = Registry::new(dir.path().join("reg.json"), 0);
     P {
-        pool,
+        pool: Arc::new(pool),
         meta,
         data,
         reg,
@@ -39,20 +40,34 @@ fn pool(block_sectors: u32) -> P {
 }
 
 impl P {
+    /// The pool and its registry as one catalog for `f`.
+    fn with_catalog<T>(&mut self, f: impl FnOnce(&Catalog) -> T) -> T {
+        let placeholder = Registry::new(self.reg.path(), 0);
+        let reg = std::mem::replace(&mut self.reg, placeholder);
+        let cat = Catalog::new(self.pool.clone(), reg, 0);
+        let r = f(&cat);
+        self.reg = cat.into_registry();
+        r
+    }
+
     fn disk(&mut self, id: u32) {
-        self.pool.create_thin(id).unwrap();
         let e = DeviceEntry {
             name: Some(format!("disk{id}")),
             size: DISK,
             serial: "s".into(),
             ..Default::default()
         };
-        self.reg.insert(id, e).unwrap();
-        self.reg.commit(&self.pool.hold_commits()).unwrap();
+        self.with_catalog(|cat| {
+            cat.change(|devices, reg| -> Result<(), CatalogError> {
+                devices.create_thin(id)?;
+                reg.insert(id, e)?;
+                Ok(())
+            })
+        })
+        .unwrap();
     }
 
     fn snap(&mut self, id: u32, origin: u32, name: &str) {
-        self.pool.create_snap(id, origin).unwrap();
         let e = DeviceEntry {
             name: Some(name.into()),
             size: DISK,
@@ -61,15 +76,22 @@ impl P {
             origin: Some(origin),
             ..Default::default()
         };
-        self.reg.insert(id, e).unwrap();
-        assign_guids(&mut self.reg, &[id]).unwrap();
-        self.reg.commit(&self.pool.hold_commits()).unwrap();
+        self.with_catalog(|cat| {
+            cat.change(|devices, reg| -> Result<(), StreamError> {
+                devices.create_snap(id, origin)?;
+                reg.insert(id, e)?;
+                assign_guids(reg, &[id])?;
+                Ok(())
+            })
+        })
+        .unwrap();
     }
 
     /// What a crash leaves: the pool and registry as last committed, reopened.
     fn crash_and_reopen(&mut self) {
-        self.pool =
-            Pool::open(self.meta.clone(), self.data.clone(), PoolOptions::default()).unwrap();
+        self.pool = Arc::new(
+            Pool::open(self.meta.clone(), self.data.clone(), PoolOptions::default()).unwrap(),
+        );
         self.reg = Registry::load(self.reg.path()).unwrap().unwrap();
         assert_eq!(self.reg.transaction_id, self.pool.status().transaction_id);
     }
@@ -96,13 +118,9 @@ impl P {
             commit_every: 64 << 10,
             ..Default::default()
         };
-        let placeholder = Registry::new(self.reg.path(), 0);
-        let reg = Mutex::new(std::mem::replace(&mut self.reg, placeholder));
         let mut last = None;
-        let r = receive(&self.pool, &reg, stream, &opts, &mut |d, t| {
-            last = Some((d, t))
-        });
-        self.reg = reg.into_inner().unwrap();
+        let r =
+            self.with_catalog(|cat| receive(cat, stream, &opts, &mut |d, t| last = Some((d, t))));
         // A finished receive has all of the device, unmapped tail included: a job's progress
         // ends complete.
         if r.is_ok() {
@@ -396,7 +414,7 @@ fn an_interrupted_resumable_receive_resumes_without_resending_what_arrived() {
     let e = b.recv(&s3, true).unwrap_err().to_string();
     assert!(e.contains("interrupted receive"), "{e}");
     let before = b.pool.devices().len();
-    abort(&b.pool, &mut b.reg, &i.token.guid).unwrap();
+    b.with_catalog(|cat| abort(cat, &i.token.guid)).unwrap();
     assert_eq!(b.pool.devices().len(), before - 1);
     b.recv(&s3, false).unwrap();
     b.check();
@@ -445,7 +463,7 @@ fn a_second_receive_of_a_stream_being_received_is_refused_and_spoils_nothing() {
     a.snap(1, 0, "s1");
     let (whole, _) = a.send(1, None, 0);
     let b = pool(128);
-    let reg = Mutex::new(Registry::new(b.reg.path(), 0));
+    let cat = Catalog::new(b.pool.clone(), Registry::new(b.reg.path(), 0), 0);
     let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let stream = whole.clone();
@@ -456,19 +474,10 @@ fn a_second_receive_of_a_stream_being_received_is_refused_and_spoils_nothing() {
         tx.write_all(&stream[4096..]).unwrap();
     });
     std::thread::scope(|s| {
-        let first = s.spawn(|| {
-            receive(
-                &b.pool,
-                &reg,
-                &rx,
-                &ReceiveOptions::default(),
-                &mut |_, _| {},
-            )
-        });
+        let first = s.spawn(|| receive(&cat, &rx, &ReceiveOptions::default(), &mut |_, _| {}));
         // Wait until the first receive made its device.
-        while !reg
-            .lock()
-            .unwrap()
+        while !cat
+            .registry()
             .devices
             .values()
             .any(|e| e.receiving.is_some())
@@ -476,22 +485,16 @@ fn a_second_receive_of_a_stream_being_received_is_refused_and_spoils_nothing() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         // The same stream again (a command given twice): refused, and it drops nothing.
-        let e = receive(
-            &b.pool,
-            &reg,
-            &whole[..],
-            &ReceiveOptions::default(),
-            &mut |_, _| {},
-        )
-        .unwrap_err()
-        .to_string();
+        let e = receive(&cat, &whole[..], &ReceiveOptions::default(), &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("under way"), "{e}");
         go_tx.send(()).unwrap();
         let got = first.join().unwrap().unwrap();
         assert_eq!(b.read_all(got.id), a.read_all(1));
     });
     writer.join().unwrap();
-    assert!(reg.lock().unwrap().receiving_now.is_empty());
+    assert!(cat.registry().receiving_now.is_empty());
 }
 
 #[test]
@@ -509,11 +512,7 @@ fn a_migration_mark_is_on_the_received_entry_from_its_first_commit() {
             migration: Some(mark.clone()),
             ..Default::default()
         };
-        let placeholder = Registry::new(b.reg.path(), 0);
-        let reg = Mutex::new(std::mem::replace(&mut b.reg, placeholder));
-        let r = receive(&b.pool, &reg, stream, &opts, &mut |_, _| {});
-        b.reg = reg.into_inner().unwrap();
-        r
+        b.with_catalog(|cat| receive(cat, stream, &opts, &mut |_, _| {}))
     };
     // Cut off, then a crash: what the next start finds is marked.
     let Err(ReceiveError::Interrupted(_)) = recv(&mut b, &whole[..whole.len() / 2]) else {
@@ -618,16 +617,12 @@ fn a_stream_whose_header_carries_a_bad_name_is_refused_and_changes_nothing() {
         name: Some("a/b".into()),
         ..Default::default()
     };
-    let reg = Mutex::new(std::mem::replace(
-        &mut b.reg,
-        Registry::new("/nonexistent", 0),
-    ));
-    let e = receive(&b.pool, &reg, &stream[..], &opts, &mut |_, _| {})
+    let e = b
+        .with_catalog(|cat| receive(cat, &stream[..], &opts, &mut |_, _| {}))
         .map(|_| ())
         .unwrap_err()
         .to_string();
     assert!(e.contains("is not a valid name"), "{e}");
-    b.reg = reg.into_inner().unwrap();
     assert!(b.reg.devices.is_empty());
     assert!(b.pool.devices().is_empty());
 }
@@ -721,10 +716,9 @@ fn a_received_copy_is_marked_from_its_first_commit() {
         migration: Some(mark.clone()),
         ..Default::default()
     };
-    let placeholder = Registry::new(b.reg.path(), 0);
-    let reg = Mutex::new(std::mem::replace(&mut b.reg, placeholder));
-    let got = receive(&b.pool, &reg, &mut input, &opts, &mut |_, _| {}).unwrap();
-    b.reg = reg.into_inner().unwrap();
+    let got = b
+        .with_catalog(|cat| receive(cat, &mut input, &opts, &mut |_, _| {}))
+        .unwrap();
     let mid = input.seen.expect("the registry was read halfway");
     let e = &mid.devices[&got.id];
     assert!(e.receiving.is_some(), "{e:?}");

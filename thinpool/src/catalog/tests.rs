@@ -1,0 +1,346 @@
+use super::*;
+use crate::origin::{ExternalOrigin, OriginError};
+use crate::pool::PoolOptions;
+use crate::registry::DeviceEntry;
+use crate::storage::MemStorage;
+use std::path::PathBuf;
+
+const SIZE: u64 = 1 << 20;
+
+/// A pool on memory with its registry file in a temporary directory.
+struct Fixture {
+    meta: Arc<MemStorage>,
+    data: Arc<MemStorage>,
+    dir: tempfile::TempDir,
+    cat: Catalog,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(MemStorage::new(16 << 20));
+    let pool = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+    let reg = Registry::new(dir.path().join("reg.json"), 0);
+    let cat = Catalog::new(Arc::new(pool), reg, 7);
+    Fixture {
+        meta,
+        data,
+        dir,
+        cat,
+    }
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// What the next open finds: the pool and the registry as last committed, the registry
+    /// gone back to the pool's transaction, external origins attached.
+    fn reopen(&mut self) {
+        let pool =
+            Pool::open(self.meta.clone(), self.data.clone(), PoolOptions::default()).unwrap();
+        let mut reg = Registry::load(self.path("reg.json")).unwrap().unwrap();
+        reg.recover(pool.status().transaction_id);
+        self.cat = Catalog::new(Arc::new(pool), reg, 7);
+        assert!(self.cat.attach_origins().is_empty());
+    }
+
+    /// The pool's devices and the registry's entries agree, at the same transaction.
+    fn assert_consistent(&self) {
+        let reg = self.cat.registry();
+        let ids: Vec<u32> = self
+            .cat
+            .pool()
+            .devices()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        let rec = reg.reconcile(self.cat.pool().status().transaction_id, &ids);
+        assert!(rec.consistent, "{:?}", rec.messages);
+    }
+
+    /// A disk named `name` over `image`, if given.
+    fn disk(&self, name: &str, image: Option<&PathBuf>) -> u32 {
+        self.cat
+            .change(|devices, reg| -> Result<u32, CatalogError> {
+                let id = devices.next_id(reg);
+                devices.create_thin(id)?;
+                if let Some(p) = image {
+                    let o = ExternalOrigin::open(p).unwrap();
+                    devices.set_external_origin(id, Some(Arc::new(o)))?;
+                }
+                let entry = DeviceEntry {
+                    name: Some(name.into()),
+                    external_origin: image.map(|p| p.to_string_lossy().into_owned()),
+                    ..self.cat.new_thin_entry(id, SIZE)
+                };
+                reg.insert(id, entry)?;
+                Ok(id)
+            })
+            .unwrap()
+    }
+
+    fn snapshot(&self, origin: u32, kind: SnapshotKind) -> Result<u32, CatalogError> {
+        self.cat.change(|devices, reg| {
+            let id = devices.next_id(reg);
+            devices.create_snap(id, origin)?;
+            let entry = self.cat.new_snapshot_entry(reg, origin, id, kind);
+            reg.insert(id, entry)?;
+            Ok(id)
+        })
+    }
+
+    fn delete(&self, id: u32) -> Result<(), CatalogError> {
+        self.cat.change(|devices, reg| {
+            devices.delete(id)?;
+            reg.devices.remove(&id);
+            Ok(())
+        })
+    }
+
+    fn read(&self, id: u32) -> Vec<u8> {
+        let mut b = vec![0u8; SIZE as usize];
+        self.cat.pool().read(id, 0, &mut b).unwrap();
+        b
+    }
+}
+
+#[test]
+fn a_snapshot_inherits_what_its_origin_reads_and_reads_it_after_a_reopen() {
+    let mut f = fixture();
+    let golden = f.path("golden.img");
+    std::fs::write(&golden, vec![0xabu8; SIZE as usize]).unwrap();
+    let disk = f.disk("d1", Some(&golden));
+    let kept = f.snapshot(disk, SnapshotKind::Kept).unwrap();
+    let clone = f.snapshot(disk, SnapshotKind::Clone).unwrap();
+    {
+        let reg = f.cat.registry();
+        let (d, k, c) = (
+            &reg.devices[&disk],
+            &reg.devices[&kept],
+            &reg.devices[&clone],
+        );
+        for e in [k, c] {
+            assert_eq!(e.size, d.size);
+            assert_eq!(e.external_origin, d.external_origin);
+            assert_eq!(e.origin, Some(disk));
+            assert_ne!(e.serial, d.serial);
+            assert_eq!((&e.name, &e.guid), (&None, &None));
+        }
+        assert!(k.snapshot && k.read_only);
+        assert!(!c.snapshot && !c.read_only);
+    }
+    f.reopen();
+    f.assert_consistent();
+    for id in [disk, kept, clone] {
+        assert!(f.read(id).iter().all(|&b| b == 0xab), "thin device {id}");
+    }
+}
+
+#[test]
+fn a_received_snapshot_keeps_its_senders_identity() {
+    let f = fixture();
+    let golden = f.path("golden.img");
+    std::fs::write(&golden, vec![1u8; 4096]).unwrap();
+    let base = f.disk("base", Some(&golden));
+    let reg = f.cat.registry();
+    let guid = "0123456789abcdef0123456789abcdef";
+    let on_base = f
+        .cat
+        .new_received_entry(&reg, 5, Some(base), 3 * SIZE, 42, guid);
+    assert_eq!(on_base.guid.as_deref(), Some(guid));
+    assert_eq!((on_base.size, on_base.created), (3 * SIZE, 42));
+    assert_eq!(on_base.origin, Some(base));
+    assert_eq!(on_base.external_origin, reg.devices[&base].external_origin);
+    assert!(on_base.snapshot && on_base.read_only);
+    let full = f.cat.new_received_entry(&reg, 5, None, SIZE, 42, guid);
+    assert_eq!(full.external_origin, None);
+    assert_eq!(
+        full.serial, on_base.serial,
+        "the serial comes from the sender"
+    );
+}
+
+#[test]
+fn a_change_that_fails_takes_back_what_it_did() {
+    let f = fixture();
+    let golden = f.path("golden.img");
+    std::fs::write(&golden, vec![1u8; 4096]).unwrap();
+    let disk = f.disk("d1", None);
+    let before = f.cat.registry().clone();
+    let tid = f.cat.pool().status().transaction_id;
+    let r: Result<(), CatalogError> = f.cat.change(|devices, reg| {
+        devices.create_thin(9)?;
+        let o = ExternalOrigin::open(&golden).unwrap();
+        devices.set_external_origin(disk, Some(Arc::new(o)))?;
+        devices.delete(disk)?;
+        // A name taken: the change fails after changing both.
+        reg.insert(9, f.cat.new_thin_entry(9, SIZE))?;
+        reg.insert(
+            10,
+            DeviceEntry {
+                name: Some("d1".into()),
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    });
+    assert!(
+        matches!(r, Err(CatalogError::Registry(RegistryError::NameTaken(_)))),
+        "{r:?}"
+    );
+    assert!(f.cat.pool().device(9).is_err());
+    assert!(f.cat.pool().device(disk).is_ok());
+    assert!(f.cat.pool().external_origin(disk).is_none());
+    assert_eq!(f.cat.registry().devices, before.devices);
+    assert_eq!(f.cat.registry().transaction_id, tid);
+    assert_eq!(f.cat.pool().status().transaction_id, tid);
+}
+
+#[test]
+fn a_change_whose_registry_cannot_be_written_leaves_nothing_behind() {
+    let mut f = fixture();
+    let disk = f.disk("d1", None);
+    let kept = f.snapshot(disk, SnapshotKind::Kept).unwrap();
+    let before = f.cat.registry().devices.clone();
+    // The registry is written to a temporary file renamed over it: a directory there stops
+    // the write (for root too).
+    let tmp = f.path("reg.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let e = f.snapshot(disk, SnapshotKind::Kept).unwrap_err();
+    assert!(
+        matches!(e, CatalogError::Registry(RegistryError::Io { .. })),
+        "{e}"
+    );
+    f.delete(kept).unwrap_err();
+    f.cat
+        .change(|devices, _| -> Result<(), CatalogError> {
+            Ok(devices.replace_with_snapshot(disk, kept)?)
+        })
+        .unwrap_err();
+    assert_eq!(f.cat.registry().devices, before);
+    let mut ids: Vec<u32> = before.keys().copied().collect();
+    ids.sort();
+    let pool_ids: Vec<u32> = f.cat.pool().devices().iter().map(|(id, _)| *id).collect();
+    assert_eq!(pool_ids, ids);
+    // Whatever a later commit makes durable agrees with the registry.
+    f.cat.pool().commit().unwrap();
+    f.reopen();
+    f.assert_consistent();
+    assert_eq!(f.cat.registry().devices, before);
+    // Writable again: the same changes succeed.
+    std::fs::remove_dir(&tmp).unwrap();
+    let s = f.snapshot(disk, SnapshotKind::Kept).unwrap();
+    f.delete(kept).unwrap();
+    f.reopen();
+    f.assert_consistent();
+    assert!(f.cat.pool().device(kept).is_err());
+    assert!(f.cat.registry().devices.contains_key(&s));
+}
+
+#[test]
+fn a_device_is_deleted_only_once_the_registry_no_longer_names_it() {
+    let f = fixture();
+    let disk = f.disk("d1", None);
+    f.cat.pool().write(disk, 0, &[3u8; 4096]).unwrap();
+    let kept = f.snapshot(disk, SnapshotKind::Kept).unwrap();
+    f.cat.pool().write(disk, 0, &[4u8; 4096]).unwrap();
+    f.cat
+        .change(|devices, _| -> Result<(), CatalogError> {
+            devices.replace_with_snapshot(disk, kept)?;
+            let mut b = [0u8; 4096];
+            f.cat.pool().read(disk, 0, &mut b).unwrap();
+            assert_eq!(b, [4u8; 4096], "replaced before the registry was written");
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(f.read(disk)[..4096], [3u8; 4096]);
+    f.cat
+        .change(|devices, reg| -> Result<(), CatalogError> {
+            devices.delete(kept)?;
+            reg.devices.remove(&kept);
+            assert!(
+                f.cat.pool().device(kept).is_ok(),
+                "deleted before the registry was written"
+            );
+            Ok(())
+        })
+        .unwrap();
+    assert!(f.cat.pool().device(kept).is_err());
+    f.assert_consistent();
+}
+
+#[test]
+fn without_a_registry_file_a_change_commits_the_pool_alone() {
+    let f = fixture();
+    let cat = Catalog::without_registry(f.cat.pool().clone(), 7);
+    let tid = cat.pool().status().transaction_id;
+    cat.change(|devices, reg| -> Result<(), CatalogError> {
+        devices.create_thin(3)?;
+        reg.insert(3, cat.new_thin_entry(3, SIZE))?;
+        Ok(())
+    })
+    .unwrap();
+    assert!(!cat.has_registry_file());
+    assert_eq!(cat.pool().status().transaction_id, tid);
+    assert!(!cat.pool().status().uncommitted_changes);
+    assert!(!f.path("reg.json").exists());
+}
+
+#[test]
+fn attach_origins_opens_each_path_once_and_reports_the_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = dir.path().join("golden.img");
+    std::fs::write(&golden, vec![9u8; 4096]).unwrap();
+    let pool = Pool::create(
+        Arc::new(MemStorage::new(4 << 20)),
+        Arc::new(MemStorage::new(16 << 20)),
+        128,
+        PoolOptions::default(),
+    )
+    .unwrap();
+    let mut reg = Registry::new(dir.path().join("reg.json"), 0);
+    let entry = |origin: Option<&std::path::Path>| DeviceEntry {
+        size: 1 << 20,
+        external_origin: origin.map(|p| p.to_string_lossy().into_owned()),
+        ..Default::default()
+    };
+    for id in 0..4 {
+        pool.create_thin(id).unwrap();
+    }
+    reg.insert(0, entry(Some(&golden))).unwrap();
+    reg.insert(1, entry(Some(&golden))).unwrap();
+    reg.insert(2, entry(Some(&dir.path().join("missing.img"))))
+        .unwrap();
+    reg.insert(3, entry(None)).unwrap();
+    // Not in the pool: skipped.
+    reg.insert(7, entry(Some(&golden))).unwrap();
+    // Device 3 had an origin the registry no longer names: it is taken away.
+    let stale = ExternalOrigin::from_storage(Arc::new(MemStorage::new(512)), "stale").unwrap();
+    pool.set_external_origin(3, Some(Arc::new(stale))).unwrap();
+    let cat = Catalog::new(Arc::new(pool), reg, 0);
+    let pool = cat.pool();
+
+    let failures = cat.attach_origins();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].id, 2);
+    assert!(matches!(*failures[0].error, OriginError::NotFound { .. }));
+    assert!(failures[0].to_string().contains("missing.img"));
+    let (a, b) = (
+        pool.external_origin(0).unwrap(),
+        pool.external_origin(1).unwrap(),
+    );
+    assert!(Arc::ptr_eq(&a, &b));
+    assert!(pool.external_origin(3).is_none());
+    let mut buf = [0u8; 8];
+    pool.read(0, 0, &mut buf).unwrap();
+    assert_eq!(buf, [9; 8]);
+    // The device whose origin is missing fails where it would need it.
+    assert!(pool
+        .external_origin(2)
+        .unwrap()
+        .unavailable_reason()
+        .is_some());
+    assert!(pool.read(2, 0, &mut buf).is_err());
+}
