@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
     --vhost-user-blk)
       sock=${2%%,*} nq=1 rc_opt=""
       case $2 in *,num-queues=*) nq=${2##*,num-queues=}; nq=${nq%%,*} ;; esac
-      case $2 in *,reconnect=*) rc_opt=",reconnect=${2##*,reconnect=}"; rc_opt=${rc_opt%%,*} ;; esac
+      case $2 in *,reconnect=*) rc_opt=${2##*,reconnect=}; rc_opt=",reconnect=${rc_opt%%,*}" ;; esac
       DEV_ARGS+=(-chardev "socket,id=vub$nvub,path=$sock$rc_opt"
                  -device "vhost-user-blk-pci,chardev=vub$nvub,num-queues=$nq")
       nvub=$((nvub + 1)); shift 2 ;;

@@ -72,6 +72,9 @@ pub struct BlkBackend {
     exiting: AtomicBool,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit_notifiers: Mutex<Vec<Option<EventNotifier>>>,
+    /// Per queue: this connection has signalled the guest at least once (see
+    /// `handle_event`).
+    signalled: Vec<AtomicBool>,
 }
 
 impl BlkBackend {
@@ -83,6 +86,7 @@ impl BlkBackend {
             exiting: AtomicBool::new(false),
             mem: RwLock::new(None),
             exit_notifiers: Mutex::new((0..n).map(|_| None).collect()),
+            signalled: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -336,12 +340,27 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
-        // With one queue per thread, device_event indexes this thread's vrings: always 0.
+        // With one queue per thread, device_event indexes this thread's vrings: always 0,
+        // and the thread is the queue's index.
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
+        // The first event of a queue in this connection (the library sends one when the
+        // queue is enabled, so a restarted daemon also executes at once what the guest
+        // made available before it started) ends with a signal, needed or not. The used
+        // ring may hold completions that a previous process added and never signalled: it
+        // was killed between `add_used` and the interrupt, or stopped by SIGTERM while
+        // requests waited at the drain. The guest would not look at them, and with
+        // EVENT_IDX its `used_event` is already behind them, so no later completion would
+        // be signalled either: its requests would wait forever. A spurious interrupt costs
+        // the guest one look at its used ring (libvhost-user signals on every
+        // SET_VRING_CALL for the same reason).
+        let first = self
+            .signalled
+            .get(thread_id)
+            .is_some_and(|s| !s.swap(true, Ordering::SeqCst));
         if self.event_idx.load(Ordering::Relaxed) {
             loop {
                 vring
@@ -355,13 +374,15 @@ impl VhostUserBackend for BlkBackend {
                     break;
                 }
             }
+            // Asked first: it also resets the library's count of what was added.
             if vring
                 .needs_notification()
                 .map_err(|e| io::Error::other(e.to_string()))?
+                || first
             {
                 vring.signal_used_queue()?;
             }
-        } else if self.process_queue(vring)? {
+        } else if self.process_queue(vring)? || first {
             vring.signal_used_queue()?;
         }
         Ok(())
@@ -466,6 +487,60 @@ mod tests {
         assert_eq!(&id[..8], b"serial-1");
         // The empty queue is fine (handle_event fires on enable too).
         assert!(!backend.process_queue(&vring).unwrap());
+    }
+
+    /// A new connection after the daemon died or stopped: the guest's used ring holds
+    /// completions that the previous process added but never signalled (it died between
+    /// `add_used` and the interrupt, or stopped at the drain after finishing a request), and
+    /// nothing is left in the avail ring. With EVENT_IDX the guest asked to be interrupted at
+    /// `used_event`, which those completions passed already, so only a signal from this
+    /// connection tells it to look: without one its requests wait forever.
+    #[test]
+    fn a_new_connection_signals_each_queue_once_for_completions_it_did_not_make() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        const Q: u16 = 64;
+        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        // Three requests were made available and completed (used idx 3); the guest last
+        // saw the first one and asked for an interrupt after it (used_event 1).
+        mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 4 + 2 * Q as u64))
+            .unwrap();
+        mem.write_obj(3u16, GuestAddress(used + 2)).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let vring = VringRwLock::new(atomic.clone(), Q).unwrap();
+        vring.set_queue_size(Q);
+        vring.set_queue_info(desc, avail, used).unwrap();
+        // As the vhost-user handler does: next_used from the ring, next_avail from
+        // SET_VRING_BASE (QEMU sends the used index when the old backend is gone).
+        vring.set_queue_next_used(3);
+        vring.set_queue_next_avail(3);
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: a fresh descriptor from try_clone, owned by nobody else.
+        let file = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+        vring.set_call(Some(file));
+        let backend = BlkBackend::new(disk(false));
+        backend.set_event_idx(true);
+        backend.update_memory(atomic).unwrap();
+
+        // The first event of the queue (the vhost-user-backend crate sends one when the
+        // queue is enabled): nothing to process, and still a signal.
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert_eq!(
+            call.read().ok(),
+            Some(1),
+            "the guest was not told about the completions in its used ring"
+        );
+        // Only once: later events signal by the usual rules (nothing new, no signal).
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert!(call.read().is_err(), "signalled again with nothing new");
     }
 
     #[test]

@@ -608,7 +608,8 @@ impl Manager {
             .collect()
     }
 
-    /// Drains every disk's requests, commits every pool (SIGTERM).
+    /// Drains every disk's requests, commits every pool (SIGTERM). The disks stay drained:
+    /// the process is to exit next, and no request may run after the final commit.
     pub fn shutdown(&self) -> anyhow::Result<()> {
         // Replication and jobs first: each job undoes its unfinished work, which the final
         // commit then keeps.
@@ -620,7 +621,7 @@ impl Manager {
         for d in &disks {
             d.stop_held_writes();
         }
-        let _drained: Vec<_> = disks
+        let drained: Vec<_> = disks
             .iter()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
             .collect();
@@ -629,6 +630,12 @@ impl Manager {
                 .commit()
                 .map_err(|e| anyhow::anyhow!("final commit of pool {}: {e}", p.name))?;
         }
+        // Never released. Released, the I/O gates would let the requests waiting at them
+        // run between this commit and the process's exit: writes acknowledged to the guest
+        // that only the journal records, so a clean stop would leave changes to replay.
+        // Held, those requests stay in the guest's rings, and QEMU hands them to the next
+        // daemon (it resumes from the used index).
+        std::mem::forget(drained);
         for f in self.served_socket_files() {
             f.remove();
         }
