@@ -122,7 +122,12 @@ impl Raw {
         let mut hdr = [0u8; 12];
         match (&self.0).read_exact(&mut hdr) {
             Ok(()) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                ) =>
+            {
                 return None
             }
             Err(e) => panic!("{case}: no reply and no end of the connection: {e}"),
@@ -133,7 +138,12 @@ impl Raw {
         let mut payload = vec![0u8; size];
         match (&self.0).read_exact(&mut payload) {
             Ok(()) => Some((u32::from_le_bytes(hdr[0..4].try_into().unwrap()), payload)),
-            Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                ) =>
+            {
                 None
             }
             Err(e) => panic!("{case}: truncated reply: {e}"),
@@ -153,7 +163,11 @@ impl Raw {
     fn acked(&self, case: &str, request: u32, payload: &[u8], fds: &[RawFd]) -> Option<u64> {
         self.send(request, VERSION_1 | NEED_REPLY, payload, fds);
         let (code, p) = self.recv(case)?;
-        assert_eq!((code, p.len()), (request, 8), "{case}: not an acknowledgement");
+        assert_eq!(
+            (code, p.len()),
+            (request, 8),
+            "{case}: not an acknowledgement"
+        );
         Some(u64::from_le_bytes(p[..8].try_into().unwrap()))
     }
 
@@ -198,8 +212,18 @@ impl Raw {
         self.ok(case, SET_VRING_BASE, &u32s(&[q, 0]), &[]);
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        self.ok(case, SET_VRING_CALL, &u64s(&[q as u64]), &[call.as_raw_fd()]);
-        self.ok(case, SET_VRING_KICK, &u64s(&[q as u64]), &[kick.as_raw_fd()]);
+        self.ok(
+            case,
+            SET_VRING_CALL,
+            &u64s(&[q as u64]),
+            &[call.as_raw_fd()],
+        );
+        self.ok(
+            case,
+            SET_VRING_KICK,
+            &u64s(&[q as u64]),
+            &[kick.as_raw_fd()],
+        );
         self.ok(case, SET_VRING_ENABLE, &u32s(&[q, 1]), &[]);
         (kick, call)
     }
@@ -255,8 +279,8 @@ impl Daemon {
             assert!(Instant::now() < deadline, "the sockets did not appear");
             std::thread::sleep(Duration::from_millis(10));
         }
-        for i in 0..2 {
-            let mut g = Guest::connect(&d.socks[i], NQ[i]);
+        for (i, &nq) in NQ.iter().enumerate() {
+            let mut g = Guest::connect(&d.socks[i], nq);
             assert_eq!(g.write(0, 0, &d.data[i], 4), 0);
             g.stop();
         }
@@ -285,8 +309,8 @@ impl Daemon {
     /// written before.
     fn assert_unharmed(&mut self, case: &str) {
         self.assert_alive(case);
-        for i in 0..2 {
-            let mut g = Guest::connect(&self.socks[i], NQ[i]);
+        for (i, &nq) in NQ.iter().enumerate() {
+            let mut g = Guest::connect(&self.socks[i], nq);
             let (st, got) = g.read(0, 0, DATA_LEN as u32);
             assert_eq!(st, 0, "{case}: disk{i}: read failed");
             assert!(got == self.data[i], "{case}: disk{i}: data changed");
@@ -325,7 +349,9 @@ impl Drop for Daemon {
 
 /// The daemon's open descriptors.
 fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// The log says `what` (checked after the daemon exited, so nothing is still unwritten).
@@ -376,9 +402,7 @@ impl Mem {
         self.mem
             .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * n as u64))
             .unwrap();
-        self.mem
-            .write_obj(n + 1, GuestAddress(AVAIL + 2))
-            .unwrap();
+        self.mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
     }
 
     fn used_idx(&self) -> u16 {
@@ -545,7 +569,7 @@ fn memory_tables_that_cannot_be_mapped_are_refused() {
     // A table that is fine, then one added region that overlaps it.
     let case = "ADD_MEM_REG: a region overlapping the table";
     let r = Raw::handshake(d.sock());
-    r.ok(&case, SET_MEM_TABLE, &table(1, &[r2(0)]), &[a.as_raw_fd()]);
+    r.ok(case, SET_MEM_TABLE, &table(1, &[r2(0)]), &[a.as_raw_fd()]);
     let mut add = u64s(&[0]);
     add.extend(region(1 << 20, 1 << 20, UADDR + (32 << 20), 0));
     r.refused(case, ADD_MEM_REG, &add, &[b.as_raw_fd()]);
@@ -561,4 +585,628 @@ fn d_sock_fd() -> RawFd {
     let fd = s.as_raw_fd();
     std::mem::forget(s);
     fd
+}
+
+// ----- descriptor chains and rings -----
+
+const N: u16 = VRING_DESC_F_NEXT as u16;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const I: u16 = VRING_DESC_F_INDIRECT as u16;
+
+/// Offers the chain at descriptor `head` on queue 0 and waits for it: its used length.
+fn used_len(g: &mut Guest, case: &str, head: u16) -> u32 {
+    let seq = g.publish(0, head);
+    assert!(
+        g.wait_used_for(0, seq, PATIENCE),
+        "{case}: the chain was never used"
+    );
+    let (id, len) = g.used_elem(0, seq);
+    assert_eq!(id, head as u32, "{case}: the used element is another chain");
+    len
+}
+
+#[test]
+fn descriptor_chains_that_break_the_rules_get_errors_and_the_queue_keeps_serving() {
+    let mut d = Daemon::start();
+    let b = Guest::buf(6);
+    let st = b + 0x800;
+    let data = b + 0x1000;
+    // An indirect table, and a second one of 65535 descriptors (1 MiB).
+    let t = b + 0x10000;
+    let big = 32 << 20;
+    let ioerr = Some(VIRTIO_BLK_S_IOERR as u8);
+    type Case = (
+        &'static str,
+        u32,
+        &'static [(u16, u64, u32, u16, u16)],
+        Option<u8>,
+    );
+    // (name, request type in the header at b, descriptors (index, addr, len, flags, next)
+    // with the head first, the status byte expected at `st` if any). Addresses given as
+    // 0..16 stand for b, st, data, t, big and the edges of guest memory (see `at`).
+    let cases: &[Case] = &[
+        (
+            "a header outside guest memory",
+            VIRTIO_BLK_T_IN,
+            &[(40, 100, 16, N, 41), (41, 1, 1, W, 0)],
+            ioerr,
+        ),
+        (
+            "data straddling the end of guest memory",
+            VIRTIO_BLK_T_IN,
+            &[
+                (40, 0, 16, N, 41),
+                (41, 101, 512, W | N, 42),
+                (42, 1, 1, W, 0),
+            ],
+            ioerr,
+        ),
+        (
+            "data whose address + length overflows",
+            VIRTIO_BLK_T_IN,
+            &[
+                (40, 0, 16, N, 41),
+                (41, 102, 512, W | N, 42),
+                (42, 1, 1, W, 0),
+            ],
+            ioerr,
+        ),
+        (
+            "4 GiB - 64 KiB of data",
+            VIRTIO_BLK_T_IN,
+            &[
+                (40, 0, 16, N, 41),
+                (41, 2, 0xFFFF_0000, W | N, 42),
+                (42, 1, 1, W, 0),
+            ],
+            ioerr,
+        ),
+        // The chain's bytes overflow a u32: virtio-queue's iterator ends it before the data
+        // (chain.rs), so the daemon sees a header alone, with no status byte to set.
+        (
+            "u32::MAX bytes of data",
+            VIRTIO_BLK_T_IN,
+            &[
+                (40, 0, 16, N, 41),
+                (41, 2, u32::MAX, W | N, 42),
+                (42, 1, 1, W, 0),
+            ],
+            None,
+        ),
+        (
+            "a zero-length status",
+            VIRTIO_BLK_T_FLUSH,
+            &[(40, 0, 16, N, 41), (41, 1, 0, W, 0)],
+            None,
+        ),
+        (
+            "a loop of readable descriptors",
+            VIRTIO_BLK_T_OUT,
+            &[(40, 0, 16, N, 41), (41, 2, 512, N, 40)],
+            None,
+        ),
+        (
+            "a loop through writable descriptors",
+            VIRTIO_BLK_T_IN,
+            &[
+                (40, 0, 16, N, 41),
+                (41, 2, 512, W | N, 42),
+                (42, 1, 1, W | N, 41),
+            ],
+            None,
+        ),
+        (
+            "next beyond the table",
+            VIRTIO_BLK_T_IN,
+            &[(40, 0, 16, N, 1000)],
+            None,
+        ),
+        (
+            "an indirect table with a loop",
+            VIRTIO_BLK_T_IN,
+            &[(40, 3, 48, I, 0)],
+            None,
+        ),
+        (
+            "an indirect table of u32::MAX bytes",
+            VIRTIO_BLK_T_IN,
+            &[(40, 3, 0xFFFF_FFF0, I, 0)],
+            None,
+        ),
+        (
+            "an indirect table of 65535 chained descriptors",
+            VIRTIO_BLK_T_OUT,
+            &[(40, 4, 0xFFFF0, I, 0)],
+            None,
+        ),
+        (
+            "an indirect table outside guest memory",
+            VIRTIO_BLK_T_IN,
+            &[(40, 100, 64, I, 0)],
+            None,
+        ),
+        (
+            "an indirect table that is not whole descriptors",
+            VIRTIO_BLK_T_IN,
+            &[(40, 3, 40, I, 0)],
+            None,
+        ),
+        (
+            "an indirect descriptor inside an indirect table",
+            VIRTIO_BLK_T_IN,
+            &[(40, 3, 16, I, 0)],
+            None,
+        ),
+    ];
+    let at = |a: u64| match a {
+        0 => b,
+        1 => st,
+        2 => data,
+        3 => t,
+        4 => big,
+        100 => 1 << 40,
+        101 => MEM_SIZE - 256,
+        102 => u64::MAX - 255,
+        _ => unreachable!(),
+    };
+    for &(case, kind, descs, status) in cases {
+        let mut g = Guest::connect(d.sock(), NQ[0]);
+        g.header(b, kind, FAR_SECTOR);
+        g.mem.write_obj(0xAAu8, GuestAddress(st)).unwrap();
+        for &(i, a, len, flags, next) in descs {
+            g.put_desc(0, i, at(a), len, flags, next);
+        }
+        // The indirect tables: a loop (header, data, status, back to the data), or a
+        // descriptor pointing at the table itself; the big one chains all its entries.
+        let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+            virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+                addr, len, flags, next,
+            ))
+        };
+        if case.contains("inside an indirect") {
+            g.mem.write_obj(desc(t, 16, I, 0), GuestAddress(t)).unwrap();
+        } else {
+            for (k, e) in [
+                desc(b, 16, N, 1),
+                desc(data, 512, W | N, 2),
+                desc(st, 1, W | N, 1),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                g.mem.write_obj(e, GuestAddress(t + 16 * k as u64)).unwrap();
+            }
+        }
+        if case.contains("65535") {
+            for k in 0..0xFFFFu64 {
+                let e = desc(b, 16, if k < 0xFFFE { N } else { 0 }, k as u16 + 1);
+                g.mem.write_obj(e, GuestAddress(big + 16 * k)).unwrap();
+            }
+        }
+        let len = used_len(&mut g, case, descs[0].0);
+        if let Some(s) = status {
+            assert_eq!((len, g.status(st)), (1, s), "{case}");
+        }
+        // The same queue serves the next request.
+        assert_eq!(
+            g.read(0, 0, 4096),
+            (0, d.data[0][..4096].to_vec()),
+            "{case}: the queue stopped serving"
+        );
+        drop(g);
+        d.assert_unharmed(case);
+    }
+
+    // A head out of the ring's range: the chain can never be put in the used ring, and
+    // the queue goes on with the next one.
+    let case = "a head index beyond the queue size";
+    let mut g = Guest::connect(d.sock(), NQ[0]);
+    g.publish(0, 1000);
+    g.forget_last(0);
+    assert_eq!(
+        g.read(0, 0, 4096),
+        (0, d.data[0][..4096].to_vec()),
+        "{case}: the queue stopped serving"
+    );
+    drop(g);
+    d.assert_unharmed(case);
+
+    // The avail idx far ahead of what the ring can hold: nothing to do but refuse to read
+    // the ring, and keep serving the other queue and, after it, the next connection.
+    let case = "the avail idx 1000 ahead";
+    let mut g = Guest::connect(d.sock(), NQ[0]);
+    g.set_avail_idx(0, 1000);
+    assert_eq!(
+        g.read(1, 0, 4096),
+        (0, d.data[0][..4096].to_vec()),
+        "{case}: the other queue stopped serving"
+    );
+    drop(g);
+    d.assert_unharmed(case);
+
+    let log = d.stop();
+    assert_logged(&log, "avail idx");
+}
+
+#[test]
+fn rings_that_do_not_fit_in_guest_memory_are_not_served() {
+    let mut d = Daemon::start();
+    let end = MEM_SIZE;
+    // Each ring starts inside guest memory (so the vhost crate takes its address) and ends
+    // past it.
+    let layouts: [(&str, (u64, u64, u64)); 3] = [
+        (
+            "a descriptor table past the end of guest memory",
+            (end - 16, 0x20_0000, 0x20_1000),
+        ),
+        (
+            "an avail ring past the end of guest memory",
+            (0x20_0000, end - 4, 0x20_1000),
+        ),
+        (
+            "a used ring past the end of guest memory",
+            (0x20_0000, 0x20_1000, end - 8),
+        ),
+    ];
+    for (case, rings) in layouts {
+        let layout = move |q: usize| {
+            if q == 0 {
+                rings
+            } else {
+                Guest::default_layout(q)
+            }
+        };
+        let mut g = Guest::connect_laid_out(d.sock(), NQ[0], u64::MAX, &layout);
+        // A write far from the data, as the avail ring's first entry (which is where it
+        // can be written), descriptors 0..3 (which may be all that fits).
+        let b = Guest::buf(7);
+        g.header(b, VIRTIO_BLK_T_OUT, FAR_SECTOR);
+        let descs = [(b, 16, N), (b + 0x1000, 512, N), (b + 0x800, 1, W)];
+        for (i, &(a, len, f)) in descs.iter().enumerate() {
+            let _ = std::panic::catch_unwind(|| g.put_desc(0, i as u16, a, len, f, i as u16 + 1));
+        }
+        let _ = g.mem.write_obj(0u16, GuestAddress(g.queues[0].avail + 4));
+        g.set_avail_idx(0, 1);
+        // The other queue serves meanwhile.
+        assert_eq!(
+            g.read(1, 0, 4096),
+            (0, d.data[0][..4096].to_vec()),
+            "{case}: the other queue stopped serving"
+        );
+        drop(g);
+        d.assert_unharmed(case);
+    }
+    let log = d.stop();
+    assert_logged(&log, "do not fit in guest memory");
+}
+
+// ----- vhost-user messages out of range or out of order -----
+
+/// A connection with one region of 1 MiB of guest memory at guest address 0.
+fn with_memory(sock: &Path) -> (Raw, Mem) {
+    let m = Mem::new(1 << 20);
+    let r = Raw::handshake(sock);
+    r.ok(
+        "memory",
+        SET_MEM_TABLE,
+        &table(1, &[region(0, 1 << 20, UADDR, 0)]),
+        &[m.fd()],
+    );
+    (r, m)
+}
+
+fn vring_addr(q: u32, flags: u32, desc: u64, used: u64, avail: u64) -> Vec<u8> {
+    let mut v = u32s(&[q, flags]);
+    v.extend(u64s(&[desc, used, avail, 0]));
+    v
+}
+
+#[test]
+fn vring_setup_out_of_range_is_refused() {
+    let mut d = Daemon::start();
+    let e = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let efd = e.as_raw_fd();
+    let cases: Vec<(&str, u32, Vec<u8>, Vec<RawFd>)> = vec![
+        ("SET_VRING_NUM 0", SET_VRING_NUM, u32s(&[0, 0]), vec![]),
+        (
+            "SET_VRING_NUM 100, not a power of two",
+            SET_VRING_NUM,
+            u32s(&[0, 100]),
+            vec![],
+        ),
+        (
+            "SET_VRING_NUM 32768, above the size offered",
+            SET_VRING_NUM,
+            u32s(&[0, 32768]),
+            vec![],
+        ),
+        (
+            "SET_VRING_NUM 65535",
+            SET_VRING_NUM,
+            u32s(&[0, 65535]),
+            vec![],
+        ),
+        (
+            "SET_VRING_NUM for queue 5 of 2",
+            SET_VRING_NUM,
+            u32s(&[5, 64]),
+            vec![],
+        ),
+        (
+            "SET_VRING_ADDR for queue 7 of 2",
+            SET_VRING_ADDR,
+            vring_addr(7, 0, UADDR + DESC, UADDR + USED, UADDR + AVAIL),
+            vec![],
+        ),
+        (
+            "SET_VRING_ADDR outside the memory table",
+            SET_VRING_ADDR,
+            vring_addr(0, 0, 0x1000, 0x3000, 0x2000),
+            vec![],
+        ),
+        (
+            "SET_VRING_ADDR with a misaligned table",
+            SET_VRING_ADDR,
+            vring_addr(0, 0, UADDR + DESC + 8, UADDR + USED, UADDR + AVAIL),
+            vec![],
+        ),
+        (
+            "SET_VRING_ADDR with unknown flags",
+            SET_VRING_ADDR,
+            vring_addr(0, 0x10, UADDR + DESC, UADDR + USED, UADDR + AVAIL),
+            vec![],
+        ),
+        (
+            "SET_VRING_BASE for queue 9",
+            SET_VRING_BASE,
+            u32s(&[9, 0]),
+            vec![],
+        ),
+        (
+            "GET_VRING_BASE for queue 9",
+            GET_VRING_BASE,
+            u32s(&[9, 0]),
+            vec![],
+        ),
+        (
+            "SET_VRING_ENABLE 2",
+            SET_VRING_ENABLE,
+            u32s(&[0, 2]),
+            vec![],
+        ),
+        (
+            "SET_VRING_ENABLE for queue 3",
+            SET_VRING_ENABLE,
+            u32s(&[3, 1]),
+            vec![],
+        ),
+        (
+            "SET_VRING_KICK for queue 200",
+            SET_VRING_KICK,
+            u64s(&[200]),
+            vec![efd],
+        ),
+        (
+            "SET_VRING_KICK without its descriptor",
+            SET_VRING_KICK,
+            u64s(&[0]),
+            vec![],
+        ),
+        (
+            "SET_VRING_CALL saying 'no descriptor' with one",
+            SET_VRING_CALL,
+            u64s(&[0x100]),
+            vec![efd],
+        ),
+    ];
+    for (case, request, payload, fds) in &cases {
+        let (r, _m) = with_memory(d.sock());
+        r.refused(case, *request, payload, fds);
+        d.assert_unharmed(case);
+    }
+
+    // Not an error: GET_VRING_BASE of a queue never started answers, and the connection
+    // goes on.
+    let case = "GET_VRING_BASE on a queue never started";
+    let (r, _m) = with_memory(d.sock());
+    r.send(GET_VRING_BASE, VERSION_1, &u32s(&[1, 0]), &[]);
+    let (code, p) = r.recv(case).expect("an answer");
+    assert_eq!((code, p), (GET_VRING_BASE, u32s(&[1, 0])), "{case}");
+    assert_ne!(r.get_u64(GET_FEATURES), 0, "{case}: the connection goes on");
+    drop(r);
+    d.assert_unharmed(case);
+    let log = d.stop();
+    assert_logged(&log, "not a power of two");
+}
+
+#[test]
+fn protocol_messages_out_of_order_or_malformed_are_refused() {
+    let mut d = Daemon::start();
+    let e = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let fds3 = [e.as_raw_fd(), e.as_raw_fd(), e.as_raw_fd()];
+    let fds34 = [e.as_raw_fd(); 34];
+
+    // Kick, call and enable before the memory table (and a kick delivered then): the
+    // queue serves once the frontend sets the rest up.
+    let case = "SET_VRING_KICK, CALL, ENABLE before SET_MEM_TABLE";
+    let m = Mem::new(1 << 20);
+    let r = Raw::handshake(d.sock());
+    r.ok(case, SET_VRING_NUM, &u32s(&[0, 64]), &[]);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    r.ok(case, SET_VRING_CALL, &u64s(&[0]), &[call.as_raw_fd()]);
+    r.ok(case, SET_VRING_KICK, &u64s(&[0]), &[kick.as_raw_fd()]);
+    r.ok(case, SET_VRING_ENABLE, &u32s(&[0, 1]), &[]);
+    kick.write(1).unwrap();
+    r.ok(
+        case,
+        SET_MEM_TABLE,
+        &table(1, &[region(0, 1 << 20, UADDR, 0)]),
+        &[m.fd()],
+    );
+    r.ok(
+        case,
+        SET_VRING_ADDR,
+        &vring_addr(0, 0, UADDR + DESC, UADDR + USED, UADDR + AVAIL),
+        &[],
+    );
+    let flush = {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        m.mem.write_slice(&h, GuestAddress(0x8000)).unwrap();
+        [D(0x8000, 16, false), D(0x9000, 1, true)]
+    };
+    m.mem.write_obj(0xAAu8, GuestAddress(0x9000)).unwrap();
+    m.offer(0, &flush);
+    kick.write(1).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while m.used_idx() == 0 {
+        assert!(Instant::now() < deadline, "{case}: the queue never served");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        m.mem.read_obj::<u8>(GuestAddress(0x9000)).unwrap(),
+        0,
+        "{case}"
+    );
+    drop(r);
+    d.assert_unharmed(case);
+
+    let features = {
+        let r = Raw::connect(d.sock());
+        r.get_u64(GET_FEATURES)
+    };
+    d.assert_unharmed("GET_FEATURES alone");
+    let refusals: Vec<(&str, u32, Vec<u8>, &[RawFd])> = vec![
+        (
+            "SET_VRING_ADDR before SET_MEM_TABLE",
+            SET_VRING_ADDR,
+            vring_addr(0, 0, UADDR + DESC, UADDR + USED, UADDR + AVAIL),
+            &[],
+        ),
+        (
+            "SET_FEATURES with bits never offered",
+            SET_FEATURES,
+            u64s(&[features | 1 << 50]),
+            &[],
+        ),
+        ("request 99", 99, vec![], &[]),
+        (
+            "GET_FEATURES carrying three descriptors",
+            GET_FEATURES,
+            vec![],
+            &fds3,
+        ),
+        (
+            "SET_VRING_CALL carrying three descriptors",
+            SET_VRING_CALL,
+            u64s(&[0]),
+            &fds3,
+        ),
+        (
+            "a message carrying 34 descriptors",
+            GET_FEATURES,
+            vec![],
+            &fds34,
+        ),
+        ("SET_BACKEND_REQ_FD with an eventfd", 21, vec![], &fds3[..1]),
+        (
+            "SET_MEM_TABLE with a payload of 4097 bytes",
+            SET_MEM_TABLE,
+            vec![0u8; 4097],
+            &[],
+        ),
+    ];
+    for (case, request, payload, fds) in &refusals {
+        let r = Raw::handshake(d.sock());
+        r.refused(case, *request, payload, fds);
+        d.assert_unharmed(case);
+    }
+
+    // Headers that are not what they should be.
+    let headers: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "the reply flag on a request",
+            header(GET_FEATURES, VERSION_1 | REPLY, 0),
+        ),
+        ("version 0", header(GET_FEATURES, 0, 0)),
+        (
+            "a payload of 65 KiB announced",
+            header(SET_MEM_TABLE, VERSION_1, 65 << 10),
+        ),
+        (
+            "a payload of 4 GiB announced",
+            header(SET_MEM_TABLE, VERSION_1, u32::MAX),
+        ),
+    ];
+    for (case, bytes) in &headers {
+        let r = Raw::handshake(d.sock());
+        r.send_bytes(bytes, &[]);
+        r.assert_ended(case);
+        d.assert_unharmed(case);
+    }
+
+    // Closing in the middle of a message.
+    let cut: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "7 bytes of a header, then the end",
+            header(GET_FEATURES, VERSION_1, 0)[..7].to_vec(),
+        ),
+        ("4 of 8 payload bytes, then the end", {
+            let mut v = header(SET_FEATURES, VERSION_1, 8);
+            v.extend([0u8; 4]);
+            v
+        }),
+    ];
+    for (case, bytes) in &cut {
+        let r = Raw::handshake(d.sock());
+        r.send_bytes(bytes, &[]);
+        drop(r);
+        d.assert_unharmed(case);
+    }
+    d.stop();
+}
+
+#[test]
+fn many_connections_and_refusals_leak_no_descriptors() {
+    let mut d = Daemon::start();
+    let pid = d.pid();
+    // Counted while a connection that has been answered is open: the daemon serves one
+    // connection of a disk at a time, so every earlier one has been taken down by then,
+    // and the connection open is the same each time.
+    let count = |d: &Daemon| {
+        let r = Raw::connect(d.sock());
+        r.get_u64(GET_FEATURES);
+        fd_count(pid)
+    };
+    let before = count(&d);
+    let e = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let big = Mem::new(1 << 20);
+    for _ in 0..20 {
+        let mut g = Guest::connect(d.sock(), NQ[0]);
+        assert_eq!(g.read(0, 0, 512).0, 0);
+        drop(g);
+        drop(Raw::connect(d.sock()));
+        Raw::handshake(d.sock()).refused("fds", GET_FEATURES, &[], &[e.as_raw_fd(); 3]);
+        Raw::handshake(d.sock()).refused(
+            "past the end",
+            SET_MEM_TABLE,
+            &table(1, &[region(0, 4 << 20, UADDR, 0)]),
+            &[big.fd()],
+        );
+        let (r, _m) = with_memory(d.sock());
+        r.ok("kick", SET_VRING_KICK, &u64s(&[1]), &[e.as_raw_fd()]);
+        r.ok("call", SET_VRING_CALL, &u64s(&[1]), &[e.as_raw_fd()]);
+    }
+    // Many connections opened and dropped as fast as they come.
+    for _ in 0..100 {
+        drop(UnixStream::connect(d.sock()).unwrap());
+    }
+    let after = count(&d);
+    assert_eq!(
+        after, before,
+        "the daemon's open descriptors grew from {before} to {after}"
+    );
+    d.assert_unharmed("many connections");
+    d.stop();
 }

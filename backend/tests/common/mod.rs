@@ -409,6 +409,12 @@ impl Guest {
         self.queues[q].submitted
     }
 
+    /// Forgets the last request offered on queue `q`, which the device can never use (its
+    /// head is out of range), so that the next sequence numbers match the used ring again.
+    pub fn forget_last(&mut self, q: usize) {
+        self.queues[q].submitted -= 1;
+    }
+
     /// Sets queue `q`'s avail idx to `idx` (offering whatever the ring holds) and kicks.
     pub fn set_avail_idx(&self, q: usize, idx: u16) {
         self.mem
