@@ -40,6 +40,8 @@ const VERSION_1: u32 = 0x1;
 /// `VHOST_USER_SET_MEM_TABLE` and `VHOST_USER_ADD_MEM_REG`: guest memory regions, each with
 /// the descriptor of the file the backend maps it from.
 const SET_MEM_TABLE: u32 = 5;
+/// `VHOST_USER_SET_VRING_NUM`: a queue's size.
+const SET_VRING_NUM: u32 = 8;
 const ADD_MEM_REG: u32 = 37;
 /// One region in those messages: guest address, size, frontend address, file offset.
 const REGION_LEN: usize = 32;
@@ -170,6 +172,18 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
 /// docs/ARCHITECTURE.md, "Hostile frontends".)
 fn refusal(m: &Message) -> Option<String> {
     let payload = &m.bytes[HEADER_LEN..];
+    // A split virtqueue's size is a power of two (virtio 1.2, 2.7). virtio-queue's
+    // `Queue::set_size` refuses any other with a log line and keeps the size it had, and
+    // vhost-user-backend's `set_vring_num` (handler.rs) acknowledges it all the same: the
+    // device would walk rings of another size than the driver laid out.
+    if m.request() == SET_VRING_NUM && payload.len() == 8 {
+        let num = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
+        if !num.is_power_of_two() {
+            return Some(format!(
+                "SET_VRING_NUM refused: {num} entries, not a power of two"
+            ));
+        }
+    }
     let regions: Vec<&[u8]> = match m.request() {
         // Count and padding, then the regions; a count that disagrees with the payload or
         // the descriptors is the handler's to refuse.
