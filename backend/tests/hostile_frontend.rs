@@ -23,6 +23,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
@@ -310,6 +311,14 @@ impl Daemon {
     fn assert_unharmed(&mut self, case: &str) {
         self.assert_alive(case);
         for (i, &nq) in NQ.iter().enumerate() {
+            // Answered within PATIENCE first: the typed frontend below waits forever.
+            let probe = Raw::connect(&self.socks[i]);
+            probe.send(GET_FEATURES, VERSION_1, &[], &[]);
+            assert!(
+                probe.recv(case).is_some(),
+                "{case}: disk{i}: the connection ended unanswered"
+            );
+            drop(probe);
             let mut g = Guest::connect(&self.socks[i], nq);
             let (st, got) = g.read(0, 0, DATA_LEN as u32);
             assert_eq!(st, 0, "{case}: disk{i}: read failed");
@@ -1208,5 +1217,29 @@ fn many_connections_and_refusals_leak_no_descriptors() {
         "the daemon's open descriptors grew from {before} to {after}"
     );
     d.assert_unharmed("many connections");
+    d.stop();
+}
+
+/// A call eventfd that cannot take a notification (blocking, its counter one short of the
+/// most it holds): a write to it would block the queue's worker for good, and the join of
+/// the workers on disconnect with it, so that the disk would never take another connection.
+#[test]
+fn a_call_descriptor_that_would_block_does_not_wedge_the_disk() {
+    let mut d = Daemon::start();
+    let case = "a full, blocking call eventfd";
+    // Without EVENT_IDX every completion notifies.
+    let mask = !(1u64 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+    let mut g = Guest::connect_with(d.sock(), NQ[0], mask);
+    let full = EventFd::new(0).unwrap();
+    full.write(0xFFFF_FFFF_FFFF_FFFE).unwrap();
+    g.fe.set_vring_call(0, &full).unwrap();
+    // Completed in the used ring; only the interrupt cannot be given.
+    assert_eq!(
+        g.read(0, 0, 4096),
+        (0, d.data[0][..4096].to_vec()),
+        "{case}"
+    );
+    drop(g);
+    d.assert_unharmed(case);
     d.stop();
 }
