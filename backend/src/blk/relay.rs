@@ -40,6 +40,9 @@ const VERSION_1: u32 = 0x1;
 /// `VHOST_USER_SET_MEM_TABLE` and `VHOST_USER_ADD_MEM_REG`: guest memory regions, each with
 /// the descriptor of the file the backend maps it from.
 const SET_MEM_TABLE: u32 = 5;
+/// `VHOST_USER_SET_VRING_CALL` and `VHOST_USER_SET_VRING_ERR`: eventfds the backend writes.
+const SET_VRING_CALL: u32 = 13;
+const SET_VRING_ERR: u32 = 14;
 /// `VHOST_USER_SET_VRING_NUM`: a queue's size.
 const SET_VRING_NUM: u32 = 8;
 const ADD_MEM_REG: u32 = 37;
@@ -169,7 +172,7 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
 /// region must lie within its file, and the file must be a regular one (memfd, tmpfs,
 /// hugetlbfs: what QEMU and other VMMs share guest memory with), whose size is known.
 /// (A frontend that shrinks the file after this check is not stopped by it: see
-/// docs/ARCHITECTURE.md, "Hostile frontends".)
+/// docs/SECURITY.md.)
 fn refusal(m: &Message) -> Option<String> {
     let payload = &m.bytes[HEADER_LEN..];
     // A split virtqueue's size is a power of two (virtio 1.2, 2.7). virtio-queue's
@@ -208,6 +211,33 @@ fn refusal(m: &Message) -> Option<String> {
         }
     }
     None
+}
+
+/// Makes the eventfds the backend writes (call, err) non-blocking. A frontend that hands a
+/// blocking one and lets its counter fill would block the queue's worker in its write for
+/// good (vhost-user-backend's `signal_used_queue`), and with it the join of the workers at
+/// disconnect: the disk would never take another connection. Non-blocking, the write fails
+/// and the worker logs it. (The flag belongs to the file description, which the frontend
+/// shares: QEMU and cloud-hypervisor make these eventfds non-blocking themselves; a frontend
+/// that clears the flag again is not stopped by this, see docs/SECURITY.md.)
+fn make_nonblocking(m: &Message) -> io::Result<()> {
+    if !matches!(m.request(), SET_VRING_CALL | SET_VRING_ERR) {
+        return Ok(());
+    }
+    for fd in &m.fds {
+        // SAFETY: fcntl on a descriptor we own, reading and setting file status flags only.
+        let ok = unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !ok {
+            return Err(io::Error::other(format!(
+                "SET_VRING_CALL/ERR refused: cannot make the eventfd non-blocking: {}",
+                io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `size` bytes at `offset` of the file `fd` lie within it.
@@ -295,6 +325,7 @@ pub fn start(
                     if let Some(why) = refusal(m) {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, why));
                     }
+                    make_nonblocking(m)?;
                     if m.request() == SET_BACKEND_REQ_FD && m.fds.len() == 1 {
                         // Our own duplicate: the handler gets the original and keeps it.
                         match m.fds[0].try_clone() {
