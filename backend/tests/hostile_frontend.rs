@@ -1180,12 +1180,14 @@ fn protocol_messages_out_of_order_or_malformed_are_refused() {
 fn many_connections_and_refusals_leak_no_descriptors() {
     let mut d = Daemon::start();
     let pid = d.pid();
-    // Counted while a connection that has been answered is open: the daemon serves one
-    // connection of a disk at a time, so every earlier one has been taken down by then,
-    // and the connection open is the same each time.
+    // Counted while a connection to each disk that has been answered is open: the daemon
+    // serves one connection of a disk at a time, so every earlier one has been taken down
+    // by then, and the connections open are the same each time.
     let count = |d: &Daemon| {
-        let r = Raw::connect(d.sock());
-        r.get_u64(GET_FEATURES);
+        let open: Vec<Raw> = d.socks.iter().map(|s| Raw::connect(s)).collect();
+        for r in &open {
+            r.get_u64(GET_FEATURES);
+        }
         fd_count(pid)
     };
     let before = count(&d);
