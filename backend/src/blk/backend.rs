@@ -8,6 +8,7 @@ use super::disk::{Disk, Stats, Target};
 use super::execute::{execute, fail, Done, NeedsSpace};
 use super::request::{parse, Desc, GuestView, Limits, Op, MAX_DATA_BYTES};
 use std::io;
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Instant;
@@ -22,9 +23,7 @@ use vm_memory::{
     GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 /// Most segments in one discard or write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 16;
@@ -73,8 +72,33 @@ pub struct BlkBackend {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit_notifiers: Mutex<Vec<Option<EventNotifier>>>,
     /// Per queue: this connection has signalled the guest at least once (see
-    /// `handle_event`).
+    /// [`BlkBackend::first_event`]).
     signalled: Vec<AtomicBool>,
+    /// The exit consumers handed to the vhost crate, which it never closes: see
+    /// [`BlkBackend::close_leaked_exit_consumers`].
+    exit_consumers: Mutex<Vec<LeakedFd>>,
+    /// Per queue: a fault of the driver's (rings that do not fit, an avail idx out of range)
+    /// was logged, and is not again until the queue is sound.
+    reported: Vec<AtomicBool>,
+}
+
+/// A descriptor given away to code that will not close it, with the inode it had, so that
+/// it is closed later only if the number still names the same file.
+struct LeakedFd {
+    fd: RawFd,
+    ino: u64,
+}
+
+fn inode(fd: RawFd) -> Option<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat only writes a stat into `st`; a closed or reused number is an error or
+    // another file's inode, both handled by the caller.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    (st.st_mode & libc::S_IFMT == libc::S_IFIFO).then_some(st.st_ino)
 }
 
 impl BlkBackend {
@@ -87,7 +111,142 @@ impl BlkBackend {
             mem: RwLock::new(None),
             exit_notifiers: Mutex::new((0..n).map(|_| None).collect()),
             signalled: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            exit_consumers: Mutex::new(Vec::new()),
+            reported: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// Closes the exit consumers that the vhost crate leaks: `VringEpollHandler::new`
+    /// (vhost-user-backend 0.24 event_loop.rs:125) adds `consumer.into_raw_fd()` to its
+    /// epoll set and never closes it, one descriptor per worker thread per connection, so
+    /// a daemon whose frontends reconnect runs out of descriptors. Call only after the
+    /// connection's `VhostUserDaemon` (and so its handler, which joins the workers) is
+    /// dropped. Each consumer is a pipe's read end, whose inode is unique: a number the
+    /// crate did close (a fixed version) and that was reused since is left alone.
+    pub fn close_leaked_exit_consumers(&self) {
+        for l in self.exit_consumers.lock().unwrap().drain(..) {
+            if inode(l.fd) == Some(l.ino) {
+                // SAFETY: the number still names the pipe we made and gave away, which
+                // nothing uses any more (its epoll set and worker are gone).
+                unsafe { libc::close(l.fd) };
+            }
+        }
+    }
+
+    /// Whether queue `vring` can be served: its rings lie in guest memory and its avail idx
+    /// is at most a ring ahead of the next entry. Otherwise the driver is broken or hostile:
+    /// the reason is logged (once until the queue is sound again) and the queue is left
+    /// alone until the driver sets it up again, so that the device neither touches memory
+    /// that is not there nor spins on entries it can never take.
+    fn queue_is_sound(&self, vring: &VringRwLock, mem: &GuestMemoryMmap, index: usize) -> bool {
+        let why = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            let size = q.size() as usize;
+            let fits = |addr: u64, len: usize| {
+                GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
+            };
+            if !fits(q.desc_table(), 16 * size)
+                || !fits(q.avail_ring(), 6 + 2 * size)
+                || !fits(q.used_ring(), 6 + 8 * size)
+            {
+                Some(format!(
+                    "rings do not fit in guest memory (descriptors {:#x}, avail {:#x}, used \
+                     {:#x}, {size} entries)",
+                    q.desc_table(),
+                    q.avail_ring(),
+                    q.used_ring()
+                ))
+            } else {
+                match q.avail_idx(mem, Ordering::Acquire) {
+                    Err(e) => Some(format!("cannot read the avail idx: {e}")),
+                    Ok(idx) => {
+                        let ahead = idx.0.wrapping_sub(q.next_avail());
+                        (ahead as usize > size).then(|| {
+                            format!(
+                                "avail idx {} is {ahead} entries ahead of the next one ({}), \
+                                 more than the ring's {size}",
+                                idx.0,
+                                q.next_avail()
+                            )
+                        })
+                    }
+                }
+            }
+        };
+        let reported = &self.reported[index.min(self.reported.len() - 1)];
+        match why {
+            None => {
+                reported.store(false, Ordering::Relaxed);
+                true
+            }
+            Some(why) => {
+                if !reported.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "{}: queue {index}: {why}; not served until the driver sets it up again",
+                        self.disk.name
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Serves queue `vring` after a kick: requests are taken and completed until none is
+    /// left. Errors are the driver's (memory it withdrew, a call descriptor that fails):
+    /// they are logged and the worker thread lives on, so that the queue serves again once
+    /// the driver sets it up anew on the same connection (as after a guest reboot). An
+    /// error returned to the vhost crate would end the thread silently, for good.
+    fn serve_queue(&self, vring: &VringRwLock, index: usize) -> io::Result<()> {
+        let Some(atomic) = self.mem.read().unwrap().clone() else {
+            // No memory table yet: nothing can be read; the kick is not lost, since a
+            // queue is looked at again on its next kick and the driver kicks after setup.
+            return Ok(());
+        };
+        let e = |e: virtio_queue::Error| io::Error::other(e.to_string());
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                if !self.queue_is_sound(vring, &atomic.memory(), index) {
+                    return Ok(());
+                }
+                vring.disable_notification().map_err(e)?;
+                let used = self.process_queue(vring)?;
+                if !vring.enable_notification().map_err(e)? {
+                    break;
+                }
+                // More is offered, yet nothing was taken: nothing will be taken the next
+                // time round either (the check above catches what is known to cause it);
+                // stop rather than spin.
+                if !used {
+                    break;
+                }
+            }
+            // Asked first: it also resets the library's count of what was added.
+            if vring.needs_notification().map_err(e)? || self.first_event(index) {
+                vring.signal_used_queue()?;
+            }
+        } else if self.queue_is_sound(vring, &atomic.memory(), index)
+            && (self.process_queue(vring)? | self.first_event(index))
+        {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Whether this is the first event of queue `index` in this connection: it ends with a
+    /// signal, needed or not. The used ring may hold completions that a previous process
+    /// added and never signalled (killed between `add_used` and the interrupt, or stopped by
+    /// SIGTERM while requests waited at the drain): the guest would not look at them, and
+    /// with EVENT_IDX its `used_event` is already behind them, so no later completion would
+    /// be signalled either and its requests would wait forever. The library sends an event
+    /// when a queue is enabled, so this happens at once on a new connection, which also
+    /// executes what the guest made available before the daemon started. A spurious
+    /// interrupt costs the guest one look at its used ring (libvhost-user signals on every
+    /// SET_VRING_CALL for the same reason).
+    fn first_event(&self, index: usize) -> bool {
+        self.signalled
+            .get(index)
+            .is_some_and(|s| !s.swap(true, Ordering::SeqCst))
     }
 
     /// Asks every worker thread to leave its loop; writes held for space give up.
@@ -189,10 +348,15 @@ impl BlkBackend {
                     );
                 }
             }
-            vring
-                .add_used(head, written)
-                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
-            used_any = true;
+            // A head the ring cannot hold (beyond its size) cannot be returned: the chain is
+            // skipped, and the ones after it are served.
+            match vring.add_used(head, written) {
+                Ok(()) => used_any = true,
+                Err(e) => tracing::warn!(
+                    "{}: chain {head} cannot be put in the used ring: {e}",
+                    self.disk.name
+                ),
+            }
             drop(io);
         }
         Ok(used_any)
@@ -327,7 +491,27 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        // A pipe rather than an eventfd: the crate leaks the consumer, which is closed
+        // after the connection (`close_leaked_exit_consumers`), and a pipe's inode tells
+        // it from any other file its number may name by then. The crate only polls the
+        // consumer, never reads it; a notification is 8 bytes, and there are two at most.
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills `fds` with two new descriptors, owned from here on.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return None;
+        }
+        // SAFETY: both descriptors were just made and are owned by nobody else.
+        let (c, n) = unsafe {
+            (
+                EventConsumer::from_raw_fd(fds[0]),
+                EventNotifier::from_raw_fd(fds[1]),
+            )
+        };
+        let ino = inode(fds[0])?;
+        self.exit_consumers
+            .lock()
+            .unwrap()
+            .push(LeakedFd { fd: fds[0], ino });
         let keep = n.try_clone().ok()?;
         if let Some(slot) = self.exit_notifiers.lock().unwrap().get_mut(thread_index) {
             *slot = Some(keep);
@@ -342,48 +526,13 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        // With one queue per thread, device_event indexes this thread's vrings: always 0,
-        // and the thread is the queue's index.
+        // With one queue per thread, device_event indexes this thread's vrings: always 0.
+        // One queue per thread: the thread's index is the queue's.
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
-        // The first event of a queue in this connection (the library sends one when the
-        // queue is enabled, so a restarted daemon also executes at once what the guest
-        // made available before it started) ends with a signal, needed or not. The used
-        // ring may hold completions that a previous process added and never signalled: it
-        // was killed between `add_used` and the interrupt, or stopped by SIGTERM while
-        // requests waited at the drain. The guest would not look at them, and with
-        // EVENT_IDX its `used_event` is already behind them, so no later completion would
-        // be signalled either: its requests would wait forever. A spurious interrupt costs
-        // the guest one look at its used ring (libvhost-user signals on every
-        // SET_VRING_CALL for the same reason).
-        let first = self
-            .signalled
-            .get(thread_id)
-            .is_some_and(|s| !s.swap(true, Ordering::SeqCst));
-        if self.event_idx.load(Ordering::Relaxed) {
-            loop {
-                vring
-                    .disable_notification()
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                self.process_queue(vring)?;
-                if !vring
-                    .enable_notification()
-                    .map_err(|e| io::Error::other(e.to_string()))?
-                {
-                    break;
-                }
-            }
-            // Asked first: it also resets the library's count of what was added.
-            if vring
-                .needs_notification()
-                .map_err(|e| io::Error::other(e.to_string()))?
-                || first
-            {
-                vring.signal_used_queue()?;
-            }
-        } else if self.process_queue(vring)? || first {
-            vring.signal_used_queue()?;
+        if let Err(e) = self.serve_queue(vring, thread_id) {
+            tracing::warn!("{}: queue {thread_id}: {e}", self.disk.name);
         }
         Ok(())
     }

@@ -37,6 +37,17 @@ const SET_BACKEND_REQ_FD: u32 = 21;
 const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 /// Version 1 of the protocol, in the flags of every message.
 const VERSION_1: u32 = 0x1;
+/// `VHOST_USER_SET_MEM_TABLE` and `VHOST_USER_ADD_MEM_REG`: guest memory regions, each with
+/// the descriptor of the file the backend maps it from.
+const SET_MEM_TABLE: u32 = 5;
+/// `VHOST_USER_SET_VRING_CALL` and `VHOST_USER_SET_VRING_ERR`: eventfds the backend writes.
+const SET_VRING_CALL: u32 = 13;
+const SET_VRING_ERR: u32 = 14;
+/// `VHOST_USER_SET_VRING_NUM`: a queue's size.
+const SET_VRING_NUM: u32 = 8;
+const ADD_MEM_REG: u32 = 37;
+/// One region in those messages: guest address, size, frontend address, file offset.
+const REGION_LEN: usize = 32;
 
 /// The backend channel of the connected frontend, when it gave one.
 #[derive(Default)]
@@ -151,6 +162,106 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     Ok(Some(Message { bytes, fds }))
 }
 
+/// Why `m` must not reach the vhost crate's handler, if it must not.
+///
+/// Guest memory regions past the end of their file: the vhost crate maps whatever size the
+/// frontend names (`VhostUserMemoryRegion::mmap_region`, vhost 0.18 message.rs, through
+/// vm-memory's `MmapRegion::from_file`, which does not look at the file's size), and a page
+/// of such a mapping past the file's end raises SIGBUS when touched: the whole daemon, every
+/// disk it serves, dies on the first request whose header or ring lies there. So every
+/// region must lie within its file, and the file must be a regular one (memfd, tmpfs,
+/// hugetlbfs: what QEMU and other VMMs share guest memory with), whose size is known.
+/// (A frontend that shrinks the file after this check is not stopped by it: see
+/// docs/SECURITY.md.)
+fn refusal(m: &Message) -> Option<String> {
+    let payload = &m.bytes[HEADER_LEN..];
+    // A split virtqueue's size is a power of two (virtio 1.2, 2.7). virtio-queue's
+    // `Queue::set_size` refuses any other with a log line and keeps the size it had, and
+    // vhost-user-backend's `set_vring_num` (handler.rs) acknowledges it all the same: the
+    // device would walk rings of another size than the driver laid out.
+    if m.request() == SET_VRING_NUM && payload.len() == 8 {
+        let num = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
+        if !num.is_power_of_two() {
+            return Some(format!(
+                "SET_VRING_NUM refused: {num} entries, not a power of two"
+            ));
+        }
+    }
+    let regions: Vec<&[u8]> = match m.request() {
+        // Count and padding, then the regions; a count that disagrees with the payload or
+        // the descriptors is the handler's to refuse.
+        SET_MEM_TABLE => payload.get(8..)?.chunks_exact(REGION_LEN).collect(),
+        // Padding, then one region.
+        ADD_MEM_REG => vec![payload.get(8..8 + REGION_LEN)?],
+        _ => return None,
+    };
+    let name = if m.request() == SET_MEM_TABLE {
+        "SET_MEM_TABLE"
+    } else {
+        "ADD_MEM_REG"
+    };
+    for (i, (r, fd)) in regions.iter().zip(&m.fds).enumerate() {
+        let field = |k: usize| u64::from_le_bytes(r[8 * k..8 * k + 8].try_into().expect("8"));
+        let (gpa, size, offset) = (field(0), field(1), field(3));
+        if let Err(why) = region_fits_its_file(fd, size, offset) {
+            return Some(format!(
+                "{name} refused: region {i} (guest address {gpa:#x}, {size} bytes at file \
+                 offset {offset}): {why}"
+            ));
+        }
+    }
+    None
+}
+
+/// Makes the eventfds the backend writes (call, err) non-blocking. A frontend that hands a
+/// blocking one and lets its counter fill would block the queue's worker in its write for
+/// good (vhost-user-backend's `signal_used_queue`), and with it the join of the workers at
+/// disconnect: the disk would never take another connection. Non-blocking, the write fails
+/// and the worker logs it. (The flag belongs to the file description, which the frontend
+/// shares: QEMU and cloud-hypervisor make these eventfds non-blocking themselves; a frontend
+/// that clears the flag again is not stopped by this, see docs/SECURITY.md.)
+fn make_nonblocking(m: &Message) -> io::Result<()> {
+    if !matches!(m.request(), SET_VRING_CALL | SET_VRING_ERR) {
+        return Ok(());
+    }
+    for fd in &m.fds {
+        // SAFETY: fcntl on a descriptor we own, reading and setting file status flags only.
+        let ok = unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !ok {
+            return Err(io::Error::other(format!(
+                "SET_VRING_CALL/ERR refused: cannot make the eventfd non-blocking: {}",
+                io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `size` bytes at `offset` of the file `fd` lie within it.
+fn region_fits_its_file(fd: &OwnedFd, size: u64, offset: u64) -> Result<(), String> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a stat for the open descriptor `fd` into `st` and nothing else.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(format!("fstat: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: fstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(format!(
+            "guest memory must be a regular file (memfd, tmpfs, hugetlbfs), not file type {:#o}",
+            st.st_mode & libc::S_IFMT
+        ));
+    }
+    let len = st.st_size as u64;
+    match offset.checked_add(size) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(format!("past the end of its file ({len} bytes)")),
+    }
+}
+
 /// Sends one message with its descriptors attached to its first bytes, where the
 /// receiver's header read finds them.
 fn send_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
@@ -171,13 +282,18 @@ fn send_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
 
 /// Carries messages from `from` to `to` until either side ends, then ends both (so the
 /// other direction, the frontend and the vhost crate's handler all see the connection
-/// close). `watch` sees each message before it goes on.
-fn pump(from: &UnixStream, to: &UnixStream, watch: &dyn Fn(&Message)) -> io::Result<()> {
+/// close). `watch` sees each message before it goes on, and ends the connection instead
+/// with an error.
+fn pump(
+    from: &UnixStream,
+    to: &UnixStream,
+    watch: &dyn Fn(&Message) -> io::Result<()>,
+) -> io::Result<()> {
     let r = (|| loop {
         match recv_message(from)? {
             None => return Ok(()),
             Some(m) => {
-                watch(&m);
+                watch(&m)?;
                 send_message(to, &m)?;
             }
         }
@@ -204,6 +320,12 @@ pub fn start(
             .name(format!("relay-{name}"))
             .spawn(move || {
                 let watch = |m: &Message| {
+                    // Refused: the connection ends, as the vhost crate ends it on any
+                    // message it refuses (the frontend sees it close).
+                    if let Some(why) = refusal(m) {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                    }
+                    make_nonblocking(m)?;
                     if m.request() == SET_BACKEND_REQ_FD && m.fds.len() == 1 {
                         // Our own duplicate: the handler gets the original and keeps it.
                         match m.fds[0].try_clone() {
@@ -213,6 +335,7 @@ pub fn start(
                             }
                         }
                     }
+                    Ok(())
                 };
                 if let Err(e) = pump(&frontend, &handler, &watch) {
                     tracing::warn!("{name}: vhost-user connection: {e}");
@@ -224,7 +347,7 @@ pub fn start(
         .name(format!("relay-{name}-reply"))
         .spawn(move || {
             // Replies: errors here are the same connection ending, reported once above.
-            let _ = pump(&h2, &f2, &|_| {});
+            let _ = pump(&h2, &f2, &|_| Ok(()));
         })?;
     Ok([down, up])
 }

@@ -1386,6 +1386,8 @@ fn serve_loop(
         if let Err(e) = daemon.start(handler_socket.listener()) {
             tracing::error!("{}: handler accept failed: {e:?}", disk.name);
             let _ = frontend.shutdown(std::net::Shutdown::Both);
+            drop(daemon);
+            backend.close_leaked_exit_consumers();
             continue;
         }
         *lock(conn) = daemon.shutdown_handle();
@@ -1399,6 +1401,9 @@ fn serve_loop(
         for t in relay_threads {
             let _ = t.join();
         }
+        // The handler goes with the daemon, joining the connection's worker threads.
+        drop(daemon);
+        backend.close_leaked_exit_consumers();
         disk.connected.store(false, Ordering::SeqCst);
         match r {
             Ok(())

@@ -174,7 +174,7 @@ pub fn sigterm(child: Child) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn memfd(size: u64) -> File {
+pub fn memfd(size: u64) -> File {
     // SAFETY: plain syscall with a valid NUL-terminated name.
     let fd = unsafe { libc::memfd_create(c"vhost-thin-test".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create failed");
@@ -215,6 +215,27 @@ impl Guest {
 
     /// Handshake; `feature_mask` limits what the "driver" acknowledges.
     pub fn connect_with(sock: &Path, nq: usize, feature_mask: u64) -> Guest {
+        Self::connect_laid_out(sock, nq, feature_mask, &Self::default_layout)
+    }
+
+    /// Where queue `q`'s descriptor table, avail ring and used ring are (guest addresses).
+    pub fn default_layout(q: usize) -> (u64, u64, u64) {
+        let desc = QUEUE_AREA + 0x10000 * q as u64;
+        let avail = desc + 16 * QSIZE as u64;
+        let used = (avail + 6 + 2 * QSIZE as u64).next_multiple_of(4);
+        (desc, avail, used)
+    }
+
+    /// Handshake with the rings where `layout` puts them (a hostile test may put them where
+    /// they do not fit). Waits for replies without a bound (the vhost crate's frontend
+    /// retries a socket timeout forever): a test that must not hang checks first that the
+    /// daemon answers.
+    pub fn connect_laid_out(
+        sock: &Path,
+        nq: usize,
+        feature_mask: u64,
+        layout: &dyn Fn(usize) -> (u64, u64, u64),
+    ) -> Guest {
         // Leaked so that the mock queues can borrow it for 'static; one per connection.
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::<()>::from_ranges_with_files(&[(
@@ -239,9 +260,7 @@ impl Guest {
         fe.set_mem_table(&[info]).unwrap();
         let mut queues = Vec::new();
         for q in 0..nq {
-            let desc = QUEUE_AREA + 0x10000 * q as u64;
-            let avail = desc + 16 * QSIZE as u64;
-            let used = (avail + 6 + 2 * QSIZE as u64).next_multiple_of(4);
+            let (desc, avail, used) = layout(q);
             // Rings start zeroed: flags, idx and event fields all 0 (fresh memfd).
             fe.set_vring_num(q, QSIZE).unwrap();
             fe.set_vring_addr(
@@ -353,6 +372,77 @@ impl Guest {
         queue.submitted += 1;
         queue.kick.write(1).unwrap();
         queue.submitted
+    }
+
+    /// Writes descriptor `index` of queue `q`'s table as it is: any address, length, flags
+    /// and next (a hostile test's chains).
+    pub fn put_desc(&self, q: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.queues[q].desc + 16 * index as u64;
+        self.mem
+            .write_obj(
+                RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
+                GuestAddress(at),
+            )
+            .unwrap();
+    }
+
+    /// Offers the chain at `head` (any value) on queue `q` and kicks; returns its sequence
+    /// number, for [`Self::wait_used_for`] and [`Self::used_elem`].
+    pub fn publish(&mut self, q: usize, head: u16) -> u16 {
+        let avail = self.queues[q].avail;
+        let idx: u16 = self.mem.read_obj(GuestAddress(avail + 2)).unwrap();
+        self.mem
+            .write_obj(head, GuestAddress(avail + 4 + 2 * (idx % QSIZE) as u64))
+            .unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+            .unwrap();
+        self.queues[q].submitted += 1;
+        self.queues[q].kick.write(1).unwrap();
+        self.queues[q].submitted
+    }
+
+    /// Forgets the last request offered on queue `q`, which the device can never use (its
+    /// head is out of range), so that the next sequence numbers match the used ring again.
+    pub fn forget_last(&mut self, q: usize) {
+        self.queues[q].submitted -= 1;
+    }
+
+    /// Sets queue `q`'s avail idx to `idx` (offering whatever the ring holds) and kicks.
+    pub fn set_avail_idx(&self, q: usize, idx: u16) {
+        self.mem
+            .write_obj(idx, GuestAddress(self.queues[q].avail + 2))
+            .unwrap();
+        self.queues[q].kick.write(1).unwrap();
+    }
+
+    /// The used element of request `seq` (from 1) of queue `q`: (id, len).
+    pub fn used_elem(&self, q: usize, seq: u16) -> (u32, u32) {
+        let at = self.queues[q].used + 4 + 8 * ((seq - 1) % QSIZE) as u64;
+        (
+            self.mem.read_obj(GuestAddress(at)).unwrap(),
+            self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
+    }
+
+    /// Waits for used idx `count` on queue `q` for at most `patience`: whether it came.
+    pub fn wait_used_for(&self, q: usize, count: u16, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        loop {
+            let idx: u16 = self
+                .mem
+                .read_obj(GuestAddress(self.queues[q].used + 2))
+                .unwrap();
+            if idx >= count {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let _ = self.queues[q].call.read();
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Waits until `count` requests of queue `q` have been used.
