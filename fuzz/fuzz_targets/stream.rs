@@ -1,0 +1,177 @@
+//! A send/receive stream from an untrusted sender: the bytes are received into a small
+//! pool in memory (`thinpool::stream::receive`, what `vhost-thin receive` and the daemon's
+//! receive and migration jobs call), through the format's reader and the receiver's writes
+//! into the pool. No input may panic; errors are expected, and each must leave the pool as
+//! the receive promises: a failed receive leaves nothing behind, an interrupted resumable
+//! one keeps its device until it is aborted, and the metadata stays consistent throughout.
+//!
+//! The pool holds a disk and a snapshot of it, `base`, with the guid the incremental seeds
+//! in corpus/stream/ build on (they are made by `fuzz_seeds` in
+//! thinpool/src/stream/tests.rs, with the same guid and size).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use thinpool::pool::{Pool, PoolOptions};
+use thinpool::registry::{DeviceEntry, Registry};
+use thinpool::storage::MemStorage;
+use thinpool::stream::{abort, receive, ReceiveError, ReceiveOptions, StreamError};
+
+/// The guid and size of the base snapshot the incremental seeds were sent on top of.
+const BASE_GUID: &str = "0123456789abcdef0123456789abcdef";
+const BASE_SIZE: u64 = 1 << 20;
+/// 64 KiB blocks, 16 of them: the smallest metadata device the format allows, and a data
+/// device small enough that a stream can fill it (out of space is a path to take too).
+const BLOCK_SECTORS: u32 = 128;
+const DATA_BYTES: u64 = 16 << 16;
+const METADATA_BYTES: u64 = 512 * 4096;
+
+struct Fixture {
+    pool: Pool,
+    meta: Arc<MemStorage>,
+    reg: Mutex<Registry>,
+    /// The devices before the receive: what a failed one must leave.
+    before: BTreeSet<u32>,
+}
+
+fn fixture(dir: &Path) -> Fixture {
+    let meta = Arc::new(MemStorage::new(METADATA_BYTES));
+    let data = Arc::new(MemStorage::new(DATA_BYTES));
+    let pool =
+        Pool::create(meta.clone(), data, BLOCK_SECTORS, PoolOptions::default()).expect("a pool");
+    let mut reg = Registry::new(dir.join("registry.json"), 0);
+    let hold = pool.hold_commits();
+    // What the base holds does not matter to a receive (it takes the guid and size on
+    // trust), so the disk and its snapshot are left empty: each input pays for less.
+    pool.create_thin(0).expect("a disk");
+    pool.create_snap(1, 0).expect("a snapshot");
+    let disk = DeviceEntry {
+        name: Some("disk".into()),
+        size: BASE_SIZE,
+        serial: "fuzz".into(),
+        ..Default::default()
+    };
+    let base = DeviceEntry {
+        name: Some("base".into()),
+        snapshot: true,
+        read_only: true,
+        origin: Some(0),
+        guid: Some(BASE_GUID.into()),
+        ..disk.clone()
+    };
+    reg.insert(0, disk).expect("registered");
+    reg.insert(1, base).expect("registered");
+    reg.commit(&hold).expect("committed");
+    drop(hold);
+    Fixture {
+        pool,
+        meta,
+        before: BTreeSet::from([0, 1]),
+        reg: Mutex::new(reg),
+    }
+}
+
+impl Fixture {
+    fn receive(&self, data: &[u8], resumable: bool) -> Result<u32, ReceiveError> {
+        let opts = ReceiveOptions {
+            resumable,
+            // Small, so that a resumable receive also commits part way.
+            commit_every: 128 << 10,
+            ..Default::default()
+        };
+        let mut last = 0;
+        let r = receive(&self.pool, &self.reg, data, &opts, &mut |done, total| {
+            assert!(done <= total, "progress {done} of {total}");
+            assert!(done >= last, "progress went back from {last} to {done}");
+            last = done;
+        });
+        r.map(|got| got.id)
+    }
+
+    fn registered(&self) -> BTreeSet<u32> {
+        self.reg.lock().unwrap().devices.keys().copied().collect()
+    }
+
+    fn in_pool(&self) -> BTreeSet<u32> {
+        self.pool.devices().iter().map(|(id, _)| *id).collect()
+    }
+
+    /// The pool and its registry name the same devices, `want`, and the metadata checks.
+    fn assert_holds(&self, want: &BTreeSet<u32>, after: &str) {
+        assert_eq!(&self.registered(), want, "registry after {after}");
+        assert_eq!(&self.in_pool(), want, "pool after {after}");
+        self.pool.commit().expect("a commit");
+        let report = thinpool::check::check(self.meta.clone()).expect("a check");
+        assert!(
+            report.errors.is_empty(),
+            "after {after}: {:?}",
+            report.errors
+        );
+    }
+}
+
+/// Where the registry file goes: its commits fsync the file and its directory, which on
+/// tmpfs costs nothing and on a disk would cost the fuzzer most of its speed.
+fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("vhost-thin-fuzz")
+            .tempdir_in(shm)
+        {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("a temporary directory")
+}
+
+fuzz_target!(|data: &[u8]| {
+    let dir = scratch_dir();
+    let f = fixture(dir.path());
+    match f.receive(data, false) {
+        Ok(id) => {
+            let e = f.reg.lock().unwrap().devices[&id].clone();
+            assert!(e.snapshot && e.receiving.is_none() && e.name.is_some());
+            let mut want = f.before.clone();
+            want.insert(id);
+            f.assert_holds(&want, "a receive");
+        }
+        Err(ReceiveError::Interrupted(i)) => {
+            panic!("a receive that is not resumable was interrupted: {i}")
+        }
+        Err(ReceiveError::Failed(e)) => {
+            f.assert_holds(&f.before, &format!("a failed receive ({e})"));
+            // A failure past the header came after the device was made: the same bytes
+            // received resumably stop with the device kept, which an abort then drops.
+            let past_header = !matches!(
+                e,
+                StreamError::NotAStream(_)
+                    | StreamError::Version(_)
+                    | StreamError::BadHeader(_)
+                    | StreamError::Refused(_)
+            );
+            if !past_header {
+                return;
+            }
+            match f.receive(data, true) {
+                Ok(id) => panic!(
+                    "a stream that failed ({e}) arrived whole as thin device {id} when resumable"
+                ),
+                Err(ReceiveError::Interrupted(i)) => {
+                    let id = {
+                        let mut reg = f.reg.lock().unwrap();
+                        let id = abort(&f.pool, &mut reg, &i.token.guid).expect("an abort");
+                        assert!(!f.before.contains(&id), "abort dropped thin device {id}");
+                        id
+                    };
+                    f.assert_holds(&f.before, &format!("aborting thin device {id}"));
+                }
+                Err(ReceiveError::Failed(e)) => {
+                    f.assert_holds(&f.before, &format!("a failed resumable receive ({e})"))
+                }
+            }
+        }
+    }
+});
