@@ -116,7 +116,8 @@ for t in "${targets[@]}"; do
   [ -n "$runs" ] && args+=(-runs="$runs")
   log=$scratch/$t.log
   echo
-  echo "=== fuzzing $t: ${seconds}s${runs:+, at most $runs runs} ${opts[*]}"
+  limit=$([ "$seconds" = 0 ] && echo "no time limit" || echo "${seconds}s")
+  echo "=== fuzzing $t: $limit${runs:+, at most $runs runs} ${opts[*]}"
   status=0
   "$bin" "${args[@]}" "$corpus" >"$log" 2>&1 || status=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
