@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     for chunk in bytes.chunks(usize::from(read_len).max(1)) {
         pieces.extend(split.push(chunk));
     }
-    assert_eq!(frames, pieces, "the frames depend on how the input was read");
+    assert_eq!(
+        frames, pieces,
+        "the frames depend on how the input was read"
+    );
     for frame in frames {
         if let Ok(m) = Message::from_frame(frame) {
             let _ = Command::parse(&m.execute, Args::new(m.arguments));

@@ -18,7 +18,8 @@ struct Mem<'a>(&'a [u8]);
 
 impl GuestView for Mem<'_> {
     fn contains(&self, addr: u64, len: u64) -> bool {
-        addr.checked_add(len).is_some_and(|e| e <= self.0.len() as u64)
+        addr.checked_add(len)
+            .is_some_and(|e| e <= self.0.len() as u64)
     }
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         if !self.contains(addr, buf.len() as u64) {
@@ -34,7 +35,11 @@ fuzz_target!(|input: Input| {
         .descs
         .iter()
         .take(64)
-        .map(|&(addr, len, writable)| Desc { addr, len, writable })
+        .map(|&(addr, len, writable)| Desc {
+            addr,
+            len,
+            writable,
+        })
         .collect();
     let mem = Mem(&input.memory);
     let limits = Limits {

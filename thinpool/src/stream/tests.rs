@@ -727,3 +727,78 @@ fn a_received_copy_is_marked_from_its_first_commit() {
     assert_eq!(b.reg.devices[&got.id].migration.as_ref(), Some(&mark));
     assert!(b.reg.devices[&got.id].receiving.is_none());
 }
+
+/// Writes the seed corpus of the `stream` fuzz target (fuzz/corpus/stream/): small valid
+/// streams of a 1 MiB device of a 64 KiB block pool, full and incremental, the incremental
+/// ones on top of a snapshot with the guid and size that the target's pool gives its `base`
+/// (fuzz/fuzz_targets/stream.rs). Deterministic: fixed guids and times, so running it again
+/// rewrites the same files. Run with
+/// `cargo test -p thinpool --lib write_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore = "writes files into fuzz/corpus/stream"]
+fn write_fuzz_seeds() {
+    const BASE_GUID: &str = "0123456789abcdef0123456789abcdef";
+    const SIZE: u64 = 1 << 20;
+    let mut a = pool(128);
+    let disk = DeviceEntry {
+        name: Some("disk".into()),
+        size: SIZE,
+        serial: "s".into(),
+        ..Default::default()
+    };
+    let entry = disk.clone();
+    a.with_catalog(|cat| {
+        cat.change(|devices, reg| -> Result<(), CatalogError> {
+            devices.create_thin(0)?;
+            reg.insert(0, entry)?;
+            Ok(())
+        })
+    })
+    .unwrap();
+    let snap = |a: &mut P, id: u32, name: &str, guid: &str| {
+        let e = DeviceEntry {
+            name: Some(name.into()),
+            snapshot: true,
+            origin: Some(0),
+            guid: Some(guid.into()),
+            created: 1_700_000_000 + id as u64,
+            ..disk.clone()
+        };
+        a.with_catalog(|cat| {
+            cat.change(|devices, reg| -> Result<(), CatalogError> {
+                devices.create_snap(id, 0)?;
+                reg.insert(id, e)?;
+                Ok(())
+            })
+        })
+        .unwrap();
+    };
+    snap(&mut a, 1, "empty", "0000000000000000000000000000e0e0");
+    // Pages of data, a run of zeros written (mapped but zero: a ZERO record), and a page
+    // in the last block.
+    for (off, byte) in [(0u64, 1u8), (8192, 2), (200 << 10, 3), (SIZE - 4096, 4)] {
+        a.pool.write(0, off, &[byte; 4096]).unwrap();
+    }
+    a.pool.write(0, 512 << 10, &[0u8; 64 << 10]).unwrap();
+    snap(&mut a, 2, "base", BASE_GUID);
+    // The next one changes a page, unmaps a block and zeroes part of one.
+    a.pool.write(0, 12288, &[5u8; 4096]).unwrap();
+    a.pool.discard(0, 192 << 10, 64 << 10).unwrap();
+    a.pool.write_zeroes(0, SIZE - 2048, 1024, false).unwrap();
+    snap(&mut a, 3, "next", "fedcba9876543210fedcba9876543210");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/stream");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, id, base) in [
+        ("full-empty", 1, None),
+        ("full-next", 3, None),
+        ("incremental-next-on-base", 3, Some(2)),
+    ] {
+        let (stream, _) = a.send(id, base, 0);
+        assert!(stream.len() < 64 << 10, "{file}: {} bytes", stream.len());
+        std::fs::write(dir.join(file), &stream).unwrap();
+    }
+    // A resumed stream: the receiver refuses it without the interrupted receive, but the
+    // header's resume offset and the records from there on are worth mutating.
+    let (stream, _) = a.send(3, Some(2), 256 << 10);
+    std::fs::write(dir.join("incremental-next-resumed"), &stream).unwrap();
+}
