@@ -25,16 +25,9 @@
 # CRASH_KEEP=1, keep the work directory (pool, logs, the guest's console).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/sbin:/sbin"
-
-[ "${VHOST_THIN_DEPS_DONE:-}" = 1 ] || ci/guest/install-deps.sh >/dev/null
-if [ -n "${VHOST_THIN_BIN:-}" ]; then
-  bin=$(readlink -f "$VHOST_THIN_BIN")
-else
-  cargo build --release --locked -q -p vhost-thin
-  bin=$(readlink -f "${CARGO_TARGET_DIR:-target}/release/vhost-thin")
-fi
-[ -x "$bin" ] || { echo "guest-crash: no vhost-thin binary at $bin" >&2; exit 1; }
+name=guest-crash
+# shellcheck source=ci/guest/binary.sh
+. ci/guest/binary.sh
 
 rounds=${CRASH_ROUNDS:-KILL KILL TERM}
 per_round=${CRASH_SIGNALS_PER_ROUND:-2}

@@ -13,16 +13,9 @@
 # VHOST_THIN_DEPS_DONE=1, ci/guest/install-deps.sh has run already (ci/test sets both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/sbin:/sbin"
-
-[ "${VHOST_THIN_DEPS_DONE:-}" = 1 ] || ci/guest/install-deps.sh >/dev/null
-if [ -n "${VHOST_THIN_BIN:-}" ]; then
-  bin=$(readlink -f "$VHOST_THIN_BIN")
-else
-  cargo build --release --locked -q -p vhost-thin
-  bin=$(readlink -f "${CARGO_TARGET_DIR:-target}/release/vhost-thin")
-fi
-[ -x "$bin" ] || { echo "guest-e2e: no vhost-thin binary at $bin" >&2; exit 1; }
+name=guest-e2e
+# shellcheck source=ci/guest/binary.sh
+. ci/guest/binary.sh
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/vhost-thin-e2e.XXXXXX")
 dpid="" helper=""
 cleanup() {

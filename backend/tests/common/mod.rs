@@ -447,19 +447,13 @@ impl Guest {
 
     /// Waits until `count` requests of queue `q` have been used.
     pub fn wait_used(&self, q: usize, count: u16) {
-        let queue = &self.queues[q];
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let idx: u16 = self.mem.read_obj(GuestAddress(queue.used + 2)).unwrap();
-            if idx >= count {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "queue {q}: timeout waiting for used idx {count}, at {idx}"
-            );
-            let _ = queue.call.read();
-            thread::sleep(Duration::from_millis(1));
+        // A bound on hanging, not a speed figure.
+        if !self.wait_used_for(q, count, Duration::from_secs(20)) {
+            let idx: u16 = self
+                .mem
+                .read_obj(GuestAddress(self.queues[q].used + 2))
+                .unwrap();
+            panic!("queue {q}: timeout waiting for used idx {count}, at {idx}");
         }
     }
 
