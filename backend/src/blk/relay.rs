@@ -364,7 +364,9 @@ pub struct HandlerSocket {
 impl HandlerSocket {
     pub fn new() -> io::Result<Self> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
         let base = std::env::temp_dir();
+        SWEPT.call_once(|| remove_stale_dirs(&base));
         let dir = loop {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let dir = base.join(format!("vhost-thin-{}-{n}", std::process::id()));
@@ -399,6 +401,36 @@ impl HandlerSocket {
     }
 }
 
+/// Removes the directories of handler sockets whose process is gone. A daemon that exits
+/// (SIGTERM exits without unwinding the threads that own them) or is killed leaves its
+/// `vhost-thin-PID-N` behind, one per disk it served; without this they pile up in the
+/// temporary directory across restarts.
+fn remove_stale_dirs(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vhost-thin-"))
+            .and_then(|rest| rest.split_once('-'))
+            .filter(|(_, n)| n.parse::<u64>().is_ok())
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // Only what a handler socket leaves: its socket, then the empty directory (a
+        // directory holding anything else is not ours and stays).
+        let dir = e.path();
+        let _ = std::fs::remove_file(dir.join("h.sock"));
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
 impl Drop for HandlerSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
@@ -419,6 +451,26 @@ mod tests {
         v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         v.extend_from_slice(payload);
         v
+    }
+
+    #[test]
+    fn handler_socket_directories_of_gone_processes_are_removed() {
+        let base = tempfile::tempdir().unwrap();
+        // No process has pid 4194304 (above the kernel's pid_max limit).
+        let stale = base.path().join("vhost-thin-4194304-0");
+        std::fs::create_dir(&stale).unwrap();
+        drop(UnixListener::bind(stale.join("h.sock")).unwrap());
+        let live = base
+            .path()
+            .join(format!("vhost-thin-{}-7", std::process::id()));
+        std::fs::create_dir(&live).unwrap();
+        let other = base.path().join("vhost-thin-4194304-1");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("keep"), b"x").unwrap();
+        remove_stale_dirs(base.path());
+        assert!(!stale.exists());
+        assert!(live.exists());
+        assert!(other.join("keep").exists());
     }
 
     #[test]
