@@ -942,3 +942,37 @@ fn fuzz_seeds_are_valid_pools() {
         }
     }
 }
+
+/// The data space map's bitmap moved into a block the metadata space map counts as free
+/// (found by the metadata fuzz target): the pool must refuse it, not treat the block as
+/// one of this transaction and overwrite a block in place at the next commit.
+#[test]
+fn data_bitmap_in_a_free_metadata_block_is_refused() {
+    const FREE: u64 = 480;
+    let mut img = image();
+    let m = map(&img);
+    let old = img.block(m.data_index).map(|b| {
+        let off = 32 + 8 * node::max(b);
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    });
+    let old = old.unwrap();
+    let bitmap = *img.block(old).unwrap();
+    *img.block_mut(FREE).unwrap() = bitmap;
+    img.seal(FREE, BlockKind::Bitmap).unwrap();
+    img.edit(m.data_index, |b| {
+        let off = 32 + 8 * node::max(b);
+        b[off..off + 8].copy_from_slice(&FREE.to_le_bytes());
+    })
+    .unwrap();
+    match open(&img) {
+        Err(e) => assert!(e.is_metadata_failure(), "{e}"),
+        Ok(pool) => {
+            // Opened: changing and committing must fail, never write a free block in place.
+            let r = pool.write(0, 0, &[7u8; 4096]).and_then(|()| pool.commit());
+            assert!(
+                r.is_err(),
+                "a commit wrote over a block the pool counts as free"
+            );
+        }
+    }
+}

@@ -202,6 +202,12 @@ impl ThinMetadata {
         tm.meta_sm = space_map::metadata::load(&mut tm, &sb.metadata_sm_root)?;
         let metadata_blocks = tm.meta_sm.nr_blocks();
         tm.data_sm = disk::load(&mut tm, &sb.data_sm_root, metadata_blocks)?;
+        // The checker loads space maps without this (it recounts every block itself).
+        disk::check_in_use(
+            &tm.meta_sm,
+            "data space map bitmap",
+            tm.data_sm.bitmaps.iter().map(|b| b.location),
+        )?;
         let mut devices = BTreeMap::new();
         for (k, v) in btree::entries(&mut tm, sb.details_root, DETAILS_VALUE)? {
             let id = u32::try_from(k)

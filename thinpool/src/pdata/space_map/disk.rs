@@ -140,6 +140,24 @@ pub fn sync_overflow(tm: &mut Tm, which: Which) -> Result<bool> {
     Ok(true)
 }
 
+/// Refuses blocks the metadata space map counts as free: a space map's own blocks (its
+/// bitmaps and index) are in use, and a commit overwrites in place only blocks of its own
+/// transaction, which a free block named as committed would pass for.
+pub fn check_in_use(
+    meta_sm: &SpaceMap,
+    what: &str,
+    blocks: impl IntoIterator<Item = u64>,
+) -> Result<()> {
+    for b in blocks {
+        if meta_sm.get(b)? == 0 {
+            return Err(Error::corrupt(format!(
+                "{what} at metadata block {b}, which the metadata space map counts as free"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Gives every changed bitmap a block of this transaction. Returns whether any moved.
 pub fn place_bitmaps(tm: &mut Tm, which: Which) -> Result<bool> {
     let mut moved = false;
@@ -149,7 +167,9 @@ pub fn place_bitmaps(tm: &mut Tm, which: Which) -> Result<bool> {
             let bm = &sm(tm, which).bitmaps[i];
             (bm.dirty, bm.location)
         };
-        if dirty && (loc == 0 || tm.meta_sm.committed_in_use(loc)) {
+        // Any block not allocated in this transaction moves (not only one in use at the
+        // last commit): writing in place is for this transaction's blocks alone.
+        if dirty && (loc == 0 || !tm.meta_sm.is_new(loc)) {
             let n = tm.new_block(BlockKind::Bitmap)?;
             if loc != 0 {
                 tm.dec_meta(loc)?;

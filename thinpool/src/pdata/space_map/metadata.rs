@@ -45,13 +45,20 @@ pub fn load(tm: &mut Tm, root: &SmRoot) -> Result<SpaceMap> {
         .collect();
     let bitmaps = disk::load_bitmaps(tm, "metadata", &index, root.nr_blocks)?;
     let overflow = disk::load_overflow(tm, root.ref_count_root)?;
-    SpaceMap::loaded(
+    let sm = SpaceMap::loaded(
         "metadata",
         root.nr_blocks,
         bitmaps,
         overflow,
         (root.bitmap_root, root.ref_count_root),
-    )
+    )?;
+    disk::check_in_use(&sm, "metadata space map index", [root.bitmap_root])?;
+    disk::check_in_use(
+        &sm,
+        "metadata space map bitmap",
+        index.iter().map(|e| e.blocknr),
+    )?;
+    Ok(sm)
 }
 
 /// Commits the metadata space map; must run after every other change of the transaction.
@@ -60,7 +67,7 @@ pub fn commit(tm: &mut Tm) -> Result<()> {
         let mut progress = disk::sync_overflow(tm, Which::Metadata)?;
         progress |= disk::place_bitmaps(tm, Which::Metadata)?;
         let idx = tm.meta_sm.index_root;
-        if idx == 0 || tm.meta_sm.committed_in_use(idx) {
+        if idx == 0 || !tm.meta_sm.is_new(idx) {
             let n = tm.new_block(BlockKind::Index)?;
             if idx != 0 {
                 tm.dec_meta(idx)?;
