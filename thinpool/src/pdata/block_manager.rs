@@ -284,6 +284,22 @@ impl BlockManager {
             })
     }
 
+    /// Seals a block to be written straight to the device later (a superblock written
+    /// without this manager, see `FrozenCommit`), and drops any cached copy of it.
+    pub fn seal_direct(
+        &mut self,
+        b: u64,
+        kind: BlockKind,
+        mut data: Box<Block>,
+    ) -> Result<Box<Block>> {
+        if self.read_only {
+            return Err(Error::ReadOnly("metadata opened read-only"));
+        }
+        block::seal(&mut data, b, kind);
+        self.forget(b);
+        Ok(data)
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.storage.sync().map_err(|source| Error::MetadataIo {
             op: "sync",

@@ -9,7 +9,7 @@
 use super::device::{DeviceDetails, Mapping, DETAILS_SIZE, MAX_DATA_BLOCKS, MAX_THIN_ID, MAX_TIME};
 use super::superblock::{self, Superblock, METADATA_BLOCK_SECTORS, NEEDS_CHECK, VERSION};
 use crate::journal::{Change, Journal};
-use crate::pdata::block::{BlockKind, BLOCK_SIZE};
+use crate::pdata::block::{Block, BlockKind, BLOCK_SIZE};
 use crate::pdata::block_manager::{BlockManager, DEFAULT_CACHE_BLOCKS};
 use crate::pdata::btree::{self, node, ValueKind};
 use crate::pdata::space_map::metadata::MAX_METADATA_BLOCKS;
@@ -41,6 +41,33 @@ impl Default for MetadataOptions {
     }
 }
 
+/// A transaction ended by [`ThinMetadata::freeze_commit`], its superblock not yet written.
+pub struct FrozenCommit {
+    storage: Arc<dyn Storage>,
+    superblock: Box<Block>,
+    ident: u64,
+}
+
+impl FrozenCommit {
+    /// Makes the frozen transaction durable: its blocks, then its superblock. Needs no
+    /// access to the metadata, which goes on changing meanwhile (the caller flushes the
+    /// data device first: the mappings committed point at data that must be durable).
+    pub fn write(&self) -> Result<()> {
+        let io = |op: &'static str| {
+            move |source| Error::MetadataIo {
+                op,
+                block: 0,
+                source,
+            }
+        };
+        self.storage.sync().map_err(io("sync"))?;
+        self.storage
+            .write_at(&self.superblock[..], 0)
+            .map_err(io("write"))?;
+        self.storage.sync().map_err(io("sync"))
+    }
+}
+
 pub struct ThinMetadata {
     pub(crate) tm: Tm,
     sb: Superblock,
@@ -58,6 +85,9 @@ pub struct ThinMetadata {
     /// Where the data path's mapping changes go until they are committed (see
     /// [`crate::journal`]); None for inspection and offline use.
     journal: Option<Journal>,
+    /// A journal whose records were replayed at open: attached once they are committed
+    /// (until then its halves stay as they are, for a crash during that commit).
+    journal_after_commit: Option<Journal>,
     /// A read-only open is applying journaled changes in memory (see
     /// [`replay_in_memory`](Self::replay_in_memory)): changes are let through, commits not.
     replaying_in_memory: bool,
@@ -162,6 +192,7 @@ impl ThinMetadata {
             warnings,
             committed_ident: 0,
             journal: None,
+            journal_after_commit: None,
             replaying_in_memory: false,
         };
         match md.commit() {
@@ -233,6 +264,7 @@ impl ThinMetadata {
             opts,
             warnings,
             journal: None,
+            journal_after_commit: None,
             replaying_in_memory: false,
         })
     }
@@ -823,8 +855,28 @@ impl ThinMetadata {
 
     /// Makes the transaction durable. The caller must have flushed the data device.
     pub fn commit(&mut self) -> Result<()> {
+        if let Some(frozen) = self.freeze_commit()? {
+            frozen.write()?;
+            self.commit_durable(frozen);
+        }
+        Ok(())
+    }
+
+    /// The first step of a commit that does not hold up the next transaction: ends this
+    /// transaction (its metadata written to the device, not synced; its superblock built)
+    /// and starts the next, in which changes may go on at once while the caller makes the
+    /// frozen one durable ([`FrozenCommit::write`], without holding this metadata) and
+    /// then calls [`commit_durable`](Self::commit_durable). Until then the blocks of both
+    /// the frozen transaction and the last durable commit are kept from reuse (see
+    /// [`SpaceMap::freeze`](crate::pdata::space_map::SpaceMap::freeze)), and the journal
+    /// records the next transaction's changes where a crash on either side of the
+    /// superblock write finds them. None when nothing changed.
+    ///
+    /// Every data block mapped in the frozen transaction had its data written before its
+    /// mapping was made: a sync of the data device after this returns covers them.
+    pub fn freeze_commit(&mut self) -> Result<Option<FrozenCommit>> {
         if !self.changed {
-            return Ok(());
+            return Ok(None);
         }
         if self.opts.read_only {
             return Err(Error::ReadOnly("metadata opened read-only"));
@@ -835,17 +887,17 @@ impl ThinMetadata {
         for &b in &in_flight {
             self.tm.data_sm.dec(b)?;
         }
-        let r = self.commit_transaction();
+        let r = self.freeze_transaction();
         for &b in &in_flight {
             self.tm.data_sm.inc(b)?;
         }
         if r.is_ok() && !in_flight.is_empty() {
             self.changed = true;
         }
-        r
+        r.map(Some)
     }
 
-    fn commit_transaction(&mut self) -> Result<()> {
+    fn freeze_transaction(&mut self) -> Result<FrozenCommit> {
         for id in std::mem::take(&mut self.dirty_devices) {
             if let Some(d) = self.devices.get(&id) {
                 self.sb.details_root = btree::insert(
@@ -865,23 +917,40 @@ impl ThinMetadata {
         self.sb.version = VERSION;
         self.sb.blocknr = 0;
         self.tm.bm.write_dirty()?;
-        self.tm.bm.sync()?;
-        self.tm
+        let ident = self.sb.ident();
+        let superblock = self
+            .tm
             .bm
-            .write_direct(0, BlockKind::Superblock, self.sb.pack())?;
-        self.tm.bm.sync()?;
-        self.tm.meta_sm.commit_done();
-        self.tm.data_sm.commit_done();
-        self.changed = false;
-        self.committed_ident = self.sb.ident();
+            .seal_direct(0, BlockKind::Superblock, self.sb.pack())?;
         if let Some(j) = &mut self.journal {
-            // The commit stands; a journal that cannot start over refuses the next change
-            // (a metadata failure), so nothing is acknowledged that a crash would lose.
-            if let Err(e) = j.reset(self.committed_ident) {
-                tracing::error!("{e}");
+            // The next transaction's changes go where a crash on either side of the
+            // superblock write finds them. A journal that cannot switch fails the commit:
+            // changes it could not record would be acknowledged and lost.
+            j.switch(ident)?;
+        }
+        self.tm.meta_sm.freeze();
+        self.tm.data_sm.freeze();
+        self.changed = false;
+        Ok(FrozenCommit {
+            storage: self.tm.bm.storage().clone(),
+            superblock,
+            ident,
+        })
+    }
+
+    /// The last step of a commit: the superblock [`freeze_commit`](Self::freeze_commit)
+    /// built is durable ([`FrozenCommit::write`] succeeded).
+    pub fn commit_durable(&mut self, frozen: FrozenCommit) {
+        self.tm.meta_sm.durable();
+        self.tm.data_sm.durable();
+        self.committed_ident = frozen.ident;
+        if let Some(mut j) = self.journal_after_commit.take() {
+            // The changes replayed at open are durable now: the journal starts over.
+            match j.reset(self.committed_ident) {
+                Ok(()) => self.journal = Some(j),
+                Err(e) => tracing::error!("{e}"),
             }
         }
-        Ok(())
     }
 
     /// Drops everything since the last commit by reopening from disk. The journal keeps
@@ -933,11 +1002,12 @@ impl ThinMetadata {
         let applied = self.apply_pending(pending)?;
         if pending.is_empty() {
             journal.reset(self.committed_ident)?;
+            self.journal = Some(journal);
         } else {
-            // Until the commit, new changes go after the pending ones.
-            journal.resume_after(pending.len() as u64);
+            // Attached once the caller's commit makes them durable; no other change comes
+            // in between (the pool is not open yet).
+            self.journal_after_commit = Some(journal);
         }
-        self.journal = Some(journal);
         Ok(applied)
     }
 

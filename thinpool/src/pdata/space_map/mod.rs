@@ -32,6 +32,9 @@ pub struct BitmapState {
     pub none_free_before: u32,
     /// Contents or index entry changed since the last commit.
     pub dirty: bool,
+    /// The bitmap as of a frozen transaction whose superblock is not durable yet (see
+    /// [`SpaceMap::freeze`]): what `committed` becomes once it is.
+    frozen: Option<Box<Words>>,
 }
 
 impl BitmapState {
@@ -43,6 +46,7 @@ impl BitmapState {
             nr_free: ENTRIES_PER_BITMAP as u32,
             none_free_before: 0,
             dirty: true,
+            frozen: None,
         }
     }
 
@@ -54,6 +58,7 @@ impl BitmapState {
             nr_free: entry.nr_free,
             none_free_before: entry.none_free_before,
             dirty: false,
+            frozen: None,
         }
     }
 
@@ -375,12 +380,59 @@ impl SpaceMap {
 
     /// Forgets the committed copies: everything now is the committed state.
     pub fn commit_done(&mut self) {
+        self.freeze();
+        self.durable();
+    }
+
+    /// The transaction is frozen: its blocks are written, its superblock is not durable
+    /// yet, and the next transaction starts now. Until [`durable`](Self::durable) a block
+    /// counts as committed if it is in use at the last durable commit *or* in the frozen
+    /// transaction: either superblock may be the one a crash leaves, so neither's blocks
+    /// may be handed out again or written in place.
+    pub fn freeze(&mut self) {
         for bm in &mut self.bitmaps {
-            bm.committed = None;
             bm.dirty = false;
+            if let Some(mut union) = bm.committed.take() {
+                debug_assert!(bm.frozen.is_none(), "a transaction frozen twice");
+                for (u, w) in union.iter_mut().zip(bm.words.iter()) {
+                    *u |= *w;
+                }
+                bm.frozen = Some(bm.words.clone());
+                bm.committed = Some(union);
+            }
         }
         self.overflow_dirty.clear();
-        self.pending_frees = 0;
+        self.recount_pending_frees();
+    }
+
+    /// The frozen transaction's superblock is durable: its counts are the committed ones.
+    pub fn durable(&mut self) {
+        for bm in &mut self.bitmaps {
+            if let Some(frozen) = bm.frozen.take() {
+                bm.committed = if frozen[..] == bm.words[..] {
+                    None
+                } else {
+                    Some(frozen)
+                };
+            }
+        }
+        self.recount_pending_frees();
+    }
+
+    fn recount_pending_frees(&mut self) {
+        self.pending_frees = self
+            .bitmaps
+            .iter()
+            .filter_map(|bm| bm.committed.as_deref().map(|c| (c, &bm.words)))
+            .map(|(c, w)| {
+                c.iter()
+                    .zip(w.iter())
+                    .map(|(&c, &w)| {
+                        (bitmap::used_mask(c) & !bitmap::used_mask(w)).count_ones() as u64
+                    })
+                    .sum::<u64>()
+            })
+            .sum();
     }
 }
 
@@ -420,6 +472,34 @@ mod tests {
         assert_eq!(sm.alloc().unwrap(), a);
         assert!(sm.dec(39999).is_err());
         assert!(sm.get(40000).is_err());
+    }
+
+    #[test]
+    fn blocks_of_a_frozen_transaction_are_not_reused_until_it_is_durable() {
+        let mut sm = SpaceMap::new("test", 100);
+        let a = sm.alloc().unwrap();
+        sm.commit_done();
+        // Frozen: `a` freed in it, `b` allocated in it. Either superblock may survive a
+        // crash, so neither block may be handed out again before the flip.
+        sm.dec(a).unwrap();
+        let b = sm.alloc().unwrap();
+        sm.freeze();
+        assert!(sm.committed_in_use(a) && sm.committed_in_use(b));
+        assert!(!sm.is_new(b), "a frozen block would be written in place");
+        sm.dec(b).unwrap();
+        assert_eq!(sm.pending_frees(), 2);
+        sm.cursor = 0;
+        let c = sm.alloc().unwrap();
+        assert!(c != a && c != b);
+        sm.durable();
+        // Durable: `a` was free in it and is reusable; `b` was in use in it, freed after.
+        assert!(!sm.committed_in_use(a) && sm.committed_in_use(b));
+        assert_eq!(sm.pending_frees(), 1);
+        sm.cursor = 0;
+        assert_eq!(sm.alloc().unwrap(), a);
+        sm.commit_done();
+        sm.cursor = 0;
+        assert_eq!(sm.alloc().unwrap(), b);
     }
 
     #[test]
