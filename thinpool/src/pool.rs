@@ -94,8 +94,18 @@ struct Inner {
     reason: Option<String>,
     /// Bumped by every abort: data blocks allocated before it are gone from the space map.
     generation: u64,
-    /// A commit is flushing the data device: new mappings must wait for it.
-    committing: bool,
+    /// A frozen transaction is being made durable ([`Pool::commit`]) while the next one
+    /// goes on: nothing may reopen or rewrite the superblock meanwhile.
+    flipping: bool,
+    /// A metadata failure met while `flipping`: the rollback it calls for runs once the
+    /// superblock write is over (it reopens from whichever superblock is then on disk).
+    failed_while_flipping: Option<String>,
+    /// Bumped when a holder of the commit lock lets go (after a commit, or a change that
+    /// held commits): what data-path changes wait for when the journal is full while a
+    /// commit is writing its superblock ([`Pool::meta_waiting_for_commit`]).
+    commits_ended: u64,
+    /// Data-path changes waiting so (for tests to synchronise on).
+    waiting_for_commit: usize,
     /// Read-only mode was asked for (not caused by an error).
     read_only_requested: bool,
     /// A metadata failure rolled the transaction back: writes acknowledged since the last
@@ -121,7 +131,16 @@ impl Inner {
 /// No other commit of the pool happens while this lives (see [`Pool::hold_commits`]).
 pub struct CommitHold<'a> {
     pool: &'a Pool,
-    _one_at_a_time: MutexGuard<'a, ()>,
+    one_at_a_time: Option<MutexGuard<'a, ()>>,
+}
+
+impl Drop for CommitHold<'_> {
+    fn drop(&mut self) {
+        // Let go first: a change woken below may commit at once.
+        drop(self.one_at_a_time.take());
+        self.pool.lock().commits_ended += 1;
+        self.pool.commit_ended.notify_all();
+    }
 }
 
 impl CommitHold<'_> {
@@ -139,7 +158,8 @@ impl CommitHold<'_> {
 pub struct Pool {
     inner: Mutex<Inner>,
     commit_lock: Mutex<()>,
-    commit_done: Condvar,
+    /// Signalled with `commits_ended` bumped.
+    commit_ended: Condvar,
     /// Data was written since the last flush of the data device.
     data_written: AtomicBool,
     /// Held shared by every block operation from lookup to the end of its data I/O, and
@@ -289,13 +309,16 @@ impl Pool {
                 mode,
                 reason,
                 generation: 0,
-                committing: false,
+                flipping: false,
+                failed_while_flipping: None,
+                commits_ended: 0,
+                waiting_for_commit: 0,
                 read_only_requested: false,
                 rolled_back: None,
                 origins: HashMap::new(),
             }),
             commit_lock: Mutex::new(()),
-            commit_done: Condvar::new(),
+            commit_ended: Condvar::new(),
             data,
             block_bytes,
             cells: CellTable::default(),
@@ -407,6 +430,34 @@ impl Pool {
         }
     }
 
+    /// [`meta`](Self::meta) for a change of the data path (a new mapping, an unmap). The
+    /// journal's half for this transaction may fill while the last transaction's commit
+    /// writes its superblock: the other half is kept for a crash meanwhile, and `meta`
+    /// cannot commit to make room while that commit holds the commit lock. The change
+    /// then waits for that commit to end and tries again (committing first if the journal
+    /// is still full), instead of failing a guest's write.
+    fn meta_waiting_for_commit<'a, T>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+        mut f: impl FnMut(&mut ThinMetadata) -> Result<T>,
+    ) -> (MutexGuard<'a, Inner>, Result<T>) {
+        loop {
+            let r = self.meta(&mut g, &mut f);
+            if !(matches!(r, Err(Error::JournalFull { .. })) && g.flipping) {
+                return (g, r);
+            }
+            let (generation, ended) = (g.generation, g.commits_ended);
+            g.waiting_for_commit += 1;
+            while g.commits_ended == ended {
+                g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.waiting_for_commit -= 1;
+            if g.generation != generation {
+                return (g, Err(Error::ReadOnly("the transaction was rolled back")));
+            }
+        }
+    }
+
     /// Commits with the metadata lock held throughout (rare paths: out of space). False,
     /// committing nothing, while commits are held ([`Pool::hold_commits`]): the holder's
     /// change must not become durable halfway.
@@ -426,6 +477,24 @@ impl Pool {
     }
 
     fn metadata_failed(inner: &mut Inner, e: &Error) {
+        if inner.flipping {
+            // Rolling back now would reopen from the old superblock while the frozen one is
+            // being written. Until the commit under way ends, nothing is read or written:
+            // the pool counts as failed, and writes in flight find the generation changed.
+            tracing::error!(
+                "metadata operation failed: {e}; rolling back once the commit under way ends"
+            );
+            inner.generation += 1;
+            inner.rolled_back = Some(format!("{e}"));
+            inner.mode = PoolMode::Fail;
+            inner.reason = Some(format!(
+                "metadata error: {e} (rolling back once the commit under way ends)"
+            ));
+            inner
+                .failed_while_flipping
+                .get_or_insert_with(|| format!("{e}"));
+            return;
+        }
         // A pool opened read-only (inspection, export) has nothing to roll back and writes
         // nothing, not even the flag; its caller reports the error.
         let read_only = inner.md.options().read_only;
@@ -571,12 +640,15 @@ impl Pool {
     }
 
     pub fn reserve_metadata_snap(&self) -> Result<u64> {
+        // It commits: not while another commit writes its superblock.
+        let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         self.flush_data(&mut g)?;
         self.meta(&mut g, |md| md.reserve_metadata_snap())
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
+        let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         self.flush_data(&mut g)?;
         self.meta(&mut g, |md| md.release_metadata_snap())
@@ -623,6 +695,8 @@ impl Pool {
 
     /// Clears NEEDS_CHECK (after a check passed) and returns to write mode.
     pub fn clear_needs_check(&self) -> Result<()> {
+        // It rewrites the superblock: not while a commit writes its own.
+        let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         Self::check_not_failed(&g)?;
         g.md.write_needs_check(false)?;
@@ -675,7 +749,7 @@ impl Pool {
     pub fn hold_commits(&self) -> CommitHold<'_> {
         CommitHold {
             pool: self,
-            _one_at_a_time: self.commit_lock.lock().unwrap_or_else(|p| p.into_inner()),
+            one_at_a_time: Some(self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())),
         }
     }
 
@@ -693,53 +767,85 @@ impl Pool {
             .map_err(|source| Self::flush_failed(&mut self.lock(), source))
     }
 
-    /// The commit itself, with commits held. Callers write the data back first
-    /// ([`Pool::write_back`]): new mappings wait while the data device is flushed (a mapping
-    /// committed before its data is durable would point at stale bytes after a crash), and
-    /// a write-back done while writers go on leaves that flush little to do, so the wait is
-    /// short even with much written since the last commit (after a snapshot every write
-    /// copies its block and maps a new one).
+    /// The commit itself, with commits held, in three steps so that it holds no guest
+    /// write for longer than it takes to switch transactions:
+    ///
+    /// 1. under the metadata lock, the transaction is frozen and the next one begins
+    ///    ([`ThinMetadata::freeze_commit`]): its metadata blocks go to the page cache, its
+    ///    superblock is built;
+    /// 2. without the lock (lookups, writes and new mappings go on, in the next
+    ///    transaction) the data device is synced (every block the frozen transaction maps
+    ///    was written before its mapping was made), then the frozen metadata and its
+    ///    superblock ([`FrozenCommit::write`]);
+    /// 3. under the lock again, the frozen transaction is marked durable.
+    ///
+    /// A FLUSH commits this way and so waits for the commit that covers the writes it
+    /// vouches for, not for writes made after it. Callers write the data back first
+    /// ([`Pool::write_back`]) so that the sync has little left to do.
     fn commit_held(&self) -> Result<()> {
-        let metadata_dirty = {
+        let frozen = {
             let mut g = self.lock();
             Self::check_not_failed(&g)?;
             Self::check_not_rolled_back(&g)?;
-            let dirty = g.md.is_dirty();
-            if dirty {
+            let frozen = if g.md.is_dirty() {
                 Self::check_writable(&g)?;
-                g.committing = true;
-            }
-            dirty
+                match g.md.freeze_commit() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        Self::metadata_failed(&mut g, &e);
+                        return Err(e);
+                    }
+                }
+            } else {
+                None
+            };
+            g.flipping = frozen.is_some();
+            frozen
         };
-        // Taken before the flush: a write completing after this point sets it again and is
-        // flushed next time; every write completed before the FLUSH was issued is covered.
+        // Taken after the freeze: a write completing after this point sets it again and is
+        // flushed next time; every write completed before the FLUSH was issued is covered,
+        // and so is the data of every mapping in the frozen transaction.
         let data_dirty = self.data_written.swap(false, Ordering::SeqCst);
-        if !metadata_dirty && !data_dirty {
+        if frozen.is_none() && !data_dirty {
             return Ok(());
         }
         // Overwrites in place change no metadata, but a FLUSH must still make them durable.
         let synced = self.data.sync();
+        let written = match (&synced, &frozen) {
+            (Ok(()), Some(f)) => f.write(),
+            _ => Ok(()),
+        };
         let mut g = self.lock();
-        if metadata_dirty {
-            g.committing = false;
-            self.commit_done.notify_all();
-        }
-        if let Err(source) = synced {
-            return Err(Self::flush_failed(&mut g, source));
-        }
-        if !metadata_dirty {
-            return Ok(());
-        }
-        Self::check_writable(&g)?;
-        let r = g.md.commit();
-        if let Err(e) = &r {
-            Self::metadata_failed(&mut g, e);
+        g.flipping = false;
+        let r = match (synced, frozen) {
+            (Err(source), _) => Err(Self::flush_failed(&mut g, source)),
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(frozen)) => match written {
+                // Rolls back to whichever superblock reached the disk.
+                Err(e) => {
+                    Self::metadata_failed(&mut g, &e);
+                    Err(e)
+                }
+                Ok(()) => {
+                    g.md.commit_durable(frozen);
+                    Ok(())
+                }
+            },
+        };
+        if let Some(why) = g.failed_while_flipping.take() {
+            // The rollback that failure called for (unless the commit failed too: then the
+            // pool has failed, or has rolled back already).
+            if r.is_ok() {
+                Self::metadata_failed(&mut g, &Error::Failed(why));
+            }
         }
         r
     }
 
     /// Drops every change since the last commit (the kernel's abort).
     pub fn abort(&self) -> Result<()> {
+        // Not during a commit's superblock write: the abort reopens from the disk.
+        let _no_commit = self.hold_commits();
         // Wait for block I/O in flight: it may target blocks the abort frees.
         let _quiet = self.io_epoch.write().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
@@ -960,9 +1066,6 @@ impl Pool {
             }
         })();
         let mut g = self.lock();
-        while g.committing {
-            g = self.commit_done.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
         if g.generation != generation {
             // An abort in between already forgot the allocation.
             return io.and(Err(Error::ReadOnly("the transaction was rolled back")));
@@ -970,7 +1073,14 @@ impl Pool {
         if io.is_ok() {
             self.data_written.store(true, Ordering::SeqCst);
         }
-        let r = io.and_then(|()| self.meta(&mut g, |md| md.insert_mapping(dev, vb, new)));
+        let r = match io {
+            Ok(()) => {
+                let (g2, r) = self.meta_waiting_for_commit(g, |md| md.insert_mapping(dev, vb, new));
+                g = g2;
+                r
+            }
+            Err(e) => Err(e),
+        };
         if r.is_err() && g.generation == generation {
             // Not written or not mapped (e.g. out of metadata space): give the block back,
             // directly (a pool set read-only meanwhile must not keep it allocated). After
@@ -1048,8 +1158,10 @@ impl Pool {
             };
             let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
             let _cell = self.cells.lock(dev, k, true);
-            let mut g = self.lock();
-            removed += self.meta(&mut g, |md| md.remove_mapping(dev, k))? as u64;
+            let g = self.lock();
+            removed += self
+                .meta_waiting_for_commit(g, |md| md.remove_mapping(dev, k))
+                .1? as u64;
             next = k + 1;
         }
         Ok(removed)

@@ -324,3 +324,183 @@ fn a_failed_write_back_before_a_commit_fails_the_pool_as_a_failed_flush_does() {
     assert_eq!(p.status().mode, PoolMode::Fail);
     assert!(data.count(FaultOp::Writeback) >= 1);
 }
+
+/// Data storage whose sync, once armed, signals that it started and then waits until
+/// released: a commit's data sync held in progress.
+struct HeldSync {
+    inner: MemStorage,
+    armed: std::sync::atomic::AtomicBool,
+    started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl Storage for HeldSync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            if let Some(tx) = self.started.lock().unwrap().take() {
+                tx.send(()).unwrap();
+            }
+            if let Some(rx) = self.release.lock().unwrap().take() {
+                rx.recv().unwrap();
+            }
+        }
+        self.inner.sync()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+}
+
+#[test]
+fn writes_and_new_mappings_complete_while_a_commit_syncs_the_data_device() {
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let journal_file = Arc::new(MemStorage::new(2 * (4096 + 32 * 64)));
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let data = Arc::new(HeldSync {
+        inner: MemStorage::new(16 * BS),
+        armed: false.into(),
+        started: Mutex::new(Some(started_tx)),
+        release: Mutex::new(Some(release_rx)),
+    });
+    let boot = [3u8; 16];
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.commit().unwrap();
+    }
+    let journal = Journal::open(journal_file.clone(), boot).unwrap();
+    let p = Pool::open_with_journal(
+        meta.clone(),
+        data.clone(),
+        Some(journal),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    data.armed.store(true, Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let committer = s.spawn(|| p.commit());
+        started.recv().unwrap();
+        // The commit is syncing the data device and cannot finish until released: a new
+        // mapping, an overwrite and a read all complete meanwhile.
+        p.write(0, 5 * BS, &[2u8; 4096]).unwrap();
+        p.write(0, 100, &[3u8; 10]).unwrap();
+        assert_eq!(read_vec(&p, 0, 5 * BS, 4), vec![2; 4]);
+        // A crash now, with the frozen superblock not written: the old one and the
+        // journal's two halves give back every acknowledged write.
+        let crashed = [meta.to_vec(), data.inner.to_vec(), journal_file.to_vec()];
+        release.send(()).unwrap();
+        committer.join().unwrap().unwrap();
+        let reopen = |[m, d, j]: [Vec<u8>; 3]| {
+            let journal = Journal::open(Arc::new(MemStorage::from_vec(j)), boot).unwrap();
+            Pool::open_with_journal(
+                Arc::new(MemStorage::from_vec(m)),
+                Arc::new(MemStorage::from_vec(d)),
+                Some(journal),
+                PoolOptions::default(),
+            )
+            .unwrap()
+        };
+        let before = reopen(crashed);
+        assert_eq!(read_vec(&before, 0, 0, 4), vec![1; 4]);
+        assert_eq!(read_vec(&before, 0, 100, 10), vec![3; 10]);
+        assert_eq!(read_vec(&before, 0, 5 * BS, 4), vec![2; 4]);
+    });
+    // The commit covered what was written before it, not the mapping made during it: that
+    // one is in the next transaction (and the journal).
+    let committed = Pool::open(
+        Arc::new(MemStorage::from_vec(meta.to_vec())),
+        Arc::new(MemStorage::from_vec(data.inner.to_vec())),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(committed.device(0).unwrap().mapped_blocks, 1);
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 2);
+    // A crash after the commit: the journal's second half gives back the rest.
+    let journal =
+        Journal::open(Arc::new(MemStorage::from_vec(journal_file.to_vec())), boot).unwrap();
+    let after = Pool::open_with_journal(
+        Arc::new(MemStorage::from_vec(meta.to_vec())),
+        Arc::new(MemStorage::from_vec(data.inner.to_vec())),
+        Some(journal),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(after.device(0).unwrap().mapped_blocks, 2);
+    assert_eq!(read_vec(&after, 0, 5 * BS, 4), vec![2; 4]);
+    assert_eq!(read_vec(&after, 0, 0, 4), vec![1; 4]);
+    p.commit().unwrap();
+}
+
+#[test]
+fn a_new_mapping_waits_for_the_commit_under_way_when_the_journal_is_full() {
+    const RECORDS: u64 = 8;
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let journal_file = Arc::new(MemStorage::new(2 * (4096 + 32 * RECORDS)));
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let data = Arc::new(HeldSync {
+        inner: MemStorage::new(32 * BS),
+        armed: false.into(),
+        started: Mutex::new(Some(started_tx)),
+        release: Mutex::new(Some(release_rx)),
+    });
+    let boot = [4u8; 16];
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.commit().unwrap();
+    }
+    let journal = Journal::open(journal_file.clone(), boot).unwrap();
+    let p = Pool::open_with_journal(
+        meta.clone(),
+        data.clone(),
+        Some(journal),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    data.armed.store(true, Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let committer = s.spawn(|| p.commit());
+        started.recv().unwrap();
+        // The commit is syncing the data device: its half of the journal is kept, and the
+        // next transaction's half fills up.
+        for vb in 1..=RECORDS {
+            p.write(0, vb * BS, &[vb as u8; 4096]).unwrap();
+        }
+        let one_more = s.spawn(|| p.write(0, (RECORDS + 1) * BS, &[0xee; 4096]));
+        while p.lock().waiting_for_commit == 0 && !one_more.is_finished() {
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        committer.join().unwrap().unwrap();
+        one_more
+            .join()
+            .unwrap()
+            .expect("a write that found the journal full succeeds once the commit ends");
+    });
+    for vb in 1..=RECORDS {
+        assert_eq!(read_vec(&p, 0, vb * BS, 4), vec![vb as u8; 4]);
+    }
+    assert_eq!(read_vec(&p, 0, (RECORDS + 1) * BS, 4), vec![0xee; 4]);
+    // Nothing was lost: a crash now gives back every write from the commit and the journal.
+    let journal =
+        Journal::open(Arc::new(MemStorage::from_vec(journal_file.to_vec())), boot).unwrap();
+    let after = Pool::open_with_journal(
+        Arc::new(MemStorage::from_vec(meta.to_vec())),
+        Arc::new(MemStorage::from_vec(data.inner.to_vec())),
+        Some(journal),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(after.device(0).unwrap().mapped_blocks, RECORDS + 2);
+    assert_eq!(read_vec(&after, 0, (RECORDS + 1) * BS, 4), vec![0xee; 4]);
+}

@@ -88,6 +88,8 @@ pub struct ThinMetadata {
     /// A journal whose records were replayed at open: attached once they are committed
     /// (until then its halves stay as they are, for a crash during that commit).
     journal_after_commit: Option<Journal>,
+    /// A transaction was frozen and its superblock is not durable yet: no other may be.
+    frozen_pending: bool,
     /// A read-only open is applying journaled changes in memory (see
     /// [`replay_in_memory`](Self::replay_in_memory)): changes are let through, commits not.
     replaying_in_memory: bool,
@@ -193,6 +195,7 @@ impl ThinMetadata {
             committed_ident: 0,
             journal: None,
             journal_after_commit: None,
+            frozen_pending: false,
             replaying_in_memory: false,
         };
         match md.commit() {
@@ -265,6 +268,7 @@ impl ThinMetadata {
             warnings,
             journal: None,
             journal_after_commit: None,
+            frozen_pending: false,
             replaying_in_memory: false,
         })
     }
@@ -875,6 +879,11 @@ impl ThinMetadata {
     /// Every data block mapped in the frozen transaction had its data written before its
     /// mapping was made: a sync of the data device after this returns covers them.
     pub fn freeze_commit(&mut self) -> Result<Option<FrozenCommit>> {
+        if self.frozen_pending {
+            return Err(Error::InvalidArgument(
+                "a commit is under way: its superblock is not durable yet".into(),
+            ));
+        }
         if !self.changed {
             return Ok(None);
         }
@@ -931,6 +940,7 @@ impl ThinMetadata {
         self.tm.meta_sm.freeze();
         self.tm.data_sm.freeze();
         self.changed = false;
+        self.frozen_pending = true;
         Ok(FrozenCommit {
             storage: self.tm.bm.storage().clone(),
             superblock,
@@ -941,6 +951,7 @@ impl ThinMetadata {
     /// The last step of a commit: the superblock [`freeze_commit`](Self::freeze_commit)
     /// built is durable ([`FrozenCommit::write`] succeeded).
     pub fn commit_durable(&mut self, frozen: FrozenCommit) {
+        self.frozen_pending = false;
         self.tm.meta_sm.durable();
         self.tm.data_sm.durable();
         self.committed_ident = frozen.ident;
