@@ -5,22 +5,26 @@
 #   QSD   `blockdev-snapshot-sync` of the exported qcow2 image (an external qcow2 overlay;
 #         the time the command took, QSD reports no pause of its own)
 # Both while vhost-thin-bench writes 4 KiB at random offsets, QD32, with verification, on a
-# fully written 1 GiB disk; a snapshot every 2 s. Printed: each snapshot's figure, and the
-# load generator's IOPS and latency with snapshots and without.
+# fully written 1 GiB disk; after WARMUP s of load (dirty data piles up: the first snapshot
+# of a busy disk is the one that used to be slow), COUNT snapshots, one every EVERY s.
+# Printed: each snapshot's figure with the median, p99 and max, and the load generator's
+# IOPS and latency (its max is the longest a write waited) with snapshots and without.
 #
-#   ci/bench-snapshot.sh [--size SIZE] [--runtime SECS] [--every SECS] [--keep]
+#   ci/bench-snapshot.sh [--size SIZE] [--count N] [--every SECS] [--warmup SECS] [--keep]
+# Defaults: 1GiB, 20 snapshots every 2 s after 10 s (a 52 s run per daemon).
 # Environment: BENCH_DIR (parent of the work directory, default /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-size=1GiB runtime=12 every=2 keep=0
+size=1GiB count=20 every=2 warmup=10 keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift ;;
-    --runtime) runtime=$2; shift ;;
+    --count) count=$2; shift ;;
     --every) every=$2; shift ;;
+    --warmup) warmup=$2; shift ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -31,9 +35,15 @@ done
 name=snap
 # shellcheck source=ci/bench-lib.sh
 . ci/bench-lib.sh
-count=$(python3 -c "print(max(1, int(($runtime - 1) / $every)))")
+runtime=$(python3 -c "print(int($warmup + $count * $every + 2))")
+summary() { # FIGURES...: median, p99 (nearest rank) and max
+  python3 -c '
+import math, sys
+v = sorted(int(x) for x in sys.argv[1:])
+print(f"median {v[len(v) // 2]}  p99 {v[max(0, math.ceil(0.99 * len(v)) - 1)]}  max {v[-1]}")' "$@"
+}
 
-echo "machine: $(nproc) CPUs; disk $size_bytes bytes; 4 KiB random writes QD32 for $runtime s; $count snapshots, one every $every s"
+echo "machine: $(nproc) CPUs; disk $size_bytes bytes; 4 KiB random writes QD32 for $runtime s; $count snapshots, one every $every s after $warmup s"
 
 # ---- ours -------------------------------------------------------------------------------
 "$thin" pool create -m "$work/p.meta" -d "$work/p.data" --data-size $((size_bytes * (count + 2))) >/dev/null
@@ -47,6 +57,7 @@ echo "== vhost-thin snapshot-create"
 load "$work/ours-base.json"; report "without snapshots" "$work/ours-base.json"
 load "$work/ours-snap.json" & lpid=$!
 pauses=()
+sleep "$warmup"
 for i in $(seq "$count"); do
   sleep "$every"
   "$thin" ctl -s "$work/qmp.sock" --json snapshot disk0 "s$i" >"$work/s$i.json"
@@ -55,6 +66,7 @@ done
 wait "$lpid" || { cat "$work/ours-snap.json.err" >&2; exit 1; }
 report "with snapshots" "$work/ours-snap.json"
 echo "  writes held per snapshot (us): ${pauses[*]}"
+echo "  writes held per snapshot (us): $(summary "${pauses[@]}")"
 stop
 
 # ---- qemu-storage-daemon ----------------------------------------------------------------
@@ -72,7 +84,7 @@ prefill
 echo "== QSD blockdev-snapshot-sync (qcow2 overlays)"
 load "$work/qsd-base.json"; report "without snapshots" "$work/qsd-base.json"
 load "$work/qsd-snap.json" & lpid=$!
-python3 - "$work/qsd-qmp.sock" "$work" "$count" "$every" >"$work/qsd-snaps.txt" <<'PY'
+python3 - "$work/qsd-qmp.sock" "$work" "$count" "$every" "$warmup" >"$work/qsd-snaps.txt" <<'PY'
 import json, socket, sys, time
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
 def cmd(name, **args):
@@ -84,6 +96,7 @@ def cmd(name, **args):
 json.loads(f.readline()); cmd("qmp_capabilities")
 took = []
 top = "top"
+time.sleep(float(sys.argv[5]))
 for i in range(1, int(sys.argv[3]) + 1):
     time.sleep(float(sys.argv[4]))
     t0 = time.monotonic()
@@ -96,4 +109,6 @@ PY
 wait "$lpid" || { cat "$work/qsd-snap.json.err" >&2; exit 1; }
 report "with snapshots" "$work/qsd-snap.json"
 echo "  blockdev-snapshot-sync took (us): $(cat "$work/qsd-snaps.txt")"
+# shellcheck disable=SC2046  # one figure per word
+echo "  blockdev-snapshot-sync took (us): $(summary $(cat "$work/qsd-snaps.txt"))"
 stop

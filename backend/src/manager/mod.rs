@@ -1061,9 +1061,17 @@ impl Manager {
             .as_ref()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));
         let drained = t0.elapsed();
+        let mut pause = Duration::ZERO;
         let r = f.pool.change(|devices, reg| {
             let id = devices.next_id(reg);
-            devices.create_snap(id, f.id)?;
+            let made = devices.create_snap(id, f.id);
+            // The point in time is taken: the guest's writes go on while the change is
+            // made durable (the registry written, the pool committed). Commits stay held
+            // until then, so none makes half of it durable, and the reply waits for it;
+            // if it fails the snapshot is undone, and the writes since stay on the origin.
+            drop(gate);
+            pause = t0.elapsed();
+            made?;
             let entry = DeviceEntry {
                 name: Some(name.to_string()),
                 ..f.pool
@@ -1074,8 +1082,6 @@ impl Manager {
                 .map_err(|e| QmpError::generic(e.to_string()))?;
             Ok(id)
         });
-        drop(gate);
-        let pause = t0.elapsed();
         let id = r?;
         tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?} (requests in flight finished after {drained:?})");
         Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
