@@ -12,7 +12,8 @@
 #
 #   ci/bench-snapshot.sh [--size SIZE] [--count N] [--every SECS] [--warmup SECS] [--keep]
 # Defaults: 1GiB, 20 snapshots every 2 s after 10 s (a 52 s run per daemon).
-# Environment: BENCH_DIR (parent of the work directory, default /var/tmp).
+# Environment: BENCH_DIR (parent of the work directory, default /var/tmp); BENCH_LOG (the
+# daemon's RUST_LOG, default warn: "info" logs each snapshot's drain and pause).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,7 +49,7 @@ echo "machine: $(nproc) CPUs; disk $size_bytes bytes; 4 KiB random writes QD32 f
 # ---- ours -------------------------------------------------------------------------------
 "$thin" pool create -m "$work/p.meta" -d "$work/p.data" --data-size $((size_bytes * (count + 2))) >/dev/null
 "$thin" thin create -m "$work/p.meta" -d "$work/p.data" --id 0 --size "$size_bytes" --name disk0 >/dev/null
-RUST_LOG=warn "$thin" serve -m "$work/p.meta" -d "$work/p.data" --disk "name=disk0,socket=$sock" \
+RUST_LOG=${BENCH_LOG:-warn} "$thin" serve -m "$work/p.meta" -d "$work/p.data" --disk "name=disk0,socket=$sock" \
   --qmp "$work/qmp.sock" >>"$work/ours.log" 2>&1 &
 pid=$!
 wait_socket "$sock" "$work/ours.log"

@@ -1,5 +1,5 @@
 //! Management operations under load, with the test frontend as the guest: snapshots of a
-//! disk being written (consistency and pause), the golden-image clone workflow, and the
+//! disk being written and flushed (consistency and pause), the golden-image clone workflow, and the
 //! out-of-space policies, a disk grown under a connected guest. Figures are printed, not asserted.
 
 mod common;
@@ -8,7 +8,7 @@ use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT};
 use vm_memory::{Bytes, GuestAddress};
 
 const BLOCKS: u64 = 64; // 4 KiB slots the writer cycles through
@@ -65,6 +65,12 @@ fn snapshots_of_a_disk_being_written_are_consistent_points_in_time() {
                 let st = g.write((seq % 2) as usize, (seq % BLOCKS) * 8, &slot_data(seq), 1);
                 assert_eq!(st, 0, "write {seq} failed during snapshots");
                 acked.store(seq, Ordering::SeqCst);
+                // FLUSHes among the writes: a snapshot holds commits while it drains the
+                // requests in flight, and must not wait for one that waits for a commit.
+                if seq % 4 == 0 {
+                    let st = g.simple((seq % 8 / 4) as usize, VIRTIO_BLK_T_FLUSH);
+                    assert_eq!(st, 0, "flush after write {seq} failed during snapshots");
+                }
                 seq += 1;
             }
             seq

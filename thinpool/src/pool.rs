@@ -783,6 +783,7 @@ impl Pool {
     /// vouches for, not for writes made after it. Callers write the data back first
     /// ([`Pool::write_back`]) so that the sync has little left to do.
     fn commit_held(&self) -> Result<()> {
+        let t0 = std::time::Instant::now();
         let frozen = {
             let mut g = self.lock();
             Self::check_not_failed(&g)?;
@@ -802,6 +803,7 @@ impl Pool {
             g.flipping = frozen.is_some();
             frozen
         };
+        let t_frozen = t0.elapsed();
         // Taken after the freeze: a write completing after this point sets it again and is
         // flushed next time; every write completed before the FLUSH was issued is covered,
         // and so is the data of every mapping in the frozen transaction.
@@ -815,6 +817,7 @@ impl Pool {
             (Ok(()), Some(f)) => f.write(),
             _ => Ok(()),
         };
+        let t_written = t0.elapsed();
         let mut g = self.lock();
         g.flipping = false;
         let r = match (synced, frozen) {
@@ -832,6 +835,9 @@ impl Pool {
                 }
             },
         };
+        tracing::debug!(
+            "commit: transaction frozen in {t_frozen:?} (metadata locked), durable after {t_written:?}"
+        );
         if let Some(why) = g.failed_while_flipping.take() {
             // The rollback that failure called for (unless the commit failed too: then the
             // pool has failed, or has rolled back already).

@@ -5,7 +5,7 @@
 //! be reused); the disk and its pool live on across connections.
 
 use super::disk::{Disk, Stats, Target};
-use super::execute::{execute, fail, Done, NeedsSpace};
+use super::execute::{execute, fail, flush, Done, NeedsSpace};
 use super::request::{parse, Desc, GuestView, Limits, Op, MAX_DATA_BYTES};
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
@@ -373,6 +373,15 @@ impl BlkBackend {
         mem: &GuestMemoryMmap,
         io: &mut Option<RwLockReadGuard<'a, Target>>,
     ) -> Done {
+        if let Op::Flush = op {
+            // A FLUSH changes no data, so it need not be wholly before or after a snapshot:
+            // it commits without the gate. A snapshot holds commits and then drains the
+            // requests in flight; a FLUSH holding the gate while it waits for the commit
+            // lock would hold the snapshot up (or, with the order reversed, deadlock).
+            let pool = io.get_or_insert_with(|| self.disk.target()).pool.clone();
+            *io = None;
+            return flush(&self.disk, &pool);
+        }
         let mut deadline = None;
         loop {
             let to = io.get_or_insert_with(|| self.disk.target());

@@ -5,6 +5,7 @@ use super::disk::{Disk, OutOfSpace, Stats, Target};
 use super::request::{Op, Seg};
 use std::io::{IoSlice, IoSliceMut};
 use std::time::Duration;
+use thinpool::pool::Pool;
 use thinpool::Error;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -41,6 +42,18 @@ pub struct NeedsSpace {
     pub error: Error,
     /// How long the policy holds a write (None: forever).
     pub timeout: Option<Duration>,
+}
+
+/// A FLUSH: commits the pool, which makes every write completed before it durable.
+/// Callers run it without the disk's I/O gate (see `BlkBackend::run`).
+pub fn flush(disk: &Disk, pool: &Pool) -> Done {
+    match pool.commit() {
+        Ok(()) => Done {
+            status: VIRTIO_BLK_S_OK as u8,
+            written: 0,
+        },
+        Err(e) => fail(disk, "flush", &e),
+    }
 }
 
 /// Runs one request on `to` (the disk's target, from its I/O gate held by the caller). Err
@@ -104,10 +117,7 @@ pub fn execute(
                 Err(e) => Ok(fail(disk, "write", &e)),
             };
         }
-        Op::Flush => match to.pool.commit() {
-            Ok(()) => ok(0),
-            Err(e) => fail(disk, "flush", &e),
-        },
+        Op::Flush => flush(disk, &to.pool),
         Op::GetId { data } => {
             let mut written = 0usize;
             for s in data {

@@ -1037,8 +1037,9 @@ impl Manager {
         Ok(json!({}))
     }
 
-    /// Snapshots a disk, running or not. Writes are held while it is taken: requests in
-    /// flight finish, new ones wait; the pause is returned in microseconds.
+    /// Snapshots a disk, running or not. Writes are held only while the snapshot is made in
+    /// memory: requests in flight finish, new ones wait; the pause is returned in
+    /// microseconds. The reply comes once the snapshot is durable.
     pub fn snapshot_create(&self, disk: &str, name: &str) -> R<Value> {
         let _op = lock(&self.op);
         self.name_free(name)?;
@@ -1046,24 +1047,21 @@ impl Manager {
         // A disk being migrated: a snapshot taken now would be left behind.
         self.check_unpinned(&f, disk)?;
         let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
-        // Pool::create_snap already waits for the origin's writes in flight and holds new
-        // ones (the pool's per-device gate), which is all a point in time needs. The disk's
-        // gate is taken as well so that a guest request made of several pool operations
-        // (discard or write-zeroes ranges, zeroing a block at a time) is wholly in the
-        // snapshot or wholly out. A write held for pool space does not hold this gate.
-        // The change commits, with the guest's writes held. A commit first, while they go
-        // on, leaves that one little to flush, and waits out a commit already under way
-        // (the timer's, another disk's FLUSH) that the held writes would otherwise wait for.
-        f.pool.pool().commit()?;
-        // The pause starts here: new requests wait from the moment the gate is asked for.
-        let t0 = Instant::now();
-        let gate = served
-            .as_ref()
-            .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()));
-        let drained = t0.elapsed();
         let mut pause = Duration::ZERO;
+        let mut drained = Duration::ZERO;
+        // The change holds commits from its start: a commit under way (the timer's, a
+        // FLUSH) is waited for here, before any write is held.
         let r = f.pool.change(|devices, reg| {
             let id = devices.next_id(reg);
+            // Pool::create_snap already waits for the origin's writes in flight and holds
+            // new ones (the pool's per-device gate), which is all a point in time needs.
+            // The disk's gate is taken as well so that a guest request made of several pool
+            // operations (discard or write-zeroes ranges, zeroing a block at a time) is
+            // wholly in the snapshot or wholly out. No request holding it waits for a
+            // commit: a FLUSH does not take it, and a write held for pool space lets go.
+            let t0 = Instant::now();
+            let gate = served.as_ref().map(|d| d.drain());
+            drained = t0.elapsed();
             let made = devices.create_snap(id, f.id);
             // The point in time is taken: the guest's writes go on while the change is
             // made durable (the registry written, the pool committed). Commits stay held
