@@ -14,6 +14,7 @@
 //! [`crate::catalog::Catalog::change`], which owns a pool and its registry.
 
 use crate::names::{check_name, NameError, NAME_RULE};
+use crate::thin::device::MAX_THIN_ID;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -345,16 +346,18 @@ impl Registry {
     }
 
     /// A thin id not used in the registry nor in `pool_ids`.
+    /// The id for a new device: one above the highest in use (ids then follow creation
+    /// order, as LVM's do), or, once that would pass dm-thin's largest id, the lowest free
+    /// one. Past the largest when all are taken: the create fails with the pool's error.
     pub fn next_id(&self, pool_ids: &[u32]) -> u32 {
-        let max = self.devices.keys().chain(pool_ids).max().copied();
-        match max {
+        let used: BTreeSet<u32> = self.devices.keys().chain(pool_ids).copied().collect();
+        match used.last() {
             None => 0,
-            Some(m) => m.checked_add(1).unwrap_or_else(|| {
-                // Ids run up to u32::MAX (a damaged or hand-made registry): use a gap.
-                (0..u32::MAX)
-                    .find(|i| !self.devices.contains_key(i) && !pool_ids.contains(i))
-                    .unwrap_or(u32::MAX)
-            }),
+            Some(&m) if m < MAX_THIN_ID => m + 1,
+            Some(_) => (0..=MAX_THIN_ID)
+                .zip(used.iter())
+                .find(|(i, u)| i != *u)
+                .map_or_else(|| used.len() as u32, |(i, _)| i),
         }
     }
 
@@ -475,6 +478,23 @@ pub fn make_serial(thin_id: u32, created: u64, salt: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_id_reuses_a_free_id_once_the_highest_is_the_largest_dm_thin_allows() {
+        let mut r = Registry::new("/nonexistent/r.json", 0);
+        r.devices.insert(MAX_THIN_ID, DeviceEntry::default());
+        assert_eq!(r.next_id(&[MAX_THIN_ID]), 0);
+        r.devices.insert(0, DeviceEntry::default());
+        assert_eq!(r.next_id(&[0, 1, 2, MAX_THIN_ID]), 3);
+        assert_eq!(r.next_id(&[5]), 1);
+        let mut r = Registry::new("/nonexistent/r.json", 0);
+        r.devices.insert(7, DeviceEntry::default());
+        assert_eq!(
+            r.next_id(&[3]),
+            8,
+            "ids follow creation order while they can"
+        );
+    }
 
     #[test]
     fn next_id_does_not_overflow_at_the_largest_id() {
