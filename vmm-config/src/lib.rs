@@ -17,7 +17,7 @@ mod validate;
 
 pub use error::ConfigError;
 pub use model::*;
-pub use size::{parse_size, Size};
+pub use size::{parse_size, Size, SIZE_UNITS};
 
 use std::path::Path;
 

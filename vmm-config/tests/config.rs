@@ -72,7 +72,7 @@ fn bad_files_say_where_and_how_to_fix() {
         (
             "bad size",
             "pools:\n  - name: p\n    metadata: /m\n    data: /d\n    block-size: 64kb\n",
-            "f.yaml:5:17: pools[0].block-size: \"64kb\" has an unknown unit \"kb\": use KiB, MiB, GiB or TiB",
+            "f.yaml:5:17: pools[0].block-size: \"64kb\": \"kb\" means powers of 1000 to some and of 1024 to others: write KiB (or K) for powers of 1024",
         ),
         (
             "bad block size",

@@ -34,13 +34,13 @@ pub struct CreateArgs {
     #[arg(long, short = 'd', value_name = "PATH")]
     data: PathBuf,
     /// Data block size: 64KiB to 1GiB, a multiple of 64KiB.
-    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    #[arg(long, default_value = "64KiB", value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
     block_size: u64,
-    /// Size of the data file to create (required when it does not exist).
-    #[arg(long, value_parser = parse_size)]
+    /// Size of the data file to create (required when it does not exist). Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+    #[arg(long, value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
     data_size: Option<u64>,
-    /// Size of the metadata file to create (default: 48 bytes per data block, at least 4 MiB).
-    #[arg(long, value_parser = parse_size)]
+    /// Size of the metadata file to create (default: 48 bytes per data block, at least 4 MiB). Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+    #[arg(long, value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
     metadata_size: Option<u64>,
     /// Registry file (default METADATA.registry.json).
     #[arg(long, value_name = "PATH")]
@@ -91,7 +91,8 @@ pub struct RestoreArgs {
     /// Metadata device or file to write (created with --metadata-size if missing).
     #[arg(long, short = 'm', value_name = "PATH")]
     metadata: PathBuf,
-    #[arg(long, value_parser = parse_size)]
+    /// Size of the metadata file to create. Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+    #[arg(long, value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
     metadata_size: Option<u64>,
 }
 

@@ -59,8 +59,8 @@ pub struct CreateArgs {
     /// Thin id (0 to 16777215).
     #[arg(long)]
     id: u32,
-    /// Virtual size, recorded in the registry.
-    #[arg(long, value_parser = parse_size)]
+    /// Virtual size, recorded in the registry. Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+    #[arg(long, value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
     size: Option<u64>,
     /// Name, recorded in the registry.
     #[arg(long, value_parser = super::parse_name)]
@@ -111,8 +111,8 @@ pub struct ImportArgs {
     /// File to read.
     #[arg(long, short = 'i')]
     input: PathBuf,
-    /// Byte offset in the device where the file goes.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    /// Byte offset in the device where the file goes. Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+    #[arg(long, default_value = "0", value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
     offset: u64,
 }
 
@@ -122,8 +122,8 @@ pub struct ExportArgs {
     paths: PoolPaths,
     #[arg(long)]
     id: u32,
-    /// Bytes to export (default: the size in the registry).
-    #[arg(long, value_parser = parse_size)]
+    /// Bytes to export (default: the size in the registry). Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+    #[arg(long, value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
     size: Option<u64>,
     /// Output file, or - for stdout.
     #[arg(long, short = 'o')]
