@@ -2,6 +2,7 @@
 //! `--json` for scripts.
 
 use crate::size::{human, parse_size};
+use crate::usage::UsageError;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -36,22 +37,28 @@ enum CtlCmd {
     Clone {
         from: String,
         name: String,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        /// The new disk's vhost-user socket (default: <name>.sock in the daemon's socket
+        /// directory). Not `--socket`: that is the management socket, before the command.
+        #[arg(long, value_name = "PATH")]
+        disk_socket: Option<PathBuf>,
+        /// Virtqueues offered to the guest.
         #[arg(long)]
         num_queues: Option<u64>,
     },
     /// A new empty disk, or one over a golden image (--external-origin).
     Add {
         name: String,
-        /// Default with --external-origin: the image's size.
-        #[arg(long, value_parser = parse_size)]
+        /// Virtual size; default with --external-origin: the image's size. Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+        #[arg(long, value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
         size: Option<u64>,
         /// A read-only image the disk's unprovisioned blocks read from.
         #[arg(long, value_name = "IMAGE")]
         external_origin: Option<PathBuf>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        /// The new disk's vhost-user socket (default: <name>.sock in the daemon's socket
+        /// directory). Not `--socket`: that is the management socket, before the command.
+        #[arg(long, value_name = "PATH")]
+        disk_socket: Option<PathBuf>,
+        /// Virtqueues offered to the guest.
         #[arg(long)]
         num_queues: Option<u64>,
     },
@@ -64,7 +71,8 @@ enum CtlCmd {
     /// Grow a disk.
     Resize {
         name: String,
-        #[arg(value_parser = parse_size)]
+        /// The new virtual size (only grows). Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
+        #[arg(value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
         size: u64,
     },
     /// Delete a snapshot.
@@ -145,6 +153,9 @@ enum CtlCmd {
     },
 }
 
+/// How long a management socket may take to greet.
+const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -156,19 +167,39 @@ impl Client {
         let s = UnixStream::connect(path).with_context(|| {
             format!("cannot connect to the management socket {}", path.display())
         })?;
+        // A QMP server greets at once; a disk's socket (or anything else) says nothing and
+        // would be waited on forever.
+        s.set_read_timeout(Some(GREETING_TIMEOUT))?;
         let mut c = Client {
             reader: BufReader::new(s.try_clone()?),
             writer: s,
             next_id: 1,
         };
-        let greeting = c.read()?;
-        if greeting.get("QMP").is_none() {
-            bail!(
-                "{} did not greet like a QMP server: {greeting}",
+        let not_qmp = |what: String| {
+            anyhow::anyhow!(
+                "{} is not a vhost-thin management socket ({what}); give the one `serve --qmp` \
+                 made with -s/--socket or $VHOST_THIN_QMP",
                 path.display()
-            );
+            )
+        };
+        let greeting = match c.read() {
+            Ok(g) => g,
+            Err(e) => match e.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
+                Some(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(not_qmp(format!(
+                        "no QMP greeting within {} s",
+                        GREETING_TIMEOUT.as_secs()
+                    )))
+                }
+                _ => return Err(not_qmp(format!("{e}"))),
+            },
+        };
+        if greeting.get("QMP").is_none() {
+            return Err(not_qmp(format!("it greeted with {greeting}")));
         }
         c.execute("qmp_capabilities", json!({}))?;
+        // Commands may take long (a snapshot of a busy disk commits): no limit from here.
+        c.writer.set_read_timeout(None)?;
         Ok(c)
     }
 
@@ -342,6 +373,19 @@ fn follow(c: &mut Client, id: &str, json_out: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A path given to `ctl` names a file from where `ctl` runs, not from the daemon's working
+/// directory: relative paths are made absolute here before they are sent.
+fn absolute(p: &Option<PathBuf>) -> Result<Option<PathBuf>> {
+    match p {
+        Some(p) if p.is_relative() => Ok(Some(
+            std::env::current_dir()
+                .context("cannot resolve a relative path: the current directory is unknown")?
+                .join(p),
+        )),
+        p => Ok(p.clone()),
+    }
+}
+
 fn default_socket() -> PathBuf {
     std::env::var_os("VHOST_THIN_QMP")
         .map(PathBuf::from)
@@ -367,21 +411,21 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Clone {
             from,
             name,
-            socket,
+            disk_socket,
             num_queues,
         } => (
             "disk-add",
-            json!({"name": name, "clone-from": from, "socket": socket, "num-queues": num_queues}),
+            json!({"name": name, "clone-from": from, "socket": absolute(disk_socket)?, "num-queues": num_queues}),
         ),
         CtlCmd::Add {
             name,
             size,
             external_origin,
-            socket,
+            disk_socket,
             num_queues,
         } => (
             "disk-add",
-            json!({"name": name, "size": size, "external-origin": external_origin, "socket": socket, "num-queues": num_queues}),
+            json!({"name": name, "size": size, "external-origin": absolute(external_origin)?, "socket": absolute(disk_socket)?, "num-queues": num_queues}),
         ),
         CtlCmd::Merge {
             snapshot, force, ..
@@ -415,13 +459,18 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
         } => {
             let mut args = json!({"snapshot": snapshot, "base": base, "resume-token": resume});
             match (file, to_pool, command.is_empty()) {
-                (Some(f), None, true) => args["file"] = json!(f),
+                (Some(f), None, true) => args["file"] = json!(absolute(&Some(f.clone()))?),
                 (None, Some(p), true) => {
                     args["pool"] = json!(p);
                     args["name"] = json!(name);
                 }
                 (None, None, false) => args["command"] = json!(command),
-                _ => bail!("say where the stream goes: --file, --to-pool or -- COMMAND…"),
+                _ => {
+                    return Err(UsageError(
+                        "say where the stream goes: --file, --to-pool or -- COMMAND…".into(),
+                    )
+                    .into())
+                }
             }
             ("snapshot-send", args)
         }
@@ -449,7 +498,7 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
             ..
         } => (
             "snapshot-receive",
-            json!({"file": file, "pool": pool, "name": name, "resumable": resumable}),
+            json!({"file": absolute(&Some(file.clone()))?, "pool": pool, "name": name, "resumable": resumable}),
         ),
         CtlCmd::Migrate { disk, pool, .. } => ("disk-migrate", json!({"disk": disk, "pool": pool})),
         CtlCmd::Jobs => ("query-jobs", json!({})),

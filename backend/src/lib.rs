@@ -16,3 +16,4 @@ pub mod serve_cmd;
 pub mod size;
 pub mod socket;
 pub mod sync;
+pub mod usage;

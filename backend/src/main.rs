@@ -88,7 +88,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vhost-thin: error: {e:#}");
-            ExitCode::from(2)
+            vhost_thin::usage::failure_status(&e)
         }
     }
 }

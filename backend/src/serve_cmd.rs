@@ -71,7 +71,10 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     if a.disks.is_empty() && a.qmp.is_none() {
-        bail!("nothing to serve: give --disk (and/or --qmp to add disks at run time)");
+        return Err(crate::usage::UsageError(
+            "nothing to serve: give --disk (and/or --qmp to add disks at run time)".into(),
+        )
+        .into());
     }
     let paths = PoolPaths {
         metadata,

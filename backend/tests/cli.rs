@@ -556,7 +556,7 @@ fn names_given_on_the_command_line_follow_the_name_rule() {
 }
 
 /// Checksum-valid damage to the metadata (see thinpool's tests/untrusted_metadata.rs):
-/// every command that reads what is damaged fails with exit status 2 and a message that
+/// every command that reads what is damaged fails with exit status 1 and a message that
 /// says what is wrong. None panics (status 101), none prints a device's bytes as if
 /// nothing were wrong, and `pool check` calls the pool damaged.
 #[test]
@@ -670,7 +670,7 @@ fn damaged_metadata_fails_commands_with_a_message() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(
                 out.status.code(),
-                Some(2),
+                Some(1),
                 "{what}: vhost-thin {args:?} exited with {}: {err}",
                 out.status
             );
@@ -687,4 +687,125 @@ fn damaged_metadata_fails_commands_with_a_message() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// Exit statuses as zfs's and most tools': 1 when the operation fails, 2 when the command
+/// line is wrong, whether clap or the command itself finds it so.
+#[test]
+fn a_failed_operation_exits_1_and_a_wrong_command_line_2() {
+    let p = new_pool("16MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    let code = |args: &[&str]| run(args).status.code();
+    assert_eq!(
+        code(&["thin", "ls", "-m", "/nonexistent/m", "-d", d]),
+        Some(1)
+    );
+    assert_eq!(
+        code(&["thin", "delete", "-m", m, "-d", d, "--id", "7"]),
+        Some(1),
+        "no such device"
+    );
+    assert_eq!(code(&["thin", "ls", "--no-such-option"]), Some(2));
+    assert_eq!(
+        code(&["serve", "-m", m, "-d", d]),
+        Some(2),
+        "nothing to serve"
+    );
+    let err = fails(
+        &[
+            "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "-5",
+        ],
+        "cannot be negative",
+    );
+    assert!(!err.contains("unexpected argument"), "{err}");
+    assert_eq!(
+        code(&["thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "-5"]),
+        Some(2)
+    );
+    // The sizes qemu-img and lvcreate users write.
+    for (n, size) in ["10g", "1.5M", "2MiB"].iter().enumerate() {
+        let id = n.to_string();
+        cli(&[
+            "thin", "create", "-m", m, "-d", d, "--id", &id, "--size", size,
+        ]);
+    }
+    let ls = cli(&["thin", "ls", "-m", m, "-d", d, "--json"]);
+    for bytes in ["10737418240", "1572864", "2097152"] {
+        assert!(ls.contains(bytes), "{bytes} not in {ls}");
+    }
+}
+
+/// A terminal: (the side a program writes to or reads from, the side kept open here).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the two ints; the null pointers ask
+    // for no name, termios or window size.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(slave),
+            std::fs::File::from_raw_fd(master),
+        )
+    }
+}
+
+/// As `zfs send` does, a stream (or an export) is not written to a terminal, and a receive
+/// does not sit waiting on one; neither changes the pool.
+#[test]
+fn streams_are_not_written_to_or_read_from_a_terminal() {
+    let p = new_pool("16MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    cli(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "1MiB", "--name", "disk",
+    ]);
+    cli(&[
+        "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", "1", "--name", "snap",
+        "--kept",
+    ]);
+    let registry = std::fs::read(format!("{m}.registry.json")).unwrap();
+    let with_terminal = |args: &[&str], stdout: bool| {
+        let (tty, _keep) = pty();
+        let mut c = Command::new(bin());
+        c.args(args);
+        if stdout {
+            c.stdout(tty).stdin(std::process::Stdio::null());
+        } else {
+            c.stdin(tty).stdout(std::process::Stdio::null());
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        vec!["send", "-m", m, "-d", d, "snap"],
+        vec!["thin", "export", "-m", m, "-d", d, "--id", "1", "-o", "-"],
+    ] {
+        let (code, err) = with_terminal(&args, true);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("standard output is a terminal"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, err) = with_terminal(&["receive", "-m", m, "-d", d], false);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("standard input is a terminal"), "{err}");
+    assert_eq!(
+        std::fs::read(format!("{m}.registry.json")).unwrap(),
+        registry,
+        "the registry changed"
+    );
 }

@@ -283,3 +283,65 @@ fn a_registry_entry_named_like_a_path_is_refused_at_start_and_nothing_is_served(
         "{err}"
     );
 }
+
+/// `ctl` as a user runs it from a shell: paths are the caller's (relative to where `ctl`
+/// runs, not the daemon), the new disk's socket is `--disk-socket` (`--socket` is the
+/// management socket's), and a socket that is not a management one gets an error, not a
+/// wait forever.
+#[test]
+fn ctl_resolves_paths_where_it_runs_and_names_the_disk_socket_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let cfg = dir.path().join("vhost-thin.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: main\n    metadata: {d}/p.meta\n    data: {d}/p.data\n    create:\n      data-size: 64MiB\n\
+             disks:\n  - name: vm1\n    size: 8MiB\n    socket: {d}/vm1.sock\n\
+             management:\n  socket: {d}/qmp.sock\n"
+        ),
+    )
+    .unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let c = spawn_serve(&["--config", cfg.to_str().unwrap()]);
+    wait_for(&qmp);
+    let ctl_in = |cwd: &Path, args: &[&str]| {
+        let out = Command::new(bin())
+            .current_dir(cwd)
+            .args(["ctl", "-s", qmp.to_str().unwrap()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = ctl_in(dir.path(), &["snapshot", "vm1", "s1"]);
+    assert_eq!(code, Some(0), "{err}");
+    // Relative to ctl's directory, which the daemon (started elsewhere) does not share.
+    let (code, _, err) = ctl_in(dir.path(), &["send", "s1", "--file", "s1.stream"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(dir.path().join("s1.stream").is_file());
+    let (code, out, err) = ctl_in(
+        dir.path(),
+        &["clone", "s1", "vm2", "--disk-socket", "vm2.sock"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!("{d}/vm2.sock")), "{out}");
+    assert!(dir.path().join("vm2.sock").exists());
+    // The old spelling, which named the management socket's option too, is a usage error.
+    let (code, _, err) = ctl_in(dir.path(), &["clone", "s1", "vm3", "--socket", "vm3.sock"]);
+    assert_eq!(code, Some(2), "{err}");
+    // A disk's socket answers no QMP greeting: an error naming the mistake, in bounded time.
+    let out = Command::new(bin())
+        .args(["ctl", "-s", &format!("{d}/vm1.sock"), "disks"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a vhost-thin management socket"), "{err}");
+    c.stop();
+}

@@ -6,11 +6,41 @@ pub mod pool_cmd;
 pub mod stream_cmd;
 pub mod thin_cmd;
 
+use crate::usage::UsageError;
 use anyhow::{Context, Result};
+use std::io::IsTerminal;
 use std::path::Path;
+
+/// Binary data (a stream, an export) is not written to a terminal, as `zfs send` refuses
+/// to: "-" must be redirected or piped.
+pub fn refuse_terminal_output(path: &Path) -> Result<()> {
+    if path.as_os_str() == "-" && std::io::stdout().is_terminal() {
+        return Err(UsageError(
+            "standard output is a terminal: redirect it (> FILE, | ssh HOST vhost-thin receive …) \
+             or give -o FILE"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A stream is not read from a terminal (it would wait for typing that never comes).
+pub fn refuse_terminal_input(path: &Path) -> Result<()> {
+    if path.as_os_str() == "-" && std::io::stdin().is_terminal() {
+        return Err(UsageError(
+            "standard input is a terminal: pipe a stream in (… | vhost-thin receive …) or give \
+             -i FILE"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
 
 /// A buffered writer to `path`, or to standard output for "-".
 pub fn output_stream(path: &Path) -> Result<Box<dyn std::io::Write>> {
+    refuse_terminal_output(path)?;
     let w: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
         Box::new(std::io::stdout().lock())
     } else {
@@ -33,6 +63,7 @@ pub fn output_stream(path: &Path) -> Result<Box<dyn std::io::Write>> {
 
 /// A buffered reader of `path`, or of standard input for "-".
 pub fn input_stream(path: &Path) -> Result<Box<dyn std::io::Read>> {
+    refuse_terminal_input(path)?;
     let r: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {

@@ -96,6 +96,8 @@ fn open_with_registry(paths: &PoolPaths) -> Result<Catalog> {
 }
 
 pub fn send(a: SendArgs) -> Result<ExitCode> {
+    // Before anything is opened: the first send of a snapshot writes its identity.
+    super::refuse_terminal_output(&a.output)?;
     // Writable: a snapshot gets its identity (guid) at its first send.
     let cat = open_with_registry(&a.paths)?;
     let (snap, base) = {
@@ -150,6 +152,9 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
 }
 
 pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
+    if a.abort.is_none() {
+        super::refuse_terminal_input(&a.input)?;
+    }
     let cat = open_with_registry(&a.paths)?;
     if let Some(t) = &a.abort {
         let id = stream::abort(&cat, &t.guid)?;
