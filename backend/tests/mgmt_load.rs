@@ -227,6 +227,12 @@ fn out_of_space_policies_error_and_queue() {
         VIRTIO_BLK_S_IOERR as u8
     );
     let failed = t.elapsed();
+    // dm-thin's out-of-data-space mode, with what writes needing a block do.
+    let pool =
+        |c: &mut vhost_thin::ctl::Client| c.execute("query-pools", json!({})).unwrap()[0].clone();
+    let p = pool(&mut c);
+    assert_eq!(p["mode"], "out-of-data-space", "{p}");
+    assert!(p["mode-reason"].as_str().unwrap().contains("fail"), "{p}");
     // Writes to provisioned blocks still work.
     assert_eq!(g.write(0, 0, &[3u8; 512], 1), 0);
     // Policy queue with a 1 s timeout: held, then IOERR.
@@ -243,6 +249,25 @@ fn out_of_space_policies_error_and_queue() {
     );
     let held = t.elapsed();
     assert!(watcher.join().unwrap(), "the write was never held");
+    // As when dm-thin's no_space_timeout expires: from now on such writes fail at once
+    // (the policy object's unit test shows it), until space appears.
+    let p = pool(&mut c);
+    assert_eq!(p["mode"], "out-of-data-space", "{p}");
+    assert!(
+        p["mode-reason"]
+            .as_str()
+            .unwrap()
+            .contains("queue timeout passed"),
+        "{p}"
+    );
+    assert_eq!(
+        p["policy"]["out-of-space"], "queue",
+        "the policy stays as set"
+    );
+    assert_eq!(
+        g.write(0, 17 * 128, &[2u8; 512], 1),
+        VIRTIO_BLK_S_IOERR as u8
+    );
     // Policy queue without a deadline: the write waits until the operator grows the pool.
     c.execute(
         "pool-set-policy",
@@ -267,6 +292,8 @@ fn out_of_space_policies_error_and_queue() {
     let waited = t.elapsed();
     operator.join().unwrap();
     assert_eq!(st, 0, "the held write completes once the pool has grown");
+    let p = s.client().execute("query-pools", json!({})).unwrap()[0].clone();
+    assert_eq!(p["mode"], "write", "{p}");
     assert_eq!(g.read(0, 20 * 128, 512), (0, vec![4u8; 512]));
     println!("out of space: error after {failed:?}; queue held a write {held:?} before its 1 s timeout; a write held {waited:?} completed after pool-grow");
 }

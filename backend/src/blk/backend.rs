@@ -407,6 +407,7 @@ impl BlkBackend {
                 return fail(&self.disk, "write (out of space, disk stopping)", &error);
             }
             if !more {
+                space.queue_timed_out();
                 return fail(
                     &self.disk,
                     "write (out of space, queue timeout passed)",

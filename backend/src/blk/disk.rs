@@ -24,6 +24,10 @@ pub struct SpacePolicy {
     cv: Condvar,
     /// Writes being held now.
     pub waiting: AtomicU64,
+    /// A held write's queue timeout passed: as dm-thin when its no_space_timeout expires,
+    /// writes that need space fail at once from then on, until space appears (the pool is
+    /// grown or blocks are freed) or the policy is set again.
+    timed_out: AtomicBool,
 }
 
 impl SpacePolicy {
@@ -33,15 +37,49 @@ impl SpacePolicy {
             changed: Mutex::new(0),
             cv: Condvar::new(),
             waiting: AtomicU64::new(0),
+            timed_out: AtomicBool::new(false),
         }
     }
 
+    /// What a write that finds the pool full does now: the configured policy, or `Error`
+    /// once a queue timeout has passed (see [`SpacePolicy::queue_timed_out`]).
     pub fn mode(&self) -> OutOfSpace {
+        if self.timed_out.load(Ordering::SeqCst) {
+            return OutOfSpace::Error;
+        }
+        self.policy()
+    }
+
+    /// The configured policy.
+    pub fn policy(&self) -> OutOfSpace {
         *self.mode.lock().unwrap()
     }
 
     pub fn set_mode(&self, m: OutOfSpace) {
         *self.mode.lock().unwrap() = m;
+        self.timed_out.store(false, Ordering::SeqCst);
+        self.space_changed();
+    }
+
+    /// A held write waited out its queue timeout: later writes that need space fail at once.
+    pub fn queue_timed_out(&self) {
+        if !self.timed_out.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                "the out-of-space queue timeout passed: writes that need a new block fail at \
+                 once until the pool has free blocks again"
+            );
+        }
+    }
+
+    /// Whether a queue timeout passed with the pool still full.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::SeqCst)
+    }
+
+    /// The pool has free data blocks again (grown, or blocks freed): writes are queued
+    /// again under policy `queue`, and held ones retry.
+    pub fn space_available(&self) {
+        self.timed_out.store(false, Ordering::SeqCst);
         self.space_changed();
     }
 
@@ -69,6 +107,31 @@ impl SpacePolicy {
             .unwrap();
         drop(g);
         deadline.is_none_or(|d| Instant::now() < d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passed_queue_timeout_fails_writes_at_once_until_space_appears() {
+        let queue = OutOfSpace::Queue {
+            timeout: Some(Duration::from_secs(60)),
+        };
+        let p = SpacePolicy::new(queue);
+        assert_eq!(p.mode(), queue);
+        p.queue_timed_out();
+        assert_eq!(p.mode(), OutOfSpace::Error);
+        assert_eq!(p.policy(), queue, "the configured policy is kept");
+        // Waking held writes (a disk stopping, say) does not end it; space does.
+        p.space_changed();
+        assert_eq!(p.mode(), OutOfSpace::Error);
+        p.space_available();
+        assert_eq!(p.mode(), queue);
+        p.queue_timed_out();
+        p.set_mode(queue);
+        assert_eq!(p.mode(), queue, "setting the policy again starts over");
     }
 }
 

@@ -656,7 +656,8 @@ impl Manager {
         for p in self.pools.values() {
             let st = p.pool().status();
             let (lw_data, lw_meta) = *lock(&p.low_water);
-            let policy = match p.space.mode() {
+            let (mode, reason) = effective_mode(p, &st);
+            let policy = match p.space.policy() {
                 OutOfSpace::Error => json!({"out-of-space": "error"}),
                 OutOfSpace::Queue { timeout } => {
                     json!({"out-of-space": "queue", "timeout": timeout.map(|t| t.as_secs()).unwrap_or(0)})
@@ -672,8 +673,8 @@ impl Manager {
                 "metadata-used": st.usage.metadata_used,
                 "metadata-free": st.usage.metadata_blocks - st.usage.metadata_used,
                 "transaction-id": st.transaction_id,
-                "mode": st.mode,
-                "mode-reason": st.mode_reason,
+                "mode": mode,
+                "mode-reason": reason,
                 "needs-check": st.needs_check,
                 "rolled-back": st.rolled_back,
                 "held-metadata-snap": st.held_metadata_root,
@@ -1262,7 +1263,7 @@ impl Manager {
         let blocks = p.pool().grow_data()?;
         let meta = p.pool().grow_metadata()?;
         p.pool().commit()?;
-        p.space.space_changed();
+        p.space.space_available();
         Ok(json!({"data-blocks": blocks, "metadata-blocks": meta}))
     }
 
@@ -1271,7 +1272,7 @@ impl Manager {
     pub fn monitor(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
         let me = self.clone();
         std::thread::Builder::new().name("pool-monitor".into()).spawn(move || {
-            let mut state: BTreeMap<String, (bool, bool, bool, PoolMode, bool, u64)> = BTreeMap::new();
+            let mut state: BTreeMap<String, (bool, bool, bool, String, bool, u64)> = BTreeMap::new();
             while !stop.load(Ordering::SeqCst) {
                 for p in me.pools.values() {
                     let st = p.pool().status();
@@ -1279,7 +1280,11 @@ impl Manager {
                     let (lw_d, lw_m) = *lock(&p.low_water);
                     let data_pct = u.data_used * 100 / u.data_blocks.max(1);
                     let meta_pct = u.metadata_used * 100 / u.metadata_blocks.max(1);
-                    let e = state.entry(p.name.clone()).or_insert((false, false, false, st.mode, st.needs_check, u.data_used));
+                    if u.data_used < u.data_blocks && p.space.timed_out() {
+                        p.space.space_available();
+                    }
+                    let (mode, reason) = effective_mode(p, &st);
+                    let e = state.entry(p.name.clone()).or_insert((false, false, false, mode.clone(), st.needs_check, u.data_used));
                     let data_low = data_pct >= lw_d as u64;
                     if data_low && !e.0 {
                         me.events.emit("POOL_LOW_WATERMARK", json!({"pool": p.name, "kind": "data", "used-percent": data_pct, "threshold": lw_d}));
@@ -1292,18 +1297,59 @@ impl Manager {
                     if full && !e.2 {
                         me.events.emit("POOL_OUT_OF_SPACE", json!({"pool": p.name, "data-blocks": u.data_blocks, "queued-writes": p.space.waiting.load(Ordering::SeqCst)}));
                     }
-                    if st.mode != e.3 || st.needs_check != e.4 {
-                        me.events.emit("POOL_MODE_CHANGED", json!({"pool": p.name, "mode": st.mode, "needs-check": st.needs_check, "rolled-back": st.rolled_back, "reason": st.mode_reason}));
+                    if mode != e.3 || st.needs_check != e.4 {
+                        me.events.emit("POOL_MODE_CHANGED", json!({"pool": p.name, "mode": mode, "needs-check": st.needs_check, "rolled-back": st.rolled_back, "reason": reason}));
                     }
                     if u.data_used < e.5 {
                         p.space.space_changed();
                     }
-                    *e = (data_low, meta_low, full, st.mode, st.needs_check, u.data_used);
+                    *e = (data_low, meta_low, full, mode, st.needs_check, u.data_used);
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
         })
     }
+}
+
+/// The mode a person or a script sees, as dm-thin's status reports it: the engine's, or
+/// `out-of-data-space` while a writable pool has no free data block (or writes wait for
+/// one), with what writes that need one do meanwhile.
+fn effective_mode(p: &PoolHandle, st: &thinpool::pool::PoolStatus) -> (String, Option<String>) {
+    let engine = || {
+        (
+            serde_json::to_value(st.mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            st.mode_reason.clone(),
+        )
+    };
+    let full = st.usage.data_used >= st.usage.data_blocks
+        || p.space.waiting.load(Ordering::SeqCst) > 0
+        || p.space.timed_out();
+    if st.mode != PoolMode::Write || !full {
+        return engine();
+    }
+    let what = match (p.space.policy(), p.space.timed_out()) {
+        (OutOfSpace::Queue { .. }, true) => {
+            "the queue timeout passed: writes that need a block fail until space is added".into()
+        }
+        (OutOfSpace::Queue { timeout: Some(t) }, false) => format!(
+            "writes that need a block are queued for up to {} s",
+            t.as_secs()
+        ),
+        (OutOfSpace::Queue { timeout: None }, false) => {
+            "writes that need a block are queued until space is added".into()
+        }
+        (OutOfSpace::Error, _) => "writes that need a block fail".into(),
+    };
+    (
+        "out-of-data-space".into(),
+        Some(format!(
+            "no free data block ({} in use); {what} (pool-grow, or free blocks)",
+            st.usage.data_blocks
+        )),
+    )
 }
 
 /// The queues of a disk to serve, checked (None: the defaults): a count or size out of
