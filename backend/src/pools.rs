@@ -167,6 +167,37 @@ pub fn open_pool(paths: &PoolPaths, writable: bool) -> Result<Pool> {
 /// [`open_pool`], saying whether the rest of a newly provisioned block is zeroed (`false`
 /// is dm-thin's skip_block_zeroing: faster, but a guest may read stale data).
 pub fn open_pool_zeroing(paths: &PoolPaths, writable: bool, zeroing: bool) -> Result<Pool> {
+    let pool = open_pool_flagged_or_not(paths, writable, zeroing)?;
+    if writable && pool.status().needs_check {
+        bail!(
+            "the pool's metadata {} is flagged needs_check: run `vhost-thin pool check --metadata {} --clear-needs-check` first",
+            paths.metadata.display(),
+            paths.metadata.display()
+        );
+    }
+    Ok(pool)
+}
+
+/// Opens a pool to serve it: as a writable open (locked, its journal replayed), except that
+/// a pool whose metadata is flagged needs_check comes up read-only, as dm-thin's does, so
+/// that its disks can be read and copied off: reads work, and writes to blocks a disk owns
+/// alone; nothing that changes the metadata does. The check comes after a stop
+/// (`pool check --clear-needs-check`).
+pub fn open_pool_to_serve(paths: &PoolPaths, zeroing: bool) -> Result<Pool> {
+    let pool = open_pool_flagged_or_not(paths, true, zeroing)?;
+    if pool.status().needs_check {
+        tracing::warn!(
+            "the pool's metadata {} is flagged needs_check: serving it read-only (reads, and \
+             writes to blocks a disk owns alone); stop the daemon, then run `vhost-thin pool \
+             check --metadata {} --clear-needs-check`",
+            paths.metadata.display(),
+            paths.metadata.display()
+        );
+    }
+    Ok(pool)
+}
+
+fn open_pool_flagged_or_not(paths: &PoolPaths, writable: bool, zeroing: bool) -> Result<Pool> {
     let meta = open_file(&paths.metadata, "metadata device", writable)?;
     let data = open_file(&paths.data, "data device", writable)?;
     let opts = PoolOptions {
@@ -196,16 +227,6 @@ pub fn open_pool_zeroing(paths: &PoolPaths, writable: bool, zeroing: bool) -> Re
                 " (in memory only: the next writable open commits them)"
             }
         );
-    }
-    if writable {
-        let st = pool.status();
-        if st.needs_check {
-            bail!(
-                "the pool's metadata {} is flagged needs_check: run `vhost-thin pool check --metadata {} --clear-needs-check` first",
-                paths.metadata.display(),
-                paths.metadata.display()
-            );
-        }
     }
     Ok(pool)
 }

@@ -2,7 +2,7 @@
 
 use crate::daemon::{self, parse_disk_spec, DiskSpec};
 use crate::manager::{Manager, PoolHandle};
-use crate::pools::{load_registry, open_pool, PoolPaths};
+use crate::pools::{load_registry, open_pool_to_serve, PoolPaths};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -82,7 +82,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         registry: a.registry.clone(),
         cache_blocks: a.cache_blocks,
     };
-    let pool = open_pool(&paths, true)?;
+    let pool = open_pool_to_serve(&paths, true)?;
     let reg_path = crate::pools::registry_path(&paths)
         .unwrap_or_else(|| thinpool::registry::Registry::default_path(&paths.metadata));
     let mut reg = load_registry(&paths, &pool)?

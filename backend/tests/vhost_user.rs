@@ -237,3 +237,65 @@ fn damaged_metadata_fails_guest_reads_and_turns_the_pool_read_only() {
         serde_json::from_str(&cli(&["pool", "status", "-m", &s.m, "--json"])).unwrap();
     assert_eq!(st["needs_check"], true, "{st}");
 }
+
+/// As dm-thin's, a pool flagged needs_check comes up read-only rather than not at all, so
+/// that its disks can be read and copied off: reads work, and writes to blocks a disk owns
+/// alone; a write that needs a new block fails. After a check clears the flag, it serves
+/// read-write again.
+#[test]
+fn a_pool_flagged_needs_check_is_served_read_only() {
+    let mut s = Served::new("");
+    let mut g = Guest::connect(&s.sock, 1);
+    let data = pattern(1 << 20, 7);
+    assert_eq!(g.write(0, 0, &data, 4), 0);
+    g.stop();
+    assert!(s.stop().success());
+    let mut img = Image(std::fs::read(&s.m).unwrap());
+    let mut sb = img.superblock().unwrap();
+    sb.flags |= 1; // NEEDS_CHECK
+    img.set_superblock(&sb).unwrap();
+    std::fs::write(&s.m, &img.0).unwrap();
+
+    s.start("");
+    let mut c = s.client();
+    let p = c.execute("query-pools", serde_json::json!({})).unwrap()[0].clone();
+    assert_eq!(p["mode"], "read-only", "{p}");
+    assert_eq!(p["needs-check"], true, "{p}");
+    let mut g = Guest::connect(&s.sock, 1);
+    for at in [0usize, 64 << 10, 1000 << 10] {
+        let (st, got) = g.read(0, (at / 512) as u64, 4096);
+        assert_eq!(st, 0);
+        assert!(got == data[at..at + 4096], "the bytes at {at} read back");
+    }
+    assert_eq!(
+        g.write(0, 0, &pattern(4096, 8), 1),
+        0,
+        "a block the disk owns"
+    );
+    assert_eq!(
+        g.write(0, 8 << 11, &pattern(4096, 9), 1),
+        VIRTIO_BLK_S_IOERR as u8,
+        "a write that needs a new block"
+    );
+    assert!(c
+        .execute(
+            "snapshot-create",
+            serde_json::json!({"disk": "disk0", "name": "s"})
+        )
+        .is_err());
+    g.stop();
+    drop(c);
+    assert!(s.stop().success());
+
+    cli(&["pool", "check", "-m", &s.m, "--clear-needs-check"]);
+    s.start("");
+    let mut g = Guest::connect(&s.sock, 1);
+    assert_eq!(g.write(0, 8 << 11, &pattern(4096, 9), 1), 0);
+    let (st, got) = g.read(0, 0, 4096);
+    assert!(
+        st == 0 && got == pattern(4096, 8),
+        "the write in place is kept"
+    );
+    g.stop();
+    assert!(s.stop().success());
+}
