@@ -809,3 +809,31 @@ fn streams_are_not_written_to_or_read_from_a_terminal() {
         "the registry changed"
     );
 }
+
+/// A data file made longer by other means is not taken over when the pool is opened: its
+/// size changes only when asked (`pool grow` here, `pool-grow` while served).
+#[test]
+fn the_pool_grows_only_when_asked() {
+    let p = new_pool("16MiB");
+    let (m, d) = (p.m.as_str(), p.d.as_str());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let blocks = || {
+        let st: serde_json::Value =
+            serde_json::from_str(&cli(&["pool", "status", "-m", m, "-d", d, "--json"])).unwrap();
+        st["data_blocks"].as_u64().unwrap()
+    };
+    // A writable open (a change) leaves the size alone.
+    cli(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "1M",
+    ]);
+    assert_eq!(blocks(), 256);
+    let out = cli(&["pool", "grow", "-m", m, "-d", d]);
+    assert!(out.contains("256 → 512 blocks"), "{out}");
+    assert_eq!(blocks(), 512);
+    thin_check_ok(m);
+}

@@ -285,10 +285,16 @@ impl Pool {
             }
         }
         if mode == PoolMode::Write && !opts.read_only {
-            if have > need {
-                md.resize_data(have)?;
-            }
+            // The metadata device is put to use whole, as dm-thin does on resume; the data
+            // device is not: the pool's size changes only when asked (`grow_data`), as a
+            // dm-thin pool's changes only with its table, whatever the file's length.
             md.resize_metadata()?;
+        }
+        if have > need {
+            tracing::info!(
+                "the data device holds {have} blocks of {block_bytes} bytes, the pool {need}: \
+                 growing the pool puts the rest to use"
+            );
         }
         let mut pool = Self::assemble(md, data, opts, mode, reason);
         pool.replayed = replayed;

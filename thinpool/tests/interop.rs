@@ -600,6 +600,7 @@ fn grown_pool_and_released_snapshot_pass_the_real_tools() {
         .set_len(17_001 * bs)
         .unwrap();
     let pool = Pool::open(open_file(&meta), open_file(&data), opts).unwrap();
+    assert_eq!(pool.grow_data().unwrap(), 17_001);
     assert_eq!(pool.status().usage.data_blocks, 17_001);
     pool.create_snap(6, 5).unwrap();
     // 20 shared blocks broken (copied), then new blocks until the pool is full.

@@ -1,6 +1,6 @@
 //! `vhost-thin pool …`
 
-use crate::pools::{open_file, open_metadata_read_only, registry_path, PoolPaths};
+use crate::pools::{open_file, open_metadata_read_only, open_pool, registry_path, PoolPaths};
 use crate::size::{human, parse_size};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -21,6 +21,10 @@ pub enum PoolCmd {
     Check(CheckArgs),
     /// Show sizes, usage, transaction id and mode.
     Status(StatusArgs),
+    /// Put a longer data device (or file) and metadata device to use: the pool's size
+    /// changes only this way (or `pool-grow` while served), never by itself at start.
+    /// Example: `truncate -s +10G pool.data && vhost-thin pool grow -m pool.meta -d pool.data`.
+    Grow(PoolPaths),
     /// Print the metadata as thin_dump-compatible XML.
     Dump(DumpArgs),
     /// Write fresh metadata from thin_dump XML.
@@ -101,6 +105,7 @@ pub fn run(cmd: PoolCmd) -> Result<ExitCode> {
         PoolCmd::Create(a) => create(a),
         PoolCmd::Check(a) => check(a),
         PoolCmd::Status(a) => status(a),
+        PoolCmd::Grow(a) => grow(a),
         PoolCmd::Dump(a) => dump(a),
         PoolCmd::Restore(a) => restore(a),
     }
@@ -189,6 +194,23 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
         human(st.usage.data_blocks * st.data_block_bytes),
         st.usage.metadata_blocks,
         reg_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn grow(a: PoolPaths) -> Result<ExitCode> {
+    let pool = open_pool(&a, true)?;
+    let before = pool.status().usage;
+    let data = pool.grow_data()?;
+    let metadata = pool.grow_metadata()?;
+    pool.commit()?;
+    let bs = pool.status().data_block_bytes;
+    println!(
+        "data: {} → {} ({} → {data} blocks); metadata: {} → {metadata} blocks",
+        human(before.data_blocks * bs),
+        human(data * bs),
+        before.data_blocks,
+        before.metadata_blocks
     );
     Ok(ExitCode::SUCCESS)
 }

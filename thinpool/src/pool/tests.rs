@@ -504,3 +504,31 @@ fn a_new_mapping_waits_for_the_commit_under_way_when_the_journal_is_full() {
     assert_eq!(after.device(0).unwrap().mapped_blocks, RECORDS + 2);
     assert_eq!(read_vec(&after, 0, (RECORDS + 1) * BS, 4), vec![0xee; 4]);
 }
+
+#[test]
+fn a_longer_data_device_is_put_to_use_only_by_an_explicit_grow() {
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(MemStorage::new(16 * BS));
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.write(0, 0, &[5u8; 512]).unwrap();
+        p.commit().unwrap();
+    }
+    let mut bytes = data.to_vec();
+    bytes.resize(64 * BS as usize, 0);
+    let longer = Arc::new(MemStorage::from_vec(bytes));
+    let p = Pool::open(meta.clone(), longer.clone(), PoolOptions::default()).unwrap();
+    assert_eq!(
+        p.status().usage.data_blocks,
+        16,
+        "opening does not grow the pool"
+    );
+    p.commit().unwrap();
+    assert_eq!(p.grow_data().unwrap(), 64);
+    p.commit().unwrap();
+    drop(p);
+    let p = Pool::open(meta, longer, PoolOptions::default()).unwrap();
+    assert_eq!(p.status().usage.data_blocks, 64);
+    assert_eq!(read_vec(&p, 0, 0, 4), vec![5; 4]);
+}
