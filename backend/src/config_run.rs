@@ -6,7 +6,7 @@
 //! through the management socket lives in the registry, so where the file and the registry
 //! disagree the registry wins and the daemon says so.
 
-use crate::manager::{Manager, PoolHandle};
+use crate::manager::{Manager, PoolHandle, ServedDisk};
 use crate::pools::{catalog, load_registry, open_pool_to_serve, PoolPaths};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -294,38 +294,95 @@ pub fn quickstart(dir: &Path, cache_blocks: usize) -> Result<(Arc<Manager>, QmpS
     let cfg = vmm_config::load(&cfg_path)?;
     crate::logging::apply_config(cfg.logging.as_ref());
     let r = start(&cfg, cache_blocks)?;
-    println!("{}", quickstart_help(&cfg, &dir));
+    println!(
+        "{}",
+        quickstart_help(&cfg, &dir, &r.0.served_disks(), &command_name())
+    );
     Ok(r)
 }
 
-/// What the quickstart prints once serving: how to attach the first disk and the ctl
-/// commands. The file is the user's to edit, so it may have no disk at all.
-fn quickstart_help(cfg: &Config, dir: &Path) -> String {
+/// What the quickstart prints once serving: each disk as it is served now (a size grown at
+/// run time, disks added at run time), how to attach it (QEMU, cloud-hypervisor, libvirt),
+/// how to put an OS on it, and the ctl commands, spelled with a binary that runs as printed.
+fn quickstart_help(cfg: &Config, dir: &Path, disks: &[ServedDisk], exe: &str) -> String {
     let qmp = cfg
         .management
         .as_ref()
         .map(|m| m.socket.display().to_string())
         .unwrap_or_default();
-    let Some(d) = cfg.disks.first() else {
+    let ctl = format!("{exe} ctl -s {qmp}");
+    let Some(first) = disks.first() else {
         return format!(
             "\nvhost-thin is serving no disk: {dir}/vhost-thin.yaml has none.\n\
-             \nadd one:\n  vhost-thin ctl --socket {qmp} add disk0 --size 10GiB\n  vhost-thin ctl --socket {qmp} disks\n\
+             \nadd one:\n  {ctl} add disk0 --size 10G\n  {ctl} disks\n\
              \nor list it under `disks:` in the file and start again.",
             dir = dir.display(),
         );
     };
-    format!(
-        "\nvhost-thin is serving {name} ({size} bytes) on {sock}\n\
-         \nQEMU (shared guest memory is required by vhost-user):\n  qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n    -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\\n    -chardev socket,id={name},path={sock},reconnect=1 \\\n    -device vhost-user-blk-pci,chardev={name},num-queues={nq} \\\n    -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic\n\
-         \ncloud-hypervisor:\n  cloud-hypervisor --memory size=2G,shared=on --kernel vmlinux \\\n    --disk vhost_user=true,socket={sock},num_queues={nq} --cmdline console=ttyS0 --serial tty --console off\n\
-         \nsnapshot it and clone it:\n  vhost-thin ctl --socket {qmp} snapshot {name} before-upgrade\n  vhost-thin ctl --socket {qmp} clone before-upgrade ci-1\n  vhost-thin ctl --socket {qmp} disks\n  vhost-thin ctl --socket {qmp} watch\n\
+    let mut out = String::from("\n");
+    for d in disks {
+        out += &format!(
+            "vhost-thin is serving {} ({}) on {}\n",
+            d.name,
+            crate::size::human(d.size),
+            d.socket.display()
+        );
+    }
+    let (name, sock, nq) = (&first.name, first.socket.display(), first.num_queues);
+    out += &format!(
+        "\nput an OS on {name} (it is empty), e.g. a Debian cloud image as a golden image that\n\
+         every clone reads until it writes its own blocks:\n\
+         \x20 qemu-img convert -O raw debian-12-genericcloud-amd64.qcow2 {dir}/golden.raw\n\
+         \x20 {ctl} add golden --external-origin {dir}/golden.raw\n\
+         \x20 {ctl} snapshot golden golden-base\n\
+         \x20 {ctl} clone golden-base vm1        # then boot vm1 (its socket: {dir}/vm1.sock)\n\
+         or write an image into a disk that is not connected with `vhost-thin thin import`.\n\
+         \nQEMU (shared guest memory is required by vhost-user):\n\
+         \x20 qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n\
+         \x20   -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\\n\
+         \x20   -chardev socket,id={name},path={sock},reconnect=1 \\\n\
+         \x20   -device vhost-user-blk-pci,chardev={name},num-queues={nq},bootindex=1 -nographic\n\
+         \ncloud-hypervisor:\n\
+         \x20 cloud-hypervisor --memory size=2G,shared=on --kernel hypervisor-fw \\\n\
+         \x20   --disk vhost_user=true,socket={sock},num_queues={nq} --serial tty --console off\n\
+         \nlibvirt (with <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>):\n\
+         \x20 <disk type='vhostuser' device='disk'>\n\
+         \x20   <driver name='qemu' type='raw' queues='{nq}'/>\n\
+         \x20   <source type='unix' path='{sock}'>\n\
+         \x20     <reconnect enabled='yes' timeout='1'/>\n\
+         \x20   </source>\n\
+         \x20   <target dev='vda' bus='virtio'/>\n\
+         \x20 </disk>\n\
+         \nsnapshot and clone:\n\
+         \x20 {ctl} snapshot {name} {name}-$(date +%Y%m%d-%H%M%S)\n\
+         \x20 {ctl} snapshots\n\
+         \x20 {ctl} clone SNAPSHOT NEW-DISK\n\
+         \x20 {ctl} disks        # every disk with its socket, added at run time too\n\
+         \x20 {ctl} watch\n\
          \nstop with Ctrl-C (requests in flight finish, the pool is committed); start again to reuse {dir}.",
-        name = d.name,
-        size = d.size.0,
-        sock = d.socket.display(),
-        nq = d.num_queues,
         dir = dir.display(),
-    )
+    );
+    out
+}
+
+/// How to run this binary as the banner prints it: `vhost-thin` when that is what the
+/// shell finds on PATH, else its full path (after `cargo run`, it is not on PATH).
+fn command_name() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(|e| e.canonicalize()) else {
+        return "vhost-thin".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            d.join("vhost-thin")
+                .canonicalize()
+                .is_ok_and(|found| found == exe)
+        })
+    });
+    if on_path {
+        "vhost-thin".into()
+    } else {
+        exe.display().to_string()
+    }
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {
@@ -344,24 +401,57 @@ mod tests {
     #[test]
     fn the_quickstart_help_copes_with_a_file_without_disks() {
         let dir = Path::new("/state");
-        let mut cfg = vmm_config::parse(
+        let cfg = vmm_config::parse(
             "management:\n  socket: /state/qmp.sock\n",
             "vhost-thin.yaml",
         )
         .unwrap();
-        let help = quickstart_help(&cfg, dir);
+        let help = quickstart_help(&cfg, dir, &[], "vhost-thin");
         assert!(help.contains("serving no disk"), "{help}");
-        assert!(help.contains("ctl --socket /state/qmp.sock add"), "{help}");
-        cfg = vmm_config::parse(
+        assert!(help.contains("ctl -s /state/qmp.sock add"), "{help}");
+    }
+
+    /// After a restart: the sizes as served (one grown at run time), every disk served
+    /// (one added at run time), commands spelled with a binary that runs as printed, and a
+    /// snapshot name that a second start does not find taken.
+    #[test]
+    fn the_quickstart_help_describes_the_disks_as_served() {
+        let dir = Path::new("/state");
+        let cfg = vmm_config::parse(
             "pools:\n  - name: p\n    metadata: /state/m\n    data: /state/d\n\
-             disks:\n  - name: disk0\n    size: 1GiB\n    socket: /state/disk0.sock\n",
+             disks:\n  - name: disk0\n    size: 10GiB\n    socket: /state/disk0.sock\n\
+             management:\n  socket: /state/qmp.sock\n",
             "vhost-thin.yaml",
         )
         .unwrap();
-        let help = quickstart_help(&cfg, dir);
+        let disk = |name: &str, size: u64| ServedDisk {
+            name: name.into(),
+            size,
+            socket: dir.join(format!("{name}.sock")),
+            num_queues: 2,
+        };
+        let served = [disk("disk0", 12 << 30), disk("scratch", 1 << 30)];
+        let help = quickstart_help(&cfg, dir, &served, "/src/target/release/vhost-thin");
         assert!(
-            help.contains("serving disk0 (1073741824 bytes) on /state/disk0.sock"),
+            help.contains("serving disk0 (12 GiB) on /state/disk0.sock"),
             "{help}"
         );
+        assert!(
+            help.contains("serving scratch (1 GiB) on /state/scratch.sock"),
+            "{help}"
+        );
+        assert!(!help.contains("10737418240"), "{help}");
+        assert!(
+            help.contains(
+                "/src/target/release/vhost-thin ctl -s /state/qmp.sock snapshot disk0 disk0-$(date"
+            ),
+            "{help}"
+        );
+        assert!(
+            help.contains("<source type='unix' path='/state/disk0.sock'>"),
+            "{help}"
+        );
+        assert!(help.contains("qemu-img convert -O raw"), "{help}");
+        assert!(!help.contains("vmlinuz"), "{help}");
     }
 }

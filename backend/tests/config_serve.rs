@@ -107,14 +107,22 @@ fn quickstart_makes_and_reuses_its_state() {
         "{out}"
     );
     assert!(out.contains("cloud-hypervisor"), "{out}");
-    assert!(out.contains("ctl --socket"), "{out}");
+    assert!(out.contains(" ctl -s "), "{out}");
     let c = serve();
     wait_for(&qmp);
+    // Changes at run time, which the next start's banner shows as they are served.
+    ctl(&qmp, &["add", "scratch", "--size", "8M"]);
+    ctl(&qmp, &["resize", "disk0", "11G"]);
     let out = c.stop();
     assert!(
         !out.contains("quickstart: wrote") && !out.contains("created"),
         "{out}"
     );
+    let c = serve();
+    wait_for(&qmp);
+    let out = c.stop();
+    assert!(out.contains("serving disk0 (11 GiB)"), "{out}");
+    assert!(out.contains("serving scratch (8 MiB)"), "{out}");
 }
 
 /// Speaks QMP on `qmp`: the greeting, negotiation, then each of `commands` (JSON texts).

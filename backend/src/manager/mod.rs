@@ -96,6 +96,16 @@ impl PoolHandle {
     }
 }
 
+/// A disk being served, as [`Manager::served_disks`] describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedDisk {
+    pub name: String,
+    /// Bytes, as the guest sees it now.
+    pub size: u64,
+    pub socket: PathBuf,
+    pub num_queues: usize,
+}
+
 /// A disk being served.
 pub struct Served {
     pub disk: Arc<Disk>,
@@ -360,6 +370,19 @@ impl Manager {
     /// The registry entry of a disk or snapshot.
     pub fn entry(&self, name: &str) -> Option<DeviceEntry> {
         self.find(name).ok().map(|f| f.entry)
+    }
+
+    /// The disks being served, by name: what a person attaching a VM needs of each.
+    pub fn served_disks(&self) -> Vec<ServedDisk> {
+        lock(&self.disks)
+            .iter()
+            .map(|(name, s)| ServedDisk {
+                name: name.clone(),
+                size: s.disk.size(),
+                socket: s.socket.clone(),
+                num_queues: s.disk.num_queues,
+            })
+            .collect()
     }
 
     /// Names of every disk (not snapshot) in the registries.
