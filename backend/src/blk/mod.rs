@@ -1,8 +1,10 @@
 //! virtio-blk over vhost-user: request parsing (pure), execution against a thin device,
-//! the vhost-user backend, and the relay of its control channel.
+//! the vhost-user backend, the relay of its control channel, and the accept loop that
+//! serves a disk on its socket.
 
 pub mod backend;
 pub mod disk;
 pub mod execute;
 pub mod relay;
 pub mod request;
+pub mod serve;

@@ -12,16 +12,15 @@ pub mod migrate;
 pub mod replication;
 pub mod transfer;
 
-use crate::blk::backend::BlkBackend;
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
-use crate::blk::relay::{self, HandlerSocket};
+use crate::blk::serve::{self, ConnectionEvent, Serving};
 use crate::mgmt::events::EventBus;
 use crate::mgmt::QmpError;
 use crate::socket::SocketFile;
 use crate::sync::lock;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,8 +31,6 @@ use thinpool::delta::DeltaMode;
 use thinpool::origin::ExternalOrigin;
 use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{DeviceEntry, Migration, Registry};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_config::limits;
 
 type R<T> = Result<T, QmpError>;
@@ -114,9 +111,7 @@ pub struct Served {
     pub socket: PathBuf,
     /// The socket file made for it: removed when it stops being served, if still there.
     socket_file: SocketFile,
-    stop: Arc<AtomicBool>,
-    conn: Arc<Mutex<Option<ShutdownHandle>>>,
-    thread: Option<JoinHandle<()>>,
+    serving: Option<Serving>,
 }
 
 pub struct Manager {
@@ -546,36 +541,25 @@ impl Manager {
             },
             f.pool.space.clone(),
         ));
-        let mut handler_socket = HandlerSocket::new().map_err(|e| {
-            QmpError::generic(format!("cannot make the private handler socket: {e}"))
-        })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let conn = Arc::new(Mutex::new(None));
-        let thread = {
-            let (disk, stop, conn, me) = (
-                disk.clone(),
-                stop.clone(),
-                conn.clone(),
-                Arc::downgrade(self),
-            );
-            std::thread::Builder::new()
-                .name(format!("disk-{name}"))
-                .spawn(move || {
-                    serve_loop(
-                        &disk,
-                        &listener,
-                        &mut handler_socket,
-                        &stop,
-                        &conn,
-                        &|ev, data| {
-                            if let Some(m) = me.upgrade() {
-                                m.events.emit(ev, data);
-                            }
-                        },
-                    )
-                })
-                .map_err(|e| QmpError::generic(e.to_string()))?
-        };
+        let events = Arc::downgrade(self);
+        let serving = serve::start(
+            disk.clone(),
+            listener,
+            socket.path.clone(),
+            move |disk, ev| {
+                let Some(m) = events.upgrade() else { return };
+                match ev {
+                    ConnectionEvent::Connected => {
+                        m.events.emit("DISK_CONNECTED", json!({"disk": disk.name}))
+                    }
+                    ConnectionEvent::Disconnected { committed } => m.events.emit(
+                        "DISK_DISCONNECTED",
+                        json!({"disk": disk.name, "committed": committed}),
+                    ),
+                }
+            },
+        )
+        .map_err(|e| QmpError::generic(format!("cannot serve '{name}': {e}")))?;
         tracing::info!(
             "{name}: serving thin device {} on {}",
             f.id,
@@ -588,9 +572,7 @@ impl Manager {
                 pool: f.pool.clone(),
                 socket: socket.path.clone(),
                 socket_file: socket.clone(),
-                stop,
-                conn,
-                thread: Some(thread),
+                serving: Some(serving),
             },
         );
         Ok(())
@@ -601,17 +583,8 @@ impl Manager {
         let mut s = lock(&self.disks)
             .remove(name)
             .ok_or_else(|| QmpError::not_found(format!("disk '{name}' is not served")))?;
-        s.stop.store(true, Ordering::SeqCst);
-        // A write held for pool space would keep the connection's workers, and so this
-        // join, waiting for as long as the policy's timeout (or forever).
-        s.disk.stop_held_writes();
-        if let Some(h) = lock(&s.conn).take() {
-            h.shutdown();
-        }
-        // Wake the accept with a connection of our own.
-        let _ = UnixStream::connect(&s.socket);
-        if let Some(t) = s.thread.take() {
-            let _ = t.join();
+        if let Some(serving) = s.serving.take() {
+            serving.stop();
         }
         s.socket_file.remove();
         Ok(s)
@@ -1394,112 +1367,6 @@ fn queue_options(num_queues: Option<usize>, queue_size: Option<usize>) -> R<(usi
         )));
     }
     Ok((n, q))
-}
-
-/// Serves one disk until `stop`: a fresh backend and vhost-user daemon per connection,
-/// the frontend's control messages relayed to it (see `blk::relay`).
-fn serve_loop(
-    disk: &Arc<Disk>,
-    listener: &UnixListener,
-    handler_socket: &mut HandlerSocket,
-    stop: &AtomicBool,
-    conn: &Mutex<Option<ShutdownHandle>>,
-    emit: &dyn Fn(&str, Value),
-) {
-    while !stop.load(Ordering::SeqCst) {
-        let frontend = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::error!("{}: accept failed: {e}", disk.name);
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        if disk.closed.load(Ordering::SeqCst) {
-            // The frontend sees the connection end and retries (QEMU's reconnect=…).
-            tracing::warn!(
-                "{}: connection refused: the image this disk reads is being merged into",
-                disk.name
-            );
-            continue;
-        }
-        let backend = Arc::new(BlkBackend::new(disk.clone()));
-        let mut daemon = match VhostUserDaemon::new(
-            format!("vhost-thin-{}", disk.name),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        ) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!("{}: cannot start the vhost-user daemon: {e:?}", disk.name);
-                return;
-            }
-        };
-        let started = (|| {
-            let ours = frontend.try_clone()?;
-            let handler_end = handler_socket.connect()?;
-            let threads = relay::start(
-                &disk.name,
-                frontend,
-                handler_end,
-                disk.backend_channel.clone(),
-            )?;
-            Ok::<_, std::io::Error>((ours, threads))
-        })();
-        let (frontend, relay_threads) = match started {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!("{}: cannot relay the connection: {e}", disk.name);
-                continue;
-            }
-        };
-        if let Err(e) = daemon.start(handler_socket.listener()) {
-            tracing::error!("{}: handler accept failed: {e:?}", disk.name);
-            let _ = frontend.shutdown(std::net::Shutdown::Both);
-            drop(daemon);
-            backend.close_leaked_exit_consumers();
-            continue;
-        }
-        *lock(conn) = daemon.shutdown_handle();
-        disk.connected.store(true, Ordering::SeqCst);
-        emit("DISK_CONNECTED", json!({"disk": disk.name}));
-        let r = daemon.wait();
-        lock(conn).take();
-        backend.signal_exit();
-        // Whichever side ended first, end the other too, and wait for the relay.
-        let _ = frontend.shutdown(std::net::Shutdown::Both);
-        for t in relay_threads {
-            let _ = t.join();
-        }
-        // The handler goes with the daemon, joining the connection's worker threads.
-        drop(daemon);
-        backend.close_leaked_exit_consumers();
-        disk.connected.store(false, Ordering::SeqCst);
-        match r {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!("{}: frontend disconnected", disk.name),
-            Err(e) => tracing::warn!("{}: connection ended: {e:?}", disk.name),
-        }
-        // After the commit: whoever sees the event may take the disk's writes as durable
-        // (copy the files, start the guest elsewhere).
-        let pool = disk.target().pool.clone();
-        let committed = match pool.commit() {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!("{}: commit after disconnect failed: {e}", disk.name);
-                false
-            }
-        };
-        emit(
-            "DISK_DISCONNECTED",
-            json!({"disk": disk.name, "committed": committed}),
-        );
-    }
 }
 
 #[cfg(test)]
