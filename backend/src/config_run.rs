@@ -166,7 +166,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                         read_only: d.read_only,
                         serial: d.serial.clone(),
                     })
-                    .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
+                    .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e))?;
                 println!(
                     "disk {}: created ({} bytes{})",
                     d.name,
@@ -182,7 +182,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 if d.size.0 > reg_size {
                     manager
                         .disk_resize(&d.name, d.size.0)
-                        .map_err(|e| anyhow::anyhow!(e.desc))?;
+                        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
                     println!(
                         "disk {}: grown from {reg_size} to {} bytes as the configuration says",
                         d.name, d.size.0
@@ -205,7 +205,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 Some(d.num_queues as usize),
                 Some(d.queue_size as usize),
             )
-            .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e.desc))?;
+            .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e))?;
     }
     // Disks added at run time live in the registry only: keep serving them.
     let configured: Vec<&str> = cfg.disks.iter().map(|d| d.name.as_str()).collect();
@@ -224,7 +224,7 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 "disk {name}: in the registry (added at run time) but not in the configuration; serving it on {}",
                 sock.display()
             ),
-            Err(e) => println!("disk {name}: in the registry but not served: {}", e.desc),
+            Err(e) => println!("disk {name}: in the registry but not served: {}", e),
         }
     }
     Ok((manager, qmp))

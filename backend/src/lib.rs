@@ -5,6 +5,7 @@ pub mod blk;
 pub mod config_run;
 pub mod ctl;
 pub mod daemon;
+pub mod events;
 pub mod logging;
 pub mod manager;
 pub mod mgmt;

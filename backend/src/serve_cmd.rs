@@ -168,7 +168,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
                 spec.num_queues,
                 spec.queue_size,
             )
-            .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
+            .map_err(|e| anyhow::anyhow!("{}", e))?;
         let d = manager
             .served()
             .into_iter()

@@ -10,7 +10,7 @@
 //! configuration's disks and their external origins) is not confined: it is the operator's
 //! own choice.
 
-use crate::mgmt::QmpError;
+use super::error::Error;
 use std::path::{Path, PathBuf};
 
 /// The operator's limits on management clients.
@@ -54,9 +54,9 @@ impl Confinement {
         self.commands
     }
 
-    fn outside(&self, what: &str, path: &Path) -> QmpError {
+    fn outside(&self, what: &str, path: &Path) -> Error {
         let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
-        QmpError::generic(format!(
+        Error::failed(format!(
             "{what} {} is outside the directories management clients may use ({}); the operator allows more with management.file-dirs (see docs/SECURITY.md)",
             path.display(),
             if dirs.is_empty() {
@@ -73,9 +73,9 @@ impl Confinement {
 
     /// An existing file a client names to be read or written in place: its canonical
     /// path, if that lies under an allowed directory.
-    pub fn existing(&self, what: &str, path: &Path) -> Result<PathBuf, QmpError> {
+    pub fn existing(&self, what: &str, path: &Path) -> Result<PathBuf, Error> {
         let c = std::fs::canonicalize(path)
-            .map_err(|e| QmpError::generic(format!("{what} {}: {e}", path.display())))?;
+            .map_err(|e| Error::failed(format!("{what} {}: {e}", path.display())))?;
         if !self.under(&c) {
             return Err(self.outside(what, path));
         }
@@ -85,9 +85,9 @@ impl Confinement {
     /// A file a client names to be created: its path with the directory resolved, if that
     /// lies under an allowed directory. (The file is then created with `O_EXCL` and
     /// `O_NOFOLLOW`, so a link planted at the name is not followed.)
-    pub fn new_file(&self, what: &str, path: &Path) -> Result<PathBuf, QmpError> {
+    pub fn new_file(&self, what: &str, path: &Path) -> Result<PathBuf, Error> {
         let resolved = crate::socket::resolve(path)
-            .map_err(|e| QmpError::generic(format!("{what} {}: {e}", path.display())))?;
+            .map_err(|e| Error::failed(format!("{what} {}: {e}", path.display())))?;
         if !self.under(&resolved) {
             return Err(self.outside(what, path));
         }
@@ -95,11 +95,11 @@ impl Confinement {
     }
 
     /// Refused unless the operator allowed running programs.
-    pub fn command(&self, what: &str) -> Result<(), QmpError> {
+    pub fn command(&self, what: &str) -> Result<(), Error> {
         if self.commands {
             return Ok(());
         }
-        Err(QmpError::generic(format!(
+        Err(Error::failed(format!(
             "{what} runs a program, which the operator has not allowed (management.allow-commands, or serve --allow-commands; see docs/SECURITY.md)"
         )))
     }

@@ -12,8 +12,8 @@
 //! (a half-received snapshot is dropped, a half-written stream file removed), so a
 //! cancelled job leaves nothing half-made.
 
-use crate::mgmt::events::EventBus;
-use crate::mgmt::QmpError;
+use super::error::Error;
+use crate::events::EventBus;
 use crate::sync::lock;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-type R<T> = Result<T, QmpError>;
+type R<T> = Result<T, Error>;
 
 /// Concluded jobs kept for `query-jobs` before the oldest are forgotten.
 pub const KEEP_CONCLUDED: usize = 64;
@@ -167,7 +167,7 @@ impl JobCtx {
     /// Err("cancelled") once the job was asked to stop: for its safe points.
     pub fn check(&self) -> R<()> {
         if self.cancelled() {
-            Err(QmpError::generic(CANCELLED))
+            Err(Error::failed(CANCELLED))
         } else {
             Ok(())
         }
@@ -261,7 +261,7 @@ impl Jobs {
         // The management socket checks a client's id already; this is for every caller,
         // before the id is listed and names a thread (a NUL in it made the spawn panic).
         vmm_config::limits::check_job_id(&id).map_err(|why| {
-            QmpError::generic(format!(
+            Error::failed(format!(
                 "Parameter 'job-id' expects a job ID ({}): {why}",
                 vmm_config::limits::JOB_ID_RULE
             ))
@@ -270,7 +270,7 @@ impl Jobs {
         {
             let mut jobs = lock(&self.jobs);
             if jobs.contains_key(&id) {
-                return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+                return Err(Error::failed(format!("Job ID '{id}' already in use")));
             }
             jobs.insert(id.clone(), job.clone());
         }
@@ -303,14 +303,14 @@ impl Jobs {
                             .map(|s| s.to_string())
                             .or_else(|| p.downcast_ref::<String>().cloned())
                             .unwrap_or_default();
-                        Err(QmpError::generic(format!("internal error: {what}")))
+                        Err(Error::failed(format!("internal error: {what}")))
                     });
                 let outcome = match r {
                     Ok(v) => Ok(v),
                     // The errors a cancel provokes (a stream cut, a read refused) say less than
                     // "cancelled"; past its point of no return a job's errors are its own.
                     Err(_) if ctx.cancelled() && !ctx.past_return() => Err(CANCELLED.to_string()),
-                    Err(e) => Err(e.desc),
+                    Err(e) => Err(e.to_string()),
                 };
                 match &outcome {
                     Ok(_) => tracing::info!("job {}: done", ctx.job.id),
@@ -324,7 +324,7 @@ impl Jobs {
                 *lock(&job.thread) = Some(h);
                 unlist.job = None;
             }
-            Err(e) => return Err(QmpError::generic(format!("cannot start a job: {e}"))),
+            Err(e) => return Err(Error::failed(format!("cannot start a job: {e}"))),
         }
         self.forget_old();
         Ok(job)
@@ -334,7 +334,7 @@ impl Jobs {
         lock(&self.jobs)
             .get(id)
             .cloned()
-            .ok_or_else(|| QmpError::not_found(format!("Job '{id}' not found")))
+            .ok_or_else(|| Error::not_found(format!("Job '{id}' not found")))
     }
 
     pub fn query(&self) -> Value {
@@ -360,7 +360,7 @@ impl Jobs {
         });
         match refused {
             None => Ok(()),
-            Some(other) => Err(QmpError::generic(format!(
+            Some(other) => Err(Error::failed(format!(
                 "Job '{id}' in state '{}' cannot accept command verb 'cancel'",
                 other.as_str()
             ))),
@@ -372,7 +372,7 @@ impl Jobs {
         let job = self.get(id)?;
         let st = job.status();
         if st != JobStatus::Concluded {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "Job '{id}' in state '{}' cannot accept command verb 'dismiss'",
                 st.as_str()
             )));
@@ -485,18 +485,20 @@ mod tests {
     use super::*;
     use std::sync::mpsc::sync_channel;
 
-    fn events() -> (EventBus, std::sync::mpsc::Receiver<String>) {
+    fn events() -> (EventBus, std::sync::mpsc::Receiver<crate::events::Event>) {
         let bus = EventBus::default();
         let (tx, rx) = sync_channel(1024);
-        bus.subscribe(1, tx);
+        bus.subscribe(1, move |ev| match tx.try_send(ev.clone()) {
+            Ok(()) => crate::events::Delivery::Taken,
+            Err(_) => crate::events::Delivery::Full,
+        });
         (bus, rx)
     }
 
-    fn statuses(rx: &std::sync::mpsc::Receiver<String>, id: &str) -> Vec<String> {
+    fn statuses(rx: &std::sync::mpsc::Receiver<crate::events::Event>, id: &str) -> Vec<String> {
         rx.try_iter()
-            .filter_map(|m| serde_json::from_str::<Value>(&m).ok())
-            .filter(|v| v["event"] == "JOB_STATUS_CHANGE" && v["data"]["id"] == id)
-            .map(|v| v["data"]["status"].as_str().unwrap_or_default().to_string())
+            .filter(|ev| ev.name == "JOB_STATUS_CHANGE" && ev.data["id"] == id)
+            .map(|ev| ev.data["status"].as_str().unwrap_or_default().to_string())
             .collect()
     }
 
@@ -516,7 +518,11 @@ mod tests {
         assert_eq!(info["status"], "concluded");
         assert_eq!(info["current-progress"], 10);
         assert_eq!(info["result"]["sum"], 3);
-        assert!(jobs.cancel("a").unwrap_err().desc.contains("cannot accept"));
+        assert!(jobs
+            .cancel("a")
+            .unwrap_err()
+            .to_string()
+            .contains("cannot accept"));
         jobs.dismiss("a").unwrap();
         assert_eq!(jobs.query(), json!([]));
         assert_eq!(j.status(), JobStatus::Null);
@@ -535,7 +541,7 @@ mod tests {
         let e = jobs
             .start(Some("x".into()), "test", String::new(), |_| Ok(json!({})))
             .unwrap_err();
-        assert_eq!(e.desc, "Job ID 'x' already in use");
+        assert_eq!(e.to_string(), "Job ID 'x' already in use");
         jobs.dismiss("x").unwrap();
         jobs.start(Some("x".into()), "test", String::new(), |_| Ok(json!({})))
             .unwrap();
@@ -552,7 +558,7 @@ mod tests {
                 json!({})
             ))
             .is_err());
-        assert_eq!(jobs.get("nope").unwrap_err().class, "DeviceNotFound");
+        assert!(matches!(jobs.get("nope").unwrap_err(), Error::NotFound(_)));
     }
 
     /// An id is a name (and names the job's thread): one with a NUL once made the thread
@@ -567,8 +573,8 @@ mod tests {
             }))
             .unwrap_or_else(|_| panic!("starting job {bad:?} panicked"))
             .unwrap_err();
-            assert_eq!(e.class, "GenericError", "{bad:?}");
-            assert!(e.desc.contains("job ID"), "{bad:?}: {}", e.desc);
+            assert!(matches!(e, Error::Failed(_)), "{bad:?}");
+            assert!(e.to_string().contains("job ID"), "{bad:?}: {}", e);
         }
         assert_eq!(jobs.query(), json!([]));
         // Nothing is left for shutdown to wait for.
@@ -609,7 +615,7 @@ mod tests {
             loop {
                 // Ends only by cancellation.
                 r.read_exact(&mut buf)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                    .map_err(|e| Error::failed(e.to_string()))?;
             }
         })
         .unwrap();
@@ -636,7 +642,7 @@ mod tests {
                 while !ctx.cancelled() {
                     std::hint::spin_loop();
                 }
-                Err(QmpError::generic("stopped"))
+                Err(Error::failed("stopped"))
             })
             .unwrap();
             started_rx.recv().unwrap();
@@ -659,7 +665,7 @@ mod tests {
             ctx.point_of_no_return();
             let _ = past_tx.send(());
             let _ = go_rx.recv();
-            Err(QmpError::generic(
+            Err(Error::failed(
                 "moved, but the old copy could not be deleted",
             ))
         })

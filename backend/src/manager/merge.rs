@@ -13,8 +13,8 @@
 //! above it; `origin-merge` of the same snapshot goes on from there, and
 //! query-snapshots shows `merge-interrupted-at` meanwhile.
 
+use super::error::Error;
 use super::{lock, Manager, R};
-use crate::mgmt::QmpError;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -68,12 +68,12 @@ impl Manager {
         let _op = lock(&self.op);
         let f = self.find(snapshot)?;
         if !f.entry.snapshot {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{snapshot}' is a disk: merge a snapshot of it (it must not change while it is written out); take one with snapshot-create"
             )));
         }
         let path = f.entry.external_origin.clone().ok_or_else(|| {
-            QmpError::generic(format!("'{snapshot}' has no external origin to merge into"))
+            Error::failed(format!("'{snapshot}' has no external origin to merge into"))
         })?;
         // Written in place: only where clients may write (an origin recorded before the
         // operator narrowed the directories, or by the offline CLI, may lie elsewhere).
@@ -118,13 +118,13 @@ impl Manager {
             .map(|(n, _)| n.clone())
             .collect();
         if !in_use.is_empty() {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "{path} is read by disks connected to guests ({}): their unprovisioned blocks would change under them; disconnect them first",
                 in_use.join(", ")
             )));
         }
         if !others.is_empty() && !force {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "{path} is also the external origin of {}: what they read where unprovisioned would change; delete them, or pass force",
                 others.join(", ")
             )));
@@ -161,13 +161,13 @@ impl Manager {
             let outcome = merge_into_origin(ph.pool(), id, size, Path::new(&path), &opts, &mut |next, total| {
                 ctx.progress(next, total);
                 if let Err(e) = record(Some(next)) {
-                    tracing::warn!("merge of {id}: cannot record the checkpoint at {next}: {}", e.desc);
+                    tracing::warn!("merge of {id}: cannot record the checkpoint at {next}: {}", e.to_string());
                 }
                 !ctx.cancelled()
             })
-            .map_err(|e| QmpError::generic(format!("merging into {path}: {e}")))?;
+            .map_err(|e| Error::failed(format!("merging into {path}: {e}")))?;
             if !outcome.complete {
-                return Err(QmpError::generic(format!(
+                return Err(Error::failed(format!(
                     "stopped at byte {}: {path} holds the snapshot's bytes below it; origin-merge again goes on from there",
                     outcome.next_offset
                 )));

@@ -17,10 +17,10 @@
 //! at start, finishes or undoes whatever a crash interrupted: before the switch the disk
 //! stays in its old pool, after it the disk is in the new one.
 
+use super::error::Error;
 use super::jobs::JobCtx;
 use super::transfer::copy_snapshot;
 use super::{lock, Manager, PoolHandle, R};
-use crate::mgmt::QmpError;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -142,7 +142,7 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
                 .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
         };
         reg.insert(id, entry)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+            .map_err(|e| Error::failed(e.to_string()))?;
         Ok(id)
     })
 }
@@ -172,21 +172,19 @@ impl Manager {
         let _op = lock(&self.op);
         let f = self.find(disk)?;
         if f.entry.snapshot {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{disk}' is a snapshot: migrate the disk it belongs to"
             )));
         }
         let dst = self.pool(Some(to))?;
         if dst.name == f.pool.name {
-            return Err(QmpError::generic(format!(
-                "'{disk}' is in pool {to} already"
-            )));
+            return Err(Error::failed(format!("'{disk}' is in pool {to} already")));
         }
         if let Some(thinpool::registry::ReplicationTarget::Pool { pool, .. }) =
             f.entry.replication.as_ref().map(|r| &r.target)
         {
             if pool == to {
-                return Err(QmpError::generic(format!(
+                return Err(Error::failed(format!(
                     "'{disk}' is replicated into pool {to}: its replicas there would clash with the moved snapshots; stop or retarget the replication first"
                 )));
             }
@@ -212,7 +210,7 @@ impl Manager {
                         tracing::error!(
                             "migrate {name}: cannot delete what the failed migration made in pool {} ({ids:?}): {}; it is deleted at the next start",
                             p.name,
-                            e.desc
+                            e.to_string()
                         );
                     }
                 }
@@ -307,9 +305,10 @@ impl Manager {
         // The final pass, with the guest's writes held, and the switch.
         ctx.check()?;
         let _op = lock(&self.op);
-        let entry = src.registry().devices.get(&disk).cloned().ok_or_else(|| {
-            QmpError::generic(format!("disk '{name}' vanished during the migration"))
-        })?;
+        let entry =
+            src.registry().devices.get(&disk).cloned().ok_or_else(|| {
+                Error::failed(format!("disk '{name}' vanished during the migration"))
+            })?;
         // As for a snapshot: committed first, so the commits with writes held are short.
         src.pool().commit()?;
         let mut gate = served.as_ref().map(|d| d.drain());
@@ -367,7 +366,7 @@ impl Manager {
                     ..Default::default()
                 },
             )
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+            .map_err(|e| Error::failed(e.to_string()))?;
             Ok(id)
         })?;
         // Switched: from here on nothing is undone, only finished.
@@ -387,9 +386,9 @@ impl Manager {
             dst.name
         );
         self.finish_switch(src, dst, &job).map_err(|e| {
-            QmpError::generic(format!(
+            Error::failed(format!(
                 "the disk was moved, but {}; this is finished at the next start",
-                e.desc
+                e
             ))
         })?;
         let result = json!({

@@ -6,6 +6,7 @@
 //! the registry one transaction ahead, and the next start goes back to the old state.
 
 pub mod confine;
+pub mod error;
 pub mod jobs;
 pub mod merge;
 pub mod migrate;
@@ -14,10 +15,10 @@ pub mod transfer;
 
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
 use crate::blk::serve::{self, ConnectionEvent, Serving};
-use crate::mgmt::events::EventBus;
-use crate::mgmt::QmpError;
+use crate::events::EventBus;
 use crate::socket::SocketFile;
 use crate::sync::lock;
+pub use error::Error;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
@@ -33,7 +34,7 @@ use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{DeviceEntry, Migration, Registry};
 use vmm_config::limits;
 
-type R<T> = Result<T, QmpError>;
+type R<T> = Result<T, Error>;
 
 /// A pool the daemon serves from.
 pub struct PoolHandle {
@@ -254,7 +255,7 @@ impl Manager {
         let mut t = lock(&self.pins);
         for id in ids {
             if let Some(other) = t.get(&(pool.name.clone(), *id)) {
-                return Err(QmpError::generic(format!(
+                return Err(Error::failed(format!(
                     "thin device {id} of pool {} is in use by a {other} job",
                     pool.name
                 )));
@@ -280,7 +281,7 @@ impl Manager {
                 Ok(v)
             })
             .map_err(|e| {
-                anyhow::anyhow!("recovering interrupted migrations and receives: {}", e.desc)
+                anyhow::anyhow!("recovering interrupted migrations and receives: {}", e)
             })?;
         for line in recovered {
             tracing::warn!("{line}");
@@ -322,7 +323,7 @@ impl Manager {
     /// Refuses to delete or change a device that a job is using.
     fn check_unpinned(&self, f: &Found, name: &str) -> R<()> {
         match lock(&self.pins).get(&(f.pool.name.clone(), f.id)) {
-            Some(kind) => Err(QmpError::generic(format!(
+            Some(kind) => Err(Error::failed(format!(
                 "'{name}' is in use by a {kind} job: wait for it or cancel it (job-cancel)"
             ))),
             None => Ok(()),
@@ -335,10 +336,10 @@ impl Manager {
                 .pools
                 .get(n)
                 .cloned()
-                .ok_or_else(|| QmpError::not_found(format!("no pool named '{n}'"))),
+                .ok_or_else(|| Error::not_found(format!("no pool named '{n}'"))),
             None => match (self.pools.len(), self.pools.values().next()) {
                 (1, Some(p)) => Ok(p.clone()),
-                _ => Err(QmpError::generic("several pools: say which with 'pool'")),
+                _ => Err(Error::failed("several pools: say which with 'pool'")),
             },
         }
     }
@@ -357,7 +358,7 @@ impl Manager {
                 });
             }
         }
-        Err(QmpError::not_found(format!(
+        Err(Error::not_found(format!(
             "no disk or snapshot named '{name}'"
         )))
     }
@@ -399,7 +400,7 @@ impl Manager {
         // The management socket checks names as it reads them; names made here (a
         // replica's `<prefix>@r<seq>`) and the configuration's come this way too.
         limits::check_name(name).map_err(|why| {
-            QmpError::generic(format!(
+            Error::failed(format!(
                 "{name:?} is not a valid name: {why}; a name is {}",
                 limits::NAME_RULE
             ))
@@ -410,7 +411,7 @@ impl Manager {
             .values()
             .any(|p| p.registry().holder_of(name).is_some());
         if taken {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "the name '{name}' is already in use"
             )));
         }
@@ -456,14 +457,12 @@ impl Manager {
     fn bind(&self, name: &str, socket: Option<PathBuf>, origin: SocketOrigin) -> R<Bound> {
         let given = socket.unwrap_or_else(|| self.socket_dir.join(format!("{name}.sock")));
         let refused =
-            |why: String| QmpError::generic(format!("cannot listen on {}: {why}", given.display()));
+            |why: String| Error::failed(format!("cannot listen on {}: {why}", given.display()));
         let socket = crate::socket::resolve(&given).map_err(|e| refused(e.to_string()))?;
         {
             let disks = lock(&self.disks);
             if disks.contains_key(name) {
-                return Err(QmpError::generic(format!(
-                    "disk '{name}' is already served"
-                )));
+                return Err(Error::failed(format!("disk '{name}' is already served")));
             }
             if let Some(s) = disks.values().find(|s| s.socket == socket) {
                 return Err(refused(format!("it is in use by disk '{}'", s.disk.name)));
@@ -518,12 +517,12 @@ impl Manager {
         (num_queues, queue_size): (usize, usize),
     ) -> R<()> {
         if f.entry.snapshot {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{name}' is a snapshot: clone it with disk-add to serve it"
             )));
         }
         if f.entry.size == 0 {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "disk '{name}' has no size in the registry"
             )));
         }
@@ -559,7 +558,7 @@ impl Manager {
                 }
             },
         )
-        .map_err(|e| QmpError::generic(format!("cannot serve '{name}': {e}")))?;
+        .map_err(|e| Error::failed(format!("cannot serve '{name}': {e}")))?;
         tracing::info!(
             "{name}: serving thin device {} on {}",
             f.id,
@@ -582,7 +581,7 @@ impl Manager {
     fn unserve(&self, name: &str) -> R<Served> {
         let mut s = lock(&self.disks)
             .remove(name)
-            .ok_or_else(|| QmpError::not_found(format!("disk '{name}' is not served")))?;
+            .ok_or_else(|| Error::not_found(format!("disk '{name}' is not served")))?;
         if let Some(serving) = s.serving.take() {
             serving.stop();
         }
@@ -810,7 +809,7 @@ impl Manager {
                     tracing::error!(
                         "disk-add {}: cannot delete the disk that could not be served: {}",
                         new.name,
-                        d.desc
+                        d.to_string()
                     );
                 }
                 return Err(e);
@@ -838,7 +837,7 @@ impl Manager {
         self.name_free(new.name)?;
         if let Some(s) = &new.serial {
             if s.len() > 20 || !s.is_ascii() {
-                return Err(QmpError::generic(
+                return Err(Error::failed(
                     "'serial' must be at most 20 ASCII characters",
                 ));
             }
@@ -848,10 +847,10 @@ impl Manager {
             Some(src) => {
                 let f = self.find(src)?;
                 if new.pool.is_some_and(|p| p != f.pool.name) {
-                    return Err(QmpError::generic("a clone lives in the pool of its origin"));
+                    return Err(Error::failed("a clone lives in the pool of its origin"));
                 }
                 if new.external_origin.is_some() {
-                    return Err(QmpError::generic(
+                    return Err(Error::failed(
                         "a clone reads its origin's external origin: give 'external-origin' or 'clone-from', not both",
                     ));
                 }
@@ -864,12 +863,12 @@ impl Manager {
             None => None,
             Some(path) => {
                 let o = ExternalOrigin::open(Path::new(path))
-                    .map_err(|e| QmpError::generic(format!("external origin {path}: {e}")))?;
+                    .map_err(|e| Error::failed(format!("external origin {path}: {e}")))?;
                 // Kept by absolute path: the daemon may start from another directory.
                 let abs = std::fs::canonicalize(path)
-                    .map_err(|e| QmpError::generic(format!("external origin {path}: {e}")))?;
+                    .map_err(|e| Error::failed(format!("external origin {path}: {e}")))?;
                 let abs = abs.to_str().map(str::to_string).ok_or_else(|| {
-                    QmpError::generic(format!("external origin {path}: not a UTF-8 path"))
+                    Error::failed(format!("external origin {path}: not a UTF-8 path"))
                 })?;
                 Some((abs, Arc::new(o)))
             }
@@ -879,7 +878,7 @@ impl Manager {
             .map(|(p, _)| p)
             .or(inherited_external.as_ref());
         if let Some(p) = reads.filter(|p| lock(&self.merging).contains(*p)) {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "{p} is being rewritten by an origin-merge: wait for it to end"
             )));
         }
@@ -889,17 +888,17 @@ impl Manager {
             .or(external.as_ref().map(|(_, o)| o.len().div_ceil(512) * 512));
         let size = match (new_size, origin) {
             (Some(s), Some((_, osize))) if s < osize => {
-                return Err(QmpError::generic(format!(
+                return Err(Error::failed(format!(
                     "a clone cannot be smaller than its origin ({osize} bytes)"
                 )))
             }
             (Some(s), _) => s,
             (None, Some((_, osize))) => osize,
-            (None, None) => return Err(QmpError::generic("Parameter 'size' is missing")),
+            (None, None) => return Err(Error::failed("Parameter 'size' is missing")),
         };
         // Checked again here: a clone's or an external origin's size is not an argument.
         if let Some(why) = limits::disk_size_problem(size) {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'size' must be {}: {why}",
                 limits::DISK_SIZE_RULE
             )));
@@ -940,7 +939,7 @@ impl Manager {
                 entry.serial = s.clone();
             }
             reg.insert(id, entry)
-                .map_err(|e| QmpError::generic(e.to_string()))?;
+                .map_err(|e| Error::failed(e.to_string()))?;
             Ok(id)
         })
     }
@@ -950,18 +949,15 @@ impl Manager {
         let f = self.find(name)?;
         self.check_unpinned(&f, name)?;
         if f.entry.snapshot {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{name}' is a snapshot: use snapshot-delete"
             )));
         }
         if let Some(s) = lock(&self.disks).get(name) {
             if s.disk.connected.load(Ordering::SeqCst) && !force {
-                return Err(QmpError {
-                    class: "GenericError",
-                    desc: format!(
-                        "disk '{name}' is in use by a guest; disconnect it first or pass force"
-                    ),
-                });
+                return Err(Error::failed(format!(
+                    "disk '{name}' is in use by a guest; disconnect it first or pass force"
+                )));
             }
         }
         let _ = self.unserve(name);
@@ -979,13 +975,13 @@ impl Manager {
         let _op = lock(&self.op);
         let f = self.find(name)?;
         if size < f.entry.size {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "disks only grow: '{name}' has {} bytes (shrinking would lose data the guest may use)",
                 f.entry.size
             )));
         }
         if let Some(why) = limits::disk_size_problem(size) {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'size' must be {}: {why}",
                 limits::DISK_SIZE_RULE
             )));
@@ -1074,7 +1070,7 @@ impl Manager {
                     .new_snapshot_entry(reg, f.id, id, SnapshotKind::Kept)
             };
             reg.insert(id, entry)
-                .map_err(|e| QmpError::generic(e.to_string()))?;
+                .map_err(|e| Error::failed(e.to_string()))?;
             Ok(id)
         });
         let id = r?;
@@ -1089,12 +1085,12 @@ impl Manager {
         if let (Some(at), Some(img), false) =
             (f.entry.merge_offset, &f.entry.external_origin, force)
         {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "an interrupted merge of '{name}' into {img} stopped at byte {at}: the image is half written; finish it with origin-merge, or pass force to delete the snapshot anyway"
             )));
         }
         if !f.entry.snapshot {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{name}' is a disk, not a snapshot: use disk-remove"
             )));
         }
@@ -1108,12 +1104,10 @@ impl Manager {
         let s = self.find(snapshot)?;
         self.check_unpinned(&d, disk)?;
         if d.entry.snapshot {
-            return Err(QmpError::generic(format!(
-                "'{disk}' is a snapshot, not a disk"
-            )));
+            return Err(Error::failed(format!("'{disk}' is a snapshot, not a disk")));
         }
         if d.pool.name != s.pool.name {
-            return Err(QmpError::generic("the snapshot is in another pool"));
+            return Err(Error::failed("the snapshot is in another pool"));
         }
         let served = lock(&self.disks).get(disk).map(|x| x.disk.clone());
         let gate = served
@@ -1123,7 +1117,7 @@ impl Manager {
             .as_ref()
             .is_some_and(|x| x.connected.load(Ordering::SeqCst))
         {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "disk '{disk}' is in use by a guest: its contents cannot change under it; shut the guest down first"
             )));
         }
@@ -1153,7 +1147,7 @@ impl Manager {
         let l = self.find(left)?;
         let r = self.find(right)?;
         if l.pool.name != r.pool.name {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{left}' and '{right}' are in different pools"
             )));
         }
@@ -1198,14 +1192,14 @@ impl Manager {
                 u8::try_from(v)
                     .ok()
                     .filter(|p| *p <= 100)
-                    .ok_or_else(|| QmpError::generic("low-water marks are percentages, 0 to 100"))
+                    .ok_or_else(|| Error::failed("low-water marks are percentages, 0 to 100"))
             })
             .transpose()
         };
         let (low_water_data, low_water_metadata) =
             (percent(low_water_data)?, percent(low_water_metadata)?);
         if let Some(t) = timeout {
-            vmm_config::limits::check_queue_timeout(t).map_err(QmpError::generic)?;
+            vmm_config::limits::check_queue_timeout(t).map_err(Error::failed)?;
         }
         if let Some(m) = out_of_space {
             let mode = match m {
@@ -1217,16 +1211,14 @@ impl Manager {
                     },
                 },
                 other => {
-                    return Err(QmpError::generic(format!(
+                    return Err(Error::failed(format!(
                         "Parameter 'out-of-space' must be 'error' or 'queue', not '{other}'"
                     )))
                 }
             };
             p.space.set_mode(mode);
         } else if timeout.is_some() {
-            return Err(QmpError::generic(
-                "'timeout' goes with out-of-space: 'queue'",
-            ));
+            return Err(Error::failed("'timeout' goes with out-of-space: 'queue'"));
         }
         let mut lw = lock(&p.low_water);
         if let Some(d) = low_water_data {
@@ -1353,14 +1345,14 @@ fn effective_mode(p: &PoolHandle, st: &thinpool::pool::PoolStatus) -> (String, O
 fn queue_options(num_queues: Option<usize>, queue_size: Option<usize>) -> R<(usize, usize)> {
     let n = num_queues.unwrap_or(limits::DEFAULT_NUM_QUEUES);
     if !limits::num_queues_ok(n) {
-        return Err(QmpError::generic(format!(
+        return Err(Error::failed(format!(
             "'num-queues' must be 1 to {}, not {n}",
             limits::MAX_NUM_QUEUES
         )));
     }
     let q = queue_size.unwrap_or(limits::DEFAULT_QUEUE_SIZE);
     if !limits::queue_size_ok(q) {
-        return Err(QmpError::generic(format!(
+        return Err(Error::failed(format!(
             "'queue-size' must be a power of two, {} to {}, not {q}",
             limits::MIN_QUEUE_SIZE,
             limits::MAX_QUEUE_SIZE
@@ -1398,12 +1390,12 @@ mod tests {
             (None, Some(1)),
         ] {
             let e = queue_options(n, q).unwrap_err();
-            assert_eq!(e.class, "GenericError");
-            assert!(e.desc.contains("must be"), "{}", e.desc);
+            assert!(matches!(e, Error::Failed(_)));
+            assert!(e.to_string().contains("must be"), "{}", e.to_string());
         }
         assert!(queue_options(None, Some(65536))
             .unwrap_err()
-            .desc
+            .to_string()
             .contains("'queue-size' must be a power of two, 2 to 32768"));
     }
 }

@@ -15,10 +15,10 @@
 //! The schedule lives in the disk's registry entry: it survives restarts and follows the
 //! disk when it is migrated.
 
+use super::error::Error;
 use super::jobs::JobCtx;
 use super::transfer::{copy_snapshot, send_to_command};
 use super::{lock, Manager, R};
-use crate::mgmt::QmpError;
 use crate::replica_names::series;
 use serde_json::{json, Value};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -79,27 +79,27 @@ impl Replicator {
 
 fn check_spec(m: &Manager, disk: &str, spec: &ReplicationSpec) -> R<()> {
     if spec.interval_secs == 0 || spec.interval_secs > 366 * 86400 {
-        return Err(QmpError::generic("'interval' must be 1 second to 1 year"));
+        return Err(Error::failed("'interval' must be 1 second to 1 year"));
     }
     if spec.keep == 0 || spec.keep > 1000 {
-        return Err(QmpError::generic("'keep' must be 1 to 1000"));
+        return Err(Error::failed("'keep' must be 1 to 1000"));
     }
     match &spec.target {
         ReplicationTarget::Pool { pool, prefix } => {
             let f = m.find(disk)?;
             let p = m.pool(Some(pool))?;
             if p.name == f.pool.name {
-                return Err(QmpError::generic(
+                return Err(Error::failed(
                     "the target is the disk's own pool: replicate to another pool (snapshots in the same pool are snapshot-create's job)",
                 ));
             }
             if prefix.is_empty() || prefix.len() > 40 || prefix.contains(['/', '@', '\0']) {
-                return Err(QmpError::generic(
+                return Err(Error::failed(
                     "'prefix' must be 1 to 40 characters, without '/' or '@'",
                 ));
             }
             if prefix == disk {
-                return Err(QmpError::generic(
+                return Err(Error::failed(
                     "'prefix' must differ from the disk's name (names are unique across the daemon)",
                 ));
             }
@@ -107,7 +107,7 @@ fn check_spec(m: &Manager, disk: &str, spec: &ReplicationSpec) -> R<()> {
         ReplicationTarget::Command { argv } => {
             m.confinement.command("replication to a 'command'")?;
             if argv.first().is_none_or(|p| p.is_empty()) {
-                return Err(QmpError::generic("'command' must name a program"));
+                return Err(Error::failed("'command' must name a program"));
             }
         }
     }
@@ -129,7 +129,7 @@ impl Manager {
         let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
         if f.entry.snapshot {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{disk}' is a snapshot: replicate the disk"
             )));
         }
@@ -174,7 +174,7 @@ impl Manager {
         let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
         if f.entry.replication.is_none() {
-            return Err(QmpError::generic(format!("'{disk}' is not replicated")));
+            return Err(Error::failed(format!("'{disk}' is not replicated")));
         }
         let r = lock(&self.replicators).remove(disk);
         if let Some(r) = r {
@@ -198,7 +198,7 @@ impl Manager {
                 r.wake();
                 Ok(json!({}))
             }
-            None => Err(QmpError::generic(format!("'{disk}' is not replicated"))),
+            None => Err(Error::failed(format!("'{disk}' is not replicated"))),
         }
     }
 
@@ -337,7 +337,7 @@ impl Manager {
             .entry
             .replication
             .clone()
-            .ok_or_else(|| QmpError::generic(format!("'{disk}' is not replicated")))?;
+            .ok_or_else(|| Error::failed(format!("'{disk}' is not replicated")))?;
         let seq = spec.next_seq;
         let spec_copy = spec.clone();
         let snap = format!("{disk}@r{seq}");
@@ -365,11 +365,14 @@ impl Manager {
         let spec = f.entry.replication.clone().unwrap_or(spec_copy);
         let outcome = match job {
             Ok(_) => {
-                let o = self.jobs.wait(&job_id).unwrap_or_else(|e| Err(e.desc));
+                let o = self
+                    .jobs
+                    .wait(&job_id)
+                    .unwrap_or_else(|e| Err(e.to_string()));
                 let _ = self.jobs.dismiss(&job_id);
                 o
             }
-            Err(e) => Err(e.desc),
+            Err(e) => Err(e.to_string()),
         };
         match outcome {
             Ok(v) => {
@@ -383,10 +386,10 @@ impl Manager {
                 if let Err(d) = self.snapshot_delete(&snap, false) {
                     tracing::warn!(
                         "{disk}: cannot delete {snap} after a failed round: {}",
-                        d.desc
+                        d.to_string()
                     );
                 }
-                Err(QmpError::generic(e))
+                Err(Error::failed(e))
             }
         }
     }
@@ -491,7 +494,7 @@ impl Manager {
         }
         for n in doomed {
             if let Err(e) = self.snapshot_delete(&n, false) {
-                tracing::warn!("{disk}: cannot prune {n}: {}", e.desc);
+                tracing::warn!("{disk}: cannot prune {n}: {}", e.to_string());
             }
         }
     }
@@ -571,14 +574,14 @@ fn schedule(
             Err(e) => {
                 st.failures += 1;
                 st.failures_in_a_row += 1;
-                st.last_error = Some(e.desc.clone());
+                st.last_error = Some(e.to_string().clone());
                 let retry = interval.min(RETRY_AFTER);
                 st.next_round = Some(Instant::now() + retry);
                 drop(st);
-                tracing::warn!("{disk}: replication round failed: {}", e.desc);
+                tracing::warn!("{disk}: replication round failed: {}", e.to_string());
                 m.events.emit(
                     "REPLICATION_FAILED",
-                    json!({"disk": disk, "error": e.desc, "retry-in-seconds": retry.as_secs()}),
+                    json!({"disk": disk, "error": e.to_string(), "retry-in-seconds": retry.as_secs()}),
                 );
             }
         }

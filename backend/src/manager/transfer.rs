@@ -3,9 +3,9 @@
 //! another pool of this daemon; a stream file received into a pool. The format and its
 //! guarantees are the offline commands' (docs/STREAMS.md).
 
+use super::error::Error;
 use super::jobs::{Cancellable, JobCtx};
 use super::{lock, Manager, PoolHandle, R};
-use crate::mgmt::QmpError;
 use serde_json::{json, Value};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -52,12 +52,12 @@ impl PoolHandle {
     }
 }
 
-pub(super) fn stream_err(e: stream::StreamError) -> QmpError {
-    QmpError::generic(e.to_string())
+pub(super) fn stream_err(e: stream::StreamError) -> Error {
+    Error::failed(e.to_string())
 }
 
-fn receive_err(e: ReceiveError) -> QmpError {
-    QmpError::generic(e.to_string())
+fn receive_err(e: ReceiveError) -> Error {
+    Error::failed(e.to_string())
 }
 
 /// Sends snapshot `snap` (incremental on `base`) of `src` to `out`.
@@ -77,7 +77,7 @@ fn send_to(
     })
     .map_err(stream_err)?;
     out.flush()
-        .map_err(|e| QmpError::generic(format!("writing the stream: {e}")))?;
+        .map_err(|e| Error::failed(format!("writing the stream: {e}")))?;
     Ok(stats)
 }
 
@@ -110,7 +110,7 @@ fn receive_from(
             if let Err(e) = stream::abort(&dst.catalog, &i.token.guid) {
                 tracing::error!("cannot drop a cancelled receive: {e}");
             }
-            Err(QmpError::generic(super::jobs::CANCELLED))
+            Err(Error::failed(super::jobs::CANCELLED))
         }
         Err(e) => Err(receive_err(e)),
     }
@@ -131,7 +131,7 @@ pub(super) fn copy_snapshot(
 ) -> R<Copied> {
     let ids: Vec<u32> = std::iter::once(snap).chain(base).collect();
     src.ensure_guids(&ids)?;
-    let (tx, rx) = UnixStream::pair().map_err(|e| QmpError::generic(e.to_string()))?;
+    let (tx, rx) = UnixStream::pair().map_err(|e| Error::failed(e.to_string()))?;
     std::thread::scope(|s| {
         let sender = s.spawn(move || {
             let opts = SendOptions {
@@ -149,7 +149,7 @@ pub(super) fn copy_snapshot(
         drop(rx);
         let sent = sender
             .join()
-            .unwrap_or_else(|_| Err(QmpError::generic("internal error: the sender panicked")));
+            .unwrap_or_else(|_| Err(Error::failed("internal error: the sender panicked")));
         match (sent, received) {
             (Ok(sent), Ok(received)) => Ok(Copied { received, sent }),
             // The receiver's error says why a stream was refused; the sender's, why one
@@ -159,7 +159,7 @@ pub(super) fn copy_snapshot(
                 // Cannot happen (a complete stream was received), but never keep a copy of
                 // a send that failed.
                 if let Err(d) = dst.delete_devices(&[got.id]) {
-                    tracing::error!("cannot delete the copy of a failed send: {}", d.desc);
+                    tracing::error!("cannot delete the copy of a failed send: {}", d.to_string());
                 }
                 Err(e)
             }
@@ -329,13 +329,13 @@ pub(super) fn send_to_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| QmpError::generic(format!("cannot run {}: {e}", argv[0])))?;
+        .map_err(|e| Error::failed(format!("cannot run {}: {e}", argv[0])))?;
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(QmpError::generic("the command's pipes could not be made"));
+        return Err(Error::failed("the command's pipes could not be made"));
     };
     let tails = Tail::read(stdout).and_then(|out| Ok((out, Tail::read(stderr)?)));
     let (out, err) = match tails {
@@ -343,7 +343,7 @@ pub(super) fn send_to_command(
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "cannot read the command's output: {e}"
             )));
         }
@@ -409,7 +409,7 @@ pub(super) fn send_to_command(
     let out = out.take();
     let err = err.take();
     let failed = |s: std::process::ExitStatus| {
-        QmpError::generic(format!(
+        Error::failed(format!(
             "{} failed ({s}){}",
             argv[0],
             if err.is_empty() {
@@ -420,7 +420,7 @@ pub(super) fn send_to_command(
         ))
     };
     match (status, sent) {
-        (Err(e), _) => Err(QmpError::generic(format!("waiting for {}: {e}", argv[0]))),
+        (Err(e), _) => Err(Error::failed(format!("waiting for {}: {e}", argv[0]))),
         (Ok(s), Ok(stats)) if s.success() => Ok((stats, out)),
         // It failed on its own: its words say more than a broken pipe.
         (Ok(s), _) if !killed => Err(failed(s)),
@@ -453,7 +453,7 @@ impl Manager {
     ) -> R<Value> {
         let s = self.find(snapshot)?;
         if !s.entry.snapshot {
-            return Err(QmpError::generic(format!(
+            return Err(Error::failed(format!(
                 "'{snapshot}' is a disk: only snapshots are sent (they do not change while the stream is written); take one with snapshot-create"
             )));
         }
@@ -462,15 +462,13 @@ impl Manager {
             Some(b) => {
                 let f = self.find(b)?;
                 if f.pool.name != s.pool.name {
-                    return Err(QmpError::generic(format!(
+                    return Err(Error::failed(format!(
                         "the base '{b}' is in pool {}, the snapshot in {}",
                         f.pool.name, s.pool.name
                     )));
                 }
                 if !f.entry.snapshot {
-                    return Err(QmpError::generic(format!(
-                        "the base '{b}' is not a snapshot"
-                    )));
+                    return Err(Error::failed(format!("the base '{b}' is not a snapshot")));
                 }
                 Some(f.id)
             }
@@ -488,11 +486,11 @@ impl Manager {
         let to = match dest {
             Destination::File(p) => {
                 if p.as_os_str().is_empty() {
-                    return Err(QmpError::generic("'file' is empty"));
+                    return Err(Error::failed("'file' is empty"));
                 }
                 let p = self.confinement.new_file("stream file", &p)?;
                 if p.exists() {
-                    return Err(QmpError::generic(format!(
+                    return Err(Error::failed(format!(
                         "{} exists: streams are written to new files only",
                         p.display()
                     )));
@@ -502,7 +500,7 @@ impl Manager {
             Destination::Command(argv) => {
                 self.confinement.command("snapshot-send with 'command'")?;
                 if argv.first().is_none_or(|p| p.is_empty()) {
-                    return Err(QmpError::generic(
+                    return Err(Error::failed(
                         "'command' must name a program: [\"ssh\", \"host\", \"vhost-thin\", \"receive\", …]",
                     ));
                 }
@@ -511,7 +509,7 @@ impl Manager {
             Destination::Pool { pool, name } => {
                 let d = self.pool(Some(&pool))?;
                 if d.name == s.pool.name {
-                    return Err(QmpError::generic(
+                    return Err(Error::failed(
                         "the destination is the snapshot's own pool: clone it with disk-add instead",
                     ));
                 }
@@ -534,13 +532,13 @@ impl Manager {
                     .and_then(|e| e.guid.clone())
                     .unwrap_or_default();
                 if token.guid != guid {
-                    return Err(QmpError::generic(format!(
+                    return Err(Error::failed(format!(
                         "the token resumes snapshot {}, not {snapshot} ({guid})",
                         token.guid
                     )));
                 }
                 if matches!(to, To::Pool(..)) {
-                    return Err(QmpError::generic(
+                    return Err(Error::failed(
                         "a copy into a pool of this daemon is not resumable: send it again",
                     ));
                 }
@@ -578,11 +576,11 @@ impl Manager {
                         .custom_flags(libc::O_NOFOLLOW)
                         .open(&path)
                         .map_err(|e| {
-                            QmpError::generic(format!("cannot create {}: {e}", path.display()))
+                            Error::failed(format!("cannot create {}: {e}", path.display()))
                         })?;
                     let r = send_to(&src, snap, &opts, &file, ctx).and_then(|st| {
                         file.sync_all().map_err(|e| {
-                            QmpError::generic(format!("syncing {}: {e}", path.display()))
+                            Error::failed(format!("syncing {}: {e}", path.display()))
                         })?;
                         Ok(st)
                     });
@@ -618,22 +616,22 @@ impl Manager {
         let dst = self.pool(pool)?;
         let file = self.confinement.existing("stream file", &file)?;
         let meta = std::fs::metadata(&file)
-            .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
+            .map_err(|e| Error::failed(format!("cannot open {}: {e}", file.display())))?;
         // A regular file's header is read now, so that most refusals (a base this pool
         // lacks, a name in use) are the command's own error. A pipe can be read only once:
         // its header is checked by the job.
         let final_name = if meta.is_file() {
             let f = std::fs::File::open(&file)
-                .map_err(|e| QmpError::generic(format!("cannot open {}: {e}", file.display())))?;
+                .map_err(|e| Error::failed(format!("cannot open {}: {e}", file.display())))?;
             let header = StreamReader::new(BufReader::new(f))
-                .map_err(|e| QmpError::generic(format!("{}: {e}", file.display())))?
+                .map_err(|e| Error::failed(format!("{}: {e}", file.display())))?
                 .header()
                 .clone();
             let n = name
                 .clone()
                 .or_else(|| header.snapshot.name.clone())
                 .ok_or_else(|| {
-                    QmpError::generic("the stream's snapshot has no name: give one with 'name'")
+                    Error::failed("the stream's snapshot has no name: give one with 'name'")
                 })?;
             // A resumed stream goes on into the receive that holds the name already.
             if header.resume_offset == 0 {
@@ -661,9 +659,7 @@ impl Manager {
                     .read(true)
                     .custom_flags(libc::O_NONBLOCK)
                     .open(&file)
-                    .map_err(|e| {
-                        QmpError::generic(format!("cannot open {}: {e}", file.display()))
-                    })?;
+                    .map_err(|e| Error::failed(format!("cannot open {}: {e}", file.display())))?;
                 let input = Polled {
                     file: f,
                     job: ctx.flag(),

@@ -37,6 +37,15 @@ impl QmpError {
     }
 }
 
+impl From<crate::manager::Error> for QmpError {
+    fn from(e: crate::manager::Error) -> Self {
+        match e {
+            crate::manager::Error::NotFound(d) => QmpError::not_found(d),
+            crate::manager::Error::Failed(d) => QmpError::generic(d),
+        }
+    }
+}
+
 impl From<thinpool::Error> for QmpError {
     fn from(e: thinpool::Error) -> Self {
         match e {

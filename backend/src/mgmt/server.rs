@@ -294,7 +294,7 @@ fn run_command(
         }
         Command::parse(name, Args::new(args))?;
         *negotiated = true;
-        m.events.subscribe(client, tx.clone());
+        super::events::subscribe(&m.events, client, tx.clone());
         return Ok(json!({}));
     }
     // Before negotiation no command is looked at further, its arguments included.
