@@ -153,6 +153,15 @@ enum CtlCmd {
     },
 }
 
+/// An error reply of the daemon. Shown to a person as its description; its QMP class
+/// (`GenericError`, `DeviceNotFound`, …) is there for scripts (`--json` prints both).
+#[derive(Debug, thiserror::Error)]
+#[error("{desc}")]
+pub struct QmpReplyError {
+    pub class: String,
+    pub desc: String,
+}
+
 /// How long a management socket may take to greet.
 const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -223,11 +232,11 @@ impl Client {
                 continue;
             }
             if let Some(e) = m.get("error") {
-                bail!(
-                    "{}: {}",
-                    e["class"].as_str().unwrap_or("Error"),
-                    e["desc"].as_str().unwrap_or("")
-                );
+                return Err(QmpReplyError {
+                    class: e["class"].as_str().unwrap_or("GenericError").to_string(),
+                    desc: e["desc"].as_str().unwrap_or("").to_string(),
+                }
+                .into());
             }
             return Ok(m["return"].clone());
         }
@@ -386,6 +395,29 @@ fn absolute(p: &Option<PathBuf>) -> Result<Option<PathBuf>> {
     }
 }
 
+/// A UTC time in ISO 8601 (`2026-12-05T07:39:09.123456Z`), from seconds and microseconds
+/// since the epoch.
+fn iso8601(secs: u64, micros: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 fn default_socket() -> PathBuf {
     std::env::var_os("VHOST_THIN_QMP")
         .map(PathBuf::from)
@@ -401,6 +433,21 @@ fn s(v: &Value) -> String {
 }
 
 pub fn run(a: CtlArgs) -> Result<ExitCode> {
+    let json_out = a.json;
+    match run_command(a) {
+        Err(e) if json_out => match e.downcast_ref::<QmpReplyError>() {
+            // Scripts get the reply's class too, as the daemon gave it.
+            Some(q) => {
+                println!("{}", json!({"error": {"class": q.class, "desc": q.desc}}));
+                Ok(ExitCode::from(1))
+            }
+            None => Err(e),
+        },
+        r => r,
+    }
+}
+
+fn run_command(a: CtlArgs) -> Result<ExitCode> {
     let path = a.socket.clone().unwrap_or_else(default_socket);
     let mut c = Client::connect(&path)?;
     let (cmd, args) = match &a.cmd {
@@ -512,7 +559,10 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
                 } else {
                     println!(
                         "{} {} {}",
-                        m["timestamp"]["seconds"],
+                        iso8601(
+                            m["timestamp"]["seconds"].as_u64().unwrap_or(0),
+                            m["timestamp"]["microseconds"].as_u64().unwrap_or(0)
+                        ),
                         s(&m["event"]),
                         m["data"]
                     );
@@ -588,12 +638,12 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
             for p in r.as_array().into_iter().flatten() {
                 let bs = p["block-size"].as_u64().unwrap_or(0);
                 println!(
-                    "{}: data {} of {} used, metadata {} of {} blocks, mode {}{}, transaction {}",
+                    "{}: data {} of {} used, metadata {} of {} used, mode {}{}, transaction {}",
                     s(&p["name"]),
                     human(p["data-used"].as_u64().unwrap_or(0) * bs),
                     human(p["data-blocks"].as_u64().unwrap_or(0) * bs),
-                    p["metadata-used"],
-                    p["metadata-blocks"],
+                    human(p["metadata-used"].as_u64().unwrap_or(0) * 4096),
+                    human(p["metadata-blocks"].as_u64().unwrap_or(0) * 4096),
                     s(&p["mode"]),
                     if p["needs-check"] == json!(true) {
                         " (needs check)"
@@ -643,6 +693,16 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Clone { name, .. } | CtlCmd::Add { name, .. } => {
             println!("disk {name} served on {}", s(&r["socket"]))
         }
+        CtlCmd::Resize { name, size } => println!(
+            "disk {name} is now {} (a connected guest is told)",
+            human(*size)
+        ),
+        CtlCmd::Remove { name, .. } => println!("disk {name} removed, with its data"),
+        CtlCmd::DeleteSnapshot { name } => println!("snapshot {name} deleted"),
+        CtlCmd::Revert { disk, snapshot } => {
+            println!("disk {disk} now holds what snapshot {snapshot} holds")
+        }
+        CtlCmd::Cancel { id } => println!("job {id} cancelled"),
         _ => println!(
             "{}",
             if r == json!({}) {
@@ -653,4 +713,19 @@ pub fn run(a: CtlArgs) -> Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::iso8601;
+
+    #[test]
+    fn event_times_are_iso_8601_in_utc() {
+        assert_eq!(iso8601(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(iso8601(951_782_400, 5), "2000-02-29T00:00:00.000005Z");
+        assert_eq!(
+            iso8601(1_796_449_149, 123_456),
+            "2026-12-05T05:39:09.123456Z"
+        );
+    }
 }

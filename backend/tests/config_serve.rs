@@ -343,6 +343,21 @@ fn ctl_resolves_paths_where_it_runs_and_names_the_disk_socket_apart() {
     // The old spelling, which named the management socket's option too, is a usage error.
     let (code, _, err) = ctl_in(dir.path(), &["clone", "s1", "vm3", "--socket", "vm3.sock"]);
     assert_eq!(code, Some(2), "{err}");
+    // Errors in words for a person; the QMP class for scripts (--json), exit 1 both ways.
+    let (code, _, err) = ctl_in(dir.path(), &["remove", "nope"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no disk or snapshot named 'nope'"), "{err}");
+    assert!(!err.contains("DeviceNotFound"), "{err}");
+    let (code, out, _) = ctl_in(dir.path(), &["--json", "remove", "nope"]);
+    assert_eq!(code, Some(1));
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["error"]["class"], "DeviceNotFound", "{out}");
+    // Every change says what it did in a sentence.
+    let (code, out, err) = ctl_in(dir.path(), &["resize", "vm2", "16M"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("disk vm2 is now 16 MiB"), "{out}");
+    let (_, out, _) = ctl_in(dir.path(), &["delete-snapshot", "s1"]);
+    assert!(out.contains("snapshot s1 deleted"), "{out}");
     // A disk's socket answers no QMP greeting: an error naming the mistake, in bounded time.
     let out = Command::new(bin())
         .args(["ctl", "-s", &format!("{d}/vm1.sock"), "disks"])

@@ -38,15 +38,23 @@ fn assert_parse_error(reply: &Value, needle: &str) {
     assert!(reply.get("id").is_none(), "{reply}");
 }
 
+/// The QMP class and description of an error reply.
+fn class_and_desc(e: &anyhow::Error) -> (String, String) {
+    let q = e
+        .downcast_ref::<vhost_thin::ctl::QmpReplyError>()
+        .unwrap_or_else(|| panic!("not an error reply: {e:#}"));
+    (q.class.clone(), q.desc.clone())
+}
+
 /// Runs `command`, which must fail with a GenericError saying all of `needles`.
 fn refused(c: &mut Client, command: &str, args: Value, needles: &[&str]) {
     let e = match c.execute(command, args.clone()) {
         Ok(r) => panic!("{command} {args} succeeded: {r}"),
-        Err(e) => e.to_string(),
+        Err(e) => class_and_desc(&e),
     };
     assert!(
-        e.starts_with("GenericError: ") && needles.iter().all(|n| e.contains(n)),
-        "{command} {args}: {e}"
+        e.0 == "GenericError" && needles.iter().all(|n| e.1.contains(n)),
+        "{command} {args}: {e:?}"
     );
 }
 
@@ -110,12 +118,12 @@ fn a_job_id_with_a_nul_is_refused_leaving_no_job_and_the_daemon_stops_on_sigterm
         json!([]),
         "a refused job must leave nothing behind"
     );
-    let e = r.unwrap_err().to_string();
+    let (class, e) = class_and_desc(&r.unwrap_err());
     assert!(
-        e.starts_with("GenericError: ")
+        class == "GenericError"
             && e.contains("Parameter 'job-id' expects a job ID")
             && e.contains("control character"),
-        "{e}"
+        "{class}: {e}"
     );
     assert!(!out.exists());
     // The same send with a good id runs, concludes and is dismissed.
