@@ -26,6 +26,10 @@ struct Entry {
     /// a cached block is checked once, not on every read.
     checked: bool,
     dirty: bool,
+    /// Sealed for a commit under way that writes it without this manager (see
+    /// [`BlockManager::seal_dirty_for_later`]): kept in memory, where the next transaction
+    /// reads it, until [`BlockManager::unpin`] says it is on the device.
+    pinned: bool,
     last_use: u64,
 }
 
@@ -36,6 +40,7 @@ pub struct BlockManager {
     capacity: usize,
     dirty_limit: usize,
     nr_dirty: usize,
+    nr_pinned: usize,
     tick: u64,
     read_only: bool,
 }
@@ -50,6 +55,7 @@ impl BlockManager {
             capacity: capacity.max(64),
             dirty_limit: capacity.max(64) * 2,
             nr_dirty: 0,
+            nr_pinned: 0,
             tick: 0,
             read_only: false,
         }
@@ -175,18 +181,22 @@ impl BlockManager {
                 kind,
                 checked,
                 dirty,
+                pinned: false,
                 last_use: self.tick,
             },
         ) {
             if old.dirty {
                 self.nr_dirty -= 1;
             }
+            if old.pinned {
+                self.nr_pinned -= 1;
+            }
         }
         self.evict_if_needed();
     }
 
     fn evict_if_needed(&mut self) {
-        let clean = self.entries.len() - self.nr_dirty;
+        let clean = self.entries.len() - self.nr_dirty - self.nr_pinned;
         if clean <= self.capacity {
             return;
         }
@@ -194,7 +204,7 @@ impl BlockManager {
         let mut ages: Vec<(u64, u64)> = self
             .entries
             .iter()
-            .filter(|(_, e)| !e.dirty)
+            .filter(|(_, e)| !e.dirty && !e.pinned)
             .map(|(&b, e)| (e.last_use, b))
             .collect();
         ages.sort_unstable();
@@ -221,6 +231,13 @@ impl BlockManager {
         }
         self.tick += 1;
         let e = self.entries.get_mut(&b).expect("present");
+        if e.pinned {
+            // The transaction manager shadows every block of an earlier transaction: one
+            // changed in place here would change what the commit under way writes.
+            return Err(Error::corrupt(format!(
+                "metadata block {b} belongs to a commit under way and cannot change in place"
+            )));
+        }
         if !e.dirty {
             e.dirty = true;
             self.nr_dirty += 1;
@@ -266,6 +283,52 @@ impl BlockManager {
         }
         self.evict_if_needed();
         Ok(())
+    }
+
+    /// Seals every dirty block (location and checksum) for a commit that writes them itself
+    /// without this manager, later and without its lock ([`crate::thin::metadata::FrozenCommit`]):
+    /// returns them, and keeps them in memory, clean and not evictable, until
+    /// [`unpin`](Self::unpin): the next transaction reads them from here meanwhile, since
+    /// the device may not hold them yet.
+    pub fn seal_dirty_for_later(&mut self) -> Result<Vec<(u64, Arc<Block>)>> {
+        if self.read_only {
+            return Err(Error::ReadOnly("metadata opened read-only"));
+        }
+        let mut dirty: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(&b, _)| b)
+            .collect();
+        dirty.sort_unstable();
+        let mut out = Vec::with_capacity(dirty.len());
+        for b in dirty {
+            let e = self.entries.get_mut(&b).expect("present");
+            let kind = e.kind;
+            block::seal(Arc::make_mut(&mut e.data), b, kind);
+            e.dirty = false;
+            self.nr_dirty -= 1;
+            if !e.pinned {
+                e.pinned = true;
+                self.nr_pinned += 1;
+            }
+            out.push((b, e.data.clone()));
+        }
+        Ok(out)
+    }
+
+    /// The blocks [`seal_dirty_for_later`](Self::seal_dirty_for_later) returned are on the
+    /// device: they may be evicted again.
+    pub fn unpin(&mut self, blocks: impl IntoIterator<Item = u64>) {
+        for b in blocks {
+            if let Some(e) = self.entries.get_mut(&b) {
+                if e.pinned {
+                    e.pinned = false;
+                    self.nr_pinned -= 1;
+                }
+            }
+        }
+        self.evict_if_needed();
     }
 
     /// Writes a block straight to the device (the superblock), bypassing the cache.
@@ -314,6 +377,9 @@ impl BlockManager {
             if e.dirty {
                 self.nr_dirty -= 1;
             }
+            if e.pinned {
+                self.nr_pinned -= 1;
+            }
         }
     }
 
@@ -322,5 +388,45 @@ impl BlockManager {
     pub fn discard_all(&mut self) {
         self.entries.clear();
         self.nr_dirty = 0;
+        self.nr_pinned = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// Blocks sealed for a commit that writes them later stay readable from memory, however
+    /// full the cache gets, until they are unpinned; none can change in place meanwhile.
+    #[test]
+    fn blocks_sealed_for_a_later_write_stay_in_memory_until_unpinned() {
+        let storage = Arc::new(MemStorage::new(512 * BLOCK_SIZE as u64));
+        let mut bm = BlockManager::new(storage.clone(), 64);
+        for b in 1..=8u64 {
+            let mut data = block::zeroed();
+            data[100] = b as u8;
+            bm.write_new(b, BlockKind::Node, data).unwrap();
+        }
+        let sealed = bm.seal_dirty_for_later().unwrap();
+        assert_eq!(sealed.len(), 8);
+        // Not on the device yet.
+        assert!(bm.read_raw(3).unwrap().iter().all(|&x| x == 0));
+        // Many other blocks read through the cache: the sealed ones are not evicted.
+        for (i, b) in (100..400u64).enumerate() {
+            let mut data = block::zeroed();
+            data[0] = i as u8;
+            block::seal(&mut data, b, BlockKind::Node);
+            storage.write_at(&data[..], b * BLOCK_SIZE as u64).unwrap();
+            bm.read(b, BlockKind::Node).unwrap();
+        }
+        assert_eq!(bm.read(3, BlockKind::Node).unwrap()[100], 3);
+        assert!(bm.get_mut(3, BlockKind::Node).is_err());
+        for (b, data) in &sealed {
+            storage.write_at(&data[..], b * BLOCK_SIZE as u64).unwrap();
+        }
+        bm.unpin(sealed.iter().map(|(b, _)| *b));
+        assert!(bm.entries.len() - bm.nr_dirty <= bm.capacity + 8);
+        assert_eq!(bm.read(3, BlockKind::Node).unwrap()[100], 3);
     }
 }

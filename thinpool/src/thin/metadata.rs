@@ -44,6 +44,8 @@ impl Default for MetadataOptions {
 /// A transaction ended by [`ThinMetadata::freeze_commit`], its superblock not yet written.
 pub struct FrozenCommit {
     storage: Arc<dyn Storage>,
+    /// The transaction's metadata blocks, sealed, written by [`FrozenCommit::write`].
+    blocks: Vec<(u64, Arc<Block>)>,
     superblock: Box<Block>,
     ident: u64,
 }
@@ -60,6 +62,15 @@ impl FrozenCommit {
                 source,
             }
         };
+        for (b, data) in &self.blocks {
+            self.storage
+                .write_at(&data[..], b * BLOCK_SIZE as u64)
+                .map_err(|source| Error::MetadataIo {
+                    op: "write",
+                    block: *b,
+                    source,
+                })?;
+        }
         self.storage.sync().map_err(io("sync"))?;
         self.storage
             .write_at(&self.superblock[..], 0)
@@ -925,7 +936,8 @@ impl ThinMetadata {
         self.sb.metadata_sm_root = disk::root_of(&self.tm.meta_sm);
         self.sb.version = VERSION;
         self.sb.blocknr = 0;
-        self.tm.bm.write_dirty()?;
+        // Sealed here, written by FrozenCommit::write without the metadata's lock.
+        let blocks = self.tm.bm.seal_dirty_for_later()?;
         let ident = self.sb.ident();
         let superblock = self
             .tm
@@ -943,6 +955,7 @@ impl ThinMetadata {
         self.frozen_pending = true;
         Ok(FrozenCommit {
             storage: self.tm.bm.storage().clone(),
+            blocks,
             superblock,
             ident,
         })
@@ -952,6 +965,7 @@ impl ThinMetadata {
     /// built is durable ([`FrozenCommit::write`] succeeded).
     pub fn commit_durable(&mut self, frozen: FrozenCommit) {
         self.frozen_pending = false;
+        self.tm.bm.unpin(frozen.blocks.iter().map(|(b, _)| *b));
         self.tm.meta_sm.durable();
         self.tm.data_sm.durable();
         self.committed_ident = frozen.ident;
