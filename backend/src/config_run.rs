@@ -96,6 +96,13 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
             },
         });
         *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
+        h.settings_path = crate::manager::pool_settings::path_for(&p.metadata);
+        if let Some(line) = h
+            .restore_settings()
+            .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?
+        {
+            println!("{line}");
+        }
         handles.push(Arc::new(h));
     }
     // Sockets of disks added at run time go beside the configured ones, or beside the

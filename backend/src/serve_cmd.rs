@@ -126,10 +126,12 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         reg.insert(id, e).map_err(|err| anyhow::anyhow!("{err}"))?;
         to_serve.push((name, spec.clone()));
     }
-    let handle = Arc::new(PoolHandle::new(
-        "pool",
-        crate::pools::catalog(&paths, pool, Some(reg)),
-    ));
+    let mut handle = PoolHandle::new("pool", crate::pools::catalog(&paths, pool, Some(reg)));
+    handle.settings_path = crate::manager::pool_settings::path_for(&paths.metadata);
+    if let Some(line) = handle.restore_settings().map_err(|e| anyhow::anyhow!(e))? {
+        println!("{line}");
+    }
+    let handle = Arc::new(handle);
     let socket_dir = a
         .socket_dir
         .clone()

@@ -73,6 +73,15 @@ fn config_creates_serves_and_remembers_run_time_changes() {
     assert_eq!(pools[0]["policy"]["out-of-space"], "queue");
     assert!(ctl(&qmp, &["add", "scratch", "--size", "8MiB"]).contains("scratch.sock"));
     assert!(ctl(&qmp, &["snapshot", "vm1", "vm1-snap"]).contains("writes held"));
+    // A policy set at run time is kept for the next start.
+    ctl(
+        &qmp,
+        &[
+            "exec",
+            "pool-set-policy",
+            r#"{"out-of-space": "queue", "timeout": 30, "low-water-data": 70}"#,
+        ],
+    );
     let out = c.stop();
     assert!(out.contains("disk golden: created"), "{out}");
     // Second start: nothing created again; the disk added at run time is served too.
@@ -83,7 +92,12 @@ fn config_creates_serves_and_remembers_run_time_changes() {
         assert!(names.contains(n), "{names}");
     }
     assert!(ctl(&qmp, &["snapshots"]).contains("vm1-snap"));
+    let pools: serde_json::Value = serde_json::from_str(&ctl(&qmp, &["--json", "pools"])).unwrap();
+    assert_eq!(pools[0]["policy"]["out-of-space"], "queue", "{pools}");
+    assert_eq!(pools[0]["policy"]["timeout"], 30, "{pools}");
+    assert_eq!(pools[0]["low-water"]["data"], 70, "{pools}");
     let out = c.stop();
+    assert!(out.contains("as set at run time"), "{out}");
     assert!(!out.contains("created"), "{out}");
     assert!(
         out.contains("disk scratch: in the registry (added at run time)"),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod jobs;
 pub mod merge;
 pub mod migrate;
+pub mod pool_settings;
 pub mod replication;
 pub mod transfer;
 
@@ -19,6 +20,7 @@ use crate::events::EventBus;
 use crate::socket::SocketFile;
 use crate::sync::lock;
 pub use error::Error;
+use pool_settings::PoolSettings;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
@@ -46,6 +48,9 @@ pub struct PoolHandle {
     pub low_water: Mutex<(u8, u8)>,
     /// Whether its disks offer DISCARD to guests (configuration `discard: unmap`).
     pub discard: bool,
+    /// Where `pool-set-policy` keeps what it sets, for the next start (see
+    /// `pool_settings`); None: not kept (a metadata block device).
+    pub settings_path: Option<PathBuf>,
 }
 
 impl PoolHandle {
@@ -56,7 +61,31 @@ impl PoolHandle {
             space: Arc::new(SpacePolicy::default()),
             low_water: Mutex::new((80, 80)),
             discard: true,
+            settings_path: None,
         }
+    }
+
+    /// Applies the settings an operator set at run time before the last stop, if any
+    /// (they win over the configured ones, as a disk grown at run time keeps its size).
+    /// Returns a line for the log when there were some.
+    pub fn restore_settings(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.settings_path else {
+            return Ok(None);
+        };
+        let Some(saved) = pool_settings::load(path)? else {
+            return Ok(None);
+        };
+        let configured = PoolSettings::new(self.space.policy(), *lock(&self.low_water));
+        if saved == configured {
+            return Ok(None);
+        }
+        self.space.set_mode(saved.mode());
+        *lock(&self.low_water) = saved.low_water();
+        Ok(Some(format!(
+            "pool {}: out-of-space policy and low-water marks as set at run time ({}), not as configured",
+            self.name,
+            path.display()
+        )))
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -1226,6 +1255,17 @@ impl Manager {
         }
         if let Some(m) = low_water_metadata {
             lw.1 = m;
+        }
+        // Kept for the next start. Set in memory already: a file that cannot be written
+        // says so, and the setting holds until the daemon stops.
+        if let Some(path) = &p.settings_path {
+            let settings = PoolSettings::new(p.space.policy(), *lw);
+            pool_settings::save(path, &settings).map_err(|e| {
+                Error::failed(format!(
+                    "the policy is set, but cannot be kept for the next start in {}: {e}",
+                    path.display()
+                ))
+            })?;
         }
         Ok(json!({}))
     }
