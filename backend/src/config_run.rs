@@ -80,6 +80,10 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         };
         let pool =
             open_pool_to_serve(&paths, p.zeroing).with_context(|| format!("pool {}", p.name))?;
+        if p.read_only {
+            pool.set_read_only(true)
+                .with_context(|| format!("pool {}: read-only", p.name))?;
+        }
         let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
             Registry::new(
                 Registry::default_path(&p.metadata),

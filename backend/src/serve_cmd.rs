@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// Let management clients run programs (snapshot-send and replication to a `command`).
     #[arg(long)]
     allow_commands: bool,
+    /// Serve the pool read-only (dm-thin's `read_only` feature): its metadata never
+    /// changes; reads work, and writes to blocks a disk owns alone; writes that need a
+    /// new block, snapshots and other changes fail.
+    #[arg(long)]
+    read_only_pool: bool,
     /// Commit the pool at least this often (milliseconds; dm-thin uses 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
     commit_interval_ms: u64,
@@ -83,6 +88,9 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         cache_blocks: a.cache_blocks,
     };
     let pool = open_pool_to_serve(&paths, true)?;
+    if a.read_only_pool {
+        pool.set_read_only(true)?;
+    }
     let reg_path = crate::pools::registry_path(&paths)
         .unwrap_or_else(|| thinpool::registry::Registry::default_path(&paths.metadata));
     let mut reg = load_registry(&paths, &pool)?

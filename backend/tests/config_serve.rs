@@ -382,3 +382,50 @@ fn ctl_resolves_paths_where_it_runs_and_names_the_disk_socket_apart() {
     assert!(err.contains("not a vhost-thin management socket"), "{err}");
     c.stop();
 }
+
+/// dm-thin's read_only feature: `read-only: true` under a pool serves its disks while its
+/// metadata never changes; changes are refused with a reason.
+#[test]
+fn a_pool_configured_read_only_serves_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let cfg = dir.path().join("vhost-thin.yaml");
+    let write_cfg = |extra: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "pools:\n  - name: main\n    metadata: {d}/p.meta\n    data: {d}/p.data\n{extra}    create:\n      data-size: 64MiB\n\
+                 disks:\n  - name: vm1\n    size: 8MiB\n    socket: {d}/vm1.sock\n\
+                 management:\n  socket: {d}/qmp.sock\n"
+            ),
+        )
+        .unwrap()
+    };
+    write_cfg("");
+    let qmp = dir.path().join("qmp.sock");
+    let c = spawn_serve(&["--config", cfg.to_str().unwrap()]);
+    wait_for(&qmp);
+    c.stop();
+    write_cfg("    read-only: true\n");
+    let meta_before = std::fs::read(dir.path().join("p.meta")).unwrap();
+    let c = spawn_serve(&["--config", cfg.to_str().unwrap()]);
+    wait_for(&qmp);
+    let pools: serde_json::Value = serde_json::from_str(&ctl(&qmp, &["--json", "pools"])).unwrap();
+    assert_eq!(pools[0]["mode"], "read-only", "{pools}");
+    for args in [["snapshot", "vm1", "s1"], ["add", "x", "--size"]] {
+        let mut all = vec!["ctl", "-s", qmp.to_str().unwrap()];
+        all.extend_from_slice(&args);
+        if args[0] == "add" {
+            all.push("1M");
+        }
+        let out = common::run(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("read-only"), "{args:?}: {err}");
+    }
+    c.stop();
+    assert!(
+        std::fs::read(dir.path().join("p.meta")).unwrap() == meta_before,
+        "the metadata changed"
+    );
+}

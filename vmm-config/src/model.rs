@@ -69,6 +69,11 @@ pub struct PoolConfig {
     /// Metadata cache size.
     #[serde(default)]
     pub metadata_cache: Option<Size>,
+    /// Serve the pool read-only (dm-thin's `read_only` feature): its metadata never
+    /// changes; reads work, and writes to blocks a disk owns alone; writes that need a new
+    /// block, snapshots and other changes fail.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
