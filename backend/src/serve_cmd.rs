@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Let management clients run programs (snapshot-send and replication to a `command`).
     #[arg(long)]
     allow_commands: bool,
+    /// Serve only the disks given with --disk, not the other disks of the registry (which
+    /// are served by default, on SOCKET_DIR/NAME.sock).
+    #[arg(long)]
+    only_listed: bool,
     /// Serve the pool read-only (dm-thin's `read_only` feature): its metadata never
     /// changes; reads work, and writes to blocks a disk owns alone; writes that need a
     /// new block, snapshots and other changes fail.
@@ -194,6 +198,21 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             socket.display(),
             d.num_queues
         );
+    }
+    // The registry's other disks (added at run time, or named by an earlier --disk) are
+    // served too, on SOCKET_DIR/NAME.sock, as a configured daemon serves them: a restart
+    // does not leave a VM's disk behind.
+    if !a.only_listed {
+        let listed: Vec<&str> = to_serve.iter().map(|(n, _)| n.as_str()).collect();
+        for name in manager.disk_names() {
+            if listed.contains(&name.as_str()) {
+                continue;
+            }
+            match manager.serve(&name, None, None, None) {
+                Ok(sock) => println!("serving {name} (in the registry) on {}", sock.display()),
+                Err(e) => println!("disk {name}: in the registry but not served: {e}"),
+            }
+        }
     }
     if let Some((p, _)) = &qmp {
         println!("management socket: {}", p.display());

@@ -429,3 +429,61 @@ fn a_pool_configured_read_only_serves_and_changes_nothing() {
         "the metadata changed"
     );
 }
+
+/// `serve -m M -d D` serves every disk of the registry, not only those named with --disk:
+/// a disk added at run time is back after a restart (on SOCKET_DIR/NAME.sock), unless
+/// --only-listed says otherwise.
+#[test]
+fn serve_serves_the_registrys_disks_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, dd) = (dir.path().join("m"), dir.path().join("d"));
+    let (m, dd) = (m.to_str().unwrap(), dd.to_str().unwrap());
+    cli(&["pool", "create", "-m", m, "-d", dd, "--data-size", "64M"]);
+    cli(&[
+        "thin", "create", "-m", m, "-d", dd, "--id", "0", "--size", "8M", "--name", "vm1",
+    ]);
+    let qmp = dir.path().join("qmp.sock");
+    let vm1 = format!("name=vm1,socket={}/vm1.sock", dir.path().display());
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            "-m",
+            m,
+            "-d",
+            dd,
+            "--disk",
+            &vm1,
+            "--qmp",
+            qmp.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let c = spawn_serve(&args);
+        wait_for(&qmp);
+        c
+    };
+    let c = serve(&[]);
+    ctl(&qmp, &["add", "scratch", "--size", "4M"]);
+    c.stop();
+    let _ = std::fs::remove_file(&qmp);
+    let c = serve(&["--only-listed"]);
+    assert!(!dir.path().join("scratch.sock").exists());
+    c.stop();
+    let _ = std::fs::remove_file(&qmp);
+    let c = serve(&[]);
+    wait_for(&dir.path().join("scratch.sock"));
+    let disks: serde_json::Value = serde_json::from_str(&ctl(&qmp, &["--json", "disks"])).unwrap();
+    let scratch = disks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "scratch")
+        .unwrap();
+    assert!(
+        scratch["socket"]
+            .as_str()
+            .unwrap()
+            .ends_with("scratch.sock"),
+        "{disks}"
+    );
+    let out = c.stop();
+    assert!(out.contains("serving scratch (in the registry)"), "{out}");
+}
