@@ -10,6 +10,22 @@ fn mem_pool(data_blocks: u64) -> Pool {
     Pool::create(meta, data, 128, PoolOptions::default()).unwrap()
 }
 
+/// A pool over a fresh (all holes) memory data device, which the test keeps to look at.
+fn sparse_pool(data_blocks: u64, opts: PoolOptions) -> (Pool, Arc<MemStorage>) {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(MemStorage::new(data_blocks * BS));
+    let p = Pool::create(meta, data.clone(), 128, opts).unwrap();
+    p.create_thin(0).unwrap();
+    (p, data)
+}
+
+fn no_passdown() -> PoolOptions {
+    PoolOptions {
+        discard_passdown: false,
+        ..Default::default()
+    }
+}
+
 fn read_vec(p: &Pool, dev: u32, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0xEEu8; len];
     p.read(dev, off, &mut b).unwrap();
@@ -18,13 +34,12 @@ fn read_vec(p: &Pool, dev: u32, off: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn provisioning_zeroes_the_rest_of_a_block() {
-    let p = mem_pool(16);
+    // A data device of unknown history, dirty where the first block will land.
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(vec![0xAB; 16 * BS as usize]));
+    let p = Pool::create(meta, data, 128, PoolOptions::default()).unwrap();
     p.create_thin(0).unwrap();
     assert_eq!(read_vec(&p, 0, 0, 4096), vec![0; 4096]);
-    // Dirty the data device where the first block will land, then write 512 bytes.
-    p.data_storage()
-        .write_at(&vec![0xAB; BS as usize], 0)
-        .unwrap();
     p.write(0, 1000, &[7u8; 512]).unwrap();
     let b = read_vec(&p, 0, 0, BS as usize);
     assert!(b[..1000].iter().all(|&x| x == 0));
@@ -503,4 +518,150 @@ fn a_new_mapping_waits_for_the_commit_under_way_when_the_journal_is_full() {
     .unwrap();
     assert_eq!(after.device(0).unwrap().mapped_blocks, RECORDS + 2);
     assert_eq!(read_vec(&after, 0, (RECORDS + 1) * BS, 4), vec![0xee; 4]);
+}
+
+#[test]
+fn a_first_write_to_a_block_that_is_a_hole_writes_only_its_own_bytes() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, BS + 8192, &[7u8; 4096]).unwrap();
+    assert_eq!(
+        data.allocated_bytes(),
+        4096,
+        "the rest of the block was written"
+    );
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..8192].iter().all(|&x| x == 0));
+    assert!(b[8192..12288].iter().all(|&x| x == 7));
+    assert!(b[12288..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_reused_block_is_zeroed_when_its_space_was_not_given_back() {
+    // One data block: the second write must reuse the first's, freed but not punched.
+    let (p, data) = sparse_pool(1, no_passdown());
+    p.write(0, 0, &vec![0xAB; BS as usize]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(p.discard(0, 0, BS).unwrap(), 1);
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), BS, "punched with passdown off");
+    p.write(0, BS + 100, &[5u8; 10]).unwrap();
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..100].iter().all(|&x| x == 0), "stale data shown");
+    assert!(b[110..].iter().all(|&x| x == 0), "stale data shown");
+}
+
+#[test]
+fn discarded_blocks_are_punched_once_the_commit_that_freed_them_is_durable() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 4 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 4 * BS);
+    // Partial blocks at either end are left alone, as dm-thin does.
+    assert_eq!(p.discard(0, BS - 512, 2 * BS + 1024).unwrap(), 2);
+    assert_eq!(data.allocated_bytes(), 4 * BS, "punched before the commit");
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 2 * BS);
+    assert_eq!(read_vec(&p, 0, 0, BS as usize), vec![1u8; BS as usize]);
+    assert_eq!(
+        read_vec(&p, 0, BS, 2 * BS as usize),
+        vec![0; 2 * BS as usize]
+    );
+    assert_eq!(read_vec(&p, 0, 3 * BS, BS as usize), vec![1u8; BS as usize]);
+}
+
+#[test]
+fn write_zeroes_with_unmap_gives_whole_blocks_back() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 3 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.write_zeroes(0, 512, 3 * BS - 512, true).unwrap();
+    p.commit().unwrap();
+    // The first block is zeroed (partly covered), the other two are punched.
+    assert_eq!(data.allocated_bytes(), BS);
+    let b = read_vec(&p, 0, 0, 3 * BS as usize);
+    assert!(b[..512].iter().all(|&x| x == 1));
+    assert!(b[512..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_punched_block_is_reused_as_a_hole() {
+    let (p, data) = sparse_pool(1, PoolOptions::default());
+    p.write(0, 0, &vec![0xAB; BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 0);
+    p.write(0, BS + 100, &[5u8; 10]).unwrap();
+    assert_eq!(data.allocated_bytes(), 4096);
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..100].iter().all(|&x| x == 0));
+    assert_eq!(b[100..110], [5u8; 10]);
+    assert!(b[110..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn deleting_a_device_punches_the_blocks_no_other_device_shares() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.create_snap(1, 0).unwrap();
+    // Device 0 moves to a copy of its first block; the snapshot alone has the old one.
+    p.write(0, 0, &[2u8; 512]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 3 * BS);
+    p.delete(1).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 2 * BS);
+    let b = read_vec(&p, 0, 0, 2 * BS as usize);
+    assert_eq!(b[..512], [2u8; 512]);
+    assert!(b[512..].iter().all(|&x| x == 1));
+}
+
+#[test]
+fn a_failed_punch_keeps_the_pool_working_and_the_block_counts_as_written() {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(FaultyStorage::new(MemStorage::new(BS)));
+    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![0xAB; BS as usize]).unwrap();
+    p.commit().unwrap();
+    data.fail_nth(FaultOp::Punch, 1, true);
+    p.discard(0, 0, BS).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.count(FaultOp::Punch), 1);
+    assert_eq!(p.status().mode, PoolMode::Write);
+    // The one block is reused, zeroed: the punch did not happen.
+    p.write(0, BS + 100, &[5u8; 10]).unwrap();
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..100].iter().all(|&x| x == 0) && b[110..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn the_holes_of_the_data_device_are_learned_at_open() {
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(MemStorage::new(16 * BS));
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.write(0, 0, &vec![3u8; BS as usize]).unwrap();
+        p.commit().unwrap();
+    }
+    let p = Pool::open(meta.clone(), data.clone(), PoolOptions::default()).unwrap();
+    p.write(0, BS, &[4u8; 4096]).unwrap();
+    assert_eq!(data.allocated_bytes(), BS + 4096);
+    // A data device that cannot tell its holes: every new block is zeroed.
+    let copy = Arc::new(MemStorage::from_vec(data.to_vec()));
+    let p = Pool::open(meta, copy.clone(), PoolOptions::default()).unwrap();
+    p.write(0, 2 * BS, &[4u8; 4096]).unwrap();
+    let b = read_vec(&p, 0, 2 * BS, BS as usize);
+    assert!(b[4096..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn with_passdown_off_freed_blocks_keep_their_space() {
+    let (p, data) = sparse_pool(4, no_passdown());
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.delete(0).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 2 * BS);
 }
