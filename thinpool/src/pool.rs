@@ -1133,7 +1133,8 @@ impl Pool {
             self.data_written.store(true, Ordering::SeqCst);
             return Ok(());
         }
-        let new = self.alloc_data(&mut g)?;
+        let (mut g, new) = self.alloc_data(g);
+        let new = new?;
         let hole = g.holes.take(new);
         let generation = g.generation;
         drop(g);
@@ -1145,22 +1146,41 @@ impl Pool {
         self.write_new_block(dev, vb, within, segs, whole, target, new)
     }
 
-    fn alloc_data(&self, g: &mut MutexGuard<'_, Inner>) -> Result<u64> {
-        match self.meta(g, |md| md.alloc_data_block()) {
+    fn alloc_data<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+    ) -> (MutexGuard<'a, Inner>, Result<u64>) {
+        let r = match self.meta(&mut g, |md| md.alloc_data_block()) {
             Err(e @ Error::OutOfDataSpace { .. }) if g.md.pending_data_frees() > 0 => {
                 // Blocks freed in this transaction become usable once it is committed.
-                if !self.commit_locked(g)? {
-                    return Err(e);
+                match self.commit_locked(&mut g) {
+                    Ok(true) => self.meta(&mut g, |md| md.alloc_data_block()),
+                    Ok(false) => Err(e),
+                    Err(e) => Err(e),
                 }
-                self.meta(g, |md| md.alloc_data_block())
-            }
-            Err(Error::OutOfDataSpace { .. }) if g.md.withheld_data_blocks() > 0 => {
-                // Freed by a durable commit and waiting for their passdown.
-                self.pass_down_locked(g);
-                self.meta(g, |md| md.alloc_data_block())
             }
             r => r,
+        };
+        if !matches!(r, Err(Error::OutOfDataSpace { .. })) || g.md.withheld_data_blocks() == 0 {
+            return (g, r);
         }
+        // Blocks freed by a durable commit wait for their passdown: done here, or by the
+        // commit under way (waited for), then they are free.
+        self.pass_down_locked(&mut g);
+        let generation = g.generation;
+        while g.md.withheld_data_blocks() > 0 && g.generation == generation {
+            let ended = g.commits_ended;
+            g.waiting_for_commit += 1;
+            while g.commits_ended == ended {
+                g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.waiting_for_commit -= 1;
+        }
+        if g.generation != generation {
+            return (g, Err(Error::ReadOnly("the transaction was rolled back")));
+        }
+        let r = self.meta(&mut g, |md| md.alloc_data_block());
+        (g, r)
     }
 
     #[allow(clippy::too_many_arguments)]

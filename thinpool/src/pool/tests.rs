@@ -665,3 +665,153 @@ fn with_passdown_off_freed_blocks_keep_their_space() {
     p.commit().unwrap();
     assert_eq!(data.allocated_bytes(), 2 * BS);
 }
+
+/// A data device whose punches take a while, so that the writes racing them find the
+/// moment between a commit's flip and the end of its punches.
+struct SlowPunch(MemStorage, std::sync::atomic::AtomicUsize);
+
+impl Storage for SlowPunch {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<crate::storage::Punched> {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.punch(offset, len)
+    }
+    fn holes(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        self.0.holes()
+    }
+}
+
+#[test]
+fn a_punch_never_hits_a_block_reused_while_it_runs() {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(SlowPunch(MemStorage::new(12 * BS), Default::default()));
+    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let (p, stop) = (p.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                p.commit().unwrap();
+            }
+        })
+    };
+    let writers: Vec<_> = (0..3u32)
+        .map(|dev| {
+            p.create_thin(dev).unwrap();
+            let p = p.clone();
+            std::thread::spawn(move || {
+                for round in 0..300u32 {
+                    let vb = (round % 2) as u64;
+                    let byte = (dev * 100 + round % 97 + 1) as u8;
+                    let len = if round % 3 == 0 { BS as usize } else { 4096 };
+                    loop {
+                        match p.write(dev, vb * BS, &vec![byte; len]) {
+                            Ok(()) => break,
+                            // Every block freed waits for a commit: try again after it.
+                            Err(Error::OutOfDataSpace { .. }) => std::thread::yield_now(),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    // A guest's FLUSH: the block is committed, its discard frees it for
+                    // the next commit to punch. It waits for the commit under way, and so
+                    // for the punches that commit makes.
+                    p.commit().unwrap();
+                    let got = read_vec(&p, dev, vb * BS, BS as usize);
+                    assert!(
+                        got[..len].iter().all(|&x| x == byte),
+                        "device {dev} round {round}: lost"
+                    );
+                    assert!(
+                        got[len..].iter().all(|&x| x == 0),
+                        "device {dev} round {round}: stale"
+                    );
+                    p.discard(dev, vb * BS, BS).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    committer.join().unwrap();
+    let punches = data.1.load(Ordering::SeqCst);
+    assert!(punches >= 100, "{punches} punches");
+}
+
+/// A data device whose punches wait for the test's word.
+struct HeldPunch {
+    inner: MemStorage,
+    started: Mutex<std::sync::mpsc::Sender<()>>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Storage for HeldPunch {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<crate::storage::Punched> {
+        self.started.lock().unwrap().send(()).unwrap();
+        self.go.lock().unwrap().recv().unwrap();
+        self.inner.punch(offset, len)
+    }
+}
+
+#[test]
+fn a_write_needing_a_block_being_punched_waits_for_the_punch() {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let data = Arc::new(HeldPunch {
+        inner: MemStorage::new(BS),
+        started: Mutex::new(started_tx),
+        go: Mutex::new(go_rx),
+    });
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let p = Arc::new(Pool::create(meta, data, 128, PoolOptions::default()).unwrap());
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![1u8; BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    // The commit frees the pool's one block and punches it, held there.
+    let committer = {
+        let p = p.clone();
+        std::thread::spawn(move || p.commit().unwrap())
+    };
+    started.recv().unwrap();
+    let writer = {
+        let p = p.clone();
+        std::thread::spawn(move || p.write(0, BS, &[2u8; 4096]))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !writer.is_finished(),
+        "the write did not wait for the punch"
+    );
+    go.send(()).unwrap();
+    committer.join().unwrap();
+    writer.join().unwrap().unwrap();
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert_eq!(b[..4096], [2u8; 4096], "the punch hit the reused block");
+    assert!(b[4096..].iter().all(|&x| x == 0));
+}
