@@ -7,7 +7,7 @@
 //! disagree the registry wins and the daemon says so.
 
 use crate::manager::{Manager, PoolHandle};
-use crate::pools::{catalog, load_registry, open_pool_zeroing, PoolPaths};
+use crate::pools::{catalog, load_registry, open_pool_tuned, PoolPaths, Tuning};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,8 +78,12 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 .map(|s| (s.0 / 4096) as usize)
                 .unwrap_or(cache_blocks),
         };
-        let pool = open_pool_zeroing(&paths, true, p.zeroing)
-            .with_context(|| format!("pool {}", p.name))?;
+        let tuning = Tuning {
+            zeroing: p.zeroing,
+            discard_passdown: p.discard_passdown,
+        };
+        let pool =
+            open_pool_tuned(&paths, true, tuning).with_context(|| format!("pool {}", p.name))?;
         let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
             Registry::new(
                 Registry::default_path(&p.metadata),

@@ -2,7 +2,7 @@
 
 use crate::daemon::{self, parse_disk_spec, DiskSpec};
 use crate::manager::{Manager, PoolHandle};
-use crate::pools::{load_registry, open_pool, PoolPaths};
+use crate::pools::{load_registry, open_pool_tuned, PoolPaths, Tuning};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// Let management clients run programs (snapshot-send and replication to a `command`).
     #[arg(long)]
     allow_commands: bool,
+    /// Keep the space of freed data blocks allocated on the host (dm-thin's
+    /// no_discard_passdown); by default it is given back once the commit that freed them
+    /// is durable: holes punched in a data file, discards sent to a data block device.
+    /// With --config: the pool's `discard-passdown`.
+    #[arg(long, conflicts_with = "config")]
+    no_discard_passdown: bool,
     /// Commit the pool at least this often (milliseconds; dm-thin uses 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
     commit_interval_ms: u64,
@@ -79,7 +85,11 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         registry: a.registry.clone(),
         cache_blocks: a.cache_blocks,
     };
-    let pool = open_pool(&paths, true)?;
+    let tuning = Tuning {
+        discard_passdown: !a.no_discard_passdown,
+        ..Tuning::default()
+    };
+    let pool = open_pool_tuned(&paths, true, tuning)?;
     let reg_path = crate::pools::registry_path(&paths)
         .unwrap_or_else(|| thinpool::registry::Registry::default_path(&paths.metadata));
     let mut reg = load_registry(&paths, &pool)?
