@@ -123,6 +123,7 @@ fn supported_features() -> u64 {
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_MQ
         | 1 << VIRTIO_BLK_F_RO
+        | 1 << VIRTIO_BLK_F_DISCARD
 }
 
 pub struct Connection {
