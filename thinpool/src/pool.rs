@@ -6,7 +6,8 @@
 //! in-flight writes to its origin and hold new ones for the moment it takes.
 //!
 //! A write to an unmapped block allocates a data block, writes the data (zero-filling the
-//! rest of the block unless `skip_block_zeroing`), then maps it. A write to a block that
+//! rest of the block unless `skip_block_zeroing`, or unless the block is a known hole of
+//! the data file, see [`Holes`]), then maps it. A write to a block that
 //! may be shared with a snapshot copies the old block (unless the write covers it all)
 //! into a new one and remaps. A write to an exclusively owned block goes in place, with no
 //! metadata change. New mappings become durable at [`Pool::commit`], which flushes the
@@ -16,6 +17,9 @@
 //! from the origin instead of as zeroes, a partial write to one copies the rest of the
 //! block from the origin (as breaking sharing copies the old block), and write-zeroes
 //! provisions zeroed blocks where unmapping would bring the origin's bytes back.
+//!
+//! Discard passdown: the data blocks a commit frees are given back to the host once the
+//! commit is durable (see [`Pool::commit_held`] and [`crate::storage::Storage::punch`]).
 //!
 //! Failures: a metadata error aborts the transaction back to the last commit, sets
 //! NEEDS_CHECK and leaves the pool read-only (reads and in-place writes still work); if
