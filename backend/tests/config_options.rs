@@ -170,3 +170,43 @@ fn a_guest_discard_gives_the_space_back_to_the_host_after_the_flush_unless_passd
     }
     stop(c);
 }
+
+#[test]
+fn serve_with_no_discard_passdown_keeps_the_space_of_discarded_blocks() {
+    let p = common::new_pool("32MiB");
+    common::cli(&[
+        "thin", "create", "-m", &p.m, "-d", &p.d, "--id", "0", "--size", "16MiB",
+    ]);
+    let sock = p.root.join("d.sock");
+    let disk = format!("id=0,socket={}", sock.display());
+    for passdown in [false, true] {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "-m", &p.m, "-d", &p.d, "--disk", &disk]);
+        if !passdown {
+            cmd.arg("--no-discard-passdown");
+        }
+        let c = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(&sock);
+        let mut g = Guest::connect(&sock, 1);
+        let chunk = vec![0x11u8; 512 << 10];
+        for i in 0..8u64 {
+            assert_eq!(g.write(0, i * 1024, &chunk, 2), 0);
+        }
+        assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+        let before = allocated(Path::new(&p.d));
+        assert_eq!(g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(0, 8192, 0)]), 0);
+        assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+        let after = allocated(Path::new(&p.d));
+        if passdown {
+            assert!(before - after >= 4 << 20, "{before} -> {after}");
+        } else {
+            assert_eq!(after, before, "--no-discard-passdown punched");
+        }
+        drop(g);
+        stop(c);
+    }
+}
