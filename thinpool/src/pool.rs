@@ -779,14 +779,18 @@ impl Pool {
         let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         self.flush_data(&mut g)?;
-        self.meta(&mut g, |md| md.reserve_metadata_snap())
+        let r = self.meta(&mut g, |md| md.reserve_metadata_snap());
+        self.pass_down_locked(&mut g);
+        r
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
         let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         self.flush_data(&mut g)?;
-        self.meta(&mut g, |md| md.release_metadata_snap())
+        let r = self.meta(&mut g, |md| md.release_metadata_snap());
+        self.pass_down_locked(&mut g);
+        r
     }
 
     /// Grows the pool to the data device's current length.
@@ -1154,36 +1158,34 @@ impl Pool {
         &'a self,
         mut g: MutexGuard<'a, Inner>,
     ) -> (MutexGuard<'a, Inner>, Result<u64>) {
-        let r = match self.meta(&mut g, |md| md.alloc_data_block()) {
-            Err(e @ Error::OutOfDataSpace { .. }) if g.md.pending_data_frees() > 0 => {
-                // Blocks freed in this transaction become usable once it is committed.
-                match self.commit_locked(&mut g) {
-                    Ok(true) => self.meta(&mut g, |md| md.alloc_data_block()),
-                    Ok(false) => Err(e),
-                    Err(e) => Err(e),
+        let ood = |r: &Result<u64>| matches!(r, Err(Error::OutOfDataSpace { .. }));
+        let mut r = self.meta(&mut g, |md| md.alloc_data_block());
+        if ood(&r) && g.md.withheld_data_blocks() > 0 {
+            // Blocks freed by a durable commit wait for their passdown: done here, or by
+            // the commit under way (waited for), then they are free.
+            self.pass_down_locked(&mut g);
+            let generation = g.generation;
+            while g.md.withheld_data_blocks() > 0 && g.generation == generation {
+                let ended = g.commits_ended;
+                g.waiting_for_commit += 1;
+                while g.commits_ended == ended {
+                    g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
                 }
+                g.waiting_for_commit -= 1;
             }
-            r => r,
-        };
-        if !matches!(r, Err(Error::OutOfDataSpace { .. })) || g.md.withheld_data_blocks() == 0 {
-            return (g, r);
-        }
-        // Blocks freed by a durable commit wait for their passdown: done here, or by the
-        // commit under way (waited for), then they are free.
-        self.pass_down_locked(&mut g);
-        let generation = g.generation;
-        while g.md.withheld_data_blocks() > 0 && g.generation == generation {
-            let ended = g.commits_ended;
-            g.waiting_for_commit += 1;
-            while g.commits_ended == ended {
-                g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
+            if g.generation != generation {
+                return (g, Err(Error::ReadOnly("the transaction was rolled back")));
             }
-            g.waiting_for_commit -= 1;
+            r = self.meta(&mut g, |md| md.alloc_data_block());
         }
-        if g.generation != generation {
-            return (g, Err(Error::ReadOnly("the transaction was rolled back")));
+        if ood(&r) && g.md.pending_data_frees() > 0 {
+            // Blocks freed in this transaction become usable once it is committed.
+            r = match self.commit_locked(&mut g) {
+                Ok(true) => self.meta(&mut g, |md| md.alloc_data_block()),
+                Ok(false) => r,
+                Err(e) => Err(e),
+            };
         }
-        let r = self.meta(&mut g, |md| md.alloc_data_block());
         (g, r)
     }
 

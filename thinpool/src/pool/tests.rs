@@ -815,3 +815,24 @@ fn a_write_needing_a_block_being_punched_waits_for_the_punch() {
     assert_eq!(b[..4096], [2u8; 4096], "the punch hit the reused block");
     assert!(b[4096..].iter().all(|&x| x == 0));
 }
+
+#[test]
+fn a_block_freed_by_a_metadata_snapshots_release_is_reused_without_another_commit() {
+    let (p, _data) = sparse_pool(2, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.reserve_metadata_snap().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    // Commits: the first block, which the metadata snapshot kept, is free from now on.
+    p.release_metadata_snap().unwrap();
+    p.discard(0, BS, BS).unwrap();
+    assert_eq!(p.with_metadata(|m| m.pending_data_frees()), 1);
+    // Needs a block: the first one, without the commit that would free the second.
+    p.write(0, 2 * BS, &[2u8; 512]).unwrap();
+    assert_eq!(
+        p.with_metadata(|m| m.pending_data_frees()),
+        1,
+        "the write committed"
+    );
+    assert_eq!(read_vec(&p, 0, 2 * BS, 512), vec![2u8; 512]);
+}
