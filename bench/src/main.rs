@@ -99,8 +99,8 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Instead of a load: discard the first BYTES of the disk (one DISCARD per GiB, one at
-    /// a time, from queue 0), then FLUSH; reports how long the discards and the FLUSH took
+    /// Instead of a load: discard the first BYTES of the disk (one DISCARD per GiB, or per
+    /// the device's max_discard_sectors, one at a time, from queue 0), then FLUSH; reports how long the discards and the FLUSH took
     /// (`discard_ms`, `flush_ms`).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     discard: Option<u64>,
@@ -227,6 +227,10 @@ fn run(a: &Args) -> Result<ExitCode> {
     let barrier = Barrier::new(nq);
     let any_stall = AtomicBool::new(false);
     let discard_time = &std::sync::Mutex::new(None);
+    // One segment per DISCARD, at most a GiB and what the device takes.
+    let max_discard = info
+        .max_discard_sectors
+        .map_or(1 << 30, |n| (n as u64 * 512).min(1 << 30));
     let start = Instant::now();
     let deadline = start + runtime;
     type Outcome = (Result<QueueStats, ring::Stall>, Option<Flush>);
@@ -259,7 +263,9 @@ fn run(a: &Args) -> Result<ExitCode> {
                         );
                         let r = match a.discard {
                             None => drv.run(&mut w, deadline, stall),
-                            Some(n) if q == 0 => discard(&mut drv, n, stall, discard_time),
+                            Some(n) if q == 0 => {
+                                discard(&mut drv, n, max_discard, stall, discard_time)
+                            }
                             Some(_) => Ok(QueueStats::default()),
                         };
                         if r.is_err() {
@@ -362,10 +368,11 @@ fn run(a: &Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The discards of `--discard`: the first `bytes` of the disk, a GiB per request.
+/// The discards of `--discard`: the first `bytes` of the disk, `max` bytes per request.
 fn discard(
     drv: &mut QueueDriver<'_>,
     bytes: u64,
+    max: u64,
     stall: Duration,
     took: &std::sync::Mutex<Option<Duration>>,
 ) -> Result<QueueStats, ring::Stall> {
@@ -373,7 +380,7 @@ fn discard(
     let t0 = Instant::now();
     let mut at = 0;
     while at < bytes {
-        let n = (bytes - at).min(1 << 30);
+        let n = (bytes - at).min(max);
         if let Err(e) = drv.discard(at, n, stall)? {
             st.errors += 1;
             st.first_errors.push(ring::IoError {
