@@ -74,6 +74,16 @@ impl Storage for DataLog {
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
         self.inner.holes()
     }
+    /// FALLOC_FL_ZERO_RANGE: logged as the zeroes it leaves.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.zero_range(offset, len)?;
+        let pos = self.meta.log_len();
+        self.log
+            .lock()
+            .unwrap()
+            .push((pos, offset, vec![0; len as usize]));
+        Ok(true)
+    }
 }
 
 /// What a committed state holds: every device's bytes, and whether a metadata snapshot

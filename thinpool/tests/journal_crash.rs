@@ -74,6 +74,14 @@ impl Storage for Logged {
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
         self.inner.holes()
     }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.zero_range(offset, len)?;
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.which, offset, vec![0; len as usize]));
+        Ok(true)
+    }
 }
 
 /// Every device's bytes (by thin id).

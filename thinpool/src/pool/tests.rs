@@ -836,3 +836,54 @@ fn a_block_freed_by_a_metadata_snapshots_release_is_reused_without_another_commi
     );
     assert_eq!(read_vec(&p, 0, 2 * BS, 512), vec![2u8; 512]);
 }
+
+/// Memory storage that counts its zero-range calls, or refuses them.
+struct CountingZeroRange(MemStorage, std::sync::atomic::AtomicUsize, bool);
+
+impl Storage for CountingZeroRange {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        if !self.2 {
+            return Ok(false);
+        }
+        self.0.zero_range(offset, len)
+    }
+}
+
+#[test]
+fn a_first_write_to_a_block_that_is_not_a_hole_zeroes_it_with_zero_range_where_supported() {
+    for supported in [true, false] {
+        let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+        let data = Arc::new(CountingZeroRange(
+            MemStorage::from_vec(vec![0xAB; 4 * BS as usize]),
+            Default::default(),
+            supported,
+        ));
+        let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.write(0, 1000, &[7u8; 512]).unwrap();
+        p.write(0, BS + 1000, &[8u8; 512]).unwrap();
+        let b = read_vec(&p, 0, 0, 2 * BS as usize);
+        for (i, byte) in [(0, 7u8), (1, 8u8)] {
+            let blk = &b[i * BS as usize..(i + 1) * BS as usize];
+            assert!(blk[..1000].iter().all(|&x| x == 0), "stale data shown");
+            assert!(blk[1000..1512].iter().all(|&x| x == byte));
+            assert!(blk[1512..].iter().all(|&x| x == 0), "stale data shown");
+        }
+        // Unsupported: tried once, then the vectored write of zeroes.
+        let want = if supported { 2 } else { 1 };
+        assert_eq!(data.1.load(Ordering::SeqCst), want, "supported {supported}");
+    }
+}

@@ -70,6 +70,14 @@ pub trait Storage: Send + Sync {
         Ok(Punched::Unsupported)
     }
 
+    /// Makes `len` bytes at `offset` read as zeroes without writing them, where the
+    /// storage can (a file's `FALLOC_FL_ZERO_RANGE`); false, doing nothing, where it
+    /// cannot: the caller writes zeroes instead.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
+
     /// The byte ranges `[start, end)` known to be holes (they read as zeroes and take no
     /// space), in order; None when the storage cannot tell (a block device), and then
     /// nothing may be assumed of any byte. A range left out may still be a hole.
@@ -108,6 +116,8 @@ fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
 pub struct FileStorage {
     file: File,
     len: std::sync::atomic::AtomicU64,
+    /// A regular file (not a block device).
+    is_file: bool,
 }
 
 impl FileStorage {
@@ -123,7 +133,8 @@ impl FileStorage {
     fn open_mode(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
         let len = device_len(&file)?.into();
-        Ok(FileStorage { file, len })
+        let is_file = file.metadata()?.file_type().is_file();
+        Ok(FileStorage { file, len, is_file })
     }
 
     /// Creates (or truncates) a regular file of `len` bytes, sparse. A new file is readable
@@ -141,6 +152,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             len: len.into(),
+            is_file: true,
         })
     }
 }
@@ -227,6 +239,32 @@ impl Storage for FileStorage {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(Punched::Unsupported),
+            _ => Err(e),
+        }
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        check_range(offset, len as usize, self.len())?;
+        if !self.is_file {
+            // BLKZEROOUT may write the zeroes itself: no better than a write.
+            return Ok(false);
+        }
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate only reads its scalar arguments; the descriptor is open.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
             _ => Err(e),
         }
     }
@@ -469,6 +507,16 @@ impl Storage for MemStorage {
         Ok(Punched::Hole)
     }
 
+    /// As a file's: the range reads as zeroes and takes space (unwritten extents).
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let mut g = self.inner.write().unwrap();
+        check_range(offset, len as usize, g.bytes.len() as u64)?;
+        let o = offset as usize;
+        g.bytes[o..o + len as usize].fill(0);
+        g.mark(offset, len);
+        Ok(true)
+    }
+
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
         let g = self.inner.read().unwrap();
         let len = g.bytes.len() as u64;
@@ -514,6 +562,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn punch(&self, offset: u64, len: u64) -> io::Result<Punched> {
         (**self).punch(offset, len)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).zero_range(offset, len)
     }
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
         (**self).holes()
@@ -578,6 +629,21 @@ mod tests {
             .all(|&(a, e)| e <= 1 << 20 || a >= (1 << 20) + 4096));
         assert_eq!(holes.first().unwrap().0, 0);
         assert_eq!(holes.last().unwrap().1, 4 << 20);
+    }
+
+    #[test]
+    fn a_zeroed_file_range_reads_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create(&dir.path().join("f"), 1 << 20).unwrap();
+        s.write_at(&[9u8; 1 << 18], 0).unwrap();
+        if !s.zero_range(4096, 65536).unwrap() {
+            return; // a filesystem without it (tmpfs): nothing to check
+        }
+        let mut b = vec![1u8; 1 << 18];
+        s.read_at(&mut b, 0).unwrap();
+        assert!(b[..4096].iter().all(|&v| v == 9));
+        assert!(b[4096..69632].iter().all(|&v| v == 0));
+        assert!(b[69632..].iter().all(|&v| v == 9));
     }
 
     fn allocated(p: &Path) -> u64 {

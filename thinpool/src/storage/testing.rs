@@ -106,6 +106,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.tick(FaultOp::Punch)?;
         self.inner.punch(offset, len)
     }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.tick(FaultOp::Write)?;
+        self.inner.zero_range(offset, len)
+    }
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
         self.inner.holes()
     }
