@@ -3,22 +3,28 @@
 # over vhost-user-blk by the same load generator (bench/, `vhost-thin-bench`), with no VM:
 # a guest benchmark under TCG measures the emulator, not the backend.
 #
-#   ci/bench-daemon.sh [--quick] [--runtime SECS] [--size SIZE] [--keep]
+#   ci/bench-daemon.sh [--quick] [--runtime SECS] [--size SIZE] [--fresh-size SIZE] [--keep]
 #
 #   --quick        1 s per case (default 5 s)
 #   --runtime S    seconds per case
 #   --size SIZE    disk size, e.g. 1GiB (default; also BENCH_SIZE)
+#   --fresh-size SIZE  size of the fresh disks ("ours fresh", "QSD qcow2-empty"; default
+#                  64GiB, also BENCH_FRESH_SIZE): large enough that 4 KiB writes at random
+#                  offsets stay first writes of their 64 KiB block for the whole run (a 1 GiB
+#                  disk is all provisioned after 16384 of them, and the rest are overwrites)
 #   --keep         keep the work directory (pools, images, logs, JSON results)
 #
 # Environment: CARGO_TARGET_DIR (default: the project's target/), BENCH_DIR (parent of the
 # temporary work directory, default /var/tmp), BENCH_SEED.
 #
-# Columns (every disk is BENCH_SIZE, every file is on BENCH_DIR with buffered I/O):
+# Columns (disks are BENCH_SIZE, fresh ones BENCH_FRESH_SIZE; every file is on BENCH_DIR with
+# buffered I/O):
 #   ours prov      vhost-thin serve, device 0 fully provisioned by a sequential write pass
 #   ours fresh     vhost-thin serve on a new pool before every case (first writes provision)
 #   QSD raw        QSD file driver on a raw file, prefilled the same way
 #   QSD qcow2-pre  QSD qcow2 (preallocation=full), prefilled the same way
-#   QSD qcow2-empty QSD qcow2, new and empty before every case (first writes allocate)
+#   QSD qcow2-empty QSD qcow2 with 64 KiB clusters, new and empty before every case (first
+#                  writes allocate)
 #   QSD null-co    QSD null-co: no storage at all, the ceiling of the transport
 # Our daemon writes files through the page cache, so QSD runs with cache.direct=off.
 set -euo pipefail
@@ -26,6 +32,7 @@ cd "$(dirname "$0")/.."
 
 runtime=5
 size=${BENCH_SIZE:-1GiB}
+fresh_size=${BENCH_FRESH_SIZE:-64GiB}
 keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,8 +41,10 @@ while [ $# -gt 0 ]; do
     --runtime=*) runtime=${1#*=} ;;
     --size) size=$2; shift ;;
     --size=*) size=${1#*=} ;;
+    --fresh-size) fresh_size=$2; shift ;;
+    --fresh-size=*) fresh_size=${1#*=} ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -83,6 +92,7 @@ to_bytes() {
   esac
 }
 size_bytes=$(to_bytes "$size")
+fresh_bytes=$(to_bytes "$fresh_size")
 
 work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vhost-thin-bench.XXXXXX")
 daemon_pid=
@@ -141,10 +151,11 @@ stop_backend() {
   daemon_pid=
   rm -f "$sock"
 }
-new_pool() {
+new_pool() { # [SIZE]
+  local bytes=${1:-$size_bytes}
   rm -f "$work"/pool.*
-  "$thin" pool create -m "$work/pool.meta" -d "$work/pool.data" --data-size "$size_bytes" >/dev/null
-  "$thin" thin create -m "$work/pool.meta" -d "$work/pool.data" --id 0 --size "$size_bytes" --name bench >/dev/null
+  "$thin" pool create -m "$work/pool.meta" -d "$work/pool.data" --data-size "$bytes" >/dev/null
+  "$thin" thin create -m "$work/pool.meta" -d "$work/pool.data" --id 0 --size "$bytes" --name bench >/dev/null
 }
 start_ours() {
   rm -f "$sock"
@@ -178,8 +189,9 @@ start_target() {
 # A new, empty image for the "fresh" targets.
 new_image() {
   case "$1" in
-    ours-fresh) new_pool ;;
-    qsd-qcow2-empty) rm -f "$work/empty.qcow2"; qemu-img create -q -f qcow2 "$work/empty.qcow2" "$size_bytes" ;;
+    ours-fresh) new_pool "$fresh_bytes" ;;
+    qsd-qcow2-empty) rm -f "$work/empty.qcow2"
+      qemu-img create -q -f qcow2 -o cluster_size=65536 "$work/empty.qcow2" "$fresh_bytes" ;;
   esac
 }
 
@@ -233,7 +245,7 @@ run_case() {
 }
 
 echo "machine: $(nproc) CPUs; load at start:$(uptime | sed 's/.*load average//')"
-echo "disk size $size_bytes bytes, $runtime s per case, seed $seed, work dir $work"
+echo "disk size $size_bytes bytes (fresh disks $fresh_bytes), $runtime s per case, seed $seed, work dir $work"
 echo "all files use the page cache: our daemon does buffered I/O, QSD runs with cache.direct=off (aio=threads)"
 load_start=$(uptime)
 
@@ -292,7 +304,7 @@ ratio() { # ratio of throughput of two cells
 }
 
 echo
-echo "### vhost-user-blk backends, $runtime s per case, disk $size_bytes bytes"
+echo "### vhost-user-blk backends, $runtime s per case, disk $size_bytes bytes, fresh disks $fresh_bytes bytes"
 echo
 echo "Throughput: 4k rows in thousands of IOPS, 128k rows in MiB/s; (p99 latency in us)."
 echo "Load before: ${load_start##*load average: }; after: $(uptime | sed 's/.*load average: //'); $(nproc) CPUs shared."
@@ -378,7 +390,7 @@ for c in "${cases[@]}"; do
   f="$work/results/ours-fresh-$(slug "$c")"
   if [ -f "$f.json" ] && [ -f "$f.mapped" ]; then
     w=$(jget "$f.json" writes); m=$(cat "$f.mapped"); bsz=$(jget "$f.json" bs)
-    awk -v w="$w" -v m="$m" -v c="$c" -v bs="$bsz" -v blk=$blk -v total=$((size_bytes / blk)) 'BEGIN {
+    awk -v w="$w" -v m="$m" -v c="$c" -v bs="$bsz" -v blk=$blk -v total=$((fresh_bytes / blk)) 'BEGIN {
       per = (bs > blk ? bs / blk : 1)
       printf "- ours fresh, %s: %d writes, %d of %d pool blocks provisioned: %.0f%% of the writes allocated\n",
         c, w, m, total, (w > 0 ? 100 * m / (w * per) : 0) }'

@@ -7,7 +7,7 @@
 //! disagree the registry wins and the daemon says so.
 
 use crate::manager::{Manager, PoolHandle, ServedDisk};
-use crate::pools::{catalog, load_registry, open_pool_to_serve, PoolPaths};
+use crate::pools::{catalog, load_registry, open_pool_to_serve, PoolPaths, Tuning};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,8 +78,12 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
                 .map(|s| (s.0 / 4096) as usize)
                 .unwrap_or(cache_blocks),
         };
+        let tuning = Tuning {
+            zeroing: p.zeroing,
+            discard_passdown: p.discard_passdown,
+        };
         let pool =
-            open_pool_to_serve(&paths, p.zeroing).with_context(|| format!("pool {}", p.name))?;
+            open_pool_to_serve(&paths, tuning).with_context(|| format!("pool {}", p.name))?;
         if p.read_only {
             pool.set_read_only(true)
                 .with_context(|| format!("pool {}: read-only", p.name))?;

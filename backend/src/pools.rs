@@ -161,13 +161,33 @@ pub fn registry_path(paths: &PoolPaths) -> Option<PathBuf> {
 }
 
 pub fn open_pool(paths: &PoolPaths, writable: bool) -> Result<Pool> {
-    open_pool_zeroing(paths, writable, true)
+    open_pool_tuned(paths, writable, Tuning::default())
 }
 
-/// [`open_pool`], saying whether the rest of a newly provisioned block is zeroed (`false`
-/// is dm-thin's skip_block_zeroing: faster, but a guest may read stale data).
-pub fn open_pool_zeroing(paths: &PoolPaths, writable: bool, zeroing: bool) -> Result<Pool> {
-    let pool = open_pool_flagged_or_not(paths, writable, zeroing)?;
+/// How a served pool treats its data device (the configuration's pool options).
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Zero the rest of a newly provisioned block (`false` is dm-thin's
+    /// skip_block_zeroing: faster, but a guest may read stale data).
+    pub zeroing: bool,
+    /// Give freed data blocks' space back to the host once their freeing is committed
+    /// (`false` is dm-thin's no_discard_passdown).
+    pub discard_passdown: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            zeroing: true,
+            discard_passdown: true,
+        }
+    }
+}
+
+/// [`open_pool`] with the pool options of [`Tuning`]. A writable open refuses a pool
+/// flagged needs_check (its changes would extend metadata in doubt).
+pub fn open_pool_tuned(paths: &PoolPaths, writable: bool, tuning: Tuning) -> Result<Pool> {
+    let pool = open_pool_flagged_or_not(paths, writable, tuning)?;
     if writable && pool.status().needs_check {
         bail!(
             "the pool's metadata {} is flagged needs_check: run `vhost-thin pool check --metadata {} --clear-needs-check` first",
@@ -183,8 +203,8 @@ pub fn open_pool_zeroing(paths: &PoolPaths, writable: bool, zeroing: bool) -> Re
 /// that its disks can be read and copied off: reads work, and writes to blocks a disk owns
 /// alone; nothing that changes the metadata does. The check comes after a stop
 /// (`pool check --clear-needs-check`).
-pub fn open_pool_to_serve(paths: &PoolPaths, zeroing: bool) -> Result<Pool> {
-    let pool = open_pool_flagged_or_not(paths, true, zeroing)?;
+pub fn open_pool_to_serve(paths: &PoolPaths, tuning: Tuning) -> Result<Pool> {
+    let pool = open_pool_flagged_or_not(paths, true, tuning)?;
     if pool.status().needs_check {
         tracing::warn!(
             "the pool's metadata {} is flagged needs_check: serving it read-only (reads, and \
@@ -197,13 +217,14 @@ pub fn open_pool_to_serve(paths: &PoolPaths, zeroing: bool) -> Result<Pool> {
     Ok(pool)
 }
 
-fn open_pool_flagged_or_not(paths: &PoolPaths, writable: bool, zeroing: bool) -> Result<Pool> {
+fn open_pool_flagged_or_not(paths: &PoolPaths, writable: bool, tuning: Tuning) -> Result<Pool> {
     let meta = open_file(&paths.metadata, "metadata device", writable)?;
     let data = open_file(&paths.data, "data device", writable)?;
     let opts = PoolOptions {
         cache_blocks: paths.cache_blocks,
         read_only: !writable,
-        skip_block_zeroing: !zeroing,
+        skip_block_zeroing: !tuning.zeroing,
+        discard_passdown: tuning.discard_passdown,
     };
     let journal = match journal_path(paths) {
         Some(p) => open_journal(&p, writable)?,

@@ -2,7 +2,7 @@
 
 use crate::daemon::{self, parse_disk_spec, DiskSpec};
 use crate::manager::{Manager, PoolHandle};
-use crate::pools::{load_registry, open_pool_to_serve, PoolPaths};
+use crate::pools::{load_registry, open_pool_to_serve, PoolPaths, Tuning};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -59,6 +59,12 @@ pub struct ServeArgs {
     /// new block, snapshots and other changes fail.
     #[arg(long)]
     read_only_pool: bool,
+    /// Keep the space of freed data blocks allocated on the host (dm-thin's
+    /// no_discard_passdown); by default it is given back once the commit that freed them
+    /// is durable: holes punched in a data file, discards sent to a data block device.
+    /// With --config: the pool's `discard-passdown`.
+    #[arg(long, conflicts_with = "config")]
+    no_discard_passdown: bool,
     /// Commit the pool at least this often (milliseconds; dm-thin uses 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
     commit_interval_ms: u64,
@@ -91,7 +97,11 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         registry: a.registry.clone(),
         cache_blocks: a.cache_blocks,
     };
-    let pool = open_pool_to_serve(&paths, true)?;
+    let tuning = Tuning {
+        discard_passdown: !a.no_discard_passdown,
+        ..Tuning::default()
+    };
+    let pool = open_pool_to_serve(&paths, tuning)?;
     if a.read_only_pool {
         pool.set_read_only(true)?;
     }

@@ -1,11 +1,13 @@
 //! Pool and disk options of the configuration file that change what a guest sees: block
-//! zeroing, discard support, the queue size.
+//! zeroing, discard support and passdown, the queue size.
 
 mod common;
 use common::{bin, sigterm, wait_for, Guest};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+};
 
 /// Starts `serve --config` on `cfg` and waits for `sockets` to appear.
 fn serve(cfg: &Path, sockets: &[&Path]) -> Child {
@@ -101,6 +103,109 @@ fn the_queue_size_of_a_disk_is_honoured_from_the_first_start() {
         let c = serve(&cfg, &[&sock]);
         let mut g = Guest::connect(&sock, 1);
         assert_eq!(seg_max(&mut g), 126, "{run}");
+        drop(g);
+        stop(c);
+    }
+}
+
+/// The space a file takes on its filesystem, as `du` counts it.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn a_guest_discard_gives_the_space_back_to_the_host_after_the_flush_unless_passdown_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n\
+             \x20 - name: on\n    metadata: {d}/on.meta\n    data: {d}/on.data\n    create:\n      data-size: 128MiB\n\
+             \x20 - name: off\n    metadata: {d}/off.meta\n    data: {d}/off.data\n    create:\n      data-size: 128MiB\n    discard-passdown: false\n\
+             disks:\n\
+             \x20 - name: on\n    pool: on\n    size: 96MiB\n    socket: {d}/on.sock\n\
+             \x20 - name: off\n    pool: off\n    size: 96MiB\n    socket: {d}/off.sock\n"
+        ),
+    )
+    .unwrap();
+    let socks = [dir.path().join("on.sock"), dir.path().join("off.sock")];
+    let c = serve(&cfg, &[&socks[0], &socks[1]]);
+    const WRITTEN: u64 = 64 << 20;
+    for (sock, passdown) in socks.iter().zip([true, false]) {
+        let data = dir
+            .path()
+            .join(if passdown { "on.data" } else { "off.data" });
+        let mut g = Guest::connect(sock, 1);
+        let chunk = vec![0x5Au8; 512 << 10];
+        for i in 0..WRITTEN / chunk.len() as u64 {
+            assert_eq!(g.write(0, i * (chunk.len() as u64 / 512), &chunk, 4), 0);
+        }
+        assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+        let before = allocated(&data);
+        assert!(before >= WRITTEN, "{before} bytes allocated");
+        // Partial pool blocks at either end are left alone: 1 KiB in, 1 KiB short.
+        let (first, sectors) = (2u64, (WRITTEN / 512 - 4) as u32);
+        assert_eq!(g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(first, sectors, 0)]), 0);
+        assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+        let after = allocated(&data);
+        if passdown {
+            // All but the first and the last 64 KiB block.
+            assert!(
+                before - after >= WRITTEN - (128 << 10),
+                "passdown: {before} bytes allocated before the discard, {after} after"
+            );
+        } else {
+            assert_eq!(after, before, "discard-passdown: false punched");
+        }
+        let (st, got) = g.read(0, 0, 4096);
+        assert_eq!(st, 0);
+        assert!(got[..1024].iter().all(|&b| b == 0x5A));
+        let (st, got) = g.read(0, (64 << 10) / 512, 4096);
+        assert_eq!(st, 0);
+        assert!(got.iter().all(|&b| b == 0));
+        drop(g);
+    }
+    stop(c);
+}
+
+#[test]
+fn serve_with_no_discard_passdown_keeps_the_space_of_discarded_blocks() {
+    let p = common::new_pool("32MiB");
+    common::cli(&[
+        "thin", "create", "-m", &p.m, "-d", &p.d, "--id", "0", "--size", "16MiB",
+    ]);
+    let sock = p.root.join("d.sock");
+    let disk = format!("id=0,socket={}", sock.display());
+    for passdown in [false, true] {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "-m", &p.m, "-d", &p.d, "--disk", &disk]);
+        if !passdown {
+            cmd.arg("--no-discard-passdown");
+        }
+        let c = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(&sock);
+        let mut g = Guest::connect(&sock, 1);
+        let chunk = vec![0x11u8; 512 << 10];
+        for i in 0..8u64 {
+            assert_eq!(g.write(0, i * 1024, &chunk, 2), 0);
+        }
+        assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+        let before = allocated(Path::new(&p.d));
+        assert_eq!(g.ranges(0, VIRTIO_BLK_T_DISCARD, &[(0, 8192, 0)]), 0);
+        assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+        let after = allocated(Path::new(&p.d));
+        if passdown {
+            assert!(before - after >= 4 << 20, "{before} -> {after}");
+        } else {
+            assert_eq!(after, before, "--no-discard-passdown punched");
+        }
         drop(g);
         stop(c);
     }

@@ -107,6 +107,8 @@ pub struct DeviceInfo {
     pub capacity_bytes: Option<u64>,
     pub size_max: Option<u32>,
     pub blk_size: Option<u32>,
+    /// The largest DISCARD segment, in sectors (with VIRTIO_BLK_F_DISCARD).
+    pub max_discard_sectors: Option<u32>,
     pub device_queues: u64,
     pub read_only: bool,
 }
@@ -123,6 +125,7 @@ fn supported_features() -> u64 {
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_MQ
         | 1 << VIRTIO_BLK_F_RO
+        | 1 << VIRTIO_BLK_F_DISCARD
 }
 
 pub struct Connection {
@@ -176,6 +179,7 @@ pub fn connect(sock: &Path, nq: usize) -> Result<Connection> {
         capacity_bytes: None,
         size_max: None,
         blk_size: None,
+        max_discard_sectors: None,
         device_queues,
         read_only: acked_features & (1 << VIRTIO_BLK_F_RO) != 0,
     };
@@ -192,6 +196,20 @@ pub fn connect(sock: &Path, nq: usize) -> Result<Connection> {
             }
             if acked_features & (1 << VIRTIO_BLK_F_BLK_SIZE) != 0 {
                 info.blk_size = Some(le32(&cfg, 20));
+            }
+        }
+        if acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0 {
+            // ... topology (8) writeback (1) unused (1) num_queues (2) max_discard_sectors (4)
+            const DLEN: u32 = 40;
+            if let Ok((_, cfg)) = fe.get_config(
+                0,
+                DLEN,
+                VhostUserConfigFlags::WRITABLE,
+                &[0u8; DLEN as usize],
+            ) {
+                if cfg.len() >= DLEN as usize {
+                    info.max_discard_sectors = Some(le32(&cfg, 36)).filter(|&n| n > 0);
+                }
             }
         }
     }

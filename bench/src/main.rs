@@ -99,6 +99,11 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Instead of a load: discard the first BYTES of the disk (one DISCARD per GiB, or per
+    /// the device's max_discard_sectors, one at a time, from queue 0), then FLUSH; reports how long the discards and the FLUSH took
+    /// (`discard_ms`, `flush_ms`).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    discard: Option<u64>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -120,6 +125,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 struct Report {
     stats: QueueStats,
+    /// The discards of --discard.
+    discard: Option<Duration>,
     /// Until every queue drained (the final FLUSH excluded).
     seconds: f64,
     flush: Option<Duration>,
@@ -219,6 +226,11 @@ fn run(a: &Args) -> Result<ExitCode> {
     let stall = Duration::from_secs_f64(a.stall_timeout);
     let barrier = Barrier::new(nq);
     let any_stall = AtomicBool::new(false);
+    let discard_time = &std::sync::Mutex::new(None);
+    // One segment per DISCARD, at most a GiB and what the device takes.
+    let max_discard = info
+        .max_discard_sectors
+        .map_or(1 << 30, |n| (n as u64 * 512).min(1 << 30));
     let start = Instant::now();
     let deadline = start + runtime;
     type Outcome = (Result<QueueStats, ring::Stall>, Option<Flush>);
@@ -249,13 +261,20 @@ fn run(a: &Args) -> Result<ExitCode> {
                             a.single_pass,
                             a.seed.wrapping_add(q as u64),
                         );
-                        let r = drv.run(&mut w, deadline, stall);
+                        let r = match a.discard {
+                            None => drv.run(&mut w, deadline, stall),
+                            Some(n) if q == 0 => {
+                                discard(&mut drv, n, max_discard, stall, discard_time)
+                            }
+                            Some(_) => Ok(QueueStats::default()),
+                        };
                         if r.is_err() {
                             any_stall.store(true, Ordering::SeqCst);
                         }
                         // Every queue has drained: the FLUSH covers all their writes.
                         barrier.wait();
-                        let flush = (q == 0 && a.end_fsync && !any_stall.load(Ordering::SeqCst))
+                        let end_fsync = a.end_fsync || a.discard.is_some();
+                        let flush = (q == 0 && end_fsync && !any_stall.load(Ordering::SeqCst))
                             .then(|| Flush {
                                 ran_for: start.elapsed(),
                                 result: drv.flush(stall),
@@ -326,6 +345,7 @@ fn run(a: &Args) -> Result<ExitCode> {
     conn.teardown(nq);
 
     let rep = Report {
+        discard: *discard_time.lock().unwrap(),
         stats: total,
         seconds,
         flush: flush_time,
@@ -346,6 +366,35 @@ fn run(a: &Args) -> Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The discards of `--discard`: the first `bytes` of the disk, `max` bytes per request.
+fn discard(
+    drv: &mut QueueDriver<'_>,
+    bytes: u64,
+    max: u64,
+    stall: Duration,
+    took: &std::sync::Mutex<Option<Duration>>,
+) -> Result<QueueStats, ring::Stall> {
+    let mut st = QueueStats::default();
+    let t0 = Instant::now();
+    let mut at = 0;
+    while at < bytes {
+        let n = (bytes - at).min(max);
+        if let Err(e) = drv.discard(at, n, stall)? {
+            st.errors += 1;
+            st.first_errors.push(ring::IoError {
+                queue: 0,
+                write: true,
+                offset: at,
+                what: format!("DISCARD: {e}"),
+            });
+            break;
+        }
+        at += n;
+    }
+    *took.lock().unwrap() = Some(t0.elapsed());
+    Ok(st)
 }
 
 fn us(ns: f64) -> f64 {
@@ -388,6 +437,7 @@ fn print_report(a: &Args, rw: Rw, span: u64, qsize: u16, info: &frontend::Device
             "align": a.align.unwrap_or(a.bs),
             "single_pass": a.single_pass,
             "flush_ms": r.flush.map(|d| d.as_secs_f64() * 1000.0),
+            "discard_ms": r.discard.map(|d| d.as_secs_f64() * 1000.0),
             "device_features": format!("{:#x}", info.device_features),
             "acked_features": format!("{:#x}", info.acked_features),
             "device_queues": info.device_queues,
@@ -418,6 +468,9 @@ fn print_report(a: &Args, rw: Rw, span: u64, qsize: u16, info: &frontend::Device
             us(h.quantile(0.999) as f64),
             us(h.max() as f64)
         );
+        if let Some(d) = r.discard {
+            println!("  discards: {:.3} ms", d.as_secs_f64() * 1000.0);
+        }
         if let Some(d) = r.flush {
             println!("  final FLUSH: {:.3} ms", d.as_secs_f64() * 1000.0);
         }

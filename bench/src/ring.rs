@@ -14,7 +14,7 @@ use crate::hist::Histogram;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 use vmm_sys_util::eventfd::EventFd;
@@ -568,18 +568,52 @@ impl<'a> QueueDriver<'a> {
     /// Sends one FLUSH (on slot 0, which must be free: call after [`Self::run`]) and waits
     /// for it. Returns its latency, or what went wrong with it.
     pub fn flush(&mut self, stall: Duration) -> Result<Result<Duration, String>, Stall> {
+        self.one_request(VIRTIO_BLK_T_FLUSH, None, stall)
+    }
+
+    /// Sends one DISCARD of `len` bytes at `offset` (one segment: at most 4 GiB - 512,
+    /// and within the device's max_discard_sectors) on slot 0, as [`Self::flush`].
+    pub fn discard(
+        &mut self,
+        offset: u64,
+        len: u64,
+        stall: Duration,
+    ) -> Result<Result<Duration, String>, Stall> {
+        let mut seg = [0u8; 16];
+        seg[0..8].copy_from_slice(&(offset / 512).to_le_bytes());
+        seg[8..12].copy_from_slice(&((len / 512) as u32).to_le_bytes());
+        self.one_request(VIRTIO_BLK_T_DISCARD, Some(&seg), stall)
+    }
+
+    /// One request of type `kind` on slot 0, with `data` for the device to read (or no
+    /// data descriptor), waited for.
+    fn one_request(
+        &mut self,
+        kind: u32,
+        data: Option<&[u8]>,
+        stall: Duration,
+    ) -> Result<Result<Duration, String>, Stall> {
         let hdr = self.mem.ptr(self.l.hdrs, 17);
         let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
         // SAFETY: slot 0's header area; the device owns no request now.
         unsafe {
             std::ptr::copy_nonoverlapping(h.as_ptr(), hdr, 16);
             hdr.add(16).write(STATUS_POISON);
         }
-        // Header straight to status: no data descriptor.
         let next_at = self.l.desc + 14;
-        self.atomic16(next_at)
-            .store(2u16.to_le(), Ordering::Relaxed);
+        match data {
+            Some(d) => {
+                let p = self.buf(0, d.len() as u64);
+                // SAFETY: slot 0's buffer, which the device does not own now.
+                unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), p, d.len()) };
+                self.set_data_desc(0, d.len() as u32, false);
+            }
+            // Header straight to status: no data descriptor.
+            None => self
+                .atomic16(next_at)
+                .store(2u16.to_le(), Ordering::Relaxed),
+        }
         let ring_at = self.l.avail + 4 + 2 * (self.avail_idx % self.l.size) as u64;
         self.atomic16(ring_at).store(0, Ordering::Relaxed);
         self.avail_idx = self.avail_idx.wrapping_add(1);

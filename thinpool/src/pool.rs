@@ -6,7 +6,8 @@
 //! in-flight writes to its origin and hold new ones for the moment it takes.
 //!
 //! A write to an unmapped block allocates a data block, writes the data (zero-filling the
-//! rest of the block unless `skip_block_zeroing`), then maps it. A write to a block that
+//! rest of the block unless `skip_block_zeroing`, or unless the block is a known hole of
+//! the data file, see [`Holes`]), then maps it. A write to a block that
 //! may be shared with a snapshot copies the old block (unless the write covers it all)
 //! into a new one and remaps. A write to an exclusively owned block goes in place, with no
 //! metadata change. New mappings become durable at [`Pool::commit`], which flushes the
@@ -16,6 +17,9 @@
 //! from the origin instead of as zeroes, a partial write to one copies the rest of the
 //! block from the origin (as breaking sharing copies the old block), and write-zeroes
 //! provisions zeroed blocks where unmapping would bring the origin's bytes back.
+//!
+//! Discard passdown: the data blocks a commit frees are given back to the host once the
+//! commit is durable (see [`Pool::commit_held`] and [`crate::storage::Storage::punch`]).
 //!
 //! Failures: a metadata error aborts the transaction back to the last commit, sets
 //! NEEDS_CHECK and leaves the pool read-only (reads and in-place writes still work); if
@@ -44,6 +48,10 @@ pub struct PoolOptions {
     pub cache_blocks: usize,
     /// Open without writing anything.
     pub read_only: bool,
+    /// Give the space of data blocks that become free back to the host once the commit
+    /// that freed them is durable: a hole punched in a data file, a discard sent to a data
+    /// block device (dm-thin's default; `false` is its `no_discard_passdown`).
+    pub discard_passdown: bool,
 }
 
 impl Default for PoolOptions {
@@ -52,6 +60,7 @@ impl Default for PoolOptions {
             skip_block_zeroing: false,
             cache_blocks: crate::pdata::block_manager::DEFAULT_CACHE_BLOCKS,
             read_only: false,
+            discard_passdown: true,
         }
     }
 }
@@ -117,6 +126,40 @@ struct Inner {
     /// origin pays one lookup in an (almost always empty) map for an unmapped block, and
     /// nothing for a mapped one.
     origins: HashMap<u32, Arc<ExternalOrigin>>,
+    /// Data blocks known to be holes in the data file (see [`Holes`]).
+    holes: Holes,
+}
+
+/// Data blocks known to be holes in the data device: free, and their whole range in the
+/// data file a hole, learnt from the file at open (or when it grows) or punched since by
+/// discard passdown. The first write to one need not zero the rest of the block: it
+/// reads as zeroes already. In memory only; a block leaves the set when it is allocated
+/// (every write to the data device goes to an allocated block), so the set is never
+/// more than the truth. Never filled for a block device, which cannot tell its holes.
+#[derive(Default)]
+struct Holes {
+    bits: Vec<u64>,
+}
+
+impl Holes {
+    fn set_range(&mut self, start: u64, end: u64) {
+        if end > self.bits.len() as u64 * 64 {
+            self.bits.resize(end.div_ceil(64) as usize, 0);
+        }
+        for b in start..end {
+            self.bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    /// Whether `b` was known to be a hole; it is not from now on.
+    fn take(&mut self, b: u64) -> bool {
+        let Some(w) = self.bits.get_mut((b / 64) as usize) else {
+            return false;
+        };
+        let was = *w & (1 << (b % 64)) != 0;
+        *w &= !(1 << (b % 64));
+        was
+    }
 }
 
 impl Inner {
@@ -162,6 +205,8 @@ pub struct Pool {
     commit_ended: Condvar,
     /// Data was written since the last flush of the data device.
     data_written: AtomicBool,
+    /// The data device has not refused [`Storage::zero_range`] yet.
+    zero_range_works: AtomicBool,
     /// Held shared by every block operation from lookup to the end of its data I/O, and
     /// exclusively by [`Pool::abort`], which frees blocks such I/O may still target.
     io_epoch: RwLock<()>,
@@ -180,6 +225,15 @@ fn md_opts(opts: &PoolOptions) -> MetadataOptions {
         cache_blocks: opts.cache_blocks,
         read_only: opts.read_only,
     }
+}
+
+/// A data block allocated for a write.
+struct NewBlock {
+    block: u64,
+    /// It was known to be a hole in the data device ([`Holes`]).
+    hole: bool,
+    /// [`Inner::generation`] when it was allocated.
+    generation: u64,
 }
 
 /// What a write found at its block.
@@ -207,8 +261,11 @@ impl Pool {
                 data.len()
             )));
         }
-        let md = ThinMetadata::format(metadata, block_sectors, data_blocks, md_opts(&opts))?;
-        Ok(Self::assemble(md, data, opts, PoolMode::Write, None))
+        let mut md = ThinMetadata::format(metadata, block_sectors, data_blocks, md_opts(&opts))?;
+        md.set_withhold_freed_data(opts.discard_passdown && !opts.read_only);
+        let pool = Self::assemble(md, data, opts, PoolMode::Write, None);
+        pool.learn_holes(0);
+        Ok(pool)
     }
 
     /// Opens an existing pool (kernel-made pools included). A data device that grew is
@@ -233,6 +290,7 @@ impl Pool {
         opts: PoolOptions,
     ) -> Result<Self> {
         let mut md = ThinMetadata::open(metadata, md_opts(&opts))?;
+        md.set_withhold_freed_data(opts.discard_passdown && !opts.read_only);
         let block_bytes = md.data_block_bytes();
         let have = data.len() / block_bytes;
         let need = md.usage().data_blocks;
@@ -298,7 +356,83 @@ impl Pool {
         }
         let mut pool = Self::assemble(md, data, opts, mode, reason);
         pool.replayed = replayed;
+        // Blocks the replay's commit freed, then what the data file says.
+        pool.pass_down_locked(&mut pool.lock());
+        pool.learn_holes(0);
         Ok(pool)
+    }
+
+    /// Notes the free data blocks from `from` on whose whole range is a hole in the data
+    /// device, if it can tell (see [`Holes`]). Nothing for a pool that never writes.
+    fn learn_holes(&self, from: u64) {
+        if self.opts.read_only {
+            return;
+        }
+        let holes = match self.data.holes() {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot find the holes of the data device: {e}; new blocks are zeroed"
+                );
+                return;
+            }
+        };
+        let bs = self.block_bytes;
+        let mut g = self.lock();
+        let nr = g.md.usage().data_blocks;
+        for (start, end) in holes {
+            let (first, end) = (start.div_ceil(bs).max(from), (end / bs).min(nr));
+            for b in first..end {
+                if g.md.data_block_count(b).is_ok_and(|c| c == 0) {
+                    g.holes.set_range(b, b + 1);
+                }
+            }
+        }
+    }
+
+    /// Discard passdown with the metadata lock held throughout (at open, and for the
+    /// commit a full pool makes): the data blocks durable commits freed, withheld from
+    /// allocation since, are punched, and released. [`Pool::commit_held`] does the same
+    /// without holding the lock during the punches.
+    fn pass_down_locked(&self, g: &mut Inner) {
+        let freed = g.md.take_freed_data();
+        if freed.is_empty() {
+            return;
+        }
+        let holes = self.punch(g.mode, &freed);
+        Self::passed_down(g, &freed, &holes);
+    }
+
+    /// Gives the space of the data blocks in `runs` back to the host, and returns the
+    /// runs that are holes now. The blocks must be free since a durable commit and kept
+    /// from allocation until the punches are over: nothing may write them meanwhile, and
+    /// no crash may bring back a mapping to them. A failure is logged, not returned: the
+    /// space is only not given back.
+    fn punch(&self, mode: PoolMode, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let bs = self.block_bytes;
+        let mut holes = Vec::new();
+        if mode == PoolMode::Fail {
+            return holes;
+        }
+        for &(start, end) in runs {
+            match self.data.punch(start * bs, (end - start) * bs) {
+                Ok(crate::storage::Punched::Hole) => holes.push((start, end)),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    "discard passdown of data blocks {start}..{end} failed: {e}; their space stays allocated"
+                ),
+            }
+        }
+        holes
+    }
+
+    /// After [`Self::punch`]: the holes are noted and every run may be allocated again.
+    fn passed_down(g: &mut Inner, runs: &[(u64, u64)], holes: &[(u64, u64)]) {
+        for &(start, end) in holes {
+            g.holes.set_range(start, end);
+        }
+        g.md.release_withheld_data(runs);
     }
 
     fn assemble(
@@ -322,6 +456,7 @@ impl Pool {
                 read_only_requested: false,
                 rolled_back: None,
                 origins: HashMap::new(),
+                holes: Holes::default(),
             }),
             commit_lock: Mutex::new(()),
             commit_ended: Condvar::new(),
@@ -332,6 +467,7 @@ impl Pool {
             opts,
             zeroes: vec![0; block_bytes.min(1 << 20) as usize],
             data_written: AtomicBool::new(false),
+            zero_range_works: AtomicBool::new(true),
             io_epoch: RwLock::new(()),
             replayed: 0,
         }
@@ -479,7 +615,9 @@ impl Pool {
         if let Err(e) = &r {
             Self::metadata_failed(inner, e);
         }
-        r.map(|()| true)
+        r?;
+        self.pass_down_locked(inner);
+        Ok(true)
     }
 
     fn metadata_failed(inner: &mut Inner, e: &Error) {
@@ -650,14 +788,18 @@ impl Pool {
         let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         self.flush_data(&mut g)?;
-        self.meta(&mut g, |md| md.reserve_metadata_snap())
+        let r = self.meta(&mut g, |md| md.reserve_metadata_snap());
+        self.pass_down_locked(&mut g);
+        r
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
         let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         self.flush_data(&mut g)?;
-        self.meta(&mut g, |md| md.release_metadata_snap())
+        let r = self.meta(&mut g, |md| md.release_metadata_snap());
+        self.pass_down_locked(&mut g);
+        r
     }
 
     /// Grows the pool to the data device's current length.
@@ -665,7 +807,10 @@ impl Pool {
         let len = self.data.refresh_len().map_err(Self::data_err("stat", 0))?;
         let blocks = len / self.block_bytes;
         let mut g = self.lock();
+        let before = g.md.usage().data_blocks;
         self.meta(&mut g, |md| md.resize_data(blocks))?;
+        drop(g);
+        self.learn_holes(before);
         Ok(blocks)
     }
 
@@ -844,12 +989,22 @@ impl Pool {
         tracing::debug!(
             "commit: transaction frozen in {t_frozen:?} (metadata locked), durable after {t_written:?}"
         );
+        // The data blocks this commit freed, withheld from allocation: punched without
+        // the lock (the commit lock keeps any other commit, and a deliberate abort, out).
+        let freed = g.md.take_freed_data();
         if let Some(why) = g.failed_while_flipping.take() {
             // The rollback that failure called for (unless the commit failed too: then the
-            // pool has failed, or has rolled back already).
+            // pool has failed, or has rolled back already). The blocks stay free in what
+            // it reopens (the commit above is durable), and nothing allocates after it.
             if r.is_ok() {
                 Self::metadata_failed(&mut g, &Error::Failed(why));
             }
+        }
+        if !freed.is_empty() {
+            let mode = g.mode;
+            drop(g);
+            let holes = self.punch(mode, &freed);
+            Self::passed_down(&mut self.lock(), &freed, &holes);
         }
         r
     }
@@ -1001,23 +1156,52 @@ impl Pool {
             self.data_written.store(true, Ordering::SeqCst);
             return Ok(());
         }
-        let new = self.alloc_data(&mut g)?;
+        let (mut g, new) = self.alloc_data(g);
+        let new = new?;
+        let hole = g.holes.take(new);
         let generation = g.generation;
         drop(g);
-        self.write_new_block(dev, vb, within, segs, whole, target, new, generation)
+        let new = NewBlock {
+            block: new,
+            hole,
+            generation,
+        };
+        self.write_new_block(dev, vb, within, segs, whole, target, new)
     }
 
-    fn alloc_data(&self, g: &mut MutexGuard<'_, Inner>) -> Result<u64> {
-        match self.meta(g, |md| md.alloc_data_block()) {
-            Err(e @ Error::OutOfDataSpace { .. }) if g.md.pending_data_frees() > 0 => {
-                // Blocks freed in this transaction become usable once it is committed.
-                if !self.commit_locked(g)? {
-                    return Err(e);
+    fn alloc_data<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+    ) -> (MutexGuard<'a, Inner>, Result<u64>) {
+        let ood = |r: &Result<u64>| matches!(r, Err(Error::OutOfDataSpace { .. }));
+        let mut r = self.meta(&mut g, |md| md.alloc_data_block());
+        if ood(&r) && g.md.withheld_data_blocks() > 0 {
+            // Blocks freed by a durable commit wait for their passdown: done here, or by
+            // the commit under way (waited for), then they are free.
+            self.pass_down_locked(&mut g);
+            let generation = g.generation;
+            while g.md.withheld_data_blocks() > 0 && g.generation == generation {
+                let ended = g.commits_ended;
+                g.waiting_for_commit += 1;
+                while g.commits_ended == ended {
+                    g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
                 }
-                self.meta(g, |md| md.alloc_data_block())
+                g.waiting_for_commit -= 1;
             }
-            r => r,
+            if g.generation != generation {
+                return (g, Err(Error::ReadOnly("the transaction was rolled back")));
+            }
+            r = self.meta(&mut g, |md| md.alloc_data_block());
         }
+        if ood(&r) && g.md.pending_data_frees() > 0 {
+            // Blocks freed in this transaction become usable once it is committed.
+            r = match self.commit_locked(&mut g) {
+                Ok(true) => self.meta(&mut g, |md| md.alloc_data_block()),
+                Ok(false) => r,
+                Err(e) => Err(e),
+            };
+        }
+        (g, r)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1029,9 +1213,13 @@ impl Pool {
         segs: &[IoSlice<'_>],
         whole: bool,
         target: Target,
-        new: u64,
-        generation: u64,
+        new: NewBlock,
     ) -> Result<()> {
+        let NewBlock {
+            block: new,
+            hole,
+            generation,
+        } = new;
         let bs = self.block_bytes;
         let at = new * bs;
         let io = (|| -> Result<()> {
@@ -1060,11 +1248,28 @@ impl Pool {
                         .map_err(Self::origin_err(vb * bs))?;
                     self.write_overlaid(buf, within, segs, at)
                 }
-                _ if self.opts.skip_block_zeroing => self
+                // A hole reads as zeroes already; with skip_block_zeroing, stale bytes
+                // are accepted.
+                _ if self.opts.skip_block_zeroing || hole => self
                     .data
                     .write_vectored_at(segs, at + within)
                     .map_err(Self::data_err("write", at + within)),
                 _ => {
+                    // The block reads as zeroes without writing them where the data device
+                    // can (a file's FALLOC_FL_ZERO_RANGE, measured cheaper than writing
+                    // the zeroes: docs/BENCHMARKS.md), then only the data is written.
+                    if self.zero_range_works.load(Ordering::Relaxed) {
+                        match self.data.zero_range(at, bs) {
+                            Ok(true) => {
+                                return self
+                                    .data
+                                    .write_vectored_at(segs, at + within)
+                                    .map_err(Self::data_err("write", at + within))
+                            }
+                            Ok(false) => self.zero_range_works.store(false, Ordering::Relaxed),
+                            Err(e) => return Err(Self::data_err("zero", at)(e)),
+                        }
+                    }
                     // Zero the rest of the new block in the same write.
                     let len: u64 = segs.iter().map(|s| s.len() as u64).sum();
                     let mut iov: Vec<IoSlice<'_>> = Vec::new();

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use thinpool::check;
 use thinpool::pool::{Pool, PoolOptions};
 use thinpool::storage::testing::{CrashMode, Recorded, RecordingStorage};
-use thinpool::storage::{MemStorage, Storage};
+use thinpool::storage::{MemStorage, Punched, Storage};
 
 const BS: u64 = 64 * 1024;
 
@@ -40,6 +40,7 @@ struct DataLog {
     inner: MemStorage,
     meta: Arc<RecordingStorage>,
     log: Mutex<Vec<(usize, u64, Vec<u8>)>>,
+    punches: std::sync::atomic::AtomicUsize,
 }
 
 impl Storage for DataLog {
@@ -57,6 +58,31 @@ impl Storage for DataLog {
     }
     fn len(&self) -> u64 {
         self.inner.len()
+    }
+    /// Discard passdown: logged as the zeroes it leaves.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<Punched> {
+        let r = self.inner.punch(offset, len)?;
+        let pos = self.meta.log_len();
+        self.log
+            .lock()
+            .unwrap()
+            .push((pos, offset, vec![0; len as usize]));
+        self.punches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(r)
+    }
+    fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
+        self.inner.holes()
+    }
+    /// FALLOC_FL_ZERO_RANGE: logged as the zeroes it leaves.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.zero_range(offset, len)?;
+        let pos = self.meta.log_len();
+        self.log
+            .lock()
+            .unwrap()
+            .push((pos, offset, vec![0; len as usize]));
+        Ok(true)
     }
 }
 
@@ -103,6 +129,7 @@ impl Rig {
             inner: MemStorage::new(data_blocks * BS),
             meta: rec.clone(),
             log: Mutex::new(Vec::new()),
+            punches: Default::default(),
         });
         let pool = Pool::open(rec.clone(), data.clone(), opts).unwrap();
         Rig {
@@ -525,6 +552,9 @@ fn every_crash_point_recovers_a_committed_state() {
         t.elapsed()
     );
     assert!(commits >= 20 && held_states >= 3 && rig.writes.0 >= 50);
+    // Discard passdown was part of it: a punch is logged where a crash would find it.
+    let punches = rig.data.punches.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(punches >= 5, "{punches} punches");
 }
 
 /// One transaction dirties more metadata blocks than the cache holds, so blocks are

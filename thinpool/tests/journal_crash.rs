@@ -19,11 +19,12 @@ mod common;
 use common::{pattern, run_tool_on, tools_available, Rng, THIN_CHECK};
 use std::collections::{BTreeMap, HashSet};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use thinpool::check;
 use thinpool::journal::Journal;
 use thinpool::pool::{Pool, PoolOptions};
-use thinpool::storage::{MemStorage, Storage};
+use thinpool::storage::{MemStorage, Punched, Storage};
 
 const BS: u64 = 64 * 1024;
 const BOOT: [u8; 16] = [0x5a; 16];
@@ -34,11 +35,13 @@ const JOURNAL: usize = 2;
 
 type Log = Arc<Mutex<Vec<(usize, u64, Vec<u8>)>>>;
 
-/// A device whose writes go into the shared log.
+/// A device whose writes go into the shared log; a punch (discard passdown) goes in as a
+/// write of zeroes, which is what it leaves.
 struct Logged {
     inner: MemStorage,
     which: usize,
     log: Log,
+    punches: Arc<AtomicUsize>,
 }
 
 impl Storage for Logged {
@@ -59,6 +62,26 @@ impl Storage for Logged {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<Punched> {
+        let r = self.inner.punch(offset, len)?;
+        self.punches.fetch_add(1, Ordering::SeqCst);
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.which, offset, vec![0; len as usize]));
+        Ok(r)
+    }
+    fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
+        self.inner.holes()
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.zero_range(offset, len)?;
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.which, offset, vec![0; len as usize]));
+        Ok(true)
+    }
 }
 
 /// Every device's bytes (by thin id).
@@ -76,6 +99,7 @@ struct Op {
 struct Rig {
     base: [Vec<u8>; 3],
     log: Log,
+    punches: Arc<AtomicUsize>,
     pool: Pool,
     vblocks: u64,
     cur: State,
@@ -95,11 +119,19 @@ impl Rig {
         let journal_len = 4096 + 32 * 4096;
         let base = [meta.to_vec(), data.to_vec(), vec![0u8; journal_len]];
         let log: Log = Arc::default();
+        let punches = Arc::new(AtomicUsize::new(0));
+        // The data device was never written: a sparse file, all holes.
+        assert!(base[DATA].iter().all(|&b| b == 0));
         let dev = |which: usize| {
             Arc::new(Logged {
-                inner: MemStorage::from_vec(base[which].clone()),
+                inner: if which == DATA {
+                    MemStorage::new(base[which].len() as u64)
+                } else {
+                    MemStorage::from_vec(base[which].clone())
+                },
                 which,
                 log: log.clone(),
+                punches: punches.clone(),
             })
         };
         let journal = Journal::open(dev(JOURNAL), BOOT).unwrap();
@@ -111,6 +143,7 @@ impl Rig {
         Rig {
             base,
             log,
+            punches,
             pool,
             vblocks,
             cur,
@@ -252,6 +285,53 @@ impl Rig {
         }
     }
 
+    /// Discard passdown at work: few data blocks, reused over and over, each freed by
+    /// discards (whole blocks, sometimes with partial ones at the ends) and punched after
+    /// the commit that freed it; first writes of a few pages land on punched blocks.
+    fn run_discards(&mut self, seed: u64, steps: usize) {
+        let mut rng = Rng(seed);
+        let size = self.vblocks * BS;
+        for step in 0..steps {
+            match rng.below(8) {
+                0..=3 => {
+                    if self.room() < 3 {
+                        self.op("commit".into(), |p| p.commit().unwrap(), |_| {});
+                        continue;
+                    }
+                    let len = if rng.below(2) == 0 { BS } else { 4096 };
+                    let offset = rng.below(size - len) / 4096 * 4096;
+                    let buf = pattern(seed ^ step as u64, len as usize);
+                    self.op(
+                        format!("write {len} at {offset}"),
+                        |p| p.write(0, offset, &buf).unwrap(),
+                        |s| {
+                            s.get_mut(&0).unwrap()[offset as usize..(offset + len) as usize]
+                                .copy_from_slice(&buf)
+                        },
+                    );
+                }
+                4 | 5 => {
+                    let offset = rng.below(size) / 512 * 512;
+                    let len = (rng.below(3 * BS) / 512 * 512 + 512).min(size - offset);
+                    let (first, end) = (offset.div_ceil(BS), (offset + len) / BS);
+                    self.op(
+                        format!("discard {len} at {offset}"),
+                        |p| {
+                            p.discard(0, offset, len).unwrap();
+                        },
+                        |s| {
+                            if first < end {
+                                s.get_mut(&0).unwrap()[(first * BS) as usize..(end * BS) as usize]
+                                    .fill(0)
+                            }
+                        },
+                    );
+                }
+                _ => self.op("commit".into(), |p| p.commit().unwrap(), |_| {}),
+            }
+        }
+    }
+
     /// The three devices after a crash at log point `p`; `torn`: the write at `p` got
     /// its first page through.
     fn images(&self, p: usize, torn: bool) -> [Vec<u8>; 3] {
@@ -335,6 +415,10 @@ fn between(got: &State, before: &State, after: &State) -> Result<(), String> {
 fn enumerate(seed: u64, steps: usize) {
     let mut rig = Rig::new(48, 8);
     rig.run(seed, steps);
+    verify(rig, seed);
+}
+
+fn verify(mut rig: Rig, seed: u64) {
     let tools = tools_available("the thin_check part of the journal crash test");
     let n = rig.log_len();
     let ops = std::mem::take(&mut rig.ops);
@@ -375,6 +459,17 @@ fn enumerate(seed: u64, steps: usize) {
 fn a_crash_at_any_write_keeps_every_acknowledged_write() {
     for seed in [0x1234_5678_9abc_def1, 77, 4242] {
         enumerate(seed, 70);
+    }
+}
+
+#[test]
+fn a_crash_at_any_write_during_discard_passdown_keeps_every_acknowledged_write() {
+    for seed in [5, 0xfeed_beef] {
+        let mut rig = Rig::new(10, 8);
+        rig.run_discards(seed, 80);
+        let punches = rig.punches.load(Ordering::SeqCst);
+        assert!(punches > 5, "seed {seed}: only {punches} punches");
+        verify(rig, seed);
     }
 }
 

@@ -62,6 +62,11 @@ pub struct PoolConfig {
     /// What guest discards do.
     #[serde(default)]
     pub discard: DiscardMode,
+    /// Give the space of freed data blocks back to the host (a hole punched in a data
+    /// file, a discard sent to a data block device) once the commit that freed them is
+    /// durable; `false` is dm-thin's `no_discard_passdown`.
+    #[serde(default = "yes")]
+    pub discard_passdown: bool,
     #[serde(default)]
     pub out_of_space: OutOfSpace,
     #[serde(default)]

@@ -11,6 +11,7 @@ pools:
     create:
       data-size: 100GiB
     zeroing: false
+    discard-passdown: false
     out-of-space:
       policy: queue
       timeout: 30
@@ -39,6 +40,7 @@ fn a_good_file_parses_with_defaults() {
     assert_eq!(p.block_size, Size(128 << 10));
     assert_eq!(p.create.as_ref().unwrap().data_size, Size(100 << 30));
     assert!(!p.zeroing);
+    assert!(!p.discard_passdown);
     assert_eq!(p.discard, DiscardMode::Unmap);
     assert_eq!(p.out_of_space.policy, OutOfSpacePolicy::Queue);
     assert_eq!(p.out_of_space.timeout, 30);
@@ -242,4 +244,15 @@ fn names_and_sizes_the_engine_refuses_are_refused_where_they_are() {
     // The largest disk, and names that are names, are taken.
     let ok = "pools:\n  - name: p.1\n    metadata: /m\n    data: /d\ndisks:\n  - name: \"vm 1@r2 (é)\"\n    size: 4194304TiB\n    socket: /s\n";
     parse(ok, "f.yaml").unwrap();
+}
+
+#[test]
+fn discard_passdown_is_on_unless_turned_off() {
+    let c = parse(
+        "pools:\n  - name: p\n    metadata: /m\n    data: /d\n",
+        "minimal.yaml",
+    )
+    .unwrap();
+    assert!(c.pools[0].discard_passdown);
+    assert!(c.pools[0].zeroing);
 }

@@ -10,6 +10,22 @@ fn mem_pool(data_blocks: u64) -> Pool {
     Pool::create(meta, data, 128, PoolOptions::default()).unwrap()
 }
 
+/// A pool over a fresh (all holes) memory data device, which the test keeps to look at.
+fn sparse_pool(data_blocks: u64, opts: PoolOptions) -> (Pool, Arc<MemStorage>) {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(MemStorage::new(data_blocks * BS));
+    let p = Pool::create(meta, data.clone(), 128, opts).unwrap();
+    p.create_thin(0).unwrap();
+    (p, data)
+}
+
+fn no_passdown() -> PoolOptions {
+    PoolOptions {
+        discard_passdown: false,
+        ..Default::default()
+    }
+}
+
 fn read_vec(p: &Pool, dev: u32, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0xEEu8; len];
     p.read(dev, off, &mut b).unwrap();
@@ -18,13 +34,12 @@ fn read_vec(p: &Pool, dev: u32, off: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn provisioning_zeroes_the_rest_of_a_block() {
-    let p = mem_pool(16);
+    // A data device of unknown history, dirty where the first block will land.
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(vec![0xAB; 16 * BS as usize]));
+    let p = Pool::create(meta, data, 128, PoolOptions::default()).unwrap();
     p.create_thin(0).unwrap();
     assert_eq!(read_vec(&p, 0, 0, 4096), vec![0; 4096]);
-    // Dirty the data device where the first block will land, then write 512 bytes.
-    p.data_storage()
-        .write_at(&vec![0xAB; BS as usize], 0)
-        .unwrap();
     p.write(0, 1000, &[7u8; 512]).unwrap();
     let b = read_vec(&p, 0, 0, BS as usize);
     assert!(b[..1000].iter().all(|&x| x == 0));
@@ -503,6 +518,374 @@ fn a_new_mapping_waits_for_the_commit_under_way_when_the_journal_is_full() {
     .unwrap();
     assert_eq!(after.device(0).unwrap().mapped_blocks, RECORDS + 2);
     assert_eq!(read_vec(&after, 0, (RECORDS + 1) * BS, 4), vec![0xee; 4]);
+}
+
+#[test]
+fn a_first_write_to_a_block_that_is_a_hole_writes_only_its_own_bytes() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, BS + 8192, &[7u8; 4096]).unwrap();
+    assert_eq!(
+        data.allocated_bytes(),
+        4096,
+        "the rest of the block was written"
+    );
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..8192].iter().all(|&x| x == 0));
+    assert!(b[8192..12288].iter().all(|&x| x == 7));
+    assert!(b[12288..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_reused_block_is_zeroed_when_its_space_was_not_given_back() {
+    // One data block: the second write must reuse the first's, freed but not punched.
+    let (p, data) = sparse_pool(1, no_passdown());
+    p.write(0, 0, &vec![0xAB; BS as usize]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(p.discard(0, 0, BS).unwrap(), 1);
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), BS, "punched with passdown off");
+    p.write(0, BS + 100, &[5u8; 10]).unwrap();
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..100].iter().all(|&x| x == 0), "stale data shown");
+    assert!(b[110..].iter().all(|&x| x == 0), "stale data shown");
+}
+
+#[test]
+fn discarded_blocks_are_punched_once_the_commit_that_freed_them_is_durable() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 4 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 4 * BS);
+    // Partial blocks at either end are left alone, as dm-thin does.
+    assert_eq!(p.discard(0, BS - 512, 2 * BS + 1024).unwrap(), 2);
+    assert_eq!(data.allocated_bytes(), 4 * BS, "punched before the commit");
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 2 * BS);
+    assert_eq!(read_vec(&p, 0, 0, BS as usize), vec![1u8; BS as usize]);
+    assert_eq!(
+        read_vec(&p, 0, BS, 2 * BS as usize),
+        vec![0; 2 * BS as usize]
+    );
+    assert_eq!(read_vec(&p, 0, 3 * BS, BS as usize), vec![1u8; BS as usize]);
+}
+
+#[test]
+fn write_zeroes_with_unmap_gives_whole_blocks_back() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 3 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.write_zeroes(0, 512, 3 * BS - 512, true).unwrap();
+    p.commit().unwrap();
+    // The first block is zeroed (partly covered), the other two are punched.
+    assert_eq!(data.allocated_bytes(), BS);
+    let b = read_vec(&p, 0, 0, 3 * BS as usize);
+    assert!(b[..512].iter().all(|&x| x == 1));
+    assert!(b[512..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_punched_block_is_reused_as_a_hole() {
+    let (p, data) = sparse_pool(1, PoolOptions::default());
+    p.write(0, 0, &vec![0xAB; BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 0);
+    p.write(0, BS + 100, &[5u8; 10]).unwrap();
+    assert_eq!(data.allocated_bytes(), 4096);
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..100].iter().all(|&x| x == 0));
+    assert_eq!(b[100..110], [5u8; 10]);
+    assert!(b[110..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn deleting_a_device_punches_the_blocks_no_other_device_shares() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.create_snap(1, 0).unwrap();
+    // Device 0 moves to a copy of its first block; the snapshot alone has the old one.
+    p.write(0, 0, &[2u8; 512]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 3 * BS);
+    p.delete(1).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 2 * BS);
+    let b = read_vec(&p, 0, 0, 2 * BS as usize);
+    assert_eq!(b[..512], [2u8; 512]);
+    assert!(b[512..].iter().all(|&x| x == 1));
+}
+
+#[test]
+fn a_failed_punch_keeps_the_pool_working_and_the_block_counts_as_written() {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(FaultyStorage::new(MemStorage::new(BS)));
+    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![0xAB; BS as usize]).unwrap();
+    p.commit().unwrap();
+    data.fail_nth(FaultOp::Punch, 1, true);
+    p.discard(0, 0, BS).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.count(FaultOp::Punch), 1);
+    assert_eq!(p.status().mode, PoolMode::Write);
+    // The one block is reused, zeroed: the punch did not happen.
+    p.write(0, BS + 100, &[5u8; 10]).unwrap();
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert!(b[..100].iter().all(|&x| x == 0) && b[110..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn the_holes_of_the_data_device_are_learned_at_open() {
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(MemStorage::new(16 * BS));
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.write(0, 0, &vec![3u8; BS as usize]).unwrap();
+        p.commit().unwrap();
+    }
+    let p = Pool::open(meta.clone(), data.clone(), PoolOptions::default()).unwrap();
+    p.write(0, BS, &[4u8; 4096]).unwrap();
+    assert_eq!(data.allocated_bytes(), BS + 4096);
+    // A data device that cannot tell its holes: every new block is zeroed.
+    let copy = Arc::new(MemStorage::from_vec(data.to_vec()));
+    let p = Pool::open(meta, copy.clone(), PoolOptions::default()).unwrap();
+    p.write(0, 2 * BS, &[4u8; 4096]).unwrap();
+    let b = read_vec(&p, 0, 2 * BS, BS as usize);
+    assert!(b[4096..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn with_passdown_off_freed_blocks_keep_their_space() {
+    let (p, data) = sparse_pool(4, no_passdown());
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.delete(0).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.allocated_bytes(), 2 * BS);
+}
+
+/// A data device whose punches take a while, so that the writes racing them find the
+/// moment between a commit's flip and the end of its punches.
+struct SlowPunch(MemStorage, std::sync::atomic::AtomicUsize);
+
+impl Storage for SlowPunch {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<crate::storage::Punched> {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.punch(offset, len)
+    }
+    fn holes(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        self.0.holes()
+    }
+}
+
+#[test]
+fn a_punch_never_hits_a_block_reused_while_it_runs() {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(SlowPunch(MemStorage::new(12 * BS), Default::default()));
+    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let (p, stop) = (p.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                p.commit().unwrap();
+            }
+        })
+    };
+    let writers: Vec<_> = (0..3u32)
+        .map(|dev| {
+            p.create_thin(dev).unwrap();
+            let p = p.clone();
+            std::thread::spawn(move || {
+                for round in 0..300u32 {
+                    let vb = (round % 2) as u64;
+                    let byte = (dev * 100 + round % 97 + 1) as u8;
+                    let len = if round % 3 == 0 { BS as usize } else { 4096 };
+                    loop {
+                        match p.write(dev, vb * BS, &vec![byte; len]) {
+                            Ok(()) => break,
+                            // Every block freed waits for a commit: try again after it.
+                            Err(Error::OutOfDataSpace { .. }) => std::thread::yield_now(),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    // A guest's FLUSH: the block is committed, its discard frees it for
+                    // the next commit to punch. It waits for the commit under way, and so
+                    // for the punches that commit makes.
+                    p.commit().unwrap();
+                    let got = read_vec(&p, dev, vb * BS, BS as usize);
+                    assert!(
+                        got[..len].iter().all(|&x| x == byte),
+                        "device {dev} round {round}: lost"
+                    );
+                    assert!(
+                        got[len..].iter().all(|&x| x == 0),
+                        "device {dev} round {round}: stale"
+                    );
+                    p.discard(dev, vb * BS, BS).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    committer.join().unwrap();
+    let punches = data.1.load(Ordering::SeqCst);
+    assert!(punches >= 100, "{punches} punches");
+}
+
+/// A data device whose punches wait for the test's word.
+struct HeldPunch {
+    inner: MemStorage,
+    started: Mutex<std::sync::mpsc::Sender<()>>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Storage for HeldPunch {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<crate::storage::Punched> {
+        self.started.lock().unwrap().send(()).unwrap();
+        self.go.lock().unwrap().recv().unwrap();
+        self.inner.punch(offset, len)
+    }
+}
+
+#[test]
+fn a_write_needing_a_block_being_punched_waits_for_the_punch() {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let data = Arc::new(HeldPunch {
+        inner: MemStorage::new(BS),
+        started: Mutex::new(started_tx),
+        go: Mutex::new(go_rx),
+    });
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let p = Arc::new(Pool::create(meta, data, 128, PoolOptions::default()).unwrap());
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![1u8; BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    // The commit frees the pool's one block and punches it, held there.
+    let committer = {
+        let p = p.clone();
+        std::thread::spawn(move || p.commit().unwrap())
+    };
+    started.recv().unwrap();
+    let writer = {
+        let p = p.clone();
+        std::thread::spawn(move || p.write(0, BS, &[2u8; 4096]))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !writer.is_finished(),
+        "the write did not wait for the punch"
+    );
+    go.send(()).unwrap();
+    committer.join().unwrap();
+    writer.join().unwrap().unwrap();
+    let b = read_vec(&p, 0, BS, BS as usize);
+    assert_eq!(b[..4096], [2u8; 4096], "the punch hit the reused block");
+    assert!(b[4096..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_block_freed_by_a_metadata_snapshots_release_is_reused_without_another_commit() {
+    let (p, _data) = sparse_pool(2, PoolOptions::default());
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.reserve_metadata_snap().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    // Commits: the first block, which the metadata snapshot kept, is free from now on.
+    p.release_metadata_snap().unwrap();
+    p.discard(0, BS, BS).unwrap();
+    assert_eq!(p.with_metadata(|m| m.pending_data_frees()), 1);
+    // Needs a block: the first one, without the commit that would free the second.
+    p.write(0, 2 * BS, &[2u8; 512]).unwrap();
+    assert_eq!(
+        p.with_metadata(|m| m.pending_data_frees()),
+        1,
+        "the write committed"
+    );
+    assert_eq!(read_vec(&p, 0, 2 * BS, 512), vec![2u8; 512]);
+}
+
+/// Memory storage that counts its zero-range calls, or refuses them.
+struct CountingZeroRange(MemStorage, std::sync::atomic::AtomicUsize, bool);
+
+impl Storage for CountingZeroRange {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        if !self.2 {
+            return Ok(false);
+        }
+        self.0.zero_range(offset, len)
+    }
+}
+
+#[test]
+fn a_first_write_to_a_block_that_is_not_a_hole_zeroes_it_with_zero_range_where_supported() {
+    for supported in [true, false] {
+        let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+        let data = Arc::new(CountingZeroRange(
+            MemStorage::from_vec(vec![0xAB; 4 * BS as usize]),
+            Default::default(),
+            supported,
+        ));
+        let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.write(0, 1000, &[7u8; 512]).unwrap();
+        p.write(0, BS + 1000, &[8u8; 512]).unwrap();
+        let b = read_vec(&p, 0, 0, 2 * BS as usize);
+        for (i, byte) in [(0, 7u8), (1, 8u8)] {
+            let blk = &b[i * BS as usize..(i + 1) * BS as usize];
+            assert!(blk[..1000].iter().all(|&x| x == 0), "stale data shown");
+            assert!(blk[1000..1512].iter().all(|&x| x == byte));
+            assert!(blk[1512..].iter().all(|&x| x == 0), "stale data shown");
+        }
+        // Unsupported: tried once, then the vectored write of zeroes.
+        let want = if supported { 2 } else { 1 };
+        assert_eq!(data.1.load(Ordering::SeqCst), want, "supported {supported}");
+    }
 }
 
 #[test]

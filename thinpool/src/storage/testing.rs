@@ -16,14 +16,16 @@ pub enum FaultOp {
     Sync,
     /// A write-back without a flush ([`Storage::writeback`]).
     Writeback,
+    /// A hole punched or a discard ([`Storage::punch`]).
+    Punch,
 }
 
 /// Wraps a store and fails the Nth read, write or sync (counting from 1) with EIO. With
 /// `sticky`, every operation of that kind after the Nth fails too (a dead disk).
 pub struct FaultyStorage<S> {
     inner: S,
-    counts: [AtomicU64; 4],
-    fail_at: [AtomicU64; 4],
+    counts: [AtomicU64; 5],
+    fail_at: [AtomicU64; 5],
     sticky: std::sync::atomic::AtomicBool,
 }
 
@@ -43,6 +45,7 @@ impl<S: Storage> FaultyStorage<S> {
             FaultOp::Write => 1,
             FaultOp::Sync => 2,
             FaultOp::Writeback => 3,
+            FaultOp::Punch => 4,
         }
     }
 
@@ -98,6 +101,17 @@ impl<S: Storage> Storage for FaultyStorage<S> {
     }
     fn refresh_len(&self) -> io::Result<u64> {
         self.inner.refresh_len()
+    }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<super::Punched> {
+        self.tick(FaultOp::Punch)?;
+        self.inner.punch(offset, len)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.tick(FaultOp::Write)?;
+        self.inner.zero_range(offset, len)
+    }
+    fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
+        self.inner.holes()
     }
 }
 

@@ -356,6 +356,28 @@ impl ThinMetadata {
         self.tm.data_sm.get(b)
     }
 
+    /// Discard passdown: from now on the data blocks each durable commit frees are kept
+    /// from allocation until [`release_withheld_data`](Self::release_withheld_data), and
+    /// [`take_freed_data`](Self::take_freed_data) lists them (see
+    /// [`SpaceMap::set_withhold_freed`](crate::pdata::space_map::SpaceMap::set_withhold_freed)).
+    pub fn set_withhold_freed_data(&mut self, on: bool) {
+        self.tm.data_sm.set_withhold_freed(on);
+    }
+
+    /// The runs of data blocks durable commits freed since the last call, withheld.
+    pub fn take_freed_data(&mut self) -> Vec<(u64, u64)> {
+        self.tm.data_sm.take_freed()
+    }
+
+    pub fn release_withheld_data(&mut self, runs: &[(u64, u64)]) {
+        self.tm.data_sm.release_withheld(runs)
+    }
+
+    /// Data blocks withheld from allocation now.
+    pub fn withheld_data_blocks(&self) -> u64 {
+        self.tm.data_sm.nr_withheld()
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.opts.read_only && !self.replaying_in_memory {
             return Err(Error::ReadOnly("metadata opened read-only"));
@@ -992,8 +1014,10 @@ impl ThinMetadata {
         });
         match fresh {
             Ok(fresh) => {
+                let withhold = self.tm.data_sm.withholds_freed();
                 *self = fresh;
                 self.journal = journal;
+                self.tm.data_sm.set_withhold_freed(withhold);
                 Ok(())
             }
             Err(e) => {

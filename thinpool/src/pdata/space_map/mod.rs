@@ -87,6 +87,14 @@ pub struct SpaceMap {
     pub overflow_root: u64,
     /// Data space map: root of the index B-tree. Metadata space map: the index block.
     pub index_root: u64,
+    /// Keep the blocks a durable transaction freed from allocation until released (for
+    /// discard passdown: they are punched in between, see [`take_freed`](Self::take_freed)).
+    withhold_freed: bool,
+    /// Runs `[start, end)` freed and withheld, by start.
+    withheld: BTreeMap<u64, u64>,
+    withheld_blocks: u64,
+    /// Runs withheld and not yet taken.
+    freed: Vec<(u64, u64)>,
 }
 
 impl SpaceMap {
@@ -103,6 +111,10 @@ impl SpaceMap {
             cursor: 0,
             overflow_root: 0,
             index_root: 0,
+            withhold_freed: false,
+            withheld: BTreeMap::new(),
+            withheld_blocks: 0,
+            freed: Vec::new(),
         };
         sm.extend(nr_blocks);
         sm
@@ -134,6 +146,10 @@ impl SpaceMap {
             cursor: 0,
             index_root: roots.0,
             overflow_root: roots.1,
+            withhold_freed: false,
+            withheld: BTreeMap::new(),
+            withheld_blocks: 0,
+            freed: Vec::new(),
         };
         // Count from the bitmaps rather than trusting the root's nr_allocated.
         let mut n = 0u64;
@@ -190,7 +206,42 @@ impl SpaceMap {
 
     /// Blocks that can be allocated before the next commit.
     pub fn nr_allocatable(&self) -> u64 {
-        self.nr_free() - self.pending_frees
+        self.nr_free() - self.pending_frees - self.withheld_blocks
+    }
+
+    /// From now on, the blocks each durable transaction frees (in use at the last durable
+    /// commit, free in the new one) are withheld from allocation until
+    /// [`release_withheld`](Self::release_withheld), and listed for
+    /// [`take_freed`](Self::take_freed): in between, nothing can write them, and their
+    /// freeing can no longer be undone by a crash.
+    pub fn set_withhold_freed(&mut self, on: bool) {
+        self.withhold_freed = on;
+    }
+
+    pub fn withholds_freed(&self) -> bool {
+        self.withhold_freed
+    }
+
+    /// The runs `[start, end)` freed by durable transactions since the last call, each
+    /// withheld until released.
+    pub fn take_freed(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.freed)
+    }
+
+    /// Makes runs [`take_freed`](Self::take_freed) gave allocatable again. (Runs no longer
+    /// withheld, after an abort reloaded the map, are ignored.)
+    pub fn release_withheld(&mut self, runs: &[(u64, u64)]) {
+        for &(start, end) in runs {
+            if self.withheld.get(&start) == Some(&end) {
+                self.withheld.remove(&start);
+                self.withheld_blocks -= end - start;
+            }
+        }
+    }
+
+    /// Blocks withheld now.
+    pub fn nr_withheld(&self) -> u64 {
+        self.withheld_blocks
     }
 
     /// Blocks freed in this transaction that become allocatable after the next commit.
@@ -319,11 +370,22 @@ impl SpaceMap {
     /// Finds a block free now and at the last commit, gives it count 1.
     pub fn alloc(&mut self) -> Option<u64> {
         let b = self
-            .find_free(self.cursor, self.nr_blocks)
-            .or_else(|| self.find_free(0, self.cursor.min(self.nr_blocks)))?;
+            .find_allocatable(self.cursor, self.nr_blocks)
+            .or_else(|| self.find_allocatable(0, self.cursor.min(self.nr_blocks)))?;
         self.set(b, 1).ok()?;
         self.cursor = b + 1;
         Some(b)
+    }
+
+    /// A block free now and at the last commit, and not withheld.
+    fn find_allocatable(&self, mut begin: u64, end: u64) -> Option<u64> {
+        loop {
+            let b = self.find_free(begin, end)?;
+            match self.withheld.range(..=b).next_back() {
+                Some((_, &e)) if e > b => begin = e,
+                _ => return Some(b),
+            }
+        }
     }
 
     fn find_free(&self, begin: u64, end: u64) -> Option<u64> {
@@ -407,6 +469,9 @@ impl SpaceMap {
 
     /// The frozen transaction's superblock is durable: its counts are the committed ones.
     pub fn durable(&mut self) {
+        if self.withhold_freed {
+            self.withhold_newly_free();
+        }
         for bm in &mut self.bitmaps {
             if let Some(frozen) = bm.frozen.take() {
                 bm.committed = if frozen[..] == bm.words[..] {
@@ -417,6 +482,42 @@ impl SpaceMap {
             }
         }
         self.recount_pending_frees();
+    }
+
+    /// Before [`durable`](Self::durable) flips: blocks in use at the last durable commit
+    /// (in `committed`, the union with the frozen counts), free in the frozen transaction
+    /// and free now become allocatable at the flip; they are withheld instead.
+    fn withhold_newly_free(&mut self) {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, bm) in self.bitmaps.iter().enumerate() {
+            let (Some(frozen), Some(union)) = (bm.frozen.as_deref(), bm.committed.as_deref())
+            else {
+                continue;
+            };
+            let base = i as u64 * ENTRIES_PER_BITMAP;
+            for (wi, ((&u, &f), &w)) in union
+                .iter()
+                .zip(frozen.iter())
+                .zip(bm.words.iter())
+                .enumerate()
+            {
+                let mut newly =
+                    bitmap::used_mask(u) & !bitmap::used_mask(f) & !bitmap::used_mask(w);
+                while newly != 0 {
+                    let b = base + wi as u64 * 32 + (newly.trailing_zeros() / 2) as u64;
+                    newly &= newly - 1;
+                    match runs.last_mut() {
+                        Some(last) if last.1 == b => last.1 = b + 1,
+                        _ => runs.push((b, b + 1)),
+                    }
+                }
+            }
+        }
+        for &(start, end) in &runs {
+            self.withheld.insert(start, end);
+            self.withheld_blocks += end - start;
+        }
+        self.freed.extend(runs);
     }
 
     fn recount_pending_frees(&mut self) {
@@ -500,6 +601,54 @@ mod tests {
         sm.commit_done();
         sm.cursor = 0;
         assert_eq!(sm.alloc().unwrap(), b);
+    }
+
+    #[test]
+    fn blocks_a_durable_transaction_freed_are_withheld_from_allocation_until_released() {
+        let mut sm = SpaceMap::new("test", 100);
+        sm.set_withhold_freed(true);
+        let (a, b, c) = (
+            sm.alloc().unwrap(),
+            sm.alloc().unwrap(),
+            sm.alloc().unwrap(),
+        );
+        sm.commit_done();
+        assert!(sm.take_freed().is_empty(), "nothing was freed");
+        sm.dec(a).unwrap();
+        sm.dec(b).unwrap();
+        // Allocated and freed in one transaction: never committed, nothing to give back.
+        let d = sm.alloc().unwrap();
+        sm.dec(d).unwrap();
+        sm.freeze();
+        assert!(sm.take_freed().is_empty(), "frozen is not durable");
+        sm.durable();
+        let runs = sm.take_freed();
+        assert_eq!(runs, vec![(a, b + 1)]);
+        assert!(sm.take_freed().is_empty(), "taken once");
+        assert_eq!(sm.nr_free(), 99, "withheld blocks are free");
+        assert_eq!(sm.nr_allocatable(), 97);
+        sm.cursor = 0;
+        let e = sm.alloc().unwrap();
+        assert!(
+            e != a && e != b && e != c,
+            "a withheld block was handed out"
+        );
+        sm.release_withheld(&runs);
+        assert_eq!(sm.nr_allocatable(), 98);
+        sm.cursor = 0;
+        assert_eq!(sm.alloc().unwrap(), a);
+    }
+
+    #[test]
+    fn nothing_is_withheld_unless_asked() {
+        let mut sm = SpaceMap::new("test", 100);
+        let a = sm.alloc().unwrap();
+        sm.commit_done();
+        sm.dec(a).unwrap();
+        sm.commit_done();
+        assert!(sm.take_freed().is_empty());
+        sm.cursor = 0;
+        assert_eq!(sm.alloc().unwrap(), a);
     }
 
     #[test]
