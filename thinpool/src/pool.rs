@@ -115,6 +115,10 @@ struct Inner {
     commits_ended: u64,
     /// Data-path changes waiting so (for tests to synchronise on).
     waiting_for_commit: usize,
+    /// A holder of the commit lock is on its way to commit (between taking the lock and
+    /// freezing): a change that finds the journal full waits for that commit as for one
+    /// already writing.
+    commit_coming: bool,
     /// Read-only mode was asked for (not caused by an error).
     read_only_requested: bool,
     /// A metadata failure rolled the transaction back: writes acknowledged since the last
@@ -193,8 +197,13 @@ impl CommitHold<'_> {
 
     /// Commits, as [`Pool::commit`]; the hold goes on.
     pub fn commit(&self) -> Result<()> {
-        self.pool.write_back()?;
-        self.pool.commit_held()
+        self.pool.lock().commit_coming = true;
+        let r = self
+            .pool
+            .write_back()
+            .and_then(|()| self.pool.commit_held());
+        self.pool.lock().commit_coming = false;
+        r
     }
 }
 
@@ -205,6 +214,10 @@ pub struct Pool {
     commit_ended: Condvar,
     /// Data was written since the last flush of the data device.
     data_written: AtomicBool,
+    /// One flush of the data device at a time (see [`Pool::flush_device`]).
+    data_flush: Mutex<()>,
+    /// A flush of the data device failed: none may vouch for its data again.
+    data_flush_failed: AtomicBool,
     /// The data device has not refused [`Storage::zero_range`] yet.
     zero_range_works: AtomicBool,
     /// Held shared by every block operation from lookup to the end of its data I/O, and
@@ -453,6 +466,7 @@ impl Pool {
                 failed_while_flipping: None,
                 commits_ended: 0,
                 waiting_for_commit: 0,
+                commit_coming: false,
                 read_only_requested: false,
                 rolled_back: None,
                 origins: HashMap::new(),
@@ -467,6 +481,8 @@ impl Pool {
             opts,
             zeroes: vec![0; block_bytes.min(1 << 20) as usize],
             data_written: AtomicBool::new(false),
+            data_flush: Mutex::new(()),
+            data_flush_failed: AtomicBool::new(false),
             zero_range_works: AtomicBool::new(true),
             io_epoch: RwLock::new(()),
             replayed: 0,
@@ -585,7 +601,8 @@ impl Pool {
     ) -> (MutexGuard<'a, Inner>, Result<T>) {
         loop {
             let r = self.meta(&mut g, &mut f);
-            if !(matches!(r, Err(Error::JournalFull { .. })) && g.flipping) {
+            let commit_under_way = g.flipping || g.commit_coming;
+            if !(matches!(r, Err(Error::JournalFull { .. })) && commit_under_way) {
                 return (g, r);
             }
             let (generation, ended) = (g.generation, g.commits_ended);
@@ -664,8 +681,12 @@ impl Pool {
                         tracing::error!("cannot flag the metadata needs_check: {e2}");
                     }
                 }
-                inner.mode = PoolMode::ReadOnly;
-                inner.reason = Some(format!("metadata error: {e}"));
+                // A pool failed already (a data flush failed) stays failed: read-only
+                // would serve data the page cache may have dropped.
+                if inner.mode != PoolMode::Fail {
+                    inner.mode = PoolMode::ReadOnly;
+                    inner.reason = Some(format!("metadata error: {e}"));
+                }
                 inner.read_only_requested = false;
             }
             Err(e2) => {
@@ -679,9 +700,30 @@ impl Pool {
     /// may have dropped the data, and a later flush that succeeds would not bring it back.
     fn flush_data(&self, inner: &mut Inner) -> Result<()> {
         self.data_written.store(false, Ordering::SeqCst);
-        self.data
-            .sync()
+        self.flush_device(|d| d.sync())
             .map_err(|source| Self::flush_failed(inner, source))
+    }
+
+    /// Every flush of the data device (a sync, a write-back) runs here, one at a time, and
+    /// a failure is kept before the next may run. The kernel reports a write-back error to
+    /// the first flush that checks the file, and to that one only: a sync that runs after
+    /// another flush took the error returns success, and must not vouch for the data (a
+    /// commit would make mappings durable over data the page cache dropped).
+    fn flush_device(
+        &self,
+        f: impl FnOnce(&dyn Storage) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let _one_at_a_time = self.data_flush.lock().unwrap_or_else(|p| p.into_inner());
+        if self.data_flush_failed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "an earlier flush of the data device failed",
+            ));
+        }
+        let r = f(&*self.data);
+        if r.is_err() {
+            self.data_flush_failed.store(true, Ordering::SeqCst);
+        }
+        r
     }
 
     /// Once a flush failed the page cache may have dropped the data: nothing written since
@@ -888,7 +930,10 @@ impl Pool {
         // not for all the data written since the last commit.
         self.write_back()?;
         let _one_at_a_time = self.hold_commits();
-        self.commit_held()
+        self.lock().commit_coming = true;
+        let r = self.commit_held();
+        self.lock().commit_coming = false;
+        r
     }
 
     /// Keeps every other commit (periodic, a guest's FLUSH, …) out until the hold is
@@ -913,8 +958,7 @@ impl Pool {
             return Ok(());
         }
         Self::check_not_failed(&self.lock())?;
-        self.data
-            .writeback()
+        self.flush_device(|d| d.writeback())
             .map_err(|source| Self::flush_failed(&mut self.lock(), source))
     }
 
@@ -963,7 +1007,7 @@ impl Pool {
             return Ok(());
         }
         // Overwrites in place change no metadata, but a FLUSH must still make them durable.
-        let synced = self.data.sync();
+        let synced = self.flush_device(|d| d.sync());
         let written = match (&synced, &frozen) {
             (Ok(()), Some(f)) => f.write(),
             _ => Ok(()),

@@ -639,6 +639,10 @@ impl Manager {
         // commit then keeps.
         self.stop_replication();
         self.jobs.cancel_all_and_wait();
+        // No management operation from here on: one under way (a snapshot holds a pool's
+        // commits, then drains its disk) ends first, so the drains and the commits below
+        // cannot wait on it the other way round.
+        let _op = lock(&self.op);
         let disks: Vec<Arc<Disk>> = lock(&self.disks).values().map(|s| s.disk.clone()).collect();
         // Held writes fail rather than wait for space through the final commit (they were
         // never acknowledged; the guest sees an error if it is still there).
