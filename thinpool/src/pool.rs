@@ -588,6 +588,21 @@ impl Pool {
         }
     }
 
+    /// Waits, with the metadata lock let go meanwhile, until a holder of the commit lock
+    /// lets go (see [`CommitHold`]'s drop).
+    fn wait_for_a_commit_to_end<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+    ) -> MutexGuard<'a, Inner> {
+        let ended = g.commits_ended;
+        g.waiting_for_commit += 1;
+        while g.commits_ended == ended {
+            g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.waiting_for_commit -= 1;
+        g
+    }
+
     /// [`meta`](Self::meta) for a change of the data path (a new mapping, an unmap). The
     /// journal's half for this transaction may fill while the last transaction's commit
     /// writes its superblock: the other half is kept for a crash meanwhile, and `meta`
@@ -605,12 +620,8 @@ impl Pool {
             if !(matches!(r, Err(Error::JournalFull { .. })) && commit_under_way) {
                 return (g, r);
             }
-            let (generation, ended) = (g.generation, g.commits_ended);
-            g.waiting_for_commit += 1;
-            while g.commits_ended == ended {
-                g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
-            }
-            g.waiting_for_commit -= 1;
+            let generation = g.generation;
+            g = self.wait_for_a_commit_to_end(g);
             if g.generation != generation {
                 return (g, Err(Error::ReadOnly("the transaction was rolled back")));
             }
@@ -1225,12 +1236,7 @@ impl Pool {
             self.pass_down_locked(&mut g);
             let generation = g.generation;
             while g.md.withheld_data_blocks() > 0 && g.generation == generation {
-                let ended = g.commits_ended;
-                g.waiting_for_commit += 1;
-                while g.commits_ended == ended {
-                    g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
-                }
-                g.waiting_for_commit -= 1;
+                g = self.wait_for_a_commit_to_end(g);
             }
             if g.generation != generation {
                 return (g, Err(Error::ReadOnly("the transaction was rolled back")));

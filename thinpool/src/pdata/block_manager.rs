@@ -254,11 +254,8 @@ impl BlockManager {
         Ok(())
     }
 
-    /// Writes every dirty block (sealed with location and checksum); does not sync.
-    pub fn write_dirty(&mut self) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly("metadata opened read-only"));
-        }
+    /// The dirty blocks, in order of location.
+    fn dirty_blocks(&self) -> Vec<u64> {
         let mut dirty: Vec<u64> = self
             .entries
             .iter()
@@ -266,6 +263,15 @@ impl BlockManager {
             .map(|(&b, _)| b)
             .collect();
         dirty.sort_unstable();
+        dirty
+    }
+
+    /// Writes every dirty block (sealed with location and checksum); does not sync.
+    pub fn write_dirty(&mut self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly("metadata opened read-only"));
+        }
+        let dirty = self.dirty_blocks();
         for b in dirty {
             let e = self.entries.get_mut(&b).expect("present");
             let kind = e.kind;
@@ -294,13 +300,7 @@ impl BlockManager {
         if self.read_only {
             return Err(Error::ReadOnly("metadata opened read-only"));
         }
-        let mut dirty: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.dirty)
-            .map(|(&b, _)| b)
-            .collect();
-        dirty.sort_unstable();
+        let dirty = self.dirty_blocks();
         let mut out = Vec::with_capacity(dirty.len());
         for b in dirty {
             let e = self.entries.get_mut(&b).expect("present");

@@ -372,19 +372,28 @@ impl Storage for HeldSync {
     }
 }
 
-#[test]
-fn writes_and_new_mappings_complete_while_a_commit_syncs_the_data_device() {
+/// A pool with a thin device 0, a journal of `records` records per half and a data
+/// device of `blocks` blocks whose next sync, once armed, waits for `release`.
+struct HeldSyncPool {
+    p: Pool,
+    meta: Arc<MemStorage>,
+    journal_file: Arc<MemStorage>,
+    data: Arc<HeldSync>,
+    started: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+fn held_sync_pool(records: u64, blocks: u64, boot: [u8; 16]) -> HeldSyncPool {
     let meta = Arc::new(MemStorage::new(4 << 20));
-    let journal_file = Arc::new(MemStorage::new(2 * (4096 + 32 * 64)));
+    let journal_file = Arc::new(MemStorage::new(2 * (4096 + 32 * records)));
     let (started_tx, started) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel();
     let data = Arc::new(HeldSync {
-        inner: MemStorage::new(16 * BS),
+        inner: MemStorage::new(blocks * BS),
         armed: false.into(),
         started: Mutex::new(Some(started_tx)),
         release: Mutex::new(Some(release_rx)),
     });
-    let boot = [3u8; 16];
     {
         let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
         p.create_thin(0).unwrap();
@@ -398,6 +407,27 @@ fn writes_and_new_mappings_complete_while_a_commit_syncs_the_data_device() {
         PoolOptions::default(),
     )
     .unwrap();
+    HeldSyncPool {
+        p,
+        meta,
+        journal_file,
+        data,
+        started,
+        release,
+    }
+}
+
+#[test]
+fn writes_and_new_mappings_complete_while_a_commit_syncs_the_data_device() {
+    let boot = [3u8; 16];
+    let HeldSyncPool {
+        p,
+        meta,
+        journal_file,
+        data,
+        started,
+        release,
+    } = held_sync_pool(64, 16, boot);
     p.write(0, 0, &[1u8; 4096]).unwrap();
     data.armed.store(true, Ordering::SeqCst);
     std::thread::scope(|s| {
@@ -457,30 +487,15 @@ fn writes_and_new_mappings_complete_while_a_commit_syncs_the_data_device() {
 #[test]
 fn a_new_mapping_waits_for_the_commit_under_way_when_the_journal_is_full() {
     const RECORDS: u64 = 8;
-    let meta = Arc::new(MemStorage::new(4 << 20));
-    let journal_file = Arc::new(MemStorage::new(2 * (4096 + 32 * RECORDS)));
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let data = Arc::new(HeldSync {
-        inner: MemStorage::new(32 * BS),
-        armed: false.into(),
-        started: Mutex::new(Some(started_tx)),
-        release: Mutex::new(Some(release_rx)),
-    });
     let boot = [4u8; 16];
-    {
-        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
-        p.create_thin(0).unwrap();
-        p.commit().unwrap();
-    }
-    let journal = Journal::open(journal_file.clone(), boot).unwrap();
-    let p = Pool::open_with_journal(
-        meta.clone(),
-        data.clone(),
-        Some(journal),
-        PoolOptions::default(),
-    )
-    .unwrap();
+    let HeldSyncPool {
+        p,
+        meta,
+        journal_file,
+        data,
+        started,
+        release,
+    } = held_sync_pool(RECORDS, 32, boot);
     p.write(0, 0, &[1u8; 4096]).unwrap();
     data.armed.store(true, Ordering::SeqCst);
     std::thread::scope(|s| {
