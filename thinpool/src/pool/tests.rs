@@ -347,6 +347,33 @@ struct HeldSync {
     armed: std::sync::atomic::AtomicBool,
     started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// A `writeback` fails, taking the error as the kernel's one-time report of a
+    /// write-back error does (errseq): a `sync` after it succeeds.
+    fail_writeback: std::sync::atomic::AtomicBool,
+    /// When each flush returned.
+    log: Mutex<Vec<&'static str>>,
+}
+
+impl HeldSync {
+    fn new(
+        blocks: u64,
+    ) -> (
+        Self,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let data = HeldSync {
+            inner: MemStorage::new(blocks * BS),
+            armed: false.into(),
+            started: Mutex::new(Some(started_tx)),
+            release: Mutex::new(Some(release_rx)),
+            fail_writeback: false.into(),
+            log: Mutex::new(Vec::new()),
+        };
+        (data, started, release)
+    }
 }
 
 impl Storage for HeldSync {
@@ -364,6 +391,14 @@ impl Storage for HeldSync {
             if let Some(rx) = self.release.lock().unwrap().take() {
                 rx.recv().unwrap();
             }
+        }
+        self.log.lock().unwrap().push("sync ok");
+        self.inner.sync()
+    }
+    fn writeback(&self) -> std::io::Result<()> {
+        if self.fail_writeback.load(Ordering::SeqCst) {
+            self.log.lock().unwrap().push("write-back failed");
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
         self.inner.sync()
     }
@@ -386,14 +421,8 @@ struct HeldSyncPool {
 fn held_sync_pool(records: u64, blocks: u64, boot: [u8; 16]) -> HeldSyncPool {
     let meta = Arc::new(MemStorage::new(4 << 20));
     let journal_file = Arc::new(MemStorage::new(2 * (4096 + 32 * records)));
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let data = Arc::new(HeldSync {
-        inner: MemStorage::new(blocks * BS),
-        armed: false.into(),
-        started: Mutex::new(Some(started_tx)),
-        release: Mutex::new(Some(release_rx)),
-    });
+    let (data, started, release) = HeldSync::new(blocks);
+    let data = Arc::new(data);
     {
         let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
         p.create_thin(0).unwrap();
@@ -931,71 +960,20 @@ fn a_longer_data_device_is_put_to_use_only_by_an_explicit_grow() {
     assert_eq!(read_vec(&p, 0, 0, 4), vec![5; 4]);
 }
 
-/// Data storage modelling the kernel's one-time report of a write-back error (errseq): a
-/// `writeback` that fails takes the error, and a `sync` after it succeeds. Its first sync
-/// can be held, and it logs when each flush returns.
-struct OneTimeErrors {
-    inner: MemStorage,
-    hold_sync: std::sync::atomic::AtomicBool,
-    started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    fail_writeback: std::sync::atomic::AtomicBool,
-    log: Mutex<Vec<&'static str>>,
-}
-
-impl Storage for OneTimeErrors {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        if self.hold_sync.swap(false, Ordering::SeqCst) {
-            if let Some(tx) = self.started.lock().unwrap().take() {
-                tx.send(()).unwrap();
-            }
-            if let Some(rx) = self.release.lock().unwrap().take() {
-                rx.recv().unwrap();
-            }
-        }
-        self.log.lock().unwrap().push("sync ok");
-        self.inner.sync()
-    }
-    fn writeback(&self) -> std::io::Result<()> {
-        if self.fail_writeback.load(Ordering::SeqCst) {
-            self.log.lock().unwrap().push("write-back failed");
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.sync()
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-}
-
 /// A commit whose data sync returns after another flush of the data device failed must
 /// not make its mappings durable: that sync's success may only mean the error was taken
 /// by the other flush.
 #[test]
 fn no_commit_vouches_for_data_after_a_failed_write_back_took_the_error() {
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let data = Arc::new(OneTimeErrors {
-        inner: MemStorage::new(16 * BS),
-        hold_sync: false.into(),
-        started: Mutex::new(Some(started_tx)),
-        release: Mutex::new(Some(release_rx)),
-        fail_writeback: false.into(),
-        log: Mutex::new(Vec::new()),
-    });
+    let (data, started, release) = HeldSync::new(16);
+    let data = Arc::new(data);
     let meta = Arc::new(MemStorage::new(4 << 20));
     let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
     p.create_thin(0).unwrap();
     p.commit().unwrap();
     p.write(0, 0, &[1u8; 4096]).unwrap();
     data.log.lock().unwrap().clear();
-    data.hold_sync.store(true, Ordering::SeqCst);
+    data.armed.store(true, Ordering::SeqCst);
     std::thread::scope(|s| {
         let committer = s.spawn(|| p.commit());
         started.recv().unwrap();
