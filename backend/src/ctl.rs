@@ -32,10 +32,17 @@ enum CtlCmd {
     /// Show pools.
     Pools,
     /// Snapshot a disk (running or not).
-    Snapshot { disk: String, name: String },
+    Snapshot {
+        /// The disk to snapshot (running or not).
+        disk: String,
+        /// The snapshot's name (unique among disks and snapshots).
+        name: String,
+    },
     /// A new disk as a clone of a snapshot or disk.
     Clone {
+        /// The snapshot (or disk) to clone.
         from: String,
+        /// The new disk's name.
         name: String,
         /// The new disk's vhost-user socket (default: <name>.sock in the daemon's socket
         /// directory). Not `--socket`: that is the management socket, before the command.
@@ -47,6 +54,7 @@ enum CtlCmd {
     },
     /// A new empty disk, or one over a golden image (--external-origin).
     Add {
+        /// The new disk's name.
         name: String,
         /// Virtual size; default with --external-origin: the image's size. Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
         #[arg(long, value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
@@ -64,26 +72,38 @@ enum CtlCmd {
     },
     /// Remove a disk (and its data).
     Remove {
+        /// The disk to remove.
         name: String,
+        /// Even though a guest is connected (it loses the disk).
         #[arg(long)]
         force: bool,
     },
     /// Grow a disk.
     Resize {
+        /// The disk to grow.
         name: String,
         /// The new virtual size (only grows). Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
         #[arg(value_parser = parse_size, allow_negative_numbers = true, value_name = "SIZE")]
         size: u64,
     },
     /// Delete a snapshot.
-    DeleteSnapshot { name: String },
+    DeleteSnapshot {
+        /// The snapshot to delete.
+        name: String,
+    },
     /// Make a disconnected disk's contents those of a snapshot.
-    Revert { disk: String, snapshot: String },
+    Revert {
+        /// The disk (no guest connected) whose contents are replaced.
+        disk: String,
+        /// The snapshot of it whose contents it takes.
+        snapshot: String,
+    },
     /// Print events as they come.
     Watch,
     /// Send a snapshot as a stream (a job): to a new file, into a command's standard input,
     /// or into another pool of the daemon. Follows the job with a progress bar.
     Send {
+        /// The snapshot to send.
         snapshot: String,
         /// Only what changed since this snapshot (the receiver has it).
         #[arg(long, short = 'i')]
@@ -111,44 +131,61 @@ enum CtlCmd {
     /// command's standard input (`… | ssh host vhost-thin ctl receive - --pool p`), passed
     /// to the daemon through a private FIFO.
     Receive {
+        /// The stream: a file (relative to where ctl runs), or "-" for standard input.
         file: PathBuf,
+        /// The pool to receive into (default: the daemon's first).
         #[arg(long)]
         pool: Option<String>,
+        /// The received snapshot's name (default: the sender's).
         #[arg(long)]
         name: Option<String>,
         /// Keep what arrived if the stream is cut short, to resume.
         #[arg(long)]
         resumable: bool,
+        /// Print the job's id and return at once instead of following it.
         #[arg(long)]
         no_wait: bool,
     },
     /// Move a disk and its snapshots to another pool of the daemon, while its guest runs
     /// (a job; the pause with writes held is reported).
     Migrate {
+        /// The disk to move (with its snapshots).
         disk: String,
+        /// The pool of this daemon to move it to.
         pool: String,
+        /// Print the job's id and return at once instead of following it.
         #[arg(long)]
         no_wait: bool,
     },
     /// Write a snapshot's provisioned blocks into its external origin (a job): the tested
     /// clone becomes the golden image.
     Merge {
+        /// The snapshot (a clone over an external origin) to write into its image.
         snapshot: String,
         /// Even though other devices read the same image.
         #[arg(long)]
         force: bool,
+        /// Print the job's id and return at once instead of following it.
         #[arg(long)]
         no_wait: bool,
     },
     /// List jobs.
     Jobs,
     /// Cancel a job: it undoes what it made.
-    Cancel { id: String },
+    Cancel {
+        /// The job's id (see `ctl jobs`).
+        id: String,
+    },
     /// Follow a job until it ends (its result, or its error and exit status 1).
-    Wait { id: String },
+    Wait {
+        /// The job's id (see `ctl jobs`).
+        id: String,
+    },
     /// Any command: `ctl exec pool-set-policy '{"out-of-space": "queue", "timeout": 30}'`.
     Exec {
+        /// The QMP command's name (see `ctl exec query-commands`).
         command: String,
+        /// Its arguments as a JSON object.
         arguments: Option<String>,
     },
 }

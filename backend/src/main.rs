@@ -41,7 +41,10 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
     /// Validate a configuration file without running anything.
-    Check { file: std::path::PathBuf },
+    Check {
+        /// The configuration file (YAML, see docs/CONFIG.md).
+        file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,5 +93,36 @@ fn main() -> ExitCode {
             eprintln!("vhost-thin: error: {e:#}");
             vhost_thin::usage::failure_status(&e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_is_described_in_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "vhost-thin", &mut missing);
+        assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
     }
 }

@@ -33,8 +33,10 @@ pub enum PoolCmd {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// Metadata device or file (created when it does not exist, with --metadata-size or the default size).
     #[arg(long, short = 'm', value_name = "PATH")]
     metadata: PathBuf,
+    /// Data device or file (created when it does not exist, with --data-size).
     #[arg(long, short = 'd', value_name = "PATH")]
     data: PathBuf,
     /// Data block size: 64KiB to 1GiB, a multiple of 64KiB.
@@ -56,6 +58,7 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
+    /// Metadata device or file of the pool.
     #[arg(long, short = 'm', value_name = "PATH")]
     metadata: PathBuf,
     /// Also check that the data device is large enough for the pool.
@@ -64,22 +67,27 @@ pub struct CheckArgs {
     /// Clear the needs_check flag when the check passes.
     #[arg(long)]
     clear_needs_check: bool,
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// Metadata device or file of the pool.
     #[arg(long, short = 'm', value_name = "PATH")]
     metadata: PathBuf,
+    /// Data device or file (without it, what the metadata alone says).
     #[arg(long, short = 'd', value_name = "PATH")]
     data: Option<PathBuf>,
+    /// Print the status as JSON.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct DumpArgs {
+    /// Metadata device or file of the pool.
     #[arg(long, short = 'm', value_name = "PATH")]
     metadata: PathBuf,
     /// Dump the held metadata snapshot instead of the live metadata.

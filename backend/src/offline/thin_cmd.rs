@@ -33,6 +33,7 @@ pub enum ThinCmd {
 
 #[derive(Args, Debug)]
 pub struct DeltaArgs {
+    /// Metadata device or file of the pool.
     #[arg(long, short = 'm', value_name = "PATH")]
     metadata: PathBuf,
     /// Left device (typically the older snapshot).
@@ -48,6 +49,7 @@ pub struct DeltaArgs {
     /// thin_delta's output).
     #[arg(long)]
     changed_only: bool,
+    /// Print the runs as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -90,6 +92,7 @@ pub struct SnapshotArgs {
 pub struct IdArgs {
     #[command(flatten)]
     paths: PoolPaths,
+    /// The thin device's id (see `thin ls`).
     #[arg(long)]
     id: u32,
 }
@@ -98,6 +101,7 @@ pub struct IdArgs {
 pub struct LsArgs {
     #[command(flatten)]
     paths: PoolPaths,
+    /// Print the list as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -106,6 +110,7 @@ pub struct LsArgs {
 pub struct ImportArgs {
     #[command(flatten)]
     paths: PoolPaths,
+    /// The thin device to write into (its id, see `thin ls`).
     #[arg(long)]
     id: u32,
     /// File to read.
@@ -120,6 +125,7 @@ pub struct ImportArgs {
 pub struct ExportArgs {
     #[command(flatten)]
     paths: PoolPaths,
+    /// The thin device to read (its id, see `thin ls`).
     #[arg(long)]
     id: u32,
     /// Bytes to export (default: the size in the registry). Units: K, M, G, T, P (or KiB … PiB), powers of 1024; e.g. 10G, 1.5T.
