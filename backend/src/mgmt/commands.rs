@@ -171,3 +171,42 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
         C::QueryReplication => m.query_replication()?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::COMMANDS;
+    use crate::mgmt::args::{Args, Command};
+
+    /// The command list `query-commands` answers with, the commands the parser knows and
+    /// the table in docs/MANAGEMENT.md name the same commands.
+    #[test]
+    fn the_command_list_the_parser_and_the_docs_agree() {
+        for name in COMMANDS {
+            if let Err(e) = Command::parse(name, Args::new(Default::default())) {
+                assert_ne!(
+                    e.class, "CommandNotFound",
+                    "{name} is listed but not parsed"
+                );
+            }
+        }
+        let doc = include_str!("../../../docs/MANAGEMENT.md");
+        let table = &doc[doc
+            .find("| command | arguments | returns |")
+            .expect("the table")..];
+        let mut documented = Vec::new();
+        for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let first = row.split('|').nth(1).unwrap_or_default();
+            for part in first.split('/') {
+                documented.push(part.trim().trim_matches('`').to_string());
+            }
+        }
+        let mut listed: Vec<String> = COMMANDS
+            .iter()
+            .filter(|c| **c != "qmp_capabilities")
+            .map(|c| c.to_string())
+            .collect();
+        listed.sort();
+        documented.sort();
+        assert_eq!(listed, documented, "docs/MANAGEMENT.md's command table");
+    }
+}
