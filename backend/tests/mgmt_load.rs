@@ -670,3 +670,43 @@ fn disk_add_refuses_queue_counts_out_of_range() {
         .unwrap();
     assert!(r["socket"].is_string());
 }
+
+/// dm-thin's set_transaction_id over QMP: refused unless the old id matches, kept across a
+/// restart, and changes go on from the new id.
+#[test]
+fn pool_set_transaction_id_is_a_compare_and_swap() {
+    let mut s = Served::new("");
+    let mut c = s.client();
+    let tid = c.execute("query-pools", json!({})).unwrap()[0]["transaction-id"]
+        .as_u64()
+        .unwrap();
+    let e = c
+        .execute(
+            "pool-set-transaction-id",
+            json!({"old": tid + 1, "new": 42}),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("is {tid}, not {}", tid + 1)),
+        "{e}"
+    );
+    let r = c
+        .execute("pool-set-transaction-id", json!({"old": tid, "new": 1000}))
+        .unwrap();
+    assert_eq!(r["transaction-id"], 1000);
+    drop(c);
+    assert!(s.stop().success());
+    s.start("");
+    let mut c = s.client();
+    assert_eq!(
+        c.execute("query-pools", json!({})).unwrap()[0]["transaction-id"],
+        1000
+    );
+    c.execute("snapshot-create", json!({"disk": "disk0", "name": "s"}))
+        .unwrap();
+    assert_eq!(
+        c.execute("query-pools", json!({})).unwrap()[0]["transaction-id"],
+        1001
+    );
+}

@@ -32,6 +32,9 @@ pub enum CatalogError {
     Registry(#[from] RegistryError),
     #[error("commit failed: {0}")]
     Commit(#[from] crate::Error),
+    /// The change was refused before anything was done.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub struct Catalog {
@@ -143,6 +146,32 @@ impl Catalog {
             *reg = before;
         }
         r
+    }
+
+    /// dm-thin's `set_transaction_id OLD NEW`: the compare-and-swap a volume manager uses
+    /// to keep its own metadata in step with the pool's. Refused unless the pool's id is
+    /// `old`. The registry carries the id as well, written first (a crash between the two
+    /// is undone at the next open, as for any change).
+    pub fn set_transaction_id(&self, old: u64, new: u64) -> Result<(), CatalogError> {
+        let mut reg = self.lock_registry();
+        let hold = self.pool.hold_commits();
+        let current = self.pool.status().transaction_id;
+        if current != old {
+            return Err(CatalogError::Refused(format!(
+                "the pool's transaction id is {current}, not {old}"
+            )));
+        }
+        if self.registry_file {
+            let before = reg.clone();
+            reg.transaction_id = new;
+            if let Err(e) = reg.save() {
+                *reg = before;
+                return Err(e.into());
+            }
+        }
+        self.pool.set_transaction_id(old, new)?;
+        hold.commit()?;
+        Ok(())
     }
 
     fn commit(

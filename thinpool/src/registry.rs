@@ -317,7 +317,9 @@ impl Registry {
     /// what was done, for the operator; None when there was nothing to do or the file
     /// does not say what came before (written by version 1).
     pub fn recover(&mut self, pool_transaction_id: u64) -> Option<String> {
-        if Some(self.transaction_id) != pool_transaction_id.checked_add(1) {
+        // Ahead by one after a change of ours; by more after a set transaction id (dm-thin's
+        // `set_transaction_id`, which may jump). Either way the state before is kept.
+        if self.transaction_id == pool_transaction_id {
             return None;
         }
         let prev = self
@@ -326,7 +328,7 @@ impl Registry {
             .filter(|p| p.transaction_id == pool_transaction_id)?
             .clone();
         let msg = format!(
-            "the registry ({}) was one transaction ahead of the pool ({pool_transaction_id}): the last change was written to the registry but not committed to the pool, so it is undone",
+            "the registry ({}) was ahead of the pool ({pool_transaction_id}): the last change was written to the registry but not committed to the pool, so it is undone",
             self.transaction_id
         );
         self.transaction_id = prev.transaction_id;

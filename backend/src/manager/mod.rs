@@ -1290,6 +1290,14 @@ impl Manager {
         Ok(json!({}))
     }
 
+    /// dm-thin's `set_transaction_id OLD NEW` (see `Catalog::set_transaction_id`).
+    pub fn pool_set_transaction_id(&self, pool: Option<&str>, old: u64, new: u64) -> R<Value> {
+        let _op = lock(&self.op);
+        let p = self.pool(pool)?;
+        p.catalog.set_transaction_id(old, new)?;
+        Ok(json!({"transaction-id": new}))
+    }
+
     pub fn pool_grow(&self, pool: Option<&str>) -> R<Value> {
         let p = self.pool(pool)?;
         let blocks = p.pool().grow_data()?;

@@ -124,6 +124,10 @@ impl Args {
         self.opt_bool(k)?.ok_or_else(|| Self::missing(k))
     }
 
+    pub fn u64(&mut self, k: &str) -> Result<u64, QmpError> {
+        self.opt_u64(k)?.ok_or_else(|| Self::missing(k))
+    }
+
     pub fn opt_u64(&mut self, k: &str) -> Result<Option<u64>, QmpError> {
         match self.get(k) {
             None | Some(Value::Null) => Ok(None),
@@ -277,6 +281,11 @@ pub enum Command {
     PoolGrow {
         pool: Option<String>,
     },
+    PoolSetTransactionId {
+        pool: Option<String>,
+        old: u64,
+        new: u64,
+    },
     QueryJobs,
     JobCancel {
         id: String,
@@ -403,6 +412,11 @@ impl Command {
             },
             "pool-commit" => C::PoolCommit {
                 pool: a.opt_name("pool")?,
+            },
+            "pool-set-transaction-id" => C::PoolSetTransactionId {
+                pool: a.opt_name("pool")?,
+                old: a.u64("old")?,
+                new: a.u64("new")?,
             },
             "pool-grow" => C::PoolGrow {
                 pool: a.opt_name("pool")?,

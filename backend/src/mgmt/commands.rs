@@ -26,6 +26,7 @@ pub const COMMANDS: &[&str] = &[
     "pool-release-metadata-snap",
     "pool-commit",
     "pool-grow",
+    "pool-set-transaction-id",
     "query-jobs",
     "job-cancel",
     "job-dismiss",
@@ -125,6 +126,9 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
         C::PoolReleaseMetadataSnap { pool } => m.pool_release_metadata_snap(pool.as_deref())?,
         C::PoolCommit { pool } => m.pool_commit(pool.as_deref())?,
         C::PoolGrow { pool } => m.pool_grow(pool.as_deref())?,
+        C::PoolSetTransactionId { pool, old, new } => {
+            m.pool_set_transaction_id(pool.as_deref(), old, new)?
+        }
         C::QueryJobs => m.jobs.query(),
         C::JobCancel { id } => {
             m.jobs.cancel(&id)?;

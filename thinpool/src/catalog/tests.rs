@@ -344,3 +344,36 @@ fn attach_origins_opens_each_path_once_and_reports_the_missing() {
         .is_some());
     assert!(pool.read(2, 0, &mut buf).is_err());
 }
+
+/// dm-thin's set_transaction_id: a compare-and-swap of the pool's transaction id, which the
+/// registry follows, kept across a reopen; a crash between the registry write and the pool
+/// commit is undone at the next open, however far the id jumped.
+#[test]
+fn the_transaction_id_is_set_only_from_the_value_given() {
+    let mut f = fixture();
+    f.disk("vm1", None);
+    let tid = f.cat.pool().status().transaction_id;
+    let e = f.cat.set_transaction_id(tid + 5, 100).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("is {tid}, not {}", tid + 5)),
+        "{e}"
+    );
+    f.cat.set_transaction_id(tid, 100).unwrap();
+    f.assert_consistent();
+    f.reopen();
+    assert_eq!(f.cat.pool().status().transaction_id, 100);
+    f.assert_consistent();
+    // Changes go on from there.
+    f.disk("vm2", None);
+    assert_eq!(f.cat.pool().status().transaction_id, 101);
+    // The registry written with a jump, the pool not committed (a crash between): back.
+    {
+        let mut reg = f.cat.registry().clone();
+        reg.transaction_id = 500;
+        reg.save().unwrap();
+    }
+    f.reopen();
+    assert_eq!(f.cat.registry().transaction_id, 101);
+    f.assert_consistent();
+}
