@@ -26,12 +26,20 @@ pub struct CtlArgs {
 #[derive(Subcommand, Debug)]
 enum CtlCmd {
     /// List disks.
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock disks")]
     Disks,
     /// List snapshots.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshots --json"
+    )]
     Snapshots,
     /// Show pools.
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock pools")]
     Pools,
     /// Snapshot a disk (running or not).
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshot vm1 vm1-before-upgrade"
+    )]
     Snapshot {
         /// The disk to snapshot (running or not).
         disk: String,
@@ -39,6 +47,9 @@ enum CtlCmd {
         name: String,
     },
     /// A new disk as a clone of a snapshot or disk.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock clone golden-base ci-7 --disk-socket /run/ci-7.sock"
+    )]
     Clone {
         /// The snapshot (or disk) to clone.
         from: String,
@@ -53,6 +64,9 @@ enum CtlCmd {
         num_queues: Option<u64>,
     },
     /// A new empty disk, or one over a golden image (--external-origin).
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock add scratch --size 20G\n  vhost-thin ctl -s vhost-thin-state/qmp.sock add golden --external-origin debian.raw"
+    )]
     Add {
         /// The new disk's name.
         name: String,
@@ -71,6 +85,7 @@ enum CtlCmd {
         num_queues: Option<u64>,
     },
     /// Remove a disk (and its data).
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock remove ci-7")]
     Remove {
         /// The disk to remove.
         name: String,
@@ -79,6 +94,9 @@ enum CtlCmd {
         force: bool,
     },
     /// Grow a disk.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock resize vm1 40G"
+    )]
     Resize {
         /// The disk to grow.
         name: String,
@@ -87,11 +105,17 @@ enum CtlCmd {
         size: u64,
     },
     /// Delete a snapshot.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock delete-snapshot vm1-before-upgrade"
+    )]
     DeleteSnapshot {
         /// The snapshot to delete.
         name: String,
     },
     /// Make a disconnected disk's contents those of a snapshot.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock revert vm1 vm1-before-upgrade"
+    )]
     Revert {
         /// The disk (no guest connected) whose contents are replaced.
         disk: String,
@@ -99,9 +123,13 @@ enum CtlCmd {
         snapshot: String,
     },
     /// Print events as they come.
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock watch")]
     Watch,
     /// Send a snapshot as a stream (a job): to a new file, into a command's standard input,
     /// or into another pool of the daemon. Follows the job with a progress bar.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock send s2 --base s1 --file s2.stream\n  vhost-thin ctl -s vhost-thin-state/qmp.sock send s2 -- ssh dr vhost-thin ctl receive - --pool dr"
+    )]
     Send {
         /// The snapshot to send.
         snapshot: String,
@@ -130,6 +158,9 @@ enum CtlCmd {
     /// Receive a stream into a pool, as a job: a file on the daemon's host, or "-" for this
     /// command's standard input (`… | ssh host vhost-thin ctl receive - --pool p`), passed
     /// to the daemon through a private FIFO.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock receive s2.stream --name s2"
+    )]
     Receive {
         /// The stream: a file (relative to where ctl runs), or "-" for standard input.
         file: PathBuf,
@@ -148,6 +179,9 @@ enum CtlCmd {
     },
     /// Move a disk and its snapshots to another pool of the daemon, while its guest runs
     /// (a job; the pause with writes held is reported).
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock migrate vm1 fast-pool"
+    )]
     Migrate {
         /// The disk to move (with its snapshots).
         disk: String,
@@ -159,6 +193,9 @@ enum CtlCmd {
     },
     /// Write a snapshot's provisioned blocks into its external origin (a job): the tested
     /// clone becomes the golden image.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock merge golden-tested"
+    )]
     Merge {
         /// The snapshot (a clone over an external origin) to write into its image.
         snapshot: String,
@@ -170,18 +207,24 @@ enum CtlCmd {
         no_wait: bool,
     },
     /// List jobs.
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock jobs")]
     Jobs,
     /// Cancel a job: it undoes what it made.
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock cancel job-3")]
     Cancel {
         /// The job's id (see `ctl jobs`).
         id: String,
     },
     /// Follow a job until it ends (its result, or its error and exit status 1).
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock wait job-3")]
     Wait {
         /// The job's id (see `ctl jobs`).
         id: String,
     },
     /// Any command: `ctl exec pool-set-policy '{"out-of-space": "queue", "timeout": 30}'`.
+    #[command(
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock exec pool-set-policy '{\"out-of-space\": \"queue\", \"timeout\": 60}'"
+    )]
     Exec {
         /// The QMP command's name (see `ctl exec query-commands`).
         command: String,

@@ -26,12 +26,20 @@ enum Cmd {
     #[command(subcommand)]
     Thin(offline::thin_cmd::ThinCmd),
     /// Write a snapshot as a stream (full, or incremental with --base), to a file or stdout.
+    #[command(
+        after_help = "Example:\n  vhost-thin send -m pool.meta -d pool.data -i s1 s2 | ssh dr vhost-thin receive -m dr.meta -d dr.data"
+    )]
     Send(offline::stream_cmd::SendArgs),
     /// Read a stream into a pool as a new snapshot (resumable with -s).
+    #[command(after_help = "Example:\n  vhost-thin receive -m dr.meta -d dr.data -i s2.stream")]
     Receive(offline::stream_cmd::ReceiveArgs),
     /// Serve thin devices to VMs over vhost-user-blk.
+    #[command(
+        after_help = "Example:\n  vhost-thin serve   (the quickstart: ./vhost-thin-state)\n  vhost-thin serve --config vhost-thin.yaml\n  vhost-thin serve -m pool.meta -d pool.data --disk name=disk0,socket=/run/disk0.sock --qmp /run/qmp.sock"
+    )]
     Serve(vhost_thin::serve_cmd::ServeArgs),
     /// Talk to a running daemon: disks, snapshots, clones, events.
+    #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock disks")]
     Ctl(vhost_thin::ctl::CtlArgs),
     /// Configuration files.
     #[command(subcommand)]
@@ -41,6 +49,7 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
     /// Validate a configuration file without running anything.
+    #[command(after_help = "Example:\n  vhost-thin config check vhost-thin.yaml")]
     Check {
         /// The configuration file (YAML, see docs/CONFIG.md).
         file: std::path::PathBuf,
@@ -101,9 +110,10 @@ mod tests {
     use super::Cli;
     use clap::CommandFactory;
 
-    /// Every argument of every subcommand says what it is in `--help`.
+    /// Every argument of every subcommand says what it is in `--help`, and every command
+    /// shows an example.
     #[test]
-    fn every_argument_is_described_in_help() {
+    fn every_argument_is_described_and_every_command_has_an_example_in_help() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
             for a in cmd.get_arguments() {
                 let id = a.get_id().as_str();
@@ -117,6 +127,12 @@ mod tests {
             for sub in cmd.get_subcommands() {
                 if sub.get_about().is_none() {
                     missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                let example = sub
+                    .get_after_help()
+                    .is_some_and(|h| h.to_string().contains("Example"));
+                if sub.get_subcommands().next().is_none() && !example {
+                    missing.push(format!("{path} {} (an example)", sub.get_name()));
                 }
                 walk(sub, &format!("{path} {}", sub.get_name()), missing);
             }

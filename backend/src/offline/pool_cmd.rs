@@ -16,18 +16,28 @@ use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 #[derive(Subcommand, Debug)]
 pub enum PoolCmd {
     /// Create a new pool (creates the files when they do not exist).
+    #[command(
+        after_help = "Example:\n  vhost-thin pool create -m pool.meta -d pool.data --data-size 100G"
+    )]
     Create(CreateArgs),
     /// Verify the metadata: every tree, every reference count. Exit 0 when clean.
+    #[command(after_help = "Example:\n  vhost-thin pool check -m pool.meta && echo clean")]
     Check(CheckArgs),
     /// Show sizes, usage, transaction id and mode.
+    #[command(after_help = "Example:\n  vhost-thin pool status -m pool.meta -d pool.data --json")]
     Status(StatusArgs),
     /// Put a longer data device (or file) and metadata device to use: the pool's size
     /// changes only this way (or `pool-grow` while served), never by itself at start.
     /// Example: `truncate -s +10G pool.data && vhost-thin pool grow -m pool.meta -d pool.data`.
+    #[command(
+        after_help = "Example:\n  truncate -s +10G pool.data && vhost-thin pool grow -m pool.meta -d pool.data"
+    )]
     Grow(PoolPaths),
     /// Print the metadata as thin_dump-compatible XML.
+    #[command(after_help = "Example:\n  vhost-thin pool dump -m pool.meta > pool.xml")]
     Dump(DumpArgs),
     /// Write fresh metadata from thin_dump XML.
+    #[command(after_help = "Example:\n  vhost-thin pool restore -i pool.xml -m new.meta")]
     Restore(RestoreArgs),
 }
 

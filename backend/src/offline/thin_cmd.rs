@@ -16,18 +16,35 @@ use thinpool::registry::{DeviceEntry, Registry};
 #[derive(Subcommand, Debug)]
 pub enum ThinCmd {
     /// Create an empty thin device.
+    #[command(
+        after_help = "Example:\n  vhost-thin thin create -m pool.meta -d pool.data --id 0 --size 10G --name disk0"
+    )]
     Create(CreateArgs),
     /// Snapshot a thin device (O(1), any depth).
+    #[command(
+        after_help = "Example:\n  vhost-thin thin snapshot -m pool.meta -d pool.data --origin 0 --id 1 --name before-upgrade --kept"
+    )]
     Snapshot(SnapshotArgs),
     /// Delete a thin device; blocks shared with other devices stay.
+    #[command(after_help = "Example:\n  vhost-thin thin delete -m pool.meta -d pool.data --id 1")]
     Delete(IdArgs),
     /// List thin devices.
+    #[command(after_help = "Example:\n  vhost-thin thin ls -m pool.meta -d pool.data")]
     Ls(LsArgs),
     /// Copy a file into a thin device (all-zero blocks are not provisioned).
+    #[command(
+        after_help = "Example:\n  vhost-thin thin import -m pool.meta -d pool.data --id 0 -i debian.raw"
+    )]
     Import(ImportArgs),
     /// Copy a thin device's contents out to a file or stdout.
+    #[command(
+        after_help = "Example:\n  vhost-thin thin export -m pool.meta -d pool.data --id 1 -o backup.raw"
+    )]
     Export(ExportArgs),
     /// Changed blocks between two thin devices: thin_delta-compatible XML, or --json.
+    #[command(
+        after_help = "Example:\n  vhost-thin thin delta -m pool.meta --snap1 1 --snap2 0 --changed-only"
+    )]
     Delta(DeltaArgs),
 }
 
