@@ -456,7 +456,7 @@ fn follow(c: &mut Client, id: &str, json_out: bool) -> Result<ExitCode> {
         println!(
             "job {id}: {} done: {}",
             s(&job["description"]),
-            job["result"]
+            for_people(&job["result"])
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -473,6 +473,22 @@ fn absolute(p: &Option<PathBuf>) -> Result<Option<PathBuf>> {
         )),
         p => Ok(p.clone()),
     }
+}
+
+/// A job's result for a person: `key value` pairs, byte counts (`…-bytes`, `bytes`) in
+/// binary units, pauses (`…-us`) in milliseconds; `--json` gives the result as it is.
+fn for_people(v: &Value) -> String {
+    let Value::Object(m) = v else {
+        return s(v);
+    };
+    m.iter()
+        .map(|(k, v)| match v.as_u64() {
+            Some(n) if k == "bytes" || k.ends_with("-bytes") => format!("{k} {}", human(n)),
+            Some(n) if k.ends_with("-us") => format!("{k} {:.1} ms", n as f64 / 1000.0),
+            _ => format!("{k} {}", s(v)),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A UTC time in ISO 8601 (`2026-12-05T07:39:09.123456Z`), from seconds and microseconds
@@ -797,7 +813,17 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::iso8601;
+    use super::{for_people, iso8601};
+    use serde_json::json;
+
+    #[test]
+    fn job_results_read_as_sizes_and_times() {
+        assert_eq!(
+            for_people(&json!({"data-bytes": 1_610_612_736u64, "pause-us": 1500, "snapshots": 3})),
+            "data-bytes 1.5 GiB, pause-us 1.5 ms, snapshots 3"
+        );
+        assert_eq!(for_people(&json!("x")), "x");
+    }
 
     #[test]
     fn event_times_are_iso_8601_in_utc() {
