@@ -45,24 +45,3 @@ impl From<crate::manager::Error> for QmpError {
         }
     }
 }
-
-impl From<thinpool::Error> for QmpError {
-    fn from(e: thinpool::Error) -> Self {
-        match e {
-            thinpool::Error::NoSuchDevice(_) => QmpError::not_found(e.to_string()),
-            e => QmpError::generic(e.to_string()),
-        }
-    }
-}
-
-impl From<thinpool::catalog::CatalogError> for QmpError {
-    fn from(e: thinpool::catalog::CatalogError) -> Self {
-        QmpError::generic(e.to_string())
-    }
-}
-
-impl From<anyhow::Error> for QmpError {
-    fn from(e: anyhow::Error) -> Self {
-        QmpError::generic(format!("{e:#}"))
-    }
-}
