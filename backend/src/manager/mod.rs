@@ -700,6 +700,8 @@ impl Manager {
                 "metadata-blocks": st.usage.metadata_blocks,
                 "metadata-used": st.usage.metadata_used,
                 "metadata-free": st.usage.metadata_blocks - st.usage.metadata_used,
+                "metadata-allocated": st.usage.metadata_allocated,
+                "metadata-reserve": st.usage.metadata_reserve,
                 "transaction-id": st.transaction_id,
                 "mode": mode,
                 "mode-reason": reason,

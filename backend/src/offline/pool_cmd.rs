@@ -354,10 +354,11 @@ fn status(a: StatusArgs) -> Result<ExitCode> {
         human(st.data_block_bytes)
     );
     println!(
-        "metadata:        {} of {} blocks used ({:.1}%), {} held in reserve",
+        "metadata:        {} of {} blocks used ({:.1}%) as dm-thin counts them: {} allocated, {} held in reserve",
         u.metadata_used,
         u.metadata_blocks,
         pct(u.metadata_used, u.metadata_blocks),
+        u.metadata_allocated,
         u.metadata_reserve
     );
     println!("devices:         {}", st.devices);

@@ -112,7 +112,12 @@ pub struct SpaceUsage {
     pub data_blocks: u64,
     pub data_used: u64,
     pub metadata_blocks: u64,
+    /// Metadata blocks used as dm-thin's status counts them: allocated plus the reserve.
     pub metadata_used: u64,
+    /// Metadata blocks allocated (the metadata space map's count).
+    pub metadata_allocated: u64,
+    /// Metadata blocks held back for the commit that frees space (see
+    /// [`ThinMetadata::check_metadata_space`]).
     pub metadata_reserve: u64,
 }
 
@@ -337,7 +342,10 @@ impl ThinMetadata {
             data_blocks: self.tm.data_sm.nr_blocks(),
             data_used: self.tm.data_sm.nr_allocated(),
             metadata_blocks: self.tm.meta_sm.nr_blocks(),
-            metadata_used: self.tm.meta_sm.nr_allocated(),
+            metadata_used: (self.tm.meta_sm.nr_allocated()
+                + metadata_reserve(self.tm.meta_sm.nr_blocks()))
+            .min(self.tm.meta_sm.nr_blocks()),
+            metadata_allocated: self.tm.meta_sm.nr_allocated(),
             metadata_reserve: metadata_reserve(self.tm.meta_sm.nr_blocks()),
         }
     }
