@@ -53,8 +53,10 @@ fn create_pool(p: &vmm_config::PoolConfig) -> Result<()> {
     )
     .save()?;
     tracing::info!(
-        "pool {}: created ({data_len} bytes of data, {meta_len} of metadata)",
-        p.name
+        "pool {}: created ({} of data, {} of metadata)",
+        p.name,
+        crate::size::human(data_len),
+        crate::size::human(meta_len)
     );
     Ok(())
 }

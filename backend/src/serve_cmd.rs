@@ -157,8 +157,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     let socket_dir = a
         .socket_dir
         .clone()
-        .or_else(|| paths.metadata.parent().map(|p| p.to_path_buf()))
-        .unwrap_or_else(|| ".".into());
+        .unwrap_or_else(|| crate::config_run::parent_dir(&paths.metadata));
     let file_dirs = if a.file_dirs.is_empty() {
         [Some(&paths.metadata), a.qmp.as_ref()]
             .into_iter()

@@ -487,3 +487,54 @@ fn serve_serves_the_registrys_disks_after_a_restart() {
     let out = c.stop();
     assert!(out.contains("serving scratch (in the registry)"), "{out}");
 }
+
+/// `serve -m p.meta -d p.data --qmp q.sock` in the pool's directory, as the README's users
+/// type it: the relative paths mean that directory (disk sockets and management files go
+/// there), and the daemon's log speaks of sizes in binary units, not in bytes.
+#[test]
+fn relative_pool_paths_put_sockets_and_files_beside_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    cli(&[
+        "pool",
+        "create",
+        "-m",
+        dir.path().join("p.meta").to_str().unwrap(),
+        "-d",
+        dir.path().join("p.data").to_str().unwrap(),
+        "--data-size",
+        "64M",
+    ]);
+    let child = Command::new(bin())
+        .current_dir(dir.path())
+        .args(["serve", "-m", "p.meta", "-d", "p.data", "--qmp", "q.sock"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let qmp = dir.path().join("q.sock");
+    let mut daemon = Daemon(Some(child));
+    wait_for(&qmp);
+    // The disk's socket goes to the socket directory: the metadata's, here.
+    let qmp_arg = qmp.to_str().unwrap();
+    let out = cli(&["ctl", "-s", qmp_arg, "add", "vm1", "--size", "2G"]);
+    assert!(dir.path().join("vm1.sock").exists(), "{out}");
+    cli(&["ctl", "-s", qmp_arg, "snapshot", "vm1", "s1"]);
+    // A stream file beside the pool is a management file the daemon may write.
+    let stream = dir.path().join("s1.stream");
+    cli(&[
+        "ctl",
+        "-s",
+        qmp_arg,
+        "send",
+        "s1",
+        "--file",
+        stream.to_str().unwrap(),
+    ]);
+    assert!(stream.is_file());
+    let out = sigterm(daemon.0.take().unwrap());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains("not a directory"), "{log}");
+    assert!(log.contains(", 2 GiB, socket"), "{log}");
+    assert!(!log.contains("2147483648 bytes"), "{log}");
+}

@@ -280,7 +280,11 @@ impl Manager {
             if let (Some(t), [.., a, b]) = (&throttle, passes.as_slice()) {
                 if passes.len() >= 2 && *b > *a / 2 {
                     throttled = t.harder();
-                    tracing::info!("migrate {name}: pass of {b} bytes after {a}: writes held {throttled}% of the time");
+                    tracing::info!(
+                        "migrate {name}: a pass of {} after one of {}: writes held {throttled}% of the time",
+                        crate::size::human(*b),
+                        crate::size::human(*a)
+                    );
                 }
             }
             let t = helper_snapshot(src, disk, &job, helpers)?;

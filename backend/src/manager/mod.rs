@@ -851,9 +851,9 @@ impl Manager {
             }
         };
         tracing::info!(
-            "disk-add {}: thin device {id}, {} bytes, socket {}",
+            "disk-add {}: thin device {id}, {}, socket {}",
             new.name,
-            plan.size,
+            crate::size::human(plan.size),
             socket.display()
         );
         Ok(json!({"thin-id": id, "socket": socket}))
