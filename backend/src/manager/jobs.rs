@@ -143,10 +143,11 @@ impl JobCtx {
         if last.elapsed() >= PROGRESS_EVERY {
             *last = Instant::now();
             drop(last);
-            self.events.emit(
-                "JOB_PROGRESS",
-                json!({"id": self.job.id, "current-progress": done, "total-progress": total}),
-            );
+            self.events.emit(crate::events::Event::JobProgress {
+                id: self.job.id.clone(),
+                current_progress: done,
+                total_progress: total,
+            });
         }
     }
 
@@ -477,7 +478,7 @@ fn emit_status(events: &EventBus, job: &Job, status: JobStatus) {
             None => {}
         }
     }
-    events.emit("JOB_STATUS_CHANGE", data);
+    events.emit(crate::events::Event::JobStatusChange(data));
 }
 
 #[cfg(test)]
@@ -485,7 +486,7 @@ mod tests {
     use super::*;
     use std::sync::mpsc::sync_channel;
 
-    fn events() -> (EventBus, std::sync::mpsc::Receiver<crate::events::Event>) {
+    fn events() -> (EventBus, std::sync::mpsc::Receiver<crate::events::Emitted>) {
         let bus = EventBus::default();
         let (tx, rx) = sync_channel(1024);
         bus.subscribe(1, move |ev| match tx.try_send(ev.clone()) {
@@ -495,7 +496,7 @@ mod tests {
         (bus, rx)
     }
 
-    fn statuses(rx: &std::sync::mpsc::Receiver<crate::events::Event>, id: &str) -> Vec<String> {
+    fn statuses(rx: &std::sync::mpsc::Receiver<crate::events::Emitted>, id: &str) -> Vec<String> {
         rx.try_iter()
             .filter(|ev| ev.name == "JOB_STATUS_CHANGE" && ev.data["id"] == id)
             .map(|ev| ev.data["status"].as_str().unwrap_or_default().to_string())

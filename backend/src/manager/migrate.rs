@@ -407,7 +407,8 @@ impl Manager {
             "pause-us": pause.as_micros() as u64,
             "throttled-percent": throttled,
         });
-        self.events.emit("DISK_MIGRATED", result.clone());
+        self.events
+            .emit(crate::events::Event::DiskMigrated(result.clone()));
         Ok(result)
     }
 

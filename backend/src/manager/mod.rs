@@ -16,7 +16,7 @@ pub mod transfer;
 
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
 use crate::blk::serve::{self, ConnectionEvent, Serving};
-use crate::events::EventBus;
+use crate::events::{Event, EventBus};
 use crate::socket::SocketFile;
 use crate::sync::lock;
 pub use error::Error;
@@ -577,13 +577,15 @@ impl Manager {
             move |disk, ev| {
                 let Some(m) = events.upgrade() else { return };
                 match ev {
-                    ConnectionEvent::Connected => {
-                        m.events.emit("DISK_CONNECTED", json!({"disk": disk.name}))
+                    ConnectionEvent::Connected => m.events.emit(Event::DiskConnected {
+                        disk: disk.name.clone(),
+                    }),
+                    ConnectionEvent::Disconnected { committed } => {
+                        m.events.emit(Event::DiskDisconnected {
+                            disk: disk.name.clone(),
+                            committed,
+                        })
                     }
-                    ConnectionEvent::Disconnected { committed } => m.events.emit(
-                        "DISK_DISCONNECTED",
-                        json!({"disk": disk.name, "committed": committed}),
-                    ),
                 }
             },
         )
@@ -856,6 +858,14 @@ impl Manager {
             crate::size::human(plan.size),
             socket.display()
         );
+        self.events.emit(Event::DiskAdded {
+            disk: new.name.to_string(),
+            pool: plan.pool.name.clone(),
+            thin_id: id,
+            size: plan.size,
+            origin: new.clone_from.map(str::to_string),
+            socket: socket.clone(),
+        });
         Ok(json!({"thin-id": id, "socket": socket}))
     }
 
@@ -997,7 +1007,13 @@ impl Manager {
         }
         let _ = self.unserve(name);
         self.drop_replicator(name);
-        Self::delete_device(&f)
+        let r = Self::delete_device(&f)?;
+        self.events.emit(Event::DiskRemoved {
+            disk: name.to_string(),
+            pool: f.pool.name.clone(),
+            thin_id: f.id,
+        });
+        Ok(r)
     }
 
     /// Deletes a thin device and its registry entry, durably; wakes held writes.
@@ -1043,10 +1059,11 @@ impl Manager {
             }
             None => false,
         };
-        self.events.emit(
-            "DISK_RESIZED",
-            json!({"disk": name, "size": size, "guest-notified": notified}),
-        );
+        self.events.emit(Event::DiskResized {
+            disk: name.to_string(),
+            size,
+            guest_notified: notified,
+        });
         Ok(json!({"guest-notified": notified}))
     }
 
@@ -1061,6 +1078,12 @@ impl Manager {
         })?;
         if let Some(s) = lock(&self.disks).get(name) {
             s.disk.set_read_only(read_only);
+        }
+        if f.entry.read_only != read_only {
+            self.events.emit(Event::DiskReadOnlyChanged {
+                disk: name.to_string(),
+                read_only,
+            });
         }
         Ok(json!({}))
     }
@@ -1110,6 +1133,13 @@ impl Manager {
         });
         let id = r?;
         tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?} (requests in flight finished after {drained:?})");
+        self.events.emit(Event::SnapshotCreated {
+            disk: disk.to_string(),
+            snapshot: name.to_string(),
+            pool: f.pool.name.clone(),
+            thin_id: id,
+            pause_us: pause.as_micros() as u64,
+        });
         Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
     }
 
@@ -1129,7 +1159,13 @@ impl Manager {
                 "'{name}' is a disk, not a snapshot: use disk-remove"
             )));
         }
-        Self::delete_device(&f)
+        let r = Self::delete_device(&f)?;
+        self.events.emit(Event::SnapshotDeleted {
+            snapshot: name.to_string(),
+            pool: f.pool.name.clone(),
+            thin_id: f.id,
+        });
+        Ok(r)
     }
 
     /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
@@ -1163,6 +1199,10 @@ impl Manager {
         })?;
         drop(gate);
         d.pool.space.space_changed();
+        self.events.emit(Event::DiskReverted {
+            disk: disk.to_string(),
+            snapshot: snapshot.to_string(),
+        });
         Ok(json!({}))
     }
 
@@ -1306,6 +1346,17 @@ impl Manager {
         let meta = p.pool().grow_metadata()?;
         p.pool().commit()?;
         p.space.space_available();
+        tracing::info!(
+            "pool {}: {} of data, {} of metadata in use",
+            p.name,
+            crate::size::human(blocks * p.pool().block_bytes()),
+            crate::size::human(meta * 4096)
+        );
+        self.events.emit(Event::PoolGrown {
+            pool: p.name.clone(),
+            data_blocks: blocks,
+            metadata_blocks: meta,
+        });
         Ok(json!({"data-blocks": blocks, "metadata-blocks": meta}))
     }
 
@@ -1313,43 +1364,74 @@ impl Manager {
     /// writes when blocks are freed. Runs until `stop`.
     pub fn monitor(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
         let me = self.clone();
-        std::thread::Builder::new().name("pool-monitor".into()).spawn(move || {
-            let mut state: BTreeMap<String, (bool, bool, bool, String, bool, u64)> = BTreeMap::new();
-            while !stop.load(Ordering::SeqCst) {
-                for p in me.pools.values() {
-                    let st = p.pool().status();
-                    let u = &st.usage;
-                    let (lw_d, lw_m) = *lock(&p.low_water);
-                    let data_pct = u.data_used * 100 / u.data_blocks.max(1);
-                    let meta_pct = u.metadata_used * 100 / u.metadata_blocks.max(1);
-                    if u.data_used < u.data_blocks && p.space.timed_out() {
-                        p.space.space_available();
+        std::thread::Builder::new()
+            .name("pool-monitor".into())
+            .spawn(move || {
+                let mut state: BTreeMap<String, (bool, bool, bool, String, bool, u64)> =
+                    BTreeMap::new();
+                while !stop.load(Ordering::SeqCst) {
+                    for p in me.pools.values() {
+                        let st = p.pool().status();
+                        let u = &st.usage;
+                        let (lw_d, lw_m) = *lock(&p.low_water);
+                        let data_pct = u.data_used * 100 / u.data_blocks.max(1);
+                        let meta_pct = u.metadata_used * 100 / u.metadata_blocks.max(1);
+                        if u.data_used < u.data_blocks && p.space.timed_out() {
+                            p.space.space_available();
+                        }
+                        let (mode, reason) = effective_mode(p, &st);
+                        let e = state.entry(p.name.clone()).or_insert((
+                            false,
+                            false,
+                            false,
+                            mode.clone(),
+                            st.needs_check,
+                            u.data_used,
+                        ));
+                        let data_low = data_pct >= lw_d as u64;
+                        if data_low && !e.0 {
+                            me.events.emit(Event::PoolLowWatermark {
+                                pool: p.name.clone(),
+                                kind: "data",
+                                used_percent: data_pct,
+                                threshold: lw_d,
+                            });
+                        }
+                        let meta_low = meta_pct >= lw_m as u64;
+                        if meta_low && !e.1 {
+                            me.events.emit(Event::PoolLowWatermark {
+                                pool: p.name.clone(),
+                                kind: "metadata",
+                                used_percent: meta_pct,
+                                threshold: lw_m,
+                            });
+                        }
+                        let full = u.data_used >= u.data_blocks
+                            || p.space.waiting.load(Ordering::SeqCst) > 0;
+                        if full && !e.2 {
+                            me.events.emit(Event::PoolOutOfSpace {
+                                pool: p.name.clone(),
+                                data_blocks: u.data_blocks,
+                                queued_writes: p.space.waiting.load(Ordering::SeqCst),
+                            });
+                        }
+                        if mode != e.3 || st.needs_check != e.4 {
+                            me.events.emit(Event::PoolModeChanged {
+                                pool: p.name.clone(),
+                                mode: mode.clone(),
+                                needs_check: st.needs_check,
+                                rolled_back: st.rolled_back,
+                                reason: reason.clone(),
+                            });
+                        }
+                        if u.data_used < e.5 {
+                            p.space.space_changed();
+                        }
+                        *e = (data_low, meta_low, full, mode, st.needs_check, u.data_used);
                     }
-                    let (mode, reason) = effective_mode(p, &st);
-                    let e = state.entry(p.name.clone()).or_insert((false, false, false, mode.clone(), st.needs_check, u.data_used));
-                    let data_low = data_pct >= lw_d as u64;
-                    if data_low && !e.0 {
-                        me.events.emit("POOL_LOW_WATERMARK", json!({"pool": p.name, "kind": "data", "used-percent": data_pct, "threshold": lw_d}));
-                    }
-                    let meta_low = meta_pct >= lw_m as u64;
-                    if meta_low && !e.1 {
-                        me.events.emit("POOL_LOW_WATERMARK", json!({"pool": p.name, "kind": "metadata", "used-percent": meta_pct, "threshold": lw_m}));
-                    }
-                    let full = u.data_used >= u.data_blocks || p.space.waiting.load(Ordering::SeqCst) > 0;
-                    if full && !e.2 {
-                        me.events.emit("POOL_OUT_OF_SPACE", json!({"pool": p.name, "data-blocks": u.data_blocks, "queued-writes": p.space.waiting.load(Ordering::SeqCst)}));
-                    }
-                    if mode != e.3 || st.needs_check != e.4 {
-                        me.events.emit("POOL_MODE_CHANGED", json!({"pool": p.name, "mode": mode, "needs-check": st.needs_check, "rolled-back": st.rolled_back, "reason": reason}));
-                    }
-                    if u.data_used < e.5 {
-                        p.space.space_changed();
-                    }
-                    *e = (data_low, meta_low, full, mode, st.needs_check, u.data_used);
+                    std::thread::sleep(Duration::from_millis(200));
                 }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        })
+            })
     }
 }
 
@@ -1431,6 +1513,96 @@ mod tests {
         assert!(m.is_poisoned());
         *lock(&m) += 1;
         assert_eq!(*lock(&m), 2);
+    }
+
+    /// A manager over one pool in memory whose events are collected, as a management
+    /// client would see them (names and data).
+    fn manager_with_events() -> (
+        tempfile::TempDir,
+        Arc<Manager>,
+        std::sync::mpsc::Receiver<(String, Value)>,
+    ) {
+        use thinpool::pool::PoolOptions;
+        use thinpool::storage::MemStorage;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::create(
+            Arc::new(MemStorage::new(4 << 20)),
+            Arc::new(MemStorage::new(64 << 20)),
+            128,
+            PoolOptions::default(),
+        )
+        .unwrap();
+        let reg = thinpool::registry::Registry::new(dir.path().join("reg.json"), 0);
+        let catalog = Catalog::new(Arc::new(pool), reg, 1);
+        let m = Manager::new(
+            vec![Arc::new(PoolHandle::new("p", catalog))],
+            dir.path().to_path_buf(),
+        );
+        let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+        m.events.subscribe(1, move |ev| {
+            match tx.try_send((ev.name.to_string(), ev.data.clone())) {
+                Ok(()) => crate::events::Delivery::Taken,
+                Err(_) => crate::events::Delivery::Gone,
+            }
+        });
+        (dir, m, rx)
+    }
+
+    fn new_disk<'a>(name: &'a str, clone_from: Option<&'a str>) -> NewDisk<'a> {
+        NewDisk {
+            name,
+            pool: None,
+            size: clone_from.is_none().then_some(8 << 20),
+            clone_from,
+            read_only: false,
+            serial: None,
+            external_origin: None,
+        }
+    }
+
+    /// An orchestrator follows every change through events alone, without polling.
+    #[test]
+    fn every_change_is_announced_by_an_event() {
+        let (_dir, m, rx) = manager_with_events();
+        m.disk_add(&new_disk("vm1", None), None, None, None)
+            .unwrap();
+        m.snapshot_create("vm1", "s1").unwrap();
+        m.disk_add(&new_disk("c1", Some("s1")), None, None, None)
+            .unwrap();
+        m.disk_set_read_only("c1", true).unwrap();
+        m.snapshot_revert("vm1", "s1").unwrap();
+        m.disk_remove("c1", false).unwrap();
+        m.snapshot_delete("s1", false).unwrap();
+        m.pool_grow(None).unwrap();
+        let got: Vec<(String, Value)> = rx.try_iter().collect();
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "DISK_ADDED",
+                "SNAPSHOT_CREATED",
+                "DISK_ADDED",
+                "DISK_READ_ONLY_CHANGED",
+                "DISK_REVERTED",
+                "DISK_REMOVED",
+                "SNAPSHOT_DELETED",
+                "POOL_GROWN",
+            ],
+            "{got:#?}"
+        );
+        let data = |i: usize| &got[i].1;
+        assert_eq!(data(0)["disk"], "vm1");
+        assert_eq!(data(0)["pool"], "p");
+        assert_eq!(data(0)["size"], 8 << 20);
+        assert_eq!(data(1)["disk"], "vm1");
+        assert_eq!(data(1)["snapshot"], "s1");
+        assert_eq!(data(2)["origin"], "s1");
+        assert_eq!(data(3)["read-only"], true);
+        assert_eq!(data(4)["snapshot"], "s1");
+        assert_eq!(data(5)["disk"], "c1");
+        assert_eq!(data(6)["snapshot"], "s1");
+        assert_eq!(data(7)["data-blocks"], 1024);
+        m.shutdown().unwrap();
     }
 
     #[test]

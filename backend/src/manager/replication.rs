@@ -19,6 +19,7 @@ use super::error::Error;
 use super::jobs::JobCtx;
 use super::transfer::{copy_snapshot, send_to_command};
 use super::{lock, Manager, R};
+use crate::events::Event;
 use crate::replica_names::series;
 use serde_json::{json, Value};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -566,10 +567,13 @@ fn schedule(
                 st.last_error = None;
                 st.next_round = Some(t0 + interval);
                 drop(st);
-                m.events.emit(
-                    "REPLICATION_COMPLETED",
-                    json!({"disk": disk, "snapshot": snap, "bytes": bytes, "full": full, "duration-ms": t0.elapsed().as_millis() as u64}),
-                );
+                m.events.emit(Event::ReplicationCompleted {
+                    disk: disk.to_string(),
+                    snapshot: snap,
+                    bytes,
+                    full,
+                    duration_ms: t0.elapsed().as_millis() as u64,
+                });
             }
             Err(e) => {
                 st.failures += 1;
@@ -579,10 +583,11 @@ fn schedule(
                 st.next_round = Some(Instant::now() + retry);
                 drop(st);
                 tracing::warn!("{disk}: replication round failed: {}", e.to_string());
-                m.events.emit(
-                    "REPLICATION_FAILED",
-                    json!({"disk": disk, "error": e.to_string(), "retry-in-seconds": retry.as_secs()}),
-                );
+                m.events.emit(Event::ReplicationFailed {
+                    disk: disk.to_string(),
+                    error: e.to_string(),
+                    retry_in_seconds: retry.as_secs(),
+                });
             }
         }
     }

@@ -2,7 +2,7 @@
 //! `{"event": NAME, "data": {...}, "timestamp": {"seconds": S, "microseconds": U}}`.
 //! The events themselves and their bus are `crate::events`; this is their wire form.
 
-use crate::events::{Delivery, Event, EventBus};
+use crate::events::{Delivery, Emitted, EventBus};
 use serde_json::{json, Value};
 use std::sync::mpsc::{SyncSender, TrySendError};
 
@@ -16,7 +16,7 @@ pub fn timestamp(at: std::time::SystemTime) -> Value {
 }
 
 /// An event as a QMP message.
-pub fn to_qmp(ev: &Event) -> String {
+pub fn to_qmp(ev: &Emitted) -> String {
     json!({"event": ev.name, "data": ev.data, "timestamp": timestamp(ev.at)}).to_string()
 }
 
