@@ -208,12 +208,11 @@ fn space_used_is_counted_as_the_kernel_counts_it() {
         // "<phase>: 0 <len> thin-pool <trans> <meta used>/<total> <data used>/<total> <held> …"
         let line = history
             .lines()
-            .filter(|l| {
+            .rfind(|l| {
                 l.split_whitespace()
                     .nth(7)
                     .is_some_and(|h| (h != "-") == held)
             })
-            .last()
             .unwrap_or_else(|| panic!("{name}: no status line for held={held}"));
         let f: Vec<&str> = line.split_whitespace().collect();
         let ratio = |s: &str| -> (u64, u64) {
