@@ -338,15 +338,17 @@ impl ThinMetadata {
     }
 
     pub fn usage(&self) -> SpaceUsage {
+        let metadata_blocks = self.tm.meta_sm.nr_blocks();
+        let metadata_allocated = self.tm.meta_sm.nr_allocated();
+        let metadata_reserve = metadata_reserve(metadata_blocks);
         SpaceUsage {
             data_blocks: self.tm.data_sm.nr_blocks(),
             data_used: self.tm.data_sm.nr_allocated(),
-            metadata_blocks: self.tm.meta_sm.nr_blocks(),
-            metadata_used: (self.tm.meta_sm.nr_allocated()
-                + metadata_reserve(self.tm.meta_sm.nr_blocks()))
-            .min(self.tm.meta_sm.nr_blocks()),
-            metadata_allocated: self.tm.meta_sm.nr_allocated(),
-            metadata_reserve: metadata_reserve(self.tm.meta_sm.nr_blocks()),
+            metadata_blocks,
+            // As dm-thin's status: the reserve counts as used (never more than the device).
+            metadata_used: (metadata_allocated + metadata_reserve).min(metadata_blocks),
+            metadata_allocated,
+            metadata_reserve,
         }
     }
 
