@@ -28,23 +28,30 @@ enum CtlCmd {
     /// List disks.
     #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock disks")]
     Disks,
-    /// List snapshots.
+    /// List snapshots: name, the disk each was taken of, creation time (UTC), size and the
+    /// space only it holds.
     #[command(
-        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshots --json"
+        after_help = "Examples:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshots\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshots vm1 --json"
     )]
-    Snapshots,
+    Snapshots {
+        /// Only the snapshots of this disk (`vm1@…` and flat-named ones taken of vm1).
+        disk: Option<String>,
+    },
     /// Show pools.
     #[command(after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock pools")]
     Pools,
-    /// Snapshot a disk (running or not).
+    /// Snapshot a disk (running or not). As in ZFS, `vm1@nightly` names a snapshot in vm1's
+    /// namespace (another disk may have its own `@nightly`).
     #[command(
-        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshot vm1 vm1-before-upgrade"
+        after_help = "Examples:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshot vm1@before-upgrade\n  vhost-thin ctl -s vhost-thin-state/qmp.sock snapshot vm1 golden   (a flat name, also reached as vm1@golden)"
     )]
     Snapshot {
-        /// The disk to snapshot (running or not).
+        /// The disk to snapshot (running or not), or DISK@NAME to name the snapshot too.
+        #[arg(value_name = "DISK[@NAME]")]
         disk: String,
-        /// The snapshot's name (unique among disks and snapshots).
-        name: String,
+        /// The snapshot's name: `@x` or `DISK@x` in the disk's namespace, or a flat name
+        /// (unique among disks and snapshots). Not needed after DISK@NAME.
+        name: Option<String>,
     },
     /// A new disk as a clone of a snapshot or disk.
     #[command(
@@ -475,6 +482,56 @@ fn absolute(p: &Option<PathBuf>) -> Result<Option<PathBuf>> {
     }
 }
 
+/// `snapshot DISK NAME`, `snapshot DISK@NAME`: the disk and the name to ask for.
+fn snapshot_target(disk: &str, name: Option<&str>) -> Result<(String, String)> {
+    match (name, disk.rsplit_once('@')) {
+        (Some(n), _) => Ok((disk.to_string(), n.to_string())),
+        (None, Some((d, n))) if !d.is_empty() && !n.is_empty() => {
+            Ok((d.to_string(), disk.to_string()))
+        }
+        (None, _) => Err(UsageError(format!(
+            "say the snapshot's name: `snapshot {disk}@NAME` (in {disk}'s namespace) or `snapshot {disk} NAME`"
+        ))
+        .into()),
+    }
+}
+
+/// Where a disk or snapshot came from, for a person: its origin, or the deleted one's name.
+fn origin_of(d: &Value) -> String {
+    match d.get("deleted-origin").and_then(Value::as_str) {
+        Some(gone) => format!("{gone} (deleted)"),
+        None => s(&d["origin"]),
+    }
+}
+
+/// `ctl snapshots [DISK]` for a person: the snapshots of `disk` (named `disk@…`, or taken
+/// of it) or all, with the disk each was taken of, when (UTC), size and exclusive space.
+fn snapshots_table(list: &Value, disk: Option<&str>) -> String {
+    let mut out = format!(
+        "{:<24} {:<16} {:<20} {:>10} {:>10}\n",
+        "NAME", "OF", "CREATED", "SIZE", "EXCLUSIVE"
+    );
+    for d in list.as_array().into_iter().flatten() {
+        let name = s(&d["name"]);
+        if let Some(disk) = disk {
+            let in_namespace = name.rsplit_once('@').is_some_and(|(o, _)| o == disk);
+            if !in_namespace && d["origin"].as_str() != Some(disk) {
+                continue;
+            }
+        }
+        let created = d["created"].as_u64().unwrap_or(0);
+        out += &format!(
+            "{:<24} {:<16} {:<20} {:>10} {:>10}\n",
+            name,
+            origin_of(d),
+            iso8601(created, 0).replace(".000000Z", "Z"),
+            human(d["size"].as_u64().unwrap_or(0)),
+            human(d["exclusive-bytes"].as_u64().unwrap_or(0)),
+        );
+    }
+    out
+}
+
 /// A job's result for a person: `key value` pairs, byte counts (`…-bytes`, `bytes`) in
 /// binary units, pauses (`…-us`) in milliseconds; `--json` gives the result as it is.
 fn for_people(v: &Value) -> String {
@@ -548,9 +605,12 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
     let mut c = Client::connect(&path)?;
     let (cmd, args) = match &a.cmd {
         CtlCmd::Disks => ("query-disks", json!({})),
-        CtlCmd::Snapshots => ("query-snapshots", json!({})),
+        CtlCmd::Snapshots { .. } => ("query-snapshots", json!({})),
         CtlCmd::Pools => ("query-pools", json!({})),
-        CtlCmd::Snapshot { disk, name } => ("snapshot-create", json!({"disk": disk, "name": name})),
+        CtlCmd::Snapshot { disk, name } => {
+            let (disk, name) = snapshot_target(disk, name.as_deref())?;
+            ("snapshot-create", json!({"disk": disk, "name": name}))
+        }
         CtlCmd::Clone {
             from,
             name,
@@ -710,26 +770,12 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
                     } else {
                         "-"
                     },
-                    s(&d["origin"]),
+                    origin_of(d),
                     s(&d["socket"]),
                 );
             }
         }
-        CtlCmd::Snapshots => {
-            println!(
-                "{:<20} {:<16} {:>10} {:>10}",
-                "NAME", "OF", "SIZE", "EXCLUSIVE"
-            );
-            for d in r.as_array().into_iter().flatten() {
-                println!(
-                    "{:<20} {:<16} {:>10} {:>10}",
-                    s(&d["name"]),
-                    s(&d["origin"]),
-                    human(d["size"].as_u64().unwrap_or(0)),
-                    human(d["exclusive-bytes"].as_u64().unwrap_or(0)),
-                );
-            }
-        }
+        CtlCmd::Snapshots { disk } => print!("{}", snapshots_table(&r, disk.as_deref())),
         CtlCmd::Pools => {
             for p in r.as_array().into_iter().flatten() {
                 let bs = p["block-size"].as_u64().unwrap_or(0);
@@ -750,8 +796,10 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
                 );
             }
         }
-        CtlCmd::Snapshot { disk, name } => println!(
-            "snapshot {name} of {disk} taken (writes held {} µs)",
+        CtlCmd::Snapshot { disk, .. } => println!(
+            "snapshot {} of {} taken (writes held {} µs)",
+            s(&r["name"]),
+            disk.rsplit_once('@').map_or(disk.as_str(), |(d, _)| d),
             r["pause-us"]
         ),
         CtlCmd::Jobs => {
@@ -794,7 +842,22 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
             human(*size)
         ),
         CtlCmd::Remove { name, .. } => println!("disk {name} removed, with its data"),
-        CtlCmd::DeleteSnapshot { name } => println!("snapshot {name} deleted"),
+        CtlCmd::DeleteSnapshot { name } => {
+            let dependents: Vec<String> = r["dependents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            if dependents.is_empty() {
+                println!("snapshot {name} deleted")
+            } else {
+                println!(
+                    "snapshot {name} deleted; made from it, and whole without it: {} (their origin now reads \"{name} (deleted)\")",
+                    dependents.join(", ")
+                )
+            }
+        }
         CtlCmd::Revert { disk, snapshot } => {
             println!("disk {disk} now holds what snapshot {snapshot} holds")
         }
@@ -813,8 +876,47 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::{for_people, iso8601};
+    use super::{for_people, iso8601, snapshot_target, snapshots_table};
     use serde_json::json;
+
+    #[test]
+    fn snapshots_list_when_they_were_taken_of_what_and_their_size() {
+        let list = json!([
+            {"name": "vm1@nightly", "origin": "vm1", "created": 1_796_000_000u64,
+             "size": 10u64 << 30, "exclusive-bytes": 3u64 << 20},
+            {"name": "golden", "origin": "vm1", "created": 0, "size": 1u64 << 30,
+             "exclusive-bytes": 0},
+            {"name": "vm2@nightly", "origin": null, "deleted-origin": "vm2",
+             "created": 0, "size": 1u64 << 30, "exclusive-bytes": 0},
+        ]);
+        let all = snapshots_table(&list, None);
+        let row = all.lines().nth(1).unwrap();
+        for want in [
+            "vm1@nightly",
+            "vm1",
+            "2026-11-30T00:53:20Z",
+            "10 GiB",
+            "3 MiB",
+        ] {
+            assert!(row.contains(want), "{want:?} in {row:?}");
+        }
+        assert!(all.contains("vm2 (deleted)"), "{all}");
+        let of_vm1 = snapshots_table(&list, Some("vm1"));
+        assert_eq!(of_vm1.lines().count(), 3, "{of_vm1}");
+        assert!(
+            of_vm1.contains("golden") && !of_vm1.contains("vm2@"),
+            "{of_vm1}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_is_named_disk_at_name_or_apart() {
+        let t = |d, n| snapshot_target(d, n).map_err(|e| e.to_string());
+        assert_eq!(t("vm1@a", None).unwrap(), ("vm1".into(), "vm1@a".into()));
+        assert_eq!(t("vm1", Some("a")).unwrap(), ("vm1".into(), "a".into()));
+        assert_eq!(t("vm1", Some("@a")).unwrap(), ("vm1".into(), "@a".into()));
+        assert!(t("vm1", None).unwrap_err().contains("vm1@NAME"));
+    }
 
     #[test]
     fn job_results_read_as_sizes_and_times() {

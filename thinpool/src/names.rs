@@ -88,9 +88,57 @@ fn check(s: &str, max: usize) -> Result<(), NameError> {
     Ok(())
 }
 
+/// A snapshot name that puts the snapshot in another disk's namespace (`vm2@x` for a
+/// snapshot of `vm1`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("'{name}' names a snapshot of {owner}, not of {disk}: name it {disk}@… or give a name without '@'")]
+pub struct ForeignSnapshotName {
+    pub name: String,
+    pub owner: String,
+    pub disk: String,
+}
+
+/// Splits `disk@snap` at its last `@` (a disk's name may hold one itself): the disk and
+/// the snapshot's name within it. `None` for a name without `@` (a flat name).
+pub fn split_snapshot_name(name: &str) -> Option<(&str, &str)> {
+    name.rsplit_once('@')
+        .filter(|(disk, snap)| !disk.is_empty() && !snap.is_empty())
+}
+
+/// The full name of a snapshot of `disk` asked for as `name`, as ZFS's `fs@snap`:
+/// `@nightly` is `disk@nightly`; `disk@nightly` is itself; a name naming another disk
+/// (`other@x`) is refused; a name without `@` is a flat name and stays as it is.
+pub fn snapshot_name(disk: &str, name: &str) -> Result<String, ForeignSnapshotName> {
+    if let Some(short) = name.strip_prefix('@') {
+        return Ok(format!("{disk}@{short}"));
+    }
+    match split_snapshot_name(name) {
+        Some((owner, _)) if owner != disk => Err(ForeignSnapshotName {
+            name: name.to_string(),
+            owner: owner.to_string(),
+            disk: disk.to_string(),
+        }),
+        _ => Ok(name.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_names_live_in_their_disks_namespace() {
+        assert_eq!(snapshot_name("vm1", "@nightly").unwrap(), "vm1@nightly");
+        assert_eq!(snapshot_name("vm1", "vm1@nightly").unwrap(), "vm1@nightly");
+        assert_eq!(snapshot_name("vm1", "nightly").unwrap(), "nightly");
+        assert_eq!(snapshot_name("a@b", "a@b@x").unwrap(), "a@b@x");
+        let e = snapshot_name("vm1", "vm2@x").unwrap_err();
+        assert_eq!(e.owner, "vm2");
+        assert_eq!(split_snapshot_name("vm1@x"), Some(("vm1", "x")));
+        assert_eq!(split_snapshot_name("@x"), None);
+        assert_eq!(split_snapshot_name("x@"), None);
+        assert_eq!(split_snapshot_name("x"), None);
+    }
 
     #[test]
     fn names_and_not_names() {

@@ -58,6 +58,10 @@ pub struct DeviceEntry {
     /// The thin id this device was snapshotted or cloned from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<u32>,
+    /// The name of the device this one was snapshotted or cloned from, once that one was
+    /// deleted (then `origin` is cleared): the lineage stays readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_origin: Option<String>,
     /// Creation time, seconds since the epoch.
     #[serde(default)]
     pub created: u64,
@@ -370,6 +374,35 @@ impl Registry {
             .map(|(&id, _)| id)
     }
 
+    /// The device a person means by `name`: the one named so, or, for `disk@snap` when no
+    /// device has that name, the snapshot named `snap` (a flat name) taken of `disk`.
+    pub fn resolve(&self, name: &str) -> Option<u32> {
+        self.find(name).or_else(|| {
+            let (disk, snap) = crate::names::split_snapshot_name(name)?;
+            let disk = self.find(disk).filter(|id| !self.devices[id].snapshot)?;
+            self.devices
+                .iter()
+                .find(|(_, e)| {
+                    e.snapshot && e.origin == Some(disk) && e.name.as_deref() == Some(snap)
+                })
+                .map(|(&id, _)| id)
+        })
+    }
+
+    /// Removes a device's entry. The devices made from it (its snapshots and clones, which
+    /// dm-thin keeps whole without it) keep its name as their deleted origin; their names
+    /// are returned.
+    pub fn remove(&mut self, id: u32) -> Option<(DeviceEntry, Vec<String>)> {
+        let gone = self.devices.remove(&id)?;
+        let mut dependents = Vec::new();
+        for e in self.devices.values_mut().filter(|e| e.origin == Some(id)) {
+            e.origin = None;
+            e.deleted_origin = gone.name.clone();
+            dependents.extend(e.name.clone());
+        }
+        Some((gone, dependents))
+    }
+
     /// The device that has this name, or will have it when its receive completes: a name
     /// is taken from the moment a receive for it starts.
     pub fn holder_of(&self, name: &str) -> Option<u32> {
@@ -447,6 +480,7 @@ fn check_names(devices: &BTreeMap<u32, DeviceEntry>) -> Result<(), String> {
     for (id, e) in devices {
         let mut names: Vec<(&str, &String)> = Vec::new();
         names.extend(e.name.iter().map(|n| ("name", n)));
+        names.extend(e.deleted_origin.iter().map(|n| ("deleted origin", n)));
         if let Some(r) = &e.receiving {
             names.push(("name of its receive", &r.name));
         }
@@ -480,6 +514,34 @@ pub fn make_serial(thin_id: u32, created: u64, salt: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_made_from_a_removed_one_keep_its_name_as_their_deleted_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::new(dir.path().join("r.json"), 0);
+        let entry = |name: &str, snapshot, origin| DeviceEntry {
+            name: Some(name.into()),
+            snapshot,
+            origin,
+            ..Default::default()
+        };
+        r.insert(0, entry("vm1", false, None)).unwrap();
+        r.insert(1, entry("vm1@gold", true, Some(0))).unwrap();
+        r.insert(2, entry("c1", false, Some(1))).unwrap();
+        r.insert(3, entry("c2", false, Some(1))).unwrap();
+        r.insert(4, entry("flat", true, Some(0))).unwrap();
+        assert_eq!(r.resolve("vm1@flat"), Some(4));
+        assert_eq!(r.resolve("c1@flat"), None);
+        assert_eq!(r.resolve("vm1@gold"), Some(1));
+        let (gone, dependents) = r.remove(1).unwrap();
+        assert_eq!(gone.name.as_deref(), Some("vm1@gold"));
+        assert_eq!(dependents, ["c1", "c2"]);
+        assert_eq!(r.devices[&2].origin, None);
+        assert_eq!(r.devices[&2].deleted_origin.as_deref(), Some("vm1@gold"));
+        r.save().unwrap();
+        let back = Registry::load(dir.path().join("r.json")).unwrap().unwrap();
+        assert_eq!(back.devices, r.devices);
+    }
 
     #[test]
     fn next_id_reuses_a_free_id_once_the_highest_is_the_largest_dm_thin_allows() {

@@ -158,7 +158,7 @@ fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
             p.pool().discard(*id, 0, size.div_ceil(bs) * bs)?;
         }
     }
-    p.delete_devices(ids)
+    p.delete_devices(ids).map(drop)
 }
 
 impl Manager {
@@ -447,7 +447,7 @@ impl Manager {
                 .collect();
             for id in helpers {
                 devices.delete(id)?;
-                reg.devices.remove(&id);
+                reg.remove(id);
             }
             for e in reg.devices.values_mut() {
                 if matches!(&e.migration, Some(Migration::Switched { job: j, .. }) if j == job) {

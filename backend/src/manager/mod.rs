@@ -98,22 +98,28 @@ impl PoolHandle {
 
     /// Deletes devices and their registry entries in one durable change (an entry whose
     /// device the pool no longer has goes too), and wakes writes held for space.
-    pub(crate) fn delete_devices(&self, ids: &[u32]) -> R<()> {
+    /// Deletes devices and their entries; returns the names of the devices made from them
+    /// that stay (which keep the deleted one's name as their origin).
+    pub(crate) fn delete_devices(&self, ids: &[u32]) -> R<Vec<String>> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        self.change(|devices, reg| {
+        let dependents = self.change(|devices, reg| {
             let present = devices.ids();
+            let mut dependents = Vec::new();
             for id in ids {
                 if present.contains(id) {
                     devices.delete(*id)?;
                 }
-                reg.devices.remove(id);
+                if let Some((_, d)) = reg.remove(*id) {
+                    dependents.extend(d);
+                }
             }
-            Ok(())
+            dependents.retain(|n| reg.find(n).is_some());
+            Ok(dependents)
         })?;
         self.space.space_changed();
-        Ok(())
+        Ok(dependents)
     }
 
     /// Applies a change to the pool and the registry, then makes both durable, or, if
@@ -373,18 +379,22 @@ impl Manager {
         }
     }
 
+    /// The disk or snapshot a name means: the device of that name in any pool, else
+    /// (`disk@snap`) the flat-named snapshot `snap` taken of `disk`.
     fn find(&self, name: &str) -> R<Found> {
-        for p in self.pools.values() {
-            let reg = p.registry();
-            let found = reg
-                .find(name)
-                .and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
-            if let Some((id, entry)) = found {
-                return Ok(Found {
-                    pool: p.clone(),
-                    id,
-                    entry,
-                });
+        let exact = |reg: &Registry| reg.find(name);
+        let resolved = |reg: &Registry| reg.resolve(name);
+        for how in [&exact as &dyn Fn(&Registry) -> Option<u32>, &resolved] {
+            for p in self.pools.values() {
+                let reg = p.registry();
+                let found = how(&reg).and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
+                if let Some((id, entry)) = found {
+                    return Ok(Found {
+                        pool: p.clone(),
+                        id,
+                        entry,
+                    });
+                }
             }
         }
         Err(Error::not_found(format!(
@@ -434,11 +444,12 @@ impl Manager {
                 limits::NAME_RULE
             ))
         })?;
-        // Names of snapshots being received are taken too.
-        let taken = self
-            .pools
-            .values()
-            .any(|p| p.registry().holder_of(name).is_some());
+        // Names of snapshots being received are taken too, and `disk@snap` when it already
+        // means disk's flat-named snapshot `snap`.
+        let taken = self.pools.values().any(|p| {
+            let reg = p.registry();
+            reg.holder_of(name).is_some() || reg.resolve(name).is_some()
+        });
         if taken {
             return Err(Error::failed(format!(
                 "the name '{name}' is already in use"
@@ -758,13 +769,18 @@ impl Manager {
                 let u = usage.get(&id).copied().unwrap_or_default();
                 // Lineage: origin, its origin, … as far as the registry knows.
                 let mut lineage = Vec::new();
-                let mut o = e.origin;
-                while let Some(oid) = o {
-                    if lineage.len() > 64 {
+                let mut at = e;
+                while lineage.len() <= 64 {
+                    if let Some(gone) = &at.deleted_origin {
+                        lineage.push(format!("{gone} (deleted)"));
                         break;
                     }
+                    let Some(oid) = at.origin else { break };
                     lineage.push(name_of(oid).unwrap_or_else(|| format!("#{oid}")));
-                    o = reg.devices.get(&oid).and_then(|x| x.origin);
+                    let Some(next) = reg.devices.get(&oid) else {
+                        break;
+                    };
+                    at = next;
                 }
                 let mut v = json!({
                     "name": name,
@@ -782,6 +798,9 @@ impl Manager {
                 });
                 if let Some(g) = &e.guid {
                     v["guid"] = json!(g);
+                }
+                if let Some(gone) = &e.deleted_origin {
+                    v["deleted-origin"] = json!(gone);
                 }
                 if let Some(o) = &e.external_origin {
                     v["external-origin"] = json!(o);
@@ -1093,6 +1112,8 @@ impl Manager {
     /// microseconds. The reply comes once the snapshot is durable.
     pub fn snapshot_create(&self, disk: &str, name: &str) -> R<Value> {
         let _op = lock(&self.op);
+        let name = &thinpool::names::snapshot_name(disk, name)
+            .map_err(|e| Error::failed(e.to_string()))?;
         self.name_free(name)?;
         let f = self.find(disk)?;
         // A disk being migrated: a snapshot taken now would be left behind.
@@ -1140,7 +1161,7 @@ impl Manager {
             thin_id: id,
             pause_us: pause.as_micros() as u64,
         });
-        Ok(json!({"thin-id": id, "pause-us": pause.as_micros() as u64}))
+        Ok(json!({"name": name, "thin-id": id, "pause-us": pause.as_micros() as u64}))
     }
 
     pub fn snapshot_delete(&self, name: &str, force: bool) -> R<Value> {
@@ -1159,13 +1180,15 @@ impl Manager {
                 "'{name}' is a disk, not a snapshot: use disk-remove"
             )));
         }
-        let r = Self::delete_device(&f)?;
+        // dm-thin keeps every device whole on its own: clones and snapshots made from this
+        // one lose nothing, and keep its name as their deleted origin.
+        let dependents = f.pool.delete_devices(&[f.id])?;
         self.events.emit(Event::SnapshotDeleted {
             snapshot: name.to_string(),
             pool: f.pool.name.clone(),
             thin_id: f.id,
         });
-        Ok(r)
+        Ok(json!({"dependents": dependents}))
     }
 
     /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
@@ -1602,6 +1625,94 @@ mod tests {
         assert_eq!(data(5)["disk"], "c1");
         assert_eq!(data(6)["snapshot"], "s1");
         assert_eq!(data(7)["data-blocks"], 1024);
+        m.shutdown().unwrap();
+    }
+
+    fn names(v: &Value) -> Vec<String> {
+        let mut n: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    }
+
+    /// As in ZFS, `disk@name` is a snapshot in its disk's namespace: two disks may each
+    /// have `@nightly`. Flat names keep working, and `disk@name` also finds a flat-named
+    /// snapshot taken of that disk.
+    #[test]
+    fn snapshots_are_named_in_their_disks_namespace() {
+        let (_dir, m, _rx) = manager_with_events();
+        for d in ["vm1", "vm2"] {
+            m.disk_add(&new_disk(d, None), None, None, None).unwrap();
+        }
+        m.snapshot_create("vm1", "@nightly").unwrap();
+        m.snapshot_create("vm2", "vm2@nightly").unwrap();
+        assert_eq!(
+            names(&m.query_snapshots().unwrap()),
+            ["vm1@nightly", "vm2@nightly"]
+        );
+        // Not in another disk's namespace.
+        let e = m.snapshot_create("vm1", "vm2@x").unwrap_err().to_string();
+        assert!(
+            e.contains("'vm2@x' names a snapshot of vm2, not of vm1"),
+            "{e}"
+        );
+        // A flat name, reached as vm1@before too; the qualified name is then taken.
+        m.snapshot_create("vm1", "before").unwrap();
+        let e = m.snapshot_create("vm1", "@before").unwrap_err().to_string();
+        assert!(e.contains("already in use"), "{e}");
+        m.disk_add(&new_disk("c1", Some("vm1@before")), None, None, None)
+            .unwrap();
+        m.disk_add(&new_disk("c2", Some("vm2@nightly")), None, None, None)
+            .unwrap();
+        let origin = |d: &str| {
+            let id = m.entry(d).unwrap().origin.unwrap();
+            let p = m.pool(None).unwrap();
+            let reg = p.registry();
+            reg.devices[&id].name.clone().unwrap()
+        };
+        assert_eq!(origin("c1"), "before");
+        assert_eq!(origin("c2"), "vm2@nightly");
+        let e = m
+            .snapshot_delete("vm2@before", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no disk or snapshot named 'vm2@before'"), "{e}");
+        m.snapshot_delete("vm1@before", false).unwrap();
+        m.shutdown().unwrap();
+    }
+
+    /// dm-thin needs nothing of a snapshot its clones came from, so deleting it needs no
+    /// force; the clones then say where they came from, and the reply names them.
+    #[test]
+    fn deleting_a_snapshot_clones_came_from_keeps_their_lineage() {
+        let (_dir, m, _rx) = manager_with_events();
+        m.disk_add(&new_disk("vm1", None), None, None, None)
+            .unwrap();
+        m.snapshot_create("vm1", "@gold").unwrap();
+        for c in ["c1", "c2"] {
+            m.disk_add(&new_disk(c, Some("vm1@gold")), None, None, None)
+                .unwrap();
+        }
+        m.snapshot_create("c1", "@s").unwrap();
+        let r = m.snapshot_delete("vm1@gold", false).unwrap();
+        assert_eq!(r["dependents"], json!(["c1", "c2"]));
+        let disks = m.query_disks().unwrap();
+        let c1 = disks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "c1")
+            .unwrap()
+            .clone();
+        assert_eq!(c1["origin"], Value::Null);
+        assert_eq!(c1["deleted-origin"], "vm1@gold");
+        assert_eq!(c1["lineage"], json!(["vm1@gold (deleted)"]));
+        let snaps = m.query_snapshots().unwrap();
+        assert_eq!(snaps[0]["lineage"], json!(["c1", "vm1@gold (deleted)"]));
         m.shutdown().unwrap();
     }
 

@@ -187,7 +187,7 @@ pub fn receive(a: ReceiveArgs) -> Result<ExitCode> {
                     cat.change(|devices, reg| -> Result<()> {
                         for id in &old {
                             devices.delete(*id)?;
-                            reg.devices.remove(id);
+                            reg.remove(*id);
                         }
                         Ok(())
                     })?;

@@ -196,8 +196,14 @@ fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
         devices
             .create_snap(a.id, a.origin)
             .with_context(|| format!("cannot snapshot thin device {} as {}", a.origin, a.id))?;
+        // `@x` and `disk@x` name a snapshot in its disk's namespace, as the daemon's do.
+        let disk = reg.devices.get(&a.origin).and_then(|e| e.name.clone());
+        let name = match (&a.name, disk) {
+            (Some(n), Some(disk)) if a.kept => Some(thinpool::names::snapshot_name(&disk, n)?),
+            (n, _) => n.clone(),
+        };
         let entry = DeviceEntry {
-            name: a.name.clone(),
+            name,
             ..cat.new_snapshot_entry(reg, a.origin, a.id, kind)
         };
         reg.insert(a.id, entry)?;
@@ -213,7 +219,7 @@ fn delete(a: IdArgs) -> Result<ExitCode> {
         devices
             .delete(a.id)
             .with_context(|| format!("cannot delete thin device {}", a.id))?;
-        reg.devices.remove(&a.id);
+        reg.remove(a.id);
         Ok(())
     })?;
     println!("deleted thin device {}", a.id);
