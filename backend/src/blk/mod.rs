@@ -3,8 +3,10 @@
 //! serves a disk on its socket.
 
 pub mod backend;
+pub mod chain;
 pub mod disk;
 pub mod execute;
+pub mod inflight;
 pub mod relay;
 pub mod request;
 pub mod serve;
