@@ -4,11 +4,15 @@
 //! A new backend is made for every connection (the library's per-connection state must not
 //! be reused); the disk and its pool live on across connections.
 
+use super::chain;
 use super::disk::{Disk, Stats, Target};
 use super::execute::{execute, fail, flush, Done, NeedsSpace};
+use super::inflight::{Inflight, Tracker};
+use super::park::{Parked, Waker};
 use super::request::{parse, Desc, GuestView, Limits, Op, MAX_DATA_BYTES};
+use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Instant;
@@ -67,8 +71,13 @@ impl GuestView for View<'_> {
 pub struct BlkBackend {
     disk: Arc<Disk>,
     event_idx: AtomicBool,
-    /// The connection is over: set by `signal_exit`.
-    exiting: AtomicBool,
+    /// Inflight tracking, negotiated and handed over through the relay.
+    inflight: Arc<Inflight>,
+    /// Per queue: what its worker keeps across events.
+    queues: Vec<Mutex<QueueState>>,
+    /// Wakes queues with parked writes; says when the connection is over (set by
+    /// `signal_exit`).
+    waker: Arc<Waker>,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit_notifiers: Mutex<Vec<Option<EventNotifier>>>,
     /// Per queue: this connection has signalled the guest at least once (see
@@ -80,6 +89,21 @@ pub struct BlkBackend {
     /// Per queue: a fault of the driver's (rings that do not fit, an avail idx out of range)
     /// was logged, and is not again until the queue is sound.
     reported: Vec<AtomicBool>,
+}
+
+/// What a queue's worker keeps across events.
+#[derive(Default)]
+struct QueueState {
+    /// The queue's inflight records, with the generation of the region they are in.
+    tracker: Option<(u64, Tracker)>,
+    /// Heads a previous backend took and did not complete, to execute before new ones.
+    resubmit: VecDeque<u16>,
+    /// Writes waiting for pool space, in arrival order (only with inflight tracking).
+    parked: VecDeque<Parked>,
+    /// The queue's vring, kept to complete parked writes when the connection ends.
+    vring: Option<VringRwLock>,
+    /// The ring is larger than the region's records: logged once.
+    reported_size: bool,
 }
 
 /// A descriptor given away to code that will not close it, with the inode it had, so that
@@ -105,15 +129,40 @@ impl BlkBackend {
     pub fn new(disk: Arc<Disk>) -> Self {
         let n = disk.num_queues;
         BlkBackend {
+            waker: Arc::new(Waker::new(disk.clone(), n)),
             disk,
             event_idx: AtomicBool::new(false),
-            exiting: AtomicBool::new(false),
+            inflight: Arc::default(),
+            queues: (0..n).map(|_| Mutex::default()).collect(),
             mem: RwLock::new(None),
             exit_notifiers: Mutex::new((0..n).map(|_| None).collect()),
             signalled: (0..n).map(|_| AtomicBool::new(false)).collect(),
             exit_consumers: Mutex::new(Vec::new()),
             reported: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// The connection's inflight tracking state, for the relay.
+    pub fn inflight(&self) -> Arc<Inflight> {
+        self.inflight.clone()
+    }
+
+    /// The event data under which queue `q`'s wake eventfd is registered in its worker's
+    /// epoll set (above the queues and the exit event, which the vhost crate reserves).
+    pub fn wake_token(&self) -> u64 {
+        self.disk.num_queues as u64 + 1
+    }
+
+    /// Queue `q`'s wake eventfd (see [`Waker`]), to register with the worker that serves
+    /// it under [`BlkBackend::wake_token`].
+    pub fn wake_fd(&self, q: usize) -> Option<RawFd> {
+        self.waker.event(q).map(|e| e.as_raw_fd())
+    }
+
+    /// Queue `q`'s worker watches its wake eventfd: with inflight tracking, it may park
+    /// writes that wait for space.
+    pub fn wake_watched(&self, q: usize) {
+        self.waker.set_watched(q);
     }
 
     /// Closes the exit consumers that the vhost crate leaks: `VringEpollHandler::new`
@@ -210,14 +259,14 @@ impl BlkBackend {
                     return Ok(());
                 }
                 vring.disable_notification().map_err(e)?;
-                let used = self.process_queue(vring)?;
+                let progress = self.process_queue(vring, index)?;
                 if !vring.enable_notification().map_err(e)? {
                     break;
                 }
                 // More is offered, yet nothing was taken: nothing will be taken the next
                 // time round either (the check above catches what is known to cause it);
                 // stop rather than spin.
-                if !used {
+                if !progress {
                     break;
                 }
             }
@@ -226,7 +275,7 @@ impl BlkBackend {
                 vring.signal_used_queue()?;
             }
         } else if self.queue_is_sound(vring, &atomic.memory(), index)
-            && (self.process_queue(vring)? | self.first_event(index))
+            && (self.process_queue(vring, index)? | self.first_event(index))
         {
             vring.signal_used_queue()?;
         }
@@ -249,10 +298,26 @@ impl BlkBackend {
             .is_some_and(|s| !s.swap(true, Ordering::SeqCst))
     }
 
-    /// Asks every worker thread to leave its loop; writes held for space give up.
+    /// Asks every worker thread to leave its loop; writes held or parked for space give up
+    /// (IOERR), so that nothing is left in flight.
     pub fn signal_exit(&self) {
-        self.exiting.store(true, Ordering::SeqCst);
+        self.waker.exit();
         self.disk.space().space_changed();
+        // The workers leave at the exit event without looking at their queues again: the
+        // parked writes are failed here. Each queue's lock is taken after `exiting` is set,
+        // so a worker that parked a write before it saw the flag has done so by then.
+        if let Some(atomic) = self.mem.read().unwrap().clone() {
+            let mem = atomic.memory();
+            for slot in &self.queues {
+                let mut q = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(vring) = q.vring.clone() else {
+                    continue;
+                };
+                if self.retry_parked(&mut q, &vring, &mem) {
+                    let _ = vring.signal_used_queue();
+                }
+            }
+        }
         for n in self.exit_notifiers.lock().unwrap().iter().flatten() {
             let _ = n.notify();
         }
@@ -293,14 +358,46 @@ impl BlkBackend {
         })
     }
 
-    /// Pops, executes and completes every available request. Returns whether any was used.
-    pub fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+    /// Executes and completes what queue `index` offers: writes parked for space first (in
+    /// arrival order), then the requests a previous backend left in flight, then every
+    /// available request. Returns whether any request was taken or completed.
+    pub fn process_queue(&self, vring: &VringRwLock, index: usize) -> io::Result<bool> {
         let Some(atomic) = self.mem.read().unwrap().clone() else {
+            return Ok(false);
+        };
+        let Some(slot) = self.queues.get(index) else {
             return Ok(false);
         };
         let mem = atomic.memory();
         let limits = self.limits();
-        let mut used_any = false;
+        let mut q = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if q.vring.is_none() {
+            q.vring = Some(vring.clone());
+        }
+        self.take_up_records(&mut q, vring, &mem, index);
+        let mut progress = self.retry_parked(&mut q, vring, &mem);
+        while let Some(head) = q.resubmit.pop_front() {
+            progress = true;
+            let mut io = Some(self.disk.target());
+            let (table, size) = {
+                let state = vring.get_ref();
+                (state.get_queue().desc_table(), state.get_queue().size())
+            };
+            match chain::walk(&mem, table, size, head) {
+                Ok(descs) => {
+                    self.handle(&mut q, vring, &mem, &limits, head, &descs, &mut io, index)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: queue {index}: request {head} left in flight by the previous \
+                         backend cannot be read again: {e}",
+                        self.disk.name
+                    );
+                    Stats::add(&self.disk.stats.errors, 1);
+                    self.complete(&q, vring, &mem, head, None, 0);
+                }
+            }
+        }
         loop {
             // Held while this request runs, so shutdown and snapshots can drain I/O (a
             // write waiting for pool space lets go of it meanwhile: see `run`).
@@ -311,7 +408,11 @@ impl BlkBackend {
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
+            progress = true;
             let head = chain.head_index();
+            if let Some((_, t)) = q.tracker.as_mut() {
+                t.taken(head);
+            }
             let descs: Vec<Desc> = chain
                 .map(|d| Desc {
                     addr: d.addr().0,
@@ -319,47 +420,242 @@ impl BlkBackend {
                     writable: d.is_write_only(),
                 })
                 .collect();
-            let parsed = parse(&descs, &View(&mem), &limits);
-            Stats::add(&self.disk.stats.requests, 1);
-            let (status, written) = match &parsed.request {
-                Ok(req) => {
-                    let done = self.run(&req.op, &mem, &mut io);
-                    (Some((req.status, done.status)), done.written + 1)
+            self.handle(&mut q, vring, &mem, &limits, head, &descs, &mut io, index);
+            drop(io);
+        }
+        self.waker.set_parked(index, q.parked.len());
+        Ok(progress)
+    }
+
+    /// Takes up queue `index`'s inflight records when a region was handed over since it
+    /// last looked (a new connection, or a restart of the device): what a previous backend
+    /// left in flight is queued to execute again, and the avail ring resumes after it.
+    fn take_up_records(
+        &self,
+        q: &mut QueueState,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        index: usize,
+    ) {
+        let Some((generation, region)) = self.inflight.region() else {
+            q.tracker = None;
+            return;
+        };
+        if q.tracker.as_ref().is_some_and(|(g, _)| *g == generation) {
+            return;
+        }
+        q.tracker = None;
+        let Some(mut tracker) = Tracker::new(region, index) else {
+            return;
+        };
+        let (size, used) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (queue.size(), queue.used_idx(mem, Ordering::Acquire))
+        };
+        if size > tracker.queue_size() {
+            if !std::mem::replace(&mut q.reported_size, true) {
+                tracing::warn!(
+                    "{}: queue {index}: {size} entries, more than the inflight records \
+                     hold ({}): not tracked, writes waiting for space hold the queue",
+                    self.disk.name,
+                    tracker.queue_size()
+                );
+            }
+            return;
+        }
+        let Ok(used) = used else {
+            // queue_is_sound checked that the used ring lies in guest memory.
+            return;
+        };
+        let r = tracker.recover(used.0, size);
+        for head in &r.dropped {
+            tracing::warn!(
+                "{}: queue {index}: inflight record of head {head}, beyond the ring's {size} \
+                 entries, dropped",
+                self.disk.name
+            );
+        }
+        // Heads this backend holds already (parked, or queued to execute again) are the
+        // same requests: a region handed over again on the same connection, after the
+        // device was stopped and started.
+        let fresh: Vec<u16> = r
+            .heads
+            .iter()
+            .copied()
+            .filter(|h| !q.parked.iter().any(|p| p.head == *h) && !q.resubmit.contains(h))
+            .collect();
+        if !fresh.is_empty() {
+            tracing::info!(
+                "{}: queue {index}: {} request(s) left in flight by the previous backend \
+                 executed again",
+                self.disk.name,
+                fresh.len()
+            );
+        }
+        vring.set_queue_next_avail(r.next_avail);
+        q.resubmit.extend(fresh);
+        q.tracker = Some((generation, tracker));
+    }
+
+    /// Parses and executes one request taken from the queue, and completes it, unless it is
+    /// a write that must wait for space and can be parked.
+    #[allow(clippy::too_many_arguments)]
+    fn handle<'a>(
+        &'a self,
+        q: &mut QueueState,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        limits: &Limits,
+        head: u16,
+        descs: &[Desc],
+        io: &mut Option<RwLockReadGuard<'a, Target>>,
+        index: usize,
+    ) {
+        let parsed = parse(descs, &View(mem), limits);
+        Stats::add(&self.disk.stats.requests, 1);
+        let (status, written) = match parsed.request {
+            Ok(req) if self.can_park(q, index) && !matches!(req.op, Op::Flush) => {
+                let to = io.get_or_insert_with(|| self.disk.target());
+                match execute(&req.op, mem, &self.disk, to) {
+                    Ok(done) => (Some((req.status, done.status)), done.written + 1),
+                    Err(NeedsSpace { error, timeout }) => {
+                        *io = None;
+                        if self.giving_up() {
+                            let done =
+                                fail(&self.disk, "write (out of space, disk stopping)", &error);
+                            (Some((req.status, done.status)), done.written + 1)
+                        } else {
+                            let space = self.disk.space();
+                            space.waiting.fetch_add(1, Ordering::SeqCst);
+                            q.parked.push_back(Parked {
+                                head,
+                                op: req.op,
+                                status: req.status,
+                                // A deadline beyond what Instant can hold is no deadline.
+                                deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
+                                error,
+                                space,
+                            });
+                            return;
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!("{}: bad request (chain {head}): {e}", self.disk.name);
-                    Stats::add(&self.disk.stats.errors, 1);
-                    let code = if e.is_unsupported() {
-                        VIRTIO_BLK_S_UNSUPP
-                    } else {
-                        VIRTIO_BLK_S_IOERR
-                    } as u8;
-                    match parsed.status {
-                        Some(at) => (Some((at, code)), 1),
-                        None => (None, 0),
+            }
+            Ok(req) => {
+                let done = self.run(&req.op, mem, io);
+                (Some((req.status, done.status)), done.written + 1)
+            }
+            Err(e) => {
+                tracing::warn!("{}: bad request (chain {head}): {e}", self.disk.name);
+                Stats::add(&self.disk.stats.errors, 1);
+                let code = if e.is_unsupported() {
+                    VIRTIO_BLK_S_UNSUPP
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                } as u8;
+                match parsed.status {
+                    Some(at) => (Some((at, code)), 1),
+                    None => (None, 0),
+                }
+            }
+        };
+        self.complete(q, vring, mem, head, status, written);
+    }
+
+    /// Whether a write that must wait for space can be parked: only when the queue keeps
+    /// inflight records (a restart must know which requests were taken and not completed
+    /// once they complete out of order) and its worker can be woken.
+    fn can_park(&self, q: &QueueState, index: usize) -> bool {
+        q.tracker.is_some() && q.vring.is_some() && self.waker.can_wake(index)
+    }
+
+    /// Tries the parked writes again, in arrival order; those that still find no space and
+    /// whose timeout has not passed stay parked. Returns whether any was completed.
+    fn retry_parked(&self, q: &mut QueueState, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+        let mut left = VecDeque::new();
+        let mut completed = false;
+        while let Some(p) = q.parked.pop_front() {
+            let done = if self.giving_up() {
+                // Without the gate: a shutdown may hold it for good.
+                Some(fail(
+                    &self.disk,
+                    "write (out of space, disk stopping)",
+                    &p.error,
+                ))
+            } else {
+                let to = self.disk.target();
+                match execute(&p.op, mem, &self.disk, &to) {
+                    Ok(done) => Some(done),
+                    Err(NeedsSpace { error, .. }) => {
+                        drop(to);
+                        if p.deadline.is_some_and(|d| Instant::now() >= d) {
+                            self.disk.space().queue_timed_out();
+                            Some(fail(
+                                &self.disk,
+                                "write (out of space, queue timeout passed)",
+                                &error,
+                            ))
+                        } else {
+                            None
+                        }
                     }
                 }
             };
-            if let Some((at, code)) = status {
-                if mem.write_obj(code, GuestAddress(at)).is_err() {
-                    tracing::warn!(
-                        "{}: cannot write the status byte at {at:#x}",
-                        self.disk.name
+            match done {
+                Some(done) => {
+                    p.space.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.complete(
+                        q,
+                        vring,
+                        mem,
+                        p.head,
+                        Some((p.status, done.status)),
+                        done.written + 1,
                     );
+                    completed = true;
                 }
+                None => left.push_back(p),
             }
-            // A head the ring cannot hold (beyond its size) cannot be returned: the chain is
-            // skipped, and the ones after it are served.
-            match vring.add_used(head, written) {
-                Ok(()) => used_any = true,
-                Err(e) => tracing::warn!(
-                    "{}: chain {head} cannot be put in the used ring: {e}",
-                    self.disk.name
-                ),
-            }
-            drop(io);
         }
-        Ok(used_any)
+        q.parked = left;
+        completed
+    }
+
+    /// Writes the status byte and returns head `head` to the guest, the inflight record
+    /// following (see [`Tracker`] for the order).
+    fn complete(
+        &self,
+        q: &QueueState,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        status: Option<(u64, u8)>,
+        written: u32,
+    ) {
+        if let Some((at, code)) = status {
+            if mem.write_obj(code, GuestAddress(at)).is_err() {
+                tracing::warn!(
+                    "{}: cannot write the status byte at {at:#x}",
+                    self.disk.name
+                );
+            }
+        }
+        let tracker = q.tracker.as_ref().map(|(_, t)| t);
+        if let Some(t) = tracker {
+            t.completing(head);
+        }
+        // A head the ring cannot hold (beyond its size) cannot be returned: the chain is
+        // skipped, and the ones after it are served.
+        if let Err(e) = vring.add_used(head, written) {
+            tracing::warn!(
+                "{}: chain {head} cannot be put in the used ring: {e}",
+                self.disk.name
+            );
+        }
+        if let Some(t) = tracker {
+            t.completed(head, vring.get_ref().get_queue().next_used());
+        }
     }
 
     /// Executes one request. A write that finds the pool full under policy `queue` is held
@@ -420,7 +716,14 @@ impl BlkBackend {
     /// Whether a held write should stop waiting: the disk stops being served, or this
     /// connection ends (its worker threads are joined before the next connection).
     fn giving_up(&self) -> bool {
-        self.disk.stopping() || self.exiting.load(Ordering::SeqCst)
+        self.disk.stopping() || self.waker.exiting()
+    }
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        // The connection is over: a watcher left waking its queues leaves too.
+        self.waker.exit();
     }
 }
 
@@ -538,8 +841,19 @@ impl VhostUserBackend for BlkBackend {
     ) -> io::Result<()> {
         // With one queue per thread, device_event indexes this thread's vrings: always 0.
         // One queue per thread: the thread's index is the queue's.
-        let Some(vring) = vrings.get(device_event as usize) else {
-            return Ok(());
+        let vring = if u64::from(device_event) == self.wake_token() {
+            // Parked writes may go on (space appeared, a timeout passed): only a queue that
+            // runs (not stopped by GET_VRING_BASE, enabled) is served.
+            self.waker.consume(thread_id);
+            match vrings.first() {
+                Some(v) if v.get_ref().get_queue().ready() && v.get_ref().is_enabled() => v,
+                _ => return Ok(()),
+            }
+        } else {
+            let Some(vring) = vrings.get(device_event as usize) else {
+                return Ok(());
+            };
+            vring
         };
         if let Err(e) = self.serve_queue(vring, thread_id) {
             tracing::warn!("{}: queue {thread_id}: {e}", self.disk.name);
@@ -557,6 +871,7 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Address;
 
     fn disk(read_only: bool) -> Arc<Disk> {
         disk_with(read_only, true)
@@ -588,6 +903,394 @@ mod tests {
             f |= VRING_DESC_F_NEXT as u16;
         }
         RawDescriptor::from(Descriptor::new(addr, len, f, next.unwrap_or(0)))
+    }
+
+    /// Out-of-space tests: a pool of 4 blocks of 64 KiB, all mapped (blocks 0 to 3 of the
+    /// disk hold 0x10 + their number), policy `queue` without timeout.
+    struct Full {
+        disk: Arc<Disk>,
+        data: Arc<MemStorage>,
+        space: Arc<crate::blk::disk::SpacePolicy>,
+    }
+
+    const BLOCK: u64 = 64 << 10;
+
+    fn full_pool() -> Full {
+        let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+        let data = Arc::new(MemStorage::new(4 * BLOCK));
+        let pool = Arc::new(
+            Pool::create(
+                meta,
+                data.clone() as Arc<dyn Storage>,
+                128,
+                PoolOptions::default(),
+            )
+            .unwrap(),
+        );
+        pool.create_thin(0).unwrap();
+        for b in 0..4u64 {
+            pool.write(0, b * BLOCK, &vec![0x10 + b as u8; BLOCK as usize])
+                .unwrap();
+        }
+        let space = Arc::new(crate::blk::disk::SpacePolicy::new(
+            crate::blk::disk::OutOfSpace::Queue { timeout: None },
+        ));
+        let disk = Arc::new(Disk::with_policy(
+            pool,
+            crate::blk::disk::DiskOptions {
+                name: "t".into(),
+                thin_id: 0,
+                size: 8 << 20,
+                read_only: false,
+                serial: "serial-1".into(),
+                num_queues: 1,
+                queue_size: 64,
+                discard: true,
+            },
+            space.clone(),
+        ));
+        Full { disk, data, space }
+    }
+
+    impl Full {
+        /// The pool grows to 8 blocks, and says so.
+        fn grow(&self) {
+            self.data.set_len(8 * BLOCK);
+            self.disk.target().pool.grow_data().unwrap();
+            self.space.space_available();
+        }
+    }
+
+    /// A split queue of 64 entries at 0x1000 in 1 MiB of guest memory, set up as the
+    /// vhost-user handler sets it up (next_used from the ring, next_avail as given).
+    fn vring_on(
+        mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        next_avail: u16,
+    ) -> VringRwLock {
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let vring = VringRwLock::new(atomic, 64).unwrap();
+        vring.set_queue_size(64);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        let used = mem
+            .read_obj::<u16>(vq.used_addr().unchecked_add(2))
+            .unwrap();
+        vring.set_queue_next_used(used);
+        vring.set_queue_next_avail(next_avail);
+        vring.set_queue_ready(true);
+        vring
+    }
+
+    /// A backend for `disk` on guest memory `mem`; with `region`, inflight tracking is on
+    /// (negotiated, the region handed over, the queue's wake eventfd watched).
+    fn backend_on(
+        disk: &Arc<Disk>,
+        mem: &GuestMemoryMmap,
+        region: Option<&std::fs::File>,
+    ) -> BlkBackend {
+        let b = BlkBackend::new(disk.clone());
+        b.update_memory(GuestMemoryAtomic::new(mem.clone()))
+            .unwrap();
+        if let Some(file) = region {
+            let len = crate::blk::inflight::region_len(1, 64);
+            let r = crate::blk::inflight::Region::open(file.try_clone().unwrap(), len, 0, 1, 64, 1)
+                .unwrap();
+            b.inflight().set_acked(true);
+            b.inflight().set_region(r);
+            b.wake_watched(0);
+        }
+        b
+    }
+
+    /// Request headers and data at 0x10000 + 0x4000 × n: header, 4 KiB of data, status
+    /// (set to 0xff, "not completed"). Returns the chain's descriptors for table slot
+    /// 3 × n.
+    fn request(
+        mem: &GuestMemoryMmap,
+        n: u16,
+        kind: u32,
+        sector: u64,
+        fill: u8,
+    ) -> Vec<RawDescriptor> {
+        let at = 0x10000 + 0x4000 * n as u64;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+        mem.write_slice(&[fill; 4096], GuestAddress(at + 0x1000))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(at + 0x3000)).unwrap();
+        let i = 3 * n;
+        vec![
+            desc(at, 16, false, Some(i + 1)),
+            desc(at + 0x1000, 4096, kind == VIRTIO_BLK_T_IN, Some(i + 2)),
+            desc(at + 0x3000, 1, true, None),
+        ]
+    }
+
+    fn status(mem: &GuestMemoryMmap, n: u16) -> u8 {
+        mem.read_obj(GuestAddress(0x10000 + 0x4000 * n as u64 + 0x3000))
+            .unwrap()
+    }
+
+    fn data(mem: &GuestMemoryMmap, n: u16) -> Vec<u8> {
+        let mut v = vec![0u8; 4096];
+        mem.read_slice(&mut v, GuestAddress(0x10000 + 0x4000 * n as u64 + 0x1000))
+            .unwrap();
+        v
+    }
+
+    fn used_ids(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<u32> {
+        let used = vq.used_addr();
+        let idx = mem.read_obj::<u16>(used.unchecked_add(2)).unwrap();
+        (0..idx as u64)
+            .map(|i| mem.read_obj::<u32>(used.unchecked_add(4 + 8 * i)).unwrap())
+            .collect()
+    }
+
+    /// Runs `process_queue` in a thread: whether it returned within `limit` (a held write
+    /// keeps it).
+    fn process_within(
+        b: &Arc<BlkBackend>,
+        vring: &VringRwLock,
+        limit: std::time::Duration,
+    ) -> (bool, std::thread::JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (b, vring) = (b.clone(), vring.clone());
+        let t = std::thread::spawn(move || {
+            b.process_queue(&vring, 0).unwrap();
+            let _ = tx.send(());
+        });
+        (rx.recv_timeout(limit).is_ok(), t)
+    }
+
+    const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
+
+    #[test]
+    fn reads_and_overwrites_complete_while_a_write_waits_for_space_on_the_same_queue() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 0);
+        // 0: a write to block 5, unmapped: needs a block the pool does not have.
+        // 1: a read of block 0; 2: an overwrite in block 1 (mapped).
+        let chains: Vec<RawDescriptor> = [
+            request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            request(&mem, 1, VIRTIO_BLK_T_IN, 0, 0),
+            request(&mem, 2, VIRTIO_BLK_T_OUT, SECTORS_PER_BLOCK + 8, 0x77),
+        ]
+        .concat();
+        vq.add_desc_chains(&chains, 0).unwrap();
+        let (returned, _t) = process_within(&b, &vring, std::time::Duration::from_secs(5));
+        assert!(
+            returned,
+            "the queue's worker is held by the write waiting for space"
+        );
+        assert_eq!(
+            used_ids(&mem, &vq),
+            vec![3, 6],
+            "the read and the overwrite complete"
+        );
+        assert_eq!((status(&mem, 1), status(&mem, 2)), (0, 0));
+        assert_eq!(data(&mem, 1), vec![0x10; 4096]);
+        assert_eq!(status(&mem, 0), 0xff, "the write waits");
+        let mut back = vec![0u8; 4096];
+        f.disk
+            .target()
+            .pool
+            .read(0, BLOCK + 4096, &mut back)
+            .unwrap();
+        assert_eq!(back, vec![0x77; 4096]);
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 1);
+
+        // Space appears: the queue's worker is woken, and the write completes.
+        f.grow();
+        let wake = b.waker.event(0).unwrap();
+        let start = Instant::now();
+        while wake.read().is_err() {
+            assert!(start.elapsed().as_secs() < 5, "the queue was not woken");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(b.process_queue(&vring, 0).unwrap());
+        assert_eq!(used_ids(&mem, &vq), vec![3, 6, 0]);
+        assert_eq!(status(&mem, 0), 0);
+        f.disk.target().pool.read(0, 5 * BLOCK, &mut back).unwrap();
+        assert_eq!(back, vec![0x55; 4096]);
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn without_inflight_tracking_a_write_waiting_for_space_holds_its_queue() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let b = Arc::new(backend_on(&f.disk, &mem, None));
+        let vring = vring_on(&mem, &vq, 0);
+        let chains: Vec<RawDescriptor> = [
+            request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            request(&mem, 1, VIRTIO_BLK_T_IN, 0, 0),
+        ]
+        .concat();
+        vq.add_desc_chains(&chains, 0).unwrap();
+        let (returned, t) = process_within(&b, &vring, std::time::Duration::from_millis(600));
+        assert!(!returned, "the write was not held in its worker");
+        assert!(
+            used_ids(&mem, &vq).is_empty(),
+            "a request after the held write completed"
+        );
+        f.grow();
+        t.join().unwrap();
+        // In order, as before.
+        assert_eq!(used_ids(&mem, &vq), vec![0, 3]);
+        assert_eq!((status(&mem, 0), status(&mem, 1)), (0, 0));
+    }
+
+    #[test]
+    fn a_new_backend_executes_again_exactly_the_write_the_dead_one_held() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        {
+            let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+            let vring = vring_on(&mem, &vq, 0);
+            let chains: Vec<RawDescriptor> = [
+                request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+                request(&mem, 1, VIRTIO_BLK_T_IN, 0, 0),
+            ]
+            .concat();
+            vq.add_desc_chains(&chains, 0).unwrap();
+            assert!(b.process_queue(&vring, 0).unwrap());
+            assert_eq!(used_ids(&mem, &vq), vec![3]);
+            // The daemon dies here: no completion, no exit.
+        }
+        // The guest saw the read complete and reuses its buffers.
+        mem.write_slice(&[0xee; 4096], GuestAddress(0x10000 + 0x4000 + 0x1000))
+            .unwrap();
+        mem.write_obj(0xeeu8, GuestAddress(0x10000 + 0x4000 + 0x3000))
+            .unwrap();
+        // ... and makes another request available.
+        vq.add_desc_chains(&request(&mem, 2, VIRTIO_BLK_T_IN, SECTORS_PER_BLOCK, 0), 6)
+            .unwrap();
+        f.grow();
+        // QEMU resumes the queue at the used index (1).
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 1);
+        assert!(b.process_queue(&vring, 0).unwrap());
+        assert_eq!(
+            used_ids(&mem, &vq),
+            vec![3, 0, 6],
+            "the held write, then the new read"
+        );
+        assert_eq!(
+            data(&mem, 1),
+            vec![0xee; 4096],
+            "the completed read ran again"
+        );
+        assert_eq!(status(&mem, 1), 0xee);
+        assert_eq!((status(&mem, 0), status(&mem, 2)), (0, 0));
+        assert_eq!(data(&mem, 2), vec![0x11; 4096]);
+        assert_eq!(vring.get_ref().get_queue().next_avail(), 3);
+        let mut back = vec![0u8; 4096];
+        f.disk.target().pool.read(0, 5 * BLOCK, &mut back).unwrap();
+        assert_eq!(back, vec![0x55; 4096]);
+        // Nothing is left in flight: a third backend executes nothing again.
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 3);
+        assert!(!b.process_queue(&vring, 0).unwrap());
+        assert_eq!(used_ids(&mem, &vq).len(), 3);
+    }
+
+    #[test]
+    fn a_looping_chain_left_in_flight_is_returned_without_being_executed() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        {
+            let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+            let vring = vring_on(&mem, &vq, 0);
+            vq.add_desc_chains(
+                &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+                0,
+            )
+            .unwrap();
+            assert!(b.process_queue(&vring, 0).unwrap());
+            assert!(used_ids(&mem, &vq).is_empty());
+        }
+        // A hostile guest turns the held chain into a loop: 0 → 1 → 2 → 0.
+        vq.desc_table()
+            .store(2, desc(0x13000, 1, true, Some(0)))
+            .unwrap();
+        f.grow();
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 0);
+        assert!(b.process_queue(&vring, 0).unwrap());
+        assert_eq!(used_ids(&mem, &vq), vec![0]);
+        assert_eq!(
+            status(&mem, 0),
+            0xff,
+            "a chain that cannot be read was executed"
+        );
+        let mut back = vec![0u8; 4096];
+        f.disk.target().pool.read(0, 5 * BLOCK, &mut back).unwrap();
+        assert_eq!(back, vec![0; 4096]);
+    }
+
+    #[test]
+    fn a_write_parked_for_space_fails_when_the_connection_ends() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 0);
+        vq.add_desc_chains(
+            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            0,
+        )
+        .unwrap();
+        assert!(b.process_queue(&vring, 0).unwrap());
+        assert!(used_ids(&mem, &vq).is_empty());
+        b.signal_exit();
+        assert_eq!(used_ids(&mem, &vq), vec![0]);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 0);
+        // Nothing is left in flight for a next backend.
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 1);
+        assert!(!b.process_queue(&vring, 0).unwrap());
+    }
+
+    #[test]
+    fn a_parked_write_fails_when_its_queue_timeout_passes() {
+        let f = full_pool();
+        f.space.set_mode(crate::blk::disk::OutOfSpace::Queue {
+            timeout: Some(std::time::Duration::from_millis(300)),
+        });
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 0);
+        vq.add_desc_chains(
+            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            0,
+        )
+        .unwrap();
+        b.process_queue(&vring, 0).unwrap();
+        assert!(used_ids(&mem, &vq).is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        assert!(b.process_queue(&vring, 0).unwrap());
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR as u8);
+        assert!(
+            f.space.timed_out(),
+            "the timeout did not switch the policy to failing"
+        );
     }
 
     #[test]
@@ -630,7 +1333,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert!(backend.process_queue(&vring).unwrap());
+        assert!(backend.process_queue(&vring, 0).unwrap());
         let used = |i: usize| vq.used().ring().ref_at(i).unwrap().load();
         assert_eq!((used(0).id(), used(0).len()), (0, 1));
         assert_eq!((used(1).id(), used(1).len()), (3, 1025));
@@ -645,7 +1348,7 @@ mod tests {
         mem.read_slice(&mut id, GuestAddress(0x31000)).unwrap();
         assert_eq!(&id[..8], b"serial-1");
         // The empty queue is fine (handle_event fires on enable too).
-        assert!(!backend.process_queue(&vring).unwrap());
+        assert!(!backend.process_queue(&vring, 0).unwrap());
     }
 
     /// A new connection after the daemon died or stopped: the guest's used ring holds
@@ -765,7 +1468,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert!(b.process_queue(&vring).unwrap());
+        assert!(b.process_queue(&vring, 0).unwrap());
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x12000)).unwrap(), 0);
         assert_eq!(
             mem.read_obj::<u8>(GuestAddress(0x22000)).unwrap(),

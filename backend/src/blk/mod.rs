@@ -7,6 +7,7 @@ pub mod chain;
 pub mod disk;
 pub mod execute;
 pub mod inflight;
+pub mod park;
 pub mod relay;
 pub mod request;
 pub mod serve;

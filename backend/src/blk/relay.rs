@@ -11,7 +11,15 @@
 //! Only control messages pass through here (a few dozen per connection): the virtqueues,
 //! their kick and call eventfds and guest memory go straight between the guest and the
 //! workers, so the relay costs nothing on the I/O path.
+//!
+//! The relay also speaks inflight I/O tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`),
+//! which the vhost crate's handler refuses: it offers the feature in the handler's reply to
+//! `GET_PROTOCOL_FEATURES`, notes whether the frontend acknowledged it, answers
+//! `GET_INFLIGHT_FD` with a region of its own making and takes the region of
+//! `SET_INFLIGHT_FD` for the backend's workers (see [`super::inflight`]). Those two never
+//! reach the handler.
 
+use super::inflight::{self, Inflight, Region};
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -19,7 +27,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use vhost::vhost_user::Listener;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -48,6 +56,20 @@ const SET_VRING_NUM: u32 = 8;
 const ADD_MEM_REG: u32 = 37;
 /// One region in those messages: guest address, size, frontend address, file offset.
 const REGION_LEN: usize = 32;
+/// `VHOST_USER_GET_PROTOCOL_FEATURES` and `VHOST_USER_SET_PROTOCOL_FEATURES`.
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+/// `VHOST_USER_GET_INFLIGHT_FD` and `VHOST_USER_SET_INFLIGHT_FD`.
+const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
+/// The protocol feature bit of inflight I/O tracking.
+const F_INFLIGHT_SHMFD: u64 = 1 << 12;
+/// Flags: a reply; the frontend asks for an ack (REPLY_ACK).
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+/// `VhostUserInflight`: mmap_size u64, mmap_offset u64, num_queues u16, queue_size u16
+/// (QEMU sends it padded to 24 bytes).
+const INFLIGHT_LEN: usize = 20;
 
 /// The backend channel of the connected frontend, when it gave one.
 #[derive(Default)]
@@ -104,6 +126,171 @@ impl Message {
     fn request(&self) -> u32 {
         u32::from_le_bytes(self.bytes[0..4].try_into().expect("header is 12 bytes"))
     }
+
+    fn flags(&self) -> u32 {
+        u32::from_le_bytes(self.bytes[4..8].try_into().expect("header is 12 bytes"))
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.bytes[HEADER_LEN..]
+    }
+
+    /// A reply to request `request` carrying `payload` and `fds`.
+    fn reply(request: u32, payload: &[u8], fds: Vec<OwnedFd>) -> Message {
+        let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+        bytes.extend_from_slice(&request.to_le_bytes());
+        bytes.extend_from_slice(&(VERSION_1 | FLAG_REPLY).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        Message { bytes, fds }
+    }
+}
+
+/// What the relay does with a message.
+enum Verdict {
+    /// Carry it on.
+    Forward,
+    /// Keep it, and answer the sender with this.
+    Reply(Message),
+    /// Keep it; no answer.
+    Taken,
+}
+
+/// A socket written by more than one thread: the frontend's, which gets the handler's
+/// replies and the relay's own. Each message goes out whole under the lock, so that two
+/// never interleave (vhost-user is request and reply, so only one is due at a time, but a
+/// frontend that does not wait must not get torn messages).
+#[derive(Clone, Copy)]
+struct Sink<'a> {
+    sock: &'a UnixStream,
+    lock: &'a Mutex<()>,
+}
+
+impl Sink<'_> {
+    fn send(&self, m: &Message) -> io::Result<()> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        send_message(self.sock, m)
+    }
+}
+
+/// Inflight I/O tracking as the relay speaks it for one connection.
+struct InflightRelay {
+    state: Arc<Inflight>,
+    /// The disk's queues: a region is made and taken for at most as many.
+    max_queues: usize,
+}
+
+impl InflightRelay {
+    /// The frontend's messages about inflight tracking: `None` for the others.
+    fn watch(&self, name: &str, m: &Message) -> io::Result<Option<Verdict>> {
+        match m.request() {
+            SET_PROTOCOL_FEATURES => {
+                if let Some(v) = m.payload().get(0..8) {
+                    let features = u64::from_le_bytes(v.try_into().expect("8 bytes"));
+                    self.state.set_acked(features & F_INFLIGHT_SHMFD != 0);
+                }
+                Ok(Some(Verdict::Forward))
+            }
+            GET_INFLIGHT_FD => {
+                let (_, _, num_queues, queue_size) = inflight_fields(m)?;
+                let mut payload = m.payload().to_vec();
+                let (fds, size) = match inflight::create(num_queues, queue_size, self.max_queues) {
+                    Ok((file, size)) => (vec![OwnedFd::from(file)], size),
+                    Err(e) => {
+                        // A size of 0 tells the frontend to go on without tracking.
+                        tracing::warn!("{name}: GET_INFLIGHT_FD: {e}; no inflight tracking");
+                        (Vec::new(), 0)
+                    }
+                };
+                payload[0..8].copy_from_slice(&size.to_le_bytes());
+                payload[8..16].copy_from_slice(&0u64.to_le_bytes());
+                Ok(Some(Verdict::Reply(Message::reply(
+                    GET_INFLIGHT_FD,
+                    &payload,
+                    fds,
+                ))))
+            }
+            SET_INFLIGHT_FD => {
+                let (size, offset, num_queues, queue_size) = inflight_fields(m)?;
+                let need_reply = m.flags() & FLAG_NEED_REPLY != 0;
+                let opened = match m.fds.as_slice() {
+                    [fd] => fd.try_clone().map_err(|e| e.to_string()).and_then(|fd| {
+                        Region::open(
+                            fd.into(),
+                            size,
+                            offset,
+                            num_queues,
+                            queue_size,
+                            self.max_queues,
+                        )
+                        .map_err(|e| e.to_string())
+                    }),
+                    fds => Err(format!("{} descriptors, not one", fds.len())),
+                };
+                let ok = match opened {
+                    Ok(region) => {
+                        tracing::debug!(
+                            "{name}: inflight records for {num_queues} queue(s) of {queue_size}"
+                        );
+                        self.state.set_region(region);
+                        true
+                    }
+                    Err(why) if need_reply => {
+                        tracing::warn!("{name}: SET_INFLIGHT_FD refused: {why}");
+                        false
+                    }
+                    // No way to say no: the connection ends, as for other refused messages.
+                    Err(why) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("SET_INFLIGHT_FD refused: {why}"),
+                        ))
+                    }
+                };
+                Ok(Some(if need_reply {
+                    Verdict::Reply(Message::reply(
+                        SET_INFLIGHT_FD,
+                        &u64::from(!ok).to_le_bytes(),
+                        Vec::new(),
+                    ))
+                } else {
+                    Verdict::Taken
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The handler's reply to `GET_PROTOCOL_FEATURES` offers inflight tracking too.
+    fn offer(m: &mut Message) {
+        if m.request() == GET_PROTOCOL_FEATURES
+            && m.flags() & FLAG_REPLY != 0
+            && m.bytes.len() == HEADER_LEN + 8
+        {
+            let at = HEADER_LEN..HEADER_LEN + 8;
+            let v = u64::from_le_bytes(m.bytes[at.clone()].try_into().expect("8 bytes"));
+            m.bytes[at].copy_from_slice(&(v | F_INFLIGHT_SHMFD).to_le_bytes());
+        }
+    }
+}
+
+/// The fields of a `VhostUserInflight` payload: mmap_size, mmap_offset, num_queues,
+/// queue_size.
+fn inflight_fields(m: &Message) -> io::Result<(u64, u64, u16, u16)> {
+    let p = m.payload();
+    if p.len() < INFLIGHT_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "inflight message {} of {} bytes (at least {INFLIGHT_LEN})",
+                m.request(),
+                p.len()
+            ),
+        ));
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+    let u16_at = |i: usize| u16::from_le_bytes(p[i..i + 2].try_into().expect("2 bytes"));
+    Ok((u64_at(0), u64_at(8), u16_at(16), u16_at(18)))
 }
 
 /// Reads exactly `buf.len()` bytes, collecting any descriptors that arrive with them.
@@ -282,48 +469,64 @@ fn send_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
 
 /// Carries messages from `from` to `to` until either side ends, then ends both (so the
 /// other direction, the frontend and the vhost crate's handler all see the connection
-/// close). `watch` sees each message before it goes on, and ends the connection instead
-/// with an error.
+/// close). `watch` sees each message before it goes on: it may change it, keep it (and
+/// answer on `back`), or end the connection with an error.
 fn pump(
     from: &UnixStream,
-    to: &UnixStream,
-    watch: &dyn Fn(&Message) -> io::Result<()>,
+    back: Sink<'_>,
+    to: Sink<'_>,
+    watch: &dyn Fn(&mut Message) -> io::Result<Verdict>,
 ) -> io::Result<()> {
     let r = (|| loop {
         match recv_message(from)? {
             None => return Ok(()),
-            Some(m) => {
-                watch(&m)?;
-                send_message(to, &m)?;
-            }
+            Some(mut m) => match watch(&mut m)? {
+                Verdict::Forward => to.send(&m)?,
+                Verdict::Reply(r) => back.send(&r)?,
+                Verdict::Taken => {}
+            },
         }
     })();
     let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
+    let _ = to.sock.shutdown(Shutdown::Both);
     r
 }
 
 /// Relays one connection between `frontend` (the guest's VMM) and `handler` (our end of the
 /// private socket the vhost crate's handler serves), recording the backend channel in
-/// `channel`. Returns the two pump threads; both end when either side closes.
+/// `channel` and inflight tracking in `inflight` (for a disk of `max_queues` queues).
+/// Returns the two pump threads; both end when either side closes.
 pub fn start(
     name: &str,
     frontend: UnixStream,
     handler: UnixStream,
     channel: std::sync::Arc<BackendChannel>,
+    inflight: Arc<Inflight>,
+    max_queues: usize,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let (f2, h2) = (frontend.try_clone()?, handler.try_clone()?);
+    // Both threads write to the frontend: the handler's replies and the relay's own.
+    let frontend_lock = Arc::new(Mutex::new(()));
+    let handler_lock = Arc::new(Mutex::new(()));
     let down = {
         let channel = channel.clone();
         let name = name.to_string();
+        let (frontend_lock, handler_lock) = (frontend_lock.clone(), handler_lock.clone());
+        let tracking = InflightRelay {
+            state: inflight,
+            max_queues,
+        };
         std::thread::Builder::new()
             .name(format!("relay-{name}"))
             .spawn(move || {
-                let watch = |m: &Message| {
+                let watch = |m: &mut Message| {
                     // Refused: the connection ends, as the vhost crate ends it on any
                     // message it refuses (the frontend sees it close).
                     if let Some(why) = refusal(m) {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                    }
+                    if let Some(v) = tracking.watch(&name, m)? {
+                        return Ok(v);
                     }
                     make_nonblocking(m)?;
                     if m.request() == SET_BACKEND_REQ_FD && m.fds.len() == 1 {
@@ -335,9 +538,17 @@ pub fn start(
                             }
                         }
                     }
-                    Ok(())
+                    Ok(Verdict::Forward)
                 };
-                if let Err(e) = pump(&frontend, &handler, &watch) {
+                let back = Sink {
+                    sock: &frontend,
+                    lock: &frontend_lock,
+                };
+                let to = Sink {
+                    sock: &handler,
+                    lock: &handler_lock,
+                };
+                if let Err(e) = pump(&frontend, back, to, &watch) {
                     tracing::warn!("{name}: vhost-user connection: {e}");
                 }
                 channel.set(None);
@@ -346,8 +557,19 @@ pub fn start(
     let up = std::thread::Builder::new()
         .name(format!("relay-{name}-reply"))
         .spawn(move || {
+            let back = Sink {
+                sock: &h2,
+                lock: &handler_lock,
+            };
+            let to = Sink {
+                sock: &f2,
+                lock: &frontend_lock,
+            };
             // Replies: errors here are the same connection ending, reported once above.
-            let _ = pump(&h2, &f2, &|_| Ok(()));
+            let _ = pump(&h2, back, to, &|m| {
+                InflightRelay::offer(m);
+                Ok(Verdict::Forward)
+            });
         })?;
     Ok([down, up])
 }
@@ -478,7 +700,7 @@ mod tests {
         let (front_peer, front) = UnixStream::pair().unwrap();
         let (handler, handler_peer) = UnixStream::pair().unwrap();
         let channel = Arc::new(BackendChannel::default());
-        let threads = start("t", front, handler, channel.clone()).unwrap();
+        let threads = start("t", front, handler, channel.clone(), Arc::default(), 1).unwrap();
 
         // A message with a payload, split over two writes, arrives whole.
         let m = msg(1, &[7u8; 8]);
@@ -521,11 +743,150 @@ mod tests {
         assert!(!channel.notify_config_change().unwrap());
     }
 
+    fn inflight_payload(size: u64, offset: u64, num_queues: u16, queue_size: u16) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&offset.to_le_bytes());
+        p.extend_from_slice(&num_queues.to_le_bytes());
+        p.extend_from_slice(&queue_size.to_le_bytes());
+        p.extend_from_slice(&[0u8; 4]); // QEMU's padding to 24 bytes
+        p
+    }
+
+    fn with_flags(mut m: Vec<u8>, flags: u32) -> Vec<u8> {
+        m[4..8].copy_from_slice(&flags.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn inflight_tracking_is_offered_and_its_regions_made_and_taken_here() {
+        let (front_peer, front) = UnixStream::pair().unwrap();
+        let (handler, handler_peer) = UnixStream::pair().unwrap();
+        let state = Arc::new(Inflight::default());
+        let threads = start("t", front, handler, Arc::default(), state.clone(), 2).unwrap();
+
+        // The handler's protocol features gain INFLIGHT_SHMFD on the way back.
+        (&handler_peer)
+            .write_all(&with_flags(
+                msg(GET_PROTOCOL_FEATURES, &0x8u64.to_le_bytes()),
+                VERSION_1 | FLAG_REPLY,
+            ))
+            .unwrap();
+        let got = recv_message(&front_peer).unwrap().unwrap();
+        assert_eq!(got.payload(), &(0x8u64 | 1 << 12).to_le_bytes());
+
+        // The frontend acknowledges it: forwarded (the handler stores it), and noted.
+        let ack = msg(SET_PROTOCOL_FEATURES, &(1u64 << 12).to_le_bytes());
+        (&front_peer).write_all(&ack).unwrap();
+        assert_eq!(recv_message(&handler_peer).unwrap().unwrap().bytes, ack);
+
+        // GET_INFLIGHT_FD: answered here, with a region of the size it says.
+        (&front_peer)
+            .write_all(&msg(GET_INFLIGHT_FD, &inflight_payload(0, 0, 2, 128)))
+            .unwrap();
+        let got = recv_message(&front_peer).unwrap().unwrap();
+        assert_eq!(got.request(), GET_INFLIGHT_FD);
+        assert_ne!(got.flags() & FLAG_REPLY, 0);
+        assert_eq!(got.payload().len(), 24);
+        let (size, offset, nq, qs) = inflight_fields(&got).unwrap();
+        assert_eq!(
+            (size, offset, nq, qs),
+            (inflight::region_len(2, 128), 0, 2, 128)
+        );
+        assert_eq!(got.fds.len(), 1);
+        let file = std::fs::File::from(got.fds.into_iter().next().unwrap());
+        assert_eq!(file.metadata().unwrap().len(), size);
+
+        // SET_INFLIGHT_FD with need_reply: taken here, acknowledged with 0.
+        assert!(state.region().is_none());
+        front_peer
+            .send_with_fds(
+                &[&with_flags(
+                    msg(SET_INFLIGHT_FD, &inflight_payload(size, 0, 2, 128)),
+                    VERSION_1 | FLAG_NEED_REPLY,
+                )[..]],
+                &[file.as_raw_fd()],
+            )
+            .unwrap();
+        let got = recv_message(&front_peer).unwrap().unwrap();
+        assert_eq!(got.request(), SET_INFLIGHT_FD);
+        assert_eq!(got.payload(), &0u64.to_le_bytes());
+        let (_, region) = state.region().expect("the region was not taken");
+        assert_eq!((region.num_queues(), region.queue_size()), (2, 128));
+
+        // A region too small for what the frontend says: refused (nonzero ack), and the
+        // connection goes on.
+        front_peer
+            .send_with_fds(
+                &[&with_flags(
+                    msg(SET_INFLIGHT_FD, &inflight_payload(size, 0, 2, 256)),
+                    VERSION_1 | FLAG_NEED_REPLY,
+                )[..]],
+                &[file.as_raw_fd()],
+            )
+            .unwrap();
+        let got = recv_message(&front_peer).unwrap().unwrap();
+        assert_eq!(got.payload(), &1u64.to_le_bytes());
+
+        // Neither inflight message reached the handler: the next one it gets is this.
+        let next = msg(1, &[]);
+        (&front_peer).write_all(&next).unwrap();
+        assert_eq!(recv_message(&handler_peer).unwrap().unwrap().bytes, next);
+
+        drop(front_peer);
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_bad_inflight_region_without_need_reply_ends_the_connection() {
+        let (front_peer, front) = UnixStream::pair().unwrap();
+        let (handler, handler_peer) = UnixStream::pair().unwrap();
+        let state = Arc::new(Inflight::default());
+        state.set_acked(true);
+        let threads = start("t", front, handler, Arc::default(), state.clone(), 1).unwrap();
+        // GET_INFLIGHT_FD for more queues than the disk has: no region (size 0).
+        (&front_peer)
+            .write_all(&msg(GET_INFLIGHT_FD, &inflight_payload(0, 0, 4, 128)))
+            .unwrap();
+        let got = recv_message(&front_peer).unwrap().unwrap();
+        assert_eq!(inflight_fields(&got).unwrap().0, 0);
+        assert!(got.fds.is_empty());
+        // A short payload ends the connection.
+        (&front_peer)
+            .write_all(&msg(SET_INFLIGHT_FD, &[0u8; 8]))
+            .unwrap();
+        assert!(recv_message(&handler_peer).unwrap().is_none());
+        for t in threads {
+            t.join().unwrap();
+        }
+
+        // A region smaller than its file says, no need_reply: the connection ends.
+        let (front_peer, front) = UnixStream::pair().unwrap();
+        let (handler, handler_peer) = UnixStream::pair().unwrap();
+        let threads = start("t", front, handler, Arc::default(), state.clone(), 1).unwrap();
+        let (file, len) = inflight::create(1, 64, 1).unwrap();
+        front_peer
+            .send_with_fds(
+                &[&msg(SET_INFLIGHT_FD, &inflight_payload(len, 0, 1, 128))[..]],
+                &[file.as_raw_fd()],
+            )
+            .unwrap();
+        assert!(recv_message(&handler_peer).unwrap().is_none());
+        let mut buf = [0u8; 1];
+        assert_eq!((&front_peer).read(&mut buf).unwrap(), 0);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(state.region().is_none());
+    }
+
     #[test]
     fn an_oversized_message_ends_the_connection() {
         let (front_peer, front) = UnixStream::pair().unwrap();
         let (handler, handler_peer) = UnixStream::pair().unwrap();
-        let threads = start("t", front, handler, Arc::default()).unwrap();
+        let threads = start("t", front, handler, Arc::default(), Arc::default(), 1).unwrap();
         let mut m = msg(1, &[]);
         m[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         (&front_peer).write_all(&m).unwrap();

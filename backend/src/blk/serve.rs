@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 /// What happened to a disk's connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +130,20 @@ fn serve_loop(
                 return;
             }
         };
+        // Each worker serves one queue: it watches that queue's wake eventfd too, which
+        // tells it to try the writes it parked for space again.
+        for (q, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.wake_fd(q) {
+                match h.register_listener(fd, EventSet::IN, backend.wake_token()) {
+                    Ok(()) => backend.wake_watched(q),
+                    Err(e) => tracing::warn!(
+                        "{}: queue {q}: cannot watch its wake eventfd ({e}): writes waiting \
+                         for space hold the queue",
+                        disk.name
+                    ),
+                }
+            }
+        }
         let started = (|| {
             let ours = frontend.try_clone()?;
             let handler_end = handler_socket.connect()?;
@@ -137,6 +152,8 @@ fn serve_loop(
                 frontend,
                 handler_end,
                 disk.backend_channel.clone(),
+                backend.inflight(),
+                disk.num_queues,
             )?;
             Ok::<_, std::io::Error>((ours, threads))
         })();
