@@ -113,6 +113,24 @@ struct LeakedFd {
     ino: u64,
 }
 
+/// `m` locked, if that happens within `limit`.
+fn lock_within<T>(
+    m: &Mutex<T>,
+    limit: std::time::Duration,
+) -> Option<std::sync::MutexGuard<'_, T>> {
+    let start = Instant::now();
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < limit => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
 fn inode(fd: RawFd) -> Option<u64> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat only writes a stat into `st`; a closed or reused number is an error or
@@ -304,12 +322,16 @@ impl BlkBackend {
         self.waker.exit();
         self.disk.space().space_changed();
         // The workers leave at the exit event without looking at their queues again: the
-        // parked writes are failed here. Each queue's lock is taken after `exiting` is set,
-        // so a worker that parked a write before it saw the flag has done so by then.
+        // parked writes of idle workers are failed here. A worker in the middle of a pass
+        // (which may wait for the I/O gate for as long as a snapshot or migration holds
+        // it) fails its own at the end of the pass, having seen `exiting`, set before: so
+        // the lock is only tried, for a while, never waited on without bound.
         if let Some(atomic) = self.mem.read().unwrap().clone() {
             let mem = atomic.memory();
             for slot in &self.queues {
-                let mut q = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(mut q) = lock_within(slot, std::time::Duration::from_secs(1)) else {
+                    continue;
+                };
                 let Some(vring) = q.vring.clone() else {
                     continue;
                 };
@@ -423,6 +445,11 @@ impl BlkBackend {
             self.handle(&mut q, vring, &mem, &limits, head, &descs, &mut io, index);
             drop(io);
         }
+        if self.waker.exiting() {
+            // The connection ended during this pass: nothing stays parked (see
+            // `signal_exit`).
+            progress |= self.retry_parked(&mut q, vring, &mem);
+        }
         self.waker.set_parked(index, q.parked.len());
         Ok(progress)
     }
@@ -493,6 +520,16 @@ impl BlkBackend {
                 fresh.len()
             );
         }
+        tracing::debug!(
+            "{}: queue {index}: inflight records taken up: used index {} ({} in the \
+             records), the frontend's base {}, {} in flight, resuming at {}",
+            self.disk.name,
+            used.0,
+            r.recorded_used,
+            vring.get_ref().get_queue().next_avail(),
+            r.heads.len(),
+            r.next_avail
+        );
         vring.set_queue_next_avail(r.next_avail);
         q.resubmit.extend(fresh);
         q.tracker = Some((generation, tracker));

@@ -291,6 +291,8 @@ pub struct Recovery {
     pub next_avail: u16,
     /// Records found that name no head of the ring (beyond its size): dropped.
     pub dropped: Vec<u16>,
+    /// The used index the records held (the previous backend's last completion).
+    pub recorded_used: u16,
 }
 
 /// The records of one queue, kept by that queue's worker.
@@ -358,7 +360,8 @@ impl Tracker {
     /// in the order it was taken. Later heads get later places in the order.
     pub fn recover(&mut self, ring_used: u16, ring_size: u16) -> Recovery {
         let used_idx = self.region.header::<AtomicU16>(self.queue, AT_USED_IDX);
-        if used_idx.load(Ordering::Acquire) != ring_used {
+        let recorded_used = used_idx.load(Ordering::Acquire);
+        if recorded_used != ring_used {
             // The previous backend published a used entry and died before clearing its
             // record: the record names a completed request.
             let head = self
@@ -401,6 +404,7 @@ impl Tracker {
             next_avail: ring_used.wrapping_add(heads.len() as u16),
             heads,
             dropped,
+            recorded_used,
         }
     }
 }
@@ -497,6 +501,7 @@ mod tests {
                 heads: vec![5, 1],
                 next_avail: 4,
                 dropped: vec![],
+                recorded_used: 1,
             }
         );
         // New heads come after the recovered ones.

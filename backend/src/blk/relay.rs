@@ -229,8 +229,9 @@ impl InflightRelay {
                 };
                 let ok = match opened {
                     Ok(region) => {
-                        tracing::debug!(
-                            "{name}: inflight records for {num_queues} queue(s) of {queue_size}"
+                        tracing::info!(
+                            "{name}: inflight tracking on ({num_queues} queue(s) of \
+                             {queue_size} entries)"
                         );
                         self.state.set_region(region);
                         true
