@@ -4,9 +4,12 @@
 # `queue`. In the guest (in-guest/nospace.sh) a write fills the pool and is held; meanwhile
 # a read of 16 MiB of mapped blocks and an overwrite of mapped blocks, on the same queue,
 # must complete within READ_LIMIT seconds (the policy's timeout is 60 s: a queue held by
-# the write would make them wait that long and the write fail). Then the host grows the
-# pool (`pool-grow`), and the held write must complete and read back right. This needs
-# inflight tracking, which QEMU's vhost-user-blk negotiates: the daemon's log must say so.
+# the write would make them wait that long and the write fail). Then the daemon is
+# SIGKILLed with the write held and started again: the new daemon must execute that write
+# again from the inflight records (QEMU resumes the queue at the used index, which the
+# completed read and overwrite passed), and nothing else. Then the host grows the pool
+# (`pool-grow`), and the held write must complete and read back right. This needs inflight
+# tracking, which QEMU's vhost-user-blk negotiates: the daemon's log must say so.
 # Environment: VHOST_THIN_BIN, the vhost-thin binary to test (else one is built);
 # VHOST_THIN_DEPS_DONE=1, ci/guest/install-deps.sh has run already (ci/test sets both);
 # READ_LIMIT (default 20); NOSPACE_KEEP=1 keeps the work directory.
@@ -55,10 +58,14 @@ disks:
 management:
   socket: $qmp
 YAML
-"$bin" serve --config "$cfg" >>"$work/daemon.log" 2>&1 &
-dpid=$!
-for _ in $(seq 200); do [ -S "$sock" ] && [ -S "$qmp" ] && break; sleep 0.05; done
-[ -S "$sock" ] || fail "the daemon did not create $sock"
+start_daemon() {
+  rm -f "$sock" "$qmp"
+  RUST_LOG=${RUST_LOG:-info,vhost_thin::blk::backend=debug} "$bin" serve --config "$cfg" >>"$work/daemon.log" 2>&1 &
+  dpid=$!
+  for _ in $(seq 200); do [ -S "$sock" ] && [ -S "$qmp" ] && return; sleep 0.05; done
+  fail "the daemon did not create $sock and $qmp"
+}
+start_daemon
 ci/guest/run-guest.sh --quiet --timeout 600 --log "$work/boot.log" --smp 1 \
   --vhost-user-blk "$sock,num-queues=1,reconnect=1" \
   ci/guest/in-guest/nospace.sh 2>>"$work/run-guest.log" &
@@ -66,6 +73,17 @@ gpid=$!
 grown=""
 while kill -0 "$gpid" 2>/dev/null; do
   if [ -z "$grown" ] && console | grep -aq '^NOSPACE: GROW-NOW'; then
+    kill -9 "$dpid"
+    wait "$dpid" 2>/dev/null || true
+    echo "--- SIGKILL" >>"$work/daemon.log"
+    start_daemon
+    # QEMU connects again within a second or two (reconnect=1).
+    for _ in $(seq 300); do
+      sed -n '/^--- SIGKILL/,$p' "$work/daemon.log" | grep -aq 'taken up' && break
+      sleep 0.1
+    done
+    sed -n '/^--- SIGKILL/,$p' "$work/daemon.log" | grep -aq 'queue 0: 1 request(s) left in flight by the previous backend executed again' \
+      || fail "the restarted daemon did not execute exactly the held write again"
     truncate -s 128MiB "$work/p.data"
     VHOST_THIN_QMP=$qmp "$bin" ctl exec pool-grow '{"pool": "main"}' >/dev/null || fail "pool-grow"
     grown=1
@@ -86,5 +104,5 @@ kill -TERM "$dpid"; wait "$dpid" || fail "the daemon's clean stop failed"
 dpid=""
 "$bin" pool check -m "$work/p.meta" -d "$work/p.data" >/dev/null || fail "pool check"
 thin_check "$work/p.meta" >/dev/null 2>&1 || fail "thin_check"
-echo "$name: read of mapped blocks ${read_cs} cs, overwrite ${over_cs} cs while a write was held; it completed after pool-grow"
+echo "$name: read of mapped blocks ${read_cs} cs, overwrite ${over_cs} cs while a write was held; after a SIGKILL the new daemon executed it again, and it completed after pool-grow"
 echo "$name: PASS"

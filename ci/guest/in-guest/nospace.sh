@@ -1,8 +1,9 @@
 # The guest's half of ci/guest-nospace.sh, on ${DISK:-/dev/vda} (one queue) in a pool of
 # 32 MiB with policy `queue`: maps 16 MiB, then starts a write of 40 MiB that the full pool
 # holds, and while it is held reads the mapped blocks back and overwrites some of them,
-# timing both; prints HELD-NOW before and GROW-NOW after (the host grows the pool on
-# GROW-NOW), then waits for the held write and verifies what it wrote.
+# timing both; prints HELD-NOW before and GROW-NOW after (the host then kills and restarts
+# the daemon and grows the pool), then waits for the held write and verifies what it wrote
+# and that the mapped blocks are unchanged.
 set -e
 DISK=${DISK:-/dev/vda}
 up() { cut -d' ' -f1 /proc/uptime | tr -d .; } # centiseconds since boot
@@ -45,6 +46,8 @@ wait $fill || true
 got=$(dd if="$DISK" bs=1M skip=200 count=40 iflag=direct 2>/dev/null | sum)
 [ "$got" = "$(sum </tmp/fill)" ] || { say "FAIL: the held write reads back wrong"; exit 1; }
 say "the held write completed after the pool grew and reads back right"
+got=$(dd if="$DISK" bs=64k count=16 skip=32 iflag=direct 2>/dev/null | sum)
+[ "$got" = "$(sum </tmp/over)" ] || { say "FAIL: the overwrite changed after the restart"; exit 1; }
 if dmesg | grep -qi "i/o error\|blocked for more"; then
   dmesg | grep -i "i/o error\|blocked for more" | head -5 | sed 's/^/NOSPACE: dmesg: /'
   exit 1
