@@ -503,9 +503,26 @@ impl BlkBackend {
                 self.disk.name
             );
         }
-        // Heads this backend holds already (parked, or queued to execute again) are the
-        // same requests: a region handed over again on the same connection, after the
-        // device was stopped and started.
+        // The records say what is in flight. Heads this backend holds already (parked, or
+        // queued to execute again) that they name are the same requests: the region was
+        // handed over again on the same connection, after the device was stopped and
+        // started. Those they do not name belong to rings that are gone (the device was
+        // reset, and the frontend made a new region): completing them would write into
+        // the new rings, so they are dropped.
+        q.parked.retain(|p| {
+            let keep = r.heads.contains(&p.head);
+            if !keep {
+                p.space.waiting.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(
+                    "{}: queue {index}: a write waiting for space (head {}) dropped: the \
+                     device was reset",
+                    self.disk.name,
+                    p.head
+                );
+            }
+            keep
+        });
+        q.resubmit.retain(|h| r.heads.contains(h));
         let fresh: Vec<u16> = r
             .heads
             .iter()
@@ -1301,6 +1318,48 @@ mod tests {
         let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
         let vring = vring_on(&mem, &vq, 1);
         assert!(!b.process_queue(&vring, 0).unwrap());
+    }
+
+    #[test]
+    fn a_parked_write_of_a_device_reset_since_is_dropped_not_completed_into_the_new_rings() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 0);
+        vq.add_desc_chains(
+            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            0,
+        )
+        .unwrap();
+        b.process_queue(&vring, 0).unwrap();
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 1);
+
+        // The same region handed over again (the device stopped and started): kept.
+        let reopen = |file: &std::fs::File| {
+            let len = crate::blk::inflight::region_len(1, 64);
+            crate::blk::inflight::Region::open(file.try_clone().unwrap(), len, 0, 1, 64, 1).unwrap()
+        };
+        b.inflight().set_region(reopen(&region));
+        b.process_queue(&vring, 0).unwrap();
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 1);
+
+        // The guest resets the device: new, empty rings, and QEMU makes a new region.
+        for a in [vq.avail_addr().0 + 2, vq.used_addr().0 + 2] {
+            mem.write_obj(0u16, GuestAddress(a)).unwrap();
+        }
+        let (fresh, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        b.inflight().set_region(reopen(&fresh));
+        let vring = vring_on(&mem, &vq, 0);
+        f.grow();
+        assert!(!b.process_queue(&vring, 0).unwrap());
+        assert!(
+            used_ids(&mem, &vq).is_empty(),
+            "a request of the old rings was completed"
+        );
+        assert_eq!(status(&mem, 0), 0xff);
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[test]
