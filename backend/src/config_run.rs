@@ -351,8 +351,8 @@ fn quickstart_help(cfg: &Config, dir: &Path, disks: &[ServedDisk], exe: &str) ->
          every clone reads until it writes its own blocks:\n\
          \x20 qemu-img convert -O raw debian-12-genericcloud-amd64.qcow2 {dir}/golden.raw\n\
          \x20 {ctl} add golden --external-origin {dir}/golden.raw\n\
-         \x20 {ctl} snapshot golden golden-base\n\
-         \x20 {ctl} clone golden-base vm1        # then boot vm1 (its socket: {dir}/vm1.sock)\n\
+         \x20 {ctl} snapshot golden@base\n\
+         \x20 {ctl} clone golden@base vm1        # then boot vm1 (its socket: {dir}/vm1.sock)\n\
          or write an image into a disk that is not connected with `vhost-thin thin import`.\n\
          \nQEMU (shared guest memory is required by vhost-user):\n\
          \x20 qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n\
@@ -371,8 +371,8 @@ fn quickstart_help(cfg: &Config, dir: &Path, disks: &[ServedDisk], exe: &str) ->
          \x20   <target dev='vda' bus='virtio'/>\n\
          \x20 </disk>\n\
          \nsnapshot and clone:\n\
-         \x20 {ctl} snapshot {name} {name}-$(date +%Y%m%d-%H%M%S)\n\
-         \x20 {ctl} snapshots\n\
+         \x20 {ctl} snapshot {name}@$(date +%Y%m%d-%H%M%S)\n\
+         \x20 {ctl} snapshots {name}\n\
          \x20 {ctl} clone SNAPSHOT NEW-DISK\n\
          \x20 {ctl} disks        # every disk with its socket, added at run time too\n\
          \x20 {ctl} watch\n\
@@ -460,7 +460,7 @@ mod tests {
         assert!(!help.contains("10737418240"), "{help}");
         assert!(
             help.contains(
-                "/src/target/release/vhost-thin ctl -s /state/qmp.sock snapshot disk0 disk0-$(date"
+                "/src/target/release/vhost-thin ctl -s /state/qmp.sock snapshot disk0@$(date"
             ),
             "{help}"
         );

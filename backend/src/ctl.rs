@@ -55,7 +55,7 @@ enum CtlCmd {
     },
     /// A new disk as a clone of a snapshot or disk.
     #[command(
-        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock clone golden-base ci-7 --disk-socket /run/ci-7.sock"
+        after_help = "Example:\n  vhost-thin ctl -s vhost-thin-state/qmp.sock clone golden@base ci-7 --disk-socket /run/ci-7.sock"
     )]
     Clone {
         /// The snapshot (or disk) to clone.
