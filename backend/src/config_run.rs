@@ -107,6 +107,8 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         });
         *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
         h.settings_path = crate::manager::pool_settings::path_for(&p.metadata);
+        crate::manager::device_state::check_registry(&h.registry())
+            .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?;
         if let Some(line) = h
             .restore_settings()
             .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?

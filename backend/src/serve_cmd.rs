@@ -150,6 +150,8 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     }
     let mut handle = PoolHandle::new("pool", crate::pools::catalog(&paths, pool, Some(reg)));
     handle.settings_path = crate::manager::pool_settings::path_for(&paths.metadata);
+    crate::manager::device_state::check_registry(&handle.registry())
+        .map_err(|e| anyhow::anyhow!(e))?;
     if let Some(line) = handle.restore_settings().map_err(|e| anyhow::anyhow!(e))? {
         println!("{line}");
     }

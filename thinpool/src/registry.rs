@@ -22,8 +22,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "vhost-thin-registry";
-/// Version 2 added `previous`; version 1 files are read as they are.
-pub const VERSION: u32 = 2;
+/// Version 2 added `previous`; version 3 moved the daemon's fields of an entry into
+/// `daemon_state`. Older files are read (see [`upgrade`]) and written as version 3.
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -83,51 +84,13 @@ pub struct DeviceEntry {
     /// Set while a stream is being received into this device: not a snapshot yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receiving: Option<PartialReceive>,
-    /// Set while a disk moves between pools (the daemon's disk-migrate): what this entry
-    /// is to the move, so that a start after a crash finishes or undoes it.
+    /// What the program serving the pool keeps with this device (the daemon: a move
+    /// between pools under way, a replication schedule): written in the same durable
+    /// change as the entry, carried by a receive from its first commit, and never looked
+    /// into here. Version 2 files had the daemon's `migration` and `replication` at the
+    /// top of the entry; they are read into this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub migration: Option<Migration>,
-    /// The disk's scheduled replication (the daemon's replication-start), kept with the
-    /// disk so that it survives restarts and moves with it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replication: Option<ReplicationSpec>,
-}
-
-/// A disk replicated every `interval_secs`: a snapshot `<disk>@r<seq>`, sent incrementally
-/// on the last one that arrived, the last `keep` kept on both sides.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ReplicationSpec {
-    pub interval_secs: u64,
-    pub keep: u32,
-    pub target: ReplicationTarget,
-    /// The sequence number of the next round's snapshot.
-    pub next_seq: u64,
-    /// The last snapshot that arrived at the target: the next round's base.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum ReplicationTarget {
-    /// Another pool of the same daemon; copies are named `<prefix>@r<seq>`.
-    Pool { pool: String, prefix: String },
-    /// A command reading the stream on its standard input (argv, no shell).
-    Command { argv: Vec<String> },
-}
-
-/// An entry's part in a move between pools.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "role", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Migration {
-    /// A helper snapshot of the moving disk in its old pool: always deleted.
-    Outgoing { job: String },
-    /// A copy in the new pool not yet switched to: deleted if the move did not finish.
-    Incoming { job: String },
-    /// Switched to: the copies in the old pool `from_pool` are deleted (if a crash left
-    /// them), then the mark is cleared.
-    Switched { job: String, from_pool: String },
+    pub daemon_state: Option<serde_json::Value>,
 }
 
 /// A receive in progress (or interrupted) into a device.
@@ -223,10 +186,13 @@ impl Registry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(RegistryError::Io { path, source }),
         };
-        let d: OnDisk = serde_json::from_str(&text).map_err(|e| RegistryError::Invalid {
+        let invalid = |e: serde_json::Error| RegistryError::Invalid {
             path: path.clone(),
             msg: e.to_string(),
-        })?;
+        };
+        let mut raw: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
+        upgrade(&mut raw);
+        let d: OnDisk = serde_json::from_value(raw).map_err(invalid)?;
         if d.format != FORMAT || !(1..=VERSION).contains(&d.version) {
             return Err(RegistryError::Invalid {
                 path,
@@ -474,7 +440,38 @@ impl Registry {
     }
 }
 
-/// Checks every name an entry holds (its own, its pending receive's, its replication's);
+/// Reads a registry file of version 1 or 2 as version 3: the daemon's `migration` and
+/// `replication` fields of an entry go into its `daemon_state`, as they were.
+fn upgrade(file: &mut serde_json::Value) {
+    use serde_json::Value;
+    if file
+        .get("version")
+        .and_then(Value::as_u64)
+        .unwrap_or(VERSION as u64)
+        >= 3
+    {
+        return;
+    }
+    for table in ["/devices", "/previous/devices"] {
+        let Some(Value::Object(entries)) = file.pointer_mut(table) else {
+            continue;
+        };
+        for entry in entries.values_mut() {
+            let Value::Object(e) = entry else { continue };
+            let mut state = serde_json::Map::new();
+            for key in ["migration", "replication"] {
+                if let Some(v) = e.remove(key) {
+                    state.insert(key.to_string(), v);
+                }
+            }
+            if !state.is_empty() {
+                e.insert("daemon_state".into(), Value::Object(state));
+            }
+        }
+    }
+}
+
+/// Checks every name an entry holds (its own, its pending receive's);
 /// the message names the entry and says what is wrong.
 fn check_names(devices: &BTreeMap<u32, DeviceEntry>) -> Result<(), String> {
     for (id, e) in devices {
@@ -483,13 +480,6 @@ fn check_names(devices: &BTreeMap<u32, DeviceEntry>) -> Result<(), String> {
         names.extend(e.deleted_origin.iter().map(|n| ("deleted origin", n)));
         if let Some(r) = &e.receiving {
             names.push(("name of its receive", &r.name));
-        }
-        if let Some(r) = &e.replication {
-            if let ReplicationTarget::Pool { pool, prefix } = &r.target {
-                names.push(("replication target pool", pool));
-                names.push(("replication prefix", prefix));
-            }
-            names.extend(r.last.iter().map(|l| ("last replicated snapshot", l)));
         }
         for (what, n) in names {
             check_name(n).map_err(|why| {
@@ -757,6 +747,58 @@ mod tests {
         let e = r.insert(2, bad).unwrap_err().to_string();
         assert!(e.contains("\"../x\"") && e.contains("'/'"), "{e}");
         assert_eq!(r.devices.len(), 1);
+    }
+
+    /// Version 2 kept the daemon's migration mark and replication schedule at the top of
+    /// an entry; version 3 keeps them, untouched, in `daemon_state`, which the engine
+    /// does not look into. An old file reads; it is written in the new form and reads
+    /// back the same.
+    #[test]
+    fn a_version_2_file_reads_with_the_daemons_fields_in_daemon_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.registry.json");
+        let migration = r#"{"role": "switched", "job": "m1", "from_pool": "old"}"#;
+        let replication = r#"{"interval-secs": 60, "keep": 3, "target": {"kind": "pool", "pool": "dr", "prefix": "vm1"}, "next-seq": 4}"#;
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"format": "vhost-thin-registry", "version": 2, "transaction_id": 5,
+                    "devices": {{"0": {{"name": "vm1", "size": 512, "serial": "x",
+                                        "migration": {migration}, "replication": {replication}}},
+                                 "1": {{"name": "vm2", "size": 512, "serial": "y"}}}},
+                    "previous": {{"transaction_id": 4, "devices": {{"0": {{"name": "vm1",
+                                  "size": 512, "serial": "x", "replication": {replication}}}}}}}}}"#
+            ),
+        )
+        .unwrap();
+        let mut r = Registry::load(&path).unwrap().unwrap();
+        let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+        assert_eq!(
+            r.devices[&0].daemon_state,
+            Some(
+                serde_json::json!({"migration": parse(migration), "replication": parse(replication)})
+            )
+        );
+        assert_eq!(r.devices[&1].daemon_state, None);
+        // The state before the last change is read the same way: going back to it keeps
+        // the schedule.
+        assert!(r.recover(4).is_some());
+        assert_eq!(
+            r.devices[&0].daemon_state,
+            Some(serde_json::json!({"replication": parse(replication)}))
+        );
+        let read = r.devices.clone();
+        r.save().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"version\": 3") || text.contains("\"version\":3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("daemon_state") && !text.contains("\"migration\""),
+            "{text}"
+        );
+        assert_eq!(Registry::load(&path).unwrap().unwrap().devices, read);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! at start, finishes or undoes whatever a crash interrupted: before the switch the disk
 //! stays in its old pool, after it the disk is in the new one.
 
+use super::device_state::{DaemonFields, DeviceState, Migration, ReplicationTarget};
 use super::error::Error;
 use super::jobs::JobCtx;
 use super::transfer::copy_snapshot;
@@ -26,7 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 use thinpool::catalog::SnapshotKind;
-use thinpool::registry::{DeviceEntry, Migration};
+use thinpool::registry::DeviceEntry;
 
 /// Live passes before the final one, at most.
 const MAX_LIVE_PASSES: usize = 8;
@@ -117,7 +118,7 @@ fn lineage(reg: &thinpool::registry::Registry, disk: u32) -> Vec<u32> {
         .devices
         .iter()
         .filter(|(&id, e)| {
-            e.snapshot && e.receiving.is_none() && e.migration.is_none() && of_disk(id)
+            e.snapshot && e.receiving.is_none() && e.migration().is_none() && of_disk(id)
         })
         .map(|(&id, e)| (e.created, id))
         .collect();
@@ -133,14 +134,14 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     p.change(|devices, reg| {
         let id = devices.next_id(reg);
         devices.create_snap(id, disk)?;
-        let entry = DeviceEntry {
+        let mut entry = DeviceEntry {
             name: Some(format!(".{job}.{n}")),
-            migration: Some(Migration::Outgoing {
-                job: job.to_string(),
-            }),
             ..p.catalog
                 .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
         };
+        entry.set_migration(Some(Migration::Outgoing {
+            job: job.to_string(),
+        }));
         reg.insert(id, entry)
             .map_err(|e| Error::failed(e.to_string()))?;
         Ok(id)
@@ -180,8 +181,7 @@ impl Manager {
         if dst.name == f.pool.name {
             return Err(Error::failed(format!("'{disk}' is in pool {to} already")));
         }
-        if let Some(thinpool::registry::ReplicationTarget::Pool { pool, .. }) =
-            f.entry.replication.as_ref().map(|r| &r.target)
+        if let Some(ReplicationTarget::Pool { pool, .. }) = f.entry.replication().map(|r| r.target)
         {
             if pool == to {
                 return Err(Error::failed(format!(
@@ -352,25 +352,26 @@ impl Manager {
                         Some(o) => ids.get(&o).copied(),
                         None => None,
                     };
-                    e.migration = Some(switched.clone());
+                    e.set_migration(Some(switched.clone()));
                 }
             }
-            reg.insert(
-                id,
-                DeviceEntry {
-                    name: entry.name.clone(),
-                    size: entry.size,
-                    read_only: entry.read_only,
-                    serial: entry.serial.clone(),
-                    snapshot: false,
-                    origin: entry.origin.and_then(|o| ids.get(&o).copied()),
-                    created: entry.created,
-                    migration: Some(switched.clone()),
-                    replication: entry.replication.clone(),
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| Error::failed(e.to_string()))?;
+            let mut moved = DeviceEntry {
+                name: entry.name.clone(),
+                size: entry.size,
+                read_only: entry.read_only,
+                serial: entry.serial.clone(),
+                snapshot: false,
+                origin: entry.origin.and_then(|o| ids.get(&o).copied()),
+                created: entry.created,
+                ..Default::default()
+            };
+            DeviceState {
+                migration: Some(switched.clone()),
+                replication: entry.replication(),
+            }
+            .store(&mut moved);
+            reg.insert(id, moved)
+                .map_err(|e| Error::failed(e.to_string()))?;
             Ok(id)
         })?;
         // Switched: from here on nothing is undone, only finished.
@@ -420,7 +421,7 @@ impl Manager {
             .devices
             .values()
             .filter(
-                |e| matches!(&e.migration, Some(Migration::Switched { job: j, .. }) if j == job),
+                |e| matches!(e.migration(), Some(Migration::Switched { job: j, .. }) if j == job),
             )
             .filter_map(|e| e.name.clone())
             .collect();
@@ -429,10 +430,10 @@ impl Manager {
             .devices
             .iter()
             .filter(|(_, e)| {
-                let moved = e.migration.is_none()
+                let moved = e.migration().is_none()
                     && e.name.as_ref().is_some_and(|n| switched_names.contains(n));
                 let helper =
-                    matches!(&e.migration, Some(Migration::Outgoing { job: j }) if j == job);
+                    matches!(e.migration(), Some(Migration::Outgoing { job: j }) if j == job);
                 moved || helper
             })
             .map(|(&id, _)| id)
@@ -442,7 +443,7 @@ impl Manager {
             let helpers: Vec<u32> = reg
                 .devices
                 .iter()
-                .filter(|(_, e)| matches!(&e.migration, Some(Migration::Incoming { job: j }) if j == job))
+                .filter(|(_, e)| matches!(e.migration(), Some(Migration::Incoming { job: j }) if j == job))
                 .map(|(&id, _)| id)
                 .collect();
             for id in helpers {
@@ -450,8 +451,8 @@ impl Manager {
                 reg.remove(id);
             }
             for e in reg.devices.values_mut() {
-                if matches!(&e.migration, Some(Migration::Switched { job: j, .. }) if j == job) {
-                    e.migration = None;
+                if matches!(e.migration(), Some(Migration::Switched { job: j, .. }) if j == job) {
+                    e.set_migration(None);
                 }
             }
             Ok(())
@@ -470,10 +471,8 @@ impl Manager {
                 .registry()
                 .devices
                 .values()
-                .filter_map(|e| match &e.migration {
-                    Some(Migration::Switched { job, from_pool }) => {
-                        Some((job.clone(), from_pool.clone()))
-                    }
+                .filter_map(|e| match e.migration() {
+                    Some(Migration::Switched { job, from_pool }) => Some((job, from_pool)),
                     _ => None,
                 })
                 .collect();
@@ -501,7 +500,7 @@ impl Manager {
                 .iter()
                 .filter(|(_, e)| {
                     matches!(
-                        e.migration,
+                        e.migration(),
                         Some(Migration::Incoming { .. } | Migration::Outgoing { .. })
                     )
                 })

@@ -6,6 +6,7 @@
 //! the registry one transaction ahead, and the next start goes back to the old state.
 
 pub mod confine;
+pub mod device_state;
 pub mod error;
 pub mod jobs;
 pub mod merge;
@@ -19,6 +20,7 @@ use crate::blk::serve::{self, ConnectionEvent, Serving};
 use crate::events::{Event, EventBus};
 use crate::socket::SocketFile;
 use crate::sync::lock;
+use device_state::{DaemonFields, Migration};
 pub use error::Error;
 use pool_settings::PoolSettings;
 use serde_json::{json, Value};
@@ -33,7 +35,7 @@ use thinpool::catalog::{Catalog, Devices, RegistryRef, SnapshotKind};
 use thinpool::delta::DeltaMode;
 use thinpool::origin::ExternalOrigin;
 use thinpool::pool::{Pool, PoolMode};
-use thinpool::registry::{DeviceEntry, Migration, Registry};
+use thinpool::registry::{DeviceEntry, Registry};
 use vmm_config::limits;
 
 type R<T> = Result<T, Error>;
@@ -338,7 +340,7 @@ impl Manager {
                 .iter()
                 .filter_map(|(&id, e)| {
                     let r = e.receiving.as_ref()?;
-                    (!r.resumable && e.migration.is_none()).then(|| (id, r.name.clone()))
+                    (!r.resumable && e.migration().is_none()).then(|| (id, r.name.clone()))
                 })
                 .collect();
             if left.is_empty() {
@@ -760,7 +762,7 @@ impl Manager {
                 // Copies and helpers of a migration under way are not disks or snapshots
                 // of anyone's yet.
                 if matches!(
-                    e.migration,
+                    e.migration(),
                     Some(Migration::Incoming { .. } | Migration::Outgoing { .. })
                 ) {
                     continue;

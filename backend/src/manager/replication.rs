@@ -15,6 +15,7 @@
 //! The schedule lives in the disk's registry entry: it survives restarts and follows the
 //! disk when it is migrated.
 
+use super::device_state::{DaemonFields, ReplicationSpec, ReplicationTarget};
 use super::error::Error;
 use super::jobs::JobCtx;
 use super::transfer::{copy_snapshot, send_to_command};
@@ -24,7 +25,6 @@ use crate::replica_names::series;
 use serde_json::{json, Value};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
-use thinpool::registry::{ReplicationSpec, ReplicationTarget};
 
 /// A failed round is tried again after this long at most.
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -134,7 +134,7 @@ impl Manager {
                 "'{disk}' is a snapshot: replicate the disk"
             )));
         }
-        let old = f.entry.replication.clone();
+        let old = f.entry.replication();
         // A new target has none of the old one's snapshots: its first round is full.
         let same_target = old.as_ref().is_some_and(|o| o.target == target);
         // Past every `<disk>@r<n>` there is (a schedule stopped and started again keeps
@@ -162,7 +162,7 @@ impl Manager {
         check_spec(self, disk, &spec)?;
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
-                e.replication = Some(spec.clone());
+                e.set_replication(Some(spec.clone()));
             }
             Ok(())
         })?;
@@ -174,7 +174,7 @@ impl Manager {
     pub fn replication_stop(&self, disk: &str) -> R<Value> {
         let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
-        if f.entry.replication.is_none() {
+        if f.entry.replication().is_none() {
             return Err(Error::failed(format!("'{disk}' is not replicated")));
         }
         let r = lock(&self.replicators).remove(disk);
@@ -185,7 +185,7 @@ impl Manager {
         }
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
-                e.replication = None;
+                e.set_replication(None);
             }
             Ok(())
         })?;
@@ -209,7 +209,7 @@ impl Manager {
         let mut out = Vec::new();
         for (disk, r) in reps.iter() {
             let Ok(f) = self.find(disk) else { continue };
-            let Some(spec) = f.entry.replication else {
+            let Some(spec) = f.entry.replication() else {
                 continue;
             };
             let st = lock(&r.status).clone();
@@ -245,7 +245,7 @@ impl Manager {
                 p.registry()
                     .devices
                     .values()
-                    .filter(|e| e.replication.is_some() && !e.snapshot)
+                    .filter(|e| e.replication().is_some() && !e.snapshot)
                     .filter_map(|e| e.name.clone())
                     .collect::<Vec<_>>()
             })
@@ -336,20 +336,15 @@ impl Manager {
         let f = self.find(disk)?;
         let spec = f
             .entry
-            .replication
-            .clone()
+            .replication()
             .ok_or_else(|| Error::failed(format!("'{disk}' is not replicated")))?;
         let seq = spec.next_seq;
         let spec_copy = spec.clone();
         let snap = format!("{disk}@r{seq}");
         // The sequence number is used up first, so that a crash never reuses a name.
         f.pool.change(|_, reg| {
-            if let Some(e) = reg
-                .devices
-                .get_mut(&f.id)
-                .and_then(|e| e.replication.as_mut())
-            {
-                e.next_seq = seq + 1;
+            if let Some(e) = reg.devices.get_mut(&f.id) {
+                e.update_replication(|r| r.next_seq = seq + 1);
             }
             Ok(())
         })?;
@@ -363,7 +358,7 @@ impl Manager {
             format!("replicate {disk} as {snap}"),
             move |ctx| me.replicate_snapshot(ctx, &disk2, &snap2, &spec, full),
         );
-        let spec = f.entry.replication.clone().unwrap_or(spec_copy);
+        let spec = f.entry.replication().unwrap_or(spec_copy);
         let outcome = match job {
             Ok(_) => {
                 let o = self
@@ -445,12 +440,8 @@ impl Manager {
         // Arrived: the new base.
         let d = self.find(disk)?;
         d.pool.change(|_, reg| {
-            if let Some(r) = reg
-                .devices
-                .get_mut(&d.id)
-                .and_then(|e| e.replication.as_mut())
-            {
-                r.last = Some(snap.to_string());
+            if let Some(e) = reg.devices.get_mut(&d.id) {
+                e.update_replication(|r| r.last = Some(snap.to_string()));
             }
             Ok(())
         })?;
@@ -546,7 +537,7 @@ fn schedule(
         }
         let Some(m) = me.upgrade() else { return };
         let Ok(f) = m.find(disk) else { return };
-        let Some(spec) = f.entry.replication.clone() else {
+        let Some(spec) = f.entry.replication() else {
             return;
         };
         let interval = Duration::from_secs(spec.interval_secs);

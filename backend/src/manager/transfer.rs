@@ -3,6 +3,7 @@
 //! another pool of this daemon; a stream file received into a pool. The format and its
 //! guarantees are the offline commands' (docs/STREAMS.md).
 
+use super::device_state::{DeviceState, Migration};
 use super::error::Error;
 use super::jobs::{Cancellable, JobCtx};
 use super::{lock, Manager, PoolHandle, R};
@@ -13,7 +14,6 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use thinpool::registry::Migration;
 use thinpool::stream::{
     self, format::StreamReader, ReceiveError, ReceiveOptions, Received, SendOptions, SendStats,
 };
@@ -95,7 +95,15 @@ fn receive_from(
     let opts = ReceiveOptions {
         name,
         resumable,
-        migration,
+        daemon_state: migration.and_then(|m| {
+            let mut e = thinpool::registry::DeviceEntry::default();
+            DeviceState {
+                migration: Some(m),
+                replication: None,
+            }
+            .store(&mut e);
+            e.daemon_state
+        }),
         ..Default::default()
     };
     let r = stream::receive(&dst.catalog, input, &opts, &mut |d, t| {

@@ -5,10 +5,10 @@
 //! state, so the fuzz target (fuzz/fuzz_targets/qmp.rs) runs it without one.
 
 use super::QmpError;
+use crate::manager::device_state::ReplicationTarget;
 use crate::manager::transfer::Destination;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
-use thinpool::registry::ReplicationTarget;
 use vmm_config::limits;
 
 /// The arguments not taken yet: each getter removes its key, so what is left at

@@ -11,7 +11,7 @@
 use super::format::{Record, StreamHeader, StreamReader};
 use super::{ResumeToken, StreamError};
 use crate::catalog::Catalog;
-use crate::registry::{Migration, PartialReceive, Registry};
+use crate::registry::{PartialReceive, Registry};
 use std::io::Read;
 
 #[derive(Clone, Debug)]
@@ -22,9 +22,10 @@ pub struct ReceiveOptions {
     pub resumable: bool,
     /// A resumable receive commits after this many device bytes.
     pub commit_every: u64,
-    /// A mark the device's entry carries from its first commit on (a copy made by a
-    /// migration): a crash at any point leaves it recognisable as the migration's.
-    pub migration: Option<Migration>,
+    /// The caller's state the device's entry carries from its first commit on
+    /// (`DeviceEntry::daemon_state`; the daemon marks a copy made by a migration so): a
+    /// crash at any point leaves it recognisable as the caller's.
+    pub daemon_state: Option<serde_json::Value>,
 }
 
 impl Default for ReceiveOptions {
@@ -33,7 +34,7 @@ impl Default for ReceiveOptions {
             name: None,
             resumable: false,
             commit_every: 256 << 20,
-            migration: None,
+            daemon_state: None,
         }
     }
 }
@@ -182,7 +183,7 @@ fn target(
                     next_offset: 0,
                     resumable: opts.resumable,
                 }),
-                migration: opts.migration.clone(),
+                daemon_state: opts.daemon_state.clone(),
                 ..entry
             },
         )?;

@@ -498,18 +498,18 @@ fn a_second_receive_of_a_stream_being_received_is_refused_and_spoils_nothing() {
 }
 
 #[test]
-fn a_migration_mark_is_on_the_received_entry_from_its_first_commit() {
+fn the_callers_state_is_on_the_received_entry_from_its_first_commit() {
     let mut a = pool(128);
     a.disk(0);
     scribble(&a, 0, 11, 40);
     a.snap(1, 0, "s1");
     let (whole, _) = a.send(1, None, 0);
     let mut b = pool(128);
-    let mark = crate::registry::Migration::Incoming { job: "m".into() };
+    let mark = serde_json::json!({"migration": {"role": "incoming", "job": "m"}});
     let recv = |b: &mut P, stream: &[u8]| {
         let opts = ReceiveOptions {
             resumable: true,
-            migration: Some(mark.clone()),
+            daemon_state: Some(mark.clone()),
             ..Default::default()
         };
         b.with_catalog(|cat| receive(cat, stream, &opts, &mut |_, _| {}))
@@ -523,7 +523,7 @@ fn a_migration_mark_is_on_the_received_entry_from_its_first_commit() {
         .reg
         .devices
         .values()
-        .map(|e| e.migration.clone())
+        .map(|e| e.daemon_state.clone())
         .collect();
     assert_eq!(marked, vec![Some(mark.clone())]);
     // Resumed to the end: still marked.
@@ -532,7 +532,7 @@ fn a_migration_mark_is_on_the_received_entry_from_its_first_commit() {
     let (rest, _) = a.send(1, None, offset);
     let got = recv(&mut b, &rest).unwrap();
     b.crash_and_reopen();
-    assert_eq!(b.reg.devices[&got.id].migration, Some(mark));
+    assert_eq!(b.reg.devices[&got.id].daemon_state, Some(mark));
 }
 
 #[test]
@@ -678,14 +678,13 @@ proptest! {
 /// in between left an unmarked copy behind for good).
 #[test]
 fn a_received_copy_is_marked_from_its_first_commit() {
-    use crate::registry::Migration;
     let mut a = pool(128);
     a.disk(0);
     scribble(&a, 0, 9, 40);
     a.snap(1, 0, "s1");
     let (stream, _) = a.send(1, None, 0);
     let mut b = pool(512);
-    let mark = Migration::Incoming { job: "m".into() };
+    let mark = serde_json::json!({"migration": {"role": "incoming", "job": "m"}});
     /// Hands out the stream; halfway, reads what is durable of the registry, as a crash
     /// there would leave it.
     struct Halfway<'a> {
@@ -713,7 +712,7 @@ fn a_received_copy_is_marked_from_its_first_commit() {
     };
     let opts = ReceiveOptions {
         name: Some(".m.in0".into()),
-        migration: Some(mark.clone()),
+        daemon_state: Some(mark.clone()),
         ..Default::default()
     };
     let got = b
@@ -722,9 +721,9 @@ fn a_received_copy_is_marked_from_its_first_commit() {
     let mid = input.seen.expect("the registry was read halfway");
     let e = &mid.devices[&got.id];
     assert!(e.receiving.is_some(), "{e:?}");
-    assert_eq!(e.migration.as_ref(), Some(&mark), "mid-receive: {e:?}");
+    assert_eq!(e.daemon_state.as_ref(), Some(&mark), "mid-receive: {e:?}");
     b.crash_and_reopen();
-    assert_eq!(b.reg.devices[&got.id].migration.as_ref(), Some(&mark));
+    assert_eq!(b.reg.devices[&got.id].daemon_state.as_ref(), Some(&mark));
     assert!(b.reg.devices[&got.id].receiving.is_none());
 }
 
