@@ -73,6 +73,8 @@ gpid=$!
 grown=""
 while kill -0 "$gpid" 2>/dev/null; do
   if [ -z "$grown" ] && console | grep -aq '^NOSPACE: GROW-NOW'; then
+    queued=$(VHOST_THIN_QMP=$qmp "$bin" ctl --json pools | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["queued-writes"])')
+    [ "$queued" -ge 1 ] || fail "no write was held for space when the guest read and overwrote (queued-writes $queued)"
     kill -9 "$dpid"
     wait "$dpid" 2>/dev/null || true
     echo "--- SIGKILL" >>"$work/daemon.log"

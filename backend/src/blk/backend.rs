@@ -335,6 +335,12 @@ impl BlkBackend {
                 let Some(vring) = q.vring.clone() else {
                     continue;
                 };
+                // A queue stopped, or reset and not yet taken up again, has no rings to
+                // complete into: the buffers may be the rebooting guest's own by now.
+                if !self.rings_are_the_parked_writes(&q, &vring) {
+                    self.drop_parked(&mut q, "the queue was stopped or reset");
+                    continue;
+                }
                 if self.retry_parked(&mut q, &vring, &mem) {
                     let _ = vring.signal_used_queue();
                 }
@@ -342,6 +348,66 @@ impl BlkBackend {
         }
         for n in self.exit_notifiers.lock().unwrap().iter().flatten() {
             let _ = n.notify();
+        }
+    }
+
+    /// Whether the rings queue state `q` parked its writes from are still the live ones:
+    /// the queue runs and its inflight records are those of the current region.
+    fn rings_are_the_parked_writes(&self, q: &QueueState, vring: &VringRwLock) -> bool {
+        let ready = vring.get_ref().get_queue().ready();
+        let generation = self.inflight.region().map(|(g, _)| g);
+        ready && q.tracker.as_ref().map(|(g, _)| *g) == generation
+    }
+
+    /// Forgets the parked writes without completing them (their rings are gone).
+    fn drop_parked(&self, q: &mut QueueState, why: &str) {
+        for p in q.parked.drain(..) {
+            p.space.waiting.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                "{}: a write waiting for space (head {}) dropped: {why}",
+                self.disk.name,
+                p.head
+            );
+        }
+    }
+
+    /// `GET_VRING_BASE` stops queue `index`: a frontend stopping a queue (VM stop,
+    /// migration, reset) expects every request it handed over to be completed, since the
+    /// base it gets back counts them as taken. Parked writes are tried once more and those
+    /// that still find no space fail (IOERR), rather than being left for rings that may
+    /// not come back.
+    fn finish_parked_at_stop(&self, index: usize) {
+        let Some(slot) = self.queues.get(index) else {
+            return;
+        };
+        let Some(atomic) = self.mem.read().unwrap().clone() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let mut q = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(vring) = q.vring.clone() else {
+            return;
+        };
+        if q.parked.is_empty() {
+            return;
+        }
+        let mut completed = self.retry_parked(&mut q, &vring, &mem);
+        for p in std::mem::take(&mut q.parked) {
+            p.space.waiting.fetch_sub(1, Ordering::SeqCst);
+            let done = fail(&self.disk, "write (out of space, queue stopped)", &p.error);
+            self.complete(
+                &q,
+                &vring,
+                &mem,
+                p.head,
+                Some((p.status, done.status)),
+                done.written + 1,
+            );
+            completed = true;
+        }
+        self.waker.set_parked(index, 0);
+        if completed {
+            let _ = vring.signal_used_queue();
         }
     }
 
@@ -857,6 +923,11 @@ impl VhostUserBackend for BlkBackend {
         (0..self.disk.num_queues).map(|i| 1u64 << i).collect()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.finish_parked_at_stop(queue_index as usize);
+        Ok(())
+    }
+
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // A pipe rather than an eventfd: the crate leaks the consumer, which is closed
         // after the connection (`close_leaked_exit_consumers`), and a pipe's inode tells
@@ -1318,6 +1389,54 @@ mod tests {
         let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
         let vring = vring_on(&mem, &vq, 1);
         assert!(!b.process_queue(&vring, 0).unwrap());
+    }
+
+    /// GET_VRING_BASE (a VM stop, a migration) takes every request handed over as done:
+    /// a write parked for space is completed there (IOERR, the pool still full) rather
+    /// than left for rings that may never come back.
+    #[test]
+    fn a_stopped_queue_completes_its_parked_writes() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 0);
+        vq.add_desc_chains(
+            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            0,
+        )
+        .unwrap();
+        assert!(b.process_queue(&vring, 0).unwrap());
+        assert!(used_ids(&mem, &vq).is_empty());
+        vring.set_queue_ready(false);
+        b.stop_vring(0).unwrap();
+        assert_eq!(used_ids(&mem, &vq), vec![0]);
+        assert_eq!(status(&mem, 0), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    /// A connection that ends while a queue is stopped (the guest rebooting: its rings and
+    /// buffers may be in use for something else) writes nothing into them.
+    #[test]
+    fn a_parked_write_of_a_stopped_queue_is_not_completed_when_the_connection_ends() {
+        let f = full_pool();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
+        let vring = vring_on(&mem, &vq, 0);
+        vq.add_desc_chains(
+            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            0,
+        )
+        .unwrap();
+        assert!(b.process_queue(&vring, 0).unwrap());
+        vring.set_queue_ready(false);
+        b.signal_exit();
+        assert!(used_ids(&mem, &vq).is_empty());
+        assert_eq!(status(&mem, 0), 0xff, "the status byte was written");
+        assert_eq!(f.space.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[test]

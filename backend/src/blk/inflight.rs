@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::mmap::MmapRegion;
@@ -75,6 +75,11 @@ pub enum InflightError {
     },
     #[error("the region must be a regular file (a memfd), not {0}")]
     NotAFile(String),
+    #[error(
+        "the region's file can shrink (no F_SEAL_SHRINK): a frontend shrinking it under the \
+         mapping would kill the daemon (SIGBUS); pass the sealed memfd GET_INFLIGHT_FD gave"
+    )]
+    NotSealed,
     #[error(
         "the region ({size} bytes at offset {offset}) goes past the end of its file ({len} bytes)"
     )]
@@ -191,6 +196,13 @@ impl Region {
             .map_err(|e| InflightError::NotAFile(e.to_string()))?;
         if !meta.file_type().is_file() {
             return Err(InflightError::NotAFile(format!("{:?}", meta.file_type())));
+        }
+        // The size is checked once, then the file is mapped: only a file that cannot shrink
+        // keeps that check true while it is mapped.
+        // SAFETY: fcntl on a descriptor `file` owns, reading its seals only.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(InflightError::NotSealed);
         }
         if offset.checked_add(need).is_none_or(|end| end > meta.len()) {
             return Err(InflightError::PastEnd {
@@ -326,7 +338,8 @@ impl Tracker {
         ) else {
             return;
         };
-        self.counter += 1;
+        // The counter starts from records the frontend could write: it wraps, never panics.
+        self.counter = self.counter.wrapping_add(1);
         counter.store(self.counter, Ordering::Relaxed);
         flag.store(1, Ordering::Release);
     }
@@ -508,6 +521,17 @@ mod tests {
         t.taken(3);
         let mut again = Tracker::new(Arc::new(open(&file, 1, 8).unwrap()), 0).unwrap();
         assert_eq!(again.recover(2, 8).heads, vec![5, 1, 3]);
+    }
+
+    /// A file the frontend could shrink under the mapping would make the next record
+    /// access a SIGBUS, which kills every disk the daemon serves.
+    #[test]
+    fn a_region_whose_file_can_shrink_is_refused() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(region_len(1, 64)).unwrap();
+        assert!(matches!(open(&file, 1, 64), Err(InflightError::NotSealed)));
+        let (sealed, _) = create(1, 64, 1).unwrap();
+        assert!(open(&sealed, 1, 64).is_ok());
     }
 
     #[test]

@@ -22,8 +22,21 @@ say "16 MiB mapped"
   fi
 ) &
 fill=$!
-# The pool fills within a second or two even under TCG; the write is then held.
-sleep 5
+# Held: the disk has writes in flight and its count of sectors written stops moving (the
+# host checks the daemon's queued-writes too, before it grows the pool).
+dev=$(basename "$DISK")
+stalled=0 last=""
+for _ in $(seq 240); do
+  written=$(awk '{print $7}' /sys/block/$dev/stat)
+  inflight=$(awk '{print $2}' /sys/block/$dev/inflight)
+  if [ "$inflight" -gt 0 ] && [ "$written" = "$last" ]; then
+    stalled=$((stalled + 1)); [ $stalled -ge 2 ] && break
+  else
+    stalled=0
+  fi
+  last=$written
+  sleep 0.5
+done
 kill -0 $fill 2>/dev/null || { say "FAIL: the write that fills the pool was not held ($(cat /tmp/fill.status))"; exit 1; }
 say "HELD-NOW"
 t0=$(up)
