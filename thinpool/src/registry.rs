@@ -309,11 +309,14 @@ impl Registry {
         Some(msg)
     }
 
-    /// The device with this send/receive identity.
+    /// The device with this send/receive identity. A snapshot may be in the pool more than
+    /// once (received again under another name), a copy perhaps still being received: a
+    /// complete snapshot is preferred, so that an incremental stream finds a usable base.
     pub fn find_guid(&self, guid: &str) -> Option<u32> {
         self.devices
             .iter()
-            .find(|(_, e)| e.guid.as_deref() == Some(guid))
+            .filter(|(_, e)| e.guid.as_deref() == Some(guid))
+            .min_by_key(|(&id, e)| (e.receiving.is_some(), !e.snapshot, id))
             .map(|(&id, _)| id)
     }
 
@@ -799,6 +802,37 @@ mod tests {
             "{text}"
         );
         assert_eq!(Registry::load(&path).unwrap().unwrap().devices, read);
+    }
+
+    /// A snapshot may be in a pool twice (received again under another name), one copy
+    /// perhaps still being received: looked up by guid (an incremental stream's base), the
+    /// complete snapshot is found, whichever thin id it has.
+    #[test]
+    fn find_guid_prefers_a_complete_snapshot_to_a_copy_being_received() {
+        let mut r = Registry::new("/nonexistent/r.json", 0);
+        let guid = "0123456789abcdef0123456789abcdef";
+        let snap = |name: &str| DeviceEntry {
+            name: Some(name.into()),
+            snapshot: true,
+            read_only: true,
+            guid: Some(guid.into()),
+            ..Default::default()
+        };
+        let receiving = DeviceEntry {
+            name: None,
+            receiving: Some(PartialReceive {
+                name: "copy".into(),
+                ..Default::default()
+            }),
+            ..snap("x")
+        };
+        r.insert(1, receiving).unwrap();
+        assert_eq!(r.find_guid(guid), Some(1), "only the one being received");
+        r.insert(4, snap("s1")).unwrap();
+        assert_eq!(r.find_guid(guid), Some(4));
+        r.insert(2, snap("s1-again")).unwrap();
+        assert!([Some(2), Some(4)].contains(&r.find_guid(guid)));
+        assert_eq!(r.find_guid("ffffffffffffffffffffffffffffffff"), None);
     }
 
     #[test]
