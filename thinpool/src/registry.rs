@@ -320,6 +320,15 @@ impl Registry {
             .map(|(&id, _)| id)
     }
 
+    /// The device a receive of the snapshot with this identity is going into or was
+    /// interrupted in (at most one: a second copy is not begun while one is pending).
+    pub fn find_receiving(&self, guid: &str) -> Option<u32> {
+        self.devices
+            .iter()
+            .find(|(_, e)| e.guid.as_deref() == Some(guid) && e.receiving.is_some())
+            .map(|(&id, _)| id)
+    }
+
     /// A thin id not used in the registry nor in `pool_ids`.
     /// The id for a new device: one above the highest in use (ids then follow creation
     /// order, as LVM's do), or, once that would pass dm-thin's largest id, the lowest free

@@ -66,7 +66,8 @@ fn refused(msg: impl Into<String>) -> StreamError {
 }
 
 /// Finds or makes the device the stream goes into; returns (id, base id, final name).
-/// The registry is the catalog's, locked by the caller.
+/// The registry is the catalog's, locked by the caller. A snapshot the pool holds already
+/// is received again only under another name: a second copy, with the same guid.
 fn target(
     cat: &Catalog,
     reg: &mut Registry,
@@ -101,45 +102,84 @@ fn target(
         }
     };
     let base_guid = h.base.as_ref().map(|b| b.guid.clone());
-    if let Some(id) = reg.find_guid(guid) {
-        let e = &reg.devices[&id];
-        let token = |offset| ResumeToken {
-            guid: guid.clone(),
-            offset,
+    // The name a new copy gets: the receiver's, else the sender's.
+    let name = opts.name.clone().or_else(|| h.snapshot.name.clone());
+    let token = |offset| ResumeToken {
+        guid: guid.clone(),
+        offset,
+    };
+    // A receive of this snapshot under way or interrupted. Its token names the snapshot,
+    // not the copy, so there is one at a time: a stream without a name of its own, or with
+    // the name that receive was given, goes on into it (as the token says); one for
+    // another name is refused until it is resumed or dropped.
+    if let Some(id) = reg.find_receiving(guid) {
+        let p = reg.devices[&id]
+            .receiving
+            .clone()
+            .expect("find_receiving finds a receiving entry");
+        // Named when it is not the stream's own name (it was given with --name).
+        let named = if h.snapshot.name.as_deref() == Some(p.name.as_str()) {
+            String::new()
+        } else {
+            format!(" as {:?}", p.name)
         };
-        return match &e.receiving {
-            None => Err(refused(format!(
-                "this snapshot is already in the pool as {} (thin device {id})",
-                e.name.as_deref().unwrap_or("(unnamed)")
-            ))),
-            // Not interrupted: a receive of this process is writing into it now (the
-            // registry is unlocked while data goes in). Writing the same stream into it a
-            // second time would mix two receives, and the one that fails would delete
-            // what the other completed.
-            Some(_) if reg.receiving_now.contains(&id) => Err(refused(format!(
-                "a receive of this snapshot into thin device {id} is under way: wait for it or cancel it"
-            ))),
-            // Where the interrupted receive stopped (0 too, when it stopped in its first
-            // record): go on.
-            Some(p) if p.next_offset == h.resume_offset => {
-                if p.base_guid != base_guid {
-                    return Err(refused(
-                        "the resumed stream has another base than the interrupted one: send it with the same --base",
-                    ));
-                }
-                Ok((id, base, p.name.clone()))
-            }
-            Some(p) if h.resume_offset == 0 => Err(refused(format!(
-                "an interrupted receive of this snapshot is in the pool (thin device {id}): resume it with `send --resume {}`, or drop it with `receive --abort`",
+        // Not interrupted: a receive of this process is writing into it now (the registry
+        // is unlocked while data goes in). Writing the same stream into it a second time
+        // would mix two receives, and the one that fails would delete what the other
+        // completed.
+        if reg.receiving_now.contains(&id) {
+            return Err(refused(format!(
+                "a receive of this snapshot into thin device {id}{named} is under way: wait for it or cancel it"
+            )));
+        }
+        if opts.name.as_ref().is_some_and(|n| *n != p.name) {
+            return Err(refused(format!(
+                "an interrupted receive of this snapshot is in the pool as {:?} (thin device {id}), and a snapshot is received as one copy at a time: resume that one with `send --resume {}` (received with --name {:?}, or without --name), or drop it with `receive --abort {}`",
+                p.name,
+                token(p.next_offset),
+                p.name,
                 token(p.next_offset)
-            ))),
-            Some(p) => Err(refused(format!(
+            )));
+        }
+        // Where the interrupted receive stopped (0 too, when it stopped in its first
+        // record): go on.
+        if p.next_offset == h.resume_offset {
+            if p.base_guid != base_guid {
+                return Err(refused(
+                    "the resumed stream has another base than the interrupted one: send it with the same --base",
+                ));
+            }
+            return Ok((id, base, p.name));
+        }
+        return Err(refused(if h.resume_offset == 0 {
+            format!(
+                "an interrupted receive of this snapshot is in the pool{named} (thin device {id}): resume it with `send --resume {}`, or drop it with `receive --abort`",
+                token(p.next_offset)
+            )
+        } else {
+            format!(
                 "the stream resumes at byte {}, this pool has everything before byte {}: resume with `send --resume {}`",
                 h.resume_offset,
                 p.next_offset,
                 token(p.next_offset)
-            ))),
-        };
+            )
+        }));
+    }
+    // The snapshot is here already: a second copy (as zfs allows) needs a name of its own.
+    let copies: Vec<u32> = reg
+        .devices
+        .iter()
+        .filter(|(_, e)| e.guid.as_deref() == Some(guid.as_str()))
+        .map(|(&id, _)| id)
+        .collect();
+    let same_name = copies
+        .iter()
+        .find(|id| name.is_some() && reg.devices[id].name == name);
+    if let Some(&id) = same_name.or(copies.first().filter(|_| opts.name.is_none())) {
+        return Err(refused(format!(
+            "this snapshot is already in the pool as {} (thin device {id}): to receive a second copy, give it another name (--name)",
+            reg.devices[&id].name.as_deref().unwrap_or("(unnamed)")
+        )));
     }
     if h.resume_offset > 0 {
         return Err(refused(format!(
@@ -147,11 +187,8 @@ fn target(
             h.resume_offset
         )));
     }
-    let name = opts
-        .name
-        .clone()
-        .or_else(|| h.snapshot.name.clone())
-        .ok_or_else(|| refused("the stream's snapshot has no name: give one (--name)"))?;
+    let name =
+        name.ok_or_else(|| refused("the stream's snapshot has no name: give one (--name)"))?;
     // Checked before the device is made (the registry would refuse it only after).
     crate::names::check_name(&name).map_err(|why| {
         refused(format!(
@@ -321,15 +358,14 @@ fn delete_device(cat: &Catalog, id: u32) -> Result<(), StreamError> {
 
 /// Drops an interrupted receive (by the guid of its token).
 pub fn abort(cat: &Catalog, guid: &str) -> Result<u32, StreamError> {
+    // The receiving copy, when the pool holds complete ones of the same snapshot too.
     let id = {
         let reg = cat.registry();
-        reg.find_guid(guid)
-            .filter(|id| reg.devices[id].receiving.is_some())
-            .ok_or_else(|| {
-                refused(format!(
-                    "no interrupted receive of snapshot {guid} in this pool"
-                ))
-            })?
+        reg.find_receiving(guid).ok_or_else(|| {
+            refused(format!(
+                "no interrupted receive of snapshot {guid} in this pool"
+            ))
+        })?
     };
     delete_device(cat, id)?;
     Ok(id)

@@ -113,7 +113,18 @@ impl P {
     }
 
     fn recv(&mut self, stream: &[u8], resumable: bool) -> Result<Received, ReceiveError> {
+        self.recv_as(stream, resumable, None)
+    }
+
+    /// A receive under `name` (`receive --name`), or the stream's own name.
+    fn recv_as(
+        &mut self,
+        stream: &[u8],
+        resumable: bool,
+        name: Option<&str>,
+    ) -> Result<Received, ReceiveError> {
         let opts = ReceiveOptions {
+            name: name.map(str::to_string),
             resumable,
             commit_every: 64 << 10,
             ..Default::default()
@@ -319,6 +330,169 @@ fn a_stream_whose_base_is_missing_or_different_is_refused_and_changes_nothing() 
     let e = c.recv(&full, false).unwrap_err().to_string();
     assert!(e.contains("exists"), "{e}");
     assert_eq!(c.pool.devices().len(), 1);
+}
+
+/// A full stream of a snapshot the pool holds is received again under another name, as
+/// zfs allows: a second copy, with the sender's guid, beside the first. Without a new name
+/// it is refused, saying how to keep a second copy.
+#[test]
+fn a_full_stream_is_received_under_a_new_name_beside_the_copy_the_pool_holds() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 21, 40);
+    a.snap(1, 0, "s1");
+    let (full, _) = a.send(1, None, 0);
+    let mut b = pool(512);
+    let first = b.recv(&full, false).unwrap();
+    // Again under the stream's name, or under the name the copy has: refused, saying how.
+    for name in [None, Some("s1")] {
+        let e = b.recv_as(&full, false, name).unwrap_err().to_string();
+        assert!(
+            e.contains("already in the pool as s1") && e.contains("--name"),
+            "{name:?}: {e}"
+        );
+    }
+    assert_eq!(b.pool.devices().len(), 1);
+    let second = b.recv_as(&full, false, Some("s1-copy")).unwrap();
+    assert_eq!(second.name, "s1-copy");
+    assert_ne!(second.id, first.id);
+    // A third copy, resumable this time: as for any fresh receive.
+    let third = b.recv_as(&full, true, Some("s1-third")).unwrap();
+    // The registry holds the guid three times, and loads so after a crash.
+    b.crash_and_reopen();
+    for (got, name) in [(&first, "s1"), (&second, "s1-copy"), (&third, "s1-third")] {
+        assert_eq!(b.id_of(name), got.id);
+        let e = &b.reg.devices[&got.id];
+        assert_eq!(e.guid, a.reg.devices[&1].guid);
+        assert!(e.snapshot && e.read_only && e.receiving.is_none(), "{e:?}");
+        assert_eq!(b.read_all(got.id), a.read_all(1), "{name}");
+    }
+    b.check();
+    // Each is a device of its own: the first deleted, the others read as before.
+    b.with_catalog(|cat| {
+        cat.change(|devices, reg| -> Result<(), StreamError> {
+            reg.devices.remove(&first.id);
+            devices.delete(first.id)?;
+            Ok(())
+        })
+    })
+    .unwrap();
+    assert_eq!(b.read_all(second.id), a.read_all(1));
+    assert_eq!(b.read_all(third.id), a.read_all(1));
+    b.check();
+}
+
+/// An incremental stream finds its base by guid: when the pool holds the base twice it is
+/// applied on a complete copy, and may itself be received twice.
+#[test]
+fn an_incremental_stream_is_received_onto_a_base_the_pool_holds_twice() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 31, 40);
+    a.snap(1, 0, "s1");
+    scribble(&a, 0, 32, 20);
+    a.snap(2, 0, "s2");
+    let (full, _) = a.send(1, None, 0);
+    let (inc, _) = a.send(2, Some(1), 0);
+    let mut b = pool(128);
+    let base = b.recv(&full, false).unwrap();
+    let base_copy = b.recv_as(&full, false, Some("s1-copy")).unwrap();
+    let got = b.recv(&inc, false).unwrap();
+    assert!(
+        [Some(base.id), Some(base_copy.id)].contains(&got.base),
+        "{got:?}"
+    );
+    assert_eq!(b.read_all(got.id), a.read_all(2));
+    // The same incremental again needs another name too.
+    let e = b.recv(&inc, false).unwrap_err().to_string();
+    assert!(e.contains("already in the pool as s2"), "{e}");
+    let again = b.recv_as(&inc, false, Some("s2-copy")).unwrap();
+    assert_eq!(b.read_all(again.id), a.read_all(2));
+    // A third copy of the base cut off (receiving): the incremental still finds a complete
+    // one.
+    let Err(ReceiveError::Interrupted(_)) = b.recv_as(&full[..full.len() / 2], true, Some("s1-3"))
+    else {
+        panic!("expected an interruption")
+    };
+    let third = b.recv_as(&inc, false, Some("s2-3")).unwrap();
+    assert!(
+        [Some(base.id), Some(base_copy.id)].contains(&third.base),
+        "{third:?}"
+    );
+    assert_eq!(b.read_all(third.id), a.read_all(2));
+    assert_eq!(b.read_all(base.id), a.read_all(1));
+    assert_eq!(b.read_all(base_copy.id), a.read_all(1));
+    b.check();
+}
+
+/// A second copy cut off stays the one copy of that snapshot being received (a token names
+/// the snapshot, not the copy): a receive under yet another name is refused, naming it; the
+/// rest goes on into it, with its name given again or none. `receive --abort TOKEN` drops
+/// that copy and leaves the complete one.
+#[test]
+fn an_interrupted_second_copy_is_resumed_or_aborted_and_the_first_copy_stays() {
+    let mut a = pool(128);
+    a.disk(0);
+    scribble(&a, 0, 41, 60);
+    a.snap(1, 0, "s1");
+    let (full, _) = a.send(1, None, 0);
+    let mut b = pool(128);
+    let first = b.recv(&full, false).unwrap();
+    let Err(ReceiveError::Interrupted(i)) =
+        b.recv_as(&full[..full.len() / 2], true, Some("s1-copy"))
+    else {
+        panic!("expected an interruption")
+    };
+    assert!(i.token.offset > 0, "{}", i.token);
+    b.crash_and_reopen();
+    b.check();
+    // The rest or the whole under a third name, or the whole again: refused, naming the
+    // interrupted copy.
+    let (rest, _) = a.send(1, None, i.token.offset);
+    for (stream, name) in [
+        (&rest, Some("s1-other")),
+        (&full, Some("s1-other")),
+        (&full, None),
+    ] {
+        let e = b.recv_as(stream, true, name).unwrap_err().to_string();
+        assert!(
+            e.contains("interrupted receive") && e.contains("\"s1-copy\""),
+            "{name:?}: {e}"
+        );
+    }
+    assert_eq!(b.pool.devices().len(), 2);
+    // Dropped by its token: the complete copy stays.
+    let dropped = b.with_catalog(|cat| abort(cat, &i.token.guid)).unwrap();
+    assert_ne!(dropped, first.id);
+    assert_eq!(b.reg.devices.keys().collect::<Vec<_>>(), [&first.id]);
+    let ids: Vec<u32> = b.pool.devices().iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [first.id]);
+    assert_eq!(b.read_all(first.id), a.read_all(1));
+    b.check();
+    let e = b
+        .with_catalog(|cat| abort(cat, &i.token.guid))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no interrupted receive"), "{e}");
+    // Cut off again, then resumed: with its name (cut once more), then without one.
+    let Err(ReceiveError::Interrupted(i)) =
+        b.recv_as(&full[..full.len() / 3], true, Some("s1-copy"))
+    else {
+        panic!("expected an interruption")
+    };
+    let (rest, _) = a.send(1, None, i.token.offset);
+    let Err(ReceiveError::Interrupted(i)) =
+        b.recv_as(&rest[..rest.len() / 2], true, Some("s1-copy"))
+    else {
+        panic!("expected an interruption")
+    };
+    let (rest, _) = a.send(1, None, i.token.offset);
+    let second = b.recv(&rest, true).unwrap();
+    assert_eq!(second.resumed_from, i.token.offset);
+    assert_eq!(second.name, "s1-copy");
+    assert_eq!(b.read_all(second.id), a.read_all(1));
+    assert_eq!(b.read_all(first.id), a.read_all(1));
+    b.check();
 }
 
 #[test]
