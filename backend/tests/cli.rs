@@ -486,6 +486,74 @@ fn send_and_receive_full_incremental_resumed_and_piped() {
     thin_check_ok(&b.m);
 }
 
+/// `receive --name` keeps a second copy of a snapshot the pool holds (same guid); cut
+/// short, that copy is dropped by `receive --abort TOKEN`, and the first stays.
+#[test]
+fn a_second_copy_is_received_under_another_name_and_its_abort_leaves_the_first() {
+    let a = new_pool("64MiB");
+    let b = new_pool("64MiB");
+    let (m, d) = (a.m.as_str(), a.d.as_str());
+    cli(&[
+        "thin", "create", "-m", m, "-d", d, "--id", "0", "--size", "8MiB", "--name", "vm",
+    ]);
+    import(&a, "0", "img", &pattern(3 << 20, 5), Some("0"));
+    cli(&[
+        "thin", "snapshot", "-m", m, "-d", d, "--origin", "0", "--id", "1", "--name", "s1",
+        "--kept",
+    ]);
+    let full = a.root.join("s1.vts");
+    cli(&["send", "-m", m, "-d", d, "s1", "-o", full.to_str().unwrap()]);
+    let cut = a.root.join("cut.vts");
+    let bytes = std::fs::read(&full).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let (full, cut) = (full.to_str().unwrap(), cut.to_str().unwrap());
+    let r = ["receive", "-m", b.m.as_str(), "-d", b.d.as_str()];
+    cli(&[&r[..], &["-i", full]].concat());
+    // Again: refused, saying how to keep a second copy.
+    fails(
+        &[&r[..], &["-i", full]].concat(),
+        "already in the pool as s1",
+    );
+    // A second copy, cut short: exit 3 and a token, which drops it.
+    let out = run(&[&r[..], &["--name", "s1-copy", "-s", "-i", cut, "--json"]].concat());
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = v["resume-token"].as_str().unwrap().to_string();
+    let out = cli(&[&r[..], &["--abort", &token]].concat());
+    assert!(out.contains("dropped"), "{out}");
+    let ls = cli(&["thin", "ls", "-m", &b.m, "-d", &b.d, "--json"]);
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names, ["s1"], "{ls}");
+    // The whole stream under that name: two copies, each the snapshot.
+    cli(&[&r[..], &["--name", "s1-copy", "-i", full]].concat());
+    let ls = cli(&["thin", "ls", "-m", &b.m, "-d", &b.d, "--json"]);
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let want = sha(&export_file(&a, "1"));
+    for name in ["s1", "s1-copy"] {
+        let id = ls
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in {ls}"))["id"]
+            .to_string();
+        assert_eq!(sha(&export_file(&b, &id)), want, "{name}");
+    }
+    cli(&["pool", "check", "-m", &b.m, "-d", &b.d]);
+    thin_check_ok(&b.m);
+}
+
 #[test]
 fn names_given_on_the_command_line_follow_the_name_rule() {
     let p = new_pool("16MiB");
