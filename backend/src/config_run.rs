@@ -341,26 +341,37 @@ fn quickstart_help(cfg: &Config, dir: &Path, disks: &[ServedDisk], exe: &str) ->
     let mut out = String::from("\n");
     for d in disks {
         out += &format!(
-            "vhost-thin is serving {} ({}) on {}\n",
+            "vhost-thin is serving {} ({}, {} queue{}) on {}\n",
             d.name,
             crate::size::human(d.size),
+            d.num_queues,
+            if d.num_queues == 1 { "" } else { "s" },
             d.socket.display()
         );
     }
     let (name, sock, nq) = (&first.name, first.socket.display(), first.num_queues);
+    // The golden-image steps only while they have not been taken: printed again after a
+    // restart they would fail (names taken), and `qemu-img convert` would overwrite the
+    // image the clones read.
+    if !disks.iter().any(|d| d.name == "golden") {
+        out += &format!(
+            "\nput an OS on {name} (it is empty), e.g. a Debian cloud image as a golden image that\n\
+             every clone reads until it writes its own blocks:\n\
+             \x20 qemu-img convert -O raw debian-12-genericcloud-amd64.qcow2 {dir}/golden.raw\n\
+             \x20 {ctl} add golden --external-origin {dir}/golden.raw\n\
+             \x20 {ctl} snapshot golden@base\n\
+             \x20 {ctl} clone golden@base vm1 --num-queues {nq}   # then boot vm1: the QEMU line below with {dir}/vm1.sock\n\
+             or write an image into a disk that is not connected with `vhost-thin thin import`.\n",
+            dir = dir.display(),
+        );
+    }
     out += &format!(
-        "\nput an OS on {name} (it is empty), e.g. a Debian cloud image as a golden image that\n\
-         every clone reads until it writes its own blocks:\n\
-         \x20 qemu-img convert -O raw debian-12-genericcloud-amd64.qcow2 {dir}/golden.raw\n\
-         \x20 {ctl} add golden --external-origin {dir}/golden.raw\n\
-         \x20 {ctl} snapshot golden@base\n\
-         \x20 {ctl} clone golden@base vm1        # then boot vm1 (its socket: {dir}/vm1.sock)\n\
-         or write an image into a disk that is not connected with `vhost-thin thin import`.\n\
-         \nQEMU (shared guest memory is required by vhost-user):\n\
+        "\nQEMU (shared guest memory is required by vhost-user; num-queues as the disk has):\n\
          \x20 qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 2G \\\n\
          \x20   -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\\n\
          \x20   -chardev socket,id={name},path={sock},reconnect=1 \\\n\
          \x20   -device vhost-user-blk-pci,chardev={name},num-queues={nq},bootindex=1 -nographic\n\
+         (accel=tcg where /dev/kvm is there but unusable, as in some nested sandboxes)\n\
          \ncloud-hypervisor:\n\
          \x20 cloud-hypervisor --memory size=2G,shared=on --kernel hypervisor-fw \\\n\
          \x20   --disk vhost_user=true,socket={sock},num_queues={nq} --serial tty --console off\n\
@@ -375,7 +386,7 @@ fn quickstart_help(cfg: &Config, dir: &Path, disks: &[ServedDisk], exe: &str) ->
          \nsnapshot and clone:\n\
          \x20 {ctl} snapshot {name}@$(date +%Y%m%d-%H%M%S)\n\
          \x20 {ctl} snapshots {name}\n\
-         \x20 {ctl} clone SNAPSHOT NEW-DISK\n\
+         \x20 {ctl} clone SNAPSHOT NEW-DISK --num-queues {nq}\n\
          \x20 {ctl} disks        # every disk with its socket, added at run time too\n\
          \x20 {ctl} watch\n\
          \nstop with Ctrl-C (requests in flight finish, the pool is committed); start again to reuse {dir}.",
@@ -452,11 +463,11 @@ mod tests {
         let served = [disk("disk0", 12 << 30), disk("scratch", 1 << 30)];
         let help = quickstart_help(&cfg, dir, &served, "/src/target/release/vhost-thin");
         assert!(
-            help.contains("serving disk0 (12 GiB) on /state/disk0.sock"),
+            help.contains("serving disk0 (12 GiB, 2 queues) on /state/disk0.sock"),
             "{help}"
         );
         assert!(
-            help.contains("serving scratch (1 GiB) on /state/scratch.sock"),
+            help.contains("serving scratch (1 GiB, 2 queues) on /state/scratch.sock"),
             "{help}"
         );
         assert!(!help.contains("10737418240"), "{help}");
@@ -471,6 +482,16 @@ mod tests {
             "{help}"
         );
         assert!(help.contains("qemu-img convert -O raw"), "{help}");
+        assert!(
+            help.contains("clone golden@base vm1 --num-queues 2"),
+            "{help}"
+        );
         assert!(!help.contains("vmlinuz"), "{help}");
+        // Once the golden image is in, its steps are not printed again: they would fail,
+        // and the conversion would overwrite the image its clones read.
+        let served = [disk("disk0", 12 << 30), disk("golden", 1 << 30)];
+        let help = quickstart_help(&cfg, dir, &served, "vhost-thin");
+        assert!(!help.contains("qemu-img convert"), "{help}");
+        assert!(help.contains("-device vhost-user-blk-pci"), "{help}");
     }
 }
