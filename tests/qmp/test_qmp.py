@@ -259,18 +259,28 @@ async def jobs_session(dm, transcript):
     await until_status("send-1", "null")
     check("job-dismiss forgets the job (status null event)", r == {} and await job_info("send-1") is None and statuses("send-1")[-1:] == ["null"], (r, statuses("send-1")))
 
-    # The same snapshot (by its guid) is in the pool already: the receive fails as a job and
-    # leaves nothing behind.
-    args = {"job-id": "recv-dup", "file": stream, "name": "send-copy"}
-    r = await qmp.execute("snapshot-receive", args)
-    transcript.append(("snapshot-receive", args, r))
-    await until_status("recv-dup", "concluded")
-    j = await job_info("recv-dup")
+    # The same snapshot (by its guid) is in the pool already: under its own name the receive
+    # fails as a job and leaves nothing behind; under another name it is a second copy.
+    args = {"job-id": "recv-dup", "file": stream}
+    try:
+        r = await qmp.execute("snapshot-receive", args)
+        err = None
+    except ExecuteError as e:
+        r, err = None, e.error.error.desc
     snaps = [s["name"] for s in await qmp.execute("query-snapshots")]
-    check("snapshot-receive of a snapshot the pool has is refused, nothing left",
-          j is not None and "already in the pool as send-src" in j.get("error", "") and "result" not in j
-          and "send-copy" not in snaps, (j, snaps))
-    await qmp.execute("job-dismiss", {"id": "recv-dup"})
+    check("snapshot-receive of a snapshot the pool has, under its name, is refused, nothing left",
+          r is None and "'send-src' is already in use" in (err or "") and await job_info("recv-dup") is None
+          and snaps.count("send-src") == 1, (r, err, snaps))
+    args = {"job-id": "recv-copy", "file": stream, "name": "send-copy"}
+    await qmp.execute("snapshot-receive", args)
+    await until_status("recv-copy", "concluded")
+    j = await job_info("recv-copy")
+    snaps = {s["name"]: s for s in await qmp.execute("query-snapshots")}
+    check("snapshot-receive under another name keeps a second copy, same guid",
+          j is not None and "error" not in j and "send-copy" in snaps
+          and snaps["send-copy"].get("guid") == snaps["send-src"].get("guid"), (j, list(snaps)))
+    await qmp.execute("job-dismiss", {"id": "recv-copy"})
+    await qmp.execute("snapshot-delete", {"name": "send-copy"})
     # Once the original is deleted, the stream brings it back (checked offline against the
     # imported data at the end).
     await qmp.execute("snapshot-delete", {"name": "send-src"})
