@@ -13,6 +13,7 @@ pub mod merge;
 pub mod migrate;
 pub mod pool_settings;
 pub mod replication;
+pub mod results;
 pub mod transfer;
 
 use crate::blk::disk::{Disk, DiskOptions, OutOfSpace, SpacePolicy};
@@ -23,6 +24,10 @@ use crate::sync::lock;
 use device_state::{DaemonFields, Migration};
 pub use error::Error;
 use pool_settings::PoolSettings;
+use results::{
+    DeviceInfo, DiskAdded, LowWater, Policy, PoolInfo, ServingInfo, SnapshotCreated,
+    SnapshotDeleted,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
@@ -694,45 +699,48 @@ impl Manager {
 
     // ----- queries -----
 
-    pub fn query_pools(&self) -> R<Value> {
+    pub fn query_pools(&self) -> R<Vec<PoolInfo>> {
         let mut out = Vec::new();
         for p in self.pools.values() {
             let st = p.pool().status();
             let (lw_data, lw_meta) = *lock(&p.low_water);
             let (mode, reason) = effective_mode(p, &st);
             let policy = match p.space.policy() {
-                OutOfSpace::Error => json!({"out-of-space": "error"}),
-                OutOfSpace::Queue { timeout } => {
-                    json!({"out-of-space": "queue", "timeout": timeout.map(|t| t.as_secs()).unwrap_or(0)})
-                }
+                OutOfSpace::Error => Policy::Error,
+                OutOfSpace::Queue { timeout } => Policy::Queue {
+                    timeout: timeout.map(|t| t.as_secs()).unwrap_or(0),
+                },
             };
-            out.push(json!({
-                "name": p.name,
-                "block-size": st.data_block_bytes,
-                "data-blocks": st.usage.data_blocks,
-                "data-used": st.usage.data_used,
-                "data-free": st.usage.data_blocks - st.usage.data_used,
-                "metadata-blocks": st.usage.metadata_blocks,
-                "metadata-used": st.usage.metadata_used,
-                "metadata-free": st.usage.metadata_blocks - st.usage.metadata_used,
-                "metadata-allocated": st.usage.metadata_allocated,
-                "metadata-reserve": st.usage.metadata_reserve,
-                "transaction-id": st.transaction_id,
-                "mode": mode,
-                "mode-reason": reason,
-                "needs-check": st.needs_check,
-                "rolled-back": st.rolled_back,
-                "held-metadata-snap": st.held_metadata_root,
-                "policy": policy,
-                "low-water": {"data": lw_data, "metadata": lw_meta},
-                "queued-writes": p.space.waiting.load(Ordering::SeqCst),
-                "devices": st.devices,
-            }));
+            out.push(PoolInfo {
+                name: p.name.clone(),
+                block_size: st.data_block_bytes,
+                data_blocks: st.usage.data_blocks,
+                data_used: st.usage.data_used,
+                data_free: st.usage.data_blocks - st.usage.data_used,
+                metadata_blocks: st.usage.metadata_blocks,
+                metadata_used: st.usage.metadata_used,
+                metadata_free: st.usage.metadata_blocks - st.usage.metadata_used,
+                metadata_allocated: st.usage.metadata_allocated,
+                metadata_reserve: st.usage.metadata_reserve,
+                transaction_id: st.transaction_id,
+                mode,
+                mode_reason: reason,
+                needs_check: st.needs_check,
+                rolled_back: st.rolled_back,
+                held_metadata_snap: st.held_metadata_root,
+                policy,
+                low_water: LowWater {
+                    data: lw_data,
+                    metadata: lw_meta,
+                },
+                queued_writes: p.space.waiting.load(Ordering::SeqCst),
+                devices: st.devices,
+            });
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
-    fn entries(&self, snapshots: bool) -> R<Value> {
+    fn entries(&self, snapshots: bool) -> R<Vec<DeviceInfo>> {
         let served: BTreeMap<String, (PathBuf, bool, usize)> = lock(&self.disks)
             .iter()
             .map(|(n, s)| {
@@ -784,53 +792,47 @@ impl Manager {
                     };
                     at = next;
                 }
-                let mut v = json!({
-                    "name": name,
-                    "pool": p.name,
-                    "thin-id": id,
-                    "size": e.size,
-                    "read-only": e.read_only,
-                    "serial": e.serial,
-                    "origin": e.origin.and_then(name_of),
-                    "lineage": lineage,
-                    "mapped-bytes": u.mapped_blocks * bs,
-                    "exclusive-bytes": u.exclusive_blocks * bs,
-                    "shared-bytes": u.shared_blocks * bs,
-                    "created": e.created,
-                });
-                if let Some(g) = &e.guid {
-                    v["guid"] = json!(g);
-                }
-                if let Some(gone) = &e.deleted_origin {
-                    v["deleted-origin"] = json!(gone);
-                }
-                if let Some(o) = &e.external_origin {
-                    v["external-origin"] = json!(o);
-                }
-                if let Some(at) = e.merge_offset {
-                    v["merge-interrupted-at"] = json!(at);
-                }
-                if !snapshots {
-                    let (socket, connected, queues) = served
+                let serving = (!snapshots).then(|| {
+                    let (socket, connected, num_queues) = served
                         .get(name)
                         .cloned()
                         .map(|(s, c, q)| (Some(s), c, q))
                         .unwrap_or((None, false, 0));
-                    v["socket"] = json!(socket);
-                    v["connected"] = json!(connected);
-                    v["num-queues"] = json!(queues);
-                }
-                out.push(v);
+                    ServingInfo {
+                        socket,
+                        connected,
+                        num_queues,
+                    }
+                });
+                out.push(DeviceInfo {
+                    name: name.clone(),
+                    pool: p.name.clone(),
+                    thin_id: id,
+                    size: e.size,
+                    read_only: e.read_only,
+                    serial: e.serial.clone(),
+                    origin: e.origin.and_then(name_of),
+                    lineage,
+                    mapped_bytes: u.mapped_blocks * bs,
+                    exclusive_bytes: u.exclusive_blocks * bs,
+                    shared_bytes: u.shared_blocks * bs,
+                    created: e.created,
+                    guid: e.guid.clone(),
+                    deleted_origin: e.deleted_origin.clone(),
+                    external_origin: e.external_origin.clone(),
+                    merge_interrupted_at: e.merge_offset,
+                    serving,
+                });
             }
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
-    pub fn query_disks(&self) -> R<Value> {
+    pub fn query_disks(&self) -> R<Vec<DeviceInfo>> {
         self.entries(false)
     }
 
-    pub fn query_snapshots(&self) -> R<Value> {
+    pub fn query_snapshots(&self) -> R<Vec<DeviceInfo>> {
         self.entries(true)
     }
 
@@ -844,7 +846,7 @@ impl Manager {
         socket: Option<PathBuf>,
         num_queues: Option<usize>,
         queue_size: Option<usize>,
-    ) -> R<Value> {
+    ) -> R<DiskAdded> {
         let queues = queue_options(num_queues, queue_size)?;
         if let Some(o) = new.external_origin {
             self.confinement.existing("external origin", Path::new(o))?;
@@ -887,7 +889,10 @@ impl Manager {
             origin: new.clone_from.map(str::to_string),
             socket: socket.clone(),
         });
-        Ok(json!({"thin-id": id, "socket": socket}))
+        Ok(DiskAdded {
+            thin_id: id,
+            socket,
+        })
     }
 
     /// Creates a disk without serving it (the configuration's disks, served afterwards
@@ -1112,7 +1117,7 @@ impl Manager {
     /// Snapshots a disk, running or not. Writes are held only while the snapshot is made in
     /// memory: requests in flight finish, new ones wait; the pause is returned in
     /// microseconds. The reply comes once the snapshot is durable.
-    pub fn snapshot_create(&self, disk: &str, name: &str) -> R<Value> {
+    pub fn snapshot_create(&self, disk: &str, name: &str) -> R<SnapshotCreated> {
         let _op = lock(&self.op);
         let name = &thinpool::names::snapshot_name(disk, name)
             .map_err(|e| Error::failed(e.to_string()))?;
@@ -1163,10 +1168,14 @@ impl Manager {
             thin_id: id,
             pause_us: pause.as_micros() as u64,
         });
-        Ok(json!({"name": name, "thin-id": id, "pause-us": pause.as_micros() as u64}))
+        Ok(SnapshotCreated {
+            name: name.clone(),
+            thin_id: id,
+            pause_us: pause.as_micros() as u64,
+        })
     }
 
-    pub fn snapshot_delete(&self, name: &str, force: bool) -> R<Value> {
+    pub fn snapshot_delete(&self, name: &str, force: bool) -> R<SnapshotDeleted> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
         self.check_unpinned(&f, name)?;
@@ -1190,7 +1199,7 @@ impl Manager {
             pool: f.pool.name.clone(),
             thin_id: f.id,
         });
-        Ok(json!({"dependents": dependents}))
+        Ok(SnapshotDeleted { dependents })
     }
 
     /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
@@ -1630,13 +1639,8 @@ mod tests {
         m.shutdown().unwrap();
     }
 
-    fn names(v: &Value) -> Vec<String> {
-        let mut n: Vec<String> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap().to_string())
-            .collect();
+    fn names(v: &[DeviceInfo]) -> Vec<String> {
+        let mut n: Vec<String> = v.iter().map(|e| e.name.clone()).collect();
         n.sort();
         n
     }
@@ -1701,20 +1705,14 @@ mod tests {
         }
         m.snapshot_create("c1", "@s").unwrap();
         let r = m.snapshot_delete("vm1@gold", false).unwrap();
-        assert_eq!(r["dependents"], json!(["c1", "c2"]));
+        assert_eq!(r.dependents, ["c1", "c2"]);
         let disks = m.query_disks().unwrap();
-        let c1 = disks
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == "c1")
-            .unwrap()
-            .clone();
-        assert_eq!(c1["origin"], Value::Null);
-        assert_eq!(c1["deleted-origin"], "vm1@gold");
-        assert_eq!(c1["lineage"], json!(["vm1@gold (deleted)"]));
+        let c1 = disks.iter().find(|d| d.name == "c1").unwrap().clone();
+        assert_eq!(c1.origin, None);
+        assert_eq!(c1.deleted_origin.as_deref(), Some("vm1@gold"));
+        assert_eq!(c1.lineage, ["vm1@gold (deleted)"]);
         let snaps = m.query_snapshots().unwrap();
-        assert_eq!(snaps[0]["lineage"], json!(["c1", "vm1@gold (deleted)"]));
+        assert_eq!(snaps[0].lineage, ["c1", "vm1@gold (deleted)"]);
         m.shutdown().unwrap();
     }
 

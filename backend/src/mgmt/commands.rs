@@ -59,6 +59,10 @@ pub fn version() -> Value {
 /// ([`Command::parse`]).
 pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
     use Command as C;
+    /// A typed result as the reply's `return` value.
+    fn reply<T: serde::Serialize>(t: T) -> Value {
+        serde_json::to_value(t).unwrap_or_else(|e| json!({"error": e.to_string()}))
+    }
     Ok(match c {
         // The server negotiates; once negotiated, asking again is refused as QEMU does.
         C::QmpCapabilities => {
@@ -69,9 +73,9 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
         }
         C::QueryVersion => version(),
         C::QueryCommands => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
-        C::QueryPools => m.query_pools()?,
-        C::QueryDisks => m.query_disks()?,
-        C::QuerySnapshots => m.query_snapshots()?,
+        C::QueryPools => reply(m.query_pools()?),
+        C::QueryDisks => reply(m.query_disks()?),
+        C::QuerySnapshots => reply(m.query_snapshots()?),
         C::QueryDelta {
             left,
             right,
@@ -89,7 +93,7 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
             read_only,
             serial,
             external_origin,
-        } => m.disk_add(
+        } => reply(m.disk_add(
             &crate::manager::NewDisk {
                 name: &name,
                 pool: pool.as_deref(),
@@ -102,12 +106,12 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
             socket,
             num_queues,
             None,
-        )?,
+        )?),
         C::DiskRemove { name, force } => m.disk_remove(&name, force)?,
         C::DiskResize { name, size } => m.disk_resize(&name, size)?,
         C::DiskSetReadOnly { name, read_only } => m.disk_set_read_only(&name, read_only)?,
-        C::SnapshotCreate { disk, name } => m.snapshot_create(&disk, &name)?,
-        C::SnapshotDelete { name, force } => m.snapshot_delete(&name, force)?,
+        C::SnapshotCreate { disk, name } => reply(m.snapshot_create(&disk, &name)?),
+        C::SnapshotDelete { name, force } => reply(m.snapshot_delete(&name, force)?),
         C::SnapshotRevert { disk, snapshot } => m.snapshot_revert(&disk, &snapshot)?,
         C::PoolSetPolicy {
             pool,
