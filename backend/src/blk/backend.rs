@@ -1366,19 +1366,34 @@ mod tests {
         assert_eq!(back, vec![0; 4096]);
     }
 
+    /// A backend with inflight records on a full pool, and a write in its queue that
+    /// needs a new block (not taken yet): the queue, the region, the backend, its vring.
+    fn write_to_a_full_pool<'a>(
+        f: &Full,
+        mem: &'a GuestMemoryMmap,
+    ) -> (
+        MockSplitQueue<'a, GuestMemoryMmap>,
+        std::fs::File,
+        Arc<BlkBackend>,
+        VringRwLock,
+    ) {
+        let vq = MockSplitQueue::create(mem, GuestAddress(0x1000), 64);
+        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
+        let b = Arc::new(backend_on(&f.disk, mem, Some(&region)));
+        let vring = vring_on(mem, &vq, 0);
+        vq.add_desc_chains(
+            &request(mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
+            0,
+        )
+        .unwrap();
+        (vq, region, b, vring)
+    }
+
     #[test]
     fn a_write_parked_for_space_fails_when_the_connection_ends() {
         let f = full_pool();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
-        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
-        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
-        let vring = vring_on(&mem, &vq, 0);
-        vq.add_desc_chains(
-            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
-            0,
-        )
-        .unwrap();
+        let (vq, region, b, vring) = write_to_a_full_pool(&f, &mem);
         assert!(b.process_queue(&vring, 0).unwrap());
         assert!(used_ids(&mem, &vq).is_empty());
         b.signal_exit();
@@ -1398,15 +1413,7 @@ mod tests {
     fn a_stopped_queue_completes_its_parked_writes() {
         let f = full_pool();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
-        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
-        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
-        let vring = vring_on(&mem, &vq, 0);
-        vq.add_desc_chains(
-            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
-            0,
-        )
-        .unwrap();
+        let (vq, _region, b, vring) = write_to_a_full_pool(&f, &mem);
         assert!(b.process_queue(&vring, 0).unwrap());
         assert!(used_ids(&mem, &vq).is_empty());
         vring.set_queue_ready(false);
@@ -1422,15 +1429,7 @@ mod tests {
     fn a_parked_write_of_a_stopped_queue_is_not_completed_when_the_connection_ends() {
         let f = full_pool();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
-        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
-        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
-        let vring = vring_on(&mem, &vq, 0);
-        vq.add_desc_chains(
-            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
-            0,
-        )
-        .unwrap();
+        let (vq, _region, b, vring) = write_to_a_full_pool(&f, &mem);
         assert!(b.process_queue(&vring, 0).unwrap());
         vring.set_queue_ready(false);
         b.signal_exit();
@@ -1443,15 +1442,7 @@ mod tests {
     fn a_parked_write_of_a_device_reset_since_is_dropped_not_completed_into_the_new_rings() {
         let f = full_pool();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
-        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
-        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
-        let vring = vring_on(&mem, &vq, 0);
-        vq.add_desc_chains(
-            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
-            0,
-        )
-        .unwrap();
+        let (vq, region, b, vring) = write_to_a_full_pool(&f, &mem);
         b.process_queue(&vring, 0).unwrap();
         assert_eq!(f.space.waiting.load(Ordering::SeqCst), 1);
 
@@ -1488,15 +1479,7 @@ mod tests {
             timeout: Some(std::time::Duration::from_millis(300)),
         });
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
-        let (region, _) = crate::blk::inflight::create(1, 64, 1).unwrap();
-        let b = Arc::new(backend_on(&f.disk, &mem, Some(&region)));
-        let vring = vring_on(&mem, &vq, 0);
-        vq.add_desc_chains(
-            &request(&mem, 0, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
-            0,
-        )
-        .unwrap();
+        let (vq, _region, b, vring) = write_to_a_full_pool(&f, &mem);
         b.process_queue(&vring, 0).unwrap();
         assert!(used_ids(&mem, &vq).is_empty());
         std::thread::sleep(std::time::Duration::from_millis(400));
