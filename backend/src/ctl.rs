@@ -752,7 +752,13 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
-    match &a.cmd {
+    print_for_people(&a.cmd, &r);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A command's reply for a person (`--json` prints it as it is).
+fn print_for_people(cmd: &CtlCmd, r: &Value) {
+    match cmd {
         CtlCmd::Disks => {
             println!(
                 "{:<16} {:>10} {:>10} {:>10} {:<9} {:<20} SOCKET",
@@ -775,7 +781,7 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
                 );
             }
         }
-        CtlCmd::Snapshots { disk } => print!("{}", snapshots_table(&r, disk.as_deref())),
+        CtlCmd::Snapshots { disk } => print!("{}", snapshots_table(r, disk.as_deref())),
         CtlCmd::Pools => {
             for p in r.as_array().into_iter().flatten() {
                 let bs = p["block-size"].as_u64().unwrap_or(0);
@@ -864,14 +870,13 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Cancel { id } => println!("job {id} cancelled"),
         _ => println!(
             "{}",
-            if r == json!({}) {
+            if *r == json!({}) {
                 "ok".to_string()
             } else {
                 r.to_string()
             }
         ),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
