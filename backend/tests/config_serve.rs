@@ -135,8 +135,8 @@ fn quickstart_makes_and_reuses_its_state() {
     let c = serve();
     wait_for(&qmp);
     let out = c.stop();
-    assert!(out.contains("serving disk0 (11 GiB)"), "{out}");
-    assert!(out.contains("serving scratch (8 MiB)"), "{out}");
+    assert!(out.contains("serving disk0 (11 GiB, 2 queues)"), "{out}");
+    assert!(out.contains("serving scratch (8 MiB, 1 queue)"), "{out}");
 }
 
 /// Speaks QMP on `qmp`: the greeting, negotiation, then each of `commands` (JSON texts).
