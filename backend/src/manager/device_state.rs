@@ -56,6 +56,13 @@ pub struct DeviceState {
     /// that it survives restarts and moves with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationSpec>,
+    /// The queues a disk added at run time was asked for (`disk-add`'s `num-queues`,
+    /// `queue-size`): a restart serves it the same way, or the frontend, which asks for
+    /// as many queues as before, is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<usize>,
 }
 
 impl DeviceState {

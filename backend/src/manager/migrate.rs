@@ -368,6 +368,7 @@ impl Manager {
             DeviceState {
                 migration: Some(switched.clone()),
                 replication: entry.replication(),
+                ..DeviceState::of(&entry)
             }
             .store(&mut moved);
             reg.insert(id, moved)

@@ -21,7 +21,7 @@ use crate::blk::serve::{self, ConnectionEvent, Serving};
 use crate::events::{Event, EventBus};
 use crate::socket::SocketFile;
 use crate::sync::lock;
-use device_state::{DaemonFields, Migration};
+use device_state::{DaemonFields, DeviceState, Migration};
 pub use error::Error;
 use pool_settings::PoolSettings;
 use results::{
@@ -475,9 +475,15 @@ impl Manager {
         num_queues: Option<usize>,
         queue_size: Option<usize>,
     ) -> R<PathBuf> {
-        let queues = queue_options(num_queues, queue_size)?;
         let _op = lock(&self.op);
         let f = self.find(name)?;
+        // Not given (a disk added at run time, served again after a restart): as it was
+        // asked for when it was added.
+        let kept = DeviceState::of(&f.entry);
+        let queues = queue_options(
+            num_queues.or(kept.num_queues),
+            queue_size.or(kept.queue_size),
+        )?;
         let bound = self.bind(name, socket, SocketOrigin::Operator)?;
         self.start_serving(name, &f, bound, queues)
     }
@@ -854,7 +860,12 @@ impl Manager {
         let _op = lock(&self.op);
         let plan = self.plan_disk(new)?;
         let bound = self.bind(new.name, socket, SocketOrigin::Client)?;
-        let id = match self.create_disk(new, &plan) {
+        let asked = DeviceState {
+            num_queues,
+            queue_size,
+            ..Default::default()
+        };
+        let id = match self.create_disk(new, &plan, &asked) {
             Ok(id) => id,
             Err(e) => {
                 bound.file.remove();
@@ -900,7 +911,7 @@ impl Manager {
     pub fn disk_create(&self, new: &NewDisk<'_>) -> R<u32> {
         let _op = lock(&self.op);
         let plan = self.plan_disk(new)?;
-        self.create_disk(new, &plan)
+        self.create_disk(new, &plan, &DeviceState::default())
     }
 
     /// The checks of a new disk, before anything changes.
@@ -983,7 +994,7 @@ impl Manager {
     }
 
     /// Creates the thin device and its registry entry, durably.
-    fn create_disk(&self, new: &NewDisk<'_>, plan: &DiskPlan) -> R<u32> {
+    fn create_disk(&self, new: &NewDisk<'_>, plan: &DiskPlan, state: &DeviceState) -> R<u32> {
         let cat = &plan.pool.catalog;
         plan.pool.change(|devices, reg| {
             let id = devices.next_id(reg);
@@ -1009,6 +1020,7 @@ impl Manager {
             if let Some(s) = &new.serial {
                 entry.serial = s.clone();
             }
+            state.store(&mut entry);
             reg.insert(id, entry)
                 .map_err(|e| Error::failed(e.to_string()))?;
             Ok(id)
@@ -1713,6 +1725,29 @@ mod tests {
         assert_eq!(c1.lineage, ["vm1@gold (deleted)"]);
         let snaps = m.query_snapshots().unwrap();
         assert_eq!(snaps[0].lineage, ["c1", "vm1@gold (deleted)"]);
+        m.shutdown().unwrap();
+    }
+
+    /// A disk added at run time with more queues than the default is served with them again
+    /// after a restart (a frontend asks for as many as before and is refused with fewer).
+    #[test]
+    fn a_disk_added_at_run_time_keeps_its_queues_across_a_restart() {
+        let (_dir, m, _rx) = manager_with_events();
+        m.disk_add(&new_disk("vm1", None), None, Some(2), Some(128))
+            .unwrap();
+        let queues = |m: &Manager| {
+            m.served_disks()
+                .iter()
+                .find(|d| d.name == "vm1")
+                .map(|d| d.num_queues)
+        };
+        assert_eq!(queues(&m), Some(2));
+        // A restart: the disk is served again from the registry, nothing said of queues.
+        m.unserve("vm1").unwrap();
+        assert_eq!(queues(&m), None);
+        m.serve("vm1", None, None, None).unwrap();
+        assert_eq!(queues(&m), Some(2));
+        assert_eq!(lock(&m.disks)["vm1"].disk.queue_size, 128);
         m.shutdown().unwrap();
     }
 

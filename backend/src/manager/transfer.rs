@@ -99,7 +99,7 @@ fn receive_from(
             let mut e = thinpool::registry::DeviceEntry::default();
             DeviceState {
                 migration: Some(m),
-                replication: None,
+                ..Default::default()
             }
             .store(&mut e);
             e.daemon_state
