@@ -355,8 +355,8 @@ fn quickstart_help(cfg: &Config, dir: &Path, disks: &[ServedDisk], exe: &str) ->
     // image the clones read.
     if !disks.iter().any(|d| d.name == "golden") {
         out += &format!(
-            "\nput an OS on {name} (it is empty), e.g. a Debian cloud image as a golden image that\n\
-             every clone reads until it writes its own blocks:\n\
+            "\n{name} is empty. To give disks an OS, e.g. a Debian cloud image as a golden image\n\
+             that every clone reads until it writes its own blocks:\n\
              \x20 qemu-img convert -O raw debian-12-genericcloud-amd64.qcow2 {dir}/golden.raw\n\
              \x20 {ctl} add golden --external-origin {dir}/golden.raw\n\
              \x20 {ctl} snapshot golden@base\n\

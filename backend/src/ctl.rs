@@ -504,6 +504,39 @@ fn origin_of(d: &Value) -> String {
     }
 }
 
+/// `ctl disks` for a person; the name and origin columns as wide as their longest entry,
+/// so that a long one ("vm1@before-upgrade (deleted)") does not push the socket out of line.
+fn disks_table(list: &Value) -> String {
+    let rows: Vec<&Value> = list.as_array().into_iter().flatten().collect();
+    let width = |f: &dyn Fn(&Value) -> String, min: usize| {
+        rows.iter()
+            .map(|d| f(d).chars().count())
+            .fold(min, usize::max)
+    };
+    let (nw, ow) = (width(&|d| s(&d["name"]), 16), width(&origin_of, 20));
+    let mut out = format!(
+        "{:<nw$} {:>10} {:>10} {:>10} {:<9} {:<ow$} SOCKET\n",
+        "NAME", "SIZE", "MAPPED", "EXCLUSIVE", "GUEST", "ORIGIN"
+    );
+    for d in rows {
+        out += &format!(
+            "{:<nw$} {:>10} {:>10} {:>10} {:<9} {:<ow$} {}\n",
+            s(&d["name"]),
+            human(d["size"].as_u64().unwrap_or(0)),
+            human(d["mapped-bytes"].as_u64().unwrap_or(0)),
+            human(d["exclusive-bytes"].as_u64().unwrap_or(0)),
+            if d["connected"] == json!(true) {
+                "connected"
+            } else {
+                "-"
+            },
+            origin_of(d),
+            s(&d["socket"]),
+        );
+    }
+    out
+}
+
 /// `ctl snapshots [DISK]` for a person: the snapshots of `disk` (named `disk@…`, or taken
 /// of it) or all, with the disk each was taken of, when (UTC), size and exclusive space.
 fn snapshots_table(list: &Value, disk: Option<&str>) -> String {
@@ -759,28 +792,7 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
 /// A command's reply for a person (`--json` prints it as it is).
 fn print_for_people(cmd: &CtlCmd, r: &Value) {
     match cmd {
-        CtlCmd::Disks => {
-            println!(
-                "{:<16} {:>10} {:>10} {:>10} {:<9} {:<20} SOCKET",
-                "NAME", "SIZE", "MAPPED", "EXCLUSIVE", "GUEST", "ORIGIN"
-            );
-            for d in r.as_array().into_iter().flatten() {
-                println!(
-                    "{:<16} {:>10} {:>10} {:>10} {:<9} {:<20} {}",
-                    s(&d["name"]),
-                    human(d["size"].as_u64().unwrap_or(0)),
-                    human(d["mapped-bytes"].as_u64().unwrap_or(0)),
-                    human(d["exclusive-bytes"].as_u64().unwrap_or(0)),
-                    if d["connected"] == json!(true) {
-                        "connected"
-                    } else {
-                        "-"
-                    },
-                    origin_of(d),
-                    s(&d["socket"]),
-                );
-            }
-        }
+        CtlCmd::Disks => print!("{}", disks_table(r)),
         CtlCmd::Snapshots { disk } => print!("{}", snapshots_table(r, disk.as_deref())),
         CtlCmd::Pools => {
             for p in r.as_array().into_iter().flatten() {
@@ -881,7 +893,7 @@ fn print_for_people(cmd: &CtlCmd, r: &Value) {
 
 #[cfg(test)]
 mod tests {
-    use super::{for_people, iso8601, snapshot_target, snapshots_table};
+    use super::{disks_table, for_people, iso8601, snapshot_target, snapshots_table};
     use serde_json::json;
 
     #[test]
@@ -912,6 +924,19 @@ mod tests {
             of_vm1.contains("golden") && !of_vm1.contains("vm2@"),
             "{of_vm1}"
         );
+    }
+
+    #[test]
+    fn a_long_origin_keeps_the_disks_columns_in_line() {
+        let list = json!([
+            {"name": "vm2", "origin": null, "deleted-origin": "vm1@before-upgrade-2026",
+             "size": 1u64 << 30, "socket": "/s/vm2.sock"},
+            {"name": "vm3", "origin": "golden@base", "size": 1u64 << 30, "socket": "/s/vm3.sock"},
+        ]);
+        let t = disks_table(&list);
+        let at: Vec<usize> = t.lines().map(|l| l.rfind(' ').unwrap()).collect();
+        assert!(at.windows(2).all(|w| w[0] == w[1]), "{t}");
+        assert!(t.contains("vm1@before-upgrade-2026 (deleted)"), "{t}");
     }
 
     #[test]
