@@ -88,14 +88,21 @@ fn check(s: &str, max: usize) -> Result<(), NameError> {
     Ok(())
 }
 
-/// A snapshot name that puts the snapshot in another disk's namespace (`vm2@x` for a
-/// snapshot of `vm1`).
+/// Why a name cannot be given to a snapshot of a disk.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("'{name}' names a snapshot of {owner}, not of {disk}: name it {disk}@… or give a name without '@'")]
-pub struct ForeignSnapshotName {
-    pub name: String,
-    pub owner: String,
-    pub disk: String,
+pub enum SnapshotNameError {
+    /// The name puts the snapshot in another disk's namespace (`vm2@x` for one of `vm1`).
+    #[error("'{name}' names a snapshot of {owner}, not of {disk}: name it {disk}@… or give a name without '@'")]
+    Foreign {
+        name: String,
+        owner: String,
+        disk: String,
+    },
+    /// `@` alone, or `@a@b`: no name within the disk's namespace.
+    #[error(
+        "'{name}' is not a snapshot name: after '@' comes the snapshot's name, without another '@'"
+    )]
+    Malformed { name: String },
 }
 
 /// Splits `disk@snap` at its last `@` (a disk's name may hold one itself): the disk and
@@ -108,12 +115,17 @@ pub fn split_snapshot_name(name: &str) -> Option<(&str, &str)> {
 /// The full name of a snapshot of `disk` asked for as `name`, as ZFS's `fs@snap`:
 /// `@nightly` is `disk@nightly`; `disk@nightly` is itself; a name naming another disk
 /// (`other@x`) is refused; a name without `@` is a flat name and stays as it is.
-pub fn snapshot_name(disk: &str, name: &str) -> Result<String, ForeignSnapshotName> {
+pub fn snapshot_name(disk: &str, name: &str) -> Result<String, SnapshotNameError> {
     if let Some(short) = name.strip_prefix('@') {
+        if short.is_empty() || short.contains('@') {
+            return Err(SnapshotNameError::Malformed {
+                name: name.to_string(),
+            });
+        }
         return Ok(format!("{disk}@{short}"));
     }
     match split_snapshot_name(name) {
-        Some((owner, _)) if owner != disk => Err(ForeignSnapshotName {
+        Some((owner, _)) if owner != disk => Err(SnapshotNameError::Foreign {
             name: name.to_string(),
             owner: owner.to_string(),
             disk: disk.to_string(),
@@ -132,8 +144,16 @@ mod tests {
         assert_eq!(snapshot_name("vm1", "vm1@nightly").unwrap(), "vm1@nightly");
         assert_eq!(snapshot_name("vm1", "nightly").unwrap(), "nightly");
         assert_eq!(snapshot_name("a@b", "a@b@x").unwrap(), "a@b@x");
-        let e = snapshot_name("vm1", "vm2@x").unwrap_err();
-        assert_eq!(e.owner, "vm2");
+        assert!(matches!(
+            snapshot_name("vm1", "vm2@x"),
+            Err(SnapshotNameError::Foreign { owner, .. }) if owner == "vm2"
+        ));
+        for bad in ["@", "@a@b"] {
+            assert!(matches!(
+                snapshot_name("vm1", bad),
+                Err(SnapshotNameError::Malformed { .. })
+            ));
+        }
         assert_eq!(split_snapshot_name("vm1@x"), Some(("vm1", "x")));
         assert_eq!(split_snapshot_name("@x"), None);
         assert_eq!(split_snapshot_name("x@"), None);

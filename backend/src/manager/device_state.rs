@@ -44,9 +44,10 @@ pub enum Migration {
     Switched { job: String, from_pool: String },
 }
 
-/// What the daemon keeps with one device.
+/// What the daemon keeps with one device. Fields a newer version added are kept as they
+/// are (`other`) and written back, so that a daemon going back a version neither refuses
+/// the registry nor drops what it does not know.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DeviceState {
     /// Set while a disk moves between pools (`disk-migrate`): what this entry is to the
     /// move, so that a start after a crash finishes or undoes it.
@@ -63,6 +64,9 @@ pub struct DeviceState {
     pub num_queues: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_size: Option<usize>,
+    /// What a newer version keeps here, untouched.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl DeviceState {
@@ -184,10 +188,25 @@ mod tests {
         e.set_replication(None);
         assert_eq!(e.daemon_state, None);
 
+        // What a newer version wrote is kept through this one's changes.
+        e.daemon_state = Some(serde_json::json!({"tier": "fast"}));
+        e.set_migration(Some(Migration::Incoming { job: "m".into() }));
+        assert_eq!(
+            e.daemon_state,
+            Some(
+                serde_json::json!({"tier": "fast", "migration": {"role": "incoming", "job": "m"}})
+            )
+        );
+        e.set_migration(None);
+        assert_eq!(e.daemon_state, Some(serde_json::json!({"tier": "fast"})));
+
         let dir = tempfile::tempdir().unwrap();
         let mut reg = Registry::new(dir.path().join("r.json"), 0);
         for (state, why) in [
-            (serde_json::json!({"migrating": true}), "unknown field"),
+            (
+                serde_json::json!({"migration": {"role": "flying", "job": "m"}}),
+                "unknown variant",
+            ),
             (
                 serde_json::json!({"replication": {"interval-secs": 1, "keep": 1, "next-seq": 0,
                     "target": {"kind": "pool", "pool": "../x", "prefix": "p"}}}),

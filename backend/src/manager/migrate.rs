@@ -347,6 +347,7 @@ impl Manager {
                     e.created = old.created;
                     // Snapshots of the disk are snapshots of its new self; snapshots of
                     // snapshots keep their origin among the copies.
+                    e.deleted_origin = old.deleted_origin.clone();
                     e.origin = match old.origin {
                         Some(o) if o == disk => Some(id),
                         Some(o) => ids.get(&o).copied(),
@@ -362,6 +363,7 @@ impl Manager {
                 serial: entry.serial.clone(),
                 snapshot: false,
                 origin: entry.origin.and_then(|o| ids.get(&o).copied()),
+                deleted_origin: entry.deleted_origin.clone(),
                 created: entry.created,
                 ..Default::default()
             };

@@ -389,8 +389,18 @@ impl Manager {
     /// The disk or snapshot a name means: the device of that name in any pool, else
     /// (`disk@snap`) the flat-named snapshot `snap` taken of `disk`.
     fn find(&self, name: &str) -> R<Found> {
+        self.find_how(name, true)
+    }
+
+    /// The device of exactly this name (names the daemon made itself, such as a replication
+    /// round's base, must not be taken for another snapshot that `disk@snap` resolves to).
+    fn find_exact(&self, name: &str) -> R<Found> {
+        self.find_how(name, false)
+    }
+
+    fn find_how(&self, name: &str, or_resolved: bool) -> R<Found> {
         let exact = |reg: &Registry| reg.find(name);
-        let resolved = |reg: &Registry| reg.resolve(name);
+        let resolved = |reg: &Registry| reg.resolve(name).filter(|_| or_resolved);
         for how in [&exact as &dyn Fn(&Registry) -> Option<u32>, &resolved] {
             for p in self.pools.values() {
                 let reg = p.registry();
@@ -442,6 +452,15 @@ impl Manager {
         out
     }
 
+    /// Whether a device has the name, or will (a receive under way), or `disk@snap`
+    /// already means disk's flat-named snapshot `snap`.
+    fn name_taken(&self, name: &str) -> bool {
+        self.pools.values().any(|p| {
+            let reg = p.registry();
+            reg.holder_of(name).is_some() || reg.resolve(name).is_some()
+        })
+    }
+
     fn name_free(&self, name: &str) -> R<()> {
         // The management socket checks names as it reads them; names made here (a
         // replica's `<prefix>@r<seq>`) and the configuration's come this way too.
@@ -451,13 +470,7 @@ impl Manager {
                 limits::NAME_RULE
             ))
         })?;
-        // Names of snapshots being received are taken too, and `disk@snap` when it already
-        // means disk's flat-named snapshot `snap`.
-        let taken = self.pools.values().any(|p| {
-            let reg = p.registry();
-            reg.holder_of(name).is_some() || reg.resolve(name).is_some()
-        });
-        if taken {
+        if self.name_taken(name) {
             return Err(Error::failed(format!(
                 "the name '{name}' is already in use"
             )));
@@ -916,6 +929,14 @@ impl Manager {
 
     /// The checks of a new disk, before anything changes.
     fn plan_disk(&self, new: &NewDisk<'_>) -> R<DiskPlan> {
+        // As in ZFS, '@' separates a disk from its snapshots: a new disk named `vm2@x`
+        // would sit in vm2's namespace. (Older registries holding such names still load.)
+        if new.name.contains('@') {
+            return Err(Error::failed(format!(
+                "'{}' is not a disk name: '@' separates a disk's name from its snapshots'",
+                new.name
+            )));
+        }
         self.name_free(new.name)?;
         if let Some(s) = &new.serial {
             if s.len() > 20 || !s.is_ascii() {
@@ -1131,10 +1152,19 @@ impl Manager {
     /// microseconds. The reply comes once the snapshot is durable.
     pub fn snapshot_create(&self, disk: &str, name: &str) -> R<SnapshotCreated> {
         let _op = lock(&self.op);
-        let name = &thinpool::names::snapshot_name(disk, name)
+        let f = self.find(disk)?;
+        // The namespace is the disk's own name (`disk` may have reached it otherwise).
+        let owner = f.entry.name.clone().unwrap_or_else(|| disk.to_string());
+        let name = &thinpool::names::snapshot_name(&owner, name)
             .map_err(|e| Error::failed(e.to_string()))?;
         self.name_free(name)?;
-        let f = self.find(disk)?;
+        // A flat name `s` would be shadowed by (or shadow) an existing `disk@s`.
+        let qualified = format!("{owner}@{name}");
+        if !name.contains('@') && self.name_taken(&qualified) {
+            return Err(Error::failed(format!(
+                "the name '{name}' would be taken for '{qualified}', which is already in use"
+            )));
+        }
         // A disk being migrated: a snapshot taken now would be left behind.
         self.check_unpinned(&f, disk)?;
         let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
@@ -1174,7 +1204,7 @@ impl Manager {
         let id = r?;
         tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?} (requests in flight finished after {drained:?})");
         self.events.emit(Event::SnapshotCreated {
-            disk: disk.to_string(),
+            disk: owner.clone(),
             snapshot: name.to_string(),
             pool: f.pool.name.clone(),
             thin_id: id,
@@ -1207,7 +1237,7 @@ impl Manager {
         // one lose nothing, and keep its name as their deleted origin.
         let dependents = f.pool.delete_devices(&[f.id])?;
         self.events.emit(Event::SnapshotDeleted {
-            snapshot: name.to_string(),
+            snapshot: f.entry.name.clone().unwrap_or_else(|| name.to_string()),
             pool: f.pool.name.clone(),
             thin_id: f.id,
         });
@@ -1246,8 +1276,8 @@ impl Manager {
         drop(gate);
         d.pool.space.space_changed();
         self.events.emit(Event::DiskReverted {
-            disk: disk.to_string(),
-            snapshot: snapshot.to_string(),
+            disk: d.entry.name.clone().unwrap_or_else(|| disk.to_string()),
+            snapshot: s.entry.name.clone().unwrap_or_else(|| snapshot.to_string()),
         });
         Ok(json!({}))
     }
@@ -1678,6 +1708,18 @@ mod tests {
             e.contains("'vm2@x' names a snapshot of vm2, not of vm1"),
             "{e}"
         );
+        // Nor a disk in a disk's namespace, nor a flat name another could take for vm2@nightly.
+        let e = m
+            .disk_add(&new_disk("vm2@x", None), None, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'@' separates"), "{e}");
+        let e = m.snapshot_create("vm2", "nightly").unwrap_err().to_string();
+        assert!(e.contains("'vm2@nightly', which is already in use"), "{e}");
+        for bad in ["@", "@a@b"] {
+            let e = m.snapshot_create("vm1", bad).unwrap_err().to_string();
+            assert!(e.contains("is not a snapshot name"), "{e}");
+        }
         // A flat name, reached as vm1@before too; the qualified name is then taken.
         m.snapshot_create("vm1", "before").unwrap();
         let e = m.snapshot_create("vm1", "@before").unwrap_err().to_string();

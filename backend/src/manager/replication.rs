@@ -399,9 +399,12 @@ impl Manager {
         spec: &ReplicationSpec,
         full: bool,
     ) -> R<Value> {
-        let s = self.find(snap)?;
+        let s = self.find_exact(snap)?;
         let base = match (&spec.last, full) {
-            (Some(b), false) => self.find(b).ok().filter(|b| b.pool.name == s.pool.name),
+            (Some(b), false) => self
+                .find_exact(b)
+                .ok()
+                .filter(|b| b.pool.name == s.pool.name),
             _ => None,
         };
         let mut ids = vec![s.id];

@@ -60,8 +60,11 @@ pub fn version() -> Value {
 pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
     use Command as C;
     /// A typed result as the reply's `return` value.
-    fn reply<T: serde::Serialize>(t: T) -> Value {
-        serde_json::to_value(t).unwrap_or_else(|e| json!({"error": e.to_string()}))
+    fn reply<T: serde::Serialize>(t: T) -> Result<Value, QmpError> {
+        serde_json::to_value(t).map_err(|e| QmpError {
+            class: "GenericError",
+            desc: format!("internal error: the result cannot be written: {e}"),
+        })
     }
     Ok(match c {
         // The server negotiates; once negotiated, asking again is refused as QEMU does.
@@ -73,9 +76,9 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
         }
         C::QueryVersion => version(),
         C::QueryCommands => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
-        C::QueryPools => reply(m.query_pools()?),
-        C::QueryDisks => reply(m.query_disks()?),
-        C::QuerySnapshots => reply(m.query_snapshots()?),
+        C::QueryPools => reply(m.query_pools()?)?,
+        C::QueryDisks => reply(m.query_disks()?)?,
+        C::QuerySnapshots => reply(m.query_snapshots()?)?,
         C::QueryDelta {
             left,
             right,
@@ -106,12 +109,12 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
             socket,
             num_queues,
             None,
-        )?),
+        )?)?,
         C::DiskRemove { name, force } => m.disk_remove(&name, force)?,
         C::DiskResize { name, size } => m.disk_resize(&name, size)?,
         C::DiskSetReadOnly { name, read_only } => m.disk_set_read_only(&name, read_only)?,
-        C::SnapshotCreate { disk, name } => reply(m.snapshot_create(&disk, &name)?),
-        C::SnapshotDelete { name, force } => reply(m.snapshot_delete(&name, force)?),
+        C::SnapshotCreate { disk, name } => reply(m.snapshot_create(&disk, &name)?)?,
+        C::SnapshotDelete { name, force } => reply(m.snapshot_delete(&name, force)?)?,
         C::SnapshotRevert { disk, snapshot } => m.snapshot_revert(&disk, &snapshot)?,
         C::PoolSetPolicy {
             pool,
