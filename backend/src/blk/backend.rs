@@ -338,10 +338,13 @@ impl BlkBackend {
                 // A queue stopped, or reset and not yet taken up again, has no rings to
                 // complete into: the buffers may be the rebooting guest's own by now.
                 if !self.rings_are_the_parked_writes(&q, &vring) {
-                    self.drop_parked(&mut q, "the queue was stopped or reset");
+                    self.drop_parked(
+                        std::mem::take(&mut q.parked),
+                        "the queue was stopped or reset",
+                    );
                     continue;
                 }
-                if self.retry_parked(&mut q, &vring, &mem) {
+                if self.retry_parked(&mut q, &vring, &mem, None) {
                     let _ = vring.signal_used_queue();
                 }
             }
@@ -360,8 +363,8 @@ impl BlkBackend {
     }
 
     /// Forgets the parked writes without completing them (their rings are gone).
-    fn drop_parked(&self, q: &mut QueueState, why: &str) {
-        for p in q.parked.drain(..) {
+    fn drop_parked(&self, parked: impl IntoIterator<Item = Parked>, why: &str) {
+        for p in parked {
             p.space.waiting.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(
                 "{}: a write waiting for space (head {}) dropped: {why}",
@@ -391,20 +394,12 @@ impl BlkBackend {
         if q.parked.is_empty() {
             return;
         }
-        let mut completed = self.retry_parked(&mut q, &vring, &mem);
-        for p in std::mem::take(&mut q.parked) {
-            p.space.waiting.fetch_sub(1, Ordering::SeqCst);
-            let done = fail(&self.disk, "write (out of space, queue stopped)", &p.error);
-            self.complete(
-                &q,
-                &vring,
-                &mem,
-                p.head,
-                Some((p.status, done.status)),
-                done.written + 1,
-            );
-            completed = true;
-        }
+        let completed = self.retry_parked(
+            &mut q,
+            &vring,
+            &mem,
+            Some("write (out of space, queue stopped)"),
+        );
         self.waker.set_parked(index, 0);
         if completed {
             let _ = vring.signal_used_queue();
@@ -463,7 +458,7 @@ impl BlkBackend {
             q.vring = Some(vring.clone());
         }
         self.take_up_records(&mut q, vring, &mem, index);
-        let mut progress = self.retry_parked(&mut q, vring, &mem);
+        let mut progress = self.retry_parked(&mut q, vring, &mem, None);
         while let Some(head) = q.resubmit.pop_front() {
             progress = true;
             let mut io = Some(self.disk.target());
@@ -514,7 +509,7 @@ impl BlkBackend {
         if self.waker.exiting() {
             // The connection ended during this pass: nothing stays parked (see
             // `signal_exit`).
-            progress |= self.retry_parked(&mut q, vring, &mem);
+            progress |= self.retry_parked(&mut q, vring, &mem, None);
         }
         self.waker.set_parked(index, q.parked.len());
         Ok(progress)
@@ -575,19 +570,11 @@ impl BlkBackend {
         // started. Those they do not name belong to rings that are gone (the device was
         // reset, and the frontend made a new region): completing them would write into
         // the new rings, so they are dropped.
-        q.parked.retain(|p| {
-            let keep = r.heads.contains(&p.head);
-            if !keep {
-                p.space.waiting.fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(
-                    "{}: queue {index}: a write waiting for space (head {}) dropped: the \
-                     device was reset",
-                    self.disk.name,
-                    p.head
-                );
-            }
-            keep
-        });
+        let (kept, gone): (VecDeque<Parked>, VecDeque<Parked>) = std::mem::take(&mut q.parked)
+            .into_iter()
+            .partition(|p| r.heads.contains(&p.head));
+        q.parked = kept;
+        self.drop_parked(gone, "the device was reset");
         q.resubmit.retain(|h| r.heads.contains(h));
         let fresh: Vec<u16> = r
             .heads
@@ -691,8 +678,15 @@ impl BlkBackend {
     }
 
     /// Tries the parked writes again, in arrival order; those that still find no space and
-    /// whose timeout has not passed stay parked. Returns whether any was completed.
-    fn retry_parked(&self, q: &mut QueueState, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    /// whose timeout has not passed stay parked, unless `stopping` says why none may stay
+    /// (they fail). Returns whether any was completed.
+    fn retry_parked(
+        &self,
+        q: &mut QueueState,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        stopping: Option<&str>,
+    ) -> bool {
         let mut left = VecDeque::new();
         let mut completed = false;
         while let Some(p) = q.parked.pop_front() {
@@ -717,7 +711,7 @@ impl BlkBackend {
                                 &error,
                             ))
                         } else {
-                            None
+                            stopping.map(|why| fail(&self.disk, why, &error))
                         }
                     }
                 }
