@@ -25,7 +25,7 @@ use device_state::{DaemonFields, DeviceState, Migration};
 pub use error::Error;
 use pool_settings::PoolSettings;
 use results::{
-    DeviceInfo, DiskAdded, LowWater, Policy, PoolInfo, ServingInfo, SnapshotCreated,
+    DeviceInfo, DiskAdded, Done, LowWater, Policy, PoolInfo, ServingInfo, SnapshotCreated,
     SnapshotDeleted,
 };
 use serde_json::{json, Value};
@@ -1126,7 +1126,7 @@ impl Manager {
         Ok(json!({"guest-notified": notified}))
     }
 
-    pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Value> {
+    pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Done> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
         f.pool.change(|_, reg| {
@@ -1144,7 +1144,7 @@ impl Manager {
                 read_only,
             });
         }
-        Ok(json!({}))
+        Ok(Done {})
     }
 
     /// Snapshots a disk, running or not. Writes are held only while the snapshot is made in
@@ -1245,7 +1245,7 @@ impl Manager {
     }
 
     /// The disk's contents become the snapshot's; the snapshot and newer ones are kept.
-    pub fn snapshot_revert(&self, disk: &str, snapshot: &str) -> R<Value> {
+    pub fn snapshot_revert(&self, disk: &str, snapshot: &str) -> R<Done> {
         let _op = lock(&self.op);
         let d = self.find(disk)?;
         let s = self.find(snapshot)?;
@@ -1279,7 +1279,7 @@ impl Manager {
             disk: d.entry.name.clone().unwrap_or_else(|| disk.to_string()),
             snapshot: s.entry.name.clone().unwrap_or_else(|| snapshot.to_string()),
         });
-        Ok(json!({}))
+        Ok(Done {})
     }
 
     /// Changed blocks between two disks or snapshots of one pool, a page at a time: runs

@@ -112,10 +112,10 @@ pub fn execute(m: &Arc<Manager>, c: Command) -> Result<Value, QmpError> {
         )?)?,
         C::DiskRemove { name, force } => m.disk_remove(&name, force)?,
         C::DiskResize { name, size } => m.disk_resize(&name, size)?,
-        C::DiskSetReadOnly { name, read_only } => m.disk_set_read_only(&name, read_only)?,
+        C::DiskSetReadOnly { name, read_only } => reply(m.disk_set_read_only(&name, read_only)?)?,
         C::SnapshotCreate { disk, name } => reply(m.snapshot_create(&disk, &name)?)?,
         C::SnapshotDelete { name, force } => reply(m.snapshot_delete(&name, force)?)?,
-        C::SnapshotRevert { disk, snapshot } => m.snapshot_revert(&disk, &snapshot)?,
+        C::SnapshotRevert { disk, snapshot } => reply(m.snapshot_revert(&disk, &snapshot)?)?,
         C::PoolSetPolicy {
             pool,
             out_of_space,
