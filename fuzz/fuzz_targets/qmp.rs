@@ -1,12 +1,13 @@
 //! The management socket's input path without a daemon: bytes through the QMP framing
 //! (`Splitter`), each message taken apart (`Message::from_frame`) and its command's
-//! arguments parsed and checked (`Command::parse`): everything a client's bytes reach
+//! arguments read and checked (`commands::parse`): everything a client's bytes reach
 //! before a command runs. No input may panic, and the frames must not depend on how the
 //! bytes were cut into reads (a client may split a message anywhere).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhost_thin::mgmt::args::{Args, Command};
+use vhost_thin::mgmt::args::Args;
+use vhost_thin::mgmt::commands;
 use vhost_thin::mgmt::framing::Splitter;
 use vhost_thin::mgmt::message::Message;
 
@@ -27,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     );
     for frame in frames {
         if let Ok(m) = Message::from_frame(frame) {
-            let _ = Command::parse(&m.execute, Args::new(m.arguments));
+            let _ = commands::parse(&m.execute, Args::new(m.arguments));
         }
     }
 });

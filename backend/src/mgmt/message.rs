@@ -1,6 +1,6 @@
 //! One QMP message taken apart, with QEMU's checks of the request object itself: an object,
 //! `execute` a string, `arguments` an object, nothing else but `id`. What the command then
-//! makes of its arguments is [`super::args::Command::parse`].
+//! makes of its arguments is [`super::commands::parse`].
 
 use super::framing::Frame;
 use super::QmpError;

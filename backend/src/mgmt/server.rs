@@ -3,8 +3,8 @@
 //! bounded queue: a client that does not read blocks only itself, and loses events rather
 //! than holding anybody up.
 
-use super::args::{Args, Command};
-use super::commands::{execute, version};
+use super::args::Args;
+use super::commands::{self, version};
 use super::events::CLIENT_QUEUE;
 use super::framing::{Frame, Splitter};
 use super::message::Message;
@@ -292,7 +292,8 @@ fn run_command(
                 desc: "Capabilities negotiation is already complete, command ignored".into(),
             });
         }
-        Command::parse(name, Args::new(args))?;
+        // Only its arguments are checked: the negotiation itself is the connection's.
+        let _checked = commands::parse(name, Args::new(args))?;
         *negotiated = true;
         super::events::subscribe(&m.events, client, tx.clone());
         return Ok(json!({}));
@@ -304,7 +305,7 @@ fn run_command(
             desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
         });
     }
-    execute(m, Command::parse(name, Args::new(args))?)
+    commands::parse(name, Args::new(args))?(m)
 }
 
 #[cfg(test)]
