@@ -14,8 +14,9 @@
 //! query-snapshots shows `merge-interrupted-at` meanwhile.
 
 use super::error::Error;
+use super::results::JobStarted;
 use super::{lock, Manager, R};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -64,7 +65,7 @@ impl Manager {
         job_id: Option<String>,
         snapshot: &str,
         force: bool,
-    ) -> R<Value> {
+    ) -> R<JobStarted> {
         let _op = lock(&self.op);
         let f = self.find(snapshot)?;
         if !f.entry.snapshot {
@@ -185,6 +186,8 @@ impl Manager {
                 "affected": others,
             }))
         })?;
-        Ok(json!({"job-id": job.id}))
+        Ok(JobStarted {
+            job_id: job.id.clone(),
+        })
     }
 }

@@ -25,10 +25,9 @@ use device_state::{DaemonFields, DeviceState, Migration};
 pub use error::Error;
 use pool_settings::PoolSettings;
 use results::{
-    DeviceInfo, DiskAdded, Done, LowWater, Policy, PoolInfo, ServingInfo, SnapshotCreated,
-    SnapshotDeleted,
+    DeltaPage, DeviceInfo, DiskAdded, DiskResized, Done, LowWater, MetadataSnap, Policy, PoolGrown,
+    PoolInfo, ServingInfo, SnapshotCreated, SnapshotDeleted, TransactionId,
 };
-use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -37,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::catalog::{Catalog, Devices, RegistryRef, SnapshotKind};
-use thinpool::delta::DeltaMode;
+use thinpool::delta::{DeltaMode, DeltaRun};
 use thinpool::origin::ExternalOrigin;
 use thinpool::pool::{Pool, PoolMode};
 use thinpool::registry::{DeviceEntry, Registry};
@@ -1048,7 +1047,7 @@ impl Manager {
         })
     }
 
-    pub fn disk_remove(&self, name: &str, force: bool) -> R<Value> {
+    pub fn disk_remove(&self, name: &str, force: bool) -> R<Done> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
         self.check_unpinned(&f, name)?;
@@ -1066,22 +1065,21 @@ impl Manager {
         }
         let _ = self.unserve(name);
         self.drop_replicator(name);
-        let r = Self::delete_device(&f)?;
+        Self::delete_device(&f)?;
         self.events.emit(Event::DiskRemoved {
             disk: name.to_string(),
             pool: f.pool.name.clone(),
             thin_id: f.id,
         });
-        Ok(r)
+        Ok(Done {})
     }
 
     /// Deletes a thin device and its registry entry, durably; wakes held writes.
-    fn delete_device(f: &Found) -> R<Value> {
-        f.pool.delete_devices(&[f.id])?;
-        Ok(json!({}))
+    fn delete_device(f: &Found) -> R<()> {
+        f.pool.delete_devices(&[f.id]).map(drop)
     }
 
-    pub fn disk_resize(&self, name: &str, size: u64) -> R<Value> {
+    pub fn disk_resize(&self, name: &str, size: u64) -> R<DiskResized> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
         if size < f.entry.size {
@@ -1123,7 +1121,9 @@ impl Manager {
             size,
             guest_notified: notified,
         });
-        Ok(json!({"guest-notified": notified}))
+        Ok(DiskResized {
+            guest_notified: notified,
+        })
     }
 
     pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Done> {
@@ -1294,7 +1294,7 @@ impl Manager {
         start: u64,
         max: u64,
         changed_only: bool,
-    ) -> R<Value> {
+    ) -> R<DeltaPage> {
         let l = self.find(left)?;
         let r = self.find(right)?;
         if l.pool.name != r.pool.name {
@@ -1313,7 +1313,7 @@ impl Manager {
             .with_metadata(|md| thinpool::delta::runs(md, l.id, r.id, false, mode))?;
         let bs = l.pool.pool().block_bytes();
         let max = max.clamp(1, 100_000) as usize;
-        let mut page: Vec<Value> = Vec::new();
+        let mut page = Vec::new();
         let mut next = None;
         for run in runs.iter().filter(|x| x.begin + x.length > start) {
             if page.len() == max {
@@ -1321,11 +1321,17 @@ impl Manager {
                 break;
             }
             let begin = run.begin.max(start);
-            page.push(
-                json!({"kind": run.kind, "begin": begin, "length": run.begin + run.length - begin}),
-            );
+            page.push(DeltaRun {
+                kind: run.kind,
+                begin,
+                length: run.begin + run.length - begin,
+            });
         }
-        Ok(json!({"block-size": bs, "runs": page, "next": next}))
+        Ok(DeltaPage {
+            block_size: bs,
+            runs: page,
+            next,
+        })
     }
 
     pub fn pool_set_policy(
@@ -1335,7 +1341,7 @@ impl Manager {
         timeout: Option<u64>,
         low_water_data: Option<u64>,
         low_water_metadata: Option<u64>,
-    ) -> R<Value> {
+    ) -> R<Done> {
         let p = self.pool(pool)?;
         // Converted once checked, so that no cast below can cut a number short.
         let percent = |v: Option<u64>| -> R<Option<u8>> {
@@ -1389,34 +1395,41 @@ impl Manager {
                 ))
             })?;
         }
-        Ok(json!({}))
+        Ok(Done {})
     }
 
-    pub fn pool_reserve_metadata_snap(&self, pool: Option<&str>) -> R<Value> {
+    pub fn pool_reserve_metadata_snap(&self, pool: Option<&str>) -> R<MetadataSnap> {
         let p = self.pool(pool)?;
-        let h = p.pool().reserve_metadata_snap()?;
-        Ok(json!({"block": h}))
+        let block = p.pool().reserve_metadata_snap()?;
+        Ok(MetadataSnap { block })
     }
 
-    pub fn pool_release_metadata_snap(&self, pool: Option<&str>) -> R<Value> {
+    pub fn pool_release_metadata_snap(&self, pool: Option<&str>) -> R<Done> {
         self.pool(pool)?.pool().release_metadata_snap()?;
-        Ok(json!({}))
+        Ok(Done {})
     }
 
-    pub fn pool_commit(&self, pool: Option<&str>) -> R<Value> {
+    pub fn pool_commit(&self, pool: Option<&str>) -> R<Done> {
         self.pool(pool)?.pool().commit()?;
-        Ok(json!({}))
+        Ok(Done {})
     }
 
     /// dm-thin's `set_transaction_id OLD NEW` (see `Catalog::set_transaction_id`).
-    pub fn pool_set_transaction_id(&self, pool: Option<&str>, old: u64, new: u64) -> R<Value> {
+    pub fn pool_set_transaction_id(
+        &self,
+        pool: Option<&str>,
+        old: u64,
+        new: u64,
+    ) -> R<TransactionId> {
         let _op = lock(&self.op);
         let p = self.pool(pool)?;
         p.catalog.set_transaction_id(old, new)?;
-        Ok(json!({"transaction-id": new}))
+        Ok(TransactionId {
+            transaction_id: new,
+        })
     }
 
-    pub fn pool_grow(&self, pool: Option<&str>) -> R<Value> {
+    pub fn pool_grow(&self, pool: Option<&str>) -> R<PoolGrown> {
         let p = self.pool(pool)?;
         let blocks = p.pool().grow_data()?;
         let meta = p.pool().grow_metadata()?;
@@ -1433,7 +1446,10 @@ impl Manager {
             data_blocks: blocks,
             metadata_blocks: meta,
         });
-        Ok(json!({"data-blocks": blocks, "metadata-blocks": meta}))
+        Ok(PoolGrown {
+            data_blocks: blocks,
+            metadata_blocks: meta,
+        })
     }
 
     /// Watches each pool: low-water crossings, out of space, mode changes; wakes held
@@ -1576,6 +1592,7 @@ fn queue_options(num_queues: Option<usize>, queue_size: Option<usize>) -> R<(usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn a_poisoned_lock_is_taken_anyway() {

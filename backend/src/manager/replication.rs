@@ -18,6 +18,7 @@
 use super::device_state::{DaemonFields, ReplicationSpec, ReplicationTarget};
 use super::error::Error;
 use super::jobs::JobCtx;
+use super::results::{Done, ReplicaTarget, ReplicationInfo};
 use super::transfer::{copy_snapshot, send_to_command};
 use super::{lock, Manager, R};
 use crate::events::Event;
@@ -124,7 +125,7 @@ impl Manager {
         interval_secs: u64,
         keep: u32,
         target: ReplicationTarget,
-    ) -> R<Value> {
+    ) -> R<Done> {
         // Two at once would each start a thread and one would be forgotten, running
         // rounds beside the other for ever.
         let _rop = lock(&self.replication_op);
@@ -167,11 +168,11 @@ impl Manager {
             Ok(())
         })?;
         self.start_replicator(disk);
-        Ok(json!({}))
+        Ok(Done {})
     }
 
     /// `replication-stop`: ends the schedule; the snapshots made so far stay.
-    pub fn replication_stop(&self, disk: &str) -> R<Value> {
+    pub fn replication_stop(&self, disk: &str) -> R<Done> {
         let _rop = lock(&self.replication_op);
         let f = self.find(disk)?;
         if f.entry.replication().is_none() {
@@ -189,21 +190,21 @@ impl Manager {
             }
             Ok(())
         })?;
-        Ok(json!({}))
+        Ok(Done {})
     }
 
     /// `replication-run`: a round now, without waiting for the schedule.
-    pub fn replication_run(&self, disk: &str) -> R<Value> {
+    pub fn replication_run(&self, disk: &str) -> R<Done> {
         match lock(&self.replicators).get(disk) {
             Some(r) => {
                 r.wake();
-                Ok(json!({}))
+                Ok(Done {})
             }
             None => Err(Error::failed(format!("'{disk}' is not replicated"))),
         }
     }
 
-    pub fn query_replication(&self) -> R<Value> {
+    pub fn query_replication(&self) -> R<Vec<ReplicationInfo>> {
         let reps = lock(&self.replicators);
         let now = crate::pools::now_secs();
         let mut out = Vec::new();
@@ -213,27 +214,32 @@ impl Manager {
                 continue;
             };
             let st = lock(&r.status).clone();
-            out.push(json!({
-                "disk": disk,
-                "interval": spec.interval_secs,
-                "keep": spec.keep,
-                "target": match &spec.target {
-                    ReplicationTarget::Pool { pool, prefix } => json!({"pool": pool, "prefix": prefix}),
-                    ReplicationTarget::Command { argv } => json!({"command": argv}),
+            out.push(ReplicationInfo {
+                disk: disk.clone(),
+                interval: spec.interval_secs,
+                keep: spec.keep,
+                target: match spec.target {
+                    ReplicationTarget::Pool { pool, prefix } => {
+                        ReplicaTarget::Pool { pool, prefix }
+                    }
+                    ReplicationTarget::Command { argv } => ReplicaTarget::Command { command: argv },
                 },
-                "last-snapshot": st.last_snapshot.or(spec.last),
-                "lag-seconds": st.last_snapshot_time.map(|t| now.saturating_sub(t)),
-                "last-bytes": st.last_bytes,
-                "total-bytes": st.total_bytes,
-                "rounds": st.rounds,
-                "failures": st.failures,
-                "failures-in-a-row": st.failures_in_a_row,
-                "last-error": st.last_error,
-                "running": st.running,
-                "next-round-in-ms": st.next_round.map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u64),
-            }));
+                last_snapshot: st.last_snapshot.or(spec.last),
+                lag_seconds: st.last_snapshot_time.map(|t| now.saturating_sub(t)),
+                last_bytes: st.last_bytes,
+                total_bytes: st.total_bytes,
+                rounds: st.rounds,
+                failures: st.failures,
+                failures_in_a_row: st.failures_in_a_row,
+                last_error: st.last_error,
+                running: st.running,
+                next_round_in_ms: st.next_round.map(|t| {
+                    u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
+                        .unwrap_or(u64::MAX)
+                }),
+            });
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
     /// Starts the replication threads of every disk whose entry has a schedule (at start).

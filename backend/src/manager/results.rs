@@ -124,6 +124,86 @@ pub struct SnapshotDeleted {
     pub dependents: Vec<String>,
 }
 
+/// `disk-resize`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskResized {
+    /// Whether a connected guest was told at once (vhost-user config change).
+    pub guest_notified: bool,
+}
+
+/// One page of `query-delta`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeltaPage {
+    pub block_size: u64,
+    /// In pool blocks, as `thin_delta` gives them.
+    pub runs: Vec<thinpool::delta::DeltaRun>,
+    /// Where the next page starts; None after the last.
+    pub next: Option<u64>,
+}
+
+/// `pool-reserve-metadata-snap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MetadataSnap {
+    /// The metadata snapshot's block, for `thin_dump -m`.
+    pub block: u64,
+}
+
+/// `pool-set-transaction-id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TransactionId {
+    pub transaction_id: u64,
+}
+
+/// `pool-grow`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PoolGrown {
+    pub data_blocks: u64,
+    pub metadata_blocks: u64,
+}
+
+/// A command that started a job (`snapshot-send`, `snapshot-receive`, `disk-migrate`,
+/// `origin-merge`): its result comes with the job's conclusion.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobStarted {
+    pub job_id: String,
+}
+
+/// One replicated disk, as `query-replication` describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicationInfo {
+    pub disk: String,
+    /// Seconds between rounds.
+    pub interval: u64,
+    /// Replicated snapshots kept.
+    pub keep: u32,
+    pub target: ReplicaTarget,
+    pub last_snapshot: Option<String>,
+    /// Age of the last replicated snapshot, in seconds.
+    pub lag_seconds: Option<u64>,
+    pub last_bytes: u64,
+    pub total_bytes: u64,
+    pub rounds: u64,
+    pub failures: u64,
+    pub failures_in_a_row: u32,
+    pub last_error: Option<String>,
+    pub running: bool,
+    pub next_round_in_ms: Option<u64>,
+}
+
+/// Where a disk's replicas go: `{"pool": …, "prefix": …}` or `{"command": [argv]}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ReplicaTarget {
+    Pool { pool: String, prefix: String },
+    Command { command: Vec<String> },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +228,34 @@ mod tests {
             })
             .unwrap(),
             json!({"name": "vm1@a", "thin-id": 3, "pause-us": 40})
+        );
+        assert_eq!(
+            serde_json::to_value(JobStarted {
+                job_id: "j1".into()
+            })
+            .unwrap(),
+            json!({"job-id": "j1"})
+        );
+        assert_eq!(
+            serde_json::to_value(PoolGrown {
+                data_blocks: 2,
+                metadata_blocks: 3
+            })
+            .unwrap(),
+            json!({"data-blocks": 2, "metadata-blocks": 3})
+        );
+        assert_eq!(
+            serde_json::to_value(DeltaPage {
+                block_size: 65536,
+                runs: vec![thinpool::delta::DeltaRun {
+                    kind: thinpool::delta::DeltaKind::LeftOnly,
+                    begin: 1,
+                    length: 2
+                }],
+                next: None
+            })
+            .unwrap(),
+            json!({"block-size": 65536, "runs": [{"kind": "left_only", "begin": 1, "length": 2}], "next": null})
         );
     }
 }

@@ -6,6 +6,7 @@
 use super::device_state::{DeviceState, Migration};
 use super::error::Error;
 use super::jobs::{Cancellable, JobCtx};
+use super::results::JobStarted;
 use super::{lock, Manager, PoolHandle, R};
 use serde_json::{json, Value};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -458,7 +459,7 @@ impl Manager {
         base: Option<&str>,
         resume: Option<&str>,
         dest: Destination,
-    ) -> R<Value> {
+    ) -> R<JobStarted> {
         let s = self.find(snapshot)?;
         if !s.entry.snapshot {
             return Err(Error::failed(format!(
@@ -607,7 +608,9 @@ impl Manager {
                 }
             }
         })?;
-        Ok(json!({"job-id": job.id}))
+        Ok(JobStarted {
+            job_id: job.id.clone(),
+        })
     }
 
     /// `snapshot-receive`: starts a job receiving the stream in `file` into a pool. The
@@ -620,7 +623,7 @@ impl Manager {
         file: PathBuf,
         name: Option<String>,
         resumable: bool,
-    ) -> R<Value> {
+    ) -> R<JobStarted> {
         let dst = self.pool(pool)?;
         let file = self.confinement.existing("stream file", &file)?;
         let meta = std::fs::metadata(&file)
@@ -682,7 +685,9 @@ impl Manager {
                     "resumed-from": got.resumed_from,
                 }))
             })?;
-        Ok(json!({"job-id": job.id}))
+        Ok(JobStarted {
+            job_id: job.id.clone(),
+        })
     }
 }
 
