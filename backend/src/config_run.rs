@@ -15,7 +15,7 @@ use std::time::Duration;
 use thinpool::pool::{Pool, PoolOptions};
 use thinpool::registry::Registry;
 use thinpool::storage::{FileStorage, Storage};
-use vmm_config::{Config, DiscardMode, OutOfSpacePolicy};
+use vmm_config::{Config, DiscardMode, DiskConfig, OutOfSpacePolicy, PoolConfig};
 
 /// The management socket and who may connect to it, when configured.
 pub type QmpSocket = Option<(PathBuf, crate::socket::Access)>;
@@ -68,55 +68,81 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
     }
     let mut handles = Vec::new();
     for p in &cfg.pools {
-        if !p.metadata.exists() || !p.data.exists() {
-            create_pool(p)?;
-        }
-        let paths = PoolPaths {
-            metadata: p.metadata.clone(),
-            data: p.data.clone(),
-            registry: None,
-            cache_blocks: p
-                .metadata_cache
-                .map(|s| (s.0 / 4096) as usize)
-                .unwrap_or(cache_blocks),
-        };
-        let tuning = Tuning {
-            zeroing: p.zeroing,
-            discard_passdown: p.discard_passdown,
-        };
-        let pool =
-            open_pool_to_serve(&paths, tuning).with_context(|| format!("pool {}", p.name))?;
-        if p.read_only {
-            pool.set_read_only(true)
-                .with_context(|| format!("pool {}: read-only", p.name))?;
-        }
-        let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
-            Registry::new(
-                Registry::default_path(&p.metadata),
-                pool.status().transaction_id,
-            )
-        });
-        let mut h = PoolHandle::new(&p.name, catalog(&paths, pool, Some(reg)));
-        h.discard = p.discard == DiscardMode::Unmap;
-        h.space.set_mode(match p.out_of_space.policy {
-            OutOfSpacePolicy::Error => crate::blk::disk::OutOfSpace::Error,
-            OutOfSpacePolicy::Queue => crate::blk::disk::OutOfSpace::Queue {
-                timeout: (p.out_of_space.timeout > 0)
-                    .then(|| Duration::from_secs(p.out_of_space.timeout)),
-            },
-        });
-        *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
-        h.settings_path = crate::manager::pool_settings::path_for(&p.metadata);
-        crate::manager::device_state::check_registry(&h.registry())
-            .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?;
-        if let Some(line) = h
-            .restore_settings()
-            .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?
-        {
-            println!("{line}");
-        }
-        handles.push(Arc::new(h));
+        handles.push(Arc::new(open_configured_pool(p, cache_blocks)?));
     }
+    let manager = configured_manager(cfg, handles)?;
+    let qmp = match &cfg.management {
+        Some(m) => {
+            let access = socket_access(&m.mode, m.group.as_deref()).context("management")?;
+            // Kept before any disk is served: no disk may take the management socket.
+            let path = manager.reserve_management_socket(&m.socket)?;
+            Some((path, access))
+        }
+        None => None,
+    };
+    manager.recover_at_start()?;
+    for d in &cfg.disks {
+        serve_configured_disk(&manager, d)?;
+    }
+    serve_run_time_disks(&manager, cfg);
+    Ok((manager, qmp))
+}
+
+/// Opens pool `p` (created first when its files are missing) with its registry and the
+/// configuration's settings, and any settings kept at run time.
+fn open_configured_pool(p: &PoolConfig, cache_blocks: usize) -> Result<PoolHandle> {
+    if !p.metadata.exists() || !p.data.exists() {
+        create_pool(p)?;
+    }
+    let paths = PoolPaths {
+        metadata: p.metadata.clone(),
+        data: p.data.clone(),
+        registry: None,
+        cache_blocks: p
+            .metadata_cache
+            .map(|s| (s.0 / 4096) as usize)
+            .unwrap_or(cache_blocks),
+    };
+    let tuning = Tuning {
+        zeroing: p.zeroing,
+        discard_passdown: p.discard_passdown,
+    };
+    let pool = open_pool_to_serve(&paths, tuning).with_context(|| format!("pool {}", p.name))?;
+    if p.read_only {
+        pool.set_read_only(true)
+            .with_context(|| format!("pool {}: read-only", p.name))?;
+    }
+    let reg = load_registry(&paths, &pool)?.unwrap_or_else(|| {
+        Registry::new(
+            Registry::default_path(&p.metadata),
+            pool.status().transaction_id,
+        )
+    });
+    let mut h = PoolHandle::new(&p.name, catalog(&paths, pool, Some(reg)));
+    h.discard = p.discard == DiscardMode::Unmap;
+    h.space.set_mode(match p.out_of_space.policy {
+        OutOfSpacePolicy::Error => crate::blk::disk::OutOfSpace::Error,
+        OutOfSpacePolicy::Queue => crate::blk::disk::OutOfSpace::Queue {
+            timeout: (p.out_of_space.timeout > 0)
+                .then(|| Duration::from_secs(p.out_of_space.timeout)),
+        },
+    });
+    *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
+    h.settings_path = crate::manager::pool_settings::path_for(&p.metadata);
+    crate::manager::device_state::check_registry(&h.registry())
+        .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?;
+    if let Some(line) = h
+        .restore_settings()
+        .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?
+    {
+        println!("{line}");
+    }
+    Ok(h)
+}
+
+/// The manager of `handles`, with the configuration's socket directory, access and file
+/// confinement.
+fn configured_manager(cfg: &Config, handles: Vec<Arc<PoolHandle>>) -> Result<Arc<Manager>> {
     // Sockets of disks added at run time go beside the configured ones, or beside the
     // management socket when no disk is configured.
     let socket_dir = cfg
@@ -144,89 +170,90 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
         confinement,
         cfg.management.as_ref().is_some_and(|m| m.allow_commands),
     );
-    let manager = Manager::with_limits(handles, socket_dir, disk_access, confinement);
-    let qmp = match &cfg.management {
-        Some(m) => {
-            let access = socket_access(&m.mode, m.group.as_deref()).context("management")?;
-            // Kept before any disk is served: no disk may take the management socket.
-            let path = manager.reserve_management_socket(&m.socket)?;
-            Some((path, access))
+    Ok(Manager::with_limits(
+        handles,
+        socket_dir,
+        disk_access,
+        confinement,
+    ))
+}
+
+/// Serves configured disk `d`: created first when the registry has no such disk, grown
+/// when the configuration says it is larger.
+fn serve_configured_disk(manager: &Arc<Manager>, d: &DiskConfig) -> Result<()> {
+    if let Some(dir) = d.socket.parent().filter(|x| !x.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // A registry lookup, not query-disks: that one walks every mapping for its usage figures.
+    // Missing disks are created first; every disk is then served the same way, with
+    // its queue settings.
+    match manager.entry(&d.name) {
+        None => {
+            let external_origin = match &d.external_origin {
+                None => None,
+                Some(p) => Some(p.to_str().with_context(|| {
+                    format!(
+                        "disk {}: external-origin {} is not a UTF-8 path",
+                        d.name,
+                        p.display()
+                    )
+                })?),
+            };
+            manager
+                .disk_create(&crate::manager::NewDisk {
+                    name: &d.name,
+                    pool: d.pool.as_deref(),
+                    size: Some(d.size.0),
+                    clone_from: d.clone_from.as_deref(),
+                    external_origin,
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                })
+                .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e))?;
+            println!(
+                "disk {}: created ({} bytes{})",
+                d.name,
+                d.size.0,
+                d.clone_from
+                    .as_ref()
+                    .map(|c| format!(", clone of {c}"))
+                    .unwrap_or_default()
+            );
         }
-        None => None,
-    };
-    manager.recover_at_start()?;
-    for d in &cfg.disks {
-        if let Some(dir) = d.socket.parent().filter(|x| !x.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        // A registry lookup, not query-disks: that one walks every mapping for its usage figures.
-        // Missing disks are created first; every disk is then served the same way, with
-        // its queue settings.
-        match manager.entry(&d.name) {
-            None => {
-                let external_origin = match &d.external_origin {
-                    None => None,
-                    Some(p) => Some(p.to_str().with_context(|| {
-                        format!(
-                            "disk {}: external-origin {} is not a UTF-8 path",
-                            d.name,
-                            p.display()
-                        )
-                    })?),
-                };
+        Some(e) => {
+            let reg_size = e.size;
+            if d.size.0 > reg_size {
                 manager
-                    .disk_create(&crate::manager::NewDisk {
-                        name: &d.name,
-                        pool: d.pool.as_deref(),
-                        size: Some(d.size.0),
-                        clone_from: d.clone_from.as_deref(),
-                        external_origin,
-                        read_only: d.read_only,
-                        serial: d.serial.clone(),
-                    })
-                    .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e))?;
+                    .disk_resize(&d.name, d.size.0)
+                    .map_err(|e| anyhow::anyhow!(e.to_string()))?;
                 println!(
-                    "disk {}: created ({} bytes{})",
-                    d.name,
-                    d.size.0,
-                    d.clone_from
-                        .as_ref()
-                        .map(|c| format!(", clone of {c}"))
-                        .unwrap_or_default()
+                    "disk {}: grown from {reg_size} to {} bytes as the configuration says",
+                    d.name, d.size.0
+                );
+            } else if d.size.0 < reg_size {
+                println!(
+                    "disk {}: the configuration says {} bytes, the registry {reg_size} (grown at run time); serving {reg_size}",
+                    d.name, d.size.0
                 );
             }
-            Some(e) => {
-                let reg_size = e.size;
-                if d.size.0 > reg_size {
-                    manager
-                        .disk_resize(&d.name, d.size.0)
-                        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
-                    println!(
-                        "disk {}: grown from {reg_size} to {} bytes as the configuration says",
-                        d.name, d.size.0
-                    );
-                } else if d.size.0 < reg_size {
-                    println!(
-                        "disk {}: the configuration says {} bytes, the registry {reg_size} (grown at run time); serving {reg_size}",
-                        d.name, d.size.0
-                    );
-                }
-                if e.read_only != d.read_only {
-                    println!("disk {}: read-only is {} in the registry (set at run time), {} in the configuration; the registry wins", d.name, e.read_only, d.read_only);
-                }
+            if e.read_only != d.read_only {
+                println!("disk {}: read-only is {} in the registry (set at run time), {} in the configuration; the registry wins", d.name, e.read_only, d.read_only);
             }
         }
-        manager
-            .serve(
-                &d.name,
-                Some(d.socket.clone()),
-                Some(d.num_queues as usize),
-                Some(d.queue_size as usize),
-            )
-            .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e))?;
     }
-    // Disks added at run time live in the registry only: keep serving them.
+    manager
+        .serve(
+            &d.name,
+            Some(d.socket.clone()),
+            Some(d.num_queues as usize),
+            Some(d.queue_size as usize),
+        )
+        .map_err(|e| anyhow::anyhow!("disk {}: {}", d.name, e))?;
+    Ok(())
+}
+
+/// Disks added at run time live in the registry only: keep serving them.
+fn serve_run_time_disks(manager: &Arc<Manager>, cfg: &Config) {
     let configured: Vec<&str> = cfg.disks.iter().map(|d| d.name.as_str()).collect();
     let served: Vec<String> = manager
         .served()
@@ -246,7 +273,6 @@ pub fn start(cfg: &Config, cache_blocks: usize) -> Result<(Arc<Manager>, QmpSock
             Err(e) => println!("disk {name}: in the registry but not served: {}", e),
         }
     }
-    Ok((manager, qmp))
 }
 
 /// The directory a file given by the configuration lies in ("." for a bare name).

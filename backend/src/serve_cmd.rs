@@ -109,43 +109,12 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| thinpool::registry::Registry::default_path(&paths.metadata));
     let mut reg = load_registry(&paths, &pool)?
         .unwrap_or_else(|| Registry::new(&reg_path, pool.status().transaction_id));
-    let salt = crate::pools::serial_salt(&paths.metadata);
     // Resolve the --disk specs to registry entries (in memory: a bare pool made by the
     // kernel gets entries named thinN; nothing is written until something changes).
+    let salt = crate::pools::serial_salt(&paths.metadata);
     let mut to_serve = Vec::new();
     for spec in &a.disks {
-        let id = match (spec.id, &spec.name) {
-            (Some(id), _) => id,
-            (None, Some(name)) => reg.find(name).with_context(|| {
-                format!(
-                    "no disk named {name:?} in the registry {}",
-                    reg.path().display()
-                )
-            })?,
-            (None, None) => unreachable!("checked by the parser"),
-        };
-        pool.device(id)
-            .with_context(|| format!("cannot serve thin device {id}"))?;
-        let mut e = reg.devices.get(&id).cloned().unwrap_or_default();
-        if e.name.is_none() {
-            e.name = Some(spec.name.clone().unwrap_or_else(|| format!("thin{id}")));
-        }
-        if let Some(s) = spec.size {
-            e.size = s;
-        }
-        if e.size == 0 || e.size % 512 != 0 {
-            bail!("thin device {id}: the size is not known or not a multiple of 512: give size= in --disk");
-        }
-        if let Some(s) = &spec.serial {
-            e.serial = s.clone();
-        }
-        if e.serial.is_empty() {
-            e.serial = make_serial(id, 0, salt);
-        }
-        e.read_only |= spec.read_only;
-        e.snapshot = false;
-        let name = e.name.clone().unwrap_or_default();
-        reg.insert(id, e).map_err(|err| anyhow::anyhow!("{err}"))?;
+        let name = resolve_disk(spec, &pool, &mut reg, salt)?;
         to_serve.push((name, spec.clone()));
     }
     let mut handle = PoolHandle::new("pool", crate::pools::catalog(&paths, pool, Some(reg)));
@@ -155,7 +124,78 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     if let Some(line) = handle.restore_settings().map_err(|e| anyhow::anyhow!(e))? {
         println!("{line}");
     }
-    let handle = Arc::new(handle);
+    let manager = manager_for(&a, &paths, Arc::new(handle));
+    // Kept before any disk is served: no disk may take the management socket.
+    let qmp = match &a.qmp {
+        Some(p) => Some((
+            manager.reserve_management_socket(p)?,
+            crate::socket::Access::default(),
+        )),
+        None => None,
+    };
+    manager.recover_at_start()?;
+    for (name, spec) in &to_serve {
+        serve_listed_disk(&manager, name, spec)?;
+    }
+    // The registry's other disks (added at run time, or named by an earlier --disk) are
+    // served too, on SOCKET_DIR/NAME.sock, as a configured daemon serves them: a restart
+    // does not leave a VM's disk behind.
+    if !a.only_listed {
+        let listed: Vec<&str> = to_serve.iter().map(|(n, _)| n.as_str()).collect();
+        serve_the_others(&manager, &listed);
+    }
+    if let Some((p, _)) = &qmp {
+        println!("management socket: {}", p.display());
+    }
+    daemon::run(manager, interval, qmp)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The registry entry `--disk` `spec` names (by id or by name), made or completed in
+/// memory: a name, a size, a serial. Returns the disk's name.
+fn resolve_disk(
+    spec: &DiskSpec,
+    pool: &thinpool::pool::Pool,
+    reg: &mut Registry,
+    salt: u64,
+) -> Result<String> {
+    let id = match (spec.id, &spec.name) {
+        (Some(id), _) => id,
+        (None, Some(name)) => reg.find(name).with_context(|| {
+            format!(
+                "no disk named {name:?} in the registry {}",
+                reg.path().display()
+            )
+        })?,
+        (None, None) => bail!("--disk needs id= or name="),
+    };
+    pool.device(id)
+        .with_context(|| format!("cannot serve thin device {id}"))?;
+    let mut e = reg.devices.get(&id).cloned().unwrap_or_default();
+    if e.name.is_none() {
+        e.name = Some(spec.name.clone().unwrap_or_else(|| format!("thin{id}")));
+    }
+    if let Some(s) = spec.size {
+        e.size = s;
+    }
+    if e.size == 0 || e.size % 512 != 0 {
+        bail!("thin device {id}: the size is not known or not a multiple of 512: give size= in --disk");
+    }
+    if let Some(s) = &spec.serial {
+        e.serial = s.clone();
+    }
+    if e.serial.is_empty() {
+        e.serial = make_serial(id, 0, salt);
+    }
+    e.read_only |= spec.read_only;
+    e.snapshot = false;
+    let name = e.name.clone().unwrap_or_default();
+    reg.insert(id, e).map_err(|err| anyhow::anyhow!("{err}"))?;
+    Ok(name)
+}
+
+/// The manager of the one pool, with its socket directory and file confinement.
+fn manager_for(a: &ServeArgs, paths: &PoolPaths, handle: Arc<PoolHandle>) -> Arc<Manager> {
     let socket_dir = a
         .socket_dir
         .clone()
@@ -170,64 +210,53 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     } else {
         a.file_dirs.clone()
     };
-    let manager = Manager::with_limits(
+    Manager::with_limits(
         vec![handle],
         socket_dir,
         crate::socket::Access::default(),
         crate::manager::confine::Confinement::new(file_dirs, a.allow_commands),
-    );
-    // Kept before any disk is served: no disk may take the management socket.
-    let qmp = match &a.qmp {
-        Some(p) => Some((
-            manager.reserve_management_socket(p)?,
-            crate::socket::Access::default(),
-        )),
-        None => None,
+    )
+}
+
+/// Serves a disk named by `--disk` on its socket, and says how QEMU connects to it.
+fn serve_listed_disk(manager: &Arc<Manager>, name: &str, spec: &DiskSpec) -> Result<()> {
+    let socket = manager
+        .serve(
+            name,
+            Some(spec.socket.clone()),
+            spec.num_queues,
+            spec.queue_size,
+        )
+        .map_err(|e| anyhow::anyhow!("{}", e))?;
+    let Some(d) = manager
+        .served()
+        .into_iter()
+        .find(|(d, _)| d.name == name)
+        .map(|(d, _)| d)
+    else {
+        bail!("disk {name}: not served after all (removed meanwhile?)");
     };
-    manager.recover_at_start()?;
-    for (name, spec) in &to_serve {
-        let socket = manager
-            .serve(
-                name,
-                Some(spec.socket.clone()),
-                spec.num_queues,
-                spec.queue_size,
-            )
-            .map_err(|e| anyhow::anyhow!("{}", e))?;
-        let d = manager
-            .served()
-            .into_iter()
-            .find(|(d, _)| &d.name == name)
-            .map(|(d, _)| d)
-            .unwrap();
-        println!(
-            "serving {name} (thin device {}, {} bytes{}) on {}\n  qemu: -chardev socket,id={name},path={},reconnect=1 -device vhost-user-blk-pci,chardev={name},num-queues={}\n  (guest memory must be shared: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem)",
-            d.thin_id(),
-            d.size(),
-            if d.read_only() { ", read-only" } else { "" },
-            socket.display(),
-            socket.display(),
-            d.num_queues
-        );
-    }
-    // The registry's other disks (added at run time, or named by an earlier --disk) are
-    // served too, on SOCKET_DIR/NAME.sock, as a configured daemon serves them: a restart
-    // does not leave a VM's disk behind.
-    if !a.only_listed {
-        let listed: Vec<&str> = to_serve.iter().map(|(n, _)| n.as_str()).collect();
-        for name in manager.disk_names() {
-            if listed.contains(&name.as_str()) {
-                continue;
-            }
-            match manager.serve(&name, None, None, None) {
-                Ok(sock) => println!("serving {name} (in the registry) on {}", sock.display()),
-                Err(e) => println!("disk {name}: in the registry but not served: {e}"),
-            }
+    println!(
+        "serving {name} (thin device {}, {} bytes{}) on {}\n  qemu: -chardev socket,id={name},path={},reconnect=1 -device vhost-user-blk-pci,chardev={name},num-queues={}\n  (guest memory must be shared: -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem)",
+        d.thin_id(),
+        d.size(),
+        if d.read_only() { ", read-only" } else { "" },
+        socket.display(),
+        socket.display(),
+        d.num_queues
+    );
+    Ok(())
+}
+
+/// Serves the registry's disks not in `listed` on SOCKET_DIR/NAME.sock.
+fn serve_the_others(manager: &Arc<Manager>, listed: &[&str]) {
+    for name in manager.disk_names() {
+        if listed.contains(&name.as_str()) {
+            continue;
+        }
+        match manager.serve(&name, None, None, None) {
+            Ok(sock) => println!("serving {name} (in the registry) on {}", sock.display()),
+            Err(e) => println!("disk {name}: in the registry but not served: {e}"),
         }
     }
-    if let Some((p, _)) = &qmp {
-        println!("management socket: {}", p.display());
-    }
-    daemon::run(manager, interval, qmp)?;
-    Ok(ExitCode::SUCCESS)
 }

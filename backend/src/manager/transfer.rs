@@ -449,6 +449,81 @@ fn sent_json(s: &SendStats) -> Value {
     })
 }
 
+/// Where a resumed send starts: the offset of an interrupted resumable receive's token,
+/// which must be for this snapshot; 0 for a whole stream.
+fn resume_offset(s: &super::Found, snapshot: &str, resume: Option<&str>, to: &To) -> R<u64> {
+    match resume {
+        None => Ok(0),
+        Some(t) => {
+            let token: stream::ResumeToken = t.parse().map_err(stream_err)?;
+            let guid = s
+                .pool
+                .registry()
+                .devices
+                .get(&s.id)
+                .and_then(|e| e.guid.clone())
+                .unwrap_or_default();
+            if token.guid != guid {
+                return Err(Error::failed(format!(
+                    "the token resumes snapshot {}, not {snapshot} ({guid})",
+                    token.guid
+                )));
+            }
+            if matches!(to, To::Pool(..)) {
+                return Err(Error::failed(
+                    "a copy into a pool of this daemon is not resumable: send it again",
+                ));
+            }
+            Ok(token.offset)
+        }
+    }
+}
+
+/// The send job's work: the stream to a pool of this daemon, a new file or a command.
+fn run_send(src: &PoolHandle, snap: u32, opts: &SendOptions, to: To, ctx: &JobCtx) -> R<Value> {
+    match to {
+        To::Pool(dst, name) => {
+            let c = copy_snapshot(src, snap, opts.base, &dst, name, ctx, None)?;
+            dst.space.space_changed();
+            Ok(json!({
+                "pool": dst.name,
+                "name": c.received.name,
+                "thin-id": c.received.id,
+                "sent": sent_json(&c.sent),
+            }))
+        }
+        To::File(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // A stream holds a VM's data: the daemon's user's alone; never through a
+            // symlink planted at the path.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| Error::failed(format!("cannot create {}: {e}", path.display())))?;
+            let r = send_to(src, snap, opts, &file, ctx).and_then(|st| {
+                file.sync_all()
+                    .map_err(|e| Error::failed(format!("syncing {}: {e}", path.display())))?;
+                Ok(st)
+            });
+            match r {
+                Ok(st) => Ok(json!({"file": path, "sent": sent_json(&st)})),
+                Err(e) => {
+                    // Never leave a truncated stream behind.
+                    let _ = std::fs::remove_file(&path);
+                    Err(e)
+                }
+            }
+        }
+        To::Command(argv) => {
+            let (st, out) = send_to_command(src, snap, opts, &argv, ctx)?;
+            Ok(json!({"sent": sent_json(&st), "output": out}))
+        }
+    }
+}
+
 impl Manager {
     /// `snapshot-send`: starts a job writing snapshot `snapshot` (incremental on `base`) to
     /// `dest`. Everything that can be checked is checked before the job starts.
@@ -466,8 +541,39 @@ impl Manager {
                 "'{snapshot}' is a disk: only snapshots are sent (they do not change while the stream is written); take one with snapshot-create"
             )));
         }
-        let base_id = match base {
-            None => None,
+        let base_id = self.send_base(&s, base)?;
+        let description = format!(
+            "send {snapshot}{} to {}",
+            base.map(|b| format!(" (since {b})")).unwrap_or_default(),
+            match &dest {
+                Destination::File(p) => p.display().to_string(),
+                Destination::Command(a) => a.join(" "),
+                Destination::Pool { pool, name } => format!("pool {pool} as {name}"),
+            }
+        );
+        let to = self.send_destination(&s, dest)?;
+        let ids: Vec<u32> = std::iter::once(s.id).chain(base_id).collect();
+        s.pool.ensure_guids(&ids)?;
+        let opts = SendOptions {
+            base: base_id,
+            resume_offset: resume_offset(&s, snapshot, resume, &to)?,
+        };
+        let pins = self.pin(&s.pool, &ids, "send")?;
+        let src = s.pool.clone();
+        let snap = s.id;
+        let job = self.jobs.start(job_id, "send", description, move |ctx| {
+            let _pins = pins;
+            run_send(&src, snap, &opts, to, ctx)
+        })?;
+        Ok(JobStarted {
+            job_id: job.id.clone(),
+        })
+    }
+
+    /// The base of an incremental send: a snapshot in the same pool.
+    fn send_base(&self, s: &super::Found, base: Option<&str>) -> R<Option<u32>> {
+        match base {
+            None => Ok(None),
             Some(b) => {
                 let f = self.find(b)?;
                 if f.pool.name != s.pool.name {
@@ -479,20 +585,14 @@ impl Manager {
                 if !f.entry.snapshot {
                     return Err(Error::failed(format!("the base '{b}' is not a snapshot")));
                 }
-                Some(f.id)
+                Ok(Some(f.id))
             }
-        };
-        let description = format!(
-            "send {snapshot}{} to {}",
-            base.map(|b| format!(" (since {b})")).unwrap_or_default(),
-            match &dest {
-                Destination::File(p) => p.display().to_string(),
-                Destination::Command(a) => a.join(" "),
-                Destination::Pool { pool, name } => format!("pool {pool} as {name}"),
-            }
-        );
-        // The destination, checked; a pool destination resolved to its pool.
-        let to = match dest {
+        }
+    }
+
+    /// Where a send goes, checked; a pool destination resolved to its pool.
+    fn send_destination(&self, s: &super::Found, dest: Destination) -> R<To> {
+        match dest {
             Destination::File(p) => {
                 if p.as_os_str().is_empty() {
                     return Err(Error::failed("'file' is empty"));
@@ -504,7 +604,7 @@ impl Manager {
                         p.display()
                     )));
                 }
-                To::File(p)
+                Ok(To::File(p))
             }
             Destination::Command(argv) => {
                 self.confinement.command("snapshot-send with 'command'")?;
@@ -513,7 +613,7 @@ impl Manager {
                         "'command' must name a program: [\"ssh\", \"host\", \"vhost-thin\", \"receive\", …]",
                     ));
                 }
-                To::Command(argv)
+                Ok(To::Command(argv))
             }
             Destination::Pool { pool, name } => {
                 let d = self.pool(Some(&pool))?;
@@ -523,94 +623,9 @@ impl Manager {
                     ));
                 }
                 self.name_free(&name)?;
-                To::Pool(d, name)
+                Ok(To::Pool(d, name))
             }
-        };
-        let ids: Vec<u32> = std::iter::once(s.id).chain(base_id).collect();
-        s.pool.ensure_guids(&ids)?;
-        // The rest of an interrupted resumable receive: only what lies past its offset.
-        let resume_offset = match resume {
-            None => 0,
-            Some(t) => {
-                let token: stream::ResumeToken = t.parse().map_err(stream_err)?;
-                let guid = s
-                    .pool
-                    .registry()
-                    .devices
-                    .get(&s.id)
-                    .and_then(|e| e.guid.clone())
-                    .unwrap_or_default();
-                if token.guid != guid {
-                    return Err(Error::failed(format!(
-                        "the token resumes snapshot {}, not {snapshot} ({guid})",
-                        token.guid
-                    )));
-                }
-                if matches!(to, To::Pool(..)) {
-                    return Err(Error::failed(
-                        "a copy into a pool of this daemon is not resumable: send it again",
-                    ));
-                }
-                token.offset
-            }
-        };
-        let opts = SendOptions {
-            base: base_id,
-            resume_offset,
-        };
-        let pins = self.pin(&s.pool, &ids, "send")?;
-        let src = s.pool.clone();
-        let snap = s.id;
-        let job = self.jobs.start(job_id, "send", description, move |ctx| {
-            let _pins = pins;
-            match to {
-                To::Pool(dst, name) => {
-                    let c = copy_snapshot(&src, snap, base_id, &dst, name, ctx, None)?;
-                    dst.space.space_changed();
-                    Ok(json!({
-                        "pool": dst.name,
-                        "name": c.received.name,
-                        "thin-id": c.received.id,
-                        "sent": sent_json(&c.sent),
-                    }))
-                }
-                To::File(path) => {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    // A stream holds a VM's data: the daemon's user's alone; never through a
-                    // symlink planted at the path.
-                    let file = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&path)
-                        .map_err(|e| {
-                            Error::failed(format!("cannot create {}: {e}", path.display()))
-                        })?;
-                    let r = send_to(&src, snap, &opts, &file, ctx).and_then(|st| {
-                        file.sync_all().map_err(|e| {
-                            Error::failed(format!("syncing {}: {e}", path.display()))
-                        })?;
-                        Ok(st)
-                    });
-                    match r {
-                        Ok(st) => Ok(json!({"file": path, "sent": sent_json(&st)})),
-                        Err(e) => {
-                            // Never leave a truncated stream behind.
-                            let _ = std::fs::remove_file(&path);
-                            Err(e)
-                        }
-                    }
-                }
-                To::Command(argv) => {
-                    let (st, out) = send_to_command(&src, snap, &opts, &argv, ctx)?;
-                    Ok(json!({"sent": sent_json(&st), "output": out}))
-                }
-            }
-        })?;
-        Ok(JobStarted {
-            job_id: job.id.clone(),
-        })
+        }
     }
 
     /// `snapshot-receive`: starts a job receiving the stream in `file` into a pool. The
