@@ -637,6 +637,59 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
     let path = a.socket.clone().unwrap_or_else(default_socket);
     let mut c = Client::connect(&path)?;
     let (cmd, args) = match &a.cmd {
+        CtlCmd::Receive {
+            file,
+            pool,
+            name,
+            resumable,
+            ..
+        } if file.as_os_str() == "-" => {
+            return receive_stdin(
+                &mut c,
+                &path,
+                pool.as_deref(),
+                name.as_deref(),
+                *resumable,
+                a.json,
+            )
+        }
+        CtlCmd::Wait { id } => return follow(&mut c, id, a.json),
+        CtlCmd::Watch => return watch(&mut c, a.json),
+        other => request(other)?,
+    };
+    // Leave out null arguments (optional ones not given).
+    let args = match args {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        v => v,
+    };
+    let r = c.execute(cmd, args)?;
+    // Commands that start a job follow it, unless asked not to.
+    if let Some(id) = r.get("job-id").and_then(Value::as_str) {
+        let wait = !matches!(
+            &a.cmd,
+            CtlCmd::Send { no_wait: true, .. }
+                | CtlCmd::Receive { no_wait: true, .. }
+                | CtlCmd::Migrate { no_wait: true, .. }
+                | CtlCmd::Merge { no_wait: true, .. }
+        );
+        if !wait {
+            println!("{id}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        return follow(&mut c, id, a.json);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_for_people(&a.cmd, &r);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The QMP command and arguments a `ctl` subcommand sends (`wait`, `watch` and
+/// `receive -` talk on their own).
+fn request(cmd: &CtlCmd) -> Result<(&str, Value)> {
+    Ok(match cmd {
         CtlCmd::Disks => ("query-disks", json!({})),
         CtlCmd::Snapshots { .. } => ("query-snapshots", json!({})),
         CtlCmd::Pools => ("query-pools", json!({})),
@@ -683,49 +736,7 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
             };
             (command.as_str(), args)
         }
-        CtlCmd::Send {
-            snapshot,
-            base,
-            resume,
-            file,
-            to_pool,
-            name,
-            command,
-            ..
-        } => {
-            let mut args = json!({"snapshot": snapshot, "base": base, "resume-token": resume});
-            match (file, to_pool, command.is_empty()) {
-                (Some(f), None, true) => args["file"] = json!(absolute(&Some(f.clone()))?),
-                (None, Some(p), true) => {
-                    args["pool"] = json!(p);
-                    args["name"] = json!(name);
-                }
-                (None, None, false) => args["command"] = json!(command),
-                _ => {
-                    return Err(UsageError(
-                        "say where the stream goes: --file, --to-pool or -- COMMAND…".into(),
-                    )
-                    .into())
-                }
-            }
-            ("snapshot-send", args)
-        }
-        CtlCmd::Receive {
-            file,
-            pool,
-            name,
-            resumable,
-            ..
-        } if file.as_os_str() == "-" => {
-            return receive_stdin(
-                &mut c,
-                &path,
-                pool.as_deref(),
-                name.as_deref(),
-                *resumable,
-                a.json,
-            )
-        }
+        CtlCmd::Send { .. } => ("snapshot-send", send_arguments(cmd)?),
         CtlCmd::Receive {
             file,
             pool,
@@ -739,54 +750,64 @@ fn run_command(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Migrate { disk, pool, .. } => ("disk-migrate", json!({"disk": disk, "pool": pool})),
         CtlCmd::Jobs => ("query-jobs", json!({})),
         CtlCmd::Cancel { id } => ("job-cancel", json!({"id": id})),
-        CtlCmd::Wait { id } => return follow(&mut c, id, a.json),
-        CtlCmd::Watch => loop {
-            let m = c.read()?;
-            if m.get("event").is_some() {
-                if a.json {
-                    println!("{m}");
-                } else {
-                    println!(
-                        "{} {} {}",
-                        iso8601(
-                            m["timestamp"]["seconds"].as_u64().unwrap_or(0),
-                            m["timestamp"]["microseconds"].as_u64().unwrap_or(0)
-                        ),
-                        s(&m["event"]),
-                        m["data"]
-                    );
-                }
-                std::io::stdout().flush()?;
-            }
-        },
+        CtlCmd::Wait { .. } | CtlCmd::Watch => bail!("'wait' and 'watch' send no command"),
+    })
+}
+
+/// `snapshot-send`'s arguments: the snapshot, and exactly one destination.
+fn send_arguments(cmd: &CtlCmd) -> Result<Value> {
+    let CtlCmd::Send {
+        snapshot,
+        base,
+        resume,
+        file,
+        to_pool,
+        name,
+        command,
+        ..
+    } = cmd
+    else {
+        bail!("not a send");
     };
-    // Leave out null arguments (optional ones not given).
-    let args = match args {
-        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
-        v => v,
-    };
-    let r = c.execute(cmd, args)?;
-    // Commands that start a job follow it, unless asked not to.
-    if let Some(id) = r.get("job-id").and_then(Value::as_str) {
-        let wait = !matches!(
-            &a.cmd,
-            CtlCmd::Send { no_wait: true, .. }
-                | CtlCmd::Receive { no_wait: true, .. }
-                | CtlCmd::Migrate { no_wait: true, .. }
-                | CtlCmd::Merge { no_wait: true, .. }
-        );
-        if !wait {
-            println!("{id}");
-            return Ok(ExitCode::SUCCESS);
+    let mut args = json!({"snapshot": snapshot, "base": base, "resume-token": resume});
+    match (file, to_pool, command.is_empty()) {
+        (Some(f), None, true) => args["file"] = json!(absolute(&Some(f.clone()))?),
+        (None, Some(p), true) => {
+            args["pool"] = json!(p);
+            args["name"] = json!(name);
         }
-        return follow(&mut c, id, a.json);
+        (None, None, false) => args["command"] = json!(command),
+        _ => {
+            return Err(UsageError(
+                "say where the stream goes: --file, --to-pool or -- COMMAND…".into(),
+            )
+            .into())
+        }
     }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(ExitCode::SUCCESS);
+    Ok(args)
+}
+
+/// `ctl watch`: every event, as it comes, until the daemon closes the connection.
+fn watch(c: &mut Client, json: bool) -> Result<ExitCode> {
+    loop {
+        let m = c.read()?;
+        if m.get("event").is_some() {
+            if json {
+                println!("{m}");
+            } else {
+                println!(
+                    "{} {} {}",
+                    iso8601(
+                        m["timestamp"]["seconds"].as_u64().unwrap_or(0),
+                        m["timestamp"]["microseconds"].as_u64().unwrap_or(0)
+                    ),
+                    s(&m["event"]),
+                    m["data"]
+                );
+            }
+            std::io::stdout().flush()?;
+        }
     }
-    print_for_people(&a.cmd, &r);
-    Ok(ExitCode::SUCCESS)
 }
 
 /// A command's reply for a person (`--json` prints it as it is).
