@@ -95,10 +95,10 @@ pub fn execute(
             let Some(raw) = host_slices(mem, data) else {
                 return Ok(fail(disk, "write", &"buffer spans guest memory regions"));
             };
-            // SAFETY: as for reads; the slices are only read from.
             let iov: Vec<IoSlice<'_>> = raw
                 .iter()
                 .map(|&(p, n)| {
+                    // SAFETY: as for reads; the slices are only read from.
                     IoSlice::new(unsafe { std::slice::from_raw_parts(p as *const u8, n) })
                 })
                 .collect();
