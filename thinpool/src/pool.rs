@@ -249,8 +249,9 @@ struct NewBlock {
     generation: u64,
 }
 
-/// What a write found at its block.
-enum Target {
+/// What a write to a block must do, from what it found there: write in place, provision a
+/// new block, or break sharing with a snapshot (copy, then write).
+enum WriteKind {
     InPlace(u64),
     /// Unmapped; the rest of the new block comes from the external origin if there is one.
     Provision(Option<Arc<ExternalOrigin>>),
@@ -1189,18 +1190,18 @@ impl Pool {
         let mut g = self.lock();
         let (m, details) = Self::lookup_locked(&mut g, dev, vb)?;
         let target = match m {
-            Some(m) if !m.maybe_shared(&details) => Target::InPlace(m.data_block),
+            Some(m) if !m.maybe_shared(&details) => WriteKind::InPlace(m.data_block),
             None => {
                 let origin = g.origin(dev);
                 let reads_zeroes = origin.as_ref().is_none_or(|o| o.len() <= vb * bs + within);
                 if only_if_mapped && reads_zeroes {
                     return Ok(());
                 }
-                Target::Provision(origin)
+                WriteKind::Provision(origin)
             }
-            Some(m) => Target::BreakSharing(m.data_block),
+            Some(m) => WriteKind::BreakSharing(m.data_block),
         };
-        if let Target::InPlace(b) = target {
+        if let WriteKind::InPlace(b) = target {
             drop(g);
             let at = b * bs + within;
             self.data
@@ -1262,7 +1263,7 @@ impl Pool {
         within: u64,
         segs: &[IoSlice<'_>],
         whole: bool,
-        target: Target,
+        target: WriteKind,
         new: NewBlock,
     ) -> Result<()> {
         let NewBlock {
@@ -1280,7 +1281,7 @@ impl Pool {
                     .map_err(Self::data_err("write", at));
             }
             match target {
-                Target::BreakSharing(old) => {
+                WriteKind::BreakSharing(old) => {
                     // Copy the old block, overlay the new bytes, write the whole block.
                     let mut buf = vec![0u8; bs as usize];
                     self.data
@@ -1288,7 +1289,7 @@ impl Pool {
                         .map_err(Self::data_err("read", old * bs))?;
                     self.write_overlaid(buf, within, segs, at)
                 }
-                Target::Provision(Some(origin)) => {
+                WriteKind::Provision(Some(origin)) => {
                     // As above, from the origin: the block must read as it did before the
                     // write wherever the write does not reach. Not subject to
                     // skip_block_zeroing, which is about stale data, not correctness.

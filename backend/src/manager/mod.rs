@@ -11,6 +11,7 @@ pub mod error;
 pub mod jobs;
 pub mod merge;
 pub mod migrate;
+mod monitor;
 pub mod pool_settings;
 pub mod replication;
 pub mod results;
@@ -23,6 +24,7 @@ use crate::socket::SocketFile;
 use crate::sync::lock;
 use device_state::{DaemonFields, DeviceState, Migration};
 pub use error::Error;
+use monitor::effective_mode;
 use pool_settings::PoolSettings;
 use results::{
     DeltaPage, DeviceInfo, DiskAdded, DiskResized, Done, LowWater, MetadataSnap, Policy, PoolGrown,
@@ -31,14 +33,13 @@ use results::{
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinpool::catalog::{Catalog, Devices, RegistryRef, SnapshotKind};
 use thinpool::delta::{DeltaMode, DeltaRun};
 use thinpool::origin::ExternalOrigin;
-use thinpool::pool::{Pool, PoolMode};
+use thinpool::pool::Pool;
 use thinpool::registry::{DeviceEntry, Registry};
 use vmm_config::limits;
 
@@ -1451,121 +1452,6 @@ impl Manager {
             metadata_blocks: meta,
         })
     }
-
-    /// Watches each pool: low-water crossings, out of space, mode changes; wakes held
-    /// writes when blocks are freed. Runs until `stop`.
-    pub fn monitor(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("pool-monitor".into())
-            .spawn(move || {
-                let mut state: BTreeMap<String, (bool, bool, bool, String, bool, u64)> =
-                    BTreeMap::new();
-                while !stop.load(Ordering::SeqCst) {
-                    for p in me.pools.values() {
-                        let st = p.pool().status();
-                        let u = &st.usage;
-                        let (lw_d, lw_m) = *lock(&p.low_water);
-                        let data_pct = u.data_used * 100 / u.data_blocks.max(1);
-                        let meta_pct = u.metadata_used * 100 / u.metadata_blocks.max(1);
-                        if u.data_used < u.data_blocks && p.space.timed_out() {
-                            p.space.space_available();
-                        }
-                        let (mode, reason) = effective_mode(p, &st);
-                        let e = state.entry(p.name.clone()).or_insert((
-                            false,
-                            false,
-                            false,
-                            mode.clone(),
-                            st.needs_check,
-                            u.data_used,
-                        ));
-                        let data_low = data_pct >= lw_d as u64;
-                        if data_low && !e.0 {
-                            me.events.emit(Event::PoolLowWatermark {
-                                pool: p.name.clone(),
-                                kind: "data",
-                                used_percent: data_pct,
-                                threshold: lw_d,
-                            });
-                        }
-                        let meta_low = meta_pct >= lw_m as u64;
-                        if meta_low && !e.1 {
-                            me.events.emit(Event::PoolLowWatermark {
-                                pool: p.name.clone(),
-                                kind: "metadata",
-                                used_percent: meta_pct,
-                                threshold: lw_m,
-                            });
-                        }
-                        let full = u.data_used >= u.data_blocks
-                            || p.space.waiting.load(Ordering::SeqCst) > 0;
-                        if full && !e.2 {
-                            me.events.emit(Event::PoolOutOfSpace {
-                                pool: p.name.clone(),
-                                data_blocks: u.data_blocks,
-                                queued_writes: p.space.waiting.load(Ordering::SeqCst),
-                            });
-                        }
-                        if mode != e.3 || st.needs_check != e.4 {
-                            me.events.emit(Event::PoolModeChanged {
-                                pool: p.name.clone(),
-                                mode: mode.clone(),
-                                needs_check: st.needs_check,
-                                rolled_back: st.rolled_back,
-                                reason: reason.clone(),
-                            });
-                        }
-                        if u.data_used < e.5 {
-                            p.space.space_changed();
-                        }
-                        *e = (data_low, meta_low, full, mode, st.needs_check, u.data_used);
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            })
-    }
-}
-
-/// The mode a person or a script sees, as dm-thin's status reports it: the engine's, or
-/// `out-of-data-space` while a writable pool has no free data block (or writes wait for
-/// one), with what writes that need one do meanwhile.
-fn effective_mode(p: &PoolHandle, st: &thinpool::pool::PoolStatus) -> (String, Option<String>) {
-    let engine = || {
-        (
-            serde_json::to_value(st.mode)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            st.mode_reason.clone(),
-        )
-    };
-    let full = st.usage.data_used >= st.usage.data_blocks
-        || p.space.waiting.load(Ordering::SeqCst) > 0
-        || p.space.timed_out();
-    if st.mode != PoolMode::Write || !full {
-        return engine();
-    }
-    let what = match (p.space.policy(), p.space.timed_out()) {
-        (OutOfSpace::Queue { .. }, true) => {
-            "the queue timeout passed: writes that need a block fail until space is added".into()
-        }
-        (OutOfSpace::Queue { timeout: Some(t) }, false) => format!(
-            "writes that need a block are queued for up to {} s",
-            t.as_secs()
-        ),
-        (OutOfSpace::Queue { timeout: None }, false) => {
-            "writes that need a block are queued until space is added".into()
-        }
-        (OutOfSpace::Error, _) => "writes that need a block fail".into(),
-    };
-    (
-        "out-of-data-space".into(),
-        Some(format!(
-            "no free data block ({} in use); {what} (pool-grow, or free blocks)",
-            st.usage.data_blocks
-        )),
-    )
 }
 
 /// The queues of a disk to serve, checked (None: the defaults): a count or size out of
