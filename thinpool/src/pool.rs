@@ -510,7 +510,7 @@ impl Pool {
     fn gate(&self, dev: u32) -> Arc<RwLock<()>> {
         self.gates
             .lock()
-            .unwrap()
+            .unwrap_or_else(|p| p.into_inner())
             .entry(dev)
             .or_insert_with(|| Arc::new(RwLock::new(())))
             .clone()
@@ -793,7 +793,10 @@ impl Pool {
         self.meta(&mut g, |md| md.delete(id))?;
         g.origins.remove(&id);
         drop(g);
-        self.gates.lock().unwrap().remove(&id);
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         Ok(())
     }
 

@@ -453,25 +453,29 @@ impl MemStorage {
 
     /// Grows (with holes) or shrinks the store.
     pub fn set_len(&self, len: u64) {
-        let mut g = self.inner.write().unwrap();
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         g.bytes.resize(len as usize, 0);
         g.allocated.resize(MemInner::pages(len), false);
     }
 
     pub fn to_vec(&self) -> Vec<u8> {
-        self.inner.read().unwrap().bytes.clone()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes
+            .clone()
     }
 
     /// The space the store takes, as `du` would say of a file: its allocated pages.
     pub fn allocated_bytes(&self) -> u64 {
-        let g = self.inner.read().unwrap();
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
         g.allocated.iter().filter(|&&a| a).count() as u64 * MEM_PAGE
     }
 }
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let g = self.inner.read().unwrap();
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
         check_range(offset, buf.len(), g.bytes.len() as u64)?;
         let o = offset as usize;
         buf.copy_from_slice(&g.bytes[o..o + buf.len()]);
@@ -479,7 +483,7 @@ impl Storage for MemStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut g = self.inner.write().unwrap();
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         check_range(offset, buf.len(), g.bytes.len() as u64)?;
         let o = offset as usize;
         g.bytes[o..o + buf.len()].copy_from_slice(buf);
@@ -492,11 +496,15 @@ impl Storage for MemStorage {
     }
 
     fn len(&self) -> u64 {
-        self.inner.read().unwrap().bytes.len() as u64
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes
+            .len() as u64
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<Punched> {
-        let mut g = self.inner.write().unwrap();
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         check_range(offset, len as usize, g.bytes.len() as u64)?;
         let o = offset as usize;
         g.bytes[o..o + len as usize].fill(0);
@@ -509,7 +517,7 @@ impl Storage for MemStorage {
 
     /// As a file's: the range reads as zeroes and takes space (unwritten extents).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
-        let mut g = self.inner.write().unwrap();
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         check_range(offset, len as usize, g.bytes.len() as u64)?;
         let o = offset as usize;
         g.bytes[o..o + len as usize].fill(0);
@@ -518,7 +526,7 @@ impl Storage for MemStorage {
     }
 
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
-        let g = self.inner.read().unwrap();
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
         let len = g.bytes.len() as u64;
         let mut holes: Vec<(u64, u64)> = Vec::new();
         for (i, &a) in g.allocated.iter().enumerate() {
