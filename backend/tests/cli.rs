@@ -8,7 +8,7 @@ use common::{
 use sha2::{Digest, Sha256};
 use std::process::Command;
 use thinpool::pdata::btree::node;
-use thinpool::pdata::image::Image;
+use thinpool::thin::image::Image;
 
 /// Runs the CLI, expecting it to fail with `needle` in its stderr; returns the stderr.
 fn fails(args: &[&str], needle: &str) -> String {

@@ -5,7 +5,7 @@ mod common;
 use common::{cli, export, pattern, Guest, Served, D};
 use serde_json::json;
 use thinpool::pdata::btree::node;
-use thinpool::pdata::image::Image;
+use thinpool::thin::image::Image;
 use virtio_bindings::virtio_blk::*;
 
 #[test]

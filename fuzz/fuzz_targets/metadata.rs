@@ -1,5 +1,5 @@
 //! Metadata is untrusted input: a metadata device image (the format of
-//! `thinpool::pdata::image::from_fuzz_input`: a table of block kinds, then blocks, each
+//! `thinpool::thin::image::from_fuzz_input`: a table of block kinds, then blocks, each
 //! named block sealed again so that mutations get past its checksum) is opened, every
 //! device's mappings are read, walked, dumped, diffed and checked, and a few changes are
 //! made and committed. Nothing may panic or hang; errors are the expected outcome.
@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 use thinpool::delta::{self, DeltaMode};
-use thinpool::pdata::image::{from_fuzz_input, Image};
+use thinpool::thin::image::{from_fuzz_input, Image};
 use thinpool::storage::MemStorage;
 use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 

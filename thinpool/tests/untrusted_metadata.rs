@@ -11,9 +11,9 @@ use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 use thinpool::pdata::block::{get_u32, get_u64, put_u32, put_u64, BlockKind, BLOCK_SIZE};
 use thinpool::pdata::btree::node;
-use thinpool::pdata::image::{from_fuzz_input, to_fuzz_input, Image, FUZZ_DEVICE_BLOCKS};
 use thinpool::pool::{Pool, PoolMode, PoolOptions};
 use thinpool::storage::MemStorage;
+use thinpool::thin::image::{from_fuzz_input, to_fuzz_input, Image, FUZZ_DEVICE_BLOCKS};
 use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 
 const BS: u64 = 64 << 10;

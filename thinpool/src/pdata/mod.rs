@@ -7,6 +7,5 @@ pub mod block;
 pub mod block_manager;
 pub mod btree;
 pub mod checksum;
-pub mod image;
 pub mod space_map;
 pub mod tm;

@@ -11,7 +11,7 @@ use crate::pdata::block::{get_u32, get_u64, put_u32, put_u64};
 pub const DETAILS_SIZE: usize = 24;
 pub const MAX_THIN_ID: u32 = (1 << 24) - 1;
 pub const MAX_TIME: u32 = (1 << 24) - 1;
-pub const MAX_DATA_BLOCKS: u64 = 1 << 40;
+pub use crate::pdata::space_map::disk::MAX_DATA_BLOCKS;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceDetails {

@@ -2,6 +2,7 @@
 //! details, the two-level mapping tree (thin id → virtual block → data block + time).
 
 pub mod device;
+pub mod image;
 pub mod metadata;
 pub mod superblock;
 pub mod usage;

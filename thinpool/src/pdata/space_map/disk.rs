@@ -10,9 +10,12 @@ use super::{BitmapState, SpaceMap};
 use crate::pdata::block::BlockKind;
 use crate::pdata::btree::{self, ValueKind};
 use crate::pdata::tm::Tm;
-use crate::thin::device::MAX_DATA_BLOCKS;
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashSet};
+
+/// The most data blocks the format addresses: a mapping packs the block number in 40 bits
+/// (dm-thin's `1 << 40`), so no data space map holds more.
+pub const MAX_DATA_BLOCKS: u64 = 1 << 40;
 
 pub const INDEX_VALUE: ValueKind = ValueKind::Plain(16);
 pub const OVERFLOW_VALUE: ValueKind = ValueKind::Plain(4);

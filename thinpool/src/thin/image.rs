@@ -8,9 +8,9 @@
 //! names is sealed as that kind before the image is used, so that a mutated block is
 //! judged by its contents rather than thrown out for its checksum.
 
-use super::block::{self, Block, BlockKind, BLOCK_SIZE};
-use super::checksum;
-use crate::thin::superblock::Superblock;
+use super::superblock::Superblock;
+use crate::pdata::block::{self, Block, BlockKind, BLOCK_SIZE};
+use crate::pdata::checksum;
 use crate::{Error, Result};
 
 /// A metadata device's bytes, block by block.
