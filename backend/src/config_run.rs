@@ -127,7 +127,7 @@ fn open_configured_pool(p: &PoolConfig, cache_blocks: usize) -> Result<PoolHandl
                 .then(|| Duration::from_secs(p.out_of_space.timeout)),
         },
     });
-    *h.low_water.lock().unwrap() = (p.low_water.data, p.low_water.metadata);
+    *crate::sync::lock(&h.low_water) = (p.low_water.data, p.low_water.metadata);
     h.settings_path = crate::manager::pool_settings::path_for(&p.metadata);
     crate::manager::device_state::check_registry(&h.registry())
         .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?;

@@ -61,7 +61,7 @@ fn top_module(rel: &str) -> &str {
 }
 
 /// `crate::<module>` paths named by code in `file`, with their lines.
-fn crate_paths<'a>(text: &'a str) -> Vec<(usize, &'a str)> {
+fn crate_paths(text: &str) -> Vec<(usize, &str)> {
     let mut out = Vec::new();
     for (n, line) in code_lines(text) {
         let mut rest = line;

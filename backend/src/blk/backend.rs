@@ -10,6 +10,7 @@ use super::execute::{execute, fail, flush, Done, NeedsSpace};
 use super::inflight::{Inflight, Tracker};
 use super::park::{Parked, Waker};
 use super::request::{parse, Desc, GuestView, Limits, Op, MAX_DATA_BYTES};
+use crate::sync::{lock, read, write};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -191,7 +192,7 @@ impl BlkBackend {
     /// dropped. Each consumer is a pipe's read end, whose inode is unique: a number the
     /// crate did close (a fixed version) and that was reused since is left alone.
     pub fn close_leaked_exit_consumers(&self) {
-        for l in self.exit_consumers.lock().unwrap().drain(..) {
+        for l in lock(&self.exit_consumers).drain(..) {
             if inode(l.fd) == Some(l.ino) {
                 // SAFETY: the number still names the pipe we made and gave away, which
                 // nothing uses any more (its epoll set and worker are gone).
@@ -265,7 +266,7 @@ impl BlkBackend {
     /// the driver sets it up anew on the same connection (as after a guest reboot). An
     /// error returned to the vhost crate would end the thread silently, for good.
     fn serve_queue(&self, vring: &VringRwLock, index: usize) -> io::Result<()> {
-        let Some(atomic) = self.mem.read().unwrap().clone() else {
+        let Some(atomic) = read(&self.mem).clone() else {
             // No memory table yet: nothing can be read; the kick is not lost, since a
             // queue is looked at again on its next kick and the driver kicks after setup.
             return Ok(());
@@ -326,7 +327,7 @@ impl BlkBackend {
         // (which may wait for the I/O gate for as long as a snapshot or migration holds
         // it) fails its own at the end of the pass, having seen `exiting`, set before: so
         // the lock is only tried, for a while, never waited on without bound.
-        if let Some(atomic) = self.mem.read().unwrap().clone() {
+        if let Some(atomic) = read(&self.mem).clone() {
             let mem = atomic.memory();
             for slot in &self.queues {
                 let Some(mut q) = lock_within(slot, std::time::Duration::from_secs(1)) else {
@@ -349,7 +350,7 @@ impl BlkBackend {
                 }
             }
         }
-        for n in self.exit_notifiers.lock().unwrap().iter().flatten() {
+        for n in lock(&self.exit_notifiers).iter().flatten() {
             let _ = n.notify();
         }
     }
@@ -383,11 +384,11 @@ impl BlkBackend {
         let Some(slot) = self.queues.get(index) else {
             return;
         };
-        let Some(atomic) = self.mem.read().unwrap().clone() else {
+        let Some(atomic) = read(&self.mem).clone() else {
             return;
         };
         let mem = atomic.memory();
-        let mut q = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(slot);
         let Some(vring) = q.vring.clone() else {
             return;
         };
@@ -445,7 +446,7 @@ impl BlkBackend {
     /// arrival order), then the requests a previous backend left in flight, then every
     /// available request. Returns whether any request was taken or completed.
     pub fn process_queue(&self, vring: &VringRwLock, index: usize) -> io::Result<bool> {
-        let Some(atomic) = self.mem.read().unwrap().clone() else {
+        let Some(atomic) = read(&self.mem).clone() else {
             return Ok(false);
         };
         let Some(slot) = self.queues.get(index) else {
@@ -453,7 +454,7 @@ impl BlkBackend {
         };
         let mem = atomic.memory();
         let limits = self.limits();
-        let mut q = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(slot);
         if q.vring.is_none() {
             q.vring = Some(vring.clone());
         }
@@ -909,7 +910,7 @@ impl VhostUserBackend for BlkBackend {
             self.disk.name,
             mem.memory().num_regions()
         );
-        *self.mem.write().unwrap() = Some(mem);
+        *write(&self.mem) = Some(mem);
         Ok(())
     }
 
@@ -945,7 +946,7 @@ impl VhostUserBackend for BlkBackend {
             .unwrap()
             .push(LeakedFd { fd: fds[0], ino });
         let keep = n.try_clone().ok()?;
-        if let Some(slot) = self.exit_notifiers.lock().unwrap().get_mut(thread_index) {
+        if let Some(slot) = lock(&self.exit_notifiers).get_mut(thread_index) {
             *slot = Some(keep);
         }
         Some((c, n))
