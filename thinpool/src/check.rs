@@ -247,34 +247,7 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
         subtree_entries: HashMap::new(),
     };
     c.meta_ref(0, "superblock");
-
-    // Space maps' own blocks.
-    c.meta_ref(meta_sm.index_root, "metadata space map index");
-    for (i, bm) in meta_sm.bitmaps.iter().enumerate() {
-        c.meta_ref(bm.location, &format!("metadata space map bitmap {i}"));
-    }
-    c.meta_ref(meta_sm.overflow_root, "metadata space map");
-    c.walk(
-        meta_sm.overflow_root,
-        disk::OVERFLOW_VALUE,
-        "metadata ref-count tree",
-    );
-    c.meta_ref(data_sm.index_root, "data space map");
-    c.walk(
-        data_sm.index_root,
-        disk::INDEX_VALUE,
-        "data space map index",
-    );
-    for (i, bm) in data_sm.bitmaps.iter().enumerate() {
-        c.meta_ref(bm.location, &format!("data space map bitmap {i}"));
-    }
-    c.meta_ref(data_sm.overflow_root, "data space map");
-    c.walk(
-        data_sm.overflow_root,
-        disk::OVERFLOW_VALUE,
-        "data ref-count tree",
-    );
-
+    c.count_space_maps(&meta_sm, &data_sm);
     // Live trees, then the metadata snapshot's.
     let mut roots = vec![(sb.mapping_root, sb.details_root, "")];
     if sb.held_root != 0 && c.meta_ref(sb.held_root, "held metadata snapshot") {
@@ -288,62 +261,7 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
         }
     }
     for (i, (mapping_root, details_root, prefix)) in roots.into_iter().enumerate() {
-        let live = i == 0;
-        c.meta_ref(mapping_root, "superblock");
-        c.meta_ref(details_root, "superblock");
-        c.walk(
-            mapping_root,
-            ValueKind::Subtree,
-            &format!("{prefix}top-level mapping tree"),
-        );
-        c.walk(
-            details_root,
-            DETAILS_VALUE,
-            &format!("{prefix}device details tree"),
-        );
-        let tops = match btree::entries(&mut c.tm, mapping_root, ValueKind::Subtree) {
-            Ok(t) => t,
-            Err(_) => continue,
-        };
-        let details: BTreeMap<u64, DeviceDetails> =
-            match btree::entries(&mut c.tm, details_root, DETAILS_VALUE) {
-                Ok(d) => d
-                    .into_iter()
-                    .map(|(k, v)| (k, DeviceDetails::unpack(&v)))
-                    .collect(),
-                Err(_) => continue,
-            };
-        let top_ids: Vec<u64> = tops.iter().map(|(k, _)| *k).collect();
-        let detail_ids: Vec<u64> = details.keys().copied().collect();
-        if top_ids != detail_ids {
-            c.error(format!(
-                "{prefix}devices in the details tree {detail_ids:?} differ from those in the mapping tree {top_ids:?}"
-            ));
-        }
-        for (id, v) in &tops {
-            let root = u64::from_le_bytes(v[..8].try_into().unwrap());
-            let n = c.subtree_entries.get(&root).copied().unwrap_or(0);
-            if let Some(d) = details.get(id) {
-                if d.mapped_blocks != n {
-                    c.error(format!(
-                        "{prefix}device {id}: details say {} mapped blocks, its mapping tree holds {n}",
-                        d.mapped_blocks
-                    ));
-                }
-                if d.creation_time > sb.time || d.snapshotted_time > sb.time {
-                    c.error(format!(
-                        "{prefix}device {id}: times are ahead of the pool's time {}",
-                        sb.time
-                    ));
-                }
-            }
-            if live {
-                c.report.mappings += n;
-            }
-        }
-        if live {
-            c.report.devices = tops.len() as u64;
-        }
+        c.check_devices(mapping_root, details_root, prefix, i == 0, sb.time);
     }
     // The data-space-map index leaves name the bitmaps; those were counted above from
     // the loaded index (same blocks).
@@ -351,10 +269,116 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
     // Compare recomputed counts with the space maps.
     let meta_refs = std::mem::take(&mut c.meta_refs);
     let data_refs = std::mem::take(&mut c.data_refs);
-    for (name, sm, refs) in [
-        ("metadata", &meta_sm, &meta_refs),
-        ("data", &data_sm, &data_refs),
-    ] {
+    c.compare_counts(
+        "metadata",
+        &meta_sm,
+        &meta_refs,
+        sb.metadata_sm_root.nr_allocated,
+    );
+    c.compare_counts("data", &data_sm, &data_refs, sb.data_sm_root.nr_allocated);
+    Ok(c.report)
+}
+
+impl Checker {
+    /// The space maps' own blocks: their indexes, bitmaps and overflow trees.
+    fn count_space_maps(&mut self, meta_sm: &SpaceMap, data_sm: &SpaceMap) {
+        self.meta_ref(meta_sm.index_root, "metadata space map index");
+        for (i, bm) in meta_sm.bitmaps.iter().enumerate() {
+            self.meta_ref(bm.location, &format!("metadata space map bitmap {i}"));
+        }
+        self.meta_ref(meta_sm.overflow_root, "metadata space map");
+        self.walk(
+            meta_sm.overflow_root,
+            disk::OVERFLOW_VALUE,
+            "metadata ref-count tree",
+        );
+        self.meta_ref(data_sm.index_root, "data space map");
+        self.walk(
+            data_sm.index_root,
+            disk::INDEX_VALUE,
+            "data space map index",
+        );
+        for (i, bm) in data_sm.bitmaps.iter().enumerate() {
+            self.meta_ref(bm.location, &format!("data space map bitmap {i}"));
+        }
+        self.meta_ref(data_sm.overflow_root, "data space map");
+        self.walk(
+            data_sm.overflow_root,
+            disk::OVERFLOW_VALUE,
+            "data ref-count tree",
+        );
+    }
+
+    /// One set of trees (the live ones, or a held metadata snapshot's): every device's
+    /// mapping tree walked and counted, and its details compared with what it holds.
+    fn check_devices(
+        &mut self,
+        mapping_root: u64,
+        details_root: u64,
+        prefix: &str,
+        live: bool,
+        pool_time: u32,
+    ) {
+        self.meta_ref(mapping_root, "superblock");
+        self.meta_ref(details_root, "superblock");
+        self.walk(
+            mapping_root,
+            ValueKind::Subtree,
+            &format!("{prefix}top-level mapping tree"),
+        );
+        self.walk(
+            details_root,
+            DETAILS_VALUE,
+            &format!("{prefix}device details tree"),
+        );
+        let tops = match btree::entries(&mut self.tm, mapping_root, ValueKind::Subtree) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        let details: BTreeMap<u64, DeviceDetails> =
+            match btree::entries(&mut self.tm, details_root, DETAILS_VALUE) {
+                Ok(d) => d
+                    .into_iter()
+                    .map(|(k, v)| (k, DeviceDetails::unpack(&v)))
+                    .collect(),
+                Err(_) => return,
+            };
+        let top_ids: Vec<u64> = tops.iter().map(|(k, _)| *k).collect();
+        let detail_ids: Vec<u64> = details.keys().copied().collect();
+        if top_ids != detail_ids {
+            self.error(format!(
+                "{prefix}devices in the details tree {detail_ids:?} differ from those in the mapping tree {top_ids:?}"
+            ));
+        }
+        for (id, v) in &tops {
+            let root = u64::from_le_bytes(v[..8].try_into().unwrap());
+            let n = self.subtree_entries.get(&root).copied().unwrap_or(0);
+            if let Some(d) = details.get(id) {
+                if d.mapped_blocks != n {
+                    self.error(format!(
+                        "{prefix}device {id}: details say {} mapped blocks, its mapping tree holds {n}",
+                        d.mapped_blocks
+                    ));
+                }
+                if d.creation_time > pool_time || d.snapshotted_time > pool_time {
+                    self.error(format!(
+                        "{prefix}device {id}: times are ahead of the pool's time {}",
+                        pool_time
+                    ));
+                }
+            }
+            if live {
+                self.report.mappings += n;
+            }
+        }
+        if live {
+            self.report.devices = tops.len() as u64;
+        }
+    }
+
+    /// The recomputed reference counts of one space map against the counts it holds;
+    /// `root_alloc` is what its root says is allocated.
+    fn compare_counts(&mut self, name: &str, sm: &SpaceMap, refs: &[u32], root_alloc: u64) {
         let mut diffs = Vec::new();
         let mut used = 0u64;
         for (b, &want) in refs.iter().enumerate() {
@@ -369,17 +393,12 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
             }
         }
         if name == "metadata" {
-            c.report.metadata_blocks_used = used;
+            self.report.metadata_blocks_used = used;
         } else {
-            c.report.data_blocks_used = used;
+            self.report.data_blocks_used = used;
         }
-        let root_alloc = if name == "metadata" {
-            sb.metadata_sm_root.nr_allocated
-        } else {
-            sb.data_sm_root.nr_allocated
-        };
         if root_alloc != used {
-            c.report.warnings.push(format!(
+            self.report.warnings.push(format!(
                 "{name} space map root says {root_alloc} blocks allocated, bitmaps hold {used}"
             ));
         }
@@ -390,15 +409,14 @@ pub fn check(storage: Arc<dyn Storage>) -> Result<CheckReport> {
                 .map(|w| 32 - space_map::bitmap::used_mask(*w).count_ones())
                 .sum::<u32>();
             if bm.nr_free != free {
-                c.report.warnings.push(format!(
+                self.report.warnings.push(format!(
                     "{name} space map bitmap at block {}: index says {} free, bitmap has {free}",
                     bm.location, bm.nr_free
                 ));
             }
         }
         for d in diffs {
-            c.error(d);
+            self.error(d);
         }
     }
-    Ok(c.report)
 }
