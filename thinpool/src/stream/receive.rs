@@ -75,7 +75,49 @@ fn target(
     opts: &ReceiveOptions,
 ) -> Result<(u32, Option<u32>, String), StreamError> {
     let guid = &h.snapshot.guid;
-    let base = match &h.base {
+    let base = base_device(reg, h)?;
+    let base_guid = h.base.as_ref().map(|b| b.guid.clone());
+    // A receive of this snapshot under way or interrupted. Its token names the snapshot,
+    // not the copy, so there is one at a time: a stream without a name of its own, or with
+    // the name that receive was given, goes on into it (as the token says); one for
+    // another name is refused until it is resumed or dropped.
+    if let Some(id) = reg.find_receiving(guid) {
+        let name = resume_into(reg, id, h, opts, &base_guid)?;
+        return Ok((id, base, name));
+    }
+    let name = new_copy_name(reg, h, opts)?;
+    // The device exists durably and marked as receiving before any data goes in: after a
+    // crash it is found (and resumed or dropped), never taken for a snapshot.
+    let id = cat.change_locked(reg, |devices, reg| -> Result<u32, StreamError> {
+        let id = devices.next_id(reg);
+        match base {
+            Some(b) => devices.create_snap(id, b)?,
+            None => devices.create_thin(id)?,
+        }
+        let s = &h.snapshot;
+        let entry = cat.new_received_entry(reg, id, base, s.size, s.created, guid);
+        reg.insert(
+            id,
+            crate::registry::DeviceEntry {
+                receiving: Some(PartialReceive {
+                    name: name.clone(),
+                    base_guid,
+                    next_offset: 0,
+                    resumable: opts.resumable,
+                }),
+                daemon_state: opts.daemon_state.clone(),
+                ..entry
+            },
+        )?;
+        Ok(id)
+    })?;
+    Ok((id, base, name))
+}
+
+/// The pool's copy of the stream's base (for an incremental stream): a complete snapshot
+/// of the sender's size.
+fn base_device(reg: &Registry, h: &StreamHeader) -> Result<Option<u32>, StreamError> {
+    Ok(match &h.base {
         None => None,
         Some(b) => {
             let label = b.name.as_deref().unwrap_or("(unnamed)");
@@ -100,71 +142,85 @@ fn target(
             }
             Some(id)
         }
-    };
-    let base_guid = h.base.as_ref().map(|b| b.guid.clone());
-    // The name a new copy gets: the receiver's, else the sender's.
-    let name = opts.name.clone().or_else(|| h.snapshot.name.clone());
+    })
+}
+
+/// The name of the interrupted receive (thin device `id`) this stream goes on with, if it
+/// does: the same snapshot and base, resuming where that one stopped, not under way.
+fn resume_into(
+    reg: &Registry,
+    id: u32,
+    h: &StreamHeader,
+    opts: &ReceiveOptions,
+    base_guid: &Option<String>,
+) -> Result<String, StreamError> {
     let token = |offset| ResumeToken {
-        guid: guid.clone(),
+        guid: h.snapshot.guid.clone(),
         offset,
     };
-    // A receive of this snapshot under way or interrupted. Its token names the snapshot,
-    // not the copy, so there is one at a time: a stream without a name of its own, or with
-    // the name that receive was given, goes on into it (as the token says); one for
-    // another name is refused until it is resumed or dropped.
-    if let Some(id) = reg.find_receiving(guid) {
-        let p = reg.devices[&id]
-            .receiving
-            .clone()
-            .expect("find_receiving finds a receiving entry");
-        // Named when it is not the stream's own name (it was given with --name).
-        let named = if h.snapshot.name.as_deref() == Some(p.name.as_str()) {
-            String::new()
-        } else {
-            format!(" as {:?}", p.name)
-        };
-        // Not interrupted: a receive of this process is writing into it now (the registry
-        // is unlocked while data goes in). Writing the same stream into it a second time
-        // would mix two receives, and the one that fails would delete what the other
-        // completed.
-        if reg.receiving_now.contains(&id) {
-            return Err(refused(format!(
-                "a receive of this snapshot into thin device {id}{named} is under way: wait for it or cancel it"
-            )));
-        }
-        if opts.name.as_ref().is_some_and(|n| *n != p.name) {
-            return Err(refused(format!(
-                "an interrupted receive of this snapshot is in the pool as {:?} (thin device {id}), and a snapshot is received as one copy at a time: resume that one with `send --resume {}` (received with --name {:?}, or without --name), or drop it with `receive --abort {}`",
-                p.name,
-                token(p.next_offset),
-                p.name,
-                token(p.next_offset)
-            )));
-        }
-        // Where the interrupted receive stopped (0 too, when it stopped in its first
-        // record): go on.
-        if p.next_offset == h.resume_offset {
-            if p.base_guid != base_guid {
-                return Err(refused(
-                    "the resumed stream has another base than the interrupted one: send it with the same --base",
-                ));
-            }
-            return Ok((id, base, p.name));
-        }
-        return Err(refused(if h.resume_offset == 0 {
-            format!(
-                "an interrupted receive of this snapshot is in the pool{named} (thin device {id}): resume it with `send --resume {}`, or drop it with `receive --abort`",
-                token(p.next_offset)
-            )
-        } else {
-            format!(
-                "the stream resumes at byte {}, this pool has everything before byte {}: resume with `send --resume {}`",
-                h.resume_offset,
-                p.next_offset,
-                token(p.next_offset)
-            )
-        }));
+    let Some(p) = reg.devices.get(&id).and_then(|e| e.receiving.clone()) else {
+        return Err(refused(format!(
+            "thin device {id} is no longer being received"
+        )));
+    };
+    // Named when it is not the stream's own name (it was given with --name).
+    let named = if h.snapshot.name.as_deref() == Some(p.name.as_str()) {
+        String::new()
+    } else {
+        format!(" as {:?}", p.name)
+    };
+    // Not interrupted: a receive of this process is writing into it now (the registry
+    // is unlocked while data goes in). Writing the same stream into it a second time
+    // would mix two receives, and the one that fails would delete what the other
+    // completed.
+    if reg.receiving_now.contains(&id) {
+        return Err(refused(format!(
+            "a receive of this snapshot into thin device {id}{named} is under way: wait for it or cancel it"
+        )));
     }
+    if opts.name.as_ref().is_some_and(|n| *n != p.name) {
+        return Err(refused(format!(
+            "an interrupted receive of this snapshot is in the pool as {:?} (thin device {id}), and a snapshot is received as one copy at a time: resume that one with `send --resume {}` (received with --name {:?}, or without --name), or drop it with `receive --abort {}`",
+            p.name,
+            token(p.next_offset),
+            p.name,
+            token(p.next_offset)
+        )));
+    }
+    // Where the interrupted receive stopped (0 too, when it stopped in its first
+    // record): go on.
+    if p.next_offset == h.resume_offset {
+        if p.base_guid != *base_guid {
+            return Err(refused(
+                "the resumed stream has another base than the interrupted one: send it with the same --base",
+            ));
+        }
+        return Ok(p.name);
+    }
+    Err(refused(if h.resume_offset == 0 {
+        format!(
+            "an interrupted receive of this snapshot is in the pool{named} (thin device {id}): resume it with `send --resume {}`, or drop it with `receive --abort`",
+            token(p.next_offset)
+        )
+    } else {
+        format!(
+            "the stream resumes at byte {}, this pool has everything before byte {}: resume with `send --resume {}`",
+            h.resume_offset,
+            p.next_offset,
+            token(p.next_offset)
+        )
+    }))
+}
+
+/// The name of a new copy of the stream's snapshot (the receiver's, else the sender's),
+/// checked: a second copy of a snapshot the pool holds needs a name of its own.
+fn new_copy_name(
+    reg: &Registry,
+    h: &StreamHeader,
+    opts: &ReceiveOptions,
+) -> Result<String, StreamError> {
+    let guid = &h.snapshot.guid;
+    let name = opts.name.clone().or_else(|| h.snapshot.name.clone());
     // The snapshot is here already: a second copy (as zfs allows) needs a name of its own.
     let copies: Vec<u32> = reg
         .devices
@@ -201,32 +257,7 @@ fn target(
             "a device named {name:?} exists (thin device {other}): give the received snapshot another name"
         )));
     }
-    // The device exists durably and marked as receiving before any data goes in: after a
-    // crash it is found (and resumed or dropped), never taken for a snapshot.
-    let id = cat.change_locked(reg, |devices, reg| -> Result<u32, StreamError> {
-        let id = devices.next_id(reg);
-        match base {
-            Some(b) => devices.create_snap(id, b)?,
-            None => devices.create_thin(id)?,
-        }
-        let s = &h.snapshot;
-        let entry = cat.new_received_entry(reg, id, base, s.size, s.created, guid);
-        reg.insert(
-            id,
-            crate::registry::DeviceEntry {
-                receiving: Some(PartialReceive {
-                    name: name.clone(),
-                    base_guid,
-                    next_offset: 0,
-                    resumable: opts.resumable,
-                }),
-                daemon_state: opts.daemon_state.clone(),
-                ..entry
-            },
-        )?;
-        Ok(id)
-    })?;
-    Ok((id, base, name))
+    Ok(name)
 }
 
 /// Receives a stream into the catalog's pool. Errors before any device was made change nothing; later
