@@ -64,22 +64,19 @@ fn watch_pool(p: &PoolHandle, seen: &mut BTreeMap<String, PoolWatch>, events: &E
         data_used: u.data_used,
     });
     let data_low = data_pct >= u64::from(lw_d);
-    if data_low && !last.data_low {
-        events.emit(Event::PoolLowWatermark {
-            pool: p.name.clone(),
-            kind: "data",
-            used_percent: data_pct,
-            threshold: lw_d,
-        });
-    }
     let metadata_low = meta_pct >= u64::from(lw_m);
-    if metadata_low && !last.metadata_low {
-        events.emit(Event::PoolLowWatermark {
-            pool: p.name.clone(),
-            kind: "metadata",
-            used_percent: meta_pct,
-            threshold: lw_m,
-        });
+    for (kind, low, was_low, used_percent, threshold) in [
+        ("data", data_low, last.data_low, data_pct, lw_d),
+        ("metadata", metadata_low, last.metadata_low, meta_pct, lw_m),
+    ] {
+        if low && !was_low {
+            events.emit(Event::PoolLowWatermark {
+                pool: p.name.clone(),
+                kind,
+                used_percent,
+                threshold,
+            });
+        }
     }
     let full = u.data_used >= u.data_blocks || p.space.waiting.load(Ordering::SeqCst) > 0;
     if full && !last.full {

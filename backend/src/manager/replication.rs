@@ -32,11 +32,14 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Failures in a row after which the next round sends a full stream.
 pub const FULL_AFTER_FAILURES: u32 = 3;
 
-/// What query-replication shows of a disk's replication.
-#[derive(Clone, Debug, Default)]
+/// What query-replication shows of a disk's replication (with the schedule and the times,
+/// which it gives relative to now: [`super::results::ReplicationInfo`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Status {
     pub last_snapshot: Option<String>,
     /// When the last replicated snapshot was taken (seconds since the epoch).
+    #[serde(skip)]
     pub last_snapshot_time: Option<u64>,
     pub last_bytes: u64,
     pub total_bytes: u64,
@@ -45,6 +48,7 @@ pub struct Status {
     pub failures_in_a_row: u32,
     pub last_error: Option<String>,
     pub running: bool,
+    #[serde(skip)]
     pub next_round: Option<Instant>,
 }
 
@@ -213,7 +217,8 @@ impl Manager {
             let Some(spec) = f.entry.replication() else {
                 continue;
             };
-            let st = lock(&r.status).clone();
+            let mut st = lock(&r.status).clone();
+            st.last_snapshot = st.last_snapshot.or(spec.last);
             out.push(ReplicationInfo {
                 disk: disk.clone(),
                 interval: spec.interval_secs,
@@ -224,19 +229,12 @@ impl Manager {
                     }
                     ReplicationTarget::Command { argv } => ReplicaTarget::Command { command: argv },
                 },
-                last_snapshot: st.last_snapshot.or(spec.last),
                 lag_seconds: st.last_snapshot_time.map(|t| now.saturating_sub(t)),
-                last_bytes: st.last_bytes,
-                total_bytes: st.total_bytes,
-                rounds: st.rounds,
-                failures: st.failures,
-                failures_in_a_row: st.failures_in_a_row,
-                last_error: st.last_error,
-                running: st.running,
                 next_round_in_ms: st.next_round.map(|t| {
                     u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
                         .unwrap_or(u64::MAX)
                 }),
+                status: st,
             });
         }
         Ok(out)

@@ -183,17 +183,12 @@ pub struct ReplicationInfo {
     /// Replicated snapshots kept.
     pub keep: u32,
     pub target: ReplicaTarget,
-    pub last_snapshot: Option<String>,
     /// Age of the last replicated snapshot, in seconds.
     pub lag_seconds: Option<u64>,
-    pub last_bytes: u64,
-    pub total_bytes: u64,
-    pub rounds: u64,
-    pub failures: u64,
-    pub failures_in_a_row: u32,
-    pub last_error: Option<String>,
-    pub running: bool,
     pub next_round_in_ms: Option<u64>,
+    /// Rounds, bytes, failures, the last snapshot and error, whether one runs now.
+    #[serde(flatten)]
+    pub status: super::replication::Status,
 }
 
 /// Where a disk's replicas go: `{"pool": …, "prefix": …}` or `{"command": [argv]}`.
