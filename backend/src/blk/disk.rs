@@ -167,7 +167,7 @@ pub struct Disk {
     pub connected: AtomicBool,
     /// New guest connections are refused while set: the external origin the disk reads is
     /// being rewritten (origin-merge).
-    pub closed: AtomicBool,
+    pub refuse_connections: AtomicBool,
     /// Set when the disk stops being served (disk-remove, shutdown): writes held for pool
     /// space give up (IOERR) instead of keeping the stop waiting for space that may never come.
     stopping: AtomicBool,
@@ -229,7 +229,7 @@ impl Disk {
             }),
             space: Mutex::new(space),
             connected: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
+            refuse_connections: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             backend_channel: Arc::default(),
             stats: Stats::default(),

@@ -110,7 +110,7 @@ fn serve_loop(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        if disk.closed.load(Ordering::SeqCst) {
+        if disk.refuse_connections.load(Ordering::SeqCst) {
             // The frontend sees the connection end and retries (QEMU's reconnect=…).
             tracing::warn!(
                 "{}: connection refused: the image this disk reads is being merged into",

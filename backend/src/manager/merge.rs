@@ -40,7 +40,7 @@ impl Closed {
             .map(|(_, s)| s.disk.clone())
             .collect();
         for d in &disks {
-            d.closed.store(true, Ordering::SeqCst);
+            d.refuse_connections.store(true, Ordering::SeqCst);
         }
         Closed {
             disks,
@@ -53,7 +53,7 @@ impl Closed {
 impl Drop for Closed {
     fn drop(&mut self) {
         for d in &self.disks {
-            d.closed.store(false, Ordering::SeqCst);
+            d.refuse_connections.store(false, Ordering::SeqCst);
         }
         lock(&self.merging.merging).remove(&self.path);
     }
