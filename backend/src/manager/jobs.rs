@@ -13,6 +13,7 @@
 //! cancelled job leaves nothing half-made.
 
 use super::error::Error;
+use super::results::JobInfo;
 use crate::events::EventBus;
 use crate::sync::lock;
 use serde_json::{json, Value};
@@ -103,21 +104,22 @@ impl Job {
     }
 
     /// The job's entry in `query-jobs` (QEMU's JobInfo, plus what it does and its result).
-    pub fn info(&self) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "type": self.kind,
-            "status": self.status().as_str(),
-            "current-progress": self.current.load(Ordering::SeqCst),
-            "total-progress": self.total.load(Ordering::SeqCst),
-            "description": self.description,
-        });
-        match &*lock(&self.outcome) {
-            Some(Ok(r)) => v["result"] = r.clone(),
-            Some(Err(e)) => v["error"] = json!(e),
-            None => {}
+    pub fn info(&self) -> JobInfo {
+        let (result, error) = match &*lock(&self.outcome) {
+            Some(Ok(r)) => (Some(r.clone()), None),
+            Some(Err(e)) => (None, Some(e.clone())),
+            None => (None, None),
+        };
+        JobInfo {
+            id: self.id.clone(),
+            kind: self.kind,
+            status: self.status().as_str(),
+            current_progress: self.current.load(Ordering::SeqCst),
+            total_progress: self.total.load(Ordering::SeqCst),
+            description: self.description.clone(),
+            result,
+            error,
         }
-        v
     }
 }
 
@@ -338,10 +340,10 @@ impl Jobs {
             .ok_or_else(|| Error::not_found(format!("Job '{id}' not found")))
     }
 
-    pub fn query(&self) -> Value {
+    pub fn query(&self) -> Vec<JobInfo> {
         let mut all: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
         all.sort_by_key(|j| j.seq);
-        Value::Array(all.iter().map(|j| j.info()).collect())
+        all.iter().map(|j| j.info()).collect()
     }
 
     /// Asks a job to stop (QEMU's job-cancel): it goes to `aborting`, then `concluded` with
@@ -515,7 +517,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(jobs.wait("a").unwrap(), Ok(json!({"sum": 3})));
-        let info = &jobs.query()[0];
+        let info = serde_json::to_value(&jobs.query()[0]).unwrap();
         assert_eq!(info["status"], "concluded");
         assert_eq!(info["current-progress"], 10);
         assert_eq!(info["result"]["sum"], 3);
@@ -525,7 +527,7 @@ mod tests {
             .to_string()
             .contains("cannot accept"));
         jobs.dismiss("a").unwrap();
-        assert_eq!(jobs.query(), json!([]));
+        assert!(jobs.query().is_empty());
         assert_eq!(j.status(), JobStatus::Null);
         assert_eq!(
             statuses(&rx, "a"),
@@ -577,7 +579,7 @@ mod tests {
             assert!(matches!(e, Error::Failed(_)), "{bad:?}");
             assert!(e.to_string().contains("job ID"), "{bad:?}: {}", e);
         }
-        assert_eq!(jobs.query(), json!([]));
+        assert!(jobs.query().is_empty());
         // Nothing is left for shutdown to wait for.
         jobs.cancel_all_and_wait();
     }
@@ -599,7 +601,7 @@ mod tests {
             panic!("the spawn failed");
         }));
         assert!(r.is_err());
-        assert_eq!(jobs.query(), json!([]));
+        assert!(jobs.query().is_empty());
         assert_eq!(statuses(&rx, "p"), ["null"]);
         jobs.cancel_all_and_wait();
     }
@@ -706,7 +708,7 @@ mod tests {
         })
         .unwrap();
         jobs.wait("last").unwrap().unwrap();
-        let n = jobs.query().as_array().unwrap().len();
+        let n = jobs.query().len();
         assert!(n <= KEEP_CONCLUDED + 1, "{n} kept");
         assert!(jobs.get("j0").is_err());
     }

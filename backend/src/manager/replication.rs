@@ -271,11 +271,9 @@ impl Manager {
     }
 
     fn cancel_rounds(&self, disk: &str) {
-        if let Some(jobs) = self.jobs.query().as_array() {
-            for j in jobs {
-                if let Some(id) = j["id"].as_str().filter(|id| is_round_of(id, disk)) {
-                    let _ = self.jobs.cancel(id);
-                }
+        for j in self.jobs.query() {
+            if is_round_of(&j.id, disk) {
+                let _ = self.jobs.cancel(&j.id);
             }
         }
     }
@@ -289,11 +287,9 @@ impl Manager {
         for r in &all {
             r.signal_stop();
         }
-        if let Some(jobs) = self.jobs.query().as_array() {
-            for j in jobs {
-                if j["type"] == "replicate" {
-                    let _ = self.jobs.cancel(j["id"].as_str().unwrap_or_default());
-                }
+        for j in self.jobs.query() {
+            if j.kind == "replicate" {
+                let _ = self.jobs.cancel(&j.id);
             }
         }
         for r in all {

@@ -199,6 +199,28 @@ pub enum ReplicaTarget {
     Command { command: Vec<String> },
 }
 
+/// One job, as `query-jobs` describes it (QEMU's JobInfo, plus what it does and how it
+/// ended).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobInfo {
+    pub id: String,
+    /// `send`, `receive`, `migrate`, `merge`, `replicate`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `created`, `running`, `aborting`, `concluded`.
+    pub status: &'static str,
+    pub current_progress: u64,
+    pub total_progress: u64,
+    pub description: String,
+    /// Once concluded: what the job made (its own fields per type) …
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// … or why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -434,7 +434,7 @@ fn pool_set_transaction_id(a: &mut Args) -> Result<Call, QmpError> {
 }
 
 fn query_jobs(_: &mut Args) -> Result<Call, QmpError> {
-    Ok(Box::new(|m| Ok(m.jobs.query())))
+    call(|m| Ok(m.jobs.query()))
 }
 
 fn job_cancel(a: &mut Args) -> Result<Call, QmpError> {
