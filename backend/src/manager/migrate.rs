@@ -382,7 +382,7 @@ impl Manager {
         made.dst.clear();
         made.src.clear();
         if let (Some(d), Some(g)) = (served.as_ref(), gate.as_mut()) {
-            d.retarget(g, dst.pool().clone(), new_id, dst.space.clone());
+            d.retarget(g, dst.pool().clone(), new_id, dst.space.clone(), None);
         }
         if let Some(s) = lock(&self.disks).get_mut(name) {
             s.pool = dst.clone();
