@@ -250,6 +250,14 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
 /// block at a time, so that no step holds the pool's metadata (and so the guest's I/O) for
 /// long, then deleted.
 fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
+    empty(p, ids)?;
+    p.delete_devices(ids).map(drop)
+}
+
+/// Unmaps every block of devices `ids`, a block at a time (see [`delete_helpers`]): a
+/// device deleted afterwards frees nothing, so its deletion holds the pool's metadata only
+/// briefly.
+fn empty(p: &PoolHandle, ids: &[u32]) -> R<()> {
     for id in ids {
         let size = p.registry().devices.get(id).map(|e| e.size);
         if let Some(size) = size {
@@ -257,7 +265,7 @@ fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
             p.pool().discard(*id, 0, size.div_ceil(bs) * bs)?;
         }
     }
-    p.delete_devices(ids).map(drop)
+    Ok(())
 }
 
 impl Manager {
@@ -682,6 +690,21 @@ impl Manager {
         if let Some(s) = lock(&self.disks).get_mut(sw.name) {
             s.pool = dst.clone();
         }
+        // What finish_switch deletes, emptied first a block at a time: the last copy in the
+        // new pool, which the disk no longer shares a block with once the copy rewrote
+        // them (its deletion in one go held the new pool's metadata, and so the guest's
+        // I/O, for hundreds of milliseconds), and the old devices. Not needed for
+        // correctness: finish_switch (or the next start) deletes them either way.
+        for (p, ids) in [(dst, vec![base_copy]), (src, vec![disk, last, base])] {
+            if let Err(e) = empty(p, &ids) {
+                tracing::warn!(
+                    "migrate {}: emptying {ids:?} in pool {} before their deletion: {}",
+                    sw.name,
+                    p.name,
+                    e.to_string()
+                );
+            }
+        }
         Ok(Switched {
             new_id: dest,
             final_bytes: copied,
@@ -1081,24 +1104,38 @@ mod tests {
         f.m.shutdown().unwrap();
     }
 
-    /// (b) The new pool fails while the disk is mirrored: the migration is undone, the
-    /// disk stays in its old pool with every write, and no guest request fails.
+    /// (b) The new pool fails while the disk is mirrored, during the copy (which then
+    /// fails) or after it (a guest write finds it failing, and the switch sees that): the
+    /// migration is undone, the disk stays in its old pool with every write, and no guest
+    /// request fails.
     #[test]
     fn a_failing_new_pool_undoes_the_migration_without_failing_a_guest_write() {
-        let f = Arc::new(fixture());
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = background_writer(&f, &stop);
-        {
-            let fw = Arc::downgrade(&f);
-            f.set_hook(move |step| {
-                let Some(f) = fw.upgrade() else { return };
-                match step {
-                    MigrateStep::Converged { .. } => {
-                        for k in (0..DISK / A_BLOCK).step_by(3) {
-                            f.write(k * A_BLOCK + 100, &bytes(5 << 32 | k, 5000));
+        for at in ["mirroring", "copied"] {
+            let f = Arc::new(fixture());
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = background_writer(&f, &stop);
+            {
+                let fw = Arc::downgrade(&f);
+                f.set_hook(move |step| {
+                    let Some(f) = fw.upgrade() else { return };
+                    let here = match step {
+                        MigrateStep::Converged { .. } => {
+                            for k in (0..DISK / A_BLOCK).step_by(3) {
+                                f.write(k * A_BLOCK + 100, &bytes(5 << 32 | k, 5000));
+                            }
+                            "converged"
                         }
-                    }
-                    MigrateStep::Mirroring { .. } => {
+                        MigrateStep::Mirroring { .. } => "mirroring",
+                        MigrateStep::Copying { block } => {
+                            f.write(block * A_BLOCK + 7, &bytes(7 << 32 | block, 100));
+                            "copying"
+                        }
+                        MigrateStep::Copied => {
+                            assert_eq!(at, "copied", "the copy cannot have succeeded");
+                            "copied"
+                        }
+                    };
+                    if here == at {
                         // Every data write of pool b fails from now on: the guest's
                         // mirrored writes and the copy's.
                         f.b_data.fail_nth(FaultOp::Write, 1, true);
@@ -1106,31 +1143,31 @@ mod tests {
                             f.write(k * A_BLOCK * 3 + 10, &bytes(6 << 32 | k, 9000));
                         }
                     }
-                    MigrateStep::Copying { block } => {
-                        f.write(block * A_BLOCK + 7, &bytes(7 << 32 | block, 100));
-                    }
-                    MigrateStep::Copied => panic!("the copy cannot have succeeded"),
-                }
-            });
+                });
+            }
+            let e = f.migrate().unwrap_err();
+            assert!(e.contains("pool b"), "{at}: {e}");
+            // Not mirrored any more, and on pool a.
+            assert!(f.disk.target().mirror.is_none(), "{at}");
+            assert_eq!(f.pool_of_disk(), "a", "{at}");
+            // The guest went on writing meanwhile; it stops.
+            stop.store(true, Ordering::SeqCst);
+            writer.join().unwrap();
+            f.verify(&format!("after the failed move ({at})"));
+            f.b_data.heal();
+            let mut left = f.devices("a");
+            left.sort();
+            assert_eq!(
+                left,
+                [Some("vm".to_string()), Some("vm@s1".to_string())],
+                "{at}"
+            );
+            // What pool b could not delete while it failed is deleted at the next start.
+            f.m.recover_migrations().unwrap();
+            assert!(f.devices("b").is_empty(), "{at}: {:?}", f.devices("b"));
+            *lock(&f.m.migrate_hook) = None;
+            f.m.shutdown().unwrap();
         }
-        let e = f.migrate().unwrap_err();
-        assert!(e.contains("pool b"), "{e}");
-        // Still mirrored? Not any more, and back on pool a.
-        assert!(f.disk.target().mirror.is_none());
-        assert_eq!(f.pool_of_disk(), "a");
-        // The guest goes on writing meanwhile, then stops.
-        stop.store(true, Ordering::SeqCst);
-        writer.join().unwrap();
-        f.verify("after the failed move");
-        f.b_data.heal();
-        let mut left = f.devices("a");
-        left.sort();
-        assert_eq!(left, [Some("vm".to_string()), Some("vm@s1".to_string())]);
-        // What pool b could not delete while it failed is deleted at the next start.
-        f.m.recover_migrations().unwrap();
-        assert!(f.devices("b").is_empty(), "{:?}", f.devices("b"));
-        *lock(&f.m.migrate_hook) = None;
-        f.m.shutdown().unwrap();
     }
 
     /// (c) A crash while the disk is mirrored (the job's thread dies at each step before
