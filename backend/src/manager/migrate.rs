@@ -2,26 +2,29 @@
 //! guest runs.
 //!
 //! The snapshots go first, as a chain of incremental streams (each on the one before), so
-//! that they share blocks in the new pool as they did in the old. Then live passes: a
-//! helper snapshot of the running disk, sent incrementally on the last copy, until a pass
-//! sends little or stops shrinking (the guest writes about as fast as a pass copies).
+//! that they share blocks in the new pool as they did in the old.
 //!
-//! A disk with a guest connected then ends with *active mirroring* ([`crate::blk::mirror`]):
+//! A disk with a guest connected then moves with *active mirroring*
+//! ([`crate::blk::mirror`]), as QEMU's `blockdev-mirror`:
 //!
+//! 0. One live pass: a helper snapshot of the running disk, sent incrementally on the last
+//!    snapshot's copy (whole, without snapshots). More passes would not shorten the end
+//!    (the mirror's copy below has a fixed set of blocks however fast the guest writes) and
+//!    each costs the guest (see the comment at the pass).
 //! 1. The disk's device-to-be `D` is made in the new pool, writable, as a snapshot of the
-//!    last helper's copy (marked `incoming`).
+//!    helper's copy (marked `incoming`).
 //! 2. With the guest's writes held only for an in-memory snapshot (as `snapshot-create`):
 //!    one more helper snapshot `S` (marked `outgoing`), and a forward mirror installed on
 //!    the disk's target. From then on every guest write, write-zeroes and discard goes to
 //!    the old device and then to `D` before the guest's request completes.
-//! 3. The background copy: each block that changed between the last helper and `S`
+//! 3. The background copy: each block that changed between the first helper and `S`
 //!    (their delta, from the trees) is copied to `D` — not from `S` but from the disk as it
 //!    is now, holding the mirror's lock of that block (a block of the old pool). A guest
 //!    request holds the same locks for its blocks across both of its writes. So a copy of
 //!    a block is never stale (nothing can write the block between its read and its write),
 //!    and a partial-block write the mirror made on `D` before the copy reached the block
 //!    is carried again, with the bytes around it, when the copy does. Blocks outside the
-//!    delta read the same in the last helper (so in `D`) and in `S`, and every change after
+//!    delta read the same in the first helper (so in `D`) and in `S`, and every change after
 //!    `S` is mirrored. When the copy ends, `D` reads as the disk does.
 //! 4. The new pool is committed (nothing held), then the switch: one change of the new
 //!    pool's registry that names `D` as the disk and the copies as its snapshots (marked
@@ -66,13 +69,6 @@ use std::time::Instant;
 use thinpool::catalog::SnapshotKind;
 use thinpool::registry::DeviceEntry;
 
-/// Live passes before the final one, at most.
-const MAX_LIVE_PASSES: usize = 8;
-/// A live pass that sent less than this is followed by the final pass: what the guest
-/// writes meanwhile is about as much, and that is what the final pass sends with writes
-/// held.
-const FINAL_PASS_BELOW: u64 = 2 << 20;
-
 /// What a migration made so far, to undo on failure.
 #[derive(Default)]
 struct Made {
@@ -85,7 +81,7 @@ struct Made {
 /// Where a migration is, for tests that act at each step (see `Manager::migrate_hook`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum MigrateStep {
-    /// The live passes are over (the last helper snapshot is `base` in the old pool, its
+    /// The live pass is over (its helper snapshot is `base` in the old pool, its
     /// copy `base_copy` in the new); the mirror comes next.
     Converged { base: u32, base_copy: u32 },
     /// The disk is mirrored to thin device `dest` of the new pool; `last` is the helper
@@ -246,17 +242,9 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     })
 }
 
-/// Deletes helper snapshots (or copies) while the guest writes: each is emptied first a
-/// block at a time, so that no step holds the pool's metadata (and so the guest's I/O) for
-/// long, then deleted.
-fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
-    empty(p, ids)?;
-    p.delete_devices(ids).map(drop)
-}
-
-/// Unmaps every block of devices `ids`, a block at a time (see [`delete_helpers`]): a
-/// device deleted afterwards frees nothing, so its deletion holds the pool's metadata only
-/// briefly.
+/// Unmaps every block of devices `ids` while the guest writes, a block at a time, so that
+/// no step holds the pool's metadata (and so the guest's I/O) for long: a device deleted
+/// afterwards frees nothing, so its deletion holds the pool's metadata only briefly.
 fn empty(p: &PoolHandle, ids: &[u32]) -> R<()> {
     for id in ids {
         let size = p.registry().devices.get(id).map(|e| e.size);
@@ -375,38 +363,19 @@ impl Manager {
         let mut passes: Vec<u64> = Vec::new();
         let mut helpers = 0usize;
         let mut last_helper: Option<(u32, u32)> = None;
-        while live && passes.len() < MAX_LIVE_PASSES {
-            if passes.last().is_some_and(|&b| b < FINAL_PASS_BELOW) {
-                break;
-            }
-            // A pass (after the first, which copies everything) that did not halve the one
-            // before: the guest writes about as fast as we copy, and more passes would not
-            // shrink what is left. The mirror takes it from here: its copy has a fixed
-            // set of blocks to move, whatever the guest writes meanwhile.
-            if let [.., a, b] = passes.as_slice() {
-                if *b > *a / 2 {
-                    tracing::info!(
-                        "migrate {name}: a pass of {} after one of {}: mirroring from here",
-                        crate::size::human(*b),
-                        crate::size::human(*a)
-                    );
-                    break;
-                }
-            }
+        // One live pass, a helper snapshot of the running disk copied on the last one
+        // (everything, the first time). What the guest changes meanwhile is the mirror's
+        // to copy: its copy has a fixed set of blocks to move, whatever the guest writes
+        // while it runs, so more passes would not make the end shorter. They cost the
+        // guest, though: each helper snapshot makes every later write to a block copy the
+        // whole block, and deleting an older helper held the pool's metadata, and so the
+        // guest's I/O, for up to half a second (docs/BENCHMARKS.md, Live migration).
+        if live {
             let t = helper_snapshot(src, disk, &job, helpers)?;
             helpers += 1;
             made.src.push(t);
             let (d, b) = copy(made, t, prev)?;
-            // Only the newest helper is a base from now on. The older one goes at once, in
-            // both pools: each helper shares the disk's blocks, so while it lives every
-            // block the guest rewrites is copied (as after any snapshot), and keeping them
-            // all would take up to a disk's worth of space per pass.
-            if let Some((ts, td)) = last_helper.replace((t, d)) {
-                delete_helpers(src, &[ts])?;
-                delete_helpers(dst, &[td])?;
-                made.src.retain(|&x| x != ts);
-                made.dst.retain(|&x| x != td);
-            }
+            last_helper = Some((t, d));
             prev = Some(t);
             passes.push(b);
             bytes += b;
@@ -612,6 +581,11 @@ impl Manager {
             Ok(id)
         })?;
         made.src.push(last);
+        tracing::info!(
+            "migrate {}: mirroring to thin device {dest} of pool {}",
+            sw.name,
+            dst.name
+        );
         self.hook(MigrateStep::Mirroring { dest, last });
         // The background copy: each block that changed from `base` to `last`, moved from
         // the disk as it is now (see `crate::blk::mirror` for why that is never stale).
@@ -640,9 +614,15 @@ impl Manager {
             }
         }
         self.hook(MigrateStep::Copied);
+        tracing::info!(
+            "migrate {}: copied {} while mirroring",
+            sw.name,
+            crate::size::human(copied)
+        );
         // The new pool made durable with nothing held, so that the switch's commit has
         // only what the guest wrote meanwhile to flush.
         dst.pool().commit()?;
+        tracing::info!("migrate {}: pool {} committed", sw.name, dst.name);
         ctx.check()?;
         // The switch: one commit of the new pool's registry. The guest's writes are held
         // only while the entries change in memory and the disk is retargeted; they then go
