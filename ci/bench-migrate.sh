@@ -5,8 +5,8 @@
 #         `block-job-complete` once the mirror is ready: the export moves to the copy
 # Both while vhost-thin-bench writes 4 KiB at random offsets, QD32, with verification
 # (every write stamped, read back by later reads). Printed for each: how long the move took,
-# for ours the pause (writes held for the final pass and the switch) that the daemon
-# reports, and the load generator's IOPS and latency over a run with the move and a run
+# for ours the pauses (writes held: at the mirror's start, at the switch, at the end of the
+# backward mirror) that the daemon reports, and the load generator's IOPS and latency over a run with the move and a run
 # without (its max latency includes whatever the guest waited during the switch).
 #
 #   ci/bench-migrate.sh [--size SIZE] [--runtime SECS] [--at SECS] [--keep]
@@ -77,9 +77,11 @@ t0=$(date +%s.%N)
 t1=$(date +%s.%N)
 wait "$lpid" || { echo "bench-migrate: the load failed during our move:" >&2; cat "$work/ours-move.json.err" >&2; exit 1; }
 report "with the move" "$work/ours-move.json"
-printf '  move took %.2f s; writes held %s us; live passes %s; bytes per pass %s\n' \
+printf '  move took %.2f s; writes held %s us (each hold %s); live passes %s; bytes per pass %s (the last: the copy while mirrored); mirrored %s bytes\n' \
   "$(python3 -c "print($t1 - $t0)")" "$(jget "$work/ours-migrate.json" pause-us)" \
-  "$(jget "$work/ours-migrate.json" live-passes)" "$(jget "$work/ours-migrate.json" pass-bytes)"
+  "$(jget "$work/ours-migrate.json" holds-us)" \
+  "$(jget "$work/ours-migrate.json" live-passes)" "$(jget "$work/ours-migrate.json" pass-bytes)" \
+  "$(jget "$work/ours-migrate.json" mirrored-bytes)"
 stop
 "$thin" pool check -m "$work/b.meta" -d "$work/b.data" >/dev/null || { echo "bench-migrate: pool b does not check clean" >&2; exit 1; }
 

@@ -789,9 +789,9 @@ impl BlkBackend {
             // it commits without the gate. A snapshot holds commits and then drains the
             // requests in flight; a FLUSH holding the gate while it waits for the commit
             // lock would hold the snapshot up (or, with the order reversed, deadlock).
-            let pool = io.get_or_insert_with(|| self.disk.target()).pool.clone();
+            let (pool, mirror) = io.get_or_insert_with(|| self.disk.target()).flush_pools();
             *io = None;
-            return flush(&self.disk, &pool);
+            return flush(&self.disk, &pool, mirror.as_deref());
         }
         let mut deadline = None;
         loop {

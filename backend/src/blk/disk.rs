@@ -1,6 +1,8 @@
 //! A disk served to a guest: one thin device of a pool, plus what the guest is told.
 
+use super::mirror::{Mirror, MirrorError};
 use super::relay::BackendChannel;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -141,11 +143,56 @@ impl Default for SpacePolicy {
     }
 }
 
-/// Where a disk's requests go: a thin device of a pool. It changes only when the disk
-/// moves to another pool (disk-migrate), under the I/O gate held exclusively.
+/// Where a disk's requests go: a thin device of a pool, and while a migration mirrors the
+/// disk, a second device its changes go to as well. It changes only under the I/O gate
+/// held exclusively (disk-migrate).
 pub struct Target {
     pub pool: Arc<Pool>,
     pub thin_id: u32,
+    /// Installed by disk-migrate (see [`Mirror`]).
+    pub mirror: Option<Arc<Mirror>>,
+}
+
+/// The changing requests go through these, which apply them to the mirror too when there
+/// is one; reads need only the target's own device.
+impl Target {
+    pub fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), MirrorError> {
+        match &self.mirror {
+            Some(m) => m.write_vectored(&self.pool, self.thin_id, offset, bufs),
+            None => self
+                .pool
+                .write_vectored(self.thin_id, offset, bufs)
+                .map_err(MirrorError::Primary),
+        }
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), MirrorError> {
+        match &self.mirror {
+            Some(m) => m.write_zeroes(&self.pool, self.thin_id, offset, len, unmap),
+            None => self
+                .pool
+                .write_zeroes(self.thin_id, offset, len, unmap)
+                .map_err(MirrorError::Primary),
+        }
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> Result<u64, MirrorError> {
+        match &self.mirror {
+            Some(m) => m.discard(&self.pool, self.thin_id, offset, len),
+            None => self
+                .pool
+                .discard(self.thin_id, offset, len)
+                .map_err(MirrorError::Primary),
+        }
+    }
+
+    /// The pools a FLUSH commits: the target's, and the mirror's (see `execute::flush`).
+    pub fn flush_pools(&self) -> (Arc<Pool>, Option<Arc<Pool>>) {
+        (
+            self.pool.clone(),
+            self.mirror.as_ref().map(|m| m.pool.clone()),
+        )
+    }
 }
 
 pub struct Disk {
@@ -226,6 +273,7 @@ impl Disk {
             io_gate: RwLock::new(Target {
                 pool,
                 thin_id: o.thin_id,
+                mirror: None,
             }),
             space: Mutex::new(space),
             connected: AtomicBool::new(false),
@@ -274,17 +322,23 @@ impl Disk {
         self.space.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Moves the disk to thin device `thin_id` of `pool` (whose policy is `space`), under the
-    /// gate held exclusively (`drained`, from [`Disk::drain`]). Writes held for space in the
-    /// old pool are woken and retried on the new target.
+    /// Moves the disk to thin device `thin_id` of `pool` (whose policy is `space`), mirrored
+    /// to `mirror` if given, under the gate held exclusively (`drained`, from
+    /// [`Disk::drain`]). Writes held for space in the old pool are woken and retried on the
+    /// new target.
     pub fn retarget(
         &self,
         drained: &mut RwLockWriteGuard<'_, Target>,
         pool: Arc<Pool>,
         thin_id: u32,
         space: Arc<SpacePolicy>,
+        mirror: Option<Arc<Mirror>>,
     ) {
-        **drained = Target { pool, thin_id };
+        **drained = Target {
+            pool,
+            thin_id,
+            mirror,
+        };
         let old = std::mem::replace(
             &mut *self.space.lock().unwrap_or_else(|p| p.into_inner()),
             space,

@@ -2,6 +2,7 @@
 //! guest memory and the data device (vectored I/O on the guest's own buffers).
 
 use super::disk::{Disk, OutOfSpace, Stats, Target};
+use super::mirror::MirrorError;
 use super::request::{Op, Seg};
 use std::io::{IoSlice, IoSliceMut};
 use std::time::Duration;
@@ -44,10 +45,15 @@ pub struct NeedsSpace {
     pub timeout: Option<Duration>,
 }
 
-/// A FLUSH: commits the pool, which makes every write completed before it durable.
-/// Callers run it without the disk's I/O gate (see `BlkBackend::run`).
-pub fn flush(disk: &Disk, pool: &Pool) -> Done {
-    match pool.commit() {
+/// A FLUSH: commits the pool, which makes every write completed before it durable, and
+/// the mirror's pool when the disk is mirrored (a migration): whichever of the two a
+/// restart finds the disk in then has the write. Callers run it without the disk's I/O gate
+/// (see `BlkBackend::run`).
+pub fn flush(disk: &Disk, pool: &Pool, mirror: Option<&Pool>) -> Done {
+    match pool
+        .commit()
+        .and_then(|()| mirror.map_or(Ok(()), Pool::commit))
+    {
         Ok(()) => Done {
             status: VIRTIO_BLK_S_OK as u8,
             written: 0,
@@ -103,21 +109,28 @@ pub fn execute(
                 })
                 .collect();
             let len: u64 = data.iter().map(|s| s.len as u64).sum();
-            return match to.pool.write_vectored(to.thin_id, *offset, &iov) {
+            return match to.write_vectored(*offset, &iov) {
                 Ok(()) => {
                     Stats::add(&disk.stats.bytes_written, len);
                     Ok(ok(0))
                 }
-                Err(error @ Error::OutOfDataSpace { .. }) => match disk.space().mode() {
-                    // Policy `queue`: the caller holds the write until space appears and
-                    // runs it again. Rewriting the blocks already written is harmless.
-                    OutOfSpace::Queue { timeout } => Err(NeedsSpace { error, timeout }),
-                    OutOfSpace::Error => Ok(fail(disk, "write", &error)),
-                },
+                // Only the disk's own pool's space is waited for: a mirror's is the
+                // migration's business (see `super::mirror`).
+                Err(MirrorError::Primary(error @ Error::OutOfDataSpace { .. })) => {
+                    match disk.space().mode() {
+                        // Policy `queue`: the caller holds the write until space appears and
+                        // runs it again. Rewriting the blocks already written is harmless.
+                        OutOfSpace::Queue { timeout } => Err(NeedsSpace { error, timeout }),
+                        OutOfSpace::Error => Ok(fail(disk, "write", &error)),
+                    }
+                }
                 Err(e) => Ok(fail(disk, "write", &e)),
             };
         }
-        Op::Flush => flush(disk, &to.pool),
+        Op::Flush => {
+            let (pool, mirror) = to.flush_pools();
+            flush(disk, &pool, mirror.as_deref())
+        }
         Op::GetId { data } => {
             let mut written = 0usize;
             for s in data {
@@ -140,7 +153,7 @@ pub fn execute(
         },
         Op::Discard(ranges) => {
             for r in ranges {
-                if let Err(e) = to.pool.discard(to.thin_id, r.offset, r.len) {
+                if let Err(e) = to.discard(r.offset, r.len) {
                     return Ok(fail(disk, "discard", &e));
                 }
             }
@@ -148,7 +161,7 @@ pub fn execute(
         }
         Op::WriteZeroes(ranges) => {
             for r in ranges {
-                if let Err(e) = to.pool.write_zeroes(to.thin_id, r.offset, r.len, r.unmap) {
+                if let Err(e) = to.write_zeroes(r.offset, r.len, r.unmap) {
                     return Ok(fail(disk, "write-zeroes", &e));
                 }
             }

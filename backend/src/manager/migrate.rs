@@ -2,93 +2,72 @@
 //! guest runs.
 //!
 //! The snapshots go first, as a chain of incremental streams (each on the one before), so
-//! that they share blocks in the new pool as they did in the old. Then live passes: a
-//! helper snapshot of the running disk, sent incrementally on the last copy, until a pass
-//! sends little. Then the final pass, with the guest's writes held: one more helper
-//! snapshot and its (small) incremental copy, the disk made in the new pool as a snapshot
-//! of that copy, and the disk's requests switched to it; the writes held are released into
-//! the new pool. The guest sees a pause, never an error. The pause is reported.
+//! that they share blocks in the new pool as they did in the old.
+//!
+//! A disk with a guest connected then moves with *active mirroring*
+//! ([`crate::blk::mirror`]), as QEMU's `blockdev-mirror`:
+//!
+//! 0. One live pass: a helper snapshot of the running disk, sent incrementally on the last
+//!    snapshot's copy (whole, without snapshots). More passes would not shorten the end
+//!    (the mirror's copy below has a fixed set of blocks however fast the guest writes) and
+//!    each costs the guest (see the comment at the pass).
+//! 1. The disk's device-to-be `D` is made in the new pool, writable, as a snapshot of the
+//!    helper's copy (marked `incoming`).
+//! 2. With the guest's writes held only for an in-memory snapshot (as `snapshot-create`):
+//!    one more helper snapshot `S` (marked `outgoing`), and a forward mirror installed on
+//!    the disk's target. From then on every guest write, write-zeroes and discard goes to
+//!    the old device and then to `D` before the guest's request completes.
+//! 3. The background copy: each block that changed between the first helper and `S`
+//!    (their delta, from the trees) is copied to `D` — not from `S` but from the disk as it
+//!    is now, holding the mirror's lock of that block (a block of the old pool). A guest
+//!    request holds the same locks for its blocks across both of its writes. So a copy of
+//!    a block is never stale (nothing can write the block between its read and its write),
+//!    and a partial-block write the mirror made on `D` before the copy reached the block
+//!    is carried again, with the bytes around it, when the copy does. Blocks outside the
+//!    delta read the same in the first helper (so in `D`) and in `S`, and every change after
+//!    `S` is mirrored. When the copy ends, `D` reads as the disk does.
+//! 4. The new pool is committed (nothing held), then the switch: one change of the new
+//!    pool's registry that names `D` as the disk and the copies as its snapshots (marked
+//!    `switched`). Within it the guest's writes are held only while the entries change in
+//!    memory and the disk's target moves to `D`; they are released at once, mirrored
+//!    *backwards* to the old device until the change is durable (registry written, pool
+//!    committed), since until then a restart finds the disk in the old pool. A backward
+//!    write that fails fails the guest's request (it is not done where a restart would
+//!    look); a forward one that fails only gives the mirror up, and the migration fails
+//!    and is undone at the switch, with the disk, whole, in its old pool. After the switch
+//!    is durable the backward mirror goes (one more short hold) and the old pool's copies
+//!    are deleted.
+//!
+//! A FLUSH while mirrored commits both pools (the target's first): whichever of the two a
+//! restart finds the disk in holds every write the FLUSH vouches for. During the switch
+//! the new pool's commits are held, so a FLUSH then waits for the switch to be durable.
+//!
+//! A disk no guest writes (not served, or no guest connected) ends with the final pass
+//! instead, as before: with the guest's writes held, one more helper snapshot, its copy,
+//! the disk made in the new pool as a snapshot of that copy, the switch. The guest sees a
+//! pause, never an error. The pauses (each hold of the guest's writes) are reported.
 //!
 //! Crash safety: every entry a migration makes carries a mark in its registry
-//! ([`Migration`]). Helper snapshots in the old pool are `outgoing`, copies in the new
-//! pool `incoming`, until the switch, which is one commit of the new pool's registry that
-//! names the disk and its snapshots there and marks them `switched`. After that the old
-//! pool's copies are deleted and the marks cleared. [`Manager::recover_migrations`], run
+//! ([`Migration`]). Helper snapshots in the old pool are `outgoing`, copies (and `D`) in the
+//! new pool `incoming`, until the switch, which is one commit of the new pool's registry
+//! that names the disk and its snapshots there and marks them `switched`. After that the
+//! old pool's copies are deleted and the marks cleared. [`Manager::recover_migrations`], run
 //! at start, finishes or undoes whatever a crash interrupted: before the switch the disk
-//! stays in its old pool, after it the disk is in the new one.
+//! stays in its old pool (which has every write: the forward mirror writes it first, the
+//! backward one as well), after it the disk is in the new one.
 
 use super::device_state::{DaemonFields, DeviceState, Migration, ReplicationTarget};
 use super::error::Error;
 use super::jobs::JobCtx;
 use super::transfer::copy_snapshot;
 use super::{lock, Manager, PoolHandle, R};
+use crate::blk::mirror::{Mirror, OnError};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 use thinpool::catalog::SnapshotKind;
 use thinpool::registry::DeviceEntry;
-
-/// Live passes before the final one, at most.
-const MAX_LIVE_PASSES: usize = 8;
-/// A live pass that sent less than this is followed by the final pass: what the guest
-/// writes meanwhile is about as much, and that is what the final pass sends with writes
-/// held.
-const FINAL_PASS_BELOW: u64 = 2 << 20;
-
-/// Auto-converge: a guest that writes faster than the passes copy never lets them shrink,
-/// and the final pass (the pause) would be as long as a whole pass. So, after a pass that
-/// did not halve, the guest's writes are held for a growing share of each 50 ms period
-/// (25 %, 50 %, 75 %, at most 90 %): short, spread-out holds instead of one long one, as
-/// QEMU throttles the vCPUs of a guest whose memory migration does not converge.
-struct Throttle {
-    duty: Arc<std::sync::atomic::AtomicU32>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
-
-impl Throttle {
-    fn start(disk: Arc<crate::blk::disk::Disk>) -> Throttle {
-        use std::sync::atomic::Ordering::SeqCst;
-        let duty = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (d, st) = (duty.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("throttle-{}", disk.name))
-            .spawn(move || {
-                while !st.load(SeqCst) {
-                    let pct = d.load(SeqCst).min(90);
-                    let held = THROTTLE_PERIOD * pct / 100;
-                    if !held.is_zero() {
-                        let _gate = disk.drain();
-                        std::thread::sleep(held);
-                    }
-                    std::thread::sleep(THROTTLE_PERIOD - held);
-                }
-            })
-            .ok();
-        Throttle { duty, stop, thread }
-    }
-
-    /// One step harder; the share now held, in percent.
-    fn harder(&self) -> u32 {
-        use std::sync::atomic::Ordering::SeqCst;
-        let now = (self.duty.load(SeqCst) + 25).min(90);
-        self.duty.store(now, SeqCst);
-        now
-    }
-}
-
-impl Drop for Throttle {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// What a migration made so far, to undo on failure.
 #[derive(Default)]
@@ -97,6 +76,121 @@ struct Made {
     src: Vec<u32>,
     /// Copies in the new pool.
     dst: Vec<u32>,
+}
+
+/// Where a migration is, for tests that act at each step (see `Manager::migrate_hook`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MigrateStep {
+    /// The live pass is over (its helper snapshot is `base` in the old pool, its
+    /// copy `base_copy` in the new); the mirror comes next.
+    Converged { base: u32, base_copy: u32 },
+    /// The disk is mirrored to thin device `dest` of the new pool; `last` is the helper
+    /// snapshot the background copy reads the changed blocks from.
+    Mirroring { dest: u32, last: u32 },
+    /// The background copy is about to copy block `block` (no lock held).
+    Copying { block: u64 },
+    /// The background copy is done; the switch comes next.
+    Copied,
+}
+
+/// What the end of a migration did.
+struct Switched {
+    /// The disk's thin device in the new pool.
+    new_id: u32,
+    /// Bytes the final pass (or the background copy) sent.
+    final_bytes: u64,
+    /// Each time the guest's writes were held, in order.
+    holds: Vec<std::time::Duration>,
+    /// With active mirroring: the bytes the guest's requests wrote to both pools.
+    mirrored: Option<u64>,
+}
+
+/// What the switch needs to know of the migration.
+struct Switch<'a> {
+    src: &'a Arc<PoolHandle>,
+    dst: &'a Arc<PoolHandle>,
+    name: &'a str,
+    disk: u32,
+    job: &'a str,
+    /// The disk's entry in the old pool.
+    entry: &'a DeviceEntry,
+    /// (snapshot in the old pool, its copy in the new), oldest first.
+    copies: &'a [(u32, u32)],
+    /// The snapshots' entries in the old pool.
+    src_names: &'a BTreeMap<u32, DeviceEntry>,
+}
+
+impl Switch<'_> {
+    /// The switch's registry change in the new pool: the copies of the snapshots take
+    /// their names, device `id` becomes the disk, all marked switched.
+    fn name_switched(&self, reg: &mut thinpool::registry::Registry, id: u32) -> R<()> {
+        let switched = Migration::Switched {
+            job: self.job.to_string(),
+            from_pool: self.src.name.clone(),
+        };
+        let entry = self.entry;
+        let ids: BTreeMap<u32, u32> = self.copies.iter().copied().collect();
+        for (s, d) in self.copies {
+            let old = &self.src_names[s];
+            if let Some(e) = reg.devices.get_mut(d) {
+                e.name = old.name.clone();
+                e.serial = old.serial.clone();
+                e.created = old.created;
+                // Snapshots of the disk are snapshots of its new self; snapshots of
+                // snapshots keep their origin among the copies.
+                e.deleted_origin = old.deleted_origin.clone();
+                e.origin = match old.origin {
+                    Some(o) if o == self.disk => Some(id),
+                    Some(o) => ids.get(&o).copied(),
+                    None => None,
+                };
+                e.set_migration(Some(switched.clone()));
+            }
+        }
+        let mut moved = DeviceEntry {
+            name: entry.name.clone(),
+            size: entry.size,
+            read_only: entry.read_only,
+            serial: entry.serial.clone(),
+            snapshot: false,
+            origin: entry.origin.and_then(|o| ids.get(&o).copied()),
+            deleted_origin: entry.deleted_origin.clone(),
+            created: entry.created,
+            ..Default::default()
+        };
+        DeviceState {
+            migration: Some(switched),
+            replication: entry.replication(),
+            ..DeviceState::of(entry)
+        }
+        .store(&mut moved);
+        reg.insert(id, moved)
+            .map_err(|e| Error::failed(e.to_string()))
+    }
+}
+
+/// Until the switch: puts the disk back on its own device in its old pool, unmirrored,
+/// when the migration fails (dropped armed).
+struct Restore<'a> {
+    disk: &'a Arc<crate::blk::disk::Disk>,
+    src: &'a PoolHandle,
+    id: u32,
+    armed: bool,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut gate = self.disk.drain();
+            self.disk.retarget(
+                &mut gate,
+                self.src.pool().clone(),
+                self.id,
+                self.src.space.clone(),
+                None,
+            );
+        }
+    }
 }
 
 /// The snapshots of disk `disk` (and snapshots of those), oldest first: what moves with it.
@@ -148,10 +242,10 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     })
 }
 
-/// Deletes helper snapshots (or copies) while the guest writes: each is emptied first a
-/// block at a time, so that no step holds the pool's metadata (and so the guest's I/O) for
-/// long, then deleted.
-fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
+/// Unmaps every block of devices `ids` while the guest writes, a block at a time, so that
+/// no step holds the pool's metadata (and so the guest's I/O) for long: a device deleted
+/// afterwards frees nothing, so its deletion holds the pool's metadata only briefly.
+fn empty(p: &PoolHandle, ids: &[u32]) -> R<()> {
     for id in ids {
         let size = p.registry().devices.get(id).map(|e| e.size);
         if let Some(size) = size {
@@ -159,7 +253,7 @@ fn delete_helpers(p: &PoolHandle, ids: &[u32]) -> R<()> {
             p.pool().discard(*id, 0, size.div_ceil(bs) * bs)?;
         }
     }
-    p.delete_devices(ids).map(drop)
+    Ok(())
 }
 
 impl Manager {
@@ -269,64 +363,29 @@ impl Manager {
         let mut passes: Vec<u64> = Vec::new();
         let mut helpers = 0usize;
         let mut last_helper: Option<(u32, u32)> = None;
-        let throttle = served.clone().filter(|_| live).map(Throttle::start);
-        let mut throttled = 0u32;
-        while live && passes.len() < MAX_LIVE_PASSES {
-            if passes.last().is_some_and(|&b| b < FINAL_PASS_BELOW) {
-                break;
-            }
-            // A pass (after the first, which copies everything) that did not halve the
-            // one before: the guest writes about as fast as we copy.
-            if let (Some(t), [.., a, b]) = (&throttle, passes.as_slice()) {
-                if passes.len() >= 2 && *b > *a / 2 {
-                    throttled = t.harder();
-                    tracing::info!(
-                        "migrate {name}: a pass of {} after one of {}: writes held {throttled}% of the time",
-                        crate::size::human(*b),
-                        crate::size::human(*a)
-                    );
-                }
-            }
+        // One live pass, a helper snapshot of the running disk copied on the last one
+        // (everything, the first time). What the guest changes meanwhile is the mirror's
+        // to copy: its copy has a fixed set of blocks to move, whatever the guest writes
+        // while it runs, so more passes would not make the end shorter. They cost the
+        // guest, though: each helper snapshot makes every later write to a block copy the
+        // whole block, and deleting an older helper held the pool's metadata, and so the
+        // guest's I/O, for up to half a second (docs/BENCHMARKS.md, Live migration).
+        if live {
             let t = helper_snapshot(src, disk, &job, helpers)?;
             helpers += 1;
             made.src.push(t);
             let (d, b) = copy(made, t, prev)?;
-            // Only the newest helper is a base from now on. The older one goes at once, in
-            // both pools: each helper shares the disk's blocks, so while it lives every
-            // block the guest rewrites is copied (as after any snapshot), and keeping them
-            // all would take up to a disk's worth of space per pass.
-            if let Some((ts, td)) = last_helper.replace((t, d)) {
-                delete_helpers(src, &[ts])?;
-                delete_helpers(dst, &[td])?;
-                made.src.retain(|&x| x != ts);
-                made.dst.retain(|&x| x != td);
-            }
+            last_helper = Some((t, d));
             prev = Some(t);
             passes.push(b);
             bytes += b;
         }
-        drop(throttle);
-        // The final pass, with the guest's writes held, and the switch.
         ctx.check()?;
         let _op = lock(&self.op);
         let entry =
             src.registry().devices.get(&disk).cloned().ok_or_else(|| {
                 Error::failed(format!("disk '{name}' vanished during the migration"))
             })?;
-        // As for a snapshot: committed first, so the commits with writes held are short.
-        src.pool().commit()?;
-        let mut gate = served.as_ref().map(|d| d.drain());
-        let t0 = Instant::now();
-        let tf = helper_snapshot(src, disk, &job, helpers)?;
-        made.src.push(tf);
-        let (last_copy, b) = copy(made, tf, prev)?;
-        passes.push(b);
-        bytes += b;
-        ctx.check()?;
-        let switched = Migration::Switched {
-            job: job.clone(),
-            from_pool: src.name.clone(),
-        };
         let src_names: BTreeMap<u32, DeviceEntry> = {
             let reg = src.registry();
             copies
@@ -334,64 +393,40 @@ impl Manager {
                 .filter_map(|(s, _)| reg.devices.get(s).map(|e| (*s, e.clone())))
                 .collect()
         };
-        // The point of no return: one commit of the new pool's registry.
-        let new_id = dst.change(|devices, reg| {
-            let id = devices.next_id(reg);
-            devices.create_snap(id, last_copy)?;
-            let ids: BTreeMap<u32, u32> = copies.iter().copied().collect();
-            for (s, d) in &copies {
-                let old = &src_names[s];
-                if let Some(e) = reg.devices.get_mut(d) {
-                    e.name = old.name.clone();
-                    e.serial = old.serial.clone();
-                    e.created = old.created;
-                    // Snapshots of the disk are snapshots of its new self; snapshots of
-                    // snapshots keep their origin among the copies.
-                    e.deleted_origin = old.deleted_origin.clone();
-                    e.origin = match old.origin {
-                        Some(o) if o == disk => Some(id),
-                        Some(o) => ids.get(&o).copied(),
-                        None => None,
-                    };
-                    e.set_migration(Some(switched.clone()));
-                }
+        let sw = Switch {
+            src,
+            dst,
+            name,
+            disk,
+            job: &job,
+            entry: &entry,
+            copies: &copies,
+            src_names: &src_names,
+        };
+        let done = match (served.as_ref().filter(|_| live), last_helper) {
+            (Some(d), Some((base, base_copy))) => {
+                self.mirror_and_switch(ctx, &sw, d, base, base_copy, made)?
             }
-            let mut moved = DeviceEntry {
-                name: entry.name.clone(),
-                size: entry.size,
-                read_only: entry.read_only,
-                serial: entry.serial.clone(),
-                snapshot: false,
-                origin: entry.origin.and_then(|o| ids.get(&o).copied()),
-                deleted_origin: entry.deleted_origin.clone(),
-                created: entry.created,
-                ..Default::default()
-            };
-            DeviceState {
-                migration: Some(switched.clone()),
-                replication: entry.replication(),
-                ..DeviceState::of(&entry)
+            _ => {
+                let tf_base = prev;
+                self.final_pass_and_switch(
+                    ctx,
+                    &sw,
+                    served.as_ref(),
+                    made,
+                    |made, tf| copy(made, tf, tf_base),
+                    helpers,
+                )?
             }
-            .store(&mut moved);
-            reg.insert(id, moved)
-                .map_err(|e| Error::failed(e.to_string()))?;
-            Ok(id)
-        })?;
-        // Switched: from here on nothing is undone, only finished.
-        ctx.point_of_no_return();
-        made.dst.clear();
-        made.src.clear();
-        if let (Some(d), Some(g)) = (served.as_ref(), gate.as_mut()) {
-            d.retarget(g, dst.pool().clone(), new_id, dst.space.clone());
-        }
-        if let Some(s) = lock(&self.disks).get_mut(name) {
-            s.pool = dst.clone();
-        }
-        drop(gate);
-        let pause = t0.elapsed();
+        };
+        passes.push(done.final_bytes);
+        bytes += done.final_bytes;
+        let pause = done.holds.iter().sum::<std::time::Duration>();
         tracing::info!(
-            "migrate {name}: switched to pool {} (thin device {new_id}), writes held {pause:?}",
-            dst.name
+            "migrate {name}: switched to pool {} (thin device {}), writes held {pause:?} ({:?})",
+            dst.name,
+            done.new_id,
+            done.holds
         );
         self.finish_switch(src, dst, &job).map_err(|e| {
             Error::failed(format!(
@@ -403,17 +438,271 @@ impl Manager {
             "disk": name,
             "from": src.name,
             "to": dst.name,
-            "thin-id": new_id,
+            "thin-id": done.new_id,
             "snapshots": copies.len(),
             "live-passes": passes.len() - 1,
             "pass-bytes": passes,
             "data-bytes": bytes,
             "pause-us": pause.as_micros() as u64,
-            "throttled-percent": throttled,
+            "holds-us": done.holds.iter().map(|h| h.as_micros() as u64).collect::<Vec<_>>(),
+            "mirrored": done.mirrored.is_some(),
+            "mirrored-bytes": done.mirrored.unwrap_or(0),
         });
         self.events
             .emit(crate::events::Event::DiskMigrated(result.clone()));
         Ok(result)
+    }
+
+    /// The pass-based end (a disk not being written: not served, or no guest connected):
+    /// with the guest's writes held, one more helper snapshot, its copy (`copy`), the disk
+    /// made in the new pool as a snapshot of that copy, the switch.
+    fn final_pass_and_switch(
+        &self,
+        ctx: &JobCtx,
+        sw: &Switch<'_>,
+        served: Option<&Arc<crate::blk::disk::Disk>>,
+        made: &mut Made,
+        mut copy: impl FnMut(&mut Made, u32) -> R<(u32, u64)>,
+        helpers: usize,
+    ) -> R<Switched> {
+        let (src, dst) = (sw.src, sw.dst);
+        // As for a snapshot: committed first, so the commits with writes held are short.
+        src.pool().commit()?;
+        let mut gate = served.map(|d| d.drain());
+        let t0 = Instant::now();
+        let tf = helper_snapshot(src, sw.disk, sw.job, helpers)?;
+        made.src.push(tf);
+        let (last_copy, b) = copy(made, tf)?;
+        ctx.check()?;
+        // The point of no return: one commit of the new pool's registry.
+        let new_id = dst.change(|devices, reg| {
+            let id = devices.next_id(reg);
+            devices.create_snap(id, last_copy)?;
+            sw.name_switched(reg, id)?;
+            Ok(id)
+        })?;
+        // Switched: from here on nothing is undone, only finished.
+        ctx.point_of_no_return();
+        made.dst.clear();
+        made.src.clear();
+        if let (Some(d), Some(g)) = (served, gate.as_mut()) {
+            d.retarget(g, dst.pool().clone(), new_id, dst.space.clone(), None);
+        }
+        if let Some(s) = lock(&self.disks).get_mut(sw.name) {
+            s.pool = dst.clone();
+        }
+        drop(gate);
+        Ok(Switched {
+            new_id,
+            final_bytes: b,
+            holds: vec![t0.elapsed()],
+            mirrored: None,
+        })
+    }
+
+    /// The end for a disk being written: active mirroring, then a switch that copies
+    /// nothing (see the module's comment). `base` is the last helper snapshot, `base_copy`
+    /// its copy in the new pool.
+    fn mirror_and_switch(
+        &self,
+        ctx: &JobCtx,
+        sw: &Switch<'_>,
+        d: &Arc<crate::blk::disk::Disk>,
+        base: u32,
+        base_copy: u32,
+        made: &mut Made,
+    ) -> R<Switched> {
+        let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
+        let job = sw.job;
+        self.hook(MigrateStep::Converged { base, base_copy });
+        // The disk's device-to-be in the new pool: writable, made of the last copy, marked
+        // incoming until the switch names it.
+        let dest = dst.change(|devices, reg| {
+            let id = devices.next_id(reg);
+            devices.create_snap(id, base_copy)?;
+            let mut e = DeviceEntry {
+                name: Some(format!(".{job}.disk")),
+                snapshot: false,
+                read_only: false,
+                ..dst
+                    .catalog
+                    .new_snapshot_entry(reg, base_copy, id, SnapshotKind::Clone)
+            };
+            e.set_migration(Some(Migration::Incoming {
+                job: job.to_string(),
+            }));
+            reg.insert(id, e)
+                .map_err(|e| Error::failed(e.to_string()))?;
+            Ok(id)
+        })?;
+        made.dst.push(dest);
+        // From here until the switch, whatever fails leaves the disk on its own device in
+        // its old pool, unmirrored.
+        let mut restore = Restore {
+            disk: d,
+            src,
+            id: disk,
+            armed: true,
+        };
+        let mirror = Arc::new(Mirror::new(
+            dst.pool().clone(),
+            dest,
+            src.pool().block_bytes(),
+            OnError::GiveUp,
+        ));
+        // The last helper snapshot and the mirror at one point in time, the guest's writes
+        // held only for the snapshot in memory (as snapshot-create): every block the guest
+        // changes after it is mirrored, every block it changed since `base` is in the delta
+        // from `base` to it. A commit first, so that the change's own has little to flush.
+        src.pool().commit()?;
+        let mut holds = Vec::new();
+        let last = src.change(|devices, reg| {
+            let id = devices.next_id(reg);
+            let t0 = Instant::now();
+            let mut gate = d.drain();
+            let snap = devices.create_snap(id, disk);
+            if snap.is_ok() {
+                gate.mirror = Some(mirror.clone());
+            }
+            drop(gate);
+            holds.push(t0.elapsed());
+            snap?;
+            let mut entry = DeviceEntry {
+                name: Some(format!(".{job}.last")),
+                ..src
+                    .catalog
+                    .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
+            };
+            entry.set_migration(Some(Migration::Outgoing {
+                job: job.to_string(),
+            }));
+            reg.insert(id, entry)
+                .map_err(|e| Error::failed(e.to_string()))?;
+            Ok(id)
+        })?;
+        made.src.push(last);
+        tracing::info!(
+            "migrate {}: mirroring to thin device {dest} of pool {}",
+            sw.name,
+            dst.name
+        );
+        self.hook(MigrateStep::Mirroring { dest, last });
+        // The background copy: each block that changed from `base` to `last`, moved from
+        // the disk as it is now (see `crate::blk::mirror` for why that is never stale).
+        let runs = src.pool().with_metadata(|md| {
+            thinpool::delta::runs(
+                md,
+                base,
+                last,
+                false,
+                thinpool::delta::DeltaMode::ChangedOnly,
+            )
+        })?;
+        let bs = src.pool().block_bytes();
+        let total: u64 = runs.iter().map(|r| r.length).sum::<u64>() * bs;
+        let mut buf = Vec::new();
+        let mut copied = 0u64;
+        for r in &runs {
+            for k in r.begin..r.begin + r.length {
+                ctx.check()?;
+                self.hook(MigrateStep::Copying { block: k });
+                mirror
+                    .copy_region(src.pool(), disk, k, &mut buf)
+                    .map_err(|e| Error::failed(format!("copying to pool {}: {e}", dst.name)))?;
+                copied += bs;
+                ctx.progress(copied, total);
+            }
+        }
+        self.hook(MigrateStep::Copied);
+        tracing::info!(
+            "migrate {}: copied {} while mirroring",
+            sw.name,
+            crate::size::human(copied)
+        );
+        // The new pool made durable with nothing held, so that the switch's commit has
+        // only what the guest wrote meanwhile to flush.
+        dst.pool().commit()?;
+        tracing::info!("migrate {}: pool {} committed", sw.name, dst.name);
+        ctx.check()?;
+        // The switch: one commit of the new pool's registry. The guest's writes are held
+        // only while the entries change in memory and the disk is retargeted; they then go
+        // to the new device, and back to the old one as well until the change is durable
+        // (FailRequest: until then the old pool is where a restart finds the disk, so a
+        // write is done only once it is there). Commits of the new pool are held all along,
+        // so a FLUSH waits for the switch to be durable.
+        let back = Arc::new(Mirror::new(
+            src.pool().clone(),
+            disk,
+            dst.pool().block_bytes(),
+            OnError::FailRequest,
+        ));
+        dst.change(|_, reg| {
+            let t0 = Instant::now();
+            let mut gate = d.drain();
+            if let Some(why) = mirror.failure() {
+                return Err(Error::failed(format!(
+                    "mirroring to pool {} failed: {why}",
+                    dst.name
+                )));
+            }
+            sw.name_switched(reg, dest)?;
+            d.retarget(
+                &mut gate,
+                dst.pool().clone(),
+                dest,
+                dst.space.clone(),
+                Some(back.clone()),
+            );
+            drop(gate);
+            holds.push(t0.elapsed());
+            Ok(())
+        })?;
+        // Switched: from here on nothing is undone, only finished.
+        ctx.point_of_no_return();
+        restore.armed = false;
+        made.dst.clear();
+        made.src.clear();
+        let t0 = Instant::now();
+        let mut gate = d.drain();
+        gate.mirror = None;
+        drop(gate);
+        holds.push(t0.elapsed());
+        if let Some(s) = lock(&self.disks).get_mut(sw.name) {
+            s.pool = dst.clone();
+        }
+        // What finish_switch deletes, emptied first a block at a time: the last copy in the
+        // new pool, which the disk no longer shares a block with once the copy rewrote
+        // them (its deletion in one go held the new pool's metadata, and so the guest's
+        // I/O, for hundreds of milliseconds), and the old devices. Not needed for
+        // correctness: finish_switch (or the next start) deletes them either way.
+        for (p, ids) in [(dst, vec![base_copy]), (src, vec![disk, last, base])] {
+            if let Err(e) = empty(p, &ids) {
+                tracing::warn!(
+                    "migrate {}: emptying {ids:?} in pool {} before their deletion: {}",
+                    sw.name,
+                    p.name,
+                    e.to_string()
+                );
+            }
+        }
+        Ok(Switched {
+            new_id: dest,
+            final_bytes: copied,
+            holds,
+            mirrored: Some(
+                mirror
+                    .mirrored_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        })
+    }
+
+    /// Tells a test where the migration is (see [`MigrateStep`]).
+    fn hook(&self, _step: MigrateStep) {
+        #[cfg(test)]
+        if let Some(h) = lock(&self.migrate_hook).clone() {
+            h(_step);
+        }
     }
 
     /// After the switch of job `job` from `src` to `dst`: deletes the disk, its snapshots
@@ -519,5 +808,396 @@ impl Manager {
             }
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Active mirroring, with the manager's own disks and pools in memory and the guest's
+    //! requests made through the disk's target, as the I/O path makes them. The tests act
+    //! at the migration's steps (`Manager::migrate_hook`), never on time.
+
+    use super::*;
+    use crate::blk::disk::Disk;
+    use std::io::IoSlice;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Mutex;
+    use thinpool::pool::{Pool, PoolOptions};
+    use thinpool::storage::testing::{FaultOp, FaultyStorage};
+    use thinpool::storage::MemStorage;
+
+    const DISK: u64 = 8 << 20;
+    /// Pool a's blocks (the disk's first pool): 64 KiB; pool b's: 256 KiB, so that the
+    /// mirror's writes straddle blocks of the other size.
+    const A_BLOCK: u64 = 64 << 10;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        m: Arc<Manager>,
+        disk: Arc<Disk>,
+        /// Pool b's data store, to make it fail.
+        b_data: Arc<FaultyStorage<MemStorage>>,
+        /// What the guest should read: every write applied in the order the disk got it.
+        model: Arc<Mutex<Vec<u8>>>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let b_data = Arc::new(FaultyStorage::new(MemStorage::new(128 << 20)));
+        let mk = |name: &str, sectors: u32, data: Arc<dyn thinpool::storage::Storage>| {
+            let p = Pool::create(
+                Arc::new(MemStorage::new(8 << 20)),
+                data,
+                sectors,
+                PoolOptions::default(),
+            )
+            .unwrap();
+            let reg = thinpool::registry::Registry::new(dir.path().join(format!("{name}.json")), 0);
+            Arc::new(PoolHandle::new(
+                name,
+                thinpool::catalog::Catalog::new(Arc::new(p), reg, 1),
+            ))
+        };
+        let a = mk("a", 128, Arc::new(MemStorage::new(128 << 20)));
+        let b = mk("b", 512, b_data.clone());
+        let m = Manager::new(vec![a, b], dir.path().to_path_buf());
+        m.disk_add(
+            &super::super::NewDisk {
+                name: "vm",
+                pool: Some("a"),
+                size: Some(DISK),
+                clone_from: None,
+                read_only: false,
+                serial: None,
+                external_origin: None,
+            },
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        let disk = lock(&m.disks)["vm"].disk.clone();
+        // As when a guest is connected: the migration is live (passes, then the mirror).
+        disk.connected.store(true, Ordering::SeqCst);
+        let f = Fixture {
+            _dir: dir,
+            m,
+            disk,
+            b_data,
+            model: Arc::new(Mutex::new(vec![0; DISK as usize])),
+        };
+        // The whole disk written, with a snapshot in the middle of its history.
+        for k in 0..DISK / A_BLOCK {
+            f.write(k * A_BLOCK, &bytes(k, A_BLOCK as usize));
+            if k == DISK / A_BLOCK / 2 {
+                f.m.snapshot_create("vm", "@s1").unwrap();
+            }
+        }
+        f
+    }
+
+    /// Bytes that name the write they come from.
+    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    impl Fixture {
+        /// A guest write, through the disk's target as the I/O path makes it; it must
+        /// succeed. The model follows under its lock, held across the write, so that its
+        /// order is the disk's.
+        fn write(&self, at: u64, data: &[u8]) {
+            let mut model = lock(&self.model);
+            let r = self.disk.target().write_vectored(at, &[IoSlice::new(data)]);
+            assert!(r.is_ok(), "guest write at {at} failed: {r:?}");
+            model[at as usize..at as usize + data.len()].copy_from_slice(data);
+        }
+
+        fn write_zeroes(&self, at: u64, len: u64, unmap: bool) {
+            let mut model = lock(&self.model);
+            let r = self.disk.target().write_zeroes(at, len, unmap);
+            assert!(r.is_ok(), "guest write-zeroes at {at} failed: {r:?}");
+            model[at as usize..(at + len) as usize].fill(0);
+        }
+
+        /// A guest discard of block `block` of pool a. Where that is a whole block of the
+        /// target's pool, it is unmapped and reads as zeroes (the disk has no external
+        /// origin); in pool b, of larger blocks, it changes nothing (discard unmaps whole
+        /// blocks only, and promises nothing).
+        fn discard(&self, block: u64) {
+            let mut model = lock(&self.model);
+            let t = self.disk.target();
+            let r = t.discard(block * A_BLOCK, A_BLOCK);
+            assert!(r.is_ok(), "guest discard of block {block} failed: {r:?}");
+            if t.pool.block_bytes() <= A_BLOCK {
+                let at = (block * A_BLOCK) as usize;
+                model[at..at + A_BLOCK as usize].fill(0);
+            }
+        }
+
+        /// The disk as the guest reads it now, compared with the model.
+        fn verify(&self, what: &str) {
+            let model = lock(&self.model);
+            let t = self.disk.target();
+            let mut got = vec![0u8; DISK as usize];
+            t.pool.read(t.thin_id, 0, &mut got).unwrap();
+            if let Some(i) = (0..got.len()).find(|&i| got[i] != model[i]) {
+                panic!(
+                    "{what}: byte {i} (pool-a block {}) reads {} where the guest wrote {}",
+                    i as u64 / A_BLOCK,
+                    got[i],
+                    model[i]
+                );
+            }
+        }
+
+        fn pool_of_disk(&self) -> String {
+            self.m.find("vm").unwrap().pool.name.clone()
+        }
+
+        fn devices(&self, pool: &str) -> Vec<Option<String>> {
+            let p = self.m.pool(Some(pool)).unwrap();
+            let reg = p.registry();
+            assert_eq!(
+                p.pool().devices().len(),
+                reg.devices.len(),
+                "pool {pool}: devices without entries or entries without devices"
+            );
+            reg.devices.values().map(|e| e.name.clone()).collect()
+        }
+
+        fn set_hook(&self, h: impl Fn(MigrateStep) + Send + Sync + 'static) {
+            *lock(&self.m.migrate_hook) = Some(Arc::new(h));
+        }
+
+        fn migrate(&self) -> Result<Value, String> {
+            let r = self.m.disk_migrate(Some("mv".into()), "vm", "b").unwrap();
+            self.m.jobs.wait(r["job-id"].as_str().unwrap()).unwrap()
+        }
+    }
+
+    /// A writer that runs until stopped: 4 KiB writes, partial writes across pool a's block
+    /// boundaries, write-zeroes and discards, at offsets a seed picks.
+    fn background_writer(f: &Arc<Fixture>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+        let (f, stop) = (f.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let r = thinpool_rand(n);
+                let at = r % (DISK - (200 << 10));
+                match n % 16 {
+                    0 => f.write_zeroes(at & !511, 70 << 10, n % 32 == 0),
+                    1 => f.discard(r % (DISK / A_BLOCK)),
+                    2..=5 => f.write(at, &bytes(1 << 32 | n, (r % (150 << 10)) as usize + 1)),
+                    _ => f.write(at & !4095, &bytes(1 << 32 | n, 4096)),
+                }
+                n += 1;
+            }
+            n
+        })
+    }
+
+    fn thinpool_rand(n: u64) -> u64 {
+        let mut x = n
+            .wrapping_add(0x2545_f491_4f6c_dd1d)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^= x >> 31;
+        x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 29)
+    }
+
+    /// (a) Everything the guest writes while the disk is mirrored and its last changes are
+    /// copied is in the new pool afterwards: writes before the copy reaches a block (here,
+    /// partial ones, made at the moment the copy is about to take the block), writes racing
+    /// with it (a thread started then), and a writer running all along.
+    #[test]
+    fn writes_during_mirroring_and_the_copy_are_all_in_the_new_pool() {
+        let f = Arc::new(fixture());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = background_writer(&f, &stop);
+        let copying = Arc::new(AtomicU64::new(0));
+        let racers = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (fw, copying, racers) = (Arc::downgrade(&f), copying.clone(), racers.clone());
+            f.set_hook(move |step| {
+                let Some(f) = fw.upgrade() else { return };
+                match step {
+                    MigrateStep::Converged { .. } => {
+                        // Changes the background copy must carry: after the last pass,
+                        // before the mirror.
+                        for k in (0..DISK / A_BLOCK).step_by(5) {
+                            f.write(k * A_BLOCK + 1000, &bytes(2 << 32 | k, 3000));
+                        }
+                        for k in (2..DISK / A_BLOCK).step_by(9) {
+                            f.discard(k);
+                        }
+                    }
+                    MigrateStep::Mirroring { .. } => {}
+                    MigrateStep::Copying { block } => {
+                        let i = copying.fetch_add(1, Ordering::SeqCst);
+                        if i % 7 == 0 {
+                            // Discarded while mirrored, before the copy reaches it: it
+                            // must read as zeroes in the new pool too, then what follows.
+                            f.discard(block);
+                        }
+                        // The guest writes part of the block first (mirrored: the new pool
+                        // has these bytes over the block's old ones, and the copy must
+                        // bring the rest), then a thread races the copy on the same block.
+                        f.write(block * A_BLOCK + 512 * (i % 100), &bytes(3 << 32 | i, 777));
+                        let (f2, at) = (f.clone(), block * A_BLOCK + 4096 * (i % 16));
+                        lock(&racers).push(std::thread::spawn(move || {
+                            f2.write(at, &bytes(4 << 32 | i, 4096 + 512));
+                        }));
+                    }
+                    MigrateStep::Copied => {}
+                }
+            });
+        }
+        let r = f.migrate().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        let n = writer.join().unwrap();
+        for t in std::mem::take(&mut *lock(&racers)) {
+            t.join().unwrap();
+        }
+        assert_eq!(r["mirrored"], true, "{r}");
+        assert!(copying.load(Ordering::SeqCst) >= DISK / A_BLOCK / 5, "{r}");
+        assert_eq!(f.pool_of_disk(), "b");
+        assert!(f.disk.target().mirror.is_none());
+        assert!(Arc::ptr_eq(
+            &f.disk.target().pool,
+            f.m.pool(Some("b")).unwrap().pool()
+        ));
+        f.verify(&format!("after the move ({n} background writes, {r})"));
+        // Nothing left of the migration in either pool.
+        assert!(f.devices("a").is_empty(), "{:?}", f.devices("a"));
+        let mut left = f.devices("b");
+        left.sort();
+        assert_eq!(left, [Some("vm".to_string()), Some("vm@s1".to_string())]);
+        // The copy's snapshot kept its bytes: the disk's, then, must have moved too.
+        *lock(&f.m.migrate_hook) = None;
+        f.m.shutdown().unwrap();
+    }
+
+    /// (b) The new pool fails while the disk is mirrored, during the copy (which then
+    /// fails) or after it (a guest write finds it failing, and the switch sees that): the
+    /// migration is undone, the disk stays in its old pool with every write, and no guest
+    /// request fails.
+    #[test]
+    fn a_failing_new_pool_undoes_the_migration_without_failing_a_guest_write() {
+        for at in ["mirroring", "copied"] {
+            let f = Arc::new(fixture());
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = background_writer(&f, &stop);
+            {
+                let fw = Arc::downgrade(&f);
+                f.set_hook(move |step| {
+                    let Some(f) = fw.upgrade() else { return };
+                    let here = match step {
+                        MigrateStep::Converged { .. } => {
+                            for k in (0..DISK / A_BLOCK).step_by(3) {
+                                f.write(k * A_BLOCK + 100, &bytes(5 << 32 | k, 5000));
+                            }
+                            "converged"
+                        }
+                        MigrateStep::Mirroring { .. } => "mirroring",
+                        MigrateStep::Copying { block } => {
+                            f.write(block * A_BLOCK + 7, &bytes(7 << 32 | block, 100));
+                            "copying"
+                        }
+                        MigrateStep::Copied => {
+                            assert_eq!(at, "copied", "the copy cannot have succeeded");
+                            "copied"
+                        }
+                    };
+                    if here == at {
+                        // Every data write of pool b fails from now on: the guest's
+                        // mirrored writes and the copy's.
+                        f.b_data.fail_nth(FaultOp::Write, 1, true);
+                        for k in 0..8 {
+                            f.write(k * A_BLOCK * 3 + 10, &bytes(6 << 32 | k, 9000));
+                        }
+                    }
+                });
+            }
+            let e = f.migrate().unwrap_err();
+            assert!(e.contains("pool b"), "{at}: {e}");
+            // Not mirrored any more, and on pool a.
+            assert!(f.disk.target().mirror.is_none(), "{at}");
+            assert_eq!(f.pool_of_disk(), "a", "{at}");
+            // The guest went on writing meanwhile; it stops.
+            stop.store(true, Ordering::SeqCst);
+            writer.join().unwrap();
+            f.verify(&format!("after the failed move ({at})"));
+            f.b_data.heal();
+            let mut left = f.devices("a");
+            left.sort();
+            assert_eq!(
+                left,
+                [Some("vm".to_string()), Some("vm@s1".to_string())],
+                "{at}"
+            );
+            // What pool b could not delete while it failed is deleted at the next start.
+            f.m.recover_migrations().unwrap();
+            assert!(f.devices("b").is_empty(), "{at}: {:?}", f.devices("b"));
+            *lock(&f.m.migrate_hook) = None;
+            f.m.shutdown().unwrap();
+        }
+    }
+
+    /// (c) A crash while the disk is mirrored (the job's thread dies at each step before
+    /// the switch, leaving the registries as they are): the next start's recovery leaves
+    /// the disk, whole, in its old pool, and nothing of the migration anywhere.
+    #[test]
+    fn a_crash_while_mirroring_leaves_the_disk_in_its_old_pool() {
+        for at in ["mirroring", "copying", "copied"] {
+            let f = Arc::new(fixture());
+            {
+                let fw = Arc::downgrade(&f);
+                f.set_hook(move |step| {
+                    let Some(f) = fw.upgrade() else { return };
+                    let here = match step {
+                        MigrateStep::Converged { .. } => {
+                            for k in (0..DISK / A_BLOCK).step_by(7) {
+                                f.write(k * A_BLOCK, &bytes(8 << 32 | k, 4096));
+                            }
+                            ""
+                        }
+                        MigrateStep::Mirroring { .. } => "mirroring",
+                        MigrateStep::Copying { .. } => "copying",
+                        MigrateStep::Copied => "copied",
+                    };
+                    if here == at {
+                        f.write(3 * A_BLOCK + 5, &bytes(9 << 32, 3333));
+                        panic!("crash at {at}");
+                    }
+                });
+            }
+            let e = f.migrate().unwrap_err();
+            assert!(e.contains("panic") || e.contains(at), "{at}: {e}");
+            // The marks are what a crash leaves: the disk's copy-to-be in pool b, the
+            // helper snapshots in pool a.
+            assert!(f.devices("b").len() > 1, "{at}: {:?}", f.devices("b"));
+            f.write(9 * A_BLOCK + 5, &bytes(10 << 32, 3333));
+            let done = f.m.recover_migrations().unwrap();
+            assert!(!done.is_empty(), "{at}");
+            assert_eq!(f.pool_of_disk(), "a", "{at}");
+            assert!(f.devices("b").is_empty(), "{at}: {:?}", f.devices("b"));
+            let mut left = f.devices("a");
+            left.sort();
+            assert_eq!(
+                left,
+                [Some("vm".to_string()), Some("vm@s1".to_string())],
+                "{at}"
+            );
+            f.verify(&format!("after a crash at {at}"));
+            *lock(&f.m.migrate_hook) = None;
+            f.m.shutdown().unwrap();
+        }
     }
 }

@@ -184,7 +184,14 @@ pub struct Manager {
     /// One replication-start or -stop at a time (they wait for a round under way, which
     /// may need `op`, so they cannot take `op` itself).
     replication_op: Mutex<()>,
+    /// Called at each step of a migration's end, for tests to act there (see
+    /// `migrate::MigrateStep`).
+    #[cfg(test)]
+    migrate_hook: Mutex<Option<MigrateHook>>,
 }
+
+#[cfg(test)]
+type MigrateHook = Arc<dyn Fn(migrate::MigrateStep) + Send + Sync>;
 
 /// Devices pinned for a job; unpinned when dropped.
 pub struct Pins {
@@ -289,6 +296,8 @@ impl Manager {
             replicators: Mutex::default(),
             replication_op: Mutex::default(),
             merging: Mutex::default(),
+            #[cfg(test)]
+            migrate_hook: Mutex::default(),
         })
     }
 

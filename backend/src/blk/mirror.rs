@@ -1,0 +1,305 @@
+//! Active mirroring: every guest write, write-zeroes and discard of a disk is also applied
+//! to a second thin device (of another pool) before the guest's request completes.
+//!
+//! `disk-migrate` installs one (see `manager/migrate.rs` for the whole protocol): first
+//! *forward*, from the disk's device in its old pool to the device that becomes it in the
+//! new pool, while the migration copies what changed before the mirror began; then, for the
+//! few milliseconds the switch takes to become durable, *backward*, from the new device to
+//! the old one, so that the old pool keeps every acknowledged write until the new one is
+//! where a restart looks for the disk.
+//!
+//! The unit of ordering is a *region*: one block of the primary device's pool. Every
+//! mirrored request holds the regions it touches (a lock table of its own, in ascending
+//! order, so two requests cannot deadlock) across both its primary and its secondary part,
+//! and [`Mirror::copy_region`] holds one region while it moves that region's current bytes
+//! from the primary to the secondary. So, per region, the secondary sees the same sequence
+//! of changes as the primary, and a copy of a region is never stale: whatever it read was
+//! what the primary held, and no write could come between its read and its write. A region
+//! written by the guest before the copier reaches it is copied again, whole, from the
+//! primary (which holds the guest's bytes): a partial-block write never leaves the
+//! secondary's block without the bytes around it.
+//!
+//! Discard unmaps only whole blocks of the primary, and what such a block then reads (zeroes,
+//! or an external origin's bytes) is not what a discard of the same range would leave on the
+//! secondary, whose blocks may be of another size: a discarded region is copied from the
+//! primary instead (a region that reads as zeroes is written as zeroes, unmapped where the
+//! secondary's blocks allow).
+
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use thinpool::cells::{CellGuard, CellTable};
+use thinpool::pool::Pool;
+
+/// What a mirrored request does when the secondary fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    /// The secondary is given up (the mirror is marked failed and writes go to the primary
+    /// alone); the guest's request succeeds if the primary's part did. Forward mirroring:
+    /// the migration sees the failure and is undone.
+    GiveUp,
+    /// The guest's request fails. Backward mirroring: until the switch is durable, the old
+    /// pool is where a restart finds the disk, so a write is done only once it is there.
+    FailRequest,
+}
+
+/// A mirrored request's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The primary's part failed: as any request on an unmirrored disk.
+    #[error(transparent)]
+    Primary(thinpool::Error),
+    /// The secondary's part failed, under [`OnError::FailRequest`].
+    #[error("mirror to thin device {dev}: {source}")]
+    Secondary { dev: u32, source: thinpool::Error },
+}
+
+impl MirrorError {
+    /// The pool's error, whichever side it came from (the I/O path reports and classifies
+    /// it, e.g. out of space).
+    pub fn pool_error(&self) -> &thinpool::Error {
+        match self {
+            MirrorError::Primary(e) | MirrorError::Secondary { source: e, .. } => e,
+        }
+    }
+}
+
+/// What [`Mirror::copy_region`] could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("reading block {block} of the source: {source}")]
+    Read { block: u64, source: thinpool::Error },
+    #[error("writing block {block} of the copy: {source}")]
+    Write { block: u64, source: thinpool::Error },
+    #[error("the mirror failed: {0}")]
+    Failed(String),
+}
+
+/// A second device that a disk's changes also go to (see the module's comment).
+pub struct Mirror {
+    /// The secondary: its pool and thin device.
+    pub pool: Arc<Pool>,
+    pub thin_id: u32,
+    /// Region size: the primary pool's block size.
+    region: u64,
+    regions: CellTable,
+    on_error: OnError,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// Bytes the guest's requests wrote (or zeroed) on the secondary.
+    pub mirrored_bytes: AtomicU64,
+    /// Regions [`Mirror::copy_region`] moved.
+    pub copied_regions: AtomicU64,
+}
+
+/// Regions held by one request, released when dropped.
+pub struct Held<'a> {
+    _cells: Vec<CellGuard<'a>>,
+}
+
+impl Mirror {
+    /// A mirror to thin device `thin_id` of `pool`, for a primary whose pool has blocks of
+    /// `primary_block_bytes`.
+    pub fn new(pool: Arc<Pool>, thin_id: u32, primary_block_bytes: u64, on_error: OnError) -> Self {
+        Mirror {
+            pool,
+            thin_id,
+            region: primary_block_bytes.max(512),
+            regions: CellTable::default(),
+            on_error,
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            mirrored_bytes: AtomicU64::new(0),
+            copied_regions: AtomicU64::new(0),
+        }
+    }
+
+    /// Why the mirror was given up, if it was.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn active(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Gives the secondary up, keeping the first reason.
+    pub fn give_up(&self, why: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            tracing::warn!(
+                "mirror to thin device {}: {why}; writes go on to the disk alone",
+                self.thin_id
+            );
+            *f = Some(why);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds the regions of `[offset, offset + len)`, in ascending order.
+    fn hold(&self, offset: u64, len: u64) -> Held<'_> {
+        let first = offset / self.region;
+        let end = offset.saturating_add(len.max(1)).div_ceil(self.region);
+        Held {
+            _cells: (first..end)
+                .map(|k| self.regions.lock(0, k, true))
+                .collect(),
+        }
+    }
+
+    /// The secondary's part of a request whose primary part succeeded.
+    fn secondary(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Pool, u32) -> thinpool::Result<()>,
+    ) -> Result<(), MirrorError> {
+        if !self.active() {
+            return Ok(());
+        }
+        f(&self.pool, self.thin_id).or_else(|e| self.secondary_failed(what, e))
+    }
+
+    /// The secondary's part failed: given up, or the request fails (see [`OnError`]).
+    fn secondary_failed(&self, what: &str, e: thinpool::Error) -> Result<(), MirrorError> {
+        match self.on_error {
+            OnError::GiveUp => {
+                self.give_up(format!("{what}: {e}"));
+                Ok(())
+            }
+            OnError::FailRequest => Err(MirrorError::Secondary {
+                dev: self.thin_id,
+                source: e,
+            }),
+        }
+    }
+
+    /// A guest write: `primary` (the disk's own device in `pool`) then the secondary, with
+    /// the regions held across both.
+    pub fn write_vectored(
+        &self,
+        pool: &Pool,
+        primary: u32,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+    ) -> Result<(), MirrorError> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let _held = self.hold(offset, len);
+        pool.write_vectored(primary, offset, bufs)
+            .map_err(MirrorError::Primary)?;
+        if self.active() {
+            self.secondary("write", |p, id| p.write_vectored(id, offset, bufs))?;
+            self.mirrored_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// A guest write-zeroes, a region at a time: both sides read zeroes in the range
+    /// afterwards, whatever their block sizes.
+    pub fn write_zeroes(
+        &self,
+        pool: &Pool,
+        primary: u32,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), MirrorError> {
+        self.by_region(offset, len, |at, n| {
+            pool.write_zeroes(primary, at, n, unmap)
+                .map_err(MirrorError::Primary)?;
+            if self.active() {
+                self.secondary("write-zeroes", |p, id| p.write_zeroes(id, at, n, unmap))?;
+                self.mirrored_bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    }
+
+    /// A guest discard, a region at a time; a region the primary unmapped (a whole block) is
+    /// copied to the secondary (see the module's comment). Returns the blocks unmapped on
+    /// the primary.
+    pub fn discard(
+        &self,
+        pool: &Pool,
+        primary: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, MirrorError> {
+        let mut unmapped = 0;
+        self.by_region(offset, len, |at, n| {
+            unmapped += pool.discard(primary, at, n).map_err(MirrorError::Primary)?;
+            if n == self.region && self.active() {
+                let mut buf = Vec::new();
+                // copy_held fails with Read or Write only.
+                if let Err(CopyError::Read { source, .. } | CopyError::Write { source, .. }) =
+                    self.copy_held(pool, primary, at / self.region, &mut buf)
+                {
+                    self.secondary_failed("discard", source)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(unmapped)
+    }
+
+    /// Runs `f` on each piece of `[offset, offset + len)` within one region, holding it.
+    fn by_region(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> Result<(), MirrorError>,
+    ) -> Result<(), MirrorError> {
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        while at < end {
+            let n = (self.region - at % self.region).min(end - at);
+            let _held = self.hold(at, n);
+            f(at, n)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Copies region `k` of device `primary` of `pool` (the disk, live) to the secondary,
+    /// holding the region: the background copy of a migration. A region that reads as
+    /// zeroes is written as zeroes (unmapped where the secondary's blocks allow).
+    pub fn copy_region(
+        &self,
+        pool: &Pool,
+        primary: u32,
+        k: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), CopyError> {
+        if let Some(why) = self.failure() {
+            return Err(CopyError::Failed(why));
+        }
+        let _held = self.regions.lock(0, k, true);
+        self.copy_held(pool, primary, k, buf)?;
+        self.copied_regions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn copy_held(
+        &self,
+        pool: &Pool,
+        primary: u32,
+        k: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), CopyError> {
+        let at = k * self.region;
+        buf.resize(self.region as usize, 0);
+        pool.read(primary, at, buf)
+            .map_err(|source| CopyError::Read { block: k, source })?;
+        let w = if buf.iter().all(|&b| b == 0) {
+            self.pool.write_zeroes(self.thin_id, at, self.region, true)
+        } else {
+            self.pool.write(self.thin_id, at, buf)
+        };
+        w.map_err(|source| CopyError::Write { block: k, source })
+    }
+}
