@@ -2,6 +2,7 @@
 
 use super::mirror::{Mirror, MirrorError};
 use super::relay::BackendChannel;
+use crate::sync::lock;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -54,11 +55,11 @@ impl SpacePolicy {
 
     /// The configured policy.
     pub fn policy(&self) -> OutOfSpace {
-        *self.mode.lock().unwrap()
+        *lock(&self.mode)
     }
 
     pub fn set_mode(&self, m: OutOfSpace) {
-        *self.mode.lock().unwrap() = m;
+        *lock(&self.mode) = m;
         self.timed_out.store(false, Ordering::SeqCst);
         self.space_changed();
     }
@@ -87,13 +88,13 @@ impl SpacePolicy {
 
     /// Space may have appeared (pool grown, blocks freed, policy changed).
     pub fn space_changed(&self) {
-        *self.changed.lock().unwrap() += 1;
+        *lock(&self.changed) += 1;
         self.cv.notify_all();
     }
 
     /// Waits for a change of space or policy, up to `deadline`. False when the deadline passed.
     pub fn wait(&self, deadline: Option<Instant>) -> bool {
-        let g = self.changed.lock().unwrap();
+        let g = lock(&self.changed);
         let seen = *g;
         let step = Duration::from_millis(200);
         let timeout = match deadline {

@@ -1,0 +1,387 @@
+//! Active mirroring, with the manager's own disks and pools in memory and the guest's
+//! requests made through the disk's target, as the I/O path makes them. The tests act
+//! at the migration's steps (`Manager::migrate_hook`), never on time.
+
+use super::*;
+use crate::blk::disk::Disk;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use thinpool::pool::{Pool, PoolOptions};
+use thinpool::storage::testing::{FaultOp, FaultyStorage};
+use thinpool::storage::MemStorage;
+
+const DISK: u64 = 8 << 20;
+/// Pool a's blocks (the disk's first pool): 64 KiB; pool b's: 256 KiB, so that the
+/// mirror's writes straddle blocks of the other size.
+const A_BLOCK: u64 = 64 << 10;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    m: Arc<Manager>,
+    disk: Arc<Disk>,
+    /// Pool b's data store, to make it fail.
+    b_data: Arc<FaultyStorage<MemStorage>>,
+    /// What the guest should read: every write applied in the order the disk got it.
+    model: Arc<Mutex<Vec<u8>>>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let b_data = Arc::new(FaultyStorage::new(MemStorage::new(128 << 20)));
+    let mk = |name: &str, sectors: u32, data: Arc<dyn thinpool::storage::Storage>| {
+        let p = Pool::create(
+            Arc::new(MemStorage::new(8 << 20)),
+            data,
+            sectors,
+            PoolOptions::default(),
+        )
+        .unwrap();
+        let reg = thinpool::registry::Registry::new(dir.path().join(format!("{name}.json")), 0);
+        Arc::new(PoolHandle::new(
+            name,
+            thinpool::catalog::Catalog::new(Arc::new(p), reg, 1),
+        ))
+    };
+    let a = mk("a", 128, Arc::new(MemStorage::new(128 << 20)));
+    let b = mk("b", 512, b_data.clone());
+    let m = Manager::new(vec![a, b], dir.path().to_path_buf());
+    m.disk_add(
+        &super::super::NewDisk {
+            name: "vm",
+            pool: Some("a"),
+            size: Some(DISK),
+            clone_from: None,
+            read_only: false,
+            serial: None,
+            external_origin: None,
+        },
+        None,
+        None,
+        None,
+    )
+    .unwrap();
+    let disk = lock(&m.disks)["vm"].disk.clone();
+    // As when a guest is connected: the migration is live (passes, then the mirror).
+    disk.connected.store(true, Ordering::SeqCst);
+    let f = Fixture {
+        _dir: dir,
+        m,
+        disk,
+        b_data,
+        model: Arc::new(Mutex::new(vec![0; DISK as usize])),
+    };
+    // The whole disk written, with a snapshot in the middle of its history.
+    for k in 0..DISK / A_BLOCK {
+        f.write(k * A_BLOCK, &bytes(k, A_BLOCK as usize));
+        if k == DISK / A_BLOCK / 2 {
+            f.m.snapshot_create("vm", "@s1").unwrap();
+        }
+    }
+    f
+}
+
+/// Bytes that name the write they come from.
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+impl Fixture {
+    /// A guest write, through the disk's target as the I/O path makes it; it must
+    /// succeed. The model follows under its lock, held across the write, so that its
+    /// order is the disk's.
+    fn write(&self, at: u64, data: &[u8]) {
+        let mut model = lock(&self.model);
+        let r = self.disk.target().write_vectored(at, &[IoSlice::new(data)]);
+        assert!(r.is_ok(), "guest write at {at} failed: {r:?}");
+        model[at as usize..at as usize + data.len()].copy_from_slice(data);
+    }
+
+    fn write_zeroes(&self, at: u64, len: u64, unmap: bool) {
+        let mut model = lock(&self.model);
+        let r = self.disk.target().write_zeroes(at, len, unmap);
+        assert!(r.is_ok(), "guest write-zeroes at {at} failed: {r:?}");
+        model[at as usize..(at + len) as usize].fill(0);
+    }
+
+    /// A guest discard of block `block` of pool a. Where that is a whole block of the
+    /// target's pool, it is unmapped and reads as zeroes (the disk has no external
+    /// origin); in pool b, of larger blocks, it changes nothing (discard unmaps whole
+    /// blocks only, and promises nothing).
+    fn discard(&self, block: u64) {
+        let mut model = lock(&self.model);
+        let t = self.disk.target();
+        let r = t.discard(block * A_BLOCK, A_BLOCK);
+        assert!(r.is_ok(), "guest discard of block {block} failed: {r:?}");
+        if t.pool.block_bytes() <= A_BLOCK {
+            let at = (block * A_BLOCK) as usize;
+            model[at..at + A_BLOCK as usize].fill(0);
+        }
+    }
+
+    /// The disk as the guest reads it now, compared with the model.
+    fn verify(&self, what: &str) {
+        let model = lock(&self.model);
+        let t = self.disk.target();
+        let mut got = vec![0u8; DISK as usize];
+        t.pool.read(t.thin_id, 0, &mut got).unwrap();
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != model[i]) {
+            panic!(
+                "{what}: byte {i} (pool-a block {}) reads {} where the guest wrote {}",
+                i as u64 / A_BLOCK,
+                got[i],
+                model[i]
+            );
+        }
+    }
+
+    fn pool_of_disk(&self) -> String {
+        self.m.find("vm").unwrap().pool.name.clone()
+    }
+
+    fn devices(&self, pool: &str) -> Vec<Option<String>> {
+        let p = self.m.pool(Some(pool)).unwrap();
+        let reg = p.registry();
+        assert_eq!(
+            p.pool().devices().len(),
+            reg.devices.len(),
+            "pool {pool}: devices without entries or entries without devices"
+        );
+        reg.devices.values().map(|e| e.name.clone()).collect()
+    }
+
+    fn set_hook(&self, h: impl Fn(MigrateStep) + Send + Sync + 'static) {
+        *lock(&self.m.migrate_hook) = Some(Arc::new(h));
+    }
+
+    fn migrate(&self) -> Result<Value, String> {
+        let r = self.m.disk_migrate(Some("mv".into()), "vm", "b").unwrap();
+        self.m.jobs.wait(r["job-id"].as_str().unwrap()).unwrap()
+    }
+}
+
+/// A writer that runs until stopped: 4 KiB writes, partial writes across pool a's block
+/// boundaries, write-zeroes and discards, at offsets a seed picks.
+fn background_writer(f: &Arc<Fixture>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let (f, stop) = (f.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let r = thinpool_rand(n);
+            let at = r % (DISK - (200 << 10));
+            match n % 16 {
+                0 => f.write_zeroes(at & !511, 70 << 10, n % 32 == 0),
+                1 => f.discard(r % (DISK / A_BLOCK)),
+                2..=5 => f.write(at, &bytes(1 << 32 | n, (r % (150 << 10)) as usize + 1)),
+                _ => f.write(at & !4095, &bytes(1 << 32 | n, 4096)),
+            }
+            n += 1;
+        }
+        n
+    })
+}
+
+fn thinpool_rand(n: u64) -> u64 {
+    let mut x = n
+        .wrapping_add(0x2545_f491_4f6c_dd1d)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 31;
+    x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 29)
+}
+
+/// (a) Everything the guest writes while the disk is mirrored and its last changes are
+/// copied is in the new pool afterwards: writes before the copy reaches a block (here,
+/// partial ones, made at the moment the copy is about to take the block), writes racing
+/// with it (a thread started then), and a writer running all along.
+#[test]
+fn writes_during_mirroring_and_the_copy_are_all_in_the_new_pool() {
+    let f = Arc::new(fixture());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = background_writer(&f, &stop);
+    let copying = Arc::new(AtomicU64::new(0));
+    let racers = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (fw, copying, racers) = (Arc::downgrade(&f), copying.clone(), racers.clone());
+        f.set_hook(move |step| {
+            let Some(f) = fw.upgrade() else { return };
+            match step {
+                MigrateStep::Converged { .. } => {
+                    // Changes the background copy must carry: after the last pass,
+                    // before the mirror.
+                    for k in (0..DISK / A_BLOCK).step_by(5) {
+                        f.write(k * A_BLOCK + 1000, &bytes(2 << 32 | k, 3000));
+                    }
+                    for k in (2..DISK / A_BLOCK).step_by(9) {
+                        f.discard(k);
+                    }
+                }
+                MigrateStep::Mirroring { .. } => {}
+                MigrateStep::Copying { block } => {
+                    let i = copying.fetch_add(1, Ordering::SeqCst);
+                    if i % 7 == 0 {
+                        // Discarded while mirrored, before the copy reaches it: it
+                        // must read as zeroes in the new pool too, then what follows.
+                        f.discard(block);
+                    }
+                    // The guest writes part of the block first (mirrored: the new pool
+                    // has these bytes over the block's old ones, and the copy must
+                    // bring the rest), then a thread races the copy on the same block.
+                    f.write(block * A_BLOCK + 512 * (i % 100), &bytes(3 << 32 | i, 777));
+                    let (f2, at) = (f.clone(), block * A_BLOCK + 4096 * (i % 16));
+                    lock(&racers).push(std::thread::spawn(move || {
+                        f2.write(at, &bytes(4 << 32 | i, 4096 + 512));
+                    }));
+                }
+                MigrateStep::Copied => {}
+            }
+        });
+    }
+    let r = f.migrate().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let n = writer.join().unwrap();
+    for t in std::mem::take(&mut *lock(&racers)) {
+        t.join().unwrap();
+    }
+    assert_eq!(r["mirrored"], true, "{r}");
+    assert!(copying.load(Ordering::SeqCst) >= DISK / A_BLOCK / 5, "{r}");
+    assert_eq!(f.pool_of_disk(), "b");
+    assert!(f.disk.target().mirror.is_none());
+    assert!(Arc::ptr_eq(
+        &f.disk.target().pool,
+        f.m.pool(Some("b")).unwrap().pool()
+    ));
+    f.verify(&format!("after the move ({n} background writes, {r})"));
+    // Nothing left of the migration in either pool.
+    assert!(f.devices("a").is_empty(), "{:?}", f.devices("a"));
+    let mut left = f.devices("b");
+    left.sort();
+    assert_eq!(left, [Some("vm".to_string()), Some("vm@s1".to_string())]);
+    // The copy's snapshot kept its bytes: the disk's, then, must have moved too.
+    *lock(&f.m.migrate_hook) = None;
+    f.m.shutdown().unwrap();
+}
+
+/// (b) The new pool fails while the disk is mirrored, during the copy (which then
+/// fails) or after it (a guest write finds it failing, and the switch sees that): the
+/// migration is undone, the disk stays in its old pool with every write, and no guest
+/// request fails.
+#[test]
+fn a_failing_new_pool_undoes_the_migration_without_failing_a_guest_write() {
+    for at in ["mirroring", "copied"] {
+        let f = Arc::new(fixture());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = background_writer(&f, &stop);
+        {
+            let fw = Arc::downgrade(&f);
+            f.set_hook(move |step| {
+                let Some(f) = fw.upgrade() else { return };
+                let here = match step {
+                    MigrateStep::Converged { .. } => {
+                        for k in (0..DISK / A_BLOCK).step_by(3) {
+                            f.write(k * A_BLOCK + 100, &bytes(5 << 32 | k, 5000));
+                        }
+                        "converged"
+                    }
+                    MigrateStep::Mirroring { .. } => "mirroring",
+                    MigrateStep::Copying { block } => {
+                        f.write(block * A_BLOCK + 7, &bytes(7 << 32 | block, 100));
+                        "copying"
+                    }
+                    MigrateStep::Copied => {
+                        assert_eq!(at, "copied", "the copy cannot have succeeded");
+                        "copied"
+                    }
+                };
+                if here == at {
+                    // Every data write of pool b fails from now on: the guest's
+                    // mirrored writes and the copy's.
+                    f.b_data.fail_nth(FaultOp::Write, 1, true);
+                    for k in 0..8 {
+                        f.write(k * A_BLOCK * 3 + 10, &bytes(6 << 32 | k, 9000));
+                    }
+                }
+            });
+        }
+        let e = f.migrate().unwrap_err();
+        assert!(e.contains("pool b"), "{at}: {e}");
+        // Not mirrored any more, and on pool a.
+        assert!(f.disk.target().mirror.is_none(), "{at}");
+        assert_eq!(f.pool_of_disk(), "a", "{at}");
+        // The guest went on writing meanwhile; it stops.
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        f.verify(&format!("after the failed move ({at})"));
+        f.b_data.heal();
+        let mut left = f.devices("a");
+        left.sort();
+        assert_eq!(
+            left,
+            [Some("vm".to_string()), Some("vm@s1".to_string())],
+            "{at}"
+        );
+        // What pool b could not delete while it failed is deleted at the next start.
+        f.m.recover_migrations().unwrap();
+        assert!(f.devices("b").is_empty(), "{at}: {:?}", f.devices("b"));
+        *lock(&f.m.migrate_hook) = None;
+        f.m.shutdown().unwrap();
+    }
+}
+
+/// (c) A crash while the disk is mirrored (the job's thread dies at each step before
+/// the switch, leaving the registries as they are): the next start's recovery leaves
+/// the disk, whole, in its old pool, and nothing of the migration anywhere.
+#[test]
+fn a_crash_while_mirroring_leaves_the_disk_in_its_old_pool() {
+    for at in ["mirroring", "copying", "copied"] {
+        let f = Arc::new(fixture());
+        {
+            let fw = Arc::downgrade(&f);
+            f.set_hook(move |step| {
+                let Some(f) = fw.upgrade() else { return };
+                let here = match step {
+                    MigrateStep::Converged { .. } => {
+                        for k in (0..DISK / A_BLOCK).step_by(7) {
+                            f.write(k * A_BLOCK, &bytes(8 << 32 | k, 4096));
+                        }
+                        ""
+                    }
+                    MigrateStep::Mirroring { .. } => "mirroring",
+                    MigrateStep::Copying { .. } => "copying",
+                    MigrateStep::Copied => "copied",
+                };
+                if here == at {
+                    f.write(3 * A_BLOCK + 5, &bytes(9 << 32, 3333));
+                    panic!("crash at {at}");
+                }
+            });
+        }
+        let e = f.migrate().unwrap_err();
+        assert!(e.contains("panic") || e.contains(at), "{at}: {e}");
+        // The marks are what a crash leaves: the disk's copy-to-be in pool b, the
+        // helper snapshots in pool a.
+        assert!(f.devices("b").len() > 1, "{at}: {:?}", f.devices("b"));
+        f.write(9 * A_BLOCK + 5, &bytes(10 << 32, 3333));
+        let done = f.m.recover_migrations().unwrap();
+        assert!(!done.is_empty(), "{at}");
+        assert_eq!(f.pool_of_disk(), "a", "{at}");
+        assert!(f.devices("b").is_empty(), "{at}: {:?}", f.devices("b"));
+        let mut left = f.devices("a");
+        left.sort();
+        assert_eq!(
+            left,
+            [Some("vm".to_string()), Some("vm@s1".to_string())],
+            "{at}"
+        );
+        f.verify(&format!("after a crash at {at}"));
+        *lock(&f.m.migrate_hook) = None;
+        f.m.shutdown().unwrap();
+    }
+}
