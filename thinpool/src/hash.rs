@@ -22,7 +22,7 @@ impl Default for IntHashBuilder {
     fn default() -> Self {
         IntHashBuilder {
             // Fresh random keys per RandomState (seeded once per thread, then incremented).
-            key: RandomState::new().hash_one(0x6b65_79u64) | 1,
+            key: RandomState::new().hash_one(0u64) | 1,
         }
     }
 }
