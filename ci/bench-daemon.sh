@@ -20,6 +20,9 @@
 #                  compared; no --verify on either side (null-co fills no buffers), so the
 #                  generator does the same work for both
 #   --ram-only     only the RAM-backed comparison
+#                  BENCH_RAM_BASELINE=/path/to/an/older/vhost-thin adds a third backend to it:
+#                  that binary serving its own RAM pool, interleaved with the two others
+#                  (before/after figures for a change, from the same run)
 #   --quick        1 s per case (default 5 s)
 #   --runtime S    seconds per case
 #   --size SIZE    disk size, e.g. 1GiB (default; also BENCH_SIZE)
@@ -495,7 +498,9 @@ fi
 # storage. Both backends stay up on their own sockets, so the runs interleave.
 if [ "$ram" != 0 ]; then
   ram_dir=$(mktemp -d "${BENCH_RAM_DIR:-/dev/shm}/vhost-thin-ram.XXXXXX")
-  ram_sock=$work/ram.sock; null_sock=$work/null.sock
+  ram_sock=$work/ram.sock; null_sock=$work/null.sock; base_sock=$work/base.sock
+  baseline=${BENCH_RAM_BASELINE:-}
+  ram_targets=(ours null); [ -n "$baseline" ] && ram_targets=(ours base null)
   ram_pids=()
   ram_cleanup() {
     for p in "${ram_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
@@ -509,11 +514,20 @@ if [ "$ram" != 0 ]; then
   RUST_LOG=warn "$thin" serve -m "$ram_dir/pool.meta" -d "$ram_dir/pool.data" \
     --disk "id=0,socket=$ram_sock,num-queues=4" >>"$work/ours-ram.log" 2>&1 &
   ram_pids+=($!)
+  socks=("$ram_sock" "$null_sock")
+  if [ -n "$baseline" ]; then
+    "$baseline" pool create -m "$ram_dir/base.meta" -d "$ram_dir/base.data" --data-size "$size_bytes" >/dev/null
+    "$baseline" thin create -m "$ram_dir/base.meta" -d "$ram_dir/base.data" --id 0 --size "$size_bytes" --name ram >/dev/null
+    RUST_LOG=warn "$baseline" serve -m "$ram_dir/base.meta" -d "$ram_dir/base.data" \
+      --disk "id=0,socket=$base_sock,num-queues=4" >>"$work/base-ram.log" 2>&1 &
+    ram_pids+=($!)
+    socks+=("$base_sock")
+  fi
   qemu-storage-daemon --blockdev "driver=null-co,node-name=top,size=$size_bytes" \
     --export "type=vhost-user-blk,id=e,node-name=top,addr.type=unix,addr.path=$null_sock,writable=on,num-queues=4" \
     >>"$work/qsd-null-ram.log" 2>&1 &
   ram_pids+=($!)
-  for s in "$ram_sock" "$null_sock"; do
+  for s in "${socks[@]}"; do
     for _ in $(seq 1 200); do [ -S "$s" ] && break; sleep 0.05; done
     [ -S "$s" ] || { echo "no socket $s" >&2; cat "$work"/ours-ram.log "$work"/qsd-null-ram.log >&2; exit 1; }
   done
@@ -522,17 +536,21 @@ if [ "$ram" != 0 ]; then
   echo "  prefill: sequential write pass over $size_bytes bytes (verified)"
   SOCK=$ram_sock run_bench "$work/results/ram-prefill.json" --rw write --bs 128k --iodepth 8 \
     --single-pass --runtime 600 --verify
+  if [ -n "$baseline" ]; then
+    SOCK=$base_sock run_bench "$work/results/ram-prefill-base.json" --rw write --bs 128k --iodepth 8 \
+      --single-pass --runtime 600 --verify
+  fi
+  declare -A ram_title=([ours]="ours RAM" [base]="baseline RAM" [null]="QSD null-co")
   ram_json() { echo "$work/results/ram-$1-$2-$3q-r$4.json"; } # TARGET GEN QUEUES ROUND
   for r in $(seq 1 "$ram_rounds"); do
     for g in "${gens[@]}"; do
       for nq in 1 2; do
-        for t in ours null; do
-          s=$ram_sock; [ "$t" = null ] && s=$null_sock
+        for t in "${ram_targets[@]}"; do
+          case $t in ours) s=$ram_sock ;; base) s=$base_sock ;; null) s=$null_sock ;; esac
           f=$(ram_json "$t" "$g" "$nq" "$r")
           GEN=$g SOCK=$s run_bench "$f" --rw randread --bs 4k --iodepth 32 --queues "$nq" --runtime "$runtime"
-          [ -f "$f" ] && printf '  round %d %-5s %dq %-11s %9.0f IOPS  mean %7.1f us  p99 %8.1f us\n' "$r" "$g" "$nq" \
-            "$([ "$t" = ours ] && echo "ours RAM" || echo "QSD null-co")" \
-            "$(jget "$f" iops)" "$(jget "$f" lat_mean_us)" "$(jget "$f" lat_p99_us)"
+          [ -f "$f" ] && printf '  round %d %-5s %dq %-12s %9.0f IOPS  mean %7.1f us  p99 %8.1f us\n' "$r" "$g" "$nq" \
+            "${ram_title[$t]}" "$(jget "$f" iops)" "$(jget "$f" lat_mean_us)" "$(jget "$f" lat_p99_us)"
         done
       done
     done
@@ -545,21 +563,28 @@ if [ "$ram" != 0 ]; then
   echo
   echo "Load after: $(uptime | sed 's/.*load average: //'); $(nproc) CPUs shared. Target: ours / null-co >= 0.80."
   echo
-  echo "| generator | queues | ours RAM IOPS (rounds) | QSD null-co IOPS (rounds) | ratio of medians | >= 0.80 |"
-  echo "|---|---|---|---|---|---|"
+  header="| generator | queues |"; sep="|---|---|"
+  for t in "${ram_targets[@]}"; do header+=" ${ram_title[$t]} IOPS (rounds) |"; sep+="---|"; done
+  header+=" ours / null-co (medians) | >= 0.80 |"; sep+="---|---|"
+  [ -n "$baseline" ] && { header+=" ours / baseline |"; sep+="---|"; }
+  echo "$header"; echo "$sep"
   for g in "${gens[@]}"; do
     for nq in 1 2; do
-      cells=()
-      for t in ours null; do
+      row="| $g | $nq |"
+      declare -A med=()
+      for t in "${ram_targets[@]}"; do
         vals=$(for r in $(seq 1 "$ram_rounds"); do f=$(ram_json "$t" "$g" "$nq" "$r"); [ -f "$f" ] && jget "$f" iops; done)
-        med=$(median <<<"$vals")
-        cells+=("$med" "$(awk '{ printf "%s%.0f", (NR > 1 ? ", " : ""), $1 / 1000 } END { }' <<<"$vals")")
+        med[$t]=$(median <<<"$vals")
+        row+=" $(awk -v v="${med[$t]:-0}" 'BEGIN { printf "%.1fk", v / 1000 }') ($(awk '{ printf "%s%.0f", (NR > 1 ? ", " : ""), $1 / 1000 }' <<<"$vals")) |"
       done
-      rat=$(awk -v a="${cells[0]}" -v b="${cells[2]}" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "n/a" }')
+      rat=$(awk -v a="${med[ours]}" -v b="${med[null]}" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "n/a" }')
       met=$(awk -v r="$rat" 'BEGIN { if (r == "n/a") print "n/a"; else print (r >= 0.80 ? "yes" : "no") }')
-      printf '| %s | %d | %.1fk (%sk) | %.1fk (%sk) | %s | %s |\n' "$g" "$nq" \
-        "$(awk -v v="${cells[0]:-0}" 'BEGIN { print v / 1000 }')" "${cells[1]}" \
-        "$(awk -v v="${cells[2]:-0}" 'BEGIN { print v / 1000 }')" "${cells[3]}" "$rat" "$met"
+      row+=" $rat | $met |"
+      if [ -n "$baseline" ]; then
+        row+=" $(awk -v a="${med[ours]}" -v b="${med[base]}" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "n/a" }') |"
+      fi
+      echo "$row"
+      unset med
     done
   done
 fi
