@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
 # Host-side benchmark of `vhost-thin serve` against qemu-storage-daemon (QSD), both driven
-# over vhost-user-blk by the same load generator (bench/, `vhost-thin-bench`), with no VM:
-# a guest benchmark under TCG measures the emulator, not the backend.
+# over vhost-user-blk by the same load generator, with no VM: a guest benchmark under TCG
+# measures the emulator, not the backend. The generator is bench/ (`vhost-thin-bench`, the
+# project's own frontend), bench-blkio/ (`vhost-thin-blkio-bench`, on libblkio, the library
+# behind QEMU's and fio's blkio drivers), or both, each case run with one after the other.
 #
 #   ci/bench-daemon.sh [--quick] [--runtime SECS] [--size SIZE] [--fresh-size SIZE] [--keep]
+#                      [--generator ours|blkio|both] [--targets T,T...] [--cases REGEX]
+#                      [--ram | --ram-only] [--ram-rounds N]
 #
+#   --generator G  the load generator: ours (bench/, default), blkio, or both
+#   --targets T,.. only these columns (ours-prov ours-fresh qsd-raw qsd-qcow2-pre
+#                  qsd-qcow2-empty qsd-null; default all)
+#   --cases REGEX  only the cases whose name matches (grep -E), e.g. 'QD32 1q'
+#   --ram          also the RAM-backed comparison the project targets: a provisioned pool on
+#                  tmpfs (BENCH_RAM_DIR, default /dev/shm) against QSD null-co, 4k randread
+#                  QD32 on 1 and 2 queues, both daemons up at once and the runs interleaved
+#                  (ours, null-co, ours, ...) for --ram-rounds rounds (default 3), medians
+#                  compared; no --verify on either side (null-co fills no buffers), so the
+#                  generator does the same work for both
+#   --ram-only     only the RAM-backed comparison
+#                  BENCH_RAM_BASELINE=/path/to/an/older/vhost-thin adds a third backend to it:
+#                  that binary serving its own RAM pool, interleaved with the two others
+#                  (before/after figures for a change, from the same run)
 #   --quick        1 s per case (default 5 s)
 #   --runtime S    seconds per case
 #   --size SIZE    disk size, e.g. 1GiB (default; also BENCH_SIZE)
@@ -34,6 +52,11 @@ runtime=5
 size=${BENCH_SIZE:-1GiB}
 fresh_size=${BENCH_FRESH_SIZE:-64GiB}
 keep=0
+generator=ours
+only_targets=
+case_re=
+ram=0
+ram_rounds=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) runtime=1 ;;
@@ -44,12 +67,29 @@ while [ $# -gt 0 ]; do
     --fresh-size) fresh_size=$2; shift ;;
     --fresh-size=*) fresh_size=${1#*=} ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    --generator) generator=$2; shift ;;
+    --generator=*) generator=${1#*=} ;;
+    --targets) only_targets=$2; shift ;;
+    --targets=*) only_targets=${1#*=} ;;
+    --cases) case_re=$2; shift ;;
+    --cases=*) case_re=${1#*=} ;;
+    --ram) ram=1 ;;
+    --ram-only) ram=2 ;;
+    --ram-rounds) ram_rounds=$2; shift ;;
+    --ram-rounds=*) ram_rounds=${1#*=} ;;
+    -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 seed=${BENCH_SEED:-1}
+case "$generator" in
+  ours) gens=(ours) ;;
+  blkio) gens=(blkio) ;;
+  both) gens=(ours blkio) ;;
+  *) echo "--generator must be ours, blkio or both" >&2; exit 2 ;;
+esac
+declare -A gen_title=([ours]="bench/ (vhost-thin-bench)" [blkio]="libblkio (vhost-thin-blkio-bench)")
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # apt may be busy (another install running): retry for a while.
@@ -71,13 +111,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 echo "building release binaries"
-cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench
+cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench -p vhost-thin-blkio-bench
 # The target dir cargo used (CARGO_TARGET_DIR, a cargo config, or target/).
 target=$(cargo metadata --format-version 1 --no-deps --locked |
   grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
 echo "binaries in $target/release"
 thin=$target/release/vhost-thin
 bench=$target/release/vhost-thin-bench
+declare -A gen_bin=([ours]=$bench [blkio]=$target/release/vhost-thin-blkio-bench)
 # Sizes: plain bytes or k/M/G with or without "iB".
 to_bytes() {
   local s=$1 n unit
@@ -123,6 +164,15 @@ cases=(
   "128k write QD8 4q|write|128k|8|4|"
 )
 targets=(ours-prov ours-fresh qsd-raw qsd-qcow2-pre qsd-qcow2-empty qsd-null)
+if [ -n "$only_targets" ]; then
+  IFS=, read -r -a targets <<<"$only_targets"
+fi
+if [ -n "$case_re" ]; then
+  kept=()
+  for c in "${cases[@]}"; do grep -qE -- "$case_re" <<<"${c%%|*}" && kept+=("$c"); done
+  cases=("${kept[@]}")
+fi
+[ "$ram" = 2 ] && targets=()
 declare -A title=(
   [ours-prov]="ours provisioned" [ours-fresh]="ours fresh" [qsd-raw]="QSD raw"
   [qsd-qcow2-pre]="QSD qcow2-prealloc" [qsd-qcow2-empty]="QSD qcow2-empty" [qsd-null]="QSD null-co"
@@ -196,14 +246,15 @@ new_image() {
 }
 
 # ---- running the load generator ----------------------------------------------------------
-# run_bench OUT.json ARGS...: records a failure instead of stopping the script.
+# [GEN=ours|blkio] [SOCK=path] run_bench OUT.json ARGS...: records a failure instead of
+# stopping the script.
 run_bench() {
   local out=$1; shift
-  local rc=0
-  timeout $((${runtime%.*} + 300)) "$bench" --socket "$sock" --json --seed "$seed" "$@" \
+  local rc=0 bin=${gen_bin[${GEN:-ours}]}
+  timeout $((${runtime%.*} + 300)) "$bin" --socket "${SOCK:-$sock}" --json --seed "$seed" "$@" \
     >"$out" 2>"$out.err" || rc=$?
   if [ "$rc" -ne 0 ]; then
-    echo "  FAILED (exit $rc): vhost-thin-bench $*" >&2
+    echo "  FAILED (exit $rc): $(basename "$bin") $*" >&2
     sed 's/^/    /' "$out.err" >&2
     failures+=("$(basename "$out" .json): exit $rc: $(head -c 300 "$out.err" | tr '\n' ' ')")
     rm -f "$out"
@@ -217,8 +268,8 @@ prefill() {
 }
 jget() { { grep -o "\"$2\":[^,}]*" "$1" || true; } | head -1 | cut -d: -f2 | tr -d '"'; }
 
-run_case() {
-  local t=$1 c=$2 name rw bs qd nq opts extra=()
+run_case() { # TARGET CASE GEN
+  local t=$1 c=$2 g=$3 name rw bs qd nq opts extra=()
   IFS='|' read -r name rw bs qd nq opts <<<"$c"
   # shellcheck disable=SC2206 # options are plain words
   extra=($opts)
@@ -233,12 +284,12 @@ run_case() {
     extra+=(--single-pass)
   fi
   local out
-  out="$work/results/$t-$(slug "$name").json"
-  run_bench "$out" --rw "$rw" --bs "$bs" --iodepth "$qd" --queues "$nq" --runtime "$runtime" "${extra[@]}"
+  out="$work/results/$t-$g-$(slug "$name").json"
+  GEN=$g run_bench "$out" --rw "$rw" --bs "$bs" --iodepth "$qd" --queues "$nq" --runtime "$runtime" "${extra[@]}"
   if [ -f "$out" ]; then
     local fl
     fl=$(jget "$out" flush_ms)
-    printf '  %-32s %9.0f IOPS %8.1f MiB/s  mean %8.1f us  p99 %8.1f us%s\n' "$name" \
+    printf '  %-32s %-5s %9.0f IOPS %8.1f MiB/s  mean %8.1f us  p99 %8.1f us%s\n' "$name" "$g" \
       "$(jget "$out" iops)" "$(jget "$out" mib_s)" "$(jget "$out" lat_mean_us)" "$(jget "$out" lat_p99_us)" \
       "$(if [ -n "$fl" ] && [ "$fl" != null ]; then printf '  FLUSH %.1f ms' "$fl"; fi)"
   fi
@@ -246,6 +297,7 @@ run_case() {
 
 echo "machine: $(nproc) CPUs; load at start:$(uptime | sed 's/.*load average//')"
 echo "disk size $size_bytes bytes (fresh disks $fresh_bytes), $runtime s per case, seed $seed, work dir $work"
+echo "load generator(s): $(for g in "${gens[@]}"; do printf '%s; ' "${gen_title[$g]}"; done)"
 echo "all files use the page cache: our daemon does buffered I/O, QSD runs with cache.direct=off (aio=threads)"
 load_start=$(uptime)
 
@@ -260,19 +312,21 @@ for t in "${targets[@]}"; do
     qsd-null) start_target "$t" ;;
   esac
   for c in "${cases[@]}"; do
-    if [ "$t" = ours-fresh ] || [ "$t" = qsd-qcow2-empty ]; then
-      new_image "$t"; start_target "$t"
-      run_case "$t" "$c"
-      stop_backend
-      if [ "$t" = ours-fresh ]; then
-        # How many writes were first writes: pool blocks mapped after the case.
-        mapped=$("$thin" thin ls -m "$work/pool.meta" -d "$work/pool.data" --json |
-          grep -o '"mapped_blocks": *[0-9]*' | grep -o '[0-9]*$')
-        echo "$mapped" >"$work/results/$t-$(slug "${c%%|*}").mapped"
+    for g in "${gens[@]}"; do
+      if [ "$t" = ours-fresh ] || [ "$t" = qsd-qcow2-empty ]; then
+        new_image "$t"; start_target "$t"
+        run_case "$t" "$c" "$g"
+        stop_backend
+        if [ "$t" = ours-fresh ]; then
+          # How many writes were first writes: pool blocks mapped after the case.
+          mapped=$("$thin" thin ls -m "$work/pool.meta" -d "$work/pool.data" --json |
+            grep -o '"mapped_blocks": *[0-9]*' | grep -o '[0-9]*$')
+          echo "$mapped" >"$work/results/$t-$g-$(slug "${c%%|*}").mapped"
+        fi
+      else
+        run_case "$t" "$c" "$g"
       fi
-    else
-      run_case "$t" "$c"
-    fi
+    done
   done
   stop_backend
   # Free the page cache and disk of this target's files before the next one.
@@ -282,7 +336,7 @@ done
 # ---- the tables --------------------------------------------------------------------------
 result() {
   local f
-  f="$work/results/$1-$(slug "$2").json"
+  f="$work/results/$1-${G:-ours}-$(slug "$2").json"
   if [ -f "$f" ]; then jget "$f" "$3"; fi
 }
 fmt_tp() { # throughput cell: IOPS for 4k cases, MiB/s for the others
@@ -303,8 +357,10 @@ ratio() { # ratio of throughput of two cells
   awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
 }
 
+# The tables of one generator ($G).
+print_tables() {
 echo
-echo "### vhost-user-blk backends, $runtime s per case, disk $size_bytes bytes, fresh disks $fresh_bytes bytes"
+echo "### vhost-user-blk backends, load generator ${gen_title[$G]}, $runtime s per case, disk $size_bytes bytes, fresh disks $fresh_bytes bytes"
 echo
 echo "Throughput: 4k rows in thousands of IOPS, 128k rows in MiB/s; (p99 latency in us)."
 echo "Load before: ${load_start##*load average: }; after: $(uptime | sed 's/.*load average: //'); $(nproc) CPUs shared."
@@ -334,7 +390,7 @@ is_write_case() { local rw; rw=$(cut -d'|' -f2 <<<"$1"); [ "$rw" != read ] && [ 
 # Throughput counting the final FLUSH in the elapsed time (bytes per second).
 durable() {
   local f b s fl
-  f="$work/results/$1-$(slug "$2").json"
+  f="$work/results/$1-${G:-ours}-$(slug "$2").json"
   [ -f "$f" ] || return 0
   b=$(jget "$f" bytes); s=$(jget "$f" seconds); fl=$(jget "$f" flush_ms)
   [ -n "$fl" ] && [ "$fl" != null ] || return 0
@@ -387,7 +443,7 @@ blk=65536
 for c in "${cases[@]}"; do
   is_write_case "$c" || continue
   c=${c%%|*}
-  f="$work/results/ours-fresh-$(slug "$c")"
+  f="$work/results/ours-fresh-$G-$(slug "$c")"
   if [ -f "$f.json" ] && [ -f "$f.mapped" ]; then
     w=$(jget "$f.json" writes); m=$(cat "$f.mapped"); bsz=$(jget "$f.json" bs)
     awk -v w="$w" -v m="$m" -v c="$c" -v bs="$bsz" -v blk=$blk -v total=$((fresh_bytes / blk)) 'BEGIN {
@@ -410,6 +466,128 @@ for c in "4k randwrite QD32 1q" "4k randwrite QD32 4q"; do
     echo "  change returns without fdatasync of the data file: the overwritten data is not durable."
   fi
 done
+}
+
+if [ ${#targets[@]} -gt 0 ] && [ ${#cases[@]} -gt 0 ]; then
+  for G in "${gens[@]}"; do print_tables; done
+fi
+if [ ${#gens[@]} -gt 1 ] && [ ${#targets[@]} -gt 0 ] && [ ${#cases[@]} -gt 0 ]; then
+  # The two generators on the same cell: far from 1.00 means one of them, not the backend,
+  # limits the figure (both share the 2 CPUs with the backend).
+  echo
+  echo "### libblkio / bench/ throughput on the same case and backend (same run)"
+  echo
+  header="| case |"; sep="|---|"
+  for t in "${targets[@]}"; do header+=" ${title[$t]} |"; sep+="---|"; done
+  echo "$header"; echo "$sep"
+  for c in "${cases[@]}"; do
+    name=${c%%|*}; row="| $name |"
+    for t in "${targets[@]}"; do
+      a=$(G=blkio result "$t" "$name" mib_s); b=$(G=ours result "$t" "$name" mib_s)
+      if [ -n "$a" ] && [ -n "$b" ]; then
+        row+=" $(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }') |"
+      else row+=" n/a |"; fi
+    done
+    echo "$row"
+  done
+fi
+
+# ---- the RAM-backed comparison -----------------------------------------------------------
+# A provisioned pool on tmpfs against QSD null-co: what is left is the per-request cost of
+# the daemon (vhost-user, the engine's lookup, a copy from the page cache of tmpfs), not the
+# storage. Both backends stay up on their own sockets, so the runs interleave.
+if [ "$ram" != 0 ]; then
+  ram_dir=$(mktemp -d "${BENCH_RAM_DIR:-/dev/shm}/vhost-thin-ram.XXXXXX")
+  ram_sock=$work/ram.sock; null_sock=$work/null.sock; base_sock=$work/base.sock
+  baseline=${BENCH_RAM_BASELINE:-}
+  ram_targets=(ours null); [ -n "$baseline" ] && ram_targets=(ours base null)
+  ram_pids=()
+  ram_cleanup() {
+    for p in "${ram_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    rm -rf "$ram_dir"
+  }
+  trap 'ram_cleanup; cleanup' EXIT
+  echo
+  echo "== RAM-backed: pool in $ram_dir (tmpfs) against QSD null-co, $ram_rounds rounds, $runtime s a run"
+  "$thin" pool create -m "$ram_dir/pool.meta" -d "$ram_dir/pool.data" --data-size "$size_bytes" >/dev/null
+  "$thin" thin create -m "$ram_dir/pool.meta" -d "$ram_dir/pool.data" --id 0 --size "$size_bytes" --name ram >/dev/null
+  RUST_LOG=warn "$thin" serve -m "$ram_dir/pool.meta" -d "$ram_dir/pool.data" \
+    --disk "id=0,socket=$ram_sock,num-queues=4" >>"$work/ours-ram.log" 2>&1 &
+  ram_pids+=($!)
+  socks=("$ram_sock" "$null_sock")
+  if [ -n "$baseline" ]; then
+    "$baseline" pool create -m "$ram_dir/base.meta" -d "$ram_dir/base.data" --data-size "$size_bytes" >/dev/null
+    "$baseline" thin create -m "$ram_dir/base.meta" -d "$ram_dir/base.data" --id 0 --size "$size_bytes" --name ram >/dev/null
+    RUST_LOG=warn "$baseline" serve -m "$ram_dir/base.meta" -d "$ram_dir/base.data" \
+      --disk "id=0,socket=$base_sock,num-queues=4" >>"$work/base-ram.log" 2>&1 &
+    ram_pids+=($!)
+    socks+=("$base_sock")
+  fi
+  qemu-storage-daemon --blockdev "driver=null-co,node-name=top,size=$size_bytes" \
+    --export "type=vhost-user-blk,id=e,node-name=top,addr.type=unix,addr.path=$null_sock,writable=on,num-queues=4" \
+    >>"$work/qsd-null-ram.log" 2>&1 &
+  ram_pids+=($!)
+  for s in "${socks[@]}"; do
+    for _ in $(seq 1 200); do [ -S "$s" ] && break; sleep 0.05; done
+    [ -S "$s" ] || { echo "no socket $s" >&2; cat "$work"/ours-ram.log "$work"/qsd-null-ram.log >&2; exit 1; }
+  done
+  # Every block mapped: the reads go through the mapping and the data file, not the
+  # zero-fill of unmapped blocks. The fill is verified; the timed runs are not (see above).
+  echo "  prefill: sequential write pass over $size_bytes bytes (verified)"
+  SOCK=$ram_sock run_bench "$work/results/ram-prefill.json" --rw write --bs 128k --iodepth 8 \
+    --single-pass --runtime 600 --verify
+  if [ -n "$baseline" ]; then
+    SOCK=$base_sock run_bench "$work/results/ram-prefill-base.json" --rw write --bs 128k --iodepth 8 \
+      --single-pass --runtime 600 --verify
+  fi
+  declare -A ram_title=([ours]="ours RAM" [base]="baseline RAM" [null]="QSD null-co")
+  ram_json() { echo "$work/results/ram-$1-$2-$3q-r$4.json"; } # TARGET GEN QUEUES ROUND
+  for r in $(seq 1 "$ram_rounds"); do
+    for g in "${gens[@]}"; do
+      for nq in 1 2; do
+        for t in "${ram_targets[@]}"; do
+          case $t in ours) s=$ram_sock ;; base) s=$base_sock ;; null) s=$null_sock ;; esac
+          f=$(ram_json "$t" "$g" "$nq" "$r")
+          GEN=$g SOCK=$s run_bench "$f" --rw randread --bs 4k --iodepth 32 --queues "$nq" --runtime "$runtime"
+          [ -f "$f" ] && printf '  round %d %-5s %dq %-12s %9.0f IOPS  mean %7.1f us  p99 %8.1f us\n' "$r" "$g" "$nq" \
+            "${ram_title[$t]}" "$(jget "$f" iops)" "$(jget "$f" lat_mean_us)" "$(jget "$f" lat_p99_us)"
+        done
+      done
+    done
+  done
+  ram_cleanup; ram_pids=()
+  trap cleanup EXIT
+  median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+  echo
+  echo "### RAM-backed pool (tmpfs) vs QSD null-co: 4k randread QD32, $runtime s a run, median of $ram_rounds interleaved rounds"
+  echo
+  echo "Load after: $(uptime | sed 's/.*load average: //'); $(nproc) CPUs shared. Target: ours / null-co >= 0.80."
+  echo
+  header="| generator | queues |"; sep="|---|---|"
+  for t in "${ram_targets[@]}"; do header+=" ${ram_title[$t]} IOPS (rounds) |"; sep+="---|"; done
+  header+=" ours / null-co (medians) | >= 0.80 |"; sep+="---|---|"
+  [ -n "$baseline" ] && { header+=" ours / baseline |"; sep+="---|"; }
+  echo "$header"; echo "$sep"
+  for g in "${gens[@]}"; do
+    for nq in 1 2; do
+      row="| $g | $nq |"
+      declare -A med=()
+      for t in "${ram_targets[@]}"; do
+        vals=$(for r in $(seq 1 "$ram_rounds"); do f=$(ram_json "$t" "$g" "$nq" "$r"); [ -f "$f" ] && jget "$f" iops; done)
+        med[$t]=$(median <<<"$vals")
+        row+=" $(awk -v v="${med[$t]:-0}" 'BEGIN { printf "%.1fk", v / 1000 }') ($(awk '{ printf "%s%.0f", (NR > 1 ? ", " : ""), $1 / 1000 }' <<<"$vals")) |"
+      done
+      rat=$(awk -v a="${med[ours]}" -v b="${med[null]}" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "n/a" }')
+      met=$(awk -v r="$rat" 'BEGIN { if (r == "n/a") print "n/a"; else print (r >= 0.80 ? "yes" : "no") }')
+      row+=" $rat | $met |"
+      if [ -n "$baseline" ]; then
+        row+=" $(awk -v a="${med[ours]}" -v b="${med[base]}" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "n/a" }') |"
+      fi
+      echo "$row"
+      unset med
+    done
+  done
+fi
 
 if [ ${#failures[@]} -gt 0 ]; then
   echo

@@ -7,6 +7,8 @@
 //! that has been released under it. Other blocks and other devices are not held up.
 //! A thread holds at most one exclusive cell at a time, so cells cannot deadlock.
 
+use crate::hash::IntHashBuilder;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 
@@ -20,7 +22,7 @@ struct Cell {
 
 #[derive(Default)]
 struct ShardState {
-    cells: HashMap<(u32, u64), Cell>,
+    cells: HashMap<(u32, u64), Cell, IntHashBuilder>,
     /// Threads waiting on `cv`: a release wakes them only when there are some (a wake
     /// without waiters still costs a system call, on every block of every request).
     waiters: u32,
@@ -95,14 +97,16 @@ impl Drop for CellGuard<'_> {
     fn drop(&mut self) {
         let shard = self.table.shard(self.key);
         let mut st = shard.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = st.cells.get_mut(&self.key) {
+        // One hash for the lookup and the removal (a read of a mapped block did three).
+        if let Entry::Occupied(mut o) = st.cells.entry(self.key) {
+            let c = o.get_mut();
             if self.exclusive {
                 c.writer = false;
             } else {
                 c.readers -= 1;
             }
             if !c.writer && c.readers == 0 {
-                st.cells.remove(&self.key);
+                o.remove();
             }
         }
         let wake = st.waiters > 0;

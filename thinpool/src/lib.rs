@@ -17,6 +17,7 @@ pub mod check;
 pub mod delta;
 pub mod dump;
 pub mod error;
+pub mod hash;
 pub mod journal;
 pub mod merge;
 pub mod names;

@@ -1122,7 +1122,16 @@ impl Pool {
             let off = offset + pos;
             let (vb, within) = (off / bs, off % bs);
             let n = (bs - within).min(total - pos);
-            let mut segs = slices_mut(bufs, pos as usize, n as usize);
+            // One buffer (the common case: a request's one data segment): the piece of it
+            // for this block, on the stack; several: a Vec of the pieces.
+            let (mut one, mut many);
+            let segs: &mut [IoSliceMut<'_>] = if let [b] = bufs {
+                one = [IoSliceMut::new(&mut b[pos as usize..(pos + n) as usize])];
+                &mut one
+            } else {
+                many = slices_mut(bufs, pos as usize, n as usize);
+                &mut many
+            };
             let _epoch = self.io_epoch.read().unwrap_or_else(|p| p.into_inner());
             let _cell = self.cells.lock(dev, vb, false);
             let (mapping, origin) = {
@@ -1136,13 +1145,12 @@ impl Pool {
                 (Some(m), _) => {
                     let at = m.data_block * bs + within;
                     self.data
-                        .read_vectored_at(&mut segs, at)
+                        .read_vectored_at(segs, at)
                         .map_err(Self::data_err("read", at))?;
                 }
                 (None, Some(o)) => {
                     let at = vb * bs + within;
-                    o.read_vectored_at(&mut segs, at)
-                        .map_err(Self::origin_err(at))?;
+                    o.read_vectored_at(segs, at).map_err(Self::origin_err(at))?;
                 }
                 (None, None) => segs.iter_mut().for_each(|s| s.fill(0)),
             }
@@ -1167,8 +1175,16 @@ impl Pool {
             let off = offset + pos;
             let (vb, within) = (off / bs, off % bs);
             let n = (bs - within).min(total - pos);
-            let segs = slices(bufs, pos as usize, n as usize);
-            self.write_block(dev, vb, within, &segs, false)?;
+            // As in read_vectored: one buffer needs no Vec of pieces.
+            let (one, many);
+            let segs: &[IoSlice<'_>] = if let [b] = bufs {
+                one = [IoSlice::new(&b[pos as usize..(pos + n) as usize])];
+                &one
+            } else {
+                many = slices(bufs, pos as usize, n as usize);
+                &many
+            };
+            self.write_block(dev, vb, within, segs, false)?;
             pos += n;
         }
         Ok(())

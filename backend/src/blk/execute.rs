@@ -26,14 +26,10 @@ pub(super) fn fail(disk: &Disk, what: &str, e: &dyn std::fmt::Display) -> Done {
     }
 }
 
-/// Host views of guest buffers. Fails if a buffer is not within one memory region.
-fn host_slices(mem: &GuestMemoryMmap, data: &[Seg]) -> Option<Vec<(*mut u8, usize)>> {
-    data.iter()
-        .map(|s| {
-            let vs = mem.get_slice(GuestAddress(s.addr), s.len as usize).ok()?;
-            Some((vs.ptr_guard_mut().as_ptr(), s.len as usize))
-        })
-        .collect()
+/// The host view of a guest buffer. Fails if the buffer is not within one memory region.
+fn host_slice(mem: &GuestMemoryMmap, s: &Seg) -> Option<(*mut u8, usize)> {
+    let vs = mem.get_slice(GuestAddress(s.addr), s.len as usize).ok()?;
+    Some((vs.ptr_guard_mut().as_ptr(), s.len as usize))
 }
 
 /// A write that found the pool full under policy `queue`: the caller waits for space, with
@@ -76,18 +72,24 @@ pub fn execute(
     };
     Ok(match op {
         Op::Read { offset, data } => {
-            let Some(raw) = host_slices(mem, data) else {
+            // Straight into the slices the pool takes: one allocation per request, not two.
+            let iov: Option<Vec<IoSliceMut<'_>>> = data
+                .iter()
+                .map(|s| {
+                    let (p, n) = host_slice(mem, s)?;
+                    // SAFETY: the pointer comes from vm-memory for a range it verified lies
+                    // in a mapped region, which stays mapped while `mem` (a guard of the
+                    // memory table) lives. The guest gave these buffers to the device for
+                    // this request and must not touch them until it is completed (virtio's
+                    // contract); the slices are used only for this call.
+                    Some(IoSliceMut::new(unsafe {
+                        std::slice::from_raw_parts_mut(p, n)
+                    }))
+                })
+                .collect();
+            let Some(mut iov) = iov else {
                 return Ok(fail(disk, "read", &"buffer spans guest memory regions"));
             };
-            // SAFETY: each pointer comes from vm-memory for a range it verified lies in a
-            // mapped region, which stays mapped while `mem` (a guard of the memory table)
-            // lives. The guest gave these buffers to the device for this request and must
-            // not touch them until it is completed (virtio's contract); the pointers are
-            // used only for this call.
-            let mut iov: Vec<IoSliceMut<'_>> = raw
-                .iter()
-                .map(|&(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
-                .collect();
             let len: u64 = data.iter().map(|s| s.len as u64).sum();
             match to.pool.read_vectored(to.thin_id, *offset, &mut iov) {
                 Ok(()) => {
@@ -98,16 +100,19 @@ pub fn execute(
             }
         }
         Op::Write { offset, data } => {
-            let Some(raw) = host_slices(mem, data) else {
-                return Ok(fail(disk, "write", &"buffer spans guest memory regions"));
-            };
-            let iov: Vec<IoSlice<'_>> = raw
+            let iov: Option<Vec<IoSlice<'_>>> = data
                 .iter()
-                .map(|&(p, n)| {
+                .map(|s| {
+                    let (p, n) = host_slice(mem, s)?;
                     // SAFETY: as for reads; the slices are only read from.
-                    IoSlice::new(unsafe { std::slice::from_raw_parts(p as *const u8, n) })
+                    Some(IoSlice::new(unsafe {
+                        std::slice::from_raw_parts(p as *const u8, n)
+                    }))
                 })
                 .collect();
+            let Some(iov) = iov else {
+                return Ok(fail(disk, "write", &"buffer spans guest memory regions"));
+            };
             let len: u64 = data.iter().map(|s| s.len as u64).sum();
             return match to.write_vectored(*offset, &iov) {
                 Ok(()) => {

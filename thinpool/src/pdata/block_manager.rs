@@ -11,6 +11,7 @@
 //! [`flush`]: BlockManager::flush
 
 use super::block::{self, Block, BlockKind, BLOCK_SIZE};
+use crate::hash::IntHashBuilder;
 use crate::storage::Storage;
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -36,7 +37,7 @@ struct Entry {
 pub struct BlockManager {
     storage: Arc<dyn Storage>,
     nr_blocks: u64,
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry, IntHashBuilder>,
     capacity: usize,
     dirty_limit: usize,
     nr_dirty: usize,
@@ -51,7 +52,7 @@ impl BlockManager {
         BlockManager {
             storage,
             nr_blocks,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             capacity: capacity.max(64),
             dirty_limit: capacity.max(64) * 2,
             nr_dirty: 0,

@@ -312,27 +312,30 @@ impl Storage for FileStorage {
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         check_range(offset, total, self.len())?;
-        let iov = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        self.transfer(iov, offset, Direction::Read)
+        let iov = |b: &mut IoSliceMut<'_>| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        };
+        // One buffer (a 4 KiB read of one block): no Vec, so no allocation per request.
+        if let [b] = bufs {
+            return self.transfer(&mut [iov(b)], offset, Direction::Read);
+        }
+        let mut v: Vec<libc::iovec> = bufs.iter_mut().map(iov).collect();
+        self.transfer(&mut v, offset, Direction::Read)
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         check_range(offset, total, self.len())?;
-        let iov = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        self.transfer(iov, offset, Direction::Write)
+        let iov = |b: &IoSlice<'_>| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        };
+        if let [b] = bufs {
+            return self.transfer(&mut [iov(b)], offset, Direction::Write);
+        }
+        let mut v: Vec<libc::iovec> = bufs.iter().map(iov).collect();
+        self.transfer(&mut v, offset, Direction::Write)
     }
 }
 
@@ -345,7 +348,7 @@ enum Direction {
 impl FileStorage {
     /// Moves the bytes `iov` describes at `offset` (1024 buffers per call at most, as the
     /// kernel allows), going on after short transfers and interruptions.
-    fn transfer(&self, mut iov: Vec<libc::iovec>, offset: u64, dir: Direction) -> io::Result<()> {
+    fn transfer(&self, iov: &mut [libc::iovec], offset: u64, dir: Direction) -> io::Result<()> {
         let mut first = 0;
         let mut at = offset;
         while first < iov.len() {

@@ -132,11 +132,28 @@ fn node_mut(tm: &mut Tm, b: u64) -> Result<&mut Block> {
 }
 
 pub fn lookup(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<Option<Vec<u8>>> {
+    lookup_with(tm, root, key, vk, |v| v.to_vec())
+}
+
+/// [`lookup`] for 8-byte values, without copying the value into a new `Vec`: the data
+/// path looks up two of them (the device's subtree, then the mapping) for every request.
+pub fn lookup_u64(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<Option<u64>> {
+    lookup_with(tm, root, key, vk, u64_of)
+}
+
+/// Looks up `key` and hands its value, in the leaf, to `f`.
+fn lookup_with<T>(
+    tm: &mut Tm,
+    root: u64,
+    key: u64,
+    vk: ValueKind,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Result<Option<T>> {
     let (mut b, mut range) = (root, KeyRange::ALL);
     for _ in 0..MAX_DEPTH {
         let n = read_child(tm, b, vk, range)?;
         if node::is_leaf(&n) {
-            return Ok(node::find(&n, key).map(|i| node::value(&n, i).to_vec()));
+            return Ok(node::find(&n, key).map(|i| f(node::value(&n, i))));
         }
         match node::lower_bound(&n, key) {
             Some(i) => (b, range) = (node::value_u64(&n, i), range.child(&n, i)),
@@ -144,10 +161,6 @@ pub fn lookup(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<Option<
         }
     }
     Err(depth_error(root))
-}
-
-pub fn lookup_u64(tm: &mut Tm, root: u64, key: u64, vk: ValueKind) -> Result<Option<u64>> {
-    Ok(lookup(tm, root, key, vk)?.map(|v| u64_of(&v)))
 }
 
 /// The first entry with a key >= `key`.
