@@ -513,11 +513,76 @@ impl Manager {
         made: &mut Made,
     ) -> R<Switched> {
         let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
-        let job = sw.job;
         self.hook(MigrateStep::Converged { base, base_copy });
         // The disk's device-to-be in the new pool: writable, made of the last copy, marked
         // incoming until the switch names it.
-        let dest = dst.change(|devices, reg| {
+        let dest = self.mirror_destination(sw, base_copy)?;
+        made.dst.push(dest);
+        // From here until the switch, whatever fails leaves the disk on its own device in
+        // its old pool, unmirrored.
+        let mut restore = Restore {
+            disk: d,
+            src,
+            id: disk,
+            armed: true,
+        };
+        let mirror = Arc::new(Mirror::new(
+            dst.pool().clone(),
+            dest,
+            src.pool().block_bytes(),
+            OnError::GiveUp,
+        ));
+        let mut holds = Vec::new();
+        let last = start_mirror(sw, d, &mirror, &mut holds)?;
+        made.src.push(last);
+        tracing::info!(
+            "migrate {}: mirroring to thin device {dest} of pool {}",
+            sw.name,
+            dst.name
+        );
+        self.hook(MigrateStep::Mirroring { dest, last });
+        let copied = self.copy_changed(ctx, sw, &mirror, base, last)?;
+        self.hook(MigrateStep::Copied);
+        tracing::info!(
+            "migrate {}: copied {} while mirroring",
+            sw.name,
+            crate::size::human(copied)
+        );
+        // The new pool made durable with nothing held, so that the switch's commit has
+        // only what the guest wrote meanwhile to flush.
+        dst.pool().commit()?;
+        tracing::info!("migrate {}: pool {} committed", sw.name, dst.name);
+        ctx.check()?;
+        // The switch: one commit of the new pool's registry. The guest's writes are held
+        // only while the entries change in memory and the disk is retargeted; they then go
+        // to the new device, and back to the old one as well until the change is durable
+        // (FailRequest: until then the old pool is where a restart finds the disk, so a
+        // write is done only once it is there). Commits of the new pool are held all along,
+        // so a FLUSH waits for the switch to be durable.
+        switch_mirrored(sw, d, dest, &mirror, &mut holds)?;
+        // Switched: from here on nothing is undone, only finished.
+        ctx.point_of_no_return();
+        restore.armed = false;
+        made.dst.clear();
+        made.src.clear();
+        self.end_backward_mirror(sw, d, base_copy, last, base, &mut holds);
+        Ok(Switched {
+            new_id: dest,
+            final_bytes: copied,
+            holds,
+            mirrored: Some(
+                mirror
+                    .mirrored_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        })
+    }
+
+    /// The disk's device-to-be in the new pool: writable, made of the last copy, marked
+    /// incoming until the switch names it.
+    fn mirror_destination(&self, sw: &Switch<'_>, base_copy: u32) -> R<u32> {
+        let (dst, job) = (sw.dst, sw.job);
+        dst.change(|devices, reg| {
             let id = devices.next_id(reg);
             devices.create_snap(id, base_copy)?;
             let mut e = DeviceEntry {
@@ -534,61 +599,21 @@ impl Manager {
             reg.insert(id, e)
                 .map_err(|e| Error::failed(e.to_string()))?;
             Ok(id)
-        })?;
-        made.dst.push(dest);
-        // From here until the switch, whatever fails leaves the disk on its own device in
-        // its old pool, unmirrored.
-        let mut restore = Restore {
-            disk: d,
-            src,
-            id: disk,
-            armed: true,
-        };
-        let mirror = Arc::new(Mirror::new(
-            dst.pool().clone(),
-            dest,
-            src.pool().block_bytes(),
-            OnError::GiveUp,
-        ));
-        // The last helper snapshot and the mirror at one point in time, the guest's writes
-        // held only for the snapshot in memory (as snapshot-create): every block the guest
-        // changes after it is mirrored, every block it changed since `base` is in the delta
-        // from `base` to it. A commit first, so that the change's own has little to flush.
-        src.pool().commit()?;
-        let mut holds = Vec::new();
-        let last = src.change(|devices, reg| {
-            let id = devices.next_id(reg);
-            let t0 = Instant::now();
-            let mut gate = d.drain();
-            let snap = devices.create_snap(id, disk);
-            if snap.is_ok() {
-                gate.mirror = Some(mirror.clone());
-            }
-            drop(gate);
-            holds.push(t0.elapsed());
-            snap?;
-            let mut entry = DeviceEntry {
-                name: Some(format!(".{job}.last")),
-                ..src
-                    .catalog
-                    .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
-            };
-            entry.set_migration(Some(Migration::Outgoing {
-                job: job.to_string(),
-            }));
-            reg.insert(id, entry)
-                .map_err(|e| Error::failed(e.to_string()))?;
-            Ok(id)
-        })?;
-        made.src.push(last);
-        tracing::info!(
-            "migrate {}: mirroring to thin device {dest} of pool {}",
-            sw.name,
-            dst.name
-        );
-        self.hook(MigrateStep::Mirroring { dest, last });
-        // The background copy: each block that changed from `base` to `last`, moved from
-        // the disk as it is now (see `crate::blk::mirror` for why that is never stale).
+        })
+    }
+
+    /// The background copy: each block that changed from `base` to `last`, moved from the
+    /// disk as it is now (see `crate::blk::mirror` for why that is never stale). Returns
+    /// the bytes copied.
+    fn copy_changed(
+        &self,
+        ctx: &JobCtx,
+        sw: &Switch<'_>,
+        mirror: &Mirror,
+        base: u32,
+        last: u32,
+    ) -> R<u64> {
+        let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
         let runs = src.pool().with_metadata(|md| {
             thinpool::delta::runs(
                 md,
@@ -613,55 +638,21 @@ impl Manager {
                 ctx.progress(copied, total);
             }
         }
-        self.hook(MigrateStep::Copied);
-        tracing::info!(
-            "migrate {}: copied {} while mirroring",
-            sw.name,
-            crate::size::human(copied)
-        );
-        // The new pool made durable with nothing held, so that the switch's commit has
-        // only what the guest wrote meanwhile to flush.
-        dst.pool().commit()?;
-        tracing::info!("migrate {}: pool {} committed", sw.name, dst.name);
-        ctx.check()?;
-        // The switch: one commit of the new pool's registry. The guest's writes are held
-        // only while the entries change in memory and the disk is retargeted; they then go
-        // to the new device, and back to the old one as well until the change is durable
-        // (FailRequest: until then the old pool is where a restart finds the disk, so a
-        // write is done only once it is there). Commits of the new pool are held all along,
-        // so a FLUSH waits for the switch to be durable.
-        let back = Arc::new(Mirror::new(
-            src.pool().clone(),
-            disk,
-            dst.pool().block_bytes(),
-            OnError::FailRequest,
-        ));
-        dst.change(|_, reg| {
-            let t0 = Instant::now();
-            let mut gate = d.drain();
-            if let Some(why) = mirror.failure() {
-                return Err(Error::failed(format!(
-                    "mirroring to pool {} failed: {why}",
-                    dst.name
-                )));
-            }
-            sw.name_switched(reg, dest)?;
-            d.retarget(
-                &mut gate,
-                dst.pool().clone(),
-                dest,
-                dst.space.clone(),
-                Some(back.clone()),
-            );
-            drop(gate);
-            holds.push(t0.elapsed());
-            Ok(())
-        })?;
-        // Switched: from here on nothing is undone, only finished.
-        ctx.point_of_no_return();
-        restore.armed = false;
-        made.dst.clear();
-        made.src.clear();
+        Ok(copied)
+    }
+
+    /// After the switch: the backward mirror ended, the disk's bookkeeping moved to the
+    /// new pool, and what finish_switch deletes emptied first.
+    fn end_backward_mirror(
+        &self,
+        sw: &Switch<'_>,
+        d: &Arc<crate::blk::disk::Disk>,
+        base_copy: u32,
+        last: u32,
+        base: u32,
+        holds: &mut Vec<std::time::Duration>,
+    ) {
+        let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
         let t0 = Instant::now();
         let mut gate = d.drain();
         gate.mirror = None;
@@ -685,16 +676,6 @@ impl Manager {
                 );
             }
         }
-        Ok(Switched {
-            new_id: dest,
-            final_bytes: copied,
-            holds,
-            mirrored: Some(
-                mirror
-                    .mirrored_bytes
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            ),
-        })
     }
 
     /// Tells a test where the migration is (see [`MigrateStep`]).
@@ -809,6 +790,83 @@ impl Manager {
         }
         Ok(done)
     }
+}
+
+/// The last helper snapshot and the mirror at one point in time, the guest's writes held
+/// only for the snapshot in memory (as snapshot-create): every block the guest changes
+/// after it is mirrored, every block it changed since the last pass is in the delta to it.
+/// A commit first, so that the change's own has little to flush. Returns the snapshot.
+fn start_mirror(
+    sw: &Switch<'_>,
+    d: &Arc<crate::blk::disk::Disk>,
+    mirror: &Arc<Mirror>,
+    holds: &mut Vec<std::time::Duration>,
+) -> R<u32> {
+    let (src, disk, job) = (sw.src, sw.disk, sw.job);
+    src.pool().commit()?;
+    src.change(|devices, reg| {
+        let id = devices.next_id(reg);
+        let t0 = Instant::now();
+        let mut gate = d.drain();
+        let snap = devices.create_snap(id, disk);
+        if snap.is_ok() {
+            gate.mirror = Some(Arc::clone(mirror));
+        }
+        drop(gate);
+        holds.push(t0.elapsed());
+        snap?;
+        let mut entry = DeviceEntry {
+            name: Some(format!(".{job}.last")),
+            ..src
+                .catalog
+                .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
+        };
+        entry.set_migration(Some(Migration::Outgoing {
+            job: job.to_string(),
+        }));
+        reg.insert(id, entry)
+            .map_err(|e| Error::failed(e.to_string()))?;
+        Ok(id)
+    })
+}
+
+/// The switch itself (see its caller): the guest's writes held while the new pool's
+/// registry names the disk and the disk is retargeted, mirrored back to the old pool.
+fn switch_mirrored(
+    sw: &Switch<'_>,
+    d: &Arc<crate::blk::disk::Disk>,
+    dest: u32,
+    mirror: &Mirror,
+    holds: &mut Vec<std::time::Duration>,
+) -> R<()> {
+    let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
+    let back = Arc::new(Mirror::new(
+        src.pool().clone(),
+        disk,
+        dst.pool().block_bytes(),
+        OnError::FailRequest,
+    ));
+    dst.change(|_, reg| {
+        let t0 = Instant::now();
+        let mut gate = d.drain();
+        if let Some(why) = mirror.failure() {
+            return Err(Error::failed(format!(
+                "mirroring to pool {} failed: {why}",
+                dst.name
+            )));
+        }
+        sw.name_switched(reg, dest)?;
+        d.retarget(
+            &mut gate,
+            dst.pool().clone(),
+            dest,
+            dst.space.clone(),
+            Some(back.clone()),
+        );
+        drop(gate);
+        holds.push(t0.elapsed());
+        Ok(())
+    })
 }
 
 #[cfg(test)]
