@@ -8,8 +8,8 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 use thinpool::delta::{self, DeltaMode};
-use thinpool::thin::image::{from_fuzz_input, Image};
 use thinpool::storage::MemStorage;
+use thinpool::thin::image::{from_fuzz_input, Image};
 use thinpool::thin::metadata::{MetadataOptions, ThinMetadata};
 
 fn storage(img: &Image) -> Arc<MemStorage> {
