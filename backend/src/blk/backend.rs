@@ -789,7 +789,7 @@ impl BlkBackend {
             // it commits without the gate. A snapshot holds commits and then drains the
             // requests in flight; a FLUSH holding the gate while it waits for the commit
             // lock would hold the snapshot up (or, with the order reversed, deadlock).
-            let (pool, mirror) = io.get_or_insert_with(|| self.disk.target()).flush_pools();
+            let (pool, mirror) = io.get_or_insert_with(|| self.disk.target()).flush_targets();
             *io = None;
             return flush(&self.disk, &pool, mirror.as_deref());
         }

@@ -188,11 +188,8 @@ impl Target {
     }
 
     /// The pools a FLUSH commits: the target's, and the mirror's (see `execute::flush`).
-    pub fn flush_pools(&self) -> (Arc<Pool>, Option<Arc<Pool>>) {
-        (
-            self.pool.clone(),
-            self.mirror.as_ref().map(|m| m.pool.clone()),
-        )
+    pub fn flush_targets(&self) -> (Arc<Pool>, Option<Arc<Mirror>>) {
+        (self.pool.clone(), self.mirror.clone())
     }
 }
 

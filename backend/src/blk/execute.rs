@@ -2,7 +2,7 @@
 //! guest memory and the data device (vectored I/O on the guest's own buffers).
 
 use super::disk::{Disk, OutOfSpace, Stats, Target};
-use super::mirror::MirrorError;
+use super::mirror::{Mirror, MirrorError};
 use super::request::{Op, Seg};
 use std::io::{IoSlice, IoSliceMut};
 use std::time::Duration;
@@ -43,13 +43,15 @@ pub struct NeedsSpace {
 
 /// A FLUSH: commits the pool, which makes every write completed before it durable, and
 /// the mirror's pool when the disk is mirrored (a migration): whichever of the two a
-/// restart finds the disk in then has the write. Callers run it without the disk's I/O gate
-/// (see `BlkBackend::run`).
-pub fn flush(disk: &Disk, pool: &Pool, mirror: Option<&Pool>) -> Done {
-    match pool
+/// restart finds the disk in then has the write. The mirror's failure is the mirror's to
+/// judge ([`Mirror::commit`]). Callers run it without the disk's I/O gate (see
+/// `BlkBackend::run`).
+pub fn flush(disk: &Disk, pool: &Pool, mirror: Option<&Mirror>) -> Done {
+    let r = pool
         .commit()
-        .and_then(|()| mirror.map_or(Ok(()), Pool::commit))
-    {
+        .map_err(MirrorError::Primary)
+        .and_then(|()| mirror.map_or(Ok(()), Mirror::commit));
+    match r {
         Ok(()) => Done {
             status: VIRTIO_BLK_S_OK as u8,
             written: 0,
@@ -133,7 +135,7 @@ pub fn execute(
             };
         }
         Op::Flush => {
-            let (pool, mirror) = to.flush_pools();
+            let (pool, mirror) = to.flush_targets();
             flush(disk, &pool, mirror.as_deref())
         }
         Op::GetId { data } => {

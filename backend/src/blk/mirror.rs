@@ -179,6 +179,14 @@ impl Mirror {
         }
     }
 
+    /// A guest FLUSH's part on the secondary: its pool committed, so that whichever pool a
+    /// restart finds the disk in has every write completed before the FLUSH. A failure
+    /// follows [`OnError`]: forward, the old pool (where the disk stays) already holds it
+    /// all, so the mirror is given up and the FLUSH succeeds; backward, it fails.
+    pub fn commit(&self) -> Result<(), MirrorError> {
+        self.secondary("flush", |p, _| p.commit())
+    }
+
     /// A guest write: `primary` (the disk's own device in `pool`) then the secondary, with
     /// the regions held across both.
     pub fn write_vectored(

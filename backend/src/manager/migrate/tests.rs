@@ -335,6 +335,54 @@ fn a_failing_new_pool_undoes_the_migration_without_failing_a_guest_write() {
     }
 }
 
+/// A guest FLUSH through the I/O path (`BlkBackend::run` does exactly this): the target's
+/// pool and mirror, committed without the gate.
+fn guest_flush(f: &Fixture) -> u8 {
+    let (pool, mirror) = f.disk.target().flush_targets();
+    crate::blk::execute::flush(&f.disk, &pool, mirror.as_deref()).status
+}
+
+/// The new pool failing while the disk is mirrored forward fails no guest request, a FLUSH
+/// included: everything the FLUSH vouches for is durable in the old pool, where the disk
+/// stays; the mirror is given up and the migration undone.
+#[test]
+fn a_failing_new_pool_does_not_fail_a_guest_flush_while_mirrored() {
+    let mut seen = Vec::new();
+    for fault in [FaultOp::Sync, FaultOp::Write] {
+        let f = Arc::new(fixture());
+        let statuses = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (fw, statuses) = (Arc::downgrade(&f), statuses.clone());
+            f.set_hook(move |step| {
+                let Some(f) = fw.upgrade() else { return };
+                if let MigrateStep::Mirroring { .. } = step {
+                    // A mirrored write, so that pool b has something to commit.
+                    f.write(3 * A_BLOCK + 10, &bytes(11 << 32, 9000));
+                    f.b_data.fail_nth(fault, 1, true);
+                    // With Write: this one gives the mirror up.
+                    f.write(5 * A_BLOCK + 10, &bytes(12 << 32, 9000));
+                    lock(&statuses).push(guest_flush(&f));
+                    f.write(7 * A_BLOCK + 10, &bytes(13 << 32, 9000));
+                    lock(&statuses).push(guest_flush(&f));
+                }
+            });
+        }
+        let e = f.migrate().unwrap_err();
+        assert_eq!(f.pool_of_disk(), "a", "{fault:?}: {e}");
+        f.verify(&format!("{fault:?}"));
+        seen.push((fault, lock(&statuses).clone()));
+        f.b_data.heal();
+        *lock(&f.m.migrate_hook) = None;
+        // Pool b stays failed after a failed sync: its final commit fails.
+        let _ = f.m.shutdown();
+    }
+    let ok = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+    assert!(
+        seen.iter().all(|(_, s)| *s == [ok, ok]),
+        "guest FLUSH statuses while mirrored to a failing pool b (0 = OK, 1 = IOERR): {seen:?}"
+    );
+}
+
 /// (c) A crash while the disk is mirrored (the job's thread dies at each step before
 /// the switch, leaving the registries as they are): the next start's recovery leaves
 /// the disk, whole, in its old pool, and nothing of the migration anywhere.
