@@ -66,8 +66,8 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
-use thinpool::catalog::SnapshotKind;
-use thinpool::registry::DeviceEntry;
+use thinpool::catalog::{Catalog, SnapshotKind};
+use thinpool::registry::{DeviceEntry, Registry};
 
 /// What a migration made so far, to undo on failure.
 #[derive(Default)]
@@ -220,6 +220,33 @@ fn lineage(reg: &thinpool::registry::Registry, disk: u32) -> Vec<u32> {
     v.into_iter().map(|(_, id)| id).collect()
 }
 
+/// Registers `id`, a helper snapshot of `disk` named `name`, marked as the migration
+/// `job`'s outgoing copy.
+fn insert_outgoing(
+    reg: &mut Registry,
+    id: u32,
+    catalog: &Catalog,
+    disk: u32,
+    name: String,
+    job: &str,
+) -> R<()> {
+    let entry = DeviceEntry {
+        name: Some(name),
+        ..catalog.new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
+    };
+    let outgoing = Migration::Outgoing {
+        job: job.to_string(),
+    };
+    insert_marked(reg, id, entry, outgoing)
+}
+
+/// Registers `id` with the migration mark that says what a crash leaves it as.
+fn insert_marked(reg: &mut Registry, id: u32, mut entry: DeviceEntry, mark: Migration) -> R<()> {
+    entry.set_migration(Some(mark));
+    reg.insert(id, entry)
+        .map_err(|e| Error::failed(e.to_string()))
+}
+
 /// A helper snapshot of `disk` in `p`, marked outgoing.
 fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     // Its change commits, and a commit holds new mappings while it flushes: a commit first,
@@ -228,16 +255,8 @@ fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     p.change(|devices, reg| {
         let id = devices.next_id(reg);
         devices.create_snap(id, disk)?;
-        let mut entry = DeviceEntry {
-            name: Some(format!(".{job}.{n}")),
-            ..p.catalog
-                .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
-        };
-        entry.set_migration(Some(Migration::Outgoing {
-            job: job.to_string(),
-        }));
-        reg.insert(id, entry)
-            .map_err(|e| Error::failed(e.to_string()))?;
+        let name = format!(".{job}.{n}");
+        insert_outgoing(reg, id, &p.catalog, disk, name, job)?;
         Ok(id)
     })
 }
@@ -585,7 +604,7 @@ impl Manager {
         dst.change(|devices, reg| {
             let id = devices.next_id(reg);
             devices.create_snap(id, base_copy)?;
-            let mut e = DeviceEntry {
+            let e = DeviceEntry {
                 name: Some(format!(".{job}.disk")),
                 snapshot: false,
                 read_only: false,
@@ -593,11 +612,10 @@ impl Manager {
                     .catalog
                     .new_snapshot_entry(reg, base_copy, id, SnapshotKind::Clone)
             };
-            e.set_migration(Some(Migration::Incoming {
+            let incoming = Migration::Incoming {
                 job: job.to_string(),
-            }));
-            reg.insert(id, e)
-                .map_err(|e| Error::failed(e.to_string()))?;
+            };
+            insert_marked(reg, id, e, incoming)?;
             Ok(id)
         })
     }
@@ -815,17 +833,7 @@ fn start_mirror(
         drop(gate);
         holds.push(t0.elapsed());
         snap?;
-        let mut entry = DeviceEntry {
-            name: Some(format!(".{job}.last")),
-            ..src
-                .catalog
-                .new_snapshot_entry(reg, disk, id, SnapshotKind::Kept)
-        };
-        entry.set_migration(Some(Migration::Outgoing {
-            job: job.to_string(),
-        }));
-        reg.insert(id, entry)
-            .map_err(|e| Error::failed(e.to_string()))?;
+        insert_outgoing(reg, id, &src.catalog, disk, format!(".{job}.last"), job)?;
         Ok(id)
     })
 }
