@@ -4,14 +4,27 @@
 # 4 KiB random-write load whose latency both report.
 #
 # The sourcing script sets: name (for messages and the work directory), size, runtime,
-# keep. It gets: thin, bench, work, sock, size_bytes, pid (the daemon under test).
+# keep, generator (ours: bench/'s vhost-thin-bench; blkio: bench-blkio/'s
+# vhost-thin-blkio-bench, on libblkio). It gets: thin, bench (bench/, which also fills the
+# disk), loadgen (the generator of the measured load), work, sock, size_bytes, pid (the
+# daemon under test).
 
 echo "building release binaries"
-cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench
+case "${generator:-ours}" in
+  ours) gen_pkg=() ;;
+  blkio) gen_pkg=(-p vhost-thin-blkio-bench) ;;
+  *) echo "bench-$name: --generator must be ours or blkio" >&2; exit 2 ;;
+esac
+cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench "${gen_pkg[@]}"
 target=$(cargo metadata --format-version 1 --no-deps --locked |
   grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
 thin=$target/release/vhost-thin
 bench=$target/release/vhost-thin-bench
+case "${generator:-ours}" in
+  ours) loadgen=$bench ;;
+  blkio) loadgen=$target/release/vhost-thin-blkio-bench ;;
+esac
+echo "load generator: $(basename "$loadgen")"
 
 work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/vhost-thin-$name.XXXXXX")
 pid=
@@ -32,7 +45,7 @@ wait_socket() { # SOCKET LOG
 stop() { kill -TERM "$pid"; wait "$pid" || true; pid=; }
 jget() { python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))[sys.argv[2]]))' "$1" "$2"; }
 load() { # OUT: 4 KiB random writes, QD32, verified, for $runtime s
-  "$bench" --socket "$sock" --json --rw randwrite --bs 4k --iodepth 32 --queues 1 \
+  "$loadgen" --socket "$sock" --json --rw randwrite --bs 4k --iodepth 32 --queues 1 \
     --runtime "$runtime" --verify >"$1" 2>"$1.err"
 }
 report() { # NAME OUT

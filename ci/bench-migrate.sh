@@ -9,7 +9,7 @@
 # backward mirror) that the daemon reports, and the load generator's IOPS and latency over a run with the move and a run
 # without (its max latency includes whatever the guest waited during the switch).
 #
-#   ci/bench-migrate.sh [--size SIZE] [--runtime SECS] [--at SECS] [--keep]
+#   ci/bench-migrate.sh [--size SIZE] [--runtime SECS] [--at SECS] [--generator ours|blkio] [--keep]
 #
 #   --size SIZE    disk size (default 1GiB)
 #   --runtime S    seconds of load per run (default 12)
@@ -19,12 +19,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-size=1GiB runtime=12 at=3 keep=0
+size=1GiB runtime=12 at=3 keep=0 generator=ours
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift ;;
     --runtime) runtime=$2; shift ;;
     --at) at=$2; shift ;;
+    --generator) generator=$2; shift ;;
     --keep) keep=1 ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;

@@ -10,20 +10,21 @@
 # Printed: each snapshot's figure with the median, p99 and max, and the load generator's
 # IOPS and latency (its max is the longest a write waited) with snapshots and without.
 #
-#   ci/bench-snapshot.sh [--size SIZE] [--count N] [--every SECS] [--warmup SECS] [--keep]
+#   ci/bench-snapshot.sh [--size SIZE] [--count N] [--every SECS] [--warmup SECS] [--generator ours|blkio] [--keep]
 # Defaults: 1GiB, 20 snapshots every 2 s after 10 s (a 52 s run per daemon).
 # Environment: BENCH_DIR (parent of the work directory, default /var/tmp); BENCH_LOG (the
 # daemon's RUST_LOG, default warn: "info" logs each snapshot's drain and pause).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-size=1GiB count=20 every=2 warmup=10 keep=0
+size=1GiB count=20 every=2 warmup=10 keep=0 generator=ours
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift ;;
     --count) count=$2; shift ;;
     --every) every=$2; shift ;;
     --warmup) warmup=$2; shift ;;
+    --generator) generator=$2; shift ;;
     --keep) keep=1 ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;

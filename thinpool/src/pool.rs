@@ -34,10 +34,12 @@ use crate::storage::Storage;
 use crate::thin::device::{DeviceDetails, Mapping};
 use crate::thin::metadata::{MetadataOptions, SpaceUsage, ThinMetadata};
 use crate::{Error, Result};
+use gate::DeviceGate;
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct PoolOptions {
@@ -75,6 +77,16 @@ pub enum PoolMode {
     ReadOnly,
     /// Every request fails.
     Fail,
+}
+
+/// What [`Pool::create_snap`] took.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotMade {
+    /// Making the snapshot in memory, with the metadata lock held: the longest any block
+    /// lookup of the pool waited for it.
+    pub in_memory: Duration,
+    /// Until the writes in flight when it was made had landed (the call's whole time).
+    pub settled: Duration,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -226,7 +238,8 @@ pub struct Pool {
     data: Arc<dyn Storage>,
     block_bytes: u64,
     cells: CellTable,
-    gates: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
+    /// Per thin device: the changing operations in flight on it (see [`gate`]).
+    gates: Mutex<HashMap<u32, Arc<DeviceGate>>>,
     opts: PoolOptions,
     zeroes: Vec<u8>,
     /// Journaled mapping changes replayed at open.
@@ -507,12 +520,12 @@ impl Pool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn gate(&self, dev: u32) -> Arc<RwLock<()>> {
+    fn gate(&self, dev: u32) -> Arc<DeviceGate> {
         self.gates
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(dev)
-            .or_insert_with(|| Arc::new(RwLock::new(())))
+            .or_default()
             .clone()
     }
 
@@ -769,26 +782,40 @@ impl Pool {
         Ok(())
     }
 
-    /// Snapshots `origin` as `id`. Waits for writes in flight to the origin and holds new
-    /// ones while it works, so the snapshot is a consistent point in time. The snapshot
-    /// shares the origin's external origin, as its unmapped blocks are the origin's.
-    pub fn create_snap(&self, id: u32, origin: u32) -> Result<()> {
+    /// Snapshots `origin` as `id`, crash-consistent: every write to the origin completed
+    /// before the call is in the snapshot; one in flight may be, in whole or in part, as
+    /// after a power loss. The origin's writes are not held: the snapshot is made in
+    /// memory under the metadata lock (every block lookup of the pool waits that long),
+    /// then the writes in flight when it was made are waited for, so that the snapshot
+    /// no longer changes when this returns (a later commit makes it durable as it is).
+    /// A write in flight to a block the snapshot now shares writes the shared block, and
+    /// the origin's next write to that block, which breaks the sharing, waits for it (the
+    /// block's cell), so the origin keeps it. The snapshot shares the origin's external
+    /// origin, as its unmapped blocks are the origin's.
+    pub fn create_snap(&self, id: u32, origin: u32) -> Result<SnapshotMade> {
         let gate = self.gate(origin);
-        let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
-        let mut g = self.lock();
-        self.meta(&mut g, |md| md.create_snap(id, origin))?;
-        match g.origin(origin) {
-            Some(o) => g.origins.insert(id, o),
-            None => g.origins.remove(&id),
-        };
-        Ok(())
+        let t0 = Instant::now();
+        {
+            let mut g = self.lock();
+            self.meta(&mut g, |md| md.create_snap(id, origin))?;
+            match g.origin(origin) {
+                Some(o) => g.origins.insert(id, o),
+                None => g.origins.remove(&id),
+            };
+        }
+        let in_memory = t0.elapsed();
+        gate.wait_for_earlier();
+        Ok(SnapshotMade {
+            in_memory,
+            settled: t0.elapsed(),
+        })
     }
 
     /// Deletes a thin device and forgets its external origin. (An abort that brings the
     /// device back does not bring the origin back: attach it again from the registry.)
     pub fn delete(&self, id: u32) -> Result<()> {
         let gate = self.gate(id);
-        let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
+        let _quiet = gate.close();
         let mut g = self.lock();
         self.meta(&mut g, |md| md.delete(id))?;
         g.origins.remove(&id);
@@ -806,7 +833,7 @@ impl Pool {
     /// Kept in memory only: the registry records the path.
     pub fn set_external_origin(&self, dev: u32, origin: Option<Arc<ExternalOrigin>>) -> Result<()> {
         let gate = self.gate(dev);
-        let _quiesced = gate.write().unwrap_or_else(|p| p.into_inner());
+        let _quiet = gate.close();
         let mut g = self.lock();
         Self::check_not_failed(&g)?;
         g.md.device(dev)?;
@@ -993,7 +1020,7 @@ impl Pool {
     /// vouches for, not for writes made after it. Callers write the data back first
     /// ([`Pool::write_back`]) so that the sync has little left to do.
     fn commit_held(&self) -> Result<()> {
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let frozen = {
             let mut g = self.lock();
             Self::check_not_failed(&g)?;
@@ -1168,7 +1195,7 @@ impl Pool {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         check_span(offset, total)?;
         let gate = self.gate(dev);
-        let _open = gate.read().unwrap_or_else(|p| p.into_inner());
+        let _in_flight = gate.enter();
         let bs = self.block_bytes;
         let mut pos = 0u64;
         while pos < total {
@@ -1425,13 +1452,13 @@ impl Pool {
             return Ok(0);
         }
         let gate = self.gate(dev);
-        let _open = gate.read().unwrap_or_else(|p| p.into_inner());
-        self.unmap_blocks_gated(dev, first, end)
+        let _in_flight = gate.enter();
+        self.unmap_blocks_entered(dev, first, end)
     }
 
-    /// [`Self::unmap_blocks`] for a caller that holds the device's gate (taking it again
-    /// could deadlock behind a snapshot waiting for it).
-    fn unmap_blocks_gated(&self, dev: u32, first: u64, end: u64) -> Result<u64> {
+    /// [`Self::unmap_blocks`] for a caller that has entered the device's gate (entering
+    /// again could deadlock behind a change waiting to close it).
+    fn unmap_blocks_entered(&self, dev: u32, first: u64, end: u64) -> Result<u64> {
         let mut removed = 0;
         let mut next = first;
         while next < end {
@@ -1466,9 +1493,10 @@ impl Pool {
         check_span(offset, len)?;
         let bs = self.block_bytes;
         let end = offset + len;
-        // One gate for the whole range: a snapshot sees all of it or none.
+        // Entered once for the whole range: a snapshot settles only once all of it is
+        // done, and a change of origin waits for it.
         let gate = self.gate(dev);
-        let _open = gate.read().unwrap_or_else(|p| p.into_inner());
+        let _in_flight = gate.enter();
         // Read under the gate: a change of origin waits for it.
         let origin_end = self.external_origin(dev).map_or(0, |o| o.len());
         let mut pos = offset;
@@ -1478,7 +1506,7 @@ impl Pool {
             if n == bs && unmap && pos >= origin_end {
                 // Run of whole blocks.
                 let last = end / bs;
-                self.unmap_blocks_gated(dev, vb, last)?;
+                self.unmap_blocks_entered(dev, vb, last)?;
                 pos = last * bs;
                 continue;
             }
@@ -1550,6 +1578,7 @@ fn slices_mut<'a>(
     out
 }
 
+mod gate;
 #[cfg(test)]
 mod origin_tests;
 #[cfg(test)]

@@ -169,7 +169,7 @@ fn read_state(pool: &Pool, full: bool) -> thinpool::Result<State> {
 fn run_op(pool: &Pool, op: &Op, m: &Model) -> thinpool::Result<()> {
     match *op {
         Op::CreateThin(id) => pool.create_thin(id),
-        Op::CreateSnap(id, o) => pool.create_snap(id, o),
+        Op::CreateSnap(id, o) => pool.create_snap(id, o).map(|_| ()),
         Op::Delete(id) => pool.delete(id),
         Op::Write(id, off, len, seed) => pool.write(id, off, &pattern(seed, len as usize)),
         Op::Discard(id, off, len) => pool.discard(id, off, len).map(|_| ()),

@@ -35,7 +35,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thinpool::catalog::{Catalog, Devices, RegistryRef, SnapshotKind};
 use thinpool::delta::{DeltaMode, DeltaRun};
 use thinpool::origin::ExternalOrigin;
@@ -1157,9 +1157,11 @@ impl Manager {
         Ok(Done {})
     }
 
-    /// Snapshots a disk, running or not. Writes are held only while the snapshot is made in
-    /// memory: requests in flight finish, new ones wait; the pause is returned in
-    /// microseconds. The reply comes once the snapshot is durable.
+    /// Snapshots a disk, running or not, crash-consistent (see [`Pool::create_snap`]):
+    /// the guest's writes are not held; the snapshot is made in memory, and the reply
+    /// comes once the writes in flight then have landed and the snapshot is durable. The
+    /// pause returned, in microseconds, is the time the snapshot was being made in memory,
+    /// the longest any request of the pool waited for it.
     pub fn snapshot_create(&self, disk: &str, name: &str) -> R<SnapshotCreated> {
         let _op = lock(&self.op);
         let f = self.find(disk)?;
@@ -1177,30 +1179,15 @@ impl Manager {
         }
         // A disk being migrated: a snapshot taken now would be left behind.
         self.check_unpinned(&f, disk)?;
-        let served = lock(&self.disks).get(disk).map(|s| s.disk.clone());
-        let mut pause = Duration::ZERO;
-        let mut drained = Duration::ZERO;
         // The change holds commits from its start: a commit under way (the timer's, a
-        // FLUSH) is waited for here, before any write is held.
+        // FLUSH) is waited for here. The point in time taken, the change is made durable
+        // (the registry written, the pool committed) with the guest's writes going on;
+        // commits stay held until then, so none makes half of it durable, and the reply
+        // waits for it. If it fails the snapshot is undone, and the writes since stay on
+        // the origin.
         let r = f.pool.change(|devices, reg| {
             let id = devices.next_id(reg);
-            // Pool::create_snap already waits for the origin's writes in flight and holds
-            // new ones (the pool's per-device gate), which is all a point in time needs.
-            // The disk's gate is taken as well so that a guest request made of several pool
-            // operations (discard or write-zeroes ranges, zeroing a block at a time) is
-            // wholly in the snapshot or wholly out. No request holding it waits for a
-            // commit: a FLUSH does not take it, and a write held for pool space lets go.
-            let t0 = Instant::now();
-            let gate = served.as_ref().map(|d| d.drain());
-            drained = t0.elapsed();
-            let made = devices.create_snap(id, f.id);
-            // The point in time is taken: the guest's writes go on while the change is
-            // made durable (the registry written, the pool committed). Commits stay held
-            // until then, so none makes half of it durable, and the reply waits for it;
-            // if it fails the snapshot is undone, and the writes since stay on the origin.
-            drop(gate);
-            pause = t0.elapsed();
-            made?;
+            let made = devices.create_snap(id, f.id)?;
             let entry = DeviceEntry {
                 name: Some(name.to_string()),
                 ..f.pool
@@ -1209,10 +1196,14 @@ impl Manager {
             };
             reg.insert(id, entry)
                 .map_err(|e| Error::failed(e.to_string()))?;
-            Ok(id)
+            Ok((id, made))
         });
-        let id = r?;
-        tracing::info!("snapshot-create {name} of {disk}: thin device {id}, writes held {pause:?} (requests in flight finished after {drained:?})");
+        let (id, made) = r?;
+        let pause = made.in_memory;
+        tracing::info!(
+            "snapshot-create {name} of {disk}: thin device {id}, made in memory in {pause:?}, the writes in flight then landed after {:?}",
+            made.settled
+        );
         self.events.emit(Event::SnapshotCreated {
             disk: owner.clone(),
             snapshot: name.to_string(),

@@ -102,7 +102,7 @@ pub static COMMANDS: &[Spec] = &[
     Spec {
         name: "snapshot-create",
         arguments: "`disk`, `name` (`@x` means `<disk>@x`)",
-        returns: "`name` (the full name), `thin-id`, `pause-us`: how long writes to a running disk were held: requests in flight finish, the snapshot is made in memory, writes go on; the reply comes once the snapshot is durable (registry written, pool committed)",
+        returns: "`name` (the full name), `thin-id`, `pause-us`: how long the snapshot took to make in memory, the most any request of the pool waited for it (writes are not held: the snapshot is crash-consistent, a request in flight may be in it or not); the reply comes once the requests in flight then have landed and the snapshot is durable (registry written, pool committed)",
         read: snapshot_create,
     },
     Spec {

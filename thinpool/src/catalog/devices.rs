@@ -7,7 +7,7 @@
 //! freed), so until the registry no longer names the device, the device stays.
 
 use crate::origin::ExternalOrigin;
-use crate::pool::Pool;
+use crate::pool::{Pool, SnapshotMade};
 use crate::registry::Registry;
 use crate::Result;
 use std::sync::Arc;
@@ -61,10 +61,10 @@ impl<'a> Devices<'a> {
 
     /// A snapshot of `origin`; it shares the origin's external origin (see
     /// [`Pool::create_snap`]).
-    pub fn create_snap(&mut self, id: u32, origin: u32) -> Result<()> {
-        self.pool.create_snap(id, origin)?;
+    pub fn create_snap(&mut self, id: u32, origin: u32) -> Result<SnapshotMade> {
+        let made = self.pool.create_snap(id, origin)?;
         self.created.push(id);
-        Ok(())
+        Ok(made)
     }
 
     pub fn set_external_origin(

@@ -998,3 +998,67 @@ fn no_commit_vouches_for_data_after_a_failed_write_back_took_the_error() {
     assert_eq!(p.status().mode, PoolMode::Fail);
     assert!(p.commit().is_err());
 }
+
+/// Waits, up to a deadline, until device `id` exists (made by another thread).
+fn wait_for_device(p: &Pool, id: u32, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while p.device(id).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A snapshot is made while a write to its origin is in flight, without holding the
+/// origin's later writes behind that one; when `create_snap` returns the write in flight
+/// has landed (the snapshot no longer changes), and the origin keeps every write.
+#[test]
+fn a_snapshot_does_not_hold_writes_behind_one_in_flight() {
+    use crate::storage::held::HeldWrite;
+    let data = Arc::new(HeldWrite::new(MemStorage::new(64 * BS)));
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 8192]).unwrap();
+    p.write(0, BS, &[1u8; 4096]).unwrap();
+    p.commit().unwrap();
+
+    data.hold_next_write();
+    let in_flight = {
+        let p = p.clone();
+        std::thread::spawn(move || p.write(0, 0, &[2u8; 4096]))
+    };
+    data.wait_until_holding();
+    let snap = {
+        let p = p.clone();
+        std::thread::spawn(move || p.create_snap(1, 0))
+    };
+    wait_for_device(
+        &p,
+        1,
+        "the snapshot was not made while a write to its origin was in flight",
+    );
+    // A later write to another block (shared now: it copies) completes meanwhile.
+    p.write(0, BS, &[3u8; 4096]).unwrap();
+    assert!(
+        !snap.is_finished(),
+        "create_snap returned before the write in flight had landed"
+    );
+    data.release();
+    in_flight.join().unwrap().unwrap();
+    snap.join().unwrap().unwrap();
+
+    let snapshot_block0 = read_vec(&p, 1, 0, 8192);
+    // An overwrite of the origin's block 0 after the snapshot copies it whole, the write
+    // that was in flight included.
+    p.write(0, 4096, &[4u8; 4096]).unwrap();
+    assert_eq!(
+        read_vec(&p, 1, 0, 8192),
+        snapshot_block0,
+        "the snapshot changed"
+    );
+    assert_eq!(read_vec(&p, 0, 0, 4096), vec![2u8; 4096]);
+    assert_eq!(read_vec(&p, 0, 4096, 4096), vec![4u8; 4096]);
+    assert_eq!(read_vec(&p, 0, BS, 4096), vec![3u8; 4096]);
+    assert_eq!(read_vec(&p, 1, BS, 4096), vec![1u8; 4096]);
+    p.commit().unwrap();
+}

@@ -2,7 +2,7 @@
 //!
 //! Both the metadata device and the data device are `Storage`. The file implementation
 //! serves real pools (regular files and block devices); the memory implementation and the
-//! test stores in [`testing`] make the engine testable without a kernel: fault injection,
+//! test stores in [`testing`] and [`held`] make the engine testable without a kernel: fault injection,
 //! and a recording store that can rebuild the image a crash would leave at any point.
 
 use std::fs::{File, OpenOptions};
@@ -12,6 +12,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::RwLock;
 
+pub mod held;
 pub mod lock;
 pub mod testing;
 

@@ -91,7 +91,7 @@ fn target(
     let id = cat.change_locked(reg, |devices, reg| -> Result<u32, StreamError> {
         let id = devices.next_id(reg);
         match base {
-            Some(b) => devices.create_snap(id, b)?,
+            Some(b) => devices.create_snap(id, b).map(|_| ())?,
             None => devices.create_thin(id)?,
         }
         let s = &h.snapshot;
