@@ -144,6 +144,16 @@ impl Catalog {
             // After a failed pool commit too: the pool rolled back (or failed), so the
             // registry file is one transaction ahead and the next open goes back to this.
             *reg = before;
+            return r;
+        }
+        // A snapshot the change made may still change where writes in flight when it was
+        // made land. They are waited for with commits no longer held: the origin's later
+        // writes go on meanwhile and may need a commit (a journal half full), which must
+        // not wait for this. What they wrote is then made durable, so that the snapshot
+        // the caller is told of does not change, a host crash included.
+        drop(hold);
+        if devices.settle() {
+            self.pool.commit().map_err(CatalogError::from)?;
         }
         r
     }

@@ -35,6 +35,7 @@ use crate::thin::device::{DeviceDetails, Mapping};
 use crate::thin::metadata::{MetadataOptions, SpaceUsage, ThinMetadata};
 use crate::{Error, Result};
 use gate::DeviceGate;
+pub use gate::EarlierWrites;
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,14 +80,23 @@ pub enum PoolMode {
     Fail,
 }
 
-/// What [`Pool::create_snap`] took.
-#[derive(Clone, Copy, Debug)]
-pub struct SnapshotMade {
-    /// Making the snapshot in memory, with the metadata lock held: the longest any block
-    /// lookup of the pool waited for it.
+/// A snapshot just made by [`Pool::create_snap`].
+pub struct NewSnapshot {
+    /// Making it in memory, with the metadata lock held: the longest any block lookup of
+    /// the pool waited for it.
     pub in_memory: Duration,
-    /// Until the writes in flight when it was made had landed (the call's whole time).
-    pub settled: Duration,
+    /// The origin's writes in flight when it was made: until they have landed the
+    /// snapshot may still change where they write. None: there were none.
+    pub in_flight: Option<EarlierWrites>,
+}
+
+impl NewSnapshot {
+    /// Waits until the writes in flight when it was made have landed.
+    pub fn settle(self) {
+        if let Some(w) = self.in_flight {
+            w.wait();
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -785,29 +795,28 @@ impl Pool {
     /// Snapshots `origin` as `id`, crash-consistent: every write to the origin completed
     /// before the call is in the snapshot; one in flight may be, in whole or in part, as
     /// after a power loss. The origin's writes are not held: the snapshot is made in
-    /// memory under the metadata lock (every block lookup of the pool waits that long),
-    /// then the writes in flight when it was made are waited for, so that the snapshot
-    /// no longer changes when this returns (a later commit makes it durable as it is).
-    /// A write in flight to a block the snapshot now shares writes the shared block, and
-    /// the origin's next write to that block, which breaks the sharing, waits for it (the
-    /// block's cell), so the origin keeps it. The snapshot shares the origin's external
-    /// origin, as its unmapped blocks are the origin's.
-    pub fn create_snap(&self, id: u32, origin: u32) -> Result<SnapshotMade> {
+    /// memory under the metadata lock (every block lookup of the pool waits that long).
+    /// Writes in flight then may still land in blocks the snapshot now shares: the
+    /// snapshot no longer changes once they have ([`NewSnapshot::settle`]; commit after
+    /// that to make it durable as it is). The origin keeps such a write: its next write
+    /// to the block, which breaks the sharing, waits for it (the block's cell) before
+    /// copying. The snapshot shares the origin's external origin, as its unmapped blocks
+    /// are the origin's.
+    pub fn create_snap(&self, id: u32, origin: u32) -> Result<NewSnapshot> {
         let gate = self.gate(origin);
         let t0 = Instant::now();
-        {
-            let mut g = self.lock();
-            self.meta(&mut g, |md| md.create_snap(id, origin))?;
-            match g.origin(origin) {
-                Some(o) => g.origins.insert(id, o),
-                None => g.origins.remove(&id),
-            };
-        }
-        let in_memory = t0.elapsed();
-        gate.wait_for_earlier();
-        Ok(SnapshotMade {
-            in_memory,
-            settled: t0.elapsed(),
+        let mut g = self.lock();
+        self.meta(&mut g, |md| md.create_snap(id, origin))?;
+        match g.origin(origin) {
+            Some(o) => g.origins.insert(id, o),
+            None => g.origins.remove(&id),
+        };
+        // Under the lock: a write that looks its block up after this is a later one.
+        let in_flight = gate.new_epoch();
+        drop(g);
+        Ok(NewSnapshot {
+            in_memory: t0.elapsed(),
+            in_flight,
         })
     }
 

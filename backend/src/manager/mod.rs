@@ -35,7 +35,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thinpool::catalog::{Catalog, Devices, RegistryRef, SnapshotKind};
 use thinpool::delta::{DeltaMode, DeltaRun};
 use thinpool::origin::ExternalOrigin;
@@ -1182,12 +1182,14 @@ impl Manager {
         // The change holds commits from its start: a commit under way (the timer's, a
         // FLUSH) is waited for here. The point in time taken, the change is made durable
         // (the registry written, the pool committed) with the guest's writes going on;
-        // commits stay held until then, so none makes half of it durable, and the reply
-        // waits for it. If it fails the snapshot is undone, and the writes since stay on
-        // the origin.
+        // commits stay held until then, so none makes half of it durable. Then the writes
+        // in flight at that point are waited for and made durable (Catalog::change), and
+        // the reply waits for all of it. If it fails the snapshot is undone, and the
+        // writes since stay on the origin.
+        let t0 = Instant::now();
         let r = f.pool.change(|devices, reg| {
             let id = devices.next_id(reg);
-            let made = devices.create_snap(id, f.id)?;
+            let in_memory = devices.create_snap(id, f.id)?;
             let entry = DeviceEntry {
                 name: Some(name.to_string()),
                 ..f.pool
@@ -1196,13 +1198,12 @@ impl Manager {
             };
             reg.insert(id, entry)
                 .map_err(|e| Error::failed(e.to_string()))?;
-            Ok((id, made))
+            Ok((id, in_memory))
         });
-        let (id, made) = r?;
-        let pause = made.in_memory;
+        let (id, pause) = r?;
         tracing::info!(
-            "snapshot-create {name} of {disk}: thin device {id}, made in memory in {pause:?}, the writes in flight then landed after {:?}",
-            made.settled
+            "snapshot-create {name} of {disk}: thin device {id}, made in memory in {pause:?}, durable and settled after {:?}",
+            t0.elapsed()
         );
         self.events.emit(Event::SnapshotCreated {
             disk: owner.clone(),
@@ -1256,6 +1257,19 @@ impl Manager {
         }
         if d.pool.name != s.pool.name {
             return Err(Error::failed("the snapshot is in another pool"));
+        }
+        // As ZFS's rollback: to one of the disk's own snapshots, or for a clone to the
+        // snapshot it was cloned from (back to the golden image). Never to a disk, itself
+        // included (that would delete it).
+        if !s.entry.snapshot {
+            return Err(Error::failed(format!(
+                "'{snapshot}' is a disk, not a snapshot"
+            )));
+        }
+        if s.entry.origin != Some(d.id) && d.entry.origin != Some(s.id) {
+            return Err(Error::failed(format!(
+                "'{snapshot}' is not a snapshot of {disk} (nor the snapshot it was cloned from)"
+            )));
         }
         let served = lock(&self.disks).get(disk).map(|x| x.disk.clone());
         let gate = served

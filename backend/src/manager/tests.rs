@@ -1,6 +1,5 @@
 use super::*;
 use serde_json::Value;
-use std::time::Instant;
 
 #[test]
 fn a_poisoned_lock_is_taken_anyway() {
@@ -308,5 +307,50 @@ fn a_snapshot_holds_no_guest_write_behind_a_request_in_flight() {
     let vm1 = disk.target().thin_id;
     assert_eq!((read(made.thin_id, BS), read(vm1, BS)), (1, 3));
     assert_eq!(read(vm1, 0), 2);
+    m.shutdown().unwrap();
+}
+
+/// A disk is reverted only to a snapshot of its own (or, for a clone, to the snapshot it
+/// was cloned from: back to the golden image); naming itself, another disk, or another
+/// disk's snapshot is refused, and the disk keeps its contents.
+#[test]
+fn a_disk_reverts_only_to_its_own_snapshots() {
+    let (_dir, m, _rx) = manager_with_events();
+    for d in ["vm1", "vm2"] {
+        m.disk_add(&new_disk(d, None), None, None, None).unwrap();
+    }
+    let pool = m.pool(None).unwrap().pool().clone();
+    let id = |d: &str| lock(&m.disks)[d].disk.target().thin_id;
+    let first_byte = |d: &str| {
+        let mut b = [0u8; 512];
+        pool.read(id(d), 0, &mut b).unwrap();
+        b[0]
+    };
+    pool.write(id("vm1"), 0, &[1u8; 4096]).unwrap();
+    pool.write(id("vm2"), 0, &[2u8; 4096]).unwrap();
+    m.snapshot_create("vm1", "@a").unwrap();
+    m.snapshot_create("vm2", "@b").unwrap();
+    for (target, why) in [
+        ("vm1", "is a disk, not a snapshot"),
+        ("vm2", "is a disk, not a snapshot"),
+        ("vm2@b", "is not a snapshot of vm1"),
+    ] {
+        let e = m.snapshot_revert("vm1", target).unwrap_err().to_string();
+        assert!(e.contains(why), "revert vm1 to {target}: {e}");
+        assert_eq!(
+            first_byte("vm1"),
+            1,
+            "vm1 changed by a refused revert to {target}"
+        );
+    }
+    // Its own snapshot, and a clone back to the snapshot it came from.
+    pool.write(id("vm1"), 0, &[3u8; 4096]).unwrap();
+    m.snapshot_revert("vm1", "vm1@a").unwrap();
+    assert_eq!(first_byte("vm1"), 1);
+    m.disk_add(&new_disk("c1", Some("vm2@b")), None, None, None)
+        .unwrap();
+    pool.write(id("c1"), 0, &[4u8; 4096]).unwrap();
+    m.snapshot_revert("c1", "vm2@b").unwrap();
+    assert_eq!(first_byte("c1"), 2);
     m.shutdown().unwrap();
 }

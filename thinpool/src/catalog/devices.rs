@@ -7,10 +7,11 @@
 //! freed), so until the registry no longer names the device, the device stays.
 
 use crate::origin::ExternalOrigin;
-use crate::pool::{Pool, SnapshotMade};
+use crate::pool::{EarlierWrites, Pool};
 use crate::registry::Registry;
-use crate::Result;
+use crate::{Error, Result};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct Devices<'a> {
     pool: &'a Pool,
@@ -21,6 +22,9 @@ pub struct Devices<'a> {
     origins_before: Vec<(u32, Option<Arc<ExternalOrigin>>)>,
     /// Done once the registry is written, in order.
     deferred: Vec<Deferred>,
+    /// Writes in flight when a snapshot of this change was made, waited for once the
+    /// change is durable (see [`super::Catalog::change`]).
+    unsettled: Vec<EarlierWrites>,
 }
 
 #[derive(Clone, Copy)]
@@ -40,6 +44,7 @@ impl<'a> Devices<'a> {
             created: Vec::new(),
             origins_before: Vec::new(),
             deferred: Vec::new(),
+            unsettled: Vec::new(),
         }
     }
 
@@ -59,12 +64,14 @@ impl<'a> Devices<'a> {
         Ok(())
     }
 
-    /// A snapshot of `origin`; it shares the origin's external origin (see
-    /// [`Pool::create_snap`]).
-    pub fn create_snap(&mut self, id: u32, origin: u32) -> Result<SnapshotMade> {
+    /// A snapshot of `origin`, crash-consistent; it shares the origin's external origin
+    /// (see [`Pool::create_snap`]). Returns how long it took in memory, the longest any
+    /// block lookup of the pool waited for it. The change settles it before it returns.
+    pub fn create_snap(&mut self, id: u32, origin: u32) -> Result<Duration> {
         let made = self.pool.create_snap(id, origin)?;
         self.created.push(id);
-        Ok(made)
+        self.unsettled.extend(made.in_flight);
+        Ok(made.in_memory)
     }
 
     pub fn set_external_origin(
@@ -91,6 +98,12 @@ impl<'a> Devices<'a> {
     /// Makes device `id` a snapshot of `snapshot_of`, keeping its thin id, once the
     /// registry is written (its old contents are deleted).
     pub fn replace_with_snapshot(&mut self, id: u32, snapshot_of: u32) -> Result<()> {
+        // The device would be deleted, then snapshotted from nothing: gone.
+        if id == snapshot_of {
+            return Err(Error::InvalidArgument(format!(
+                "thin device {id} cannot be replaced with a snapshot of itself"
+            )));
+        }
         self.pool.device(id)?;
         self.pool.device(snapshot_of)?;
         self.deferred.push(Deferred::Replace { id, snapshot_of });
@@ -107,10 +120,21 @@ impl<'a> Devices<'a> {
             self.pool.delete(id)?;
             self.created.retain(|&c| c != id);
             if let Deferred::Replace { id, snapshot_of } = d {
-                self.pool.create_snap(id, snapshot_of)?;
+                let made = self.pool.create_snap(id, snapshot_of)?;
+                self.unsettled.extend(made.in_flight);
             }
         }
         Ok(())
+    }
+
+    /// Waits for the writes in flight when the change's snapshots were made; true if there
+    /// were any (what they wrote is not durable yet).
+    pub(super) fn settle(&mut self) -> bool {
+        let any = !self.unsettled.is_empty();
+        for w in self.unsettled.drain(..) {
+            w.wait();
+        }
+        any
     }
 
     /// Takes back what was done, as far as it can: after a failed pool commit the pool has

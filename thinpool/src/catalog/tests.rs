@@ -377,3 +377,94 @@ fn the_transaction_id_is_set_only_from_the_value_given() {
     assert_eq!(f.cat.registry().transaction_id, 101);
     f.assert_consistent();
 }
+
+#[test]
+fn a_device_is_not_replaced_with_a_snapshot_of_itself() {
+    let mut f = fixture();
+    let disk = f.disk("d1", None);
+    f.cat.pool().write(disk, 0, &[3u8; 4096]).unwrap();
+    let e = f
+        .cat
+        .change(|devices, _| -> Result<(), CatalogError> {
+            Ok(devices.replace_with_snapshot(disk, disk)?)
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("a snapshot of itself"), "{e}");
+    assert_eq!(f.read(disk)[..4096], [3u8; 4096]);
+    f.cat.pool().commit().unwrap();
+    f.reopen();
+    f.assert_consistent();
+    assert_eq!(f.read(disk)[..4096], [3u8; 4096]);
+}
+
+/// While a change's snapshot waits for a write in flight to its origin, the origin's later
+/// writes go on even when they fill the journal (they need a commit, which the change no
+/// longer holds back); the change returns once the write in flight has landed.
+#[test]
+fn writes_go_on_while_a_snapshot_waits_for_one_in_flight_even_with_the_journal_full() {
+    use crate::journal::Journal;
+    use crate::storage::held::HeldWrite;
+    const BS: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(HeldWrite::new(MemStorage::new(128 * BS)));
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        for b in 0..40 {
+            p.write(0, b * BS, &[1u8; 4096]).unwrap();
+        }
+        p.commit().unwrap();
+    }
+    // Room for 8 mapping changes per half.
+    let journal = Journal::open(Arc::new(MemStorage::new(2 * (4096 + 32 * 8))), [5; 16]).unwrap();
+    let pool =
+        Pool::open_with_journal(meta, data.clone(), Some(journal), PoolOptions::default()).unwrap();
+    let cat = Catalog::new(
+        Arc::new(pool),
+        Registry::new(dir.path().join("reg.json"), 0),
+        7,
+    );
+    let p = cat.pool().clone();
+    data.hold_next_write();
+    std::thread::scope(|s| {
+        let in_flight = s.spawn(|| p.write(0, 0, &[2u8; 4096]));
+        data.wait_until_holding();
+        let change = s.spawn(|| {
+            cat.change(|devices, _| -> Result<(), CatalogError> {
+                devices.create_snap(1, 0)?;
+                Ok(())
+            })
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while p.device(1).is_err() {
+            assert!(std::time::Instant::now() < deadline, "no snapshot made");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Each breaks sharing with the snapshot: one journal record each, past a half.
+        let failed = (1..40)
+            .map(|b| (b, p.write(0, b * BS, &[3u8; 4096])))
+            .find(|(_, r)| r.is_err());
+        let finished_early = change.is_finished();
+        // Let go before asserting: the scope would wait for the held write forever.
+        data.release();
+        in_flight.join().unwrap().unwrap();
+        change.join().unwrap().unwrap();
+        assert!(
+            failed.is_none(),
+            "a write failed while the snapshot waited: {failed:?}"
+        );
+        assert!(
+            !finished_early,
+            "the change returned before the write in flight landed"
+        );
+    });
+    let mut b = [0u8; 4096];
+    p.read(1, 0, &mut b).unwrap();
+    assert_eq!(
+        b[0], 2,
+        "the write in flight, landed in the shared block, is in the snapshot"
+    );
+    p.read(1, BS, &mut b).unwrap();
+    assert_eq!(b[0], 1);
+}

@@ -1,26 +1,34 @@
 //! A thin device's gate: the pool operations in flight on one device that change it
 //! (writes, write-zeroes, discards), counted so that
 //! - a snapshot can wait for those begun before it was made, without holding those begun
-//!   after ([`DeviceGate::wait_for_earlier`]): the guest's writes go on while the
-//!   snapshot settles;
+//!   after ([`DeviceGate::new_epoch`], [`EarlierWrites::wait`]): the guest's writes go on
+//!   while the snapshot settles;
 //! - a change that needs the device quiet (deleting it, changing its external origin) can
 //!   wait for all of them and hold new ones ([`DeviceGate::close`]).
 //!
-//! The count is kept in two halves, by epoch, the way dm-thin's deferred sets are: each
-//! operation counts in the epoch current when it began; a snapshot starts a new epoch and
-//! waits for the old one's count to reach zero.
+//! Each operation counts in the epoch current when it began, the way dm-thin's deferred
+//! sets are kept; a snapshot starts a new epoch and waits until no operation of an
+//! earlier one is left.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[derive(Default)]
 struct State {
-    /// Which half of `in_flight` operations that begin now count in.
-    epoch: usize,
-    in_flight: [u64; 2],
+    /// The epoch operations that begin now count in.
+    epoch: u64,
+    /// Operations in flight per epoch (no entry: none); one or two epochs at a time.
+    in_flight: BTreeMap<u64, u64>,
     /// Held by [`DeviceGate::close`]: new operations wait.
     closed: bool,
     /// Threads waiting on the condition variable (a release wakes them only if any).
     waiters: u32,
+}
+
+impl State {
+    fn any_before(&self, epoch: u64) -> bool {
+        self.in_flight.range(..epoch).next().is_some()
+    }
 }
 
 #[derive(Default)]
@@ -32,12 +40,19 @@ pub(super) struct DeviceGate {
 /// One operation in flight on the device, counted until dropped.
 pub(super) struct Entered<'a> {
     gate: &'a DeviceGate,
-    epoch: usize,
+    epoch: u64,
 }
 
 /// The device held quiet: nothing in flight, new operations wait until dropped.
 pub(super) struct Closed<'a> {
     gate: &'a DeviceGate,
+}
+
+/// The operations that were in flight on a device when an epoch ended (a snapshot was
+/// made), to be waited for.
+pub struct EarlierWrites {
+    gate: Arc<DeviceGate>,
+    before: u64,
 }
 
 impl DeviceGate {
@@ -67,7 +82,7 @@ impl DeviceGate {
             st = self.wait(st);
         }
         let epoch = st.epoch;
-        st.in_flight[epoch] += 1;
+        *st.in_flight.entry(epoch).or_default() += 1;
         Entered { gate: self, epoch }
     }
 
@@ -78,26 +93,31 @@ impl DeviceGate {
             st = self.wait(st);
         }
         st.closed = true;
-        while st.in_flight.iter().sum::<u64>() > 0 {
+        while !st.in_flight.is_empty() {
             st = self.wait(st);
         }
         Closed { gate: self }
     }
 
-    /// Waits for the operations that began before this call; those that begin meanwhile
-    /// go on and are not waited for.
-    pub(super) fn wait_for_earlier(&self) {
+    /// Ends the current epoch: operations that begin from now on are not among the
+    /// earlier ones returned (None when none is in flight). Waits for nothing.
+    pub(super) fn new_epoch(self: &Arc<Self>) -> Option<EarlierWrites> {
         let mut st = self.state();
-        // The other half may still count operations of an epoch before the current one
-        // (two waits at once): they began earlier too, and the half is reused below.
-        let other = 1 - st.epoch;
-        while st.in_flight[other] > 0 {
-            st = self.wait(st);
-        }
-        let earlier = st.epoch;
-        st.epoch = other;
-        while st.in_flight[earlier] > 0 {
-            st = self.wait(st);
+        st.epoch += 1;
+        let before = st.epoch;
+        st.any_before(before).then(|| EarlierWrites {
+            gate: self.clone(),
+            before,
+        })
+    }
+}
+
+impl EarlierWrites {
+    /// Waits until every one of them has ended.
+    pub fn wait(self) {
+        let mut st = self.gate.state();
+        while st.any_before(self.before) {
+            st = self.gate.wait(st);
         }
     }
 }
@@ -105,7 +125,12 @@ impl DeviceGate {
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
         let mut st = self.gate.state();
-        st.in_flight[self.epoch] -= 1;
+        if let Some(n) = st.in_flight.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                st.in_flight.remove(&self.epoch);
+            }
+        }
         self.gate.wake(st);
     }
 }
@@ -122,34 +147,62 @@ impl Drop for Closed<'_> {
 mod tests {
     use super::*;
     use std::sync::mpsc;
-    use std::sync::Arc;
 
     #[test]
     fn a_wait_for_earlier_operations_ignores_later_ones() {
         let g = Arc::new(DeviceGate::default());
-        let earlier = g.enter();
-        let (tx, rx) = mpsc::channel();
-        let waiter = {
-            let g = g.clone();
-            std::thread::spawn(move || {
-                g.wait_for_earlier();
-                tx.send(()).unwrap();
-            })
-        };
-        // Once the waiter waits, entering does not wait for it, and is not waited for:
-        // with the later operation still in flight, dropping the earlier one ends the wait.
-        while g.state().waiters == 0 {
-            std::thread::yield_now();
-        }
-        let later = g.enter();
         assert!(
-            rx.try_recv().is_err(),
-            "the wait ended with an earlier operation in flight"
+            g.new_epoch().is_none(),
+            "nothing in flight, nothing to wait for"
         );
+        let earlier = g.enter();
+        let waited = g.new_epoch().expect("one in flight");
+        let later = g.enter();
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            waited.wait();
+            tx.send(()).unwrap();
+        });
+        // With the later operation still in flight, ending the earlier one ends the wait.
         drop(earlier);
         rx.recv().unwrap();
         waiter.join().unwrap();
         drop(later);
+    }
+
+    /// Epochs ended one after another, each waited for by its own thread: each waits for
+    /// every operation begun before its epoch ended, and for no later one.
+    #[test]
+    fn each_wait_covers_every_earlier_operation() {
+        let g = Arc::new(DeviceGate::default());
+        let e0 = g.enter();
+        let a = g.new_epoch().unwrap();
+        let e1 = g.enter();
+        let b = g.new_epoch().unwrap();
+        let c = g.new_epoch().unwrap();
+        let e3 = g.enter();
+        let (tx, rx) = mpsc::channel();
+        let spawn = |name: &'static str, w: EarlierWrites| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                w.wait();
+                tx.send(name).unwrap();
+            })
+        };
+        let threads = [spawn("a", a), spawn("b", b), spawn("c", c)];
+        drop(e0);
+        assert_eq!(rx.recv().unwrap(), "a");
+        // e1 began before b's and c's epochs ended: both wait for it.
+        assert!(rx.try_recv().is_err());
+        drop(e1);
+        let mut rest = [rx.recv().unwrap(), rx.recv().unwrap()];
+        rest.sort();
+        assert_eq!(rest, ["b", "c"], "e3, begun after, is not waited for");
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(e3);
+        assert!(g.state().in_flight.is_empty());
     }
 
     #[test]

@@ -1009,8 +1009,8 @@ fn wait_for_device(p: &Pool, id: u32, what: &str) {
 }
 
 /// A snapshot is made while a write to its origin is in flight, without holding the
-/// origin's later writes behind that one; when `create_snap` returns the write in flight
-/// has landed (the snapshot no longer changes), and the origin keeps every write.
+/// origin's later writes behind that one; once settled, the write in flight has landed
+/// (the snapshot no longer changes), and the origin keeps every write.
 #[test]
 fn a_snapshot_does_not_hold_writes_behind_one_in_flight() {
     use crate::storage::held::HeldWrite;
@@ -1030,7 +1030,7 @@ fn a_snapshot_does_not_hold_writes_behind_one_in_flight() {
     data.wait_until_holding();
     let snap = {
         let p = p.clone();
-        std::thread::spawn(move || p.create_snap(1, 0))
+        std::thread::spawn(move || p.create_snap(1, 0).map(NewSnapshot::settle))
     };
     wait_for_device(
         &p,
@@ -1041,7 +1041,7 @@ fn a_snapshot_does_not_hold_writes_behind_one_in_flight() {
     p.write(0, BS, &[3u8; 4096]).unwrap();
     assert!(
         !snap.is_finished(),
-        "create_snap returned before the write in flight had landed"
+        "the snapshot settled before the write in flight had landed"
     );
     data.release();
     in_flight.join().unwrap().unwrap();
