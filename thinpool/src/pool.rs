@@ -81,6 +81,7 @@ pub enum PoolMode {
 }
 
 /// A snapshot just made by [`Pool::create_snap`].
+#[derive(Debug)]
 pub struct NewSnapshot {
     /// Making it in memory, with the metadata lock held: the longest any block lookup of
     /// the pool waited for it.

@@ -112,6 +112,14 @@ impl DeviceGate {
     }
 }
 
+impl std::fmt::Debug for EarlierWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EarlierWrites")
+            .field("before_epoch", &self.before)
+            .finish()
+    }
+}
+
 impl EarlierWrites {
     /// Waits until every one of them has ended.
     pub fn wait(self) {
