@@ -58,17 +58,21 @@ prefill
 echo "== vhost-thin snapshot-create"
 load "$work/ours-base.json"; report "without snapshots" "$work/ours-base.json"
 load "$work/ours-snap.json" & lpid=$!
-pauses=()
+pauses=() took=()
 sleep "$warmup"
 for i in $(seq "$count"); do
   sleep "$every"
+  t0=$(date +%s%N)
   "$thin" ctl -s "$work/qmp.sock" --json snapshot disk0 "s$i" >"$work/s$i.json"
+  took+=($((($(date +%s%N) - t0) / 1000)))
   pauses+=("$(jget "$work/s$i.json" pause-us)")
 done
 wait "$lpid" || { cat "$work/ours-snap.json.err" >&2; exit 1; }
 report "with snapshots" "$work/ours-snap.json"
 echo "  writes held per snapshot (us): ${pauses[*]}"
 echo "  writes held per snapshot (us): $(summary "${pauses[@]}")"
+echo "  snapshot-create took (us, with ctl's start): ${took[*]}"
+echo "  snapshot-create took (us, with ctl's start): $(summary "${took[@]}")"
 stop
 
 # ---- qemu-storage-daemon ----------------------------------------------------------------

@@ -1511,7 +1511,7 @@ fn concurrent_writers_snapshots_and_commits() {
                     None => (n as u32 % 3, n as u32 % 3),
                 };
                 let s0 = clock.fetch_add(1, Ordering::SeqCst);
-                pool.create_snap(id, origin).expect("create_snap");
+                pool.create_snap(id, origin).expect("create_snap").settle();
                 let s1 = clock.fetch_add(1, Ordering::SeqCst);
                 let versions = read_versions(&pool, id, base);
                 if let Some(i) = parent {
