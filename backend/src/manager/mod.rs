@@ -1258,17 +1258,12 @@ impl Manager {
         if d.pool.name != s.pool.name {
             return Err(Error::failed("the snapshot is in another pool"));
         }
-        // As ZFS's rollback: to one of the disk's own snapshots, or for a clone to the
-        // snapshot it was cloned from (back to the golden image). Never to a disk, itself
-        // included (that would delete it).
-        if !s.entry.snapshot {
+        // To a snapshot: its own, the one it was cloned from, or another one of the pool
+        // (the disk re-imaged from it, keeping its name, serial and socket). Never to a
+        // disk, itself included (that would delete it).
+        if !s.entry.snapshot || s.id == d.id {
             return Err(Error::failed(format!(
                 "'{snapshot}' is a disk, not a snapshot"
-            )));
-        }
-        if s.entry.origin != Some(d.id) && d.entry.origin != Some(s.id) {
-            return Err(Error::failed(format!(
-                "'{snapshot}' is not a snapshot of {disk} (nor the snapshot it was cloned from)"
             )));
         }
         let served = lock(&self.disks).get(disk).map(|x| x.disk.clone());
