@@ -286,7 +286,7 @@ fn migrate_under_writes(
         thread::spawn(move || guest_writes(sock, w, seed, stop, tx))
     };
     rx.recv().expect("the guest connects");
-    // Some writes before the migration, so that the live passes have something to send.
+    // Some writes before the migration, so that the copy has something to move.
     thread::sleep(Duration::from_millis(50));
     let mut c = d.client();
     let t0 = Instant::now();

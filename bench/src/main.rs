@@ -96,6 +96,10 @@ struct Args {
     /// Give up (exit 3) when a queue sees no completion for this many seconds.
     #[arg(long, default_value_t = 30.0)]
     stall_timeout: f64,
+    /// Print each request that took longer than this many milliseconds to standard error,
+    /// with the wall-clock time it completed at (to set beside a daemon's log).
+    #[arg(long, value_name = "MS")]
+    log_slow_ms: Option<f64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -246,6 +250,7 @@ fn run(a: &Args) -> Result<ExitCode> {
                     .spawn_scoped(s, move || {
                         let mut drv =
                             QueueDriver::attach(q, mem, l, &fd.kick, &fd.call, a.verify, a.poll);
+                        drv.log_slow = a.log_slow_ms.map(|ms| Duration::from_secs_f64(ms / 1e3));
                         let (wstart, wlen) = if split {
                             (q as u64 * stretch, stretch)
                         } else {

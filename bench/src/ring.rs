@@ -335,6 +335,8 @@ pub struct QueueDriver<'a> {
     poll: bool,
     /// Per slot: submitted at, is_write, offset.
     inflight: Vec<Option<(Instant, bool, u64)>>,
+    /// Requests slower than this are printed to standard error (`--log-slow-ms`).
+    pub log_slow: Option<Duration>,
 }
 
 impl<'a> QueueDriver<'a> {
@@ -359,6 +361,7 @@ impl<'a> QueueDriver<'a> {
             last_used: 0,
             verify,
             poll,
+            log_slow: None,
         }
     }
 
@@ -483,8 +486,20 @@ impl<'a> QueueDriver<'a> {
                 }
                 continue;
             };
-            st.hist
-                .record(now.saturating_duration_since(t0).as_nanos() as u64);
+            let took = now.saturating_duration_since(t0);
+            st.hist.record(took.as_nanos() as u64);
+            if self.log_slow.is_some_and(|slow| took > slow) {
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                eprintln!(
+                    "slow: {:.3} queue {} {} at {offset} took {:.1} ms",
+                    at.as_secs_f64(),
+                    self.index,
+                    if write { "write" } else { "read" },
+                    took.as_secs_f64() * 1e3
+                );
+            }
             if write {
                 st.writes += 1;
             } else {

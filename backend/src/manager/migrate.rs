@@ -5,27 +5,25 @@
 //! that they share blocks in the new pool as they did in the old.
 //!
 //! A disk with a guest connected then moves with *active mirroring*
-//! ([`crate::blk::mirror`]), as QEMU's `blockdev-mirror`:
+//! ([`crate::blk::mirror`]), as QEMU's `blockdev-mirror` in its write-blocking mode, with no
+//! snapshot of the running disk (a helper snapshot would make every guest write to a block
+//! copy the whole block until the move ends):
 //!
-//! 0. One live pass: a helper snapshot of the running disk, sent incrementally on the last
-//!    snapshot's copy (whole, without snapshots). More passes would not shorten the end
-//!    (the mirror's copy below has a fixed set of blocks however fast the guest writes) and
-//!    each costs the guest (see the comment at the pass).
 //! 1. The disk's device-to-be `D` is made in the new pool, writable, as a snapshot of the
-//!    helper's copy (marked `incoming`).
-//! 2. With the guest's writes held only for an in-memory snapshot (as `snapshot-create`):
-//!    one more helper snapshot `S` (marked `outgoing`), and a forward mirror installed on
-//!    the disk's target. From then on every guest write, write-zeroes and discard goes to
-//!    the old device and then to `D` before the guest's request completes.
-//! 3. The background copy: each block that changed between the first helper and `S`
-//!    (their delta, from the trees) is copied to `D` — not from `S` but from the disk as it
-//!    is now, holding the mirror's lock of that block (a block of the old pool). A guest
-//!    request holds the same locks for its blocks across both of its writes. So a copy of
-//!    a block is never stale (nothing can write the block between its read and its write),
-//!    and a partial-block write the mirror made on `D` before the copy reached the block
-//!    is carried again, with the bytes around it, when the copy does. Blocks outside the
-//!    delta read the same in the first helper (so in `D`) and in `S`, and every change after
-//!    `S` is mirrored. When the copy ends, `D` reads as the disk does.
+//!    copy of the disk's last snapshot, or empty if it has none (marked `incoming`).
+//! 2. With the guest's writes held only while the requests in flight end, a forward mirror
+//!    is installed on the disk's target. From then on every guest write, write-zeroes and
+//!    discard goes to the old device and then to `D` before the guest's request completes.
+//! 3. The background copy: each block of the disk that may read otherwise than on `D` as
+//!    it was made (the delta from the last snapshot, from the trees; without one, every
+//!    mapped block) is copied to `D` from the disk as it is now, holding the mirror's lock
+//!    of that block (a block of the old pool). A guest request holds the same locks for
+//!    its blocks across both of its writes. So a copy of a block is never stale (nothing
+//!    can write the block between its read and its write), and a partial-block write the
+//!    mirror made on `D` before the copy reached the block is carried again, with the
+//!    bytes around it, when the copy does. Every change after the mirror's start is
+//!    mirrored, and a block that differed then differs still when the delta is read. When
+//!    the copy ends, `D` reads as the disk does.
 //! 4. The new pool is committed (nothing held), then the switch: one change of the new
 //!    pool's registry that names `D` as the disk and the copies as its snapshots (marked
 //!    `switched`). Within it the guest's writes are held only while the entries change in
@@ -81,12 +79,12 @@ struct Made {
 /// Where a migration is, for tests that act at each step (see `Manager::migrate_hook`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum MigrateStep {
-    /// The live pass is over (its helper snapshot is `base` in the old pool, its
-    /// copy `base_copy` in the new); the mirror comes next.
-    Converged { base: u32, base_copy: u32 },
-    /// The disk is mirrored to thin device `dest` of the new pool; `last` is the helper
-    /// snapshot the background copy reads the changed blocks from.
-    Mirroring { dest: u32, last: u32 },
+    /// The snapshots are copied and the disk's device-to-be made in the new pool; the
+    /// mirror comes next.
+    BeforeMirror,
+    /// The disk is mirrored to thin device `dest` of the new pool; the background copy
+    /// comes next.
+    Mirroring { dest: u32 },
     /// The background copy is about to copy block `block` (no lock held).
     Copying { block: u64 },
     /// The background copy is done; the switch comes next.
@@ -374,31 +372,12 @@ impl Manager {
             prev = Some(s);
             bytes += b;
         }
-        // Live passes while the guest writes.
+        // A disk the guest writes moves by active mirroring, from its last snapshot's copy
+        // (see the module's comment); one nobody writes, by a final pass.
         let served = lock(&self.disks).get(name).map(|s| s.disk.clone());
         let live = served
             .as_ref()
             .is_some_and(|d| d.connected.load(std::sync::atomic::Ordering::SeqCst));
-        let mut passes: Vec<u64> = Vec::new();
-        let mut helpers = 0usize;
-        let mut last_helper: Option<(u32, u32)> = None;
-        // One live pass, a helper snapshot of the running disk copied on the last one
-        // (everything, the first time). What the guest changes meanwhile is the mirror's
-        // to copy: its copy has a fixed set of blocks to move, whatever the guest writes
-        // while it runs, so more passes would not make the end shorter. They cost the
-        // guest, though: each helper snapshot makes every later write to a block copy the
-        // whole block, and deleting an older helper held the pool's metadata, and so the
-        // guest's I/O, for up to half a second (docs/BENCHMARKS.md, Live migration).
-        if live {
-            let t = helper_snapshot(src, disk, &job, helpers)?;
-            helpers += 1;
-            made.src.push(t);
-            let (d, b) = copy(made, t, prev)?;
-            last_helper = Some((t, d));
-            prev = Some(t);
-            passes.push(b);
-            bytes += b;
-        }
         ctx.check()?;
         let _op = lock(&self.op);
         let entry =
@@ -422,23 +401,17 @@ impl Manager {
             copies: &copies,
             src_names: &src_names,
         };
-        let done = match (served.as_ref().filter(|_| live), last_helper) {
-            (Some(d), Some((base, base_copy))) => {
-                self.mirror_and_switch(ctx, &sw, d, base, base_copy, made)?
-            }
-            _ => {
+        let last = copies.last().copied();
+        let done = match served.as_ref().filter(|_| live) {
+            Some(d) => self.mirror_and_switch(ctx, &sw, d, last, made)?,
+            None => {
                 let tf_base = prev;
-                self.final_pass_and_switch(
-                    ctx,
-                    &sw,
-                    served.as_ref(),
-                    made,
-                    |made, tf| copy(made, tf, tf_base),
-                    helpers,
-                )?
+                self.final_pass_and_switch(ctx, &sw, served.as_ref(), made, |made, tf| {
+                    copy(made, tf, tf_base)
+                })?
             }
         };
-        passes.push(done.final_bytes);
+        let passes = [done.final_bytes];
         bytes += done.final_bytes;
         let pause = done.holds.iter().sum::<std::time::Duration>();
         tracing::info!(
@@ -482,14 +455,13 @@ impl Manager {
         served: Option<&Arc<crate::blk::disk::Disk>>,
         made: &mut Made,
         mut copy: impl FnMut(&mut Made, u32) -> R<(u32, u64)>,
-        helpers: usize,
     ) -> R<Switched> {
         let (src, dst) = (sw.src, sw.dst);
         // As for a snapshot: committed first, so the commits with writes held are short.
         src.pool().commit()?;
         let mut gate = served.map(|d| d.drain());
         let t0 = Instant::now();
-        let tf = helper_snapshot(src, sw.disk, sw.job, helpers)?;
+        let tf = helper_snapshot(src, sw.disk, sw.job, 0)?;
         made.src.push(tf);
         let (last_copy, b) = copy(made, tf)?;
         ctx.check()?;
@@ -520,23 +492,22 @@ impl Manager {
     }
 
     /// The end for a disk being written: active mirroring, then a switch that copies
-    /// nothing (see the module's comment). `base` is the last helper snapshot, `base_copy`
-    /// its copy in the new pool.
+    /// nothing (see the module's comment). `last` is the disk's last snapshot and its copy
+    /// in the new pool, if it has snapshots.
     fn mirror_and_switch(
         &self,
         ctx: &JobCtx,
         sw: &Switch<'_>,
         d: &Arc<crate::blk::disk::Disk>,
-        base: u32,
-        base_copy: u32,
+        last: Option<(u32, u32)>,
         made: &mut Made,
     ) -> R<Switched> {
         let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
-        self.hook(MigrateStep::Converged { base, base_copy });
-        // The disk's device-to-be in the new pool: writable, made of the last copy, marked
-        // incoming until the switch names it.
-        let dest = self.mirror_destination(sw, base_copy)?;
+        // The disk's device-to-be in the new pool: writable, made of the last snapshot's
+        // copy (or empty), marked incoming until the switch names it.
+        let dest = self.mirror_destination(sw, last.map(|(_, copy)| copy))?;
         made.dst.push(dest);
+        self.hook(MigrateStep::BeforeMirror);
         // From here until the switch, whatever fails leaves the disk on its own device in
         // its old pool, unmirrored.
         let mut restore = Restore {
@@ -552,15 +523,21 @@ impl Manager {
             OnError::GiveUp,
         ));
         let mut holds = Vec::new();
-        let last = start_mirror(sw, d, &mirror, &mut holds)?;
-        made.src.push(last);
+        // The guest's writes held only while the requests in flight end and the mirror is
+        // installed: from then on every change of the disk is mirrored, and every change
+        // before it is in what the copy moves.
+        let t0 = Instant::now();
+        let mut gate = d.drain();
+        gate.mirror = Some(Arc::clone(&mirror));
+        drop(gate);
+        holds.push(t0.elapsed());
         tracing::info!(
             "migrate {}: mirroring to thin device {dest} of pool {}",
             sw.name,
             dst.name
         );
-        self.hook(MigrateStep::Mirroring { dest, last });
-        let copied = self.copy_changed(ctx, sw, &mirror, base, last)?;
+        self.hook(MigrateStep::Mirroring { dest });
+        let copied = self.copy_changed(ctx, sw, &mirror, last.map(|(snap, _)| snap))?;
         self.hook(MigrateStep::Copied);
         tracing::info!(
             "migrate {}: copied {} while mirroring",
@@ -584,7 +561,7 @@ impl Manager {
         restore.armed = false;
         made.dst.clear();
         made.src.clear();
-        self.end_backward_mirror(sw, d, base_copy, last, base, &mut holds);
+        self.end_backward_mirror(sw, d, &mut holds);
         Ok(Switched {
             new_id: dest,
             final_bytes: copied,
@@ -597,20 +574,30 @@ impl Manager {
         })
     }
 
-    /// The disk's device-to-be in the new pool: writable, made of the last copy, marked
-    /// incoming until the switch names it.
-    fn mirror_destination(&self, sw: &Switch<'_>, base_copy: u32) -> R<u32> {
+    /// The disk's device-to-be in the new pool, marked incoming until the switch names it:
+    /// writable, of the disk's size, a snapshot of `base_copy` (the copy of the disk's last
+    /// snapshot), or empty when the disk has no snapshot.
+    fn mirror_destination(&self, sw: &Switch<'_>, base_copy: Option<u32>) -> R<u32> {
         let (dst, job) = (sw.dst, sw.job);
         dst.change(|devices, reg| {
             let id = devices.next_id(reg);
-            devices.create_snap(id, base_copy)?;
+            let made = match base_copy {
+                Some(base) => {
+                    devices.create_snap(id, base)?;
+                    dst.catalog
+                        .new_snapshot_entry(reg, base, id, SnapshotKind::Clone)
+                }
+                None => {
+                    devices.create_thin(id)?;
+                    dst.catalog.new_thin_entry(id, 0)
+                }
+            };
             let e = DeviceEntry {
                 name: Some(format!(".{job}.disk")),
+                size: sw.entry.size,
                 snapshot: false,
                 read_only: false,
-                ..dst
-                    .catalog
-                    .new_snapshot_entry(reg, base_copy, id, SnapshotKind::Clone)
+                ..made
             };
             let incoming = Migration::Incoming {
                 job: job.to_string(),
@@ -620,54 +607,41 @@ impl Manager {
         })
     }
 
-    /// The background copy: each block that changed from `base` to `last`, moved from the
-    /// disk as it is now (see `crate::blk::mirror` for why that is never stale). Returns
-    /// the bytes copied.
+    /// The background copy: each block of the disk that may read otherwise than on its
+    /// device-to-be (see [`blocks_to_copy`]), moved from the disk as it is now (see
+    /// `crate::blk::mirror` for why that is never stale). Returns the bytes copied.
     fn copy_changed(
         &self,
         ctx: &JobCtx,
         sw: &Switch<'_>,
         mirror: &Mirror,
-        base: u32,
-        last: u32,
+        base: Option<u32>,
     ) -> R<u64> {
         let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
-        let runs = src.pool().with_metadata(|md| {
-            thinpool::delta::runs(
-                md,
-                base,
-                last,
-                false,
-                thinpool::delta::DeltaMode::ChangedOnly,
-            )
-        })?;
+        let base = base.map(|b| (b, sw.src_names.get(&b).map_or(0, |e| e.size)));
+        let runs = blocks_to_copy(src.pool(), disk, base, sw.entry.size)?;
         let bs = src.pool().block_bytes();
-        let total: u64 = runs.iter().map(|r| r.length).sum::<u64>() * bs;
+        let total: u64 = runs.iter().map(|r| r.end - r.start).sum::<u64>() * bs;
         let mut buf = Vec::new();
         let mut copied = 0u64;
-        for r in &runs {
-            for k in r.begin..r.begin + r.length {
-                ctx.check()?;
-                self.hook(MigrateStep::Copying { block: k });
-                mirror
-                    .copy_region(src.pool(), disk, k, &mut buf)
-                    .map_err(|e| Error::failed(format!("copying to pool {}: {e}", dst.name)))?;
-                copied += bs;
-                ctx.progress(copied, total);
-            }
+        for k in runs.into_iter().flatten() {
+            ctx.check()?;
+            self.hook(MigrateStep::Copying { block: k });
+            mirror
+                .copy_region(src.pool(), disk, k, &mut buf)
+                .map_err(|e| Error::failed(format!("copying to pool {}: {e}", dst.name)))?;
+            copied += bs;
+            ctx.progress(copied, total);
         }
         Ok(copied)
     }
 
     /// After the switch: the backward mirror ended, the disk's bookkeeping moved to the
-    /// new pool, and what finish_switch deletes emptied first.
+    /// new pool, and its old device, which finish_switch deletes, emptied first.
     fn end_backward_mirror(
         &self,
         sw: &Switch<'_>,
         d: &Arc<crate::blk::disk::Disk>,
-        base_copy: u32,
-        last: u32,
-        base: u32,
         holds: &mut Vec<std::time::Duration>,
     ) {
         let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
@@ -679,20 +653,16 @@ impl Manager {
         if let Some(s) = lock(&self.disks).get_mut(sw.name) {
             s.pool = dst.clone();
         }
-        // What finish_switch deletes, emptied first a block at a time: the last copy in the
-        // new pool, which the disk no longer shares a block with once the copy rewrote
-        // them (its deletion in one go held the new pool's metadata, and so the guest's
-        // I/O, for hundreds of milliseconds), and the old devices. Not needed for
-        // correctness: finish_switch (or the next start) deletes them either way.
-        for (p, ids) in [(dst, vec![base_copy]), (src, vec![disk, last, base])] {
-            if let Err(e) = empty(p, &ids) {
-                tracing::warn!(
-                    "migrate {}: emptying {ids:?} in pool {} before their deletion: {}",
-                    sw.name,
-                    p.name,
-                    e.to_string()
-                );
-            }
+        // Emptied a block at a time (its deletion in one go held the old pool's metadata,
+        // and so the I/O of its other disks, for hundreds of milliseconds). Not needed for
+        // correctness: finish_switch (or the next start) deletes it either way.
+        if let Err(e) = empty(src, &[disk]) {
+            tracing::warn!(
+                "migrate {}: emptying thin device {disk} in pool {} before its deletion: {}",
+                sw.name,
+                src.name,
+                e.to_string()
+            );
         }
     }
 
@@ -810,32 +780,82 @@ impl Manager {
     }
 }
 
-/// The last helper snapshot and the mirror at one point in time, the guest's writes held
-/// only for the snapshot in memory (as snapshot-create): every block the guest changes
-/// after it is mirrored, every block it changed since the last pass is in the delta to it.
-/// A commit first, so that the change's own has little to flush. Returns the snapshot.
-fn start_mirror(
-    sw: &Switch<'_>,
-    d: &Arc<crate::blk::disk::Disk>,
-    mirror: &Arc<Mirror>,
-    holds: &mut Vec<std::time::Duration>,
-) -> R<u32> {
-    let (src, disk, job) = (sw.src, sw.disk, sw.job);
-    src.pool().commit()?;
-    src.change(|devices, reg| {
-        let id = devices.next_id(reg);
-        let t0 = Instant::now();
-        let mut gate = d.drain();
-        let snap = devices.create_snap(id, disk);
-        if snap.is_ok() {
-            gate.mirror = Some(Arc::clone(mirror));
+/// The blocks (runs of block numbers) of thin device `disk` of `p`, `size` bytes, that
+/// may read otherwise than on a copy of `base` (its last snapshot: id and size), or than
+/// on an empty device without one: what the migration's background copy moves, once the
+/// mirror carries every later change. Taken after the mirror is installed: a block that
+/// differed then differs still (a write never maps it back to the snapshot's block; a
+/// discard of it was mirrored), so copying what differs now misses nothing.
+///
+/// With a base of the same external origin (or none on both): the runs of the changed-only
+/// delta, and, with an origin, the blocks it reaches past the base's end (a copy stands
+/// alone: it holds the origin's bytes only as far as the snapshot went). A base of another
+/// origin: every block. Without a base: the blocks the origin reaches, and the mapped ones.
+fn blocks_to_copy(
+    p: &thinpool::pool::Pool,
+    disk: u32,
+    base: Option<(u32, u64)>,
+    size: u64,
+) -> R<Vec<std::ops::Range<u64>>> {
+    let bs = p.block_bytes();
+    let blocks = size.div_ceil(bs);
+    let origin = p.external_origin(disk);
+    let origin_blocks = origin.as_ref().map_or(0, |o| o.len().div_ceil(bs));
+    let mut found: Vec<std::ops::Range<u64>> = Vec::new();
+    match base {
+        Some((base, base_size)) => {
+            let same_origin = match (&origin, &p.external_origin(base)) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_as(b),
+                _ => false,
+            };
+            if !same_origin {
+                found.push(0..blocks);
+            } else {
+                let changed = p.with_metadata(|md| {
+                    thinpool::delta::runs(
+                        md,
+                        base,
+                        disk,
+                        false,
+                        thinpool::delta::DeltaMode::ChangedOnly,
+                    )
+                })?;
+                found.extend(changed.iter().map(|r| r.begin..r.begin + r.length));
+                found.push(base_size / bs..origin_blocks);
+            }
         }
-        drop(gate);
-        holds.push(t0.elapsed());
-        snap?;
-        insert_outgoing(reg, id, &src.catalog, disk, format!(".{job}.last"), job)?;
-        Ok(id)
-    })
+        None => {
+            found.push(0..origin_blocks);
+            // In windows, so that the guest's I/O gets the pool's metadata in between.
+            const WINDOW: u64 = 1 << 16;
+            let mut begin = origin_blocks.min(blocks);
+            while begin < blocks {
+                let end = (begin + WINDOW).min(blocks);
+                p.with_metadata(|md| {
+                    md.for_each_mapping(disk, begin, end, &mut |vb, _| {
+                        found.push(vb..vb + 1);
+                        Ok(())
+                    })
+                })?;
+                begin = end;
+            }
+        }
+    }
+    // Sorted, within the disk, merged.
+    found.sort_by_key(|r| r.start);
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for r in found {
+        let r = r.start..r.end.min(blocks);
+        if r.is_empty() {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => runs.push(r),
+        }
+    }
+    Ok(runs)
 }
 
 /// The switch itself (see its caller): the guest's writes held while the new pool's

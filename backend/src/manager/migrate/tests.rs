@@ -24,9 +24,29 @@ struct Fixture {
     b_data: Arc<FaultyStorage<MemStorage>>,
     /// What the guest should read: every write applied in the order the disk got it.
     model: Arc<Mutex<Vec<u8>>>,
+    /// The disk's external origin's bytes, if it has one (what a discarded block reads).
+    origin: Option<Vec<u8>>,
+}
+
+/// What the disk holds when it moves.
+#[derive(Clone, Copy, Debug)]
+enum History {
+    /// Every block written, with a snapshot halfway.
+    SnapshotHalfway,
+    /// Every third block written, no snapshot.
+    NoSnapshot,
+    /// Over an external origin three quarters of the disk long: every fourth block
+    /// written, no snapshot.
+    Origin,
+    /// Over the same origin: every fourth block written, a snapshot, every fifth.
+    OriginAndSnapshot,
 }
 
 fn fixture() -> Fixture {
+    fixture_of(History::SnapshotHalfway)
+}
+
+fn fixture_of(history: History) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let b_data = Arc::new(FaultyStorage::new(MemStorage::new(128 << 20)));
     let mk = |name: &str, sectors: u32, data: Arc<dyn thinpool::storage::Storage>| {
@@ -46,6 +66,12 @@ fn fixture() -> Fixture {
     let a = mk("a", 128, Arc::new(MemStorage::new(128 << 20)));
     let b = mk("b", 512, b_data.clone());
     let m = Manager::new(vec![a, b], dir.path().to_path_buf());
+    let origin = matches!(history, History::Origin | History::OriginAndSnapshot)
+        .then(|| bytes(77, (DISK / 4 * 3) as usize));
+    let origin_path = dir.path().join("origin.img");
+    if let Some(o) = &origin {
+        std::fs::write(&origin_path, o).unwrap();
+    }
     m.disk_add(
         &super::super::NewDisk {
             name: "vm",
@@ -54,7 +80,7 @@ fn fixture() -> Fixture {
             clone_from: None,
             read_only: false,
             serial: None,
-            external_origin: None,
+            external_origin: origin.as_ref().map(|_| origin_path.to_str().unwrap()),
         },
         None,
         None,
@@ -64,18 +90,39 @@ fn fixture() -> Fixture {
     let disk = lock(&m.disks)["vm"].disk.clone();
     // As when a guest is connected: the migration is live (passes, then the mirror).
     disk.connected.store(true, Ordering::SeqCst);
+    let mut model = vec![0; DISK as usize];
+    if let Some(o) = &origin {
+        model[..o.len()].copy_from_slice(o);
+    }
     let f = Fixture {
         _dir: dir,
         m,
         disk,
         b_data,
-        model: Arc::new(Mutex::new(vec![0; DISK as usize])),
+        model: Arc::new(Mutex::new(model)),
+        origin,
     };
-    // The whole disk written, with a snapshot in the middle of its history.
-    for k in 0..DISK / A_BLOCK {
-        f.write(k * A_BLOCK, &bytes(k, A_BLOCK as usize));
-        if k == DISK / A_BLOCK / 2 {
+    let blocks = DISK / A_BLOCK;
+    let write_every = |n: u64, seed: u64| {
+        for k in (0..blocks).step_by(n as usize) {
+            f.write(k * A_BLOCK, &bytes(seed << 32 | k, A_BLOCK as usize));
+        }
+    };
+    match history {
+        History::SnapshotHalfway => {
+            for k in 0..blocks {
+                f.write(k * A_BLOCK, &bytes(k, A_BLOCK as usize));
+                if k == blocks / 2 {
+                    f.m.snapshot_create("vm", "@s1").unwrap();
+                }
+            }
+        }
+        History::NoSnapshot => write_every(3, 20),
+        History::Origin => write_every(4, 21),
+        History::OriginAndSnapshot => {
+            write_every(4, 22);
             f.m.snapshot_create("vm", "@s1").unwrap();
+            write_every(5, 23);
         }
     }
     f
@@ -113,9 +160,9 @@ impl Fixture {
     }
 
     /// A guest discard of block `block` of pool a. Where that is a whole block of the
-    /// target's pool, it is unmapped and reads as zeroes (the disk has no external
-    /// origin); in pool b, of larger blocks, it changes nothing (discard unmaps whole
-    /// blocks only, and promises nothing).
+    /// target's pool, it is unmapped and reads as zeroes, or the external origin's bytes
+    /// while the disk has one (in pool a); in pool b, of larger blocks, it changes nothing
+    /// (discard unmaps whole blocks only, and promises nothing).
     fn discard(&self, block: u64) {
         let mut model = lock(&self.model);
         let t = self.disk.target();
@@ -123,7 +170,12 @@ impl Fixture {
         assert!(r.is_ok(), "guest discard of block {block} failed: {r:?}");
         if t.pool.block_bytes() <= A_BLOCK {
             let at = (block * A_BLOCK) as usize;
-            model[at..at + A_BLOCK as usize].fill(0);
+            let range = &mut model[at..at + A_BLOCK as usize];
+            range.fill(0);
+            if let Some(o) = self.origin.as_ref().filter(|o| at < o.len()) {
+                let end = (at + A_BLOCK as usize).min(o.len());
+                range[..end - at].copy_from_slice(&o[at..end]);
+            }
         }
     }
 
@@ -213,9 +265,9 @@ fn writes_during_mirroring_and_the_copy_are_all_in_the_new_pool() {
         f.set_hook(move |step| {
             let Some(f) = fw.upgrade() else { return };
             match step {
-                MigrateStep::Converged { .. } => {
-                    // Changes the background copy must carry: after the last pass,
-                    // before the mirror.
+                MigrateStep::BeforeMirror => {
+                    // Changes the background copy must carry: after the snapshot's
+                    // copy, before the mirror.
                     for k in (0..DISK / A_BLOCK).step_by(5) {
                         f.write(k * A_BLOCK + 1000, &bytes(2 << 32 | k, 3000));
                     }
@@ -284,7 +336,7 @@ fn a_failing_new_pool_undoes_the_migration_without_failing_a_guest_write() {
             f.set_hook(move |step| {
                 let Some(f) = fw.upgrade() else { return };
                 let here = match step {
-                    MigrateStep::Converged { .. } => {
+                    MigrateStep::BeforeMirror => {
                         for k in (0..DISK / A_BLOCK).step_by(3) {
                             f.write(k * A_BLOCK + 100, &bytes(5 << 32 | k, 5000));
                         }
@@ -395,7 +447,7 @@ fn a_crash_while_mirroring_leaves_the_disk_in_its_old_pool() {
             f.set_hook(move |step| {
                 let Some(f) = fw.upgrade() else { return };
                 let here = match step {
-                    MigrateStep::Converged { .. } => {
+                    MigrateStep::BeforeMirror => {
                         for k in (0..DISK / A_BLOCK).step_by(7) {
                             f.write(k * A_BLOCK, &bytes(8 << 32 | k, 4096));
                         }
@@ -413,8 +465,8 @@ fn a_crash_while_mirroring_leaves_the_disk_in_its_old_pool() {
         }
         let e = f.migrate().unwrap_err();
         assert!(e.contains("panic") || e.contains(at), "{at}: {e}");
-        // The marks are what a crash leaves: the disk's copy-to-be in pool b, the
-        // helper snapshots in pool a.
+        // The marks are what a crash leaves: the snapshot's copy and the disk's
+        // device-to-be in pool b.
         assert!(f.devices("b").len() > 1, "{at}: {:?}", f.devices("b"));
         f.write(9 * A_BLOCK + 5, &bytes(10 << 32, 3333));
         let done = f.m.recover_migrations().unwrap();
@@ -429,6 +481,50 @@ fn a_crash_while_mirroring_leaves_the_disk_in_its_old_pool() {
             "{at}"
         );
         f.verify(&format!("after a crash at {at}"));
+        *lock(&f.m.migrate_hook) = None;
+        f.m.shutdown().unwrap();
+    }
+}
+
+/// A disk moves whole whatever its device-to-be starts from: the copy of its last
+/// snapshot, nothing (no snapshot), or nothing over an external origin, which the copy
+/// carries (in the new pool the disk stands alone), with a writer running all along and
+/// changes made just before the mirror starts.
+#[test]
+fn a_disk_moves_whole_from_its_last_snapshot_its_external_origin_or_nothing() {
+    for history in [
+        History::NoSnapshot,
+        History::Origin,
+        History::OriginAndSnapshot,
+    ] {
+        let f = Arc::new(fixture_of(history));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = background_writer(&f, &stop);
+        {
+            let fw = Arc::downgrade(&f);
+            f.set_hook(move |step| {
+                let Some(f) = fw.upgrade() else { return };
+                if step == MigrateStep::BeforeMirror {
+                    for k in (1..DISK / A_BLOCK).step_by(6) {
+                        f.write(k * A_BLOCK + 300, &bytes(30 << 32 | k, 5000));
+                    }
+                    for k in (2..DISK / A_BLOCK).step_by(7) {
+                        f.discard(k);
+                    }
+                }
+            });
+        }
+        let r = f.migrate().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert_eq!(r["mirrored"], true, "{history:?}: {r}");
+        assert_eq!(f.pool_of_disk(), "b", "{history:?}");
+        f.verify(&format!("{history:?}: after the move ({r})"));
+        assert!(
+            f.devices("a").is_empty(),
+            "{history:?}: {:?}",
+            f.devices("a")
+        );
         *lock(&f.m.migrate_hook) = None;
         f.m.shutdown().unwrap();
     }
