@@ -771,6 +771,25 @@ impl BlkBackend {
         if let Some(t) = tracker {
             t.completed(head, vring.get_ref().get_queue().next_used());
         }
+        // With EVENT_IDX the driver says which completion it wants to hear of (its
+        // used_event): the first one after it last looked. Signalled here, as each request
+        // completes, rather than once the queue is empty, the driver reaps and submits
+        // again while the rest of the batch runs (on 1 queue, 128 KiB requests otherwise
+        // wait for the whole batch); later completions need no signal until it looks again.
+        if self.event_idx.load(Ordering::Relaxed) {
+            match vring.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = vring.signal_used_queue() {
+                        tracing::warn!("{}: cannot signal the used ring: {e}", self.disk.name);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    "{}: cannot read the driver's used_event: {e}",
+                    self.disk.name
+                ),
+            }
+        }
     }
 
     /// Executes one request. A write that finds the pool full under policy `queue` is held
