@@ -44,9 +44,10 @@ wait_socket() { # SOCKET LOG
 }
 stop() { kill -TERM "$pid"; wait "$pid" || true; pid=; }
 jget() { python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))[sys.argv[2]]))' "$1" "$2"; }
-load() { # OUT: 4 KiB random writes, QD32, verified, for $runtime s
+load() { # OUT: 4 KiB random writes, QD32, verified, for $runtime s (requests slower than
+  # $log_slow ms, when set, to OUT.err)
   "$loadgen" --socket "$sock" --json --rw randwrite --bs 4k --iodepth 32 --queues 1 \
-    --runtime "$runtime" --verify >"$1" 2>"$1.err"
+    --runtime "$runtime" --verify ${log_slow:+--log-slow-ms "$log_slow"} >"$1" 2>"$1.err"
 }
 report() { # NAME OUT
   printf '  %-28s %8.0f IOPS  mean %7.1f us  p99 %8.1f us  p99.9 %9.1f us  max %9.1f us\n' "$1" \
