@@ -102,7 +102,7 @@ pub static COMMANDS: &[Spec] = &[
     Spec {
         name: "snapshot-create",
         arguments: "`disk`, `name` (`@x` means `<disk>@x`)",
-        returns: "`name` (the full name), `thin-id`, `pause-us`: how long the snapshot took to make in memory, the most any request of the pool waited for it (writes are not held: the snapshot is crash-consistent, a request in flight may be in it or not); the reply comes once the requests in flight then have landed and the snapshot is durable (registry written, pool committed)",
+        returns: "`name` (the full name), `thin-id`, `pause-us`: how long the snapshot took to make in memory, the most any request of the pool waited for it (writes are not held: the snapshot is crash-consistent, a request in flight may be in it or not); the reply comes once the requests in flight then have landed and the snapshot is durable (registry written, pool committed); a FLUSH the guest sends while the change commits waits for that commit (commits are held so that none makes half the change durable)",
         read: snapshot_create,
     },
     Spec {
@@ -186,7 +186,7 @@ pub static COMMANDS: &[Spec] = &[
     Spec {
         name: "disk-migrate",
         arguments: "`disk`, `pool` (another pool of this daemon), optional `job-id`",
-        returns: "`{\"job-id\": …}`; result `snapshots`, `live-passes`, `pass-bytes`, `data-bytes`, `pause-us` (writes held in all: mirror start and switch, or the final pass), `holds-us` (each hold), `mirrored`, `mirrored-bytes`",
+        returns: "`{\"job-id\": …}`; result `snapshots`, `live-passes`, `pass-bytes`, `data-bytes`, `pause-us` (writes held in all: mirror start, switch and the backward mirror's end, or the final pass), `holds-us` (each hold), `mirrored`, `mirrored-bytes`",
         read: disk_migrate,
     },
     Spec {
