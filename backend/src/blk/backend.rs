@@ -301,6 +301,24 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// Signals the completions added since the driver last heard (with EVENT_IDX, only if
+    /// it asked to hear of one of them). Called with the disk's I/O gate released: a
+    /// frontend that stops reading its call eventfd can block the write.
+    fn signal_completed(&self, vring: &VringRwLock) {
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::warn!("{}: cannot signal the used ring: {e}", self.disk.name);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "{}: cannot read the driver's used_event: {e}",
+                self.disk.name
+            ),
+        }
+    }
+
     /// Whether this is the first event of queue `index` in this connection: it ends with a
     /// signal, needed or not. The used ring may hold completions that a previous process
     /// added and never signalled (killed between `add_used` and the interrupt, or stopped by
@@ -651,7 +669,7 @@ impl BlkBackend {
                 }
             }
             Ok(req) => {
-                let done = self.run(&req.op, mem, io);
+                let done = self.run(&req.op, mem, vring, io);
                 (Some((req.status, done.status)), done.written + 1)
             }
             Err(e) => {
@@ -771,25 +789,6 @@ impl BlkBackend {
         if let Some(t) = tracker {
             t.completed(head, vring.get_ref().get_queue().next_used());
         }
-        // With EVENT_IDX the driver says which completion it wants to hear of (its
-        // used_event): the first one after it last looked. Signalled here, as each request
-        // completes, rather than once the queue is empty, the driver reaps and submits
-        // again while the rest of the batch runs (on 1 queue, 128 KiB requests otherwise
-        // wait for the whole batch); later completions need no signal until it looks again.
-        if self.event_idx.load(Ordering::Relaxed) {
-            match vring.needs_notification() {
-                Ok(true) => {
-                    if let Err(e) = vring.signal_used_queue() {
-                        tracing::warn!("{}: cannot signal the used ring: {e}", self.disk.name);
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(
-                    "{}: cannot read the driver's used_event: {e}",
-                    self.disk.name
-                ),
-            }
-        }
     }
 
     /// Executes one request. A write that finds the pool full under policy `queue` is held
@@ -801,6 +800,7 @@ impl BlkBackend {
         &'a self,
         op: &Op,
         mem: &GuestMemoryMmap,
+        vring: &VringRwLock,
         io: &mut Option<RwLockReadGuard<'a, Target>>,
     ) -> Done {
         if let Op::Flush = op {
@@ -830,6 +830,9 @@ impl BlkBackend {
             // The policy of the pool the write failed in; a disk moved to another pool
             // meanwhile wakes this wait, and the retry goes to the new pool.
             let space = self.disk.space();
+            // The requests this pass completed before this one are told of now, not when
+            // the wait ends (it may last until space appears).
+            self.signal_completed(vring);
             space.waiting.fetch_add(1, Ordering::SeqCst);
             let more = space.wait(d);
             space.waiting.fetch_sub(1, Ordering::SeqCst);
