@@ -346,6 +346,89 @@ fn completion_signalled_while_a_later_write_waits(event_idx: bool) {
     assert_eq!(status(&mem, 1), 0);
 }
 
+/// A large request's completion is signalled within the pass that served it, not once the
+/// pass ends: here the pass goes on to a FLUSH that waits (commits are held), and the
+/// 256 KiB read before it has been signalled meanwhile, with EVENT_IDX or without.
+#[test]
+fn a_large_completion_is_signalled_before_its_pass_ends() {
+    for event_idx in [true, false] {
+        large_completion_signalled_within_its_pass(event_idx);
+    }
+}
+
+fn large_completion_signalled_within_its_pass(event_idx: bool) {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let d = disk(false);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+    let b = Arc::new(backend_on(&d, &mem, None));
+    b.set_event_idx(event_idx);
+    let vring = vring_on(&mem, &vq, 0);
+    vring.set_queue_event_idx(event_idx);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: a fresh descriptor from try_clone, owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+    vring.set_call(Some(file));
+    mem.write_obj(0u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
+        .unwrap();
+    // 0: a read of 256 KiB into 0x80000; 1: a FLUSH. Headers at 0x10000 and 0x14000.
+    let header = |at: u64, kind: u32| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(at + 0x3000)).unwrap();
+    };
+    header(0x10000, VIRTIO_BLK_T_IN);
+    header(0x14000, VIRTIO_BLK_T_FLUSH);
+    let chains = vec![
+        desc(0x10000, 16, false, Some(1)),
+        desc(0x80000, 256 << 10, true, Some(2)),
+        desc(0x13000, 1, true, None),
+        desc(0x14000, 16, false, Some(4)),
+        desc(0x17000, 1, true, None),
+    ];
+    b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(call.read().ok(), Some(1), "the connection's first signal");
+    let pool = d.target().pool.clone();
+    let held = pool.hold_commits();
+    vq.add_desc_chains(&chains, 0).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = {
+        let (b, vring) = (b.clone(), vring.clone());
+        std::thread::spawn(move || {
+            b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+                .unwrap();
+            let _ = tx.send(());
+        })
+    };
+    let start = Instant::now();
+    while call.read().is_err() {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "the read was not signalled while its pass went on (EVENT_IDX {event_idx})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(used_ids(&mem, &vq), vec![0], "only the read has completed");
+    assert!(
+        rx.try_recv().is_err(),
+        "the pass ended: the FLUSH did not wait for the held commits"
+    );
+    // The driver reaped the read and asks to hear of the next completion.
+    mem.write_obj(1u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
+        .unwrap();
+    drop(held);
+    worker.join().unwrap();
+    assert_eq!(used_ids(&mem, &vq), vec![0, 3]);
+    assert_eq!(
+        call.read().ok(),
+        Some(1),
+        "the FLUSH's completion signalled"
+    );
+}
+
 #[test]
 fn a_new_backend_executes_again_exactly_the_write_the_dead_one_held() {
     let f = full_pool();
