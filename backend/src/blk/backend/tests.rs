@@ -196,6 +196,58 @@ fn process_within(
 
 const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
 
+/// A backend on `disk` with a call eventfd, EVENT_IDX as given (the driver asking to hear
+/// of the first completion), and the connection's first signal already taken: what is
+/// signalled from then on is the rules' doing.
+fn signalling_backend(
+    disk: &Arc<Disk>,
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    event_idx: bool,
+) -> (Arc<BlkBackend>, VringRwLock, vmm_sys_util::eventfd::EventFd) {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let b = Arc::new(backend_on(disk, mem, None));
+    b.set_event_idx(event_idx);
+    let vring = vring_on(mem, vq, 0);
+    vring.set_queue_event_idx(event_idx);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: a fresh descriptor from try_clone, owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+    vring.set_call(Some(file));
+    // used_event (after the avail ring) 0: the first completion is to be signalled.
+    mem.write_obj(0u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
+        .unwrap();
+    b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(call.read().ok(), Some(1), "the connection's first signal");
+    (b, vring, call)
+}
+
+/// Serves the queue in a thread, as after a kick; the receiver hears when the pass ends.
+fn serve_in_thread(
+    b: &Arc<BlkBackend>,
+    vring: &VringRwLock,
+) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (b, vring) = (b.clone(), vring.clone());
+    let worker = std::thread::spawn(move || {
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        let _ = tx.send(());
+    });
+    (worker, rx)
+}
+
+/// Waits (10 s at most) for a signal on `call`.
+fn wait_for_signal(call: &vmm_sys_util::eventfd::EventFd, what: &str) {
+    let start = Instant::now();
+    while call.read().is_err() {
+        assert!(start.elapsed().as_secs() < 10, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn reads_and_overwrites_complete_while_a_write_waits_for_space_on_the_same_queue() {
     let f = full_pool();
@@ -288,56 +340,27 @@ fn a_completion_before_a_write_waiting_for_space_is_signalled_while_it_waits() {
 }
 
 fn completion_signalled_while_a_later_write_waits(event_idx: bool) {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let f = full_pool();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
-    let b = Arc::new(backend_on(&f.disk, &mem, None));
-    b.set_event_idx(event_idx);
-    let vring = vring_on(&mem, &vq, 0);
-    vring.set_queue_event_idx(event_idx);
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    // SAFETY: a fresh descriptor from try_clone, owned by nobody else.
-    let file = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-    vring.set_call(Some(file));
-    // The driver asks to hear of the first completion (used_event 0, after the avail ring).
-    mem.write_obj(0u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
-        .unwrap();
+    let (b, vring, call) = signalling_backend(&f.disk, &mem, &vq, event_idx);
     // 0: a read of block 0; 1: a write to block 5, which needs a block the pool lacks.
     let chains: Vec<RawDescriptor> = [
         request(&mem, 0, VIRTIO_BLK_T_IN, 0, 0),
         request(&mem, 1, VIRTIO_BLK_T_OUT, 5 * SECTORS_PER_BLOCK, 0x55),
     ]
     .concat();
-    // The first event of a connection signals anyway: taken out of the way first.
-    b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
-    assert_eq!(call.read().ok(), Some(1));
     vq.add_desc_chains(&chains, 0).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let worker = {
-        let (b, vring) = (b.clone(), vring.clone());
-        std::thread::spawn(move || {
-            b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-                .unwrap();
-            let _ = tx.send(());
-        })
-    };
-    let start = Instant::now();
-    while call.read().is_err() {
-        assert!(
-            start.elapsed().as_secs() < 10,
-            "the read's completion was not signalled while the write waits (EVENT_IDX \
-             {event_idx})"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let (worker, ended) = serve_in_thread(&b, &vring);
+    wait_for_signal(
+        &call,
+        &format!("the read was not signalled while the write waits (EVENT_IDX {event_idx})"),
+    );
     assert_eq!(used_ids(&mem, &vq), vec![0], "only the read has completed");
     assert_eq!(status(&mem, 0), 0);
     assert_eq!(data(&mem, 0), vec![0x10; 4096]);
     assert!(
-        rx.try_recv().is_err(),
+        ended.try_recv().is_err(),
         "the worker finished: the write did not wait for space"
     );
     f.grow();
@@ -357,21 +380,10 @@ fn a_large_completion_is_signalled_before_its_pass_ends() {
 }
 
 fn large_completion_signalled_within_its_pass(event_idx: bool) {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let d = disk(false);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
-    let b = Arc::new(backend_on(&d, &mem, None));
-    b.set_event_idx(event_idx);
-    let vring = vring_on(&mem, &vq, 0);
-    vring.set_queue_event_idx(event_idx);
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    // SAFETY: a fresh descriptor from try_clone, owned by nobody else.
-    let file = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-    vring.set_call(Some(file));
-    mem.write_obj(0u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
-        .unwrap();
+    let (b, vring, call) = signalling_backend(&d, &mem, &vq, event_idx);
     // 0: a read of 256 KiB into 0x80000; 1: a FLUSH. Headers at 0x10000 and 0x14000.
     let header = |at: u64, kind: u32| {
         let mut h = [0u8; 16];
@@ -388,32 +400,17 @@ fn large_completion_signalled_within_its_pass(event_idx: bool) {
         desc(0x14000, 16, false, Some(4)),
         desc(0x17000, 1, true, None),
     ];
-    b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
-    assert_eq!(call.read().ok(), Some(1), "the connection's first signal");
     let pool = d.target().pool.clone();
     let held = pool.hold_commits();
     vq.add_desc_chains(&chains, 0).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let worker = {
-        let (b, vring) = (b.clone(), vring.clone());
-        std::thread::spawn(move || {
-            b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-                .unwrap();
-            let _ = tx.send(());
-        })
-    };
-    let start = Instant::now();
-    while call.read().is_err() {
-        assert!(
-            start.elapsed().as_secs() < 10,
-            "the read was not signalled while its pass went on (EVENT_IDX {event_idx})"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let (worker, ended) = serve_in_thread(&b, &vring);
+    wait_for_signal(
+        &call,
+        &format!("the read was not signalled while its pass went on (EVENT_IDX {event_idx})"),
+    );
     assert_eq!(used_ids(&mem, &vq), vec![0], "only the read has completed");
     assert!(
-        rx.try_recv().is_err(),
+        ended.try_recv().is_err(),
         "the pass ended: the FLUSH did not wait for the held commits"
     );
     // The driver reaped the read and asks to hear of the next completion.
