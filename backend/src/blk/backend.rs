@@ -825,6 +825,7 @@ impl BlkBackend {
             return flush(&self.disk, &pool, mirror.as_deref());
         }
         let mut deadline = None;
+        let mut told = false;
         loop {
             let to = io.get_or_insert_with(|| self.disk.target());
             let NeedsSpace { error, timeout } = match execute(op, mem, &self.disk, to) {
@@ -843,8 +844,11 @@ impl BlkBackend {
             // meanwhile wakes this wait, and the retry goes to the new pool.
             let space = self.disk.space();
             // The requests this pass completed before this one are told of now, not when
-            // the wait ends (it may last until space appears).
-            self.signal_completed(vring);
+            // the wait ends (it may last until space appears); once, as the wait goes
+            // round (without EVENT_IDX every signal would be an interrupt).
+            if !std::mem::replace(&mut told, true) {
+                self.signal_completed(vring);
+            }
             space.waiting.fetch_add(1, Ordering::SeqCst);
             let more = space.wait(d);
             space.waiting.fetch_sub(1, Ordering::SeqCst);

@@ -363,6 +363,13 @@ fn completion_signalled_while_a_later_write_waits(event_idx: bool) {
         ended.try_recv().is_err(),
         "the worker finished: the write did not wait for space"
     );
+    // Nothing more to tell while it waits: no signal as its wait goes round (every 200
+    // ms). A late signal would show here; none can come if the rule holds, however slow.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(
+        call.read().is_err(),
+        "signalled again while the write waits (EVENT_IDX {event_idx})"
+    );
     f.grow();
     worker.join().unwrap();
     assert_eq!(used_ids(&mem, &vq), vec![0, 3]);
@@ -409,6 +416,7 @@ fn large_completion_signalled_within_its_pass(event_idx: bool) {
         &format!("the read was not signalled while its pass went on (EVENT_IDX {event_idx})"),
     );
     assert_eq!(used_ids(&mem, &vq), vec![0], "only the read has completed");
+    assert_eq!(status(&mem, 0), 0, "the read succeeded");
     assert!(
         ended.try_recv().is_err(),
         "the pass ended: the FLUSH did not wait for the held commits"
