@@ -825,7 +825,6 @@ impl BlkBackend {
             return flush(&self.disk, &pool, mirror.as_deref());
         }
         let mut deadline = None;
-        let mut told = false;
         loop {
             let to = io.get_or_insert_with(|| self.disk.target());
             let NeedsSpace { error, timeout } = match execute(op, mem, &self.disk, to) {
@@ -835,6 +834,7 @@ impl BlkBackend {
             if self.giving_up() {
                 return fail(&self.disk, "write (out of space, disk stopping)", &error);
             }
+            let first_wait = deadline.is_none();
             // A deadline beyond what Instant can hold is no deadline: the entry points cap
             // the timeout, this keeps one that slipped through from panicking.
             let d = *deadline
@@ -846,7 +846,7 @@ impl BlkBackend {
             // The requests this pass completed before this one are told of now, not when
             // the wait ends (it may last until space appears); once, as the wait goes
             // round (without EVENT_IDX every signal would be an interrupt).
-            if !std::mem::replace(&mut told, true) {
+            if first_wait {
                 self.signal_completed(vring);
             }
             space.waiting.fetch_add(1, Ordering::SeqCst);
