@@ -287,7 +287,10 @@ fn writes_during_mirroring_and_the_copy_are_all_in_the_new_pool() {
                     // has these bytes over the block's old ones, and the copy must
                     // bring the rest), then a thread races the copy on the same block.
                     f.write(block * A_BLOCK + 512 * (i % 100), &bytes(3 << 32 | i, 777));
-                    let (f2, at) = (f.clone(), block * A_BLOCK + 4096 * (i % 16));
+                    // 4.5 KiB from a 4 KiB boundary at most 56 KiB in: within the
+                    // block (from 60 KiB it would cross into the next one, and past the
+                    // disk's end at its last block).
+                    let (f2, at) = (f.clone(), block * A_BLOCK + 4096 * (i % 15));
                     lock(&racers).push(std::thread::spawn(move || {
                         f2.write(at, &bytes(4 << 32 | i, 4096 + 512));
                     }));
