@@ -112,13 +112,14 @@ pub fn run(
         std::thread::Builder::new()
             .name(format!("commit-{}", p.name))
             .spawn(move || {
-                // dm-thin commits at least every second; so do we, when anything changed.
+                // dm-thin commits at least every second when the metadata changed; so do
+                // we (data overwritten in place waits for a FLUSH, as there).
                 // A failure is logged once until it changes: a failed pool fails every
                 // commit, and the log is no place for one line a second.
                 let mut last_error = None;
                 while !stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(commit_interval);
-                    match pool.commit() {
+                    match pool.commit_if_changed() {
                         Ok(()) => last_error = None,
                         Err(e) => {
                             let text = e.to_string();

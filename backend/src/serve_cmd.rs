@@ -65,7 +65,8 @@ pub struct ServeArgs {
     /// With --config: the pool's `discard-passdown`.
     #[arg(long, conflicts_with = "config")]
     no_discard_passdown: bool,
-    /// Commit the pool at least this often (milliseconds; dm-thin uses 1000).
+    /// Commit the pool at least this often while mappings change (milliseconds; dm-thin
+    /// uses 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
     commit_interval_ms: u64,
 }

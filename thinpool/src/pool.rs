@@ -988,6 +988,21 @@ impl Pool {
         r
     }
 
+    /// The periodic commit (dm-thin's, once a second): a commit when the metadata changed
+    /// since the last one (a block provisioned, a shared block copied, a discard), with the
+    /// data sync that must come first; nothing otherwise. Data overwritten in place, with no
+    /// mapping changed, waits for the next FLUSH or commit, as in the kernel, which commits
+    /// on time only what changed in the transaction. (A sync of the whole data file every
+    /// second, under an overwriting guest, is a second's worth of its writes written back
+    /// while it writes on.) An operation that changes the metadata just after the check
+    /// is the next period's.
+    pub fn commit_if_changed(&self) -> Result<()> {
+        if !self.lock().md.is_dirty() {
+            return Ok(());
+        }
+        self.commit()
+    }
+
     /// Keeps every other commit (periodic, a guest's FLUSH, …) out until the hold is
     /// dropped, for a change of several steps that must reach the disk in one commit or
     /// not at all: device operations plus a file written beside the pool (the registry)

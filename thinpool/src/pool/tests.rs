@@ -229,6 +229,38 @@ fn data_sync_error_fails_the_pool() {
     assert!(matches!(p.read(0, 0, &mut [0u8; 4]), Err(Error::Failed(_))));
 }
 
+/// The periodic commit syncs the data device only when a mapping changed: an overwrite in
+/// place waits for a FLUSH; a new mapping's data is synced before the mapping commits.
+#[test]
+fn the_periodic_commit_syncs_data_only_for_changed_mappings() {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(FaultyStorage::new(MemStorage::new(16 * BS)));
+    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.commit().unwrap();
+    let flushes = || (data.count(FaultOp::Sync), data.count(FaultOp::Writeback));
+    let before = flushes();
+    p.write(0, 0, &[2u8; 4096]).unwrap();
+    p.commit_if_changed().unwrap();
+    assert_eq!(
+        flushes(),
+        before,
+        "an overwrite in place was synced on time"
+    );
+    p.write(0, BS, &[3u8; 4096]).unwrap();
+    p.commit_if_changed().unwrap();
+    assert_eq!(
+        data.count(FaultOp::Sync),
+        before.0 + 1,
+        "a new mapping committed without its data synced"
+    );
+    // A FLUSH syncs an overwrite.
+    p.write(0, 0, &[4u8; 4096]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.count(FaultOp::Sync), before.0 + 2);
+}
+
 #[test]
 fn read_only_on_request_keeps_reads_and_owned_writes() {
     let p = mem_pool(16);
