@@ -1,6 +1,6 @@
 //! The daemon: serves each disk on its own vhost-user socket, commits the pool at least
-//! once a second (like dm-thin) and on every disconnect, and on SIGTERM/SIGINT drains the
-//! requests in flight, commits and exits.
+//! once a second while its metadata changes (like dm-thin) and on every disconnect, and on
+//! SIGTERM/SIGINT drains the requests in flight, commits and exits.
 
 use crate::manager::Manager;
 use anyhow::{Context, Result};
@@ -114,8 +114,8 @@ pub fn run(
             .spawn(move || {
                 // dm-thin commits at least every second when the metadata changed; so do
                 // we (data overwritten in place waits for a FLUSH, as there).
-                // A failure is logged once until it changes: a failed pool fails every
-                // commit, and the log is no place for one line a second.
+                // A failure is logged once until it changes: a failed pool with changes
+                // fails every commit, and the log is no place for one line a second.
                 let mut last_error = None;
                 while !stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(commit_interval);

@@ -12,7 +12,7 @@
 //! - metadata that both checkers pass, after the replay's commit.
 //!
 //! The workload is the daemon's: guest writes (provisioning, breaking sharing, in place),
-//! discards and write-zeroes between periodic commits, and device changes each followed
+//! discards and write-zeroes between commits, and device changes each followed
 //! by a commit (the daemon commits before it answers a management command).
 
 mod common;
