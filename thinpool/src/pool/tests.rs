@@ -233,12 +233,7 @@ fn data_sync_error_fails_the_pool() {
 /// place waits for a FLUSH; a new mapping's data is synced before the mapping commits.
 #[test]
 fn the_periodic_commit_syncs_data_only_for_changed_mappings() {
-    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-    let data = Arc::new(FaultyStorage::new(MemStorage::new(16 * BS)));
-    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
-    p.create_thin(0).unwrap();
-    p.write(0, 0, &[1u8; 4096]).unwrap();
-    p.commit().unwrap();
+    let (p, data) = pool_counting_syncs();
     let flushes = || (data.count(FaultOp::Sync), data.count(FaultOp::Writeback));
     let before = flushes();
     p.write(0, 0, &[2u8; 4096]).unwrap();
@@ -279,15 +274,21 @@ fn read_only_on_request_keeps_reads_and_owned_writes() {
     p.write(0, BS, &[1]).unwrap();
 }
 
-#[test]
-fn flush_syncs_overwrites_that_change_no_metadata() {
-    use crate::storage::testing::{FaultOp, FaultyStorage};
+/// A pool whose data device counts its syncs, with block 0 of device 0 written and
+/// committed.
+fn pool_counting_syncs() -> (Pool, Arc<FaultyStorage<MemStorage>>) {
     let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
     let data = Arc::new(FaultyStorage::new(MemStorage::new(16 * BS)));
     let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
     p.create_thin(0).unwrap();
     p.write(0, 0, &[1u8; 4096]).unwrap();
     p.commit().unwrap();
+    (p, data)
+}
+
+#[test]
+fn flush_syncs_overwrites_that_change_no_metadata() {
+    let (p, data) = pool_counting_syncs();
     let syncs = data.count(FaultOp::Sync);
     p.commit().unwrap();
     assert_eq!(
