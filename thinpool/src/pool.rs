@@ -133,15 +133,14 @@ struct Inner {
     /// superblock write is over (it reopens from whichever superblock is then on disk).
     failed_while_flipping: Option<String>,
     /// Bumped when a holder of the commit lock lets go (after a commit, or a change that
-    /// held commits): what data-path changes wait for when the journal is full while a
-    /// commit is writing its superblock ([`Pool::meta_waiting_for_commit`]).
+    /// held commits): what data-path changes wait for when the journal is full while
+    /// another thread holds commits ([`Pool::meta_waiting_for_commit`]).
     commits_ended: u64,
+    /// The thread holding commits ([`Pool::hold_commits`]), if any: a data-path change it
+    /// makes itself cannot wait for its own hold to end.
+    commits_held_by: Option<std::thread::ThreadId>,
     /// Data-path changes waiting so (for tests to synchronise on).
     waiting_for_commit: usize,
-    /// A holder of the commit lock is on its way to commit (between taking the lock and
-    /// freezing): a change that finds the journal full waits for that commit as for one
-    /// already writing.
-    commit_coming: bool,
     /// Read-only mode was asked for (not caused by an error).
     read_only_requested: bool,
     /// A metadata failure rolled the transaction back: writes acknowledged since the last
@@ -206,6 +205,7 @@ pub struct CommitHold<'a> {
 
 impl Drop for CommitHold<'_> {
     fn drop(&mut self) {
+        self.pool.lock().commits_held_by = None;
         // Let go first: a change woken below may commit at once.
         drop(self.one_at_a_time.take());
         self.pool.lock().commits_ended += 1;
@@ -220,13 +220,9 @@ impl CommitHold<'_> {
 
     /// Commits, as [`Pool::commit`]; the hold goes on.
     pub fn commit(&self) -> Result<()> {
-        self.pool.lock().commit_coming = true;
-        let r = self
-            .pool
+        self.pool
             .write_back()
-            .and_then(|()| self.pool.commit_held());
-        self.pool.lock().commit_coming = false;
-        r
+            .and_then(|()| self.pool.commit_held())
     }
 }
 
@@ -490,8 +486,8 @@ impl Pool {
                 flipping: false,
                 failed_while_flipping: None,
                 commits_ended: 0,
+                commits_held_by: None,
                 waiting_for_commit: 0,
-                commit_coming: false,
                 read_only_requested: false,
                 rolled_back: None,
                 origins: HashMap::new(),
@@ -629,11 +625,13 @@ impl Pool {
     }
 
     /// [`meta`](Self::meta) for a change of the data path (a new mapping, an unmap). The
-    /// journal's half for this transaction may fill while the last transaction's commit
-    /// writes its superblock: the other half is kept for a crash meanwhile, and `meta`
-    /// cannot commit to make room while that commit holds the commit lock. The change
-    /// then waits for that commit to end and tries again (committing first if the journal
-    /// is still full), instead of failing a guest's write.
+    /// journal's half for this transaction may fill while another thread holds commits:
+    /// the last transaction's commit writing its superblock (the other half is kept for a
+    /// crash meanwhile), or a change that must reach the disk whole ([`Pool::hold_commits`]:
+    /// a snapshot being made, a migration's switch). `meta` cannot commit to make room
+    /// then. The change waits for the holder to let go and tries again (committing first
+    /// if the journal is still full), instead of failing a guest's write. Only the holder's
+    /// own thread gets the error: it would wait for itself.
     fn meta_waiting_for_commit<'a, T>(
         &'a self,
         mut g: MutexGuard<'a, Inner>,
@@ -641,9 +639,19 @@ impl Pool {
     ) -> (MutexGuard<'a, Inner>, Result<T>) {
         loop {
             let r = self.meta(&mut g, &mut f);
-            let commit_under_way = g.flipping || g.commit_coming;
-            if !(matches!(r, Err(Error::JournalFull { .. })) && commit_under_way) {
+            if !matches!(r, Err(Error::JournalFull { .. }))
+                || g.commits_held_by == Some(std::thread::current().id())
+            {
                 return (g, r);
+            }
+            // Checked with the metadata lock held since `meta` found the commit lock
+            // taken: a holder bumps `commits_ended` under this lock after letting go, so
+            // the wait below cannot miss it. Free now (let go meanwhile): try again.
+            if !matches!(
+                self.commit_lock.try_lock(),
+                Err(std::sync::TryLockError::WouldBlock)
+            ) {
+                continue;
             }
             let generation = g.generation;
             g = self.wait_for_a_commit_to_end(g);
@@ -982,10 +990,7 @@ impl Pool {
         // not for all the data written since the last commit.
         self.write_back()?;
         let _one_at_a_time = self.hold_commits();
-        self.lock().commit_coming = true;
-        let r = self.commit_held();
-        self.lock().commit_coming = false;
-        r
+        self.commit_held()
     }
 
     /// The periodic commit (dm-thin's, once a second): a commit when the metadata changed
@@ -1009,10 +1014,17 @@ impl Pool {
     /// whose transaction id the commit carries. Without it a commit from another thread
     /// could land between the steps and make half of the change durable under the old
     /// transaction id. Block I/O goes on meanwhile; only commits wait.
+    ///
+    /// A data-path change that finds the journal full meanwhile waits for the hold to end
+    /// ([`Pool::meta_waiting_for_commit`]), with the block I/O it is part of still in
+    /// flight. So a holder must not wait for block I/O (drain a disk, close a device's
+    /// gate for writes in flight) while it holds commits: it waits for that first.
     pub fn hold_commits(&self) -> CommitHold<'_> {
+        let one_at_a_time = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.lock().commits_held_by = Some(std::thread::current().id());
         CommitHold {
             pool: self,
-            one_at_a_time: Some(self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())),
+            one_at_a_time: Some(one_at_a_time),
         }
     }
 
@@ -1122,10 +1134,11 @@ impl Pool {
 
     /// Drops every change since the last commit (the kernel's abort).
     pub fn abort(&self) -> Result<()> {
+        // Wait for block I/O in flight: it may target blocks the abort frees. First: a write
+        // in flight may be waiting for commits to be let go (see `hold_commits`).
+        let _quiet = self.io_epoch.write().unwrap_or_else(|p| p.into_inner());
         // Not during a commit's superblock write: the abort reopens from the disk.
         let _no_commit = self.hold_commits();
-        // Wait for block I/O in flight: it may target blocks the abort frees.
-        let _quiet = self.io_epoch.write().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
         g.generation += 1;
         if let Err(e) = g.md.abort() {

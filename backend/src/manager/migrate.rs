@@ -874,9 +874,11 @@ fn switch_mirrored(
         dst.pool().block_bytes(),
         OnError::FailRequest,
     ));
-    dst.change(|_, reg| {
-        let t0 = Instant::now();
-        let mut gate = d.drain();
+    // Drained before the new pool's commits are held, not after: a mirrored write in flight
+    // that finds that pool's journal full waits for the hold to end.
+    let t0 = Instant::now();
+    let mut gate = d.drain();
+    dst.change(move |_, reg| {
         if let Some(why) = mirror.failure() {
             return Err(Error::failed(format!(
                 "mirroring to pool {} failed: {why}",

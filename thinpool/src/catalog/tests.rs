@@ -443,8 +443,8 @@ fn writes_go_on_while_a_snapshot_waits_for_one_in_flight_even_with_the_journal_f
         }
         // The change holds commits from before the snapshot until its commit, then lets go
         // and waits for the write in flight: taking the hold here waits for that moment.
-        // (Before it, a write that fills the journal half cannot commit and fails: a
-        // known limit, not what this test is about.)
+        // (A write that fills the journal half before it waits for the hold to end: see
+        // the pool's tests.)
         drop(p.hold_commits());
         // Each breaks sharing with the snapshot: one journal record each, past a half.
         let failed = (1..40)

@@ -597,6 +597,59 @@ fn a_new_mapping_waits_for_the_commit_under_way_when_the_journal_is_full() {
     assert_eq!(read_vec(&after, 0, (RECORDS + 1) * BS, 4), vec![0xee; 4]);
 }
 
+/// A change that holds commits (a snapshot being made, a migration's switch) while the
+/// data path fills the journal's half: the write that finds no room waits for the change
+/// to let go and commit, instead of failing the guest's write.
+#[test]
+fn a_new_mapping_waits_for_a_change_that_holds_commits_when_the_journal_is_full() {
+    const RECORDS: u64 = 8;
+    let HeldSyncPool { p, .. } = held_sync_pool(RECORDS, 32, [6u8; 16]);
+    std::thread::scope(|s| {
+        let hold = p.hold_commits();
+        let filler = s.spawn(|| {
+            for vb in 0..RECORDS {
+                p.write(0, vb * BS, &[vb as u8 + 1; 4096])?;
+            }
+            p.write(0, RECORDS * BS, &[0xee; 4096])
+        });
+        while p.lock().waiting_for_commit == 0 && !filler.is_finished() {
+            std::thread::yield_now();
+        }
+        let finished_early = filler.is_finished();
+        hold.commit().unwrap();
+        drop(hold);
+        filler
+            .join()
+            .unwrap()
+            .expect("a write that found the journal full succeeds once the change lets go");
+        assert!(!finished_early, "the write did not wait for the change");
+    });
+    for vb in 0..RECORDS {
+        assert_eq!(read_vec(&p, 0, vb * BS, 4), vec![vb as u8 + 1; 4]);
+    }
+    assert_eq!(read_vec(&p, 0, RECORDS * BS, 4), vec![0xee; 4]);
+}
+
+/// The holder of commits itself filling the journal cannot wait for itself: its write
+/// fails (as any change that outgrows the journal while it must stay whole) and nothing
+/// hangs.
+#[test]
+fn a_holder_of_commits_that_fills_the_journal_itself_gets_an_error_not_a_hang() {
+    const RECORDS: u64 = 8;
+    let HeldSyncPool { p, .. } = held_sync_pool(RECORDS, 32, [7u8; 16]);
+    let hold = p.hold_commits();
+    for vb in 0..RECORDS {
+        p.write(0, vb * BS, &[1; 4096]).unwrap();
+    }
+    assert!(matches!(
+        p.write(0, RECORDS * BS, &[2; 4096]),
+        Err(Error::JournalFull { .. })
+    ));
+    drop(hold);
+    p.write(0, RECORDS * BS, &[2; 4096]).unwrap();
+    assert_eq!(read_vec(&p, 0, RECORDS * BS, 4), vec![2; 4]);
+}
+
 #[test]
 fn a_first_write_to_a_block_that_is_a_hole_writes_only_its_own_bytes() {
     let (p, data) = sparse_pool(16, PoolOptions::default());
