@@ -139,6 +139,9 @@ struct Inner {
     /// The thread holding commits ([`Pool::hold_commits`]), if any: a data-path change it
     /// makes itself cannot wait for its own hold to end.
     commits_held_by: Option<std::thread::ThreadId>,
+    /// Aborts under way ([`Pool::abort`]): a data-path change that finds the journal full
+    /// fails instead of waiting for commits to be let go.
+    aborting: usize,
     /// Data-path changes waiting so (for tests to synchronise on).
     waiting_for_commit: usize,
     /// Read-only mode was asked for (not caused by an error).
@@ -487,6 +490,7 @@ impl Pool {
                 failed_while_flipping: None,
                 commits_ended: 0,
                 commits_held_by: None,
+                aborting: 0,
                 waiting_for_commit: 0,
                 read_only_requested: false,
                 rolled_back: None,
@@ -610,14 +614,14 @@ impl Pool {
     }
 
     /// Waits, with the metadata lock let go meanwhile, until a holder of the commit lock
-    /// lets go (see [`CommitHold`]'s drop).
+    /// lets go (see [`CommitHold`]'s drop), or an abort begins.
     fn wait_for_a_commit_to_end<'a>(
         &'a self,
         mut g: MutexGuard<'a, Inner>,
     ) -> MutexGuard<'a, Inner> {
         let ended = g.commits_ended;
         g.waiting_for_commit += 1;
-        while g.commits_ended == ended {
+        while g.commits_ended == ended && g.aborting == 0 {
             g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.waiting_for_commit -= 1;
@@ -643,6 +647,12 @@ impl Pool {
                 || g.commits_held_by == Some(std::thread::current().id())
             {
                 return (g, r);
+            }
+            if g.aborting > 0 {
+                return (
+                    g,
+                    Err(Error::ReadOnly("the transaction is being rolled back")),
+                );
             }
             // Checked with the metadata lock held since `meta` found the commit lock
             // taken: a holder bumps `commits_ended` under this lock after letting go, so
@@ -1134,12 +1144,17 @@ impl Pool {
 
     /// Drops every change since the last commit (the kernel's abort).
     pub fn abort(&self) -> Result<()> {
-        // Wait for block I/O in flight: it may target blocks the abort frees. First: a write
-        // in flight may be waiting for commits to be let go (see `hold_commits`).
-        let _quiet = self.io_epoch.write().unwrap_or_else(|p| p.into_inner());
+        // From here a write that finds the journal full gives up rather than wait for
+        // commits to be let go (its transaction is about to be dropped): the abort holds
+        // commits below and then waits for that write's I/O.
+        self.lock().aborting += 1;
+        self.commit_ended.notify_all();
         // Not during a commit's superblock write: the abort reopens from the disk.
         let _no_commit = self.hold_commits();
+        // Wait for block I/O in flight: it may target blocks the abort frees.
+        let _quiet = self.io_epoch.write().unwrap_or_else(|p| p.into_inner());
         let mut g = self.lock();
+        g.aborting -= 1;
         g.generation += 1;
         if let Err(e) = g.md.abort() {
             g.mode = PoolMode::Fail;

@@ -650,6 +650,104 @@ fn a_holder_of_commits_that_fills_the_journal_itself_gets_an_error_not_a_hang() 
     assert_eq!(read_vec(&p, 0, RECORDS * BS, 4), vec![2; 4]);
 }
 
+/// Runs `f` on a thread of its own and fails the test if it has not returned within a
+/// minute: for tests whose failure is a deadlock.
+fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("deadlock: {what} did not end within a minute"))
+}
+
+/// An abort waits for the commits held by a change, and the change's own block I/O goes
+/// on meanwhile (the abort waits for I/O only once it holds commits itself).
+#[test]
+fn a_holder_of_commits_reads_and_writes_while_an_abort_waits_for_it() {
+    let p = Arc::new(mem_pool(16));
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.commit().unwrap();
+    let aborted = within_a_minute("a holder's I/O with an abort waiting", {
+        let p = p.clone();
+        move || {
+            let hold = p.hold_commits();
+            let aborter = std::thread::spawn({
+                let p = p.clone();
+                move || p.abort()
+            });
+            while p.lock().aborting == 0 {
+                std::thread::yield_now();
+            }
+            assert_eq!(read_vec(&p, 0, 0, 4), vec![1; 4]);
+            p.write(0, BS, &[2u8; 4096]).unwrap();
+            drop(hold);
+            aborter.join().unwrap()
+        }
+    });
+    aborted.unwrap();
+    assert_eq!(
+        p.device(0).unwrap().mapped_blocks,
+        1,
+        "the abort dropped the write"
+    );
+}
+
+/// A write in flight when an abort begins, which then finds the journal full, fails (its
+/// transaction is being dropped) instead of waiting for the abort's hold of commits while
+/// the abort waits for it.
+#[test]
+fn a_write_that_finds_the_journal_full_during_an_abort_fails_instead_of_waiting() {
+    use crate::storage::held::HeldWrite;
+    const RECORDS: u64 = 4;
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(HeldWrite::new(MemStorage::new(32 * BS)));
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.commit().unwrap();
+    }
+    let journal = Journal::open(
+        Arc::new(MemStorage::new(2 * (4096 + 32 * RECORDS))),
+        [8u8; 16],
+    )
+    .unwrap();
+    let p = Arc::new(
+        Pool::open_with_journal(meta, data.clone(), Some(journal), PoolOptions::default()).unwrap(),
+    );
+    for vb in 0..RECORDS {
+        p.write(0, vb * BS, &[1u8; 4096]).unwrap();
+    }
+    data.hold_next_write();
+    let (written, aborted) = within_a_minute("an abort with a write in flight", {
+        let p = p.clone();
+        move || {
+            let writer = std::thread::spawn({
+                let p = p.clone();
+                move || p.write(0, RECORDS * BS, &[2u8; 4096])
+            });
+            data.wait_until_holding();
+            let aborter = std::thread::spawn({
+                let p = p.clone();
+                move || p.abort()
+            });
+            // The abort holds commits and waits for the write in flight.
+            while p.lock().commits_held_by.is_none() {
+                std::thread::yield_now();
+            }
+            data.release();
+            (writer.join().unwrap(), aborter.join().unwrap())
+        }
+    });
+    aborted.unwrap();
+    assert!(
+        written.is_err(),
+        "the write survived the abort: {written:?}"
+    );
+    assert_eq!(p.device(0).unwrap().mapped_blocks, 0);
+}
+
 #[test]
 fn a_first_write_to_a_block_that_is_a_hole_writes_only_its_own_bytes() {
     let (p, data) = sparse_pool(16, PoolOptions::default());
