@@ -108,6 +108,10 @@ struct QueueState {
     vring: Option<VringRwLock>,
     /// The ring is larger than the region's records: logged once.
     reported_size: bool,
+    /// Completions were added to the used ring since the driver was last signalled: a
+    /// signal without one is an interrupt for nothing (without EVENT_IDX, every signal is
+    /// one).
+    unsignalled: AtomicBool,
 }
 
 /// A descriptor given away to code that will not close it, with the inode it had, so that
@@ -292,22 +296,36 @@ impl BlkBackend {
                     break;
                 }
             }
+            self.take_unsignalled(index);
             // Asked first: it also resets the library's count of what was added.
             if vring.needs_notification().map_err(e)? || self.first_event(index) {
                 vring.signal_used_queue()?;
             }
-        } else if self.queue_is_sound(vring, &atomic.memory(), index)
-            && (self.process_queue(vring, index)? | self.first_event(index))
-        {
-            vring.signal_used_queue()?;
+        } else if self.queue_is_sound(vring, &atomic.memory(), index) {
+            self.process_queue(vring, index)?;
+            // Not when the pass's completions were all signalled within it already.
+            if self.take_unsignalled(index) | self.first_event(index) {
+                vring.signal_used_queue()?;
+            }
         }
         Ok(())
     }
 
-    /// Signals the completions added since the driver last heard (with EVENT_IDX, only if
-    /// it asked to hear of one of them). Called with the disk's I/O gate released: a
-    /// frontend that stops reading its call eventfd can block the write.
-    fn signal_completed(&self, vring: &VringRwLock) {
+    /// Whether queue `index` completed requests that were not signalled (see
+    /// `QueueState::unsignalled`); they count as signalled from now.
+    fn take_unsignalled(&self, index: usize) -> bool {
+        self.queues
+            .get(index)
+            .is_some_and(|q| lock(q).unsignalled.swap(false, Ordering::Relaxed))
+    }
+
+    /// Signals the completions added since the driver last heard, if any (with EVENT_IDX,
+    /// only if it asked to hear of one of them). Called with the disk's I/O gate released:
+    /// a frontend that stops reading its call eventfd can block the write.
+    fn signal_completed(&self, q: &QueueState, vring: &VringRwLock) {
+        if !q.unsignalled.swap(false, Ordering::Relaxed) {
+            return;
+        }
         match vring.needs_notification() {
             Ok(true) => {
                 if let Err(e) = vring.signal_used_queue() {
@@ -506,8 +524,14 @@ impl BlkBackend {
         let mut moved = 0u64;
         loop {
             // Held while this request runs, so shutdown and snapshots can drain I/O (a
-            // write waiting for pool space lets go of it meanwhile: see `run`).
-            let mut io = Some(self.disk.target());
+            // write waiting for pool space lets go of it meanwhile: see `run`). A drain
+            // holds it for as long as a snapshot or a migration's switch needs: the
+            // requests this pass completed are told of before waiting for it.
+            let gate = self.disk.try_target().unwrap_or_else(|| {
+                self.signal_completed(&q, vring);
+                self.disk.target()
+            });
+            let mut io = Some(gate);
             // The vring lock is held only to pop: never across I/O.
             let chain = vring
                 .get_mut()
@@ -533,7 +557,7 @@ impl BlkBackend {
             // costs the driver a wake-up per request. Sent with the I/O gate released.
             moved += descs.iter().map(|d| u64::from(d.len)).sum::<u64>();
             if moved >= SIGNAL_EVERY_BYTES {
-                self.signal_completed(vring);
+                self.signal_completed(&q, vring);
                 moved = 0;
             }
         }
@@ -681,7 +705,7 @@ impl BlkBackend {
                 }
             }
             Ok(req) => {
-                let done = self.run(&req.op, mem, vring, io);
+                let done = self.run(q, &req.op, mem, vring, io);
                 (Some((req.status, done.status)), done.written + 1)
             }
             Err(e) => {
@@ -801,6 +825,7 @@ impl BlkBackend {
         if let Some(t) = tracker {
             t.completed(head, vring.get_ref().get_queue().next_used());
         }
+        q.unsignalled.store(true, Ordering::Relaxed);
     }
 
     /// Executes one request. A write that finds the pool full under policy `queue` is held
@@ -810,6 +835,7 @@ impl BlkBackend {
     /// before the write is retried.
     fn run<'a>(
         &'a self,
+        q: &QueueState,
         op: &Op,
         mem: &GuestMemoryMmap,
         vring: &VringRwLock,
@@ -822,6 +848,9 @@ impl BlkBackend {
             // lock would hold the snapshot up (or, with the order reversed, deadlock).
             let (pool, mirror) = io.get_or_insert_with(|| self.disk.target()).flush_targets();
             *io = None;
+            // The commit may take a while (it syncs the data written since the last one):
+            // the requests this pass completed before the FLUSH are told of first.
+            self.signal_completed(q, vring);
             return flush(&self.disk, &pool, mirror.as_deref());
         }
         let mut deadline = None;
@@ -847,7 +876,7 @@ impl BlkBackend {
             // the wait ends (it may last until space appears); once, as the wait goes
             // round (without EVENT_IDX every signal would be an interrupt).
             if first_wait {
-                self.signal_completed(vring);
+                self.signal_completed(q, vring);
             }
             space.waiting.fetch_add(1, Ordering::SeqCst);
             let more = space.wait(d);

@@ -311,6 +311,15 @@ impl Disk {
         self.io_gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The target, if that needs no wait (no drain holds or waits for the gate).
+    pub fn try_target(&self) -> Option<RwLockReadGuard<'_, Target>> {
+        match self.io_gate.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// The target, exclusively: waits for requests in flight, holds new ones.
     pub fn drain(&self) -> RwLockWriteGuard<'_, Target> {
         self.io_gate.write().unwrap_or_else(|p| p.into_inner())

@@ -382,16 +382,26 @@ fn completion_signalled_while_a_later_write_waits(event_idx: bool) {
 #[test]
 fn a_large_completion_is_signalled_before_its_pass_ends() {
     for event_idx in [true, false] {
-        large_completion_signalled_within_its_pass(event_idx);
+        completion_signalled_while_a_later_flush_waits(event_idx, 256 << 10);
     }
 }
 
-fn large_completion_signalled_within_its_pass(event_idx: bool) {
+/// A small completion too, when the request after it is a FLUSH: the FLUSH's commit may
+/// take long (it syncs what was written since the last), and the read is not held up
+/// behind it.
+#[test]
+fn a_completion_before_a_flush_is_signalled_while_the_flush_commits() {
+    for event_idx in [true, false] {
+        completion_signalled_while_a_later_flush_waits(event_idx, 4096);
+    }
+}
+
+fn completion_signalled_while_a_later_flush_waits(event_idx: bool, read_len: u32) {
     let d = disk(false);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
     let (b, vring, call) = signalling_backend(&d, &mem, &vq, event_idx);
-    // 0: a read of 256 KiB into 0x80000; 1: a FLUSH. Headers at 0x10000 and 0x14000.
+    // 0: a read of `read_len` into 0x80000; 1: a FLUSH. Headers at 0x10000 and 0x14000.
     let header = |at: u64, kind: u32| {
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&kind.to_le_bytes());
@@ -402,7 +412,7 @@ fn large_completion_signalled_within_its_pass(event_idx: bool) {
     header(0x14000, VIRTIO_BLK_T_FLUSH);
     let chains = vec![
         desc(0x10000, 16, false, Some(1)),
-        desc(0x80000, 256 << 10, true, Some(2)),
+        desc(0x80000, read_len, true, Some(2)),
         desc(0x13000, 1, true, None),
         desc(0x14000, 16, false, Some(4)),
         desc(0x17000, 1, true, None),
@@ -432,6 +442,90 @@ fn large_completion_signalled_within_its_pass(event_idx: bool) {
         Some(1),
         "the FLUSH's completion signalled"
     );
+}
+
+/// A pass waiting for the disk's I/O gate (a snapshot or a migration's switch drains the
+/// disk) does not hold back the completions it made before.
+#[test]
+fn completions_are_signalled_before_a_pass_waits_for_a_drain() {
+    for event_idx in [true, false] {
+        completions_signalled_before_waiting_for_a_drain(event_idx);
+    }
+}
+
+fn completions_signalled_before_waiting_for_a_drain(event_idx: bool) {
+    let d = disk(false);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+    let (b, vring, call) = signalling_backend(&d, &mem, &vq, event_idx);
+    // 0: a read; 1: a FLUSH, which waits for commits held here (without the gate, so the
+    // drain below is taken at once); 2: a read, which then waits for the drain to end.
+    let chains: Vec<RawDescriptor> = [
+        request(&mem, 0, VIRTIO_BLK_T_IN, 0, 0),
+        request(&mem, 1, VIRTIO_BLK_T_FLUSH, 0, 0),
+        request(&mem, 2, VIRTIO_BLK_T_IN, SECTORS_PER_BLOCK, 0),
+    ]
+    .concat();
+    let pool = d.target().pool.clone();
+    let held = pool.hold_commits();
+    vq.add_desc_chains(&chains, 0).unwrap();
+    let (worker, ended) = serve_in_thread(&b, &vring);
+    wait_for_signal(
+        &call,
+        &format!("the read was not signalled before the FLUSH (EVENT_IDX {event_idx})"),
+    );
+    assert_eq!(used_ids(&mem, &vq), vec![0]);
+    // The driver reaped the read and asks to hear of the next completion.
+    mem.write_obj(1u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
+        .unwrap();
+    let drained = d.drain();
+    drop(held);
+    wait_for_signal(
+        &call,
+        &format!("the FLUSH was not signalled while the pass waited for the drain (EVENT_IDX {event_idx})"),
+    );
+    assert_eq!(used_ids(&mem, &vq), vec![0, 3], "the last read waits");
+    assert!(ended.try_recv().is_err(), "the pass ended: it did not wait");
+    mem.write_obj(2u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
+        .unwrap();
+    drop(drained);
+    worker.join().unwrap();
+    assert_eq!(used_ids(&mem, &vq), vec![0, 3, 6]);
+    assert_eq!(
+        call.read().ok(),
+        Some(1),
+        "the last read signalled once (EVENT_IDX {event_idx})"
+    );
+}
+
+/// A completion told of within its pass is not told of again when the pass ends (without
+/// EVENT_IDX every signal is an interrupt).
+#[test]
+fn a_completion_signalled_within_its_pass_is_not_signalled_again() {
+    for event_idx in [true, false] {
+        let d = disk(false);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (b, vring, call) = signalling_backend(&d, &mem, &vq, event_idx);
+        // A read of 256 KiB into 0x80000: signalled as soon as it completes.
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(0x10000)).unwrap();
+        let chain = vec![
+            desc(0x10000, 16, false, Some(1)),
+            desc(0x80000, 256 << 10, true, Some(2)),
+            desc(0x13000, 1, true, None),
+        ];
+        vq.add_desc_chains(&chain, 0).unwrap();
+        let (worker, _) = serve_in_thread(&b, &vring);
+        worker.join().unwrap();
+        assert_eq!(used_ids(&mem, &vq), vec![0]);
+        assert_eq!(
+            call.read().ok(),
+            Some(1),
+            "signalled other than once (EVENT_IDX {event_idx})"
+        );
+    }
 }
 
 #[test]
