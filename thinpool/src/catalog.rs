@@ -133,6 +133,34 @@ impl Catalog {
         // guest's FLUSH in between would make part of the change durable under the old
         // transaction id, disagreeing with the registry after a crash.
         let hold = self.pool.hold_commits();
+        self.change_held(reg, hold, f)
+    }
+
+    /// [`Catalog::change`], unless another thread holds the pool's commits (a commit under
+    /// way): then nothing is done, `f` is dropped uncalled, and None returned. For a caller
+    /// holding guests' writes during the change (a migration's switch), which would rather
+    /// let them go while that commit ends, then try again.
+    pub fn try_change<T, E>(
+        &self,
+        f: impl FnOnce(&mut Devices<'_>, &mut Registry) -> Result<T, E>,
+    ) -> Option<Result<T, E>>
+    where
+        E: From<CatalogError>,
+    {
+        let mut reg = self.lock_registry();
+        let hold = self.pool.try_hold_commits()?;
+        Some(self.change_held(&mut reg, hold, f))
+    }
+
+    fn change_held<T, E>(
+        &self,
+        reg: &mut Registry,
+        hold: CommitHold<'_>,
+        f: impl FnOnce(&mut Devices<'_>, &mut Registry) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<CatalogError>,
+    {
         let before = reg.clone();
         let mut devices = Devices::new(&self.pool);
         let r = f(&mut devices, reg).and_then(|v| {

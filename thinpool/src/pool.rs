@@ -1031,6 +1031,21 @@ impl Pool {
     /// gate for writes in flight) while it holds commits: it waits for that first.
     pub fn hold_commits(&self) -> CommitHold<'_> {
         let one_at_a_time = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.held(one_at_a_time)
+    }
+
+    /// [`Pool::hold_commits`] if no other thread holds them (a commit under way): for a
+    /// caller that holds something up meanwhile and would rather let go while it waits.
+    pub fn try_hold_commits(&self) -> Option<CommitHold<'_>> {
+        let one_at_a_time = match self.commit_lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.held(one_at_a_time))
+    }
+
+    fn held<'a>(&'a self, one_at_a_time: MutexGuard<'a, ()>) -> CommitHold<'a> {
         self.lock().commits_held_by = Some(std::thread::current().id());
         CommitHold {
             pool: self,

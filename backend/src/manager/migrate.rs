@@ -874,29 +874,51 @@ fn switch_mirrored(
         dst.pool().block_bytes(),
         OnError::FailRequest,
     ));
-    // Drained before the new pool's commits are held, not after: a mirrored write in flight
-    // that finds that pool's journal full waits for the hold to end.
-    let t0 = Instant::now();
-    let mut gate = d.drain();
-    dst.change(move |_, reg| {
-        if let Some(why) = mirror.failure() {
-            return Err(Error::failed(format!(
-                "mirroring to pool {} failed: {why}",
-                dst.name
-            )));
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        // Drained before the new pool's commits are held, not after: a mirrored write in
+        // flight that finds that pool's journal full waits for them to be let go. And
+        // they are only taken if free: the writes are not held while a commit of that
+        // pool under way (the periodic one, a FLUSH) ends; they go on meanwhile, and the
+        // switch starts over. Not for ever: a guest that flushes without a pause could
+        // keep them taken, and the third try waits for them with the writes held.
+        let t0 = Instant::now();
+        let mut gate = d.drain();
+        let (held, back) = (&mut *holds, &back);
+        let switch = move |_: &mut thinpool::catalog::Devices<'_>, reg: &mut Registry| {
+            if let Some(why) = mirror.failure() {
+                return Err(Error::failed(format!(
+                    "mirroring to pool {} failed: {why}",
+                    dst.name
+                )));
+            }
+            sw.name_switched(reg, dest)?;
+            d.retarget(
+                &mut gate,
+                dst.pool().clone(),
+                dest,
+                dst.space.clone(),
+                Some(back.clone()),
+            );
+            drop(gate);
+            held.push(t0.elapsed());
+            Ok(())
+        };
+        let switched = if tries < 3 {
+            dst.catalog.try_change(switch)
+        } else {
+            Some(dst.catalog.change(switch))
+        };
+        match switched {
+            Some(r) => return r,
+            None => {
+                // The gate went with the closure.
+                holds.push(t0.elapsed());
+                drop(dst.pool().hold_commits());
+            }
         }
-        sw.name_switched(reg, dest)?;
-        d.retarget(
-            &mut gate,
-            dst.pool().clone(),
-            dest,
-            dst.space.clone(),
-            Some(back.clone()),
-        );
-        drop(gate);
-        holds.push(t0.elapsed());
-        Ok(())
-    })
+    }
 }
 
 #[cfg(test)]

@@ -378,6 +378,47 @@ fn the_transaction_id_is_set_only_from_the_value_given() {
     f.assert_consistent();
 }
 
+/// A try_change while another thread holds the pool's commits does nothing: its function
+/// is not called (and what it owns, dropped); once they are let go, it changes as usual.
+#[test]
+fn a_try_change_does_nothing_while_commits_are_held_elsewhere() {
+    let f = fixture();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (let_go_tx, let_go_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let pool = f.cat.pool();
+        s.spawn(move || {
+            let _hold = pool.hold_commits();
+            held_tx.send(()).unwrap();
+            let _ = let_go_rx.recv();
+        });
+        held_rx.recv().unwrap();
+        let owned = Arc::new(());
+        let moved = owned.clone();
+        let r = f
+            .cat
+            .try_change(move |devices, _| -> Result<(), CatalogError> {
+                let _moved = moved;
+                devices.create_thin(1)?;
+                Ok(())
+            });
+        assert!(r.is_none(), "changed while commits were held elsewhere");
+        assert_eq!(Arc::strong_count(&owned), 1, "the function was not dropped");
+        assert!(f.cat.pool().device(1).is_err());
+        let_go_tx.send(()).unwrap();
+    });
+    let r = f.cat.try_change(|devices, _| -> Result<(), CatalogError> {
+        devices.create_thin(1)?;
+        Ok(())
+    });
+    assert!(matches!(r, Some(Ok(()))));
+    assert!(
+        !f.cat.pool().status().uncommitted_changes,
+        "the change was committed"
+    );
+    f.cat.pool().device(1).unwrap();
+}
+
 #[test]
 fn a_device_is_not_replaced_with_a_snapshot_of_itself() {
     let mut f = fixture();
