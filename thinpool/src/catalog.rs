@@ -136,10 +136,11 @@ impl Catalog {
         self.change_held(reg, hold, f)
     }
 
-    /// [`Catalog::change`], unless another thread holds the pool's commits (a commit under
-    /// way): then nothing is done, `f` is dropped uncalled, and None returned. For a caller
-    /// holding guests' writes during the change (a migration's switch), which would rather
-    /// let them go while that commit ends, then try again.
+    /// [`Catalog::change`], unless another thread holds the registry (a change, which may
+    /// be waiting for a commit) or the pool's commits (a commit under way): then nothing is
+    /// done, `f` is dropped uncalled, and None returned. For a caller holding guests' writes
+    /// during the change (a migration's switch), which would rather let them go while the
+    /// other ends ([`Catalog::wait_for_changes`]), then try again.
     pub fn try_change<T, E>(
         &self,
         f: impl FnOnce(&mut Devices<'_>, &mut Registry) -> Result<T, E>,
@@ -147,9 +148,20 @@ impl Catalog {
     where
         E: From<CatalogError>,
     {
-        let mut reg = self.lock_registry();
+        let mut reg = match self.registry.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
         let hold = self.pool.try_hold_commits()?;
         Some(self.change_held(&mut reg, hold, f))
+    }
+
+    /// Waits until the changes and commits under way when called have ended (taking, in
+    /// turn, what [`Catalog::try_change`] found taken).
+    pub fn wait_for_changes(&self) {
+        drop(self.lock_registry());
+        drop(self.pool.hold_commits());
     }
 
     fn change_held<T, E>(

@@ -319,6 +319,16 @@ impl BlkBackend {
             .is_some_and(|q| lock(q).unsignalled.swap(false, Ordering::Relaxed))
     }
 
+    /// The disk's target, for a request of queue state `q`'s: held while the request runs.
+    /// A drain holds the gate for as long as a snapshot or a migration's switch needs: the
+    /// completions not yet told of are signalled before waiting for it.
+    fn gate<'a>(&'a self, q: &QueueState, vring: &VringRwLock) -> RwLockReadGuard<'a, Target> {
+        self.disk.try_target().unwrap_or_else(|| {
+            self.signal_completed(q, vring);
+            self.disk.target()
+        })
+    }
+
     /// Signals the completions added since the driver last heard, if any (with EVENT_IDX,
     /// only if it asked to hear of one of them). Called with the disk's I/O gate released:
     /// a frontend that stops reading its call eventfd can block the write.
@@ -501,7 +511,7 @@ impl BlkBackend {
         let mut progress = self.retry_parked(&mut q, vring, &mem, None);
         while let Some(head) = q.resubmit.pop_front() {
             progress = true;
-            let mut io = Some(self.disk.target());
+            let mut io = Some(self.gate(&q, vring));
             let (table, size) = {
                 let state = vring.get_ref();
                 (state.get_queue().desc_table(), state.get_queue().size())
@@ -524,14 +534,8 @@ impl BlkBackend {
         let mut moved = 0u64;
         loop {
             // Held while this request runs, so shutdown and snapshots can drain I/O (a
-            // write waiting for pool space lets go of it meanwhile: see `run`). A drain
-            // holds it for as long as a snapshot or a migration's switch needs: the
-            // requests this pass completed are told of before waiting for it.
-            let gate = self.disk.try_target().unwrap_or_else(|| {
-                self.signal_completed(&q, vring);
-                self.disk.target()
-            });
-            let mut io = Some(gate);
+            // write waiting for pool space lets go of it meanwhile: see `run`).
+            let mut io = Some(self.gate(&q, vring));
             // The vring lock is held only to pop: never across I/O.
             let chain = vring
                 .get_mut()
@@ -753,7 +757,7 @@ impl BlkBackend {
                     &p.error,
                 ))
             } else {
-                let to = self.disk.target();
+                let to = self.gate(q, vring);
                 match execute(&p.op, mem, &self.disk, &to) {
                     Ok(done) => Some(done),
                     Err(NeedsSpace { error, .. }) => {

@@ -915,7 +915,7 @@ fn switch_mirrored(
             None => {
                 // The gate went with the closure.
                 holds.push(t0.elapsed());
-                drop(dst.pool().hold_commits());
+                dst.catalog.wait_for_changes();
             }
         }
     }

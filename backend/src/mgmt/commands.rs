@@ -186,7 +186,7 @@ pub static COMMANDS: &[Spec] = &[
     Spec {
         name: "disk-migrate",
         arguments: "`disk`, `pool` (another pool of this daemon), optional `job-id`",
-        returns: "`{\"job-id\": …}`; result `snapshots`, `live-passes`, `pass-bytes`, `data-bytes`, `pause-us` (writes held in all: mirror start, switch and the backward mirror's end, or the final pass), `holds-us` (each hold), `mirrored`, `mirrored-bytes`",
+        returns: "`{\"job-id\": …}`; result `snapshots`, `live-passes`, `pass-bytes`, `data-bytes`, `pause-us` (writes held in all: mirror start, switch and the backward mirror's end, or the final pass), `holds-us` (each hold; a switch that found the new pool's commits taken holds twice or three times), `mirrored`, `mirrored-bytes`",
         read: disk_migrate,
     },
     Spec {

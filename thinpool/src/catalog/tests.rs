@@ -378,11 +378,29 @@ fn the_transaction_id_is_set_only_from_the_value_given() {
     f.assert_consistent();
 }
 
-/// A try_change while another thread holds the pool's commits does nothing: its function
-/// is not called (and what it owns, dropped); once they are let go, it changes as usual.
+/// A try_change while another thread holds the pool's commits, or the registry (a change
+/// waiting for those commits), does nothing: its function is not called (and what it owns,
+/// dropped); once they are let go, it changes as usual.
 #[test]
 fn a_try_change_does_nothing_while_commits_are_held_elsewhere() {
     let f = fixture();
+    std::thread::scope(|s| {
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (let_go_tx, let_go_rx) = std::sync::mpsc::channel::<()>();
+        let cat = &f.cat;
+        s.spawn(move || {
+            let _registry = cat.lock_registry();
+            held_tx.send(()).unwrap();
+            let _ = let_go_rx.recv();
+        });
+        held_rx.recv().unwrap();
+        let r = f.cat.try_change(|devices, _| -> Result<(), CatalogError> {
+            devices.create_thin(1)?;
+            Ok(())
+        });
+        assert!(r.is_none(), "changed while the registry was held elsewhere");
+        let_go_tx.send(()).unwrap();
+    });
     let (held_tx, held_rx) = std::sync::mpsc::channel();
     let (let_go_tx, let_go_rx) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|s| {
