@@ -142,6 +142,9 @@ struct Inner {
     /// Aborts under way ([`Pool::abort`]): a data-path change that finds the journal full
     /// fails instead of waiting for commits to be let go.
     aborting: usize,
+    /// Devices whose gate is being closed ([`Pool::close_gate`]): a data-path change of one
+    /// that finds the journal full fails instead of waiting for commits to be let go.
+    closing: Vec<u32>,
     /// Data-path changes waiting so (for tests to synchronise on).
     waiting_for_commit: usize,
     /// Read-only mode was asked for (not caused by an error).
@@ -491,6 +494,7 @@ impl Pool {
                 commits_ended: 0,
                 commits_held_by: None,
                 aborting: 0,
+                closing: Vec::new(),
                 waiting_for_commit: 0,
                 read_only_requested: false,
                 rolled_back: None,
@@ -614,14 +618,16 @@ impl Pool {
     }
 
     /// Waits, with the metadata lock let go meanwhile, until a holder of the commit lock
-    /// lets go (see [`CommitHold`]'s drop), or an abort begins.
+    /// lets go (see [`CommitHold`]'s drop), or `stop` holds (checked whenever the condition
+    /// variable is signalled: whoever makes it hold signals it).
     fn wait_for_a_commit_to_end<'a>(
         &'a self,
         mut g: MutexGuard<'a, Inner>,
+        stop: impl Fn(&Inner) -> bool,
     ) -> MutexGuard<'a, Inner> {
         let ended = g.commits_ended;
         g.waiting_for_commit += 1;
-        while g.commits_ended == ended && g.aborting == 0 {
+        while g.commits_ended == ended && !stop(&g) {
             g = self.commit_ended.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.waiting_for_commit -= 1;
@@ -639,6 +645,7 @@ impl Pool {
     fn meta_waiting_for_commit<'a, T>(
         &'a self,
         mut g: MutexGuard<'a, Inner>,
+        dev: u32,
         mut f: impl FnMut(&mut ThinMetadata) -> Result<T>,
     ) -> (MutexGuard<'a, Inner>, Result<T>) {
         loop {
@@ -654,6 +661,9 @@ impl Pool {
                     Err(Error::ReadOnly("the transaction is being rolled back")),
                 );
             }
+            if g.closing.contains(&dev) {
+                return (g, r);
+            }
             // Checked with the metadata lock held since `meta` found the commit lock
             // taken: a holder bumps `commits_ended` under this lock after letting go, so
             // the wait below cannot miss it. Free now (let go meanwhile): try again.
@@ -664,7 +674,8 @@ impl Pool {
                 continue;
             }
             let generation = g.generation;
-            g = self.wait_for_a_commit_to_end(g);
+            // Nor while an abort or a closing of the device's gate waits for this I/O.
+            g = self.wait_for_a_commit_to_end(g, |g| g.aborting > 0 || g.closing.contains(&dev));
             if g.generation != generation {
                 return (g, Err(Error::ReadOnly("the transaction was rolled back")));
             }
@@ -843,7 +854,7 @@ impl Pool {
     /// device back does not bring the origin back: attach it again from the registry.)
     pub fn delete(&self, id: u32) -> Result<()> {
         let gate = self.gate(id);
-        let _quiet = gate.close();
+        let _quiet = self.close_gate(&gate, id);
         let mut g = self.lock();
         self.meta(&mut g, |md| md.delete(id))?;
         g.origins.remove(&id);
@@ -861,7 +872,7 @@ impl Pool {
     /// Kept in memory only: the registry records the path.
     pub fn set_external_origin(&self, dev: u32, origin: Option<Arc<ExternalOrigin>>) -> Result<()> {
         let gate = self.gate(dev);
-        let _quiet = gate.close();
+        let _quiet = self.close_gate(&gate, dev);
         let mut g = self.lock();
         Self::check_not_failed(&g)?;
         g.md.device(dev)?;
@@ -870,6 +881,21 @@ impl Pool {
             None => g.origins.remove(&dev),
         };
         Ok(())
+    }
+
+    /// Closes device `dev`'s gate: waits for the writes in flight and holds new ones. The
+    /// caller may hold commits (the catalog deletes under its hold): a write in flight to
+    /// the device that finds the journal full would wait for them to be let go, and the
+    /// caller for the write. It fails instead (see [`Pool::meta_waiting_for_commit`]).
+    fn close_gate<'a>(&self, gate: &'a DeviceGate, dev: u32) -> gate::Closed<'a> {
+        self.lock().closing.push(dev);
+        self.commit_ended.notify_all();
+        let closed = gate.close();
+        let mut g = self.lock();
+        if let Some(i) = g.closing.iter().position(|&d| d == dev) {
+            g.closing.swap_remove(i);
+        }
+        closed
     }
 
     /// The external origin of device `dev`, if it has one.
@@ -1351,7 +1377,7 @@ impl Pool {
             self.pass_down_locked(&mut g);
             let generation = g.generation;
             while g.md.withheld_data_blocks() > 0 && g.generation == generation {
-                g = self.wait_for_a_commit_to_end(g);
+                g = self.wait_for_a_commit_to_end(g, |_| false);
             }
             if g.generation != generation {
                 return (g, Err(Error::ReadOnly("the transaction was rolled back")));
@@ -1457,7 +1483,8 @@ impl Pool {
         }
         let r = match io {
             Ok(()) => {
-                let (g2, r) = self.meta_waiting_for_commit(g, |md| md.insert_mapping(dev, vb, new));
+                let (g2, r) =
+                    self.meta_waiting_for_commit(g, dev, |md| md.insert_mapping(dev, vb, new));
                 g = g2;
                 r
             }
@@ -1542,7 +1569,7 @@ impl Pool {
             let _cell = self.cells.lock(dev, k, true);
             let g = self.lock();
             removed += self
-                .meta_waiting_for_commit(g, |md| md.remove_mapping(dev, k))
+                .meta_waiting_for_commit(g, dev, |md| md.remove_mapping(dev, k))
                 .1? as u64;
             next = k + 1;
         }

@@ -748,6 +748,93 @@ fn a_write_that_finds_the_journal_full_during_an_abort_fails_instead_of_waiting(
     assert_eq!(p.device(0).unwrap().mapped_blocks, 0);
 }
 
+/// A change that holds commits and deletes a device (the catalog deletes under its hold)
+/// waits for the writes in flight to the device; one of them waiting for those commits to
+/// be let go (the journal full) gives up instead of waiting for ever.
+#[test]
+fn a_delete_under_a_hold_of_commits_does_not_wait_for_ever_for_a_write_waiting_for_it() {
+    const RECORDS: u64 = 8;
+    let HeldSyncPool { p, .. } = held_sync_pool(RECORDS, 32, [9u8; 16]);
+    let p = Arc::new(p);
+    p.create_thin(1).unwrap();
+    p.commit().unwrap();
+    let (deleted, written) = within_a_minute("a delete under a hold with a write waiting", {
+        let p = p.clone();
+        move || {
+            let hold = p.hold_commits();
+            let filler = std::thread::spawn({
+                let p = p.clone();
+                move || {
+                    for vb in 0..=RECORDS {
+                        p.write(1, vb * BS, &[1u8; 4096])?;
+                    }
+                    Ok::<(), Error>(())
+                }
+            });
+            while p.lock().waiting_for_commit == 0 && !filler.is_finished() {
+                std::thread::yield_now();
+            }
+            let deleted = p.delete(1);
+            hold.commit().unwrap();
+            drop(hold);
+            (deleted, filler.join().unwrap())
+        }
+    });
+    deleted.unwrap();
+    assert!(
+        written.is_err(),
+        "the write to the deleted device succeeded"
+    );
+    assert!(p.device(1).is_err());
+}
+
+/// A write that found the pool full waits for the blocks a commit under way frees (their
+/// passdown); an abort beginning meanwhile does not stop that wait short (it would spin with
+/// the metadata lock held, and the commit could never end).
+#[test]
+fn a_write_waiting_for_a_commits_freed_blocks_lets_an_abort_in() {
+    use crate::storage::held::HeldWrite;
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(HeldWrite::new(MemStorage::new(2 * BS)));
+    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.write(0, BS, &[2u8; 4096]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    data.hold_next_punch();
+    let aborted = within_a_minute("an abort while a write waits for freed blocks", {
+        let p = p.clone();
+        move || {
+            // The commit makes the discard durable, then punches the freed block: held.
+            let committer = std::thread::spawn({
+                let p = p.clone();
+                move || p.commit()
+            });
+            data.wait_until_holding();
+            let writer = std::thread::spawn({
+                let p = p.clone();
+                move || p.write(0, 0, &[3u8; 4096])
+            });
+            while p.lock().waiting_for_commit == 0 {
+                std::thread::yield_now();
+            }
+            let aborter = std::thread::spawn({
+                let p = p.clone();
+                move || p.abort()
+            });
+            while p.lock().aborting == 0 {
+                std::thread::yield_now();
+            }
+            data.release();
+            committer.join().unwrap().unwrap();
+            writer.join().unwrap().unwrap();
+            aborter.join().unwrap()
+        }
+    });
+    aborted.unwrap();
+}
+
 #[test]
 fn a_first_write_to_a_block_that_is_a_hole_writes_only_its_own_bytes() {
     let (p, data) = sparse_pool(16, PoolOptions::default());

@@ -5,6 +5,7 @@
 
 use super::{Punched, Storage};
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -23,6 +24,8 @@ pub struct HeldWrite<S> {
     inner: S,
     hold: Mutex<Hold>,
     changed: Condvar,
+    /// What is held: the next punch (set), or the next write.
+    punch: AtomicBool,
 }
 
 impl<S: Storage> HeldWrite<S> {
@@ -31,11 +34,19 @@ impl<S: Storage> HeldWrite<S> {
             inner,
             hold: Mutex::new(Hold::Off),
             changed: Condvar::new(),
+            punch: AtomicBool::new(false),
         }
     }
 
     /// Holds the next write (of data, or a zeroing of a range) until [`Self::release`].
     pub fn hold_next_write(&self) {
+        self.punch.store(false, Ordering::SeqCst);
+        self.set(Hold::Armed);
+    }
+
+    /// Holds the next punch (discard passdown) until [`Self::release`]; writes go through.
+    pub fn hold_next_punch(&self) {
+        self.punch.store(true, Ordering::SeqCst);
         self.set(Hold::Armed);
     }
 
@@ -57,10 +68,14 @@ impl<S: Storage> HeldWrite<S> {
         self.changed.notify_all();
     }
 
-    /// Called before every write: holds it if armed.
+    /// Called before every write (`punch` false) and punch: holds it if armed for it.
     fn before_write(&self) {
+        self.before(false)
+    }
+
+    fn before(&self, punch: bool) {
         let mut h = self.hold.lock().unwrap_or_else(|p| p.into_inner());
-        if *h != Hold::Armed {
+        if *h != Hold::Armed || self.punch.load(Ordering::SeqCst) != punch {
             return;
         }
         *h = Hold::Holding;
@@ -100,6 +115,7 @@ impl<S: Storage> Storage for HeldWrite<S> {
         self.inner.refresh_len()
     }
     fn punch(&self, offset: u64, len: u64) -> io::Result<Punched> {
+        self.before(true);
         self.inner.punch(offset, len)
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
