@@ -215,13 +215,19 @@ fn signalling_backend(
     // SAFETY: a fresh descriptor from try_clone, owned by nobody else.
     let file = unsafe { std::fs::File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
     vring.set_call(Some(file));
-    // used_event (after the avail ring) 0: the first completion is to be signalled.
-    mem.write_obj(0u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
-        .unwrap();
+    // The first completion is to be signalled.
+    hear_of_completion(mem, vq, 0);
     b.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
         .unwrap();
     assert_eq!(call.read().ok(), Some(1), "the connection's first signal");
     (b, vring, call)
+}
+
+/// The driver asks to hear (with EVENT_IDX) of the completion after the first `n`: its
+/// used_event, after the avail ring of 64 entries.
+fn hear_of_completion(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>, n: u16) {
+    mem.write_obj(n, vq.avail_addr().unchecked_add(4 + 2 * 64))
+        .unwrap();
 }
 
 /// Serves the queue in a thread, as after a kick; the receiver hears when the pass ends.
@@ -432,8 +438,7 @@ fn completion_signalled_while_a_later_flush_waits(event_idx: bool, read_len: u32
         "the pass ended: the FLUSH did not wait for the held commits"
     );
     // The driver reaped the read and asks to hear of the next completion.
-    mem.write_obj(1u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
-        .unwrap();
+    hear_of_completion(&mem, &vq, 1);
     drop(held);
     worker.join().unwrap();
     assert_eq!(used_ids(&mem, &vq), vec![0, 3]);
@@ -476,8 +481,7 @@ fn completions_signalled_before_waiting_for_a_drain(event_idx: bool) {
     );
     assert_eq!(used_ids(&mem, &vq), vec![0]);
     // The driver reaped the read and asks to hear of the next completion.
-    mem.write_obj(1u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
-        .unwrap();
+    hear_of_completion(&mem, &vq, 1);
     let drained = d.drain();
     drop(held);
     wait_for_signal(
@@ -486,8 +490,7 @@ fn completions_signalled_before_waiting_for_a_drain(event_idx: bool) {
     );
     assert_eq!(used_ids(&mem, &vq), vec![0, 3], "the last read waits");
     assert!(ended.try_recv().is_err(), "the pass ended: it did not wait");
-    mem.write_obj(2u16, vq.avail_addr().unchecked_add(4 + 2 * 64))
-        .unwrap();
+    hear_of_completion(&mem, &vq, 2);
     drop(drained);
     worker.join().unwrap();
     assert_eq!(used_ids(&mem, &vq), vec![0, 3, 6]);
