@@ -142,9 +142,10 @@ struct Inner {
     /// Aborts under way ([`Pool::abort`]): a data-path change that finds the journal full
     /// fails instead of waiting for commits to be let go.
     aborting: usize,
-    /// Devices whose gate is being closed ([`Pool::close_gate`]): a data-path change of one
-    /// that finds the journal full fails instead of waiting for commits to be let go.
-    closing: Vec<u32>,
+    /// Devices whose gate is being closed ([`Pool::close_gate`]), by which thread: a
+    /// data-path change of one that finds the journal full while that thread holds commits
+    /// fails instead of waiting for them to be let go.
+    closing: Vec<(u32, std::thread::ThreadId)>,
     /// Data-path changes waiting so (for tests to synchronise on).
     waiting_for_commit: usize,
     /// Read-only mode was asked for (not caused by an error).
@@ -661,7 +662,7 @@ impl Pool {
                     Err(Error::ReadOnly("the transaction is being rolled back")),
                 );
             }
-            if g.closing.contains(&dev) {
+            if Self::closed_by_holder(&g, dev) {
                 return (g, r);
             }
             // Checked with the metadata lock held since `meta` found the commit lock
@@ -675,7 +676,8 @@ impl Pool {
             }
             let generation = g.generation;
             // Nor while an abort or a closing of the device's gate waits for this I/O.
-            g = self.wait_for_a_commit_to_end(g, |g| g.aborting > 0 || g.closing.contains(&dev));
+            g = self
+                .wait_for_a_commit_to_end(g, |g| g.aborting > 0 || Self::closed_by_holder(g, dev));
             if g.generation != generation {
                 return (g, Err(Error::ReadOnly("the transaction was rolled back")));
             }
@@ -888,14 +890,24 @@ impl Pool {
     /// the device that finds the journal full would wait for them to be let go, and the
     /// caller for the write. It fails instead (see [`Pool::meta_waiting_for_commit`]).
     fn close_gate<'a>(&self, gate: &'a DeviceGate, dev: u32) -> gate::Closed<'a> {
-        self.lock().closing.push(dev);
+        let me = std::thread::current().id();
+        self.lock().closing.push((dev, me));
         self.commit_ended.notify_all();
         let closed = gate.close();
         let mut g = self.lock();
-        if let Some(i) = g.closing.iter().position(|&d| d == dev) {
+        if let Some(i) = g.closing.iter().position(|&c| c == (dev, me)) {
             g.closing.swap_remove(i);
         }
         closed
+    }
+
+    /// Whether device `dev`'s gate is being closed by the thread holding commits: a write to
+    /// it waiting for them would wait for ever. (A closer holding none waits only for the
+    /// write, which may wait for whoever holds them.)
+    fn closed_by_holder(g: &Inner, dev: u32) -> bool {
+        g.closing
+            .iter()
+            .any(|&(d, t)| d == dev && g.commits_held_by == Some(t))
     }
 
     /// The external origin of device `dev`, if it has one.

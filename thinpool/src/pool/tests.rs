@@ -661,6 +661,81 @@ fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
         .unwrap_or_else(|_| panic!("deadlock: {what} did not end within a minute"))
 }
 
+/// A pool whose device 0 has written blocks 0..`records`, filling the journal's half (one
+/// more mapping needs a commit), on a data device whose writes a test can hold.
+fn pool_with_a_full_journal_half(
+    records: u64,
+) -> (Arc<Pool>, Arc<crate::storage::held::HeldWrite<MemStorage>>) {
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(crate::storage::held::HeldWrite::new(MemStorage::new(
+        32 * BS,
+    )));
+    {
+        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.commit().unwrap();
+    }
+    let journal = Journal::open(
+        Arc::new(MemStorage::new(2 * (4096 + 32 * records))),
+        [8u8; 16],
+    )
+    .unwrap();
+    let p = Arc::new(
+        Pool::open_with_journal(meta, data.clone(), Some(journal), PoolOptions::default()).unwrap(),
+    );
+    for vb in 0..records {
+        p.write(0, vb * BS, &[1u8; 4096]).unwrap();
+    }
+    (p, data)
+}
+
+/// A device's gate closed by a thread that holds no commits (after a merge every device's
+/// external origin is set again) waits for the writes in flight, and one of them waiting for
+/// commits held elsewhere (the journal full) may wait on: nobody waits for the closer. It
+/// must not fail (only a closer holding commits makes it give up).
+#[test]
+fn a_gate_closed_without_commits_held_lets_a_write_wait_for_a_commit() {
+    const RECORDS: u64 = 4;
+    let (p, data) = pool_with_a_full_journal_half(RECORDS);
+    data.hold_next_write();
+    let (finished_early, written, closed) = within_a_minute("a closer without a hold", {
+        let p = p.clone();
+        move || {
+            let hold = p.hold_commits();
+            let writer = std::thread::spawn({
+                let p = p.clone();
+                move || p.write(0, RECORDS * BS, &[2u8; 4096])
+            });
+            data.wait_until_holding();
+            let closer = std::thread::spawn({
+                let p = p.clone();
+                move || p.set_external_origin(0, None)
+            });
+            while p.lock().closing.is_empty() {
+                std::thread::yield_now();
+            }
+            // The write now finds the journal full with commits held by this thread and
+            // the gate closing.
+            data.release();
+            while p.lock().waiting_for_commit == 0 && !writer.is_finished() {
+                std::thread::yield_now();
+            }
+            let finished_early = writer.is_finished();
+            hold.commit().unwrap();
+            drop(hold);
+            (
+                finished_early,
+                writer.join().unwrap(),
+                closer.join().unwrap(),
+            )
+        }
+    });
+    closed.unwrap();
+    written.expect("the write failed because a gate closed");
+    assert!(!finished_early, "the write did not wait for the commits");
+    assert_eq!(read_vec(&p, 0, RECORDS * BS, 4), vec![2; 4]);
+}
+
 /// An abort waits for the commits held by a change, and the change's own block I/O goes
 /// on meanwhile (the abort waits for I/O only once it holds commits itself).
 #[test]
@@ -699,26 +774,8 @@ fn a_holder_of_commits_reads_and_writes_while_an_abort_waits_for_it() {
 /// the abort waits for it.
 #[test]
 fn a_write_that_finds_the_journal_full_during_an_abort_fails_instead_of_waiting() {
-    use crate::storage::held::HeldWrite;
     const RECORDS: u64 = 4;
-    let meta = Arc::new(MemStorage::new(4 << 20));
-    let data = Arc::new(HeldWrite::new(MemStorage::new(32 * BS)));
-    {
-        let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
-        p.create_thin(0).unwrap();
-        p.commit().unwrap();
-    }
-    let journal = Journal::open(
-        Arc::new(MemStorage::new(2 * (4096 + 32 * RECORDS))),
-        [8u8; 16],
-    )
-    .unwrap();
-    let p = Arc::new(
-        Pool::open_with_journal(meta, data.clone(), Some(journal), PoolOptions::default()).unwrap(),
-    );
-    for vb in 0..RECORDS {
-        p.write(0, vb * BS, &[1u8; 4096]).unwrap();
-    }
+    let (p, data) = pool_with_a_full_journal_half(RECORDS);
     data.hold_next_write();
     let (written, aborted) = within_a_minute("an abort with a write in flight", {
         let p = p.clone();
