@@ -650,6 +650,15 @@ fn a_holder_of_commits_that_fills_the_journal_itself_gets_an_error_not_a_hang() 
     assert_eq!(read_vec(&p, 0, RECORDS * BS, 4), vec![2; 4]);
 }
 
+/// Runs `f` with a handle on pool `p` on a thread of its own.
+fn spawn_on<T: Send + 'static>(
+    p: &Arc<Pool>,
+    f: impl FnOnce(Arc<Pool>) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let p = p.clone();
+    std::thread::spawn(move || f(p))
+}
+
 /// Runs `f` on a thread of its own and fails the test if it has not returned within a
 /// minute: for tests whose failure is a deadlock.
 fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -702,15 +711,9 @@ fn a_gate_closed_without_commits_held_lets_a_write_wait_for_a_commit() {
         let p = p.clone();
         move || {
             let hold = p.hold_commits();
-            let writer = std::thread::spawn({
-                let p = p.clone();
-                move || p.write(0, RECORDS * BS, &[2u8; 4096])
-            });
+            let writer = spawn_on(&p, move |p| p.write(0, RECORDS * BS, &[2u8; 4096]));
             data.wait_until_holding();
-            let closer = std::thread::spawn({
-                let p = p.clone();
-                move || p.set_external_origin(0, None)
-            });
+            let closer = spawn_on(&p, move |p| p.set_external_origin(0, None));
             while p.lock().closing.is_empty() {
                 std::thread::yield_now();
             }
@@ -748,10 +751,7 @@ fn a_holder_of_commits_reads_and_writes_while_an_abort_waits_for_it() {
         let p = p.clone();
         move || {
             let hold = p.hold_commits();
-            let aborter = std::thread::spawn({
-                let p = p.clone();
-                move || p.abort()
-            });
+            let aborter = spawn_on(&p, move |p| p.abort());
             while p.lock().aborting == 0 {
                 std::thread::yield_now();
             }
@@ -780,15 +780,9 @@ fn a_write_that_finds_the_journal_full_during_an_abort_fails_instead_of_waiting(
     let (written, aborted) = within_a_minute("an abort with a write in flight", {
         let p = p.clone();
         move || {
-            let writer = std::thread::spawn({
-                let p = p.clone();
-                move || p.write(0, RECORDS * BS, &[2u8; 4096])
-            });
+            let writer = spawn_on(&p, move |p| p.write(0, RECORDS * BS, &[2u8; 4096]));
             data.wait_until_holding();
-            let aborter = std::thread::spawn({
-                let p = p.clone();
-                move || p.abort()
-            });
+            let aborter = spawn_on(&p, move |p| p.abort());
             // The abort holds commits and waits for the write in flight.
             while p.lock().commits_held_by.is_none() {
                 std::thread::yield_now();
@@ -864,22 +858,13 @@ fn a_write_waiting_for_a_commits_freed_blocks_lets_an_abort_in() {
         let p = p.clone();
         move || {
             // The commit makes the discard durable, then punches the freed block: held.
-            let committer = std::thread::spawn({
-                let p = p.clone();
-                move || p.commit()
-            });
+            let committer = spawn_on(&p, move |p| p.commit());
             data.wait_until_holding();
-            let writer = std::thread::spawn({
-                let p = p.clone();
-                move || p.write(0, 0, &[3u8; 4096])
-            });
+            let writer = spawn_on(&p, move |p| p.write(0, 0, &[3u8; 4096]));
             while p.lock().waiting_for_commit == 0 {
                 std::thread::yield_now();
             }
-            let aborter = std::thread::spawn({
-                let p = p.clone();
-                move || p.abort()
-            });
+            let aborter = spawn_on(&p, move |p| p.abort());
             while p.lock().aborting == 0 {
                 std::thread::yield_now();
             }
