@@ -649,6 +649,9 @@ impl Pool {
         dev: u32,
         mut f: impl FnMut(&mut ThinMetadata) -> Result<T>,
     ) -> (MutexGuard<'a, Inner>, Result<T>) {
+        // An abort, or the holder of commits closing this device's gate, waits for this
+        // change's I/O: it must not wait for them.
+        let give_up = |g: &Inner| g.aborting > 0 || Self::closed_by_holder(g, dev);
         loop {
             let r = self.meta(&mut g, &mut f);
             if !matches!(r, Err(Error::JournalFull { .. }))
@@ -656,13 +659,11 @@ impl Pool {
             {
                 return (g, r);
             }
-            if g.aborting > 0 {
-                return (
-                    g,
-                    Err(Error::ReadOnly("the transaction is being rolled back")),
-                );
-            }
-            if Self::closed_by_holder(&g, dev) {
+            if give_up(&g) {
+                let r = match g.aborting {
+                    0 => r,
+                    _ => Err(Error::ReadOnly("the transaction is being rolled back")),
+                };
                 return (g, r);
             }
             // Checked with the metadata lock held since `meta` found the commit lock
@@ -675,9 +676,7 @@ impl Pool {
                 continue;
             }
             let generation = g.generation;
-            // Nor while an abort or a closing of the device's gate waits for this I/O.
-            g = self
-                .wait_for_a_commit_to_end(g, |g| g.aborting > 0 || Self::closed_by_holder(g, dev));
+            g = self.wait_for_a_commit_to_end(g, give_up);
             if g.generation != generation {
                 return (g, Err(Error::ReadOnly("the transaction was rolled back")));
             }

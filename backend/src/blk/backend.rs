@@ -296,7 +296,8 @@ impl BlkBackend {
                     break;
                 }
             }
-            self.take_unsignalled(index);
+            // The unsignalled flag is left as it is: `needs_notification` counts what was
+            // added since it last asked, so a stale flag costs one question, never a signal.
             // Asked first: it also resets the library's count of what was added.
             if vring.needs_notification().map_err(e)? || self.first_event(index) {
                 vring.signal_used_queue()?;

@@ -5,15 +5,14 @@
 
 use super::{Punched, Storage};
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Hold {
     /// Writes go straight through.
     Off,
-    /// The next write will be held.
-    Armed,
+    /// The next write (or, `punch`, the next punch) will be held.
+    Armed { punch: bool },
     /// A write is held.
     Holding,
     /// The held write may go on.
@@ -24,8 +23,6 @@ pub struct HeldWrite<S> {
     inner: S,
     hold: Mutex<Hold>,
     changed: Condvar,
-    /// What is held: the next punch (set), or the next write.
-    punch: AtomicBool,
 }
 
 impl<S: Storage> HeldWrite<S> {
@@ -34,20 +31,17 @@ impl<S: Storage> HeldWrite<S> {
             inner,
             hold: Mutex::new(Hold::Off),
             changed: Condvar::new(),
-            punch: AtomicBool::new(false),
         }
     }
 
     /// Holds the next write (of data, or a zeroing of a range) until [`Self::release`].
     pub fn hold_next_write(&self) {
-        self.punch.store(false, Ordering::SeqCst);
-        self.set(Hold::Armed);
+        self.set(Hold::Armed { punch: false });
     }
 
     /// Holds the next punch (discard passdown) until [`Self::release`]; writes go through.
     pub fn hold_next_punch(&self) {
-        self.punch.store(true, Ordering::SeqCst);
-        self.set(Hold::Armed);
+        self.set(Hold::Armed { punch: true });
     }
 
     /// Waits until a write is being held.
@@ -69,13 +63,9 @@ impl<S: Storage> HeldWrite<S> {
     }
 
     /// Called before every write (`punch` false) and punch: holds it if armed for it.
-    fn before_write(&self) {
-        self.before(false)
-    }
-
     fn before(&self, punch: bool) {
         let mut h = self.hold.lock().unwrap_or_else(|p| p.into_inner());
-        if *h != Hold::Armed || self.punch.load(Ordering::SeqCst) != punch {
+        if *h != (Hold::Armed { punch }) {
             return;
         }
         *h = Hold::Holding;
@@ -92,14 +82,14 @@ impl<S: Storage> Storage for HeldWrite<S> {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.before_write();
+        self.before(false);
         self.inner.write_at(buf, offset)
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         self.inner.read_vectored_at(bufs, offset)
     }
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        self.before_write();
+        self.before(false);
         self.inner.write_vectored_at(bufs, offset)
     }
     fn sync(&self) -> io::Result<()> {
@@ -119,7 +109,7 @@ impl<S: Storage> Storage for HeldWrite<S> {
         self.inner.punch(offset, len)
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
-        self.before_write();
+        self.before(false);
         self.inner.zero_range(offset, len)
     }
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
