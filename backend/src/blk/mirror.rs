@@ -24,12 +24,24 @@
 //! secondary, whose blocks may be of another size: a discarded region is copied from the
 //! primary instead (a region that reads as zeroes is written as zeroes, unmapped where the
 //! secondary's blocks allow).
+//!
+//! The copy writes the secondary's data back every [`COPY_WRITE_BACK_BYTES`] it copied,
+//! and waits for that. Without it, the copy (as fast as the page cache takes it) leaves
+//! the whole disk dirty, and its write-back (a commit's data sync, the kernel's flusher)
+//! then writes hundreds of MiB at once while the guest writes the same file: a guest write
+//! that needs a page under write-back waits for it, and with it every request of its
+//! queue. Written back in small steps, the copy goes at the speed of the host's disk and
+//! no write-back is ever large (docs/BENCHMARKS.md, "The copy written back as it goes").
 
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use thinpool::cells::{CellGuard, CellTable};
 use thinpool::pool::Pool;
+
+/// How many bytes the background copy writes before it writes the secondary's data back
+/// (see the module's comment).
+pub const COPY_WRITE_BACK_BYTES: u64 = 8 << 20;
 
 /// What a mirrored request does when the secondary fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +83,8 @@ pub enum CopyError {
     Read { block: u64, source: thinpool::Error },
     #[error("writing block {block} of the copy: {source}")]
     Write { block: u64, source: thinpool::Error },
+    #[error("writing back the copy: {0}")]
+    WriteBack(thinpool::Error),
     #[error("the mirror failed: {0}")]
     Failed(String),
 }
@@ -90,6 +104,8 @@ pub struct Mirror {
     pub mirrored_bytes: AtomicU64,
     /// Regions [`Mirror::copy_region`] moved.
     pub copied_regions: AtomicU64,
+    /// Bytes the copy wrote since it last wrote the secondary back.
+    copied_since_write_back: AtomicU64,
 }
 
 /// Regions held by one request, released when dropped.
@@ -111,6 +127,7 @@ impl Mirror {
             failure: Mutex::new(None),
             mirrored_bytes: AtomicU64::new(0),
             copied_regions: AtomicU64::new(0),
+            copied_since_write_back: AtomicU64::new(0),
         }
     }
 
@@ -275,7 +292,8 @@ impl Mirror {
 
     /// Copies region `k` of device `primary` of `pool` (the disk, live) to the secondary,
     /// holding the region: the background copy of a migration. A region that reads as
-    /// zeroes is written as zeroes (unmapped where the secondary's blocks allow).
+    /// zeroes is written as zeroes (unmapped where the secondary's blocks allow). Every
+    /// [`COPY_WRITE_BACK_BYTES`] written, the secondary is written back (not held).
     pub fn copy_region(
         &self,
         pool: &Pool,
@@ -286,28 +304,106 @@ impl Mirror {
         if let Some(why) = self.failure() {
             return Err(CopyError::Failed(why));
         }
-        let _held = self.regions.lock(0, k, true);
-        self.copy_held(pool, primary, k, buf)?;
+        let held = self.regions.lock(0, k, true);
+        let wrote = self.copy_held(pool, primary, k, buf)?;
+        drop(held);
         self.copied_regions.fetch_add(1, Ordering::Relaxed);
+        if wrote {
+            let since = self
+                .copied_since_write_back
+                .fetch_add(self.region, Ordering::Relaxed)
+                + self.region;
+            if since >= COPY_WRITE_BACK_BYTES {
+                self.copied_since_write_back.store(0, Ordering::Relaxed);
+                self.pool.write_back().map_err(CopyError::WriteBack)?;
+            }
+        }
         Ok(())
     }
 
+    /// Copies region `k`; whether it wrote data (not zeroes).
     fn copy_held(
         &self,
         pool: &Pool,
         primary: u32,
         k: u64,
         buf: &mut Vec<u8>,
-    ) -> Result<(), CopyError> {
+    ) -> Result<bool, CopyError> {
         let at = k * self.region;
         buf.resize(self.region as usize, 0);
         pool.read(primary, at, buf)
             .map_err(|source| CopyError::Read { block: k, source })?;
-        let w = if buf.iter().all(|&b| b == 0) {
+        let zeroes = buf.iter().all(|&b| b == 0);
+        let w = if zeroes {
             self.pool.write_zeroes(self.thin_id, at, self.region, true)
         } else {
             self.pool.write(self.thin_id, at, buf)
         };
-        w.map_err(|source| CopyError::Write { block: k, source })
+        w.map_err(|source| CopyError::Write { block: k, source })?;
+        Ok(!zeroes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thinpool::pool::PoolOptions;
+    use thinpool::storage::testing::{FaultOp, FaultyStorage};
+    use thinpool::storage::{MemStorage, Storage};
+
+    const BS: u64 = 64 << 10;
+    /// Regions of data that make one write-back.
+    const STEP: u64 = COPY_WRITE_BACK_BYTES / BS;
+
+    fn pool(data: Arc<dyn Storage>) -> Arc<Pool> {
+        let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+        let p = Pool::create(meta, data, 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        Arc::new(p)
+    }
+
+    #[test]
+    fn the_copy_writes_the_secondary_back_every_few_mib_of_data_it_wrote() {
+        let blocks = 2 * STEP + 8;
+        let src = pool(Arc::new(MemStorage::new(blocks * BS)));
+        let data = Arc::new(FaultyStorage::new(MemStorage::new(blocks * BS)));
+        let dst = pool(data.clone());
+        // Data in every block but the last eight, which read as zeroes.
+        for k in 0..2 * STEP {
+            src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
+        }
+        let m = Mirror::new(dst.clone(), 0, BS, OnError::GiveUp);
+        let mut buf = Vec::new();
+        let mut write_backs = Vec::new();
+        for k in 0..blocks {
+            m.copy_region(&src, 0, k, &mut buf).unwrap();
+            write_backs.push(data.count(FaultOp::Writeback));
+        }
+        // After each STEP blocks of data, and not for the blocks of zeroes.
+        assert_eq!(write_backs[STEP as usize - 2], 0);
+        assert_eq!(write_backs[STEP as usize - 1], 1);
+        assert_eq!(write_backs[2 * STEP as usize - 2], 1);
+        assert_eq!(*write_backs.last().unwrap(), 2);
+        let mut b = [0u8; 512];
+        dst.read(0, (STEP + 3) * BS, &mut b).unwrap();
+        assert_eq!(b, [(STEP + 3) as u8 | 1; 512]);
+    }
+
+    #[test]
+    fn a_failed_write_back_of_the_copy_fails_the_copy() {
+        let src = pool(Arc::new(MemStorage::new(STEP * BS)));
+        let data = Arc::new(FaultyStorage::new(MemStorage::new(STEP * BS)));
+        let dst = pool(data.clone());
+        for k in 0..STEP {
+            src.write(0, k * BS, &[1; 512]).unwrap();
+        }
+        data.fail_nth(FaultOp::Writeback, 1, false);
+        let m = Mirror::new(dst, 0, BS, OnError::GiveUp);
+        let mut buf = Vec::new();
+        for k in 0..STEP - 1 {
+            m.copy_region(&src, 0, k, &mut buf).unwrap();
+        }
+        let e = m.copy_region(&src, 0, STEP - 1, &mut buf).unwrap_err();
+        assert!(matches!(e, CopyError::WriteBack(_)), "{e}");
     }
 }
