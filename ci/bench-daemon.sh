@@ -7,12 +7,15 @@
 #
 #   ci/bench-daemon.sh [--quick] [--runtime SECS] [--size SIZE] [--fresh-size SIZE] [--keep]
 #                      [--generator ours|blkio|both] [--targets T,T...] [--cases REGEX]
-#                      [--ram | --ram-only] [--ram-rounds N]
+#                      [--rounds N] [--ram | --ram-only] [--ram-rounds N]
 #
 #   --generator G  the load generator: ours (bench/, default), blkio, or both
 #   --targets T,.. only these columns (ours-prov ours-fresh qsd-raw qsd-qcow2-pre
 #                  qsd-qcow2-empty qsd-null; default all)
 #   --cases REGEX  only the cases whose name matches (grep -E), e.g. 'QD32 1q'
+#   --rounds N     run every target N times, in turn (ours, QSD, ours, QSD, ...: a slow spell
+#                  of the machine falls on both sides), each round on a new disk; the tables
+#                  give the median of the rounds, the ratios each round's too (default 1)
 #   --ram          also the RAM-backed comparison the project targets: a provisioned pool on
 #                  tmpfs (BENCH_RAM_DIR, default /dev/shm) against QSD null-co, 4k randread
 #                  QD32 on 1 and 2 queues, both daemons up at once and the runs interleaved
@@ -57,6 +60,7 @@ only_targets=
 case_re=
 ram=0
 ram_rounds=3
+rounds=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) runtime=1 ;;
@@ -73,11 +77,13 @@ while [ $# -gt 0 ]; do
     --targets=*) only_targets=${1#*=} ;;
     --cases) case_re=$2; shift ;;
     --cases=*) case_re=${1#*=} ;;
+    --rounds) rounds=$2; shift ;;
+    --rounds=*) rounds=${1#*=} ;;
     --ram) ram=1 ;;
     --ram-only) ram=2 ;;
     --ram-rounds) ram_rounds=$2; shift ;;
     --ram-rounds=*) ram_rounds=${1#*=} ;;
-    -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -267,6 +273,10 @@ prefill() {
     --runtime 600 --verify
 }
 jget() { { grep -o "\"$2\":[^,}]*" "$1" || true; } | head -1 | cut -d: -f2 | tr -d '"'; }
+result_file() { # TARGET GEN CASE ROUND [EXT]
+  echo "$work/results/$1-$2-$(slug "$3")-r$4.${5:-json}"
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 run_case() { # TARGET CASE GEN
   local t=$1 c=$2 g=$3 name rw bs qd nq opts extra=()
@@ -284,7 +294,7 @@ run_case() { # TARGET CASE GEN
     extra+=(--single-pass)
   fi
   local out
-  out="$work/results/$t-$g-$(slug "$name").json"
+  out=$(result_file "$t" "$g" "$name" "$round")
   GEN=$g run_bench "$out" --rw "$rw" --bs "$bs" --iodepth "$qd" --queues "$nq" --runtime "$runtime" "${extra[@]}"
   if [ -f "$out" ]; then
     local fl
@@ -301,8 +311,9 @@ echo "load generator(s): $(for g in "${gens[@]}"; do printf '%s; ' "${gen_title[
 echo "all files use the page cache: our daemon does buffered I/O, QSD runs with cache.direct=off (aio=threads)"
 load_start=$(uptime)
 
+for round in $(seq 1 "$rounds"); do
 for t in "${targets[@]}"; do
-  echo "== ${title[$t]}"
+  echo "== ${title[$t]}$([ "$rounds" = 1 ] || echo ", round $round of $rounds")"
   case "$t" in
     ours-prov) new_pool; start_target "$t"; prefill "$t" ;;
     qsd-raw) truncate -s "$size_bytes" "$work/disk.raw"; start_target "$t"; prefill "$t" ;;
@@ -321,7 +332,7 @@ for t in "${targets[@]}"; do
           # How many writes were first writes: pool blocks mapped after the case.
           mapped=$("$thin" thin ls -m "$work/pool.meta" -d "$work/pool.data" --json |
             grep -o '"mapped_blocks": *[0-9]*' | grep -o '[0-9]*$')
-          echo "$mapped" >"$work/results/$t-$g-$(slug "${c%%|*}").mapped"
+          echo "$mapped" >"$(result_file "$t" "$g" "${c%%|*}" "$round" mapped)"
         fi
       else
         run_case "$t" "$c" "$g"
@@ -332,13 +343,24 @@ for t in "${targets[@]}"; do
   # Free the page cache and disk of this target's files before the next one.
   rm -f "$work/disk.raw" "$work/pre.qcow2"
 done
+done
 
 # ---- the tables --------------------------------------------------------------------------
-result() {
-  local f
-  f="$work/results/$1-${G:-ours}-$(slug "$2").json"
-  if [ -f "$f" ]; then jget "$f" "$3"; fi
+# One field of a case's results in round ROUND (empty if that run failed).
+round_value() { # TARGET CASE FIELD ROUND
+  local f v
+  f=$(result_file "$1" "${G:-ours}" "$2" "$4")
+  [ -f "$f" ] || return 0
+  v=$(jget "$f" "$3")
+  [ "$v" = null ] || echo "$v"
 }
+# The field in each round that has it, one per line.
+rounds_of() { # TARGET CASE FIELD
+  local r
+  for r in $(seq 1 "$rounds"); do round_value "$1" "$2" "$3" "$r"; done | grep . || true
+}
+# The field's median over the rounds (empty if no round has it).
+result() { rounds_of "$@" | median; }
 fmt_tp() { # throughput cell: IOPS for 4k cases, MiB/s for the others
   local t=$1 name=$2 v p
   if [[ $name == 4k* ]]; then v=$(result "$t" "$name" iops); else v=$(result "$t" "$name" mib_s); fi
@@ -350,11 +372,16 @@ fmt_tp() { # throughput cell: IOPS for 4k cases, MiB/s for the others
     awk -v v="$v" -v p="$p" 'BEGIN { printf "%.0f MiB/s (%.0f)", v, p }'
   fi
 }
-ratio() { # ratio of throughput of two cells
-  local a b
+ratio() { # ratio of the median throughputs of two cells; with rounds, each round's after it
+  local a b each=""
   a=$(result "$1" "$2" mib_s); b=$(result "$3" "$4" mib_s)
   if [ -z "$a" ] || [ -z "$b" ]; then echo "n/a"; return; fi
-  awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
+  if [ "$rounds" -gt 1 ]; then
+    each=$(for r in $(seq 1 "$rounds"); do
+        echo "$(round_value "$1" "$2" mib_s "$r") $(round_value "$3" "$4" mib_s "$r")"
+      done | awk 'NF == 2 && $2 > 0 { printf "%s%.2f", (n++ ? ", " : " ("), $1 / $2 } END { if (n) printf ")" }')
+  fi
+  awk -v a="$a" -v b="$b" -v e="$each" 'BEGIN { if (b > 0) printf "%.2f%s", a / b, e; else print "n/a" }'
 }
 
 # The tables of one generator ($G).
@@ -363,6 +390,7 @@ echo
 echo "### vhost-user-blk backends, load generator ${gen_title[$G]}, $runtime s per case, disk $size_bytes bytes, fresh disks $fresh_bytes bytes"
 echo
 echo "Throughput: 4k rows in thousands of IOPS, 128k rows in MiB/s; (p99 latency in us)."
+[ "$rounds" = 1 ] || echo "Every figure is the median of $rounds rounds; ratios give each round's in brackets."
 echo "Load before: ${load_start##*load average: }; after: $(uptime | sed 's/.*load average: //'); $(nproc) CPUs shared."
 echo
 header="| case |"; sep="|---|"
@@ -387,14 +415,17 @@ for c in "${cases[@]}"; do
 done
 echo
 is_write_case() { local rw; rw=$(cut -d'|' -f2 <<<"$1"); [ "$rw" != read ] && [ "$rw" != randread ]; }
-# Throughput counting the final FLUSH in the elapsed time (bytes per second).
+# Throughput counting the final FLUSH in the elapsed time (bytes per second), median of the
+# rounds.
 durable() {
-  local f b s fl
-  f="$work/results/$1-${G:-ours}-$(slug "$2").json"
-  [ -f "$f" ] || return 0
-  b=$(jget "$f" bytes); s=$(jget "$f" seconds); fl=$(jget "$f" flush_ms)
-  [ -n "$fl" ] && [ "$fl" != null ] || return 0
-  awk -v b="$b" -v s="$s" -v fl="$fl" 'BEGIN { printf "%f", b / (s + fl / 1000) }'
+  local f b s fl r
+  for r in $(seq 1 "$rounds"); do
+    f=$(result_file "$1" "${G:-ours}" "$2" "$r")
+    [ -f "$f" ] || continue
+    b=$(jget "$f" bytes); s=$(jget "$f" seconds); fl=$(jget "$f" flush_ms)
+    [ -n "$fl" ] && [ "$fl" != null ] || continue
+    awk -v b="$b" -v s="$s" -v fl="$fl" 'BEGIN { printf "%f\n", b / (s + fl / 1000) }'
+  done | median
 }
 ratio_durable() {
   local a b
@@ -443,9 +474,9 @@ blk=65536
 for c in "${cases[@]}"; do
   is_write_case "$c" || continue
   c=${c%%|*}
-  f="$work/results/ours-fresh-$G-$(slug "$c")"
-  if [ -f "$f.json" ] && [ -f "$f.mapped" ]; then
-    w=$(jget "$f.json" writes); m=$(cat "$f.mapped"); bsz=$(jget "$f.json" bs)
+  f=$(result_file ours-fresh "$G" "$c" 1 json); fm=$(result_file ours-fresh "$G" "$c" 1 mapped)
+  if [ -f "$f" ] && [ -f "$fm" ]; then
+    w=$(jget "$f" writes); m=$(cat "$fm"); bsz=$(jget "$f" bs)
     awk -v w="$w" -v m="$m" -v c="$c" -v bs="$bsz" -v blk=$blk -v total=$((fresh_bytes / blk)) 'BEGIN {
       per = (bs > blk ? bs / blk : 1)
       printf "- ours fresh, %s: %d writes, %d of %d pool blocks provisioned: %.0f%% of the writes allocated\n",
@@ -557,7 +588,6 @@ if [ "$ram" != 0 ]; then
   done
   ram_cleanup; ram_pids=()
   trap cleanup EXIT
-  median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
   echo
   echo "### RAM-backed pool (tmpfs) vs QSD null-co: 4k randread QD32, $runtime s a run, median of $ram_rounds interleaved rounds"
   echo
