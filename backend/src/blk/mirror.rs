@@ -305,14 +305,14 @@ impl Mirror {
             return Err(CopyError::Failed(why));
         }
         let held = self.regions.lock(0, k, true);
-        let wrote = self.copy_held(pool, primary, k, buf)?;
+        let dirtied = self.copy_held(pool, primary, k, buf)?;
         drop(held);
         self.copied_regions.fetch_add(1, Ordering::Relaxed);
-        if wrote {
+        if dirtied > 0 {
             let since = self
                 .copied_since_write_back
-                .fetch_add(self.region, Ordering::Relaxed)
-                + self.region;
+                .fetch_add(dirtied, Ordering::Relaxed)
+                + dirtied;
             if since >= COPY_WRITE_BACK_BYTES {
                 self.copied_since_write_back.store(0, Ordering::Relaxed);
                 self.pool.write_back().map_err(CopyError::WriteBack)?;
@@ -321,14 +321,15 @@ impl Mirror {
         Ok(())
     }
 
-    /// Copies region `k`; whether it wrote data (not zeroes).
+    /// Copies region `k`; the most bytes that may have been written to the secondary's
+    /// data device for it (see [`Mirror::dirtied`]).
     fn copy_held(
         &self,
         pool: &Pool,
         primary: u32,
         k: u64,
         buf: &mut Vec<u8>,
-    ) -> Result<bool, CopyError> {
+    ) -> Result<u64, CopyError> {
         let at = k * self.region;
         buf.resize(self.region as usize, 0);
         pool.read(primary, at, buf)
@@ -340,7 +341,23 @@ impl Mirror {
             self.pool.write(self.thin_id, at, buf)
         };
         w.map_err(|source| CopyError::Write { block: k, source })?;
-        Ok(!zeroes)
+        Ok(self.dirtied(k, zeroes))
+    }
+
+    /// The most bytes a copy of region `k` writes to the secondary's data device. Data
+    /// may write every block of the secondary that the region touches, whole (a block
+    /// shared with the copy of the disk's snapshot is unshared, a new one provisioned).
+    /// Zeroes unmap the blocks they cover whole and write only into the ones at either end
+    /// that they cover in part: nothing where the region is whole blocks of the secondary.
+    fn dirtied(&self, k: u64, zeroes: bool) -> u64 {
+        let bs = self.pool.block_bytes();
+        let (start, end) = (k * self.region, (k + 1) * self.region);
+        let spanned = (end.div_ceil(bs) - start / bs) * bs;
+        if !zeroes {
+            return spanned;
+        }
+        let covered = (end / bs).saturating_sub(start.div_ceil(bs)) * bs;
+        spanned - covered
     }
 }
 
@@ -356,8 +373,13 @@ mod tests {
     const STEP: u64 = COPY_WRITE_BACK_BYTES / BS;
 
     fn pool(data: Arc<dyn Storage>) -> Arc<Pool> {
+        pool_of(data, BS)
+    }
+
+    fn pool_of(data: Arc<dyn Storage>, block_bytes: u64) -> Arc<Pool> {
         let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-        let p = Pool::create(meta, data, 128, PoolOptions::default()).unwrap();
+        let sectors = (block_bytes / 512) as u32;
+        let p = Pool::create(meta, data, sectors, PoolOptions::default()).unwrap();
         p.create_thin(0).unwrap();
         Arc::new(p)
     }
@@ -368,8 +390,9 @@ mod tests {
         let src = pool(Arc::new(MemStorage::new(blocks * BS)));
         let data = Arc::new(FaultyStorage::new(MemStorage::new(blocks * BS)));
         let dst = pool(data.clone());
-        // Data in every block but the last eight, which read as zeroes.
-        for k in 0..2 * STEP {
+        // Data in every block but eight, from STEP - 4 on, which read as zeroes.
+        let zeroes = STEP - 4..STEP + 4;
+        for k in (0..blocks).filter(|k| !zeroes.contains(k)) {
             src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
         }
         let m = Mirror::new(dst.clone(), 0, BS, OnError::GiveUp);
@@ -379,14 +402,35 @@ mod tests {
             m.copy_region(&src, 0, k, &mut buf).unwrap();
             write_backs.push(data.count(FaultOp::Writeback));
         }
-        // After each STEP blocks of data, and not for the blocks of zeroes.
-        assert_eq!(write_backs[STEP as usize - 2], 0);
-        assert_eq!(write_backs[STEP as usize - 1], 1);
-        assert_eq!(write_backs[2 * STEP as usize - 2], 1);
-        assert_eq!(*write_backs.last().unwrap(), 2);
+        // After each STEP blocks of data: the blocks of zeroes (unmapped, nothing written)
+        // do not count.
+        let at = |k: u64| write_backs[k as usize];
+        assert_eq!((at(STEP - 1), at(STEP + 6), at(STEP + 7)), (0, 0, 1));
+        assert_eq!((at(2 * STEP + 6), at(2 * STEP + 7)), (1, 2));
         let mut b = [0u8; 512];
-        dst.read(0, (STEP + 3) * BS, &mut b).unwrap();
-        assert_eq!(b, [(STEP + 3) as u8 | 1; 512]);
+        dst.read(0, (STEP + 5) * BS, &mut b).unwrap();
+        assert_eq!(b, [(STEP + 5) as u8 | 1; 512]);
+    }
+
+    #[test]
+    fn the_copy_into_bigger_blocks_counts_the_whole_blocks_it_writes() {
+        let src = pool(Arc::new(MemStorage::new(STEP * BS)));
+        let data = Arc::new(FaultyStorage::new(MemStorage::new(STEP * BS)));
+        let dst = pool_of(data.clone(), 2 * BS);
+        // The secondary mapped (as where the disk's snapshot was copied), the source all
+        // zeroes (discarded since): each region writes zeroes into half a block.
+        dst.write(0, 0, &vec![7u8; (STEP * BS) as usize]).unwrap();
+        let m = Mirror::new(dst.clone(), 0, BS, OnError::GiveUp);
+        let mut buf = Vec::new();
+        for k in (0..STEP).step_by(2) {
+            m.copy_region(&src, 0, k, &mut buf).unwrap();
+        }
+        // STEP / 2 regions, each in a block of 2 * BS: the copy's 8 MiB.
+        assert_eq!(data.count(FaultOp::Writeback), 1);
+        let mut b = vec![9u8; 2 * BS as usize];
+        dst.read(0, 2 * BS, &mut b).unwrap();
+        assert!(b[..BS as usize].iter().all(|&x| x == 0));
+        assert!(b[BS as usize..].iter().all(|&x| x == 7));
     }
 
     #[test]
