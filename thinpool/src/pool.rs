@@ -855,7 +855,7 @@ impl Pool {
     /// device back does not bring the origin back: attach it again from the registry.)
     pub fn delete(&self, id: u32) -> Result<()> {
         let gate = self.gate(id);
-        let _quiet = self.close_gate(&gate, id);
+        let quiet = self.close_gate(&gate, id);
         let mut g = self.lock();
         self.meta(&mut g, |md| md.delete(id))?;
         g.origins.remove(&id);
@@ -864,6 +864,9 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+        // Writes that waited for the gate fail: a device made again with this id is not
+        // the one they were sent to.
+        quiet.retire();
         Ok(())
     }
 
@@ -1300,7 +1303,9 @@ impl Pool {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         check_span(offset, total)?;
         let gate = self.gate(dev);
-        let _in_flight = gate.enter();
+        let Some(_in_flight) = gate.enter() else {
+            return Err(Error::NoSuchDevice(dev));
+        };
         let bs = self.block_bytes;
         let mut pos = 0u64;
         while pos < total {
@@ -1558,7 +1563,9 @@ impl Pool {
             return Ok(0);
         }
         let gate = self.gate(dev);
-        let _in_flight = gate.enter();
+        let Some(_in_flight) = gate.enter() else {
+            return Err(Error::NoSuchDevice(dev));
+        };
         self.unmap_blocks_entered(dev, first, end)
     }
 
@@ -1602,7 +1609,9 @@ impl Pool {
         // Entered once for the whole range: a snapshot settles only once all of it is
         // done, and a change of origin waits for it.
         let gate = self.gate(dev);
-        let _in_flight = gate.enter();
+        let Some(_in_flight) = gate.enter() else {
+            return Err(Error::NoSuchDevice(dev));
+        };
         // Read under the gate: a change of origin waits for it.
         let origin_end = self.external_origin(dev).map_or(0, |o| o.len());
         let mut pos = offset;

@@ -23,6 +23,10 @@ struct State {
     in_flight: VecDeque<(u64, u64)>,
     /// Held by [`DeviceGate::close`]: new operations wait.
     closed: bool,
+    /// The device was deleted ([`Closed::retire`]): operations that waited for it, or
+    /// come with this gate still in hand, fail instead of reaching a device made again
+    /// with the same id.
+    retired: bool,
     /// Threads waiting on the condition variable (a release wakes them only if any).
     waiters: u32,
 }
@@ -81,18 +85,28 @@ impl DeviceGate {
         }
     }
 
-    /// Counts an operation in flight; waits while the device is held quiet.
-    pub(super) fn enter(&self) -> Entered<'_> {
+    /// Threads waiting on the gate: for tests that must know a thread is held there.
+    #[cfg(test)]
+    pub(super) fn waiters(&self) -> u32 {
+        self.state().waiters
+    }
+
+    /// Counts an operation in flight; waits while the device is held quiet. None if the
+    /// device was deleted meanwhile.
+    pub(super) fn enter(&self) -> Option<Entered<'_>> {
         let mut st = self.state();
         while st.closed {
             st = self.wait(st);
+        }
+        if st.retired {
+            return None;
         }
         let epoch = st.epoch;
         match st.in_flight.back_mut() {
             Some((e, n)) if *e == epoch => *n += 1,
             _ => st.in_flight.push_back((epoch, 1)),
         }
-        Entered { gate: self, epoch }
+        Some(Entered { gate: self, epoch })
     }
 
     /// Waits for every operation in flight and holds new ones until the guard is dropped.
@@ -149,6 +163,14 @@ impl Drop for Entered<'_> {
             st.in_flight.pop_front();
         }
         self.gate.wake(st);
+    }
+}
+
+impl Closed<'_> {
+    /// The device is gone: the gate opens, and every operation waiting for it, or coming
+    /// to it later, fails.
+    pub(super) fn retire(self) {
+        self.gate.state().retired = true;
     }
 }
 

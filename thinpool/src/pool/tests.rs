@@ -1375,3 +1375,39 @@ fn a_snapshot_does_not_hold_writes_behind_one_in_flight() {
     assert_eq!(read_vec(&p, 1, BS, 4096), vec![1u8; 4096]);
     p.commit().unwrap();
 }
+
+/// A write that waits for a device's gate while the device is deleted fails: it does not go
+/// on, once the gate opens, into a device created again with the same id.
+#[test]
+fn a_write_waiting_on_a_deleted_device_fails_instead_of_landing_in_its_successor() {
+    use crate::storage::held::HeldWrite;
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(HeldWrite::new(MemStorage::new(16 * BS)));
+    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
+    p.create_thin(0).unwrap();
+    let gate = p.gate(0);
+    // The late write's block, held so that a write past the gate stops there.
+    let cell = p.cells.lock(0, 1, true);
+    data.hold_next_write();
+    let in_flight = spawn_on(&p, |p| p.write(0, 0, &[1u8; 4096]));
+    data.wait_until_holding();
+    let deleter = spawn_on(&p, |p| p.delete(0));
+    while gate.waiters() < 1 {
+        std::thread::yield_now();
+    }
+    let late = spawn_on(&p, |p| p.write(0, BS, &[2u8; 4096]));
+    while gate.waiters() < 2 {
+        std::thread::yield_now();
+    }
+    data.release();
+    in_flight.join().unwrap().unwrap();
+    deleter.join().unwrap().unwrap();
+    p.create_thin(0).unwrap();
+    drop(cell);
+    let r = late.join().unwrap();
+    assert!(
+        matches!(r, Err(Error::NoSuchDevice(0))),
+        "the late write: {r:?}"
+    );
+    assert_eq!(read_vec(&p, 0, BS, 4), [0; 4], "the new device is empty");
+}
