@@ -855,15 +855,17 @@ impl Pool {
     /// device back does not bring the origin back: attach it again from the registry.)
     pub fn delete(&self, id: u32) -> Result<()> {
         let gate = self.gate(id);
-        let quiet = self.close_gate(&gate, id);
+        let quiet = self.close_gate(&gate, id)?;
         let mut g = self.lock();
         self.meta(&mut g, |md| md.delete(id))?;
         g.origins.remove(&id);
-        drop(g);
+        // Before the metadata lock is let go: a device made again with this id (it needs
+        // the lock) gets a gate of its own.
         self.gates
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+        drop(g);
         // Writes that waited for the gate fail: a device made again with this id is not
         // the one they were sent to.
         quiet.retire();
@@ -876,7 +878,7 @@ impl Pool {
     /// Kept in memory only: the registry records the path.
     pub fn set_external_origin(&self, dev: u32, origin: Option<Arc<ExternalOrigin>>) -> Result<()> {
         let gate = self.gate(dev);
-        let _quiet = self.close_gate(&gate, dev);
+        let _quiet = self.close_gate(&gate, dev)?;
         let mut g = self.lock();
         Self::check_not_failed(&g)?;
         g.md.device(dev)?;
@@ -891,7 +893,8 @@ impl Pool {
     /// caller may hold commits (the catalog deletes under its hold): a write in flight to
     /// the device that finds the journal full would wait for them to be let go, and the
     /// caller for the write. It fails instead (see [`Pool::meta_waiting_for_commit`]).
-    fn close_gate<'a>(&self, gate: &'a DeviceGate, dev: u32) -> gate::Closed<'a> {
+    /// Fails if the device was deleted while it waited.
+    fn close_gate<'a>(&self, gate: &'a DeviceGate, dev: u32) -> Result<gate::Closed<'a>> {
         let me = std::thread::current().id();
         self.lock().closing.push((dev, me));
         self.commit_ended.notify_all();
@@ -900,7 +903,7 @@ impl Pool {
         if let Some(i) = g.closing.iter().position(|&c| c == (dev, me)) {
             g.closing.swap_remove(i);
         }
-        closed
+        closed.ok_or(Error::NoSuchDevice(dev))
     }
 
     /// Whether device `dev`'s gate is being closed by the thread holding commits: a write to

@@ -110,16 +110,20 @@ impl DeviceGate {
     }
 
     /// Waits for every operation in flight and holds new ones until the guard is dropped.
-    pub(super) fn close(&self) -> Closed<'_> {
+    /// None if the device was deleted meanwhile: the gate is not that of any device now.
+    pub(super) fn close(&self) -> Option<Closed<'_>> {
         let mut st = self.state();
         while st.closed {
             st = self.wait(st);
+        }
+        if st.retired {
+            return None;
         }
         st.closed = true;
         while st.any() {
             st = self.wait(st);
         }
-        Closed { gate: self }
+        Some(Closed { gate: self })
     }
 
     /// Ends the current epoch: operations that begin from now on are not among the
@@ -253,7 +257,7 @@ mod tests {
         let closer = {
             let g = g.clone();
             std::thread::spawn(move || {
-                let closed = g.close();
+                let closed = g.close().unwrap();
                 tx.send(()).unwrap();
                 // Held until the test says so.
                 open.recv().unwrap();
