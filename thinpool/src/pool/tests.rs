@@ -670,6 +670,18 @@ fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
         .unwrap_or_else(|_| panic!("deadlock: {what} did not end within a minute"))
 }
 
+/// A pool of `blocks` data blocks with device 0, on a data device whose writes a test can
+/// hold.
+fn held_pool(blocks: u64) -> (Arc<Pool>, Arc<crate::storage::held::HeldWrite<MemStorage>>) {
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(crate::storage::held::HeldWrite::new(MemStorage::new(
+        blocks * BS,
+    )));
+    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
+    p.create_thin(0).unwrap();
+    (p, data)
+}
+
 /// A pool whose device 0 has written blocks 0..`records`, filling the journal's half (one
 /// more mapping needs a commit), on a data device whose writes a test can hold.
 fn pool_with_a_full_journal_half(
@@ -844,11 +856,7 @@ fn a_delete_under_a_hold_of_commits_does_not_wait_for_ever_for_a_write_waiting_f
 /// the metadata lock held, and the commit could never end).
 #[test]
 fn a_write_waiting_for_a_commits_freed_blocks_lets_an_abort_in() {
-    use crate::storage::held::HeldWrite;
-    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-    let data = Arc::new(HeldWrite::new(MemStorage::new(2 * BS)));
-    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
-    p.create_thin(0).unwrap();
+    let (p, data) = held_pool(2);
     p.write(0, 0, &[1u8; 4096]).unwrap();
     p.write(0, BS, &[2u8; 4096]).unwrap();
     p.commit().unwrap();
@@ -1326,11 +1334,7 @@ fn wait_for_device(p: &Pool, id: u32, what: &str) {
 /// (the snapshot no longer changes), and the origin keeps every write.
 #[test]
 fn a_snapshot_does_not_hold_writes_behind_one_in_flight() {
-    use crate::storage::held::HeldWrite;
-    let data = Arc::new(HeldWrite::new(MemStorage::new(64 * BS)));
-    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
-    p.create_thin(0).unwrap();
+    let (p, data) = held_pool(64);
     p.write(0, 0, &[1u8; 8192]).unwrap();
     p.write(0, BS, &[1u8; 4096]).unwrap();
     p.commit().unwrap();
@@ -1380,11 +1384,7 @@ fn a_snapshot_does_not_hold_writes_behind_one_in_flight() {
 /// on, once the gate opens, into a device created again with the same id.
 #[test]
 fn a_write_waiting_on_a_deleted_device_fails_instead_of_landing_in_its_successor() {
-    use crate::storage::held::HeldWrite;
-    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-    let data = Arc::new(HeldWrite::new(MemStorage::new(16 * BS)));
-    let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
-    p.create_thin(0).unwrap();
+    let (p, data) = held_pool(16);
     let gate = p.gate(0);
     // The late write's block, held so that a write past the gate stops there.
     let cell = p.cells.lock(0, 1, true);
