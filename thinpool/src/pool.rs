@@ -906,6 +906,12 @@ impl Pool {
         closed.ok_or(Error::NoSuchDevice(dev))
     }
 
+    /// Counts an operation in flight on device `dev` (see [`DeviceGate::enter`]); fails if
+    /// the device was deleted while it waited.
+    fn enter_gate(gate: &DeviceGate, dev: u32) -> Result<gate::Entered<'_>> {
+        gate.enter().ok_or(Error::NoSuchDevice(dev))
+    }
+
     /// Whether device `dev`'s gate is being closed by the thread holding commits: a write to
     /// it waiting for them would wait for ever. (A closer holding none waits only for the
     /// write, which may wait for whoever holds them.)
@@ -1306,9 +1312,7 @@ impl Pool {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         check_span(offset, total)?;
         let gate = self.gate(dev);
-        let Some(_in_flight) = gate.enter() else {
-            return Err(Error::NoSuchDevice(dev));
-        };
+        let _in_flight = Self::enter_gate(&gate, dev)?;
         let bs = self.block_bytes;
         let mut pos = 0u64;
         while pos < total {
@@ -1566,9 +1570,7 @@ impl Pool {
             return Ok(0);
         }
         let gate = self.gate(dev);
-        let Some(_in_flight) = gate.enter() else {
-            return Err(Error::NoSuchDevice(dev));
-        };
+        let _in_flight = Self::enter_gate(&gate, dev)?;
         self.unmap_blocks_entered(dev, first, end)
     }
 
@@ -1612,9 +1614,7 @@ impl Pool {
         // Entered once for the whole range: a snapshot settles only once all of it is
         // done, and a change of origin waits for it.
         let gate = self.gate(dev);
-        let Some(_in_flight) = gate.enter() else {
-            return Err(Error::NoSuchDevice(dev));
-        };
+        let _in_flight = Self::enter_gate(&gate, dev)?;
         // Read under the gate: a change of origin waits for it.
         let origin_end = self.external_origin(dev).map_or(0, |o| o.len());
         let mut pos = offset;

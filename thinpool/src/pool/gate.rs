@@ -91,16 +91,19 @@ impl DeviceGate {
         self.state().waiters
     }
 
-    /// Counts an operation in flight; waits while the device is held quiet. None if the
-    /// device was deleted meanwhile.
-    pub(super) fn enter(&self) -> Option<Entered<'_>> {
+    /// Waits while the device is held quiet; None if it was deleted meanwhile.
+    fn wait_open(&self) -> Option<MutexGuard<'_, State>> {
         let mut st = self.state();
         while st.closed {
             st = self.wait(st);
         }
-        if st.retired {
-            return None;
-        }
+        (!st.retired).then_some(st)
+    }
+
+    /// Counts an operation in flight; waits while the device is held quiet. None if the
+    /// device was deleted meanwhile.
+    pub(super) fn enter(&self) -> Option<Entered<'_>> {
+        let mut st = self.wait_open()?;
         let epoch = st.epoch;
         match st.in_flight.back_mut() {
             Some((e, n)) if *e == epoch => *n += 1,
@@ -112,13 +115,7 @@ impl DeviceGate {
     /// Waits for every operation in flight and holds new ones until the guard is dropped.
     /// None if the device was deleted meanwhile: the gate is not that of any device now.
     pub(super) fn close(&self) -> Option<Closed<'_>> {
-        let mut st = self.state();
-        while st.closed {
-            st = self.wait(st);
-        }
-        if st.retired {
-            return None;
-        }
+        let mut st = self.wait_open()?;
         st.closed = true;
         while st.any() {
             st = self.wait(st);
