@@ -8,6 +8,9 @@
 # vhost-thin-blkio-bench, on libblkio). It gets: thin, bench (bench/, which also fills the
 # disk), loadgen (the generator of the measured load), work, sock, size_bytes, pid (the
 # daemon under test).
+#
+# Environment: THIN, a vhost-thin binary to measure instead of the one built here (to run
+# two versions interleaved, each run with its own peer run).
 
 echo "building release binaries"
 case "${generator:-ours}" in
@@ -18,7 +21,9 @@ esac
 cargo build --release --locked -q -p vhost-thin -p vhost-thin-bench "${gen_pkg[@]}"
 target=$(cargo metadata --format-version 1 --no-deps --locked |
   grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
-thin=$target/release/vhost-thin
+thin=${THIN:-$target/release/vhost-thin}
+[ -x "$thin" ] || { echo "bench-$name: THIN=$thin is not an executable" >&2; exit 2; }
+echo "vhost-thin: $thin"
 bench=$target/release/vhost-thin-bench
 case "${generator:-ours}" in
   ours) loadgen=$bench ;;

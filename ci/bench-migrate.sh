@@ -20,7 +20,8 @@
 #                  daemon logged meanwhile (ours then logs at info): where the worst latencies
 #                  fall among the move's steps
 #   --keep         keep the work directory
-# Environment: BENCH_DIR (parent of the work directory, default /var/tmp).
+# Environment: BENCH_DIR (parent of the work directory, default /var/tmp); THIN (a vhost-thin
+# binary to measure instead of the one built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

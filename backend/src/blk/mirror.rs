@@ -1,5 +1,6 @@
 //! Active mirroring: every guest write, write-zeroes and discard of a disk is also applied
-//! to a second thin device (of another pool) before the guest's request completes.
+//! to a second thin device (of another pool) before the guest's request completes, except
+//! where the background copy will bring it (see "Deferred regions" below).
 //!
 //! `disk-migrate` installs one (see `manager/migrate.rs` for the whole protocol): first
 //! *forward*, from the disk's device in its old pool to the device that becomes it in the
@@ -11,13 +12,15 @@
 //! The unit of ordering is a *region*: one block of the primary device's pool. Every
 //! mirrored request holds the regions it touches (a lock table of its own, in ascending
 //! order, so two requests cannot deadlock) across both its primary and its secondary part,
-//! and [`Mirror::copy_region`] holds one region while it moves that region's current bytes
-//! from the primary to the secondary. So, per region, the secondary sees the same sequence
-//! of changes as the primary, and a copy of a region is never stale: whatever it read was
-//! what the primary held, and no write could come between its read and its write. A region
-//! written by the guest before the copier reaches it is copied again, whole, from the
-//! primary (which holds the guest's bytes): a partial-block write never leaves the
-//! secondary's block without the bytes around it.
+//! and [`Mirror::copy_region`] holds one region while it reads that region's current bytes
+//! from the primary (and, unless the region is deferred, while it writes them to the
+//! secondary). So, per region, the secondary sees the same sequence of changes as the
+//! primary, and a copy of a region is never stale: whatever it read was what the primary
+//! held, and no write could come between its read and its write (or, deferred, any write
+//! that came makes the copy move the region again). A region written by the guest before
+//! the copier reaches it is copied again, whole, from the primary (which holds the guest's
+//! bytes): a partial-block write never leaves the secondary's block without the bytes
+//! around it.
 //!
 //! Discard unmaps only whole blocks of the primary, and what such a block then reads (zeroes,
 //! or an external origin's bytes) is not what a discard of the same range would leave on the
@@ -32,10 +35,32 @@
 //! that needs a page under write-back waits for it, and with it every request of its
 //! queue. Written back in small steps, the copy goes at the speed of the host's disk and
 //! no write-back is ever large (docs/BENCHMARKS.md, "The copy written back as it goes").
+//!
+//! # Deferred regions
+//!
+//! Even so, a guest write into a region the copy has just written may wait for write-back:
+//! on a file system with delayed allocation (ext4), the copy's pages are new blocks, and
+//! write-back keeps a whole extent of them (up to MiBs) locked while it allocates and
+//! submits it, for as long as the block layer throttles it (hundreds of milliseconds on a
+//! busy host; docs/BENCHMARKS.md, "Deferred regions"). Once written back, the same pages are
+//! overwrites, written out a page at a time. So while the background copy runs
+//! ([`Mirror::defer_to_copy`] to [`Mirror::end_deferral`]), a guest request to a region the
+//! copy has not *settled* (not copied yet, being copied, or copied but not yet written
+//! back) goes to the primary alone and leaves the region to the copy, which moves it
+//! (again) from the primary. Nothing else writes a deferred region's secondary blocks, so
+//! the copy holds the region only while it reads it. A region once settled is mirrored as
+//! above. At the end of the deferral the copy is written back, every guest write is
+//! mirrored from then on, and the regions the guest wrote meanwhile are copied once more,
+//! each held until its copy is written (overwrites by then). Until the switch the old pool
+//! is where a restart finds the disk, so a write to the primary alone loses nothing.
 
+mod deferral;
+
+use deferral::Deferral;
 use std::io::IoSlice;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use thinpool::cells::{CellGuard, CellTable};
 use thinpool::pool::Pool;
 
@@ -106,6 +131,9 @@ pub struct Mirror {
     pub copied_regions: AtomicU64,
     /// Bytes the copy wrote since it last wrote the secondary back.
     copied_since_write_back: AtomicU64,
+    /// While the background copy runs: the regions it has yet to settle (see the
+    /// module's comment, "Deferred regions").
+    deferral: Mutex<Option<Deferral>>,
 }
 
 /// Regions held by one request, released when dropped.
@@ -128,7 +156,44 @@ impl Mirror {
             mirrored_bytes: AtomicU64::new(0),
             copied_regions: AtomicU64::new(0),
             copied_since_write_back: AtomicU64::new(0),
+            deferral: Mutex::new(None),
         }
+    }
+
+    /// The background copy is to move `runs` (regions) of a disk of `regions`: until
+    /// [`Mirror::end_deferral`], a guest write to a region the copy has not settled goes to
+    /// the primary alone, and the copy moves that region (again).
+    pub fn defer_to_copy(&self, regions: u64, runs: &[Range<u64>]) {
+        *self.deferral() = Some(Deferral::new(regions, runs));
+    }
+
+    fn deferral(&self) -> MutexGuard<'_, Option<Deferral>> {
+        self.deferral.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a guest request on `[offset, offset + len)` (its regions held) goes to the
+    /// primary alone, its regions left to the copy.
+    fn deferred(&self, offset: u64, len: u64) -> bool {
+        let first = offset / self.region;
+        let end = offset.saturating_add(len.max(1)).div_ceil(self.region);
+        self.deferral()
+            .as_mut()
+            .is_some_and(|d| d.defers(first, end))
+    }
+
+    /// The end of the deferral: what the copy wrote is written back, from now on every guest
+    /// write goes to both sides, and the regions returned (those the guest wrote, to the
+    /// primary alone, since their copy began) are to be copied again with
+    /// [`Mirror::copy_region`], which now holds each region until its copy is written.
+    pub fn end_deferral(&self) -> Result<Vec<u64>, CopyError> {
+        if self.deferral().is_none() {
+            return Ok(Vec::new());
+        }
+        if self.copied_since_write_back.swap(0, Ordering::Relaxed) > 0 {
+            self.pool.write_back().map_err(CopyError::WriteBack)?;
+        }
+        let d = self.deferral().take();
+        Ok(d.map_or_else(Vec::new, |d| d.todo()))
     }
 
     /// Why the mirror was given up, if it was.
@@ -217,7 +282,7 @@ impl Mirror {
         let _held = self.hold(offset, len);
         pool.write_vectored(primary, offset, bufs)
             .map_err(MirrorError::Primary)?;
-        if self.active() {
+        if self.active() && !self.deferred(offset, len) {
             self.secondary("write", |p, id| p.write_vectored(id, offset, bufs))?;
             self.mirrored_bytes.fetch_add(len, Ordering::Relaxed);
         }
@@ -237,7 +302,7 @@ impl Mirror {
         self.by_region(offset, len, |at, n| {
             pool.write_zeroes(primary, at, n, unmap)
                 .map_err(MirrorError::Primary)?;
-            if self.active() {
+            if self.active() && !self.deferred(at, n) {
                 self.secondary("write-zeroes", |p, id| p.write_zeroes(id, at, n, unmap))?;
                 self.mirrored_bytes.fetch_add(n, Ordering::Relaxed);
             }
@@ -258,7 +323,7 @@ impl Mirror {
         let mut unmapped = 0;
         self.by_region(offset, len, |at, n| {
             unmapped += pool.discard(primary, at, n).map_err(MirrorError::Primary)?;
-            if n == self.region && self.active() {
+            if n == self.region && self.active() && !self.deferred(at, n) {
                 let mut buf = Vec::new();
                 // copy_held fails with Read or Write only.
                 if let Err(CopyError::Read { source, .. } | CopyError::Write { source, .. }) =
@@ -304,9 +369,13 @@ impl Mirror {
         if let Some(why) = self.failure() {
             return Err(CopyError::Failed(why));
         }
-        let held = self.regions.lock(0, k, true);
-        let dirtied = self.copy_held(pool, primary, k, buf)?;
-        drop(held);
+        let deferred = self.deferral().as_ref().is_some_and(|d| d.is_todo(k));
+        let dirtied = if deferred {
+            self.copy_deferred(pool, primary, k, buf)?
+        } else {
+            let _held = self.regions.lock(0, k, true);
+            self.copy_held(pool, primary, k, buf)?
+        };
         self.copied_regions.fetch_add(1, Ordering::Relaxed);
         if dirtied > 0 {
             let since = self
@@ -316,9 +385,34 @@ impl Mirror {
             if since >= COPY_WRITE_BACK_BYTES {
                 self.copied_since_write_back.store(0, Ordering::Relaxed);
                 self.pool.write_back().map_err(CopyError::WriteBack)?;
+                if let Some(d) = self.deferral().as_mut() {
+                    d.settle();
+                }
             }
         }
         Ok(())
+    }
+
+    /// Copies region `k`, which the deferral leaves to the copy: held only while it is
+    /// read, since no guest write goes to its secondary's blocks until it is settled.
+    fn copy_deferred(
+        &self,
+        pool: &Pool,
+        primary: u32,
+        k: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<u64, CopyError> {
+        let held = self.regions.lock(0, k, true);
+        if let Some(d) = self.deferral().as_mut() {
+            d.start_copy(k);
+        }
+        let read = self.read_region(pool, primary, k, buf);
+        drop(held);
+        let copied = read.and_then(|()| self.write_region(k, buf));
+        if let Some(d) = self.deferral().as_mut() {
+            d.end_copy(k, copied.is_ok());
+        }
+        copied
     }
 
     /// Copies region `k`; the most bytes that may have been written to the secondary's
@@ -330,10 +424,27 @@ impl Mirror {
         k: u64,
         buf: &mut Vec<u8>,
     ) -> Result<u64, CopyError> {
-        let at = k * self.region;
+        self.read_region(pool, primary, k, buf)?;
+        self.write_region(k, buf)
+    }
+
+    /// Reads region `k` of device `primary` of `pool` into `buf`.
+    fn read_region(
+        &self,
+        pool: &Pool,
+        primary: u32,
+        k: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), CopyError> {
         buf.resize(self.region as usize, 0);
-        pool.read(primary, at, buf)
-            .map_err(|source| CopyError::Read { block: k, source })?;
+        pool.read(primary, k * self.region, buf)
+            .map_err(|source| CopyError::Read { block: k, source })
+    }
+
+    /// Writes `buf`, region `k` as read, to the secondary (zeroes as zeroes, unmapped where
+    /// its blocks allow); the most bytes that may have been written to its data device.
+    fn write_region(&self, k: u64, buf: &[u8]) -> Result<u64, CopyError> {
+        let at = k * self.region;
         let zeroes = buf.iter().all(|&b| b == 0);
         let w = if zeroes {
             self.pool.write_zeroes(self.thin_id, at, self.region, true)
@@ -365,6 +476,7 @@ impl Mirror {
 mod tests {
     use super::*;
     use thinpool::pool::PoolOptions;
+    use thinpool::storage::held::HeldWrite;
     use thinpool::storage::testing::{FaultOp, FaultyStorage};
     use thinpool::storage::{MemStorage, Storage};
 
@@ -431,6 +543,183 @@ mod tests {
         dst.read(0, 2 * BS, &mut b).unwrap();
         assert!(b[..BS as usize].iter().all(|&x| x == 0));
         assert!(b[BS as usize..].iter().all(|&x| x == 7));
+    }
+
+    /// Storage whose next write-back, once armed, is held until released, and whose writes
+    /// wait while it is held: as the kernel's write-back holds the pages it writes out
+    /// locked, and a write into one of them waits (all of them, here).
+    struct WriteBackHeld {
+        inner: MemStorage,
+        hold: Mutex<(bool, bool)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl WriteBackHeld {
+        fn new(inner: MemStorage) -> Self {
+            WriteBackHeld {
+                inner,
+                hold: Mutex::new((false, false)),
+                changed: std::sync::Condvar::new(),
+            }
+        }
+        /// (armed, holding)
+        fn state(&self) -> std::sync::MutexGuard<'_, (bool, bool)> {
+            self.hold.lock().unwrap()
+        }
+        fn hold_next_write_back(&self) {
+            self.state().0 = true;
+        }
+        fn wait_until_holding(&self) {
+            let mut h = self.state();
+            while !h.1 {
+                h = self.changed.wait(h).unwrap();
+            }
+        }
+        fn release(&self) {
+            *self.state() = (false, false);
+            self.changed.notify_all();
+        }
+        fn wait_while_held(&self) {
+            let mut h = self.state();
+            while h.1 {
+                h = self.changed.wait(h).unwrap();
+            }
+        }
+    }
+
+    impl Storage for WriteBackHeld {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.wait_while_held();
+            self.inner.write_at(buf, offset)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn writeback(&self) -> std::io::Result<()> {
+            let mut h = self.state();
+            if h.0 {
+                *h = (false, true);
+                self.changed.notify_all();
+            }
+            drop(h);
+            self.wait_while_held();
+            Ok(())
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+    }
+
+    /// Region `k` of `p`'s device 0.
+    fn region_of(p: &Pool, k: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BS as usize];
+        p.read(0, k * BS, &mut b).unwrap();
+        b
+    }
+
+    /// Whether `f`, on a thread of its own, ends within 10 s.
+    fn ends_soon(f: impl FnOnce() + Send + 'static) -> (bool, std::thread::JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        let ended = rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok();
+        (ended, t)
+    }
+
+    #[test]
+    fn a_guest_write_to_a_copied_region_does_not_wait_for_the_copys_write_back() {
+        let blocks = STEP + 4;
+        let src = pool(Arc::new(MemStorage::new(blocks * BS)));
+        let data = Arc::new(WriteBackHeld::new(MemStorage::new(blocks * BS)));
+        let dst = pool(data.clone());
+        for k in 0..blocks {
+            src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
+        }
+        let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
+        m.defer_to_copy(blocks, &[0..blocks]);
+        data.hold_next_write_back();
+        // The copy's STEPth region writes the copy back, and that is held.
+        let copier = {
+            let (m, src) = (m.clone(), src.clone());
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                for k in 0..STEP {
+                    m.copy_region(&src, 0, k, &mut buf).unwrap();
+                }
+            })
+        };
+        data.wait_until_holding();
+        let (ended, guest) = {
+            let (m, src) = (m.clone(), src.clone());
+            ends_soon(move || {
+                let w = [IoSlice::new(&[0xee; 4096])];
+                m.write_vectored(&src, 0, 3 * BS + 4096, &w).unwrap();
+            })
+        };
+        data.release();
+        copier.join().unwrap();
+        guest.join().unwrap();
+        assert!(ended, "the guest's write waited for the copy's write-back");
+        let mut buf = Vec::new();
+        for k in STEP..blocks {
+            m.copy_region(&src, 0, k, &mut buf).unwrap();
+        }
+        // Region 3, written after its copy, is copied again; from then on, writes go to
+        // both sides.
+        let again = m.end_deferral().unwrap();
+        assert_eq!(again, [3]);
+        for k in again {
+            m.copy_region(&src, 0, k, &mut buf).unwrap();
+        }
+        let w = [IoSlice::new(&[0xdd; 4096])];
+        m.write_vectored(&src, 0, 5 * BS, &w).unwrap();
+        for k in 0..blocks {
+            assert!(region_of(&src, k) == region_of(&dst, k), "region {k}");
+        }
+        assert_eq!(region_of(&dst, 5)[..4096], [0xdd; 4096]);
+    }
+
+    #[test]
+    fn a_guest_write_to_a_region_being_copied_does_not_wait_for_the_copys_write() {
+        let src = pool(Arc::new(MemStorage::new(4 * BS)));
+        let data = Arc::new(HeldWrite::new(MemStorage::new(4 * BS)));
+        let dst = pool(data.clone());
+        src.write(0, 0, &[7; 8192]).unwrap();
+        let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
+        m.defer_to_copy(4, &[0..4]);
+        data.hold_next_write();
+        let copier = {
+            let (m, src) = (m.clone(), src.clone());
+            std::thread::spawn(move || m.copy_region(&src, 0, 0, &mut Vec::new()).unwrap())
+        };
+        data.wait_until_holding();
+        let (ended, guest) = {
+            let (m, src) = (m.clone(), src.clone());
+            ends_soon(move || {
+                let w = [IoSlice::new(&[9; 512])];
+                m.write_vectored(&src, 0, 4096, &w).unwrap();
+            })
+        };
+        data.release();
+        copier.join().unwrap();
+        guest.join().unwrap();
+        assert!(ended, "the guest's write waited for the copy's write");
+        let mut buf = Vec::new();
+        for k in 1..4 {
+            m.copy_region(&src, 0, k, &mut buf).unwrap();
+        }
+        // The copy wrote region 0 as it was before the guest's write: copied again.
+        let again = m.end_deferral().unwrap();
+        assert_eq!(again, [0]);
+        m.copy_region(&src, 0, 0, &mut buf).unwrap();
+        for k in 0..4 {
+            assert!(region_of(&src, k) == region_of(&dst, k), "region {k}");
+        }
     }
 
     #[test]

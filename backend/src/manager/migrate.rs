@@ -13,17 +13,23 @@
 //!    copy of the disk's last snapshot, or empty if it has none (marked `incoming`).
 //! 2. With the guest's writes held only while the requests in flight end, a forward mirror
 //!    is installed on the disk's target. From then on every guest write, write-zeroes and
-//!    discard goes to the old device and then to `D` before the guest's request completes.
+//!    discard goes to the old device and then to `D` before the guest's request completes
+//!    (or, for a block the copy has still to settle, is left to the copy: step 3).
 //! 3. The background copy: each block of the disk that may read otherwise than on `D` as
 //!    it was made (the delta from the last snapshot, from the trees; without one, every
-//!    mapped block) is copied to `D` from the disk as it is now, holding the mirror's lock
-//!    of that block (a block of the old pool). A guest request holds the same locks for
-//!    its blocks across both of its writes. So a copy of a block is never stale (nothing
-//!    can write the block between its read and its write), and a partial-block write the
-//!    mirror made on `D` before the copy reached the block is carried again, with the
-//!    bytes around it, when the copy does. Every change after the mirror's start is
-//!    mirrored, and a block that differed then differs still when the delta is read. When
-//!    the copy ends, `D` reads as the disk does.
+//!    mapped block) is copied to `D` from the disk as it is now, reading it under the
+//!    mirror's lock of that block (a block of the old pool). A guest request holds the
+//!    same locks for its blocks across both of its writes. Until the copy has written a
+//!    block of `D` back, the guest's writes to that block go to the old device alone and
+//!    the copy moves the block again afterwards (the mirror's "Deferred regions"): a
+//!    guest write never waits for the write-back of the copy's new blocks. Those second
+//!    copies hold the lock across their read and their write, with every guest write
+//!    mirrored. So no copy of a block is stale when the copy ends (a write after its read
+//!    made the copy move it again), and a partial-block write the mirror made on `D`
+//!    before the copy reached the block is carried again, with the bytes around it, when
+//!    the copy does. Every change after the mirror's start is mirrored or left to the
+//!    copy, and a block that differed then differs still when the delta is read. When the
+//!    copy ends, `D` reads as the disk does.
 //! 4. The new pool is committed (nothing held), then the switch: one change of the new
 //!    pool's registry that names `D` as the disk and the copies as its snapshots (marked
 //!    `switched`). Within it the guest's writes are held only while the entries change in
@@ -621,17 +627,39 @@ impl Manager {
         let base = base.map(|b| (b, sw.src_names.get(&b).map_or(0, |e| e.size)));
         let runs = blocks_to_copy(src.pool(), disk, base, sw.entry.size)?;
         let bs = src.pool().block_bytes();
-        let total: u64 = runs.iter().map(|r| r.end - r.start).sum::<u64>() * bs;
+        let mut total: u64 = runs.iter().map(|r| r.end - r.start).sum::<u64>() * bs;
+        // Until the copy has settled a block on the new pool, the guest's writes to it go
+        // to the old pool alone (see `crate::blk::mirror`, "Deferred regions").
+        mirror.defer_to_copy(sw.entry.size.div_ceil(bs), &runs);
+        let failed = |e: crate::blk::mirror::CopyError| {
+            Error::failed(format!("copying to pool {}: {e}", dst.name))
+        };
         let mut buf = Vec::new();
         let mut copied = 0u64;
-        for k in runs.into_iter().flatten() {
+        let mut copy = |k: u64, total: u64| -> R<()> {
             ctx.check()?;
             self.hook(MigrateStep::Copying { block: k });
             mirror
                 .copy_region(src.pool(), disk, k, &mut buf)
-                .map_err(|e| Error::failed(format!("copying to pool {}: {e}", dst.name)))?;
+                .map_err(failed)?;
             copied += bs;
             ctx.progress(copied, total);
+            Ok(())
+        };
+        for k in runs.into_iter().flatten() {
+            copy(k, total)?;
+        }
+        // The blocks the guest wrote since their copy began, copied again, now with every
+        // guest write mirrored.
+        let again = mirror.end_deferral().map_err(failed)?;
+        tracing::info!(
+            "migrate {}: copying again {} blocks the guest wrote during their copy",
+            sw.name,
+            again.len()
+        );
+        total += again.len() as u64 * bs;
+        for k in again {
+            copy(k, total)?;
         }
         Ok(copied)
     }
