@@ -641,7 +641,7 @@ mod tests {
             src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
         }
         let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
-        m.defer_to_copy(blocks, &[0..blocks]);
+        m.defer_to_copy(blocks, std::slice::from_ref(&(0..blocks)));
         data.hold_next_write_back();
         // The copy's STEPth region writes the copy back, and that is held.
         let copier = {
@@ -691,7 +691,7 @@ mod tests {
         let dst = pool(data.clone());
         src.write(0, 0, &[7; 8192]).unwrap();
         let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
-        m.defer_to_copy(4, &[0..4]);
+        m.defer_to_copy(4, std::slice::from_ref(&(0..4)));
         data.hold_next_write();
         let copier = {
             let (m, src) = (m.clone(), src.clone());

@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn regions_past_the_disks_end_are_never_the_copys() {
-        let mut d = Deferral::new(64, &[60..70]);
+        let mut d = Deferral::new(64, std::slice::from_ref(&(60..70)));
         assert_eq!(d.todo(), [60, 61, 62, 63]);
         assert!(!d.defers(64, 70));
         assert!(!d.defers(u64::MAX - 1, u64::MAX));
