@@ -1110,6 +1110,13 @@ impl Pool {
         if !self.data_written.load(Ordering::SeqCst) {
             return Ok(());
         }
+        self.write_back_all()
+    }
+
+    /// Writes back whatever of the data device is dirty, even when nothing was written
+    /// since the last commit: that commit's data sync may still be under way (it waits for
+    /// that), and a caller that must know its own writes are out cannot skip it.
+    pub fn write_back_all(&self) -> Result<()> {
         Self::check_not_failed(&self.lock())?;
         self.flush_device(|d| d.writeback())
             .map_err(|source| Self::flush_failed(&mut self.lock(), source))

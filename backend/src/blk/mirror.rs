@@ -46,13 +46,16 @@
 //! overwrites, written out a page at a time. So while the background copy runs
 //! ([`Mirror::defer_to_copy`] to [`Mirror::end_deferral`]), a guest request to a region the
 //! copy has not *settled* (not copied yet, being copied, or copied but not yet written
-//! back) goes to the primary alone and leaves the region to the copy, which moves it
-//! (again) from the primary. Nothing else writes a deferred region's secondary blocks, so
-//! the copy holds the region only while it reads it. A region once settled is mirrored as
-//! above. At the end of the deferral the copy is written back, every guest write is
-//! mirrored from then on, and the regions the guest wrote meanwhile are copied once more,
-//! each held until its copy is written (overwrites by then). Until the switch the old pool
-//! is where a restart finds the disk, so a write to the primary alone loses nothing.
+//! back), or to a region sharing a block of the secondary with such a region (when the
+//! secondary's blocks are bigger), goes to the primary alone and leaves its regions to the
+//! copy, which moves them (again) from the primary. So nothing else writes the secondary's
+//! blocks of a region being copied, and the copy holds the region only while it reads it.
+//! A request whose regions and their neighbours in the secondary's blocks are all settled
+//! is mirrored as above. At the end of the deferral the copy is written back, every guest
+//! write is mirrored from then on, and the regions the guest's requests left to the copy
+//! meanwhile are copied once more, each held until its copy is written (overwrites by then,
+//! except for a region first written by such a request). Until the switch the old pool is
+//! where a restart finds the disk, so a write to the primary alone loses nothing.
 
 mod deferral;
 
@@ -176,21 +179,31 @@ impl Mirror {
     fn deferred(&self, offset: u64, len: u64) -> bool {
         let first = offset / self.region;
         let end = offset.saturating_add(len.max(1)).div_ceil(self.region);
+        // The regions sharing the secondary's blocks with these: the copy of any of them
+        // writes (or its write-back holds) those blocks whole.
+        let bs = self.pool.block_bytes().max(self.region);
+        let near_first = offset / bs * bs / self.region;
+        let near_end = offset
+            .saturating_add(len.max(1))
+            .div_ceil(bs)
+            .saturating_mul(bs)
+            .div_ceil(self.region);
         self.deferral()
             .as_mut()
-            .is_some_and(|d| d.defers(first, end))
+            .is_some_and(|d| d.defers(first, end, near_first..near_end))
     }
 
     /// The end of the deferral: what the copy wrote is written back, from now on every guest
-    /// write goes to both sides, and the regions returned (those the guest wrote, to the
-    /// primary alone, since their copy began) are to be copied again with
+    /// write goes to both sides, and the regions returned (those the guest's requests left
+    /// to the copy after their copy began, or that were never the copy's) are to be copied
+    /// again with
     /// [`Mirror::copy_region`], which now holds each region until its copy is written.
     pub fn end_deferral(&self) -> Result<Vec<u64>, CopyError> {
         if self.deferral().is_none() {
             return Ok(Vec::new());
         }
         if self.copied_since_write_back.swap(0, Ordering::Relaxed) > 0 {
-            self.pool.write_back().map_err(CopyError::WriteBack)?;
+            self.pool.write_back_all().map_err(CopyError::WriteBack)?;
         }
         let d = self.deferral().take();
         Ok(d.map_or_else(Vec::new, |d| d.todo()))
@@ -355,10 +368,12 @@ impl Mirror {
         Ok(())
     }
 
-    /// Copies region `k` of device `primary` of `pool` (the disk, live) to the secondary,
-    /// holding the region: the background copy of a migration. A region that reads as
-    /// zeroes is written as zeroes (unmapped where the secondary's blocks allow). Every
-    /// [`COPY_WRITE_BACK_BYTES`] written, the secondary is written back (not held).
+    /// Copies region `k` of device `primary` of `pool` (the disk, live) to the secondary:
+    /// the background copy of a migration, one caller at a time. The region is held while
+    /// it is read and, unless it is deferred (see the module's comment), while it is
+    /// written. A region that reads as zeroes is written as zeroes (unmapped where the
+    /// secondary's blocks allow). Every [`COPY_WRITE_BACK_BYTES`] written, the secondary
+    /// is written back (not held).
     pub fn copy_region(
         &self,
         pool: &Pool,
@@ -384,7 +399,9 @@ impl Mirror {
                 + dirtied;
             if since >= COPY_WRITE_BACK_BYTES {
                 self.copied_since_write_back.store(0, Ordering::Relaxed);
-                self.pool.write_back().map_err(CopyError::WriteBack)?;
+                // Not `write_back`, which skips when the pool wrote nothing since its last
+                // commit: a commit just begun may still be writing these pages out.
+                self.pool.write_back_all().map_err(CopyError::WriteBack)?;
                 if let Some(d) = self.deferral().as_mut() {
                     d.settle();
                 }
@@ -410,7 +427,7 @@ impl Mirror {
         drop(held);
         let copied = read.and_then(|()| self.write_region(k, buf));
         if let Some(d) = self.deferral().as_mut() {
-            d.end_copy(k, copied.is_ok());
+            d.end_copy(k, copied.as_ref().ok().map(|&dirtied| dirtied > 0));
         }
         copied
     }
@@ -473,270 +490,4 @@ impl Mirror {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use thinpool::pool::PoolOptions;
-    use thinpool::storage::held::HeldWrite;
-    use thinpool::storage::testing::{FaultOp, FaultyStorage};
-    use thinpool::storage::{MemStorage, Storage};
-
-    const BS: u64 = 64 << 10;
-    /// Regions of data that make one write-back.
-    const STEP: u64 = COPY_WRITE_BACK_BYTES / BS;
-
-    fn pool(data: Arc<dyn Storage>) -> Arc<Pool> {
-        pool_of(data, BS)
-    }
-
-    fn pool_of(data: Arc<dyn Storage>, block_bytes: u64) -> Arc<Pool> {
-        let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-        let sectors = (block_bytes / 512) as u32;
-        let p = Pool::create(meta, data, sectors, PoolOptions::default()).unwrap();
-        p.create_thin(0).unwrap();
-        Arc::new(p)
-    }
-
-    #[test]
-    fn the_copy_writes_the_secondary_back_every_few_mib_of_data_it_wrote() {
-        let blocks = 2 * STEP + 8;
-        let src = pool(Arc::new(MemStorage::new(blocks * BS)));
-        let data = Arc::new(FaultyStorage::new(MemStorage::new(blocks * BS)));
-        let dst = pool(data.clone());
-        // Data in every block but eight, from STEP - 4 on, which read as zeroes.
-        let zeroes = STEP - 4..STEP + 4;
-        for k in (0..blocks).filter(|k| !zeroes.contains(k)) {
-            src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
-        }
-        let m = Mirror::new(dst.clone(), 0, BS, OnError::GiveUp);
-        let mut buf = Vec::new();
-        let mut write_backs = Vec::new();
-        for k in 0..blocks {
-            m.copy_region(&src, 0, k, &mut buf).unwrap();
-            write_backs.push(data.count(FaultOp::Writeback));
-        }
-        // After each STEP blocks of data: the blocks of zeroes (unmapped, nothing written)
-        // do not count.
-        let at = |k: u64| write_backs[k as usize];
-        assert_eq!((at(STEP - 1), at(STEP + 6), at(STEP + 7)), (0, 0, 1));
-        assert_eq!((at(2 * STEP + 6), at(2 * STEP + 7)), (1, 2));
-        let mut b = [0u8; 512];
-        dst.read(0, (STEP + 5) * BS, &mut b).unwrap();
-        assert_eq!(b, [(STEP + 5) as u8 | 1; 512]);
-    }
-
-    #[test]
-    fn the_copy_into_bigger_blocks_counts_the_whole_blocks_it_writes() {
-        let src = pool(Arc::new(MemStorage::new(STEP * BS)));
-        let data = Arc::new(FaultyStorage::new(MemStorage::new(STEP * BS)));
-        let dst = pool_of(data.clone(), 2 * BS);
-        // The secondary mapped (as where the disk's snapshot was copied), the source all
-        // zeroes (discarded since): each region writes zeroes into half a block.
-        dst.write(0, 0, &vec![7u8; (STEP * BS) as usize]).unwrap();
-        let m = Mirror::new(dst.clone(), 0, BS, OnError::GiveUp);
-        let mut buf = Vec::new();
-        for k in (0..STEP).step_by(2) {
-            m.copy_region(&src, 0, k, &mut buf).unwrap();
-        }
-        // STEP / 2 regions, each in a block of 2 * BS: the copy's 8 MiB.
-        assert_eq!(data.count(FaultOp::Writeback), 1);
-        let mut b = vec![9u8; 2 * BS as usize];
-        dst.read(0, 2 * BS, &mut b).unwrap();
-        assert!(b[..BS as usize].iter().all(|&x| x == 0));
-        assert!(b[BS as usize..].iter().all(|&x| x == 7));
-    }
-
-    /// Storage whose next write-back, once armed, is held until released, and whose writes
-    /// wait while it is held: as the kernel's write-back holds the pages it writes out
-    /// locked, and a write into one of them waits (all of them, here).
-    struct WriteBackHeld {
-        inner: MemStorage,
-        hold: Mutex<(bool, bool)>,
-        changed: std::sync::Condvar,
-    }
-
-    impl WriteBackHeld {
-        fn new(inner: MemStorage) -> Self {
-            WriteBackHeld {
-                inner,
-                hold: Mutex::new((false, false)),
-                changed: std::sync::Condvar::new(),
-            }
-        }
-        /// (armed, holding)
-        fn state(&self) -> std::sync::MutexGuard<'_, (bool, bool)> {
-            self.hold.lock().unwrap()
-        }
-        fn hold_next_write_back(&self) {
-            self.state().0 = true;
-        }
-        fn wait_until_holding(&self) {
-            let mut h = self.state();
-            while !h.1 {
-                h = self.changed.wait(h).unwrap();
-            }
-        }
-        fn release(&self) {
-            *self.state() = (false, false);
-            self.changed.notify_all();
-        }
-        fn wait_while_held(&self) {
-            let mut h = self.state();
-            while h.1 {
-                h = self.changed.wait(h).unwrap();
-            }
-        }
-    }
-
-    impl Storage for WriteBackHeld {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            self.inner.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            self.wait_while_held();
-            self.inner.write_at(buf, offset)
-        }
-        fn sync(&self) -> std::io::Result<()> {
-            self.inner.sync()
-        }
-        fn writeback(&self) -> std::io::Result<()> {
-            let mut h = self.state();
-            if h.0 {
-                *h = (false, true);
-                self.changed.notify_all();
-            }
-            drop(h);
-            self.wait_while_held();
-            Ok(())
-        }
-        fn len(&self) -> u64 {
-            self.inner.len()
-        }
-    }
-
-    /// Region `k` of `p`'s device 0.
-    fn region_of(p: &Pool, k: u64) -> Vec<u8> {
-        let mut b = vec![0u8; BS as usize];
-        p.read(0, k * BS, &mut b).unwrap();
-        b
-    }
-
-    /// Whether `f`, on a thread of its own, ends within 10 s.
-    fn ends_soon(f: impl FnOnce() + Send + 'static) -> (bool, std::thread::JoinHandle<()>) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t = std::thread::spawn(move || {
-            f();
-            let _ = tx.send(());
-        });
-        let ended = rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok();
-        (ended, t)
-    }
-
-    #[test]
-    fn a_guest_write_to_a_copied_region_does_not_wait_for_the_copys_write_back() {
-        let blocks = STEP + 4;
-        let src = pool(Arc::new(MemStorage::new(blocks * BS)));
-        let data = Arc::new(WriteBackHeld::new(MemStorage::new(blocks * BS)));
-        let dst = pool(data.clone());
-        for k in 0..blocks {
-            src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
-        }
-        let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
-        m.defer_to_copy(blocks, std::slice::from_ref(&(0..blocks)));
-        data.hold_next_write_back();
-        // The copy's STEPth region writes the copy back, and that is held.
-        let copier = {
-            let (m, src) = (m.clone(), src.clone());
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                for k in 0..STEP {
-                    m.copy_region(&src, 0, k, &mut buf).unwrap();
-                }
-            })
-        };
-        data.wait_until_holding();
-        let (ended, guest) = {
-            let (m, src) = (m.clone(), src.clone());
-            ends_soon(move || {
-                let w = [IoSlice::new(&[0xee; 4096])];
-                m.write_vectored(&src, 0, 3 * BS + 4096, &w).unwrap();
-            })
-        };
-        data.release();
-        copier.join().unwrap();
-        guest.join().unwrap();
-        assert!(ended, "the guest's write waited for the copy's write-back");
-        let mut buf = Vec::new();
-        for k in STEP..blocks {
-            m.copy_region(&src, 0, k, &mut buf).unwrap();
-        }
-        // Region 3, written after its copy, is copied again; from then on, writes go to
-        // both sides.
-        let again = m.end_deferral().unwrap();
-        assert_eq!(again, [3]);
-        for k in again {
-            m.copy_region(&src, 0, k, &mut buf).unwrap();
-        }
-        let w = [IoSlice::new(&[0xdd; 4096])];
-        m.write_vectored(&src, 0, 5 * BS, &w).unwrap();
-        for k in 0..blocks {
-            assert!(region_of(&src, k) == region_of(&dst, k), "region {k}");
-        }
-        assert_eq!(region_of(&dst, 5)[..4096], [0xdd; 4096]);
-    }
-
-    #[test]
-    fn a_guest_write_to_a_region_being_copied_does_not_wait_for_the_copys_write() {
-        let src = pool(Arc::new(MemStorage::new(4 * BS)));
-        let data = Arc::new(HeldWrite::new(MemStorage::new(4 * BS)));
-        let dst = pool(data.clone());
-        src.write(0, 0, &[7; 8192]).unwrap();
-        let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
-        m.defer_to_copy(4, std::slice::from_ref(&(0..4)));
-        data.hold_next_write();
-        let copier = {
-            let (m, src) = (m.clone(), src.clone());
-            std::thread::spawn(move || m.copy_region(&src, 0, 0, &mut Vec::new()).unwrap())
-        };
-        data.wait_until_holding();
-        let (ended, guest) = {
-            let (m, src) = (m.clone(), src.clone());
-            ends_soon(move || {
-                let w = [IoSlice::new(&[9; 512])];
-                m.write_vectored(&src, 0, 4096, &w).unwrap();
-            })
-        };
-        data.release();
-        copier.join().unwrap();
-        guest.join().unwrap();
-        assert!(ended, "the guest's write waited for the copy's write");
-        let mut buf = Vec::new();
-        for k in 1..4 {
-            m.copy_region(&src, 0, k, &mut buf).unwrap();
-        }
-        // The copy wrote region 0 as it was before the guest's write: copied again.
-        let again = m.end_deferral().unwrap();
-        assert_eq!(again, [0]);
-        m.copy_region(&src, 0, 0, &mut buf).unwrap();
-        for k in 0..4 {
-            assert!(region_of(&src, k) == region_of(&dst, k), "region {k}");
-        }
-    }
-
-    #[test]
-    fn a_failed_write_back_of_the_copy_fails_the_copy() {
-        let src = pool(Arc::new(MemStorage::new(STEP * BS)));
-        let data = Arc::new(FaultyStorage::new(MemStorage::new(STEP * BS)));
-        let dst = pool(data.clone());
-        for k in 0..STEP {
-            src.write(0, k * BS, &[1; 512]).unwrap();
-        }
-        data.fail_nth(FaultOp::Writeback, 1, false);
-        let m = Mirror::new(dst, 0, BS, OnError::GiveUp);
-        let mut buf = Vec::new();
-        for k in 0..STEP - 1 {
-            m.copy_region(&src, 0, k, &mut buf).unwrap();
-        }
-        let e = m.copy_region(&src, 0, STEP - 1, &mut buf).unwrap_err();
-        assert!(matches!(e, CopyError::WriteBack(_)), "{e}");
-    }
-}
+mod tests;

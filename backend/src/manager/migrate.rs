@@ -19,10 +19,10 @@
 //!    it was made (the delta from the last snapshot, from the trees; without one, every
 //!    mapped block) is copied to `D` from the disk as it is now, reading it under the
 //!    mirror's lock of that block (a block of the old pool). A guest request holds the
-//!    same locks for its blocks across both of its writes. Until the copy has written a
-//!    block of `D` back, the guest's writes to that block go to the old device alone and
-//!    the copy moves the block again afterwards (the mirror's "Deferred regions"): a
-//!    guest write never waits for the write-back of the copy's new blocks. Those second
+//!    same locks for its blocks across both of its writes. Until the copy of a block has
+//!    been written back to `D`, the guest's writes to that block go to the old device alone
+//!    and the copy moves the block again afterwards (the mirror's "Deferred regions"): a
+//!    guest write does not meet the write-back of the copy's new blocks. Those second
 //!    copies hold the lock across their read and their write, with every guest write
 //!    mirrored. So no copy of a block is stale when the copy ends (a write after its read
 //!    made the copy move it again), and a partial-block write the mirror made on `D`

@@ -26,11 +26,14 @@ impl Bits {
             .is_some_and(|(i, bit)| self.words[i] & bit != 0)
     }
 
-    /// Regions past the end are never set: they are not the copy's.
+    /// Grows to take a region past the end (a disk resized during the copy: the requests
+    /// that reach there are within the disk, which bounds the growth).
     fn set(&mut self, k: u64) {
-        if let Some((i, bit)) = self.word(k) {
-            self.words[i] |= bit;
+        let i = (k / 64) as usize;
+        if i >= self.words.len() {
+            self.words.resize(i + 1, 0);
         }
+        self.words[i] |= 1 << (k % 64);
     }
 
     fn clear(&mut self, k: u64) {
@@ -86,10 +89,12 @@ impl Deferral {
         self.todo.get(k) || self.unsettled.get(k) || self.copying == Some(k)
     }
 
-    /// Whether a guest request on regions `first..end` (held) goes to the primary alone:
-    /// if any of them is unsettled, all are left to the copy.
-    pub(super) fn defers(&mut self, first: u64, end: u64) -> bool {
-        if !(first..end).any(|k| self.unsettled(k)) {
+    /// Whether a guest request on regions `first..end` (held) goes to the primary alone,
+    /// `near` being the regions that share a block of the secondary with them (the same,
+    /// unless its blocks are bigger than a region): if any of those is unsettled, the
+    /// request's regions are left to the copy.
+    pub(super) fn defers(&mut self, first: u64, end: u64, near: Range<u64>) -> bool {
+        if !near.chain(first..end).any(|k| self.unsettled(k)) {
             return false;
         }
         for k in first..end {
@@ -109,14 +114,18 @@ impl Deferral {
         self.copying = Some(k);
     }
 
-    /// The copy of region `k` ended; a failed one leaves the region to copy.
-    pub(super) fn end_copy(&mut self, k: u64, ok: bool) {
+    /// The copy of region `k` ended: `Some(wrote)` if it succeeded, `wrote` whether it
+    /// wrote the secondary's data device (a region of zeroes that unmapped whole blocks did
+    /// not, and is settled at once); a failed one leaves the region to copy.
+    pub(super) fn end_copy(&mut self, k: u64, done: Option<bool>) {
         self.copying = None;
-        if ok {
-            self.unsettled.set(k);
-            self.batch.push(k);
-        } else {
-            self.todo.set(k);
+        match done {
+            Some(true) => {
+                self.unsettled.set(k);
+                self.batch.push(k);
+            }
+            Some(false) => {}
+            None => self.todo.set(k),
         }
     }
 
@@ -141,37 +150,53 @@ mod tests {
     fn a_region_is_settled_once_copied_and_written_back_unless_written_meanwhile() {
         let mut d = Deferral::new(200, &[3..5, 130..131]);
         assert_eq!(d.todo(), [3, 4, 130]);
+        let defers = |d: &mut Deferral, k: u64| d.defers(k, k + 1, k..k + 1);
         // Not the copy's: the guest's writes go to both sides.
-        assert!(!d.defers(0, 3));
-        assert!(!d.defers(199, 200));
+        assert!(!d.defers(0, 3, 0..3));
+        assert!(!defers(&mut d, 199));
         // Not copied yet.
-        assert!(d.defers(4, 5));
+        assert!(defers(&mut d, 4));
         d.start_copy(3);
-        assert!(d.defers(3, 4), "being copied");
-        d.end_copy(3, true);
+        assert!(defers(&mut d, 3), "being copied");
+        d.end_copy(3, Some(true));
         d.start_copy(4);
-        d.end_copy(4, true);
+        d.end_copy(4, Some(true));
         assert_eq!(d.todo(), [3, 130], "3 was written during its copy");
-        assert!(d.defers(4, 5), "copied, not written back");
+        assert!(defers(&mut d, 4), "copied, not written back");
         d.start_copy(130);
-        d.end_copy(130, false);
+        d.end_copy(130, None);
         d.settle();
         // 4 was written after its copy, 130's copy failed: both to copy again, with 3.
         assert_eq!(d.todo(), [3, 4, 130]);
         d.start_copy(3);
-        d.end_copy(3, true);
+        d.end_copy(3, Some(true));
         d.settle();
-        assert!(!d.defers(3, 4));
+        assert!(!defers(&mut d, 3));
         // A request across a settled region and an unsettled one leaves both to the copy.
-        assert!(d.defers(3, 5));
+        assert!(d.defers(3, 5, 3..5));
         assert_eq!(d.todo(), [3, 4, 130]);
+        // A copy that wrote nothing (zeroes, whole blocks unmapped) is settled at once.
+        d.start_copy(130);
+        d.end_copy(130, Some(false));
+        assert!(!defers(&mut d, 130));
     }
 
     #[test]
-    fn regions_past_the_disks_end_are_never_the_copys() {
-        let mut d = Deferral::new(64, std::slice::from_ref(&(60..70)));
-        assert_eq!(d.todo(), [60, 61, 62, 63]);
-        assert!(!d.defers(64, 70));
-        assert!(!d.defers(u64::MAX - 1, u64::MAX));
+    fn a_request_sharing_a_block_of_the_secondary_with_an_unsettled_region_is_deferred() {
+        // Secondary blocks of two regions: 4 and 5 share one.
+        let mut d = Deferral::new(8, std::slice::from_ref(&(4..5)));
+        assert!(!d.defers(5, 6, 5..6), "alone, 5 is not the copy's");
+        assert!(d.defers(5, 6, 4..6), "its block's other half is");
+        assert_eq!(d.todo(), [4, 5]);
+    }
+
+    #[test]
+    fn a_request_past_the_disks_size_when_the_copy_began_is_tracked() {
+        // The disk grew during the copy; a write across its old end, where region 63 is
+        // still to copy, leaves 64 to the copy as well.
+        let mut d = Deferral::new(64, std::slice::from_ref(&(60..64)));
+        assert!(!d.defers(64, 70, 64..70));
+        assert!(d.defers(63, 65, 63..65));
+        assert_eq!(d.todo(), [60, 61, 62, 63, 64]);
     }
 }
