@@ -208,14 +208,21 @@ fn a_guest_write_to_a_copied_region_does_not_wait_for_the_copys_write_back() {
     assert_eq!(region_of(&dst, 5)[..4096], [0xdd; 4096]);
 }
 
-#[test]
-fn a_guest_write_to_a_region_being_copied_does_not_wait_for_the_copys_write() {
+/// A disk of four regions of which `plan` is the copy's, its first 8 KiB written, mirrored to
+/// a pool of `dst_block` blocks: the copy of region 0 held in its write to the secondary
+/// while the guest writes 512 bytes at `at`. Whether that write ended within 10 s, then
+/// the mirror and both pools, with the copy's write let go.
+fn guest_write_during_a_held_copy(
+    dst_block: u64,
+    plan: std::ops::Range<u64>,
+    at: u64,
+) -> (bool, Arc<Mirror>, Arc<Pool>, Arc<Pool>) {
     let src = pool(Arc::new(MemStorage::new(4 * BS)));
     let data = Arc::new(HeldWrite::new(MemStorage::new(4 * BS)));
-    let dst = pool(data.clone());
+    let dst = pool_of(data.clone(), dst_block);
     src.write(0, 0, &[7; 8192]).unwrap();
     let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
-    m.defer_to_copy(4, std::slice::from_ref(&(0..4)));
+    m.defer_to_copy(4, std::slice::from_ref(&plan));
     data.hold_next_write();
     let copier = {
         let (m, src) = (m.clone(), src.clone());
@@ -226,12 +233,18 @@ fn a_guest_write_to_a_region_being_copied_does_not_wait_for_the_copys_write() {
         let (m, src) = (m.clone(), src.clone());
         ends_soon(move || {
             let w = [IoSlice::new(&[9; 512])];
-            m.write_vectored(&src, 0, 4096, &w).unwrap();
+            m.write_vectored(&src, 0, at, &w).unwrap();
         })
     };
     data.release();
     copier.join().unwrap();
     guest.join().unwrap();
+    (ended, m, src, dst)
+}
+
+#[test]
+fn a_guest_write_to_a_region_being_copied_does_not_wait_for_the_copys_write() {
+    let (ended, m, src, dst) = guest_write_during_a_held_copy(BS, 0..4, 4096);
     assert!(ended, "the guest's write waited for the copy's write");
     let mut buf = Vec::new();
     for k in 1..4 {
@@ -281,28 +294,7 @@ fn a_region_copied_and_written_back_is_mirrored_during_the_copy() {
 #[test]
 fn a_guest_write_sharing_a_block_of_the_secondary_with_a_region_being_copied_does_not_wait() {
     // The secondary's blocks are two regions; only region 0 is the copy's.
-    let src = pool(Arc::new(MemStorage::new(4 * BS)));
-    let data = Arc::new(HeldWrite::new(MemStorage::new(4 * BS)));
-    let dst = pool_of(data.clone(), 2 * BS);
-    src.write(0, 0, &[7; 8192]).unwrap();
-    let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
-    m.defer_to_copy(4, std::slice::from_ref(&(0..1)));
-    data.hold_next_write();
-    let copier = {
-        let (m, src) = (m.clone(), src.clone());
-        std::thread::spawn(move || m.copy_region(&src, 0, 0, &mut Vec::new()).unwrap())
-    };
-    data.wait_until_holding();
-    let (ended, guest) = {
-        let (m, src) = (m.clone(), src.clone());
-        ends_soon(move || {
-            let w = [IoSlice::new(&[9; 512])];
-            m.write_vectored(&src, 0, BS + 4096, &w).unwrap();
-        })
-    };
-    data.release();
-    copier.join().unwrap();
-    guest.join().unwrap();
+    let (ended, m, src, dst) = guest_write_during_a_held_copy(2 * BS, 0..1, BS + 4096);
     assert!(ended, "the guest's write waited for the copy's write");
     // Region 1, written to the primary alone, is copied after the deferral.
     let again = m.end_deferral().unwrap();
