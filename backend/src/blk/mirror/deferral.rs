@@ -26,8 +26,10 @@ impl Bits {
             .is_some_and(|(i, bit)| self.words[i] & bit != 0)
     }
 
-    /// Grows to take a region past the end (a disk resized during the copy: the requests
-    /// that reach there are within the disk, which bounds the growth).
+    /// Grows to take a region past the end. Not expected: `disk-resize` waits for a
+    /// migration to end (both take the manager's operation lock); should a disk ever grow
+    /// during the copy, the requests that reach past the old end are within the disk, which
+    /// bounds the growth.
     fn set(&mut self, k: u64) {
         let i = (k / 64) as usize;
         if i >= self.words.len() {
