@@ -64,10 +64,10 @@ pub(super) struct Deferral {
     /// Regions the copy has to move: not copied yet, or written by the guest (to the
     /// primary alone) since their copy began.
     todo: Bits,
-    /// Regions copied whose secondary's data is not written back yet.
+    /// Regions copied whose secondary's data is not written back yet (all of them are
+    /// settled by the next write-back: the copy is one caller, and writes back after its
+    /// own copies).
     unsettled: Bits,
-    /// Those, to settle once the write-back that follows their copy is done.
-    batch: Vec<u64>,
     /// The region whose copy is writing the secondary (its lock let go).
     copying: Option<u64>,
 }
@@ -82,7 +82,6 @@ impl Deferral {
         Deferral {
             todo,
             unsettled: Bits::new(regions),
-            batch: Vec::new(),
             copying: None,
         }
     }
@@ -92,11 +91,12 @@ impl Deferral {
     }
 
     /// Whether a guest request on regions `first..end` (held) goes to the primary alone,
-    /// `near` being the regions that share a block of the secondary with them (the same,
-    /// unless its blocks are bigger than a region): if any of those is unsettled, the
-    /// request's regions are left to the copy.
-    pub(super) fn defers(&mut self, first: u64, end: u64, near: Range<u64>) -> bool {
-        if !near.chain(first..end).any(|k| self.unsettled(k)) {
+    /// `near` being those regions and the ones that share a block of the secondary with
+    /// them (no more, unless its blocks are bigger than a region): if any of those is
+    /// unsettled, the request's regions are left to the copy.
+    pub(super) fn defers(&mut self, first: u64, end: u64, mut near: Range<u64>) -> bool {
+        debug_assert!(near.start <= first && end <= near.end);
+        if !near.any(|k| self.unsettled(k)) {
             return false;
         }
         for k in first..end {
@@ -122,10 +122,7 @@ impl Deferral {
     pub(super) fn end_copy(&mut self, k: u64, done: Option<bool>) {
         self.copying = None;
         match done {
-            Some(true) => {
-                self.unsettled.set(k);
-                self.batch.push(k);
-            }
+            Some(true) => self.unsettled.set(k),
             Some(false) => {}
             None => self.todo.set(k),
         }
@@ -133,9 +130,7 @@ impl Deferral {
 
     /// Every copy so far is written back.
     pub(super) fn settle(&mut self) {
-        for k in self.batch.drain(..) {
-            self.unsettled.clear(k);
-        }
+        self.unsettled.words.fill(0);
     }
 
     /// The regions still to copy, in ascending order.
