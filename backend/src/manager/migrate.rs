@@ -97,6 +97,27 @@ pub(crate) enum MigrateStep {
     Copied,
 }
 
+/// Whether the disk's entry and its snapshots' are still what the migration read before
+/// its background copy, when it did not hold the manager's operation lock: the changes
+/// that concern them are refused while their devices are pinned, so this is the check
+/// that no path was missed, not a case expected to happen. The switch writes the entries
+/// it read; a change meanwhile would be lost.
+fn unchanged_meanwhile(sw: &Switch<'_>) -> R<()> {
+    let reg = sw.src.registry();
+    let same = reg.devices.get(&sw.disk) == Some(sw.entry)
+        && sw
+            .src_names
+            .iter()
+            .all(|(id, e)| reg.devices.get(id) == Some(e));
+    if same {
+        return Ok(());
+    }
+    Err(Error::failed(format!(
+        "disk '{}' or one of its snapshots was changed in pool {} during the migration; nothing was moved, migrate it again",
+        sw.name, sw.src.name
+    )))
+}
+
 /// What the end of a migration did.
 struct Switched {
     /// The disk's thin device in the new pool.
@@ -385,7 +406,11 @@ impl Manager {
             .as_ref()
             .is_some_and(|d| d.connected.load(std::sync::atomic::Ordering::SeqCst));
         ctx.check()?;
-        let _op = lock(&self.op);
+        // Held while the migration reads the disk's entry and installs the mirror, and
+        // again for the switch and what follows; not while the background copy runs (as
+        // long as the disk is big): meanwhile the rest of the daemon is managed as usual,
+        // and the changes that concern this disk are refused (its devices are pinned).
+        let mut op = Some(lock(&self.op));
         let entry =
             src.registry().devices.get(&disk).cloned().ok_or_else(|| {
                 Error::failed(format!("disk '{name}' vanished during the migration"))
@@ -409,7 +434,7 @@ impl Manager {
         };
         let last = copies.last().copied();
         let done = match served.as_ref().filter(|_| live) {
-            Some(d) => self.mirror_and_switch(ctx, &sw, d, last, made)?,
+            Some(d) => self.mirror_and_switch(ctx, &sw, d, last, made, &mut op)?,
             None => {
                 let tf_base = prev;
                 self.final_pass_and_switch(ctx, &sw, served.as_ref(), made, |made, tf| {
@@ -500,13 +525,17 @@ impl Manager {
     /// The end for a disk being written: active mirroring, then a switch that copies
     /// nothing (see the module's comment). `last` is the disk's last snapshot and its copy
     /// in the new pool, if it has snapshots.
-    fn mirror_and_switch(
-        &self,
+    /// `op` (the manager's operation lock, held on entry) is let go during the background
+    /// copy and taken again before the switch; it is held on return.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror_and_switch<'m>(
+        &'m self,
         ctx: &JobCtx,
         sw: &Switch<'_>,
         d: &Arc<crate::blk::disk::Disk>,
         last: Option<(u32, u32)>,
         made: &mut Made,
+        op: &mut Option<std::sync::MutexGuard<'m, ()>>,
     ) -> R<Switched> {
         let (src, dst, disk) = (sw.src, sw.dst, sw.disk);
         // The disk's device-to-be in the new pool: writable, made of the last snapshot's
@@ -543,7 +572,11 @@ impl Manager {
             dst.name
         );
         self.hook(MigrateStep::Mirroring { dest });
-        let copied = self.copy_changed(ctx, sw, &mirror, last.map(|(snap, _)| snap))?;
+        *op = None;
+        let copied = self.copy_changed(ctx, sw, &mirror, last.map(|(snap, _)| snap));
+        *op = Some(lock(&self.op));
+        let copied = copied?;
+        unchanged_meanwhile(sw)?;
         self.hook(MigrateStep::Copied);
         tracing::info!(
             "migrate {}: copied {} while mirroring",

@@ -381,6 +381,19 @@ impl Manager {
         }
     }
 
+    /// Refuses, for a device of a disk being migrated, what other jobs' devices allow:
+    /// a clone of it (it would be made in the pool the disk is leaving, and outlive its
+    /// origin there) or a change of the disk's replication (its entry is rewritten at the
+    /// switch). A snapshot being sent may be cloned.
+    fn check_not_migrating(&self, f: &Found, name: &str) -> R<()> {
+        match lock(&self.pins).get(&(f.pool.name.clone(), f.id)) {
+            Some(kind @ &"migrate") => Err(Error::failed(format!(
+                "'{name}' is in use by a {kind} job: wait for it or cancel it (job-cancel)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn pool(&self, name: Option<&str>) -> R<Arc<PoolHandle>> {
         match name {
             Some(n) => self
@@ -958,6 +971,7 @@ impl Manager {
         let (pool, origin) = match new.clone_from {
             Some(src) => {
                 let f = self.find(src)?;
+                self.check_not_migrating(&f, src)?;
                 if new.pool.is_some_and(|p| p != f.pool.name) {
                     return Err(Error::failed("a clone lives in the pool of its origin"));
                 }
@@ -1092,6 +1106,7 @@ impl Manager {
     pub fn disk_resize(&self, name: &str, size: u64) -> R<DiskResized> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
+        self.check_unpinned(&f, name)?;
         if size < f.entry.size {
             return Err(Error::failed(format!(
                 "disks only grow: '{name}' has {} bytes (shrinking would lose data the guest may use)",
@@ -1139,6 +1154,7 @@ impl Manager {
     pub fn disk_set_read_only(&self, name: &str, read_only: bool) -> R<Done> {
         let _op = lock(&self.op);
         let f = self.find(name)?;
+        self.check_unpinned(&f, name)?;
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
                 e.read_only = read_only;

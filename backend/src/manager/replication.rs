@@ -139,6 +139,7 @@ impl Manager {
                 "'{disk}' is a snapshot: replicate the disk"
             )));
         }
+        self.check_not_migrating(&f, disk)?;
         let old = f.entry.replication();
         // A new target has none of the old one's snapshots: its first round is full.
         let same_target = old.as_ref().is_some_and(|o| o.target == target);

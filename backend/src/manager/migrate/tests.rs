@@ -532,3 +532,155 @@ fn a_disk_moves_whole_from_its_last_snapshot_its_external_origin_or_nothing() {
         f.m.shutdown().unwrap();
     }
 }
+
+/// While the background copy runs (as long as the disk is big), the rest of the daemon
+/// is managed as usual: another disk is snapshotted and resized at once, not
+/// after the move. What would change the moving disk's own entry (a resize, read-only,
+/// a replication started), or make a clone in the pool it leaves is refused at once with the job named, not left
+/// waiting for the move.
+#[test]
+fn management_calls_go_on_while_a_migration_copies() {
+    let f = Arc::new(fixture());
+    f.m.disk_add(
+        &super::super::NewDisk {
+            name: "other",
+            pool: Some("a"),
+            size: Some(DISK),
+            clone_from: None,
+            read_only: false,
+            serial: None,
+            external_origin: None,
+        },
+        None,
+        None,
+        None,
+    )
+    .unwrap();
+    let answers = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let (m, answers) = (Arc::downgrade(&f.m), answers.clone());
+        let asked = AtomicBool::new(false);
+        f.set_hook(move |step| {
+            let MigrateStep::Copying { .. } = step else {
+                return;
+            };
+            if asked.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let Some(m) = m.upgrade() else { return };
+            // Asked from another thread, as a management client would, while the copy
+            // waits here: each must answer while the copy is still under way.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let show = |r: Result<String, Error>| r.unwrap_or_else(|e| format!("error: {e}"));
+                let calls = [
+                    show(
+                        m.snapshot_create("other", "@s")
+                            .map(|_| "snapshot made".into()),
+                    ),
+                    show(
+                        m.disk_resize("other", 2 * DISK)
+                            .map(|_| "other resized".into()),
+                    ),
+                    show(m.disk_resize("vm", 2 * DISK).map(|_| "vm resized".into())),
+                    show(
+                        m.disk_set_read_only("vm", true)
+                            .map(|_| "vm read-only".into()),
+                    ),
+                    show(
+                        m.disk_create(&super::super::NewDisk {
+                            name: "c",
+                            pool: None,
+                            size: None,
+                            clone_from: Some("vm@s1"),
+                            read_only: false,
+                            serial: None,
+                            external_origin: None,
+                        })
+                        .map(|_| "vm@s1 cloned".into()),
+                    ),
+                    show(
+                        m.replication_start(
+                            "vm",
+                            3600,
+                            2,
+                            ReplicationTarget::Pool {
+                                pool: "b".into(),
+                                prefix: "vm-replica".into(),
+                            },
+                        )
+                        .map(|_| "vm replicated".into()),
+                    ),
+                ];
+                let _ = tx.send(calls);
+            });
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .map_or_else(
+                    |_| vec!["no answer while the migration copied".to_string()],
+                    |c| c.to_vec(),
+                );
+            *lock(&answers) = got;
+        });
+    }
+    let r = f.migrate().unwrap();
+    let answers = lock(&answers).clone();
+    assert_eq!(answers.len(), 6, "{answers:?}");
+    assert_eq!(answers[0], "snapshot made", "{answers:?}");
+    assert_eq!(answers[1], "other resized", "{answers:?}");
+    for a in &answers[2..] {
+        assert!(
+            a.starts_with("error: ") && a.contains("migrate job"),
+            "a change of the moving disk's entry: {a} ({answers:?})"
+        );
+    }
+    assert_eq!(f.pool_of_disk(), "b", "{r}");
+    assert_eq!(f.m.find("vm").unwrap().entry.size, DISK);
+    assert!(!f.m.find("vm").unwrap().entry.read_only);
+    assert_eq!(f.m.find("other").unwrap().entry.size, 2 * DISK);
+    assert!(f.m.find("other@s").is_ok());
+    assert!(
+        f.m.find("c").is_err(),
+        "a clone was made of a moving snapshot"
+    );
+    f.verify(&format!("after the move ({r})"));
+    *lock(&f.m.migrate_hook) = None;
+    f.m.shutdown().unwrap();
+}
+
+/// A change of the moving disk's entry that slipped past the refusals during the copy
+/// (here made straight in the registry) fails the migration before the switch, which
+/// would write the entry read before the copy over it: the disk stays in its old pool,
+/// changed, with every write.
+#[test]
+fn a_change_of_the_disks_entry_during_the_copy_fails_the_migration_cleanly() {
+    let f = Arc::new(fixture());
+    {
+        let fw = Arc::downgrade(&f);
+        let changed = AtomicBool::new(false);
+        f.set_hook(move |step| {
+            let Some(f) = fw.upgrade() else { return };
+            if let MigrateStep::Copying { block } = step {
+                f.write(block * A_BLOCK, &bytes(5 << 32 | block, 4096));
+                if !changed.swap(true, Ordering::SeqCst) {
+                    let found = f.m.find("vm").unwrap();
+                    found
+                        .pool
+                        .change(|_, reg| {
+                            reg.devices.get_mut(&found.id).unwrap().serial = "changed".into();
+                            Ok(())
+                        })
+                        .unwrap();
+                }
+            }
+        });
+    }
+    let e = f.migrate().unwrap_err();
+    assert!(e.contains("changed in pool a during the migration"), "{e}");
+    assert_eq!(f.pool_of_disk(), "a");
+    assert_eq!(f.m.find("vm").unwrap().entry.serial, "changed");
+    assert!(f.disk.target().mirror.is_none());
+    f.verify("after the failed move");
+    *lock(&f.m.migrate_hook) = None;
+    f.m.shutdown().unwrap();
+}
