@@ -97,25 +97,34 @@ pub(crate) enum MigrateStep {
     Copied,
 }
 
-/// Whether the disk's entry and its snapshots' are still what the migration read before
-/// its background copy, when it did not hold the manager's operation lock: the changes
-/// that concern them are refused while their devices are pinned, so this is the check
-/// that no path was missed, not a case expected to happen. The switch writes the entries
-/// it read; a change meanwhile would be lost.
-fn unchanged_meanwhile(sw: &Switch<'_>) -> R<()> {
+/// The entries the switch writes into the new pool: the disk's and its snapshots' as they
+/// are now, in the old pool. The migration read them before its background copy, which
+/// it runs without the manager's operation lock; meanwhile a replication round may have
+/// advanced the disk's schedule, or the deletion of the snapshot it was cloned from
+/// rewritten its origin, and those changes move with it. What would make the copy wrong
+/// (a resize) or lose a device (a deletion) is refused while the devices are pinned; if
+/// either happened anyway, the migration fails here, before the switch.
+fn entries_for_switch(sw: &Switch<'_>) -> R<(DeviceEntry, BTreeMap<u32, DeviceEntry>)> {
     let reg = sw.src.registry();
-    let same = reg.devices.get(&sw.disk) == Some(sw.entry)
-        && sw
-            .src_names
-            .iter()
-            .all(|(id, e)| reg.devices.get(id) == Some(e));
-    if same {
-        return Ok(());
-    }
-    Err(Error::failed(format!(
-        "disk '{}' or one of its snapshots was changed in pool {} during the migration; nothing was moved, migrate it again",
-        sw.name, sw.src.name
-    )))
+    let changed = || {
+        Error::failed(format!(
+            "disk '{}' or one of its snapshots was resized or removed in pool {} during the migration; nothing was moved",
+            sw.name, sw.src.name
+        ))
+    };
+    let entry = reg
+        .devices
+        .get(&sw.disk)
+        .filter(|e| e.size == sw.entry.size)
+        .cloned()
+        .ok_or_else(changed)?;
+    let snapshots = sw
+        .src_names
+        .keys()
+        .map(|id| reg.devices.get(id).map(|e| (*id, e.clone())))
+        .collect::<Option<BTreeMap<_, _>>>()
+        .ok_or_else(changed)?;
+    Ok((entry, snapshots))
 }
 
 /// What the end of a migration did.
@@ -576,7 +585,12 @@ impl Manager {
         let copied = self.copy_changed(ctx, sw, &mirror, last.map(|(snap, _)| snap));
         *op = Some(lock(&self.op));
         let copied = copied?;
-        unchanged_meanwhile(sw)?;
+        let (entry, src_names) = entries_for_switch(sw)?;
+        let sw = &Switch {
+            entry: &entry,
+            src_names: &src_names,
+            ..*sw
+        };
         self.hook(MigrateStep::Copied);
         tracing::info!(
             "migrate {}: copied {} while mirroring",

@@ -428,6 +428,15 @@ impl Manager {
                 let reg = p.registry();
                 let found = how(&reg).and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
                 if let Some((id, entry)) = found {
+                    // A migration's helper snapshots and its copies not yet switched to
+                    // are the job's own: no management call reaches them by name.
+                    if let Some(Migration::Incoming { job } | Migration::Outgoing { job }) =
+                        entry.migration()
+                    {
+                        return Err(Error::failed(format!(
+                            "'{name}' is part of migration job {job}, not a disk or snapshot of its own"
+                        )));
+                    }
                     return Ok(Found {
                         pool: p.clone(),
                         id,

@@ -333,7 +333,7 @@ impl Manager {
     }
 
     /// One round for `disk`, as a job; returns (snapshot, bytes sent).
-    fn replication_round(self: &Arc<Self>, disk: &str, full: bool) -> R<(String, u64)> {
+    pub(super) fn replication_round(self: &Arc<Self>, disk: &str, full: bool) -> R<(String, u64)> {
         let f = self.find(disk)?;
         let spec = f
             .entry

@@ -534,10 +534,12 @@ fn a_disk_moves_whole_from_its_last_snapshot_its_external_origin_or_nothing() {
 }
 
 /// While the background copy runs (as long as the disk is big), the rest of the daemon
-/// is managed as usual: another disk is snapshotted and resized at once, not
-/// after the move. What would change the moving disk's own entry (a resize, read-only,
-/// a replication started), or make a clone in the pool it leaves is refused at once with the job named, not left
-/// waiting for the move.
+/// is managed as usual: another disk is snapshotted and resized at once, not after the
+/// move. What would change the moving disk's own entry (a resize, read-only, a
+/// replication started), make a clone of it in the pool it leaves, or reach the
+/// migration's own devices (its copy-to-be in the new pool, the snapshots' copies) is
+/// refused at once, not left waiting for the move. A replication round's step of the
+/// schedule, taken before its snapshot is refused, moves with the disk.
 #[test]
 fn management_calls_go_on_while_a_migration_copies() {
     let f = Arc::new(fixture());
@@ -556,6 +558,27 @@ fn management_calls_go_on_while_a_migration_copies() {
         None,
     )
     .unwrap();
+    // Replicated by a schedule (no thread here: its rounds are run by hand below).
+    let found = f.m.find("vm").unwrap();
+    found
+        .pool
+        .change(|_, reg| {
+            let spec = super::super::device_state::ReplicationSpec {
+                interval_secs: 3600,
+                keep: 2,
+                target: ReplicationTarget::Command {
+                    argv: vec!["true".into()],
+                },
+                next_seq: 0,
+                last: None,
+            };
+            reg.devices
+                .get_mut(&found.id)
+                .unwrap()
+                .set_replication(Some(spec));
+            Ok(())
+        })
+        .unwrap();
     let answers = Arc::new(Mutex::new(Vec::<String>::new()));
     {
         let (m, answers) = (Arc::downgrade(&f.m), answers.clone());
@@ -600,6 +623,18 @@ fn management_calls_go_on_while_a_migration_copies() {
                         .map(|_| "vm@s1 cloned".into()),
                     ),
                     show(
+                        m.disk_remove(".mv.disk", false)
+                            .map(|_| "helper removed".into()),
+                    ),
+                    show(
+                        m.snapshot_delete(".mv.in0", false)
+                            .map(|_| "copy deleted".into()),
+                    ),
+                    show(
+                        m.replication_round("vm", false)
+                            .map(|_| "round made".into()),
+                    ),
+                    show(
                         m.replication_start(
                             "vm",
                             3600,
@@ -625,12 +660,12 @@ fn management_calls_go_on_while_a_migration_copies() {
     }
     let r = f.migrate().unwrap();
     let answers = lock(&answers).clone();
-    assert_eq!(answers.len(), 6, "{answers:?}");
+    assert_eq!(answers.len(), 9, "{answers:?}");
     assert_eq!(answers[0], "snapshot made", "{answers:?}");
     assert_eq!(answers[1], "other resized", "{answers:?}");
     for a in &answers[2..] {
         assert!(
-            a.starts_with("error: ") && a.contains("migrate job"),
+            a.starts_with("error: ") && a.contains("migrat"),
             "a change of the moving disk's entry: {a} ({answers:?})"
         );
     }
@@ -643,44 +678,63 @@ fn management_calls_go_on_while_a_migration_copies() {
         f.m.find("c").is_err(),
         "a clone was made of a moving snapshot"
     );
+    // The round's step of the schedule (taken before its snapshot was refused) moved
+    // with the disk.
+    let spec = f.m.find("vm").unwrap().entry.replication().unwrap();
+    assert_eq!(spec.next_seq, 1, "{spec:?}");
     f.verify(&format!("after the move ({r})"));
     *lock(&f.m.migrate_hook) = None;
     f.m.shutdown().unwrap();
 }
 
-/// A change of the moving disk's entry that slipped past the refusals during the copy
-/// (here made straight in the registry) fails the migration before the switch, which
-/// would write the entry read before the copy over it: the disk stays in its old pool,
-/// changed, with every write.
+/// The switch writes the moving disk's entry as it is at the switch, not as the migration
+/// read it before its copy: a change made meanwhile (here straight in the registry, as a
+/// replication round advancing the schedule would) moves with the disk. A resize that
+/// slipped past the refusals fails the migration before the switch instead (the copy
+/// moved the old size): the disk stays in its old pool, with every write.
 #[test]
-fn a_change_of_the_disks_entry_during_the_copy_fails_the_migration_cleanly() {
-    let f = Arc::new(fixture());
-    {
-        let fw = Arc::downgrade(&f);
-        let changed = AtomicBool::new(false);
-        f.set_hook(move |step| {
-            let Some(f) = fw.upgrade() else { return };
-            if let MigrateStep::Copying { block } = step {
-                f.write(block * A_BLOCK, &bytes(5 << 32 | block, 4096));
-                if !changed.swap(true, Ordering::SeqCst) {
-                    let found = f.m.find("vm").unwrap();
-                    found
-                        .pool
-                        .change(|_, reg| {
-                            reg.devices.get_mut(&found.id).unwrap().serial = "changed".into();
-                            Ok(())
-                        })
-                        .unwrap();
+fn the_disks_entry_moves_as_it_is_at_the_switch_and_a_resize_meanwhile_fails_the_move() {
+    for resize in [false, true] {
+        let f = Arc::new(fixture());
+        {
+            let fw = Arc::downgrade(&f);
+            let changed = AtomicBool::new(false);
+            f.set_hook(move |step| {
+                let Some(f) = fw.upgrade() else { return };
+                if let MigrateStep::Copying { block } = step {
+                    f.write(block * A_BLOCK, &bytes(5 << 32 | block, 4096));
+                    if !changed.swap(true, Ordering::SeqCst) {
+                        let found = f.m.find("vm").unwrap();
+                        found
+                            .pool
+                            .change(|_, reg| {
+                                let e = reg.devices.get_mut(&found.id).unwrap();
+                                if resize {
+                                    e.size = 2 * DISK;
+                                } else {
+                                    e.serial = "changed".into();
+                                }
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
                 }
-            }
-        });
+            });
+        }
+        let r = f.migrate();
+        let e = f.m.find("vm").unwrap().entry;
+        if resize {
+            let e = r.unwrap_err();
+            assert!(e.contains("resized or removed in pool a"), "{e}");
+            assert_eq!(f.pool_of_disk(), "a");
+        } else {
+            let r = r.unwrap();
+            assert_eq!(f.pool_of_disk(), "b", "{r}");
+            assert_eq!(e.serial, "changed");
+        }
+        assert!(f.disk.target().mirror.is_none());
+        f.verify(&format!("after the move (resize: {resize})"));
+        *lock(&f.m.migrate_hook) = None;
+        f.m.shutdown().unwrap();
     }
-    let e = f.migrate().unwrap_err();
-    assert!(e.contains("changed in pool a during the migration"), "{e}");
-    assert_eq!(f.pool_of_disk(), "a");
-    assert_eq!(f.m.find("vm").unwrap().entry.serial, "changed");
-    assert!(f.disk.target().mirror.is_none());
-    f.verify("after the failed move");
-    *lock(&f.m.migrate_hook) = None;
-    f.m.shutdown().unwrap();
 }
