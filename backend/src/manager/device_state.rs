@@ -44,6 +44,17 @@ pub enum Migration {
     Switched { job: String, from_pool: String },
 }
 
+impl Migration {
+    /// The migration job the entry belongs to.
+    pub fn job(&self) -> &str {
+        match self {
+            Migration::Outgoing { job }
+            | Migration::Incoming { job }
+            | Migration::Switched { job, .. } => job,
+        }
+    }
+}
+
 /// What the daemon keeps with one device. Fields a newer version added are kept as they
 /// are (`other`) and written back, so that a daemon going back a version neither refuses
 /// the registry nor drops what it does not know.

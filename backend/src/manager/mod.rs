@@ -429,9 +429,10 @@ impl Manager {
                 let found = how(&reg).and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
                 if let Some((id, entry)) = found {
                     // A migration's helper snapshots and its copies not yet switched to
-                    // are the job's own: no management call reaches them by name.
+                    // are the job's own while it runs: no management call reaches them by
+                    // name. What a failed one could not delete may be removed by hand.
                     if let Some(Migration::Incoming { job } | Migration::Outgoing { job }) =
-                        entry.migration()
+                        entry.migration().filter(|m| self.job_running(m.job()))
                     {
                         return Err(Error::failed(format!(
                             "'{name}' is part of migration job {job}, not a disk or snapshot of its own"
@@ -448,6 +449,15 @@ impl Manager {
         Err(Error::not_found(format!(
             "no disk or snapshot named '{name}'"
         )))
+    }
+
+    fn job_running(&self, id: &str) -> bool {
+        self.jobs.get(id).is_ok_and(|j| {
+            !matches!(
+                j.status(),
+                jobs::JobStatus::Concluded | jobs::JobStatus::Null
+            )
+        })
     }
 
     /// The registry entry of a disk or snapshot.

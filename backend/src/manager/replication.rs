@@ -133,6 +133,9 @@ impl Manager {
         // Two at once would each start a thread and one would be forgotten, running
         // rounds beside the other for ever.
         let _rop = lock(&self.replication_op);
+        // Held until the entry is changed (a migration about to switch has read it), let
+        // go before the thread starts (stopping an old one waits for its round).
+        let op = lock(&self.op);
         let f = self.find(disk)?;
         if f.entry.snapshot {
             return Err(Error::failed(format!(
@@ -172,6 +175,7 @@ impl Manager {
             }
             Ok(())
         })?;
+        drop(op);
         self.start_replicator(disk);
         Ok(Done {})
     }
@@ -189,6 +193,11 @@ impl Manager {
             self.cancel_rounds(disk);
             r.stop();
         }
+        // Found again with the operation lock held (not while the round above was waited
+        // for: a round may need it): a migration may have moved the disk meanwhile, and
+        // one about to switch has read its entry, so the change waits for its switch.
+        let _op = lock(&self.op);
+        let f = self.find(disk)?;
         f.pool.change(|_, reg| {
             if let Some(e) = reg.devices.get_mut(&f.id) {
                 e.set_replication(None);

@@ -738,3 +738,87 @@ fn the_disks_entry_moves_as_it_is_at_the_switch_and_a_resize_meanwhile_fails_the
         f.m.shutdown().unwrap();
     }
 }
+
+/// A replication-stop that comes once the migration has read the disk's entry for its
+/// switch waits for the switch, and then ends the schedule of the moved disk (not of the
+/// entry the switch leaves behind in the old pool).
+#[test]
+fn a_replication_stop_during_the_switch_ends_the_moved_disks_schedule() {
+    let f = Arc::new(fixture());
+    let found = f.m.find("vm").unwrap();
+    found
+        .pool
+        .change(|_, reg| {
+            let spec = super::super::device_state::ReplicationSpec {
+                interval_secs: 3600,
+                keep: 2,
+                target: ReplicationTarget::Command {
+                    argv: vec!["true".into()],
+                },
+                next_seq: 0,
+                last: None,
+            };
+            reg.devices
+                .get_mut(&found.id)
+                .unwrap()
+                .set_replication(Some(spec));
+            Ok(())
+        })
+        .unwrap();
+    let stopper = Arc::new(Mutex::new(None));
+    {
+        let (m, stopper) = (Arc::downgrade(&f.m), stopper.clone());
+        f.set_hook(move |step| {
+            if step != MigrateStep::Copied {
+                return;
+            }
+            let Some(m) = m.upgrade() else { return };
+            let (tx, rx) = std::sync::mpsc::channel();
+            *lock(&stopper) = Some(std::thread::spawn(move || {
+                let r = m.replication_stop("vm").map_err(|e| e.to_string());
+                let _ = tx.send(());
+                r
+            }));
+            // Given the time to land in the old pool's entry, if nothing makes it wait
+            // (a stop that waits, as it should, is not seen here and goes on after the
+            // migration).
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
+        });
+    }
+    let r = f.migrate().unwrap();
+    let stopped = lock(&stopper).take().unwrap().join().unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
+    let moved = f.m.find("vm").unwrap();
+    assert_eq!(moved.pool.name, "b", "{r}");
+    assert!(
+        moved.entry.replication().is_none(),
+        "the moved disk is still replicated: {:?}",
+        moved.entry.replication()
+    );
+    *lock(&f.m.migrate_hook) = None;
+    f.m.shutdown().unwrap();
+}
+
+/// What a failed migration could not delete (its marks say whose it was) is no longer
+/// the job's once the job has ended: it can be removed by name.
+#[test]
+fn a_finished_migrations_leftovers_can_be_removed_by_name() {
+    let f = fixture();
+    f.m.snapshot_create("vm", "@left").unwrap();
+    let found = f.m.find("vm@left").unwrap();
+    found
+        .pool
+        .change(|_, reg| {
+            reg.devices
+                .get_mut(&found.id)
+                .unwrap()
+                .set_migration(Some(Migration::Outgoing {
+                    job: "long-gone".into(),
+                }));
+            Ok(())
+        })
+        .unwrap();
+    f.m.snapshot_delete("vm@left", false).unwrap();
+    assert!(f.m.find("vm@left").is_err());
+    f.m.shutdown().unwrap();
+}
