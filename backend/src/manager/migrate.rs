@@ -60,6 +60,8 @@
 //! stays in its old pool (which has every write: the forward mirror writes it first, the
 //! backward one as well), after it the disk is in the new one.
 
+mod pace;
+
 use super::device_state::{DaemonFields, DeviceState, Migration, ReplicationTarget};
 use super::error::Error;
 use super::jobs::JobCtx;
@@ -683,8 +685,12 @@ impl Manager {
         };
         let mut buf = Vec::new();
         let mut copied = 0u64;
+        // The guest's writes into the new pool's file must not wait for a copy preempted
+        // in the middle of its own write there (see `pace`).
+        let mut pacer = pace::Pacer::for_this_thread();
         let mut copy = |k: u64, total: u64| -> R<()> {
             ctx.check()?;
+            pacer.step();
             self.hook(MigrateStep::Copying { block: k });
             mirror
                 .copy_region(src.pool(), disk, k, &mut buf)
