@@ -220,6 +220,31 @@ impl Fixture {
     }
 }
 
+/// Gives the disk a replication schedule in its registry entry, with no thread to run it
+/// (rounds, if any, are run by hand).
+fn replicated_by_hand(f: &Fixture) {
+    let found = f.m.find("vm").unwrap();
+    found
+        .pool
+        .change(|_, reg| {
+            let spec = super::super::device_state::ReplicationSpec {
+                interval_secs: 3600,
+                keep: 2,
+                target: ReplicationTarget::Command {
+                    argv: vec!["true".into()],
+                },
+                next_seq: 0,
+                last: None,
+            };
+            reg.devices
+                .get_mut(&found.id)
+                .unwrap()
+                .set_replication(Some(spec));
+            Ok(())
+        })
+        .unwrap();
+}
+
 /// A writer that runs until stopped: 4 KiB writes, partial writes across pool a's block
 /// boundaries, write-zeroes and discards, at offsets a seed picks.
 fn background_writer(f: &Arc<Fixture>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
@@ -559,26 +584,7 @@ fn management_calls_go_on_while_a_migration_copies() {
     )
     .unwrap();
     // Replicated by a schedule (no thread here: its rounds are run by hand below).
-    let found = f.m.find("vm").unwrap();
-    found
-        .pool
-        .change(|_, reg| {
-            let spec = super::super::device_state::ReplicationSpec {
-                interval_secs: 3600,
-                keep: 2,
-                target: ReplicationTarget::Command {
-                    argv: vec!["true".into()],
-                },
-                next_seq: 0,
-                last: None,
-            };
-            reg.devices
-                .get_mut(&found.id)
-                .unwrap()
-                .set_replication(Some(spec));
-            Ok(())
-        })
-        .unwrap();
+    replicated_by_hand(&f);
     let answers = Arc::new(Mutex::new(Vec::<String>::new()));
     {
         let (m, answers) = (Arc::downgrade(&f.m), answers.clone());
@@ -745,26 +751,7 @@ fn the_disks_entry_moves_as_it_is_at_the_switch_and_a_resize_meanwhile_fails_the
 #[test]
 fn a_replication_stop_during_the_switch_ends_the_moved_disks_schedule() {
     let f = Arc::new(fixture());
-    let found = f.m.find("vm").unwrap();
-    found
-        .pool
-        .change(|_, reg| {
-            let spec = super::super::device_state::ReplicationSpec {
-                interval_secs: 3600,
-                keep: 2,
-                target: ReplicationTarget::Command {
-                    argv: vec!["true".into()],
-                },
-                next_seq: 0,
-                last: None,
-            };
-            reg.devices
-                .get_mut(&found.id)
-                .unwrap()
-                .set_replication(Some(spec));
-            Ok(())
-        })
-        .unwrap();
+    replicated_by_hand(&f);
     let stopper = Arc::new(Mutex::new(None));
     {
         let (m, stopper) = (Arc::downgrade(&f.m), stopper.clone());
