@@ -373,11 +373,16 @@ impl Manager {
 
     /// Refuses to delete or change a device that a job is using.
     fn check_unpinned(&self, f: &Found, name: &str) -> R<()> {
+        self.refuse_pinned(f, name, |_| true)
+    }
+
+    /// Refuses `name` (found as `f`) if a job whose kind `refused` names has pinned it.
+    fn refuse_pinned(&self, f: &Found, name: &str, refused: impl Fn(&str) -> bool) -> R<()> {
         match lock(&self.pins).get(&(f.pool.name.clone(), f.id)) {
-            Some(kind) => Err(Error::failed(format!(
+            Some(kind) if refused(kind) => Err(Error::failed(format!(
                 "'{name}' is in use by a {kind} job: wait for it or cancel it (job-cancel)"
             ))),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -386,12 +391,7 @@ impl Manager {
     /// origin there) or a change of the disk's replication (its entry is rewritten at the
     /// switch). A snapshot being sent may be cloned.
     fn check_not_migrating(&self, f: &Found, name: &str) -> R<()> {
-        match lock(&self.pins).get(&(f.pool.name.clone(), f.id)) {
-            Some(kind @ &"migrate") => Err(Error::failed(format!(
-                "'{name}' is in use by a {kind} job: wait for it or cancel it (job-cancel)"
-            ))),
-            _ => Ok(()),
-        }
+        self.refuse_pinned(f, name, |kind| kind == "migrate")
     }
 
     fn pool(&self, name: Option<&str>) -> R<Arc<PoolHandle>> {
@@ -427,7 +427,9 @@ impl Manager {
             for p in self.pools.values() {
                 let reg = p.registry();
                 let found = how(&reg).and_then(|id| Some((id, reg.devices.get(&id)?.clone())));
+                drop(reg);
                 if let Some((id, entry)) = found {
+                    // (The registry let go first: the job table is not locked under it.)
                     // A migration's helper snapshots and its copies not yet switched to
                     // are the job's own while it runs: no management call reaches them by
                     // name. What a failed one could not delete may be removed by hand.

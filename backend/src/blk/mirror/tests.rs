@@ -138,6 +138,15 @@ impl Storage for WriteBackHeld {
 }
 
 /// Region `k` of `p`'s device 0.
+/// A primary of `blocks` blocks, each stamped with its number in its first sector.
+fn stamped_source(blocks: u64) -> Arc<Pool> {
+    let src = pool(Arc::new(MemStorage::new(blocks * BS)));
+    for k in 0..blocks {
+        src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
+    }
+    src
+}
+
 fn region_of(p: &Pool, k: u64) -> Vec<u8> {
     let mut b = vec![0u8; BS as usize];
     p.read(0, k * BS, &mut b).unwrap();
@@ -158,12 +167,9 @@ fn ends_soon(f: impl FnOnce() + Send + 'static) -> (bool, std::thread::JoinHandl
 #[test]
 fn a_guest_write_to_a_copied_region_does_not_wait_for_the_copys_write_back() {
     let blocks = STEP + 4;
-    let src = pool(Arc::new(MemStorage::new(blocks * BS)));
+    let src = stamped_source(blocks);
     let data = Arc::new(WriteBackHeld::new(MemStorage::new(blocks * BS)));
     let dst = pool(data.clone());
-    for k in 0..blocks {
-        src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
-    }
     let m = Arc::new(Mirror::new(dst.clone(), 0, BS, OnError::GiveUp));
     m.defer_to_copy(blocks, std::slice::from_ref(&(0..blocks)));
     data.hold_next_write_back();
@@ -262,12 +268,9 @@ fn a_guest_write_to_a_region_being_copied_does_not_wait_for_the_copys_write() {
 #[test]
 fn a_region_copied_and_written_back_is_mirrored_during_the_copy() {
     let blocks = STEP + 2;
-    let src = pool(Arc::new(MemStorage::new(blocks * BS)));
+    let src = stamped_source(blocks);
     let data = Arc::new(FaultyStorage::new(MemStorage::new(blocks * BS)));
     let dst = pool(data.clone());
-    for k in 0..blocks {
-        src.write(0, k * BS, &[k as u8 | 1; 512]).unwrap();
-    }
     let m = Mirror::new(dst.clone(), 0, BS, OnError::GiveUp);
     m.defer_to_copy(blocks, std::slice::from_ref(&(0..blocks)));
     let mut buf = Vec::new();
