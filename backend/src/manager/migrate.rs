@@ -60,8 +60,6 @@
 //! stays in its old pool (which has every write: the forward mirror writes it first, the
 //! backward one as well), after it the disk is in the new one.
 
-mod pace;
-
 use super::device_state::{DaemonFields, DeviceState, Migration, ReplicationTarget};
 use super::error::Error;
 use super::jobs::JobCtx;
@@ -687,7 +685,7 @@ impl Manager {
         let mut copied = 0u64;
         // The guest's writes into the new pool's file must not wait for a copy preempted
         // in the middle of its own write there (see `pace`).
-        let mut pacer = pace::Pacer::for_this_thread();
+        let mut pacer = super::pace::Pacer::for_this_thread();
         let mut copy = |k: u64, total: u64| -> R<()> {
             ctx.check()?;
             pacer.step();

@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod merge;
 pub mod migrate;
 mod monitor;
+mod pace;
 pub mod pool_settings;
 pub mod replication;
 pub mod results;

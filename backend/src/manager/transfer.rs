@@ -107,7 +107,11 @@ fn receive_from(
         }),
         ..Default::default()
     };
+    // Called between records, with nothing held: guests of `dst` writing into its data file
+    // must not wait for a receive preempted in the middle of its own write there.
+    let mut pacer = super::pace::Pacer::for_this_thread();
     let r = stream::receive(&dst.catalog, input, &opts, &mut |d, t| {
+        pacer.step();
         if report_progress {
             ctx.progress(d, t)
         }

@@ -262,6 +262,8 @@ fn new_copy_name(
 
 /// Receives a stream into the catalog's pool. Errors before any device was made change nothing; later
 /// ones drop the device, or keep it for resuming (`Interrupted`, when resumable).
+/// `progress(done, total)` is called in device bytes after each block of data written and
+/// each run of zeros, with no lock held (a caller may pause there).
 pub fn receive<R: Read>(
     cat: &Catalog,
     input: R,
@@ -289,11 +291,25 @@ pub fn receive<R: Read>(
     let result = (|| -> Result<(), StreamError> {
         while let Some(rec) = reader.next_record()? {
             match &rec {
-                Record::Data { offset, data } => pool.write(id, *offset, data)?,
-                Record::Zero { offset, length } => pool.write_zeroes(id, *offset, *length, true)?,
+                // A block at a time, each followed by `progress`: a caller that pauses there
+                // (to let the pool's guests at its data file) does so as often as a block.
+                Record::Data { offset, data } => {
+                    let bs = pool.block_bytes();
+                    let mut at = 0usize;
+                    while at < data.len() {
+                        let off = offset + at as u64;
+                        let n = ((bs - off % bs) as usize).min(data.len() - at);
+                        pool.write(id, off, &data[at..at + n])?;
+                        at += n;
+                        progress(off + n as u64, h.snapshot.size);
+                    }
+                }
+                Record::Zero { offset, length } => {
+                    pool.write_zeroes(id, *offset, *length, true)?;
+                    progress(rec.end(), h.snapshot.size);
+                }
             }
             next = rec.end();
-            progress(next, h.snapshot.size);
             if resumable && next - committed >= opts.commit_every {
                 set_progress(cat, id, next)?;
                 committed = next;

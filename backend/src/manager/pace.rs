@@ -1,27 +1,29 @@
-//! Pacing of the background copy, which writes into a file the guest also writes (the new
-//! pool's data file, which the mirror writes the guest's requests into): the copy pauses
-//! for a few microseconds after every [`PACE_EVERY_CPU`] of its own CPU time.
+//! Pacing of bulk writers into a pool's data file that guests write as well: the migration's
+//! background copy (into the new pool, which the mirror writes the guest's requests into)
+//! and every stream received into a pool (`snapshot-receive`, the copies of snapshots that
+//! a migration or a replication makes). Each pauses for a few microseconds after every
+//! [`PACE_EVERY_CPU`] of its own CPU time.
 //!
 //! Why: a buffered write holds the file's inode lock while it copies its data into the page
 //! cache, and the kernel may preempt the writer there, at a voluntary preemption point of
-//! the write loop, once its time slice is used up. The guest's mirrored writes into the same
-//! file then wait until the copy is scheduled again: several scheduler ticks on a busy host,
-//! every request of the guest's queue held meanwhile (docs/BENCHMARKS.md, "Where the guest
-//! waits during the move now"). A thread that sleeps, however briefly, is given a fresh
-//! slice when it wakes; one that has run for less than a slice since is not preempted inside
-//! its next write. `sched_yield` is no substitute: under EEVDF it moves the thread's deadline
-//! a slice back, and a copy that yields as often gets little CPU at all (tried: the move
-//! took up to twice as long, with more written twice).
+//! the write loop, once its time slice is used up. The guests' writes into the same file
+//! then wait until the bulk writer is scheduled again: several scheduler ticks on a busy
+//! host, every request of a guest's queue held meanwhile (docs/BENCHMARKS.md, "Where the
+//! guest waits during the move now"). A thread that sleeps, however briefly, is given a
+//! fresh slice when it wakes; one that has run for less than a slice since is not preempted
+//! inside its next write. `sched_yield` is no substitute: under EEVDF it moves the thread's
+//! deadline a slice back, and a copy that yields as often gets little CPU at all (tried:
+//! the move took up to twice as long, with more written twice).
 
 use std::time::Duration;
 
-/// CPU time the copy runs between pauses: well under the scheduler's base slice (0.75 ms
+/// CPU time a writer runs between pauses: well under the scheduler's base slice (0.75 ms
 /// times 1 + log2 of the CPUs, up to 8), so a slice begun at a pause is not used up before
 /// the next one.
 pub const PACE_EVERY_CPU: Duration = Duration::from_micros(500);
 
-/// How long the copy sleeps at each pause (with the thread's timer slack set to 1 µs, see
-/// [`Pacer::for_this_thread`]): about 5 % of the copy's time.
+/// How long a writer sleeps at each pause (with the thread's timer slack set to 1 µs, see
+/// [`Pacer::for_this_thread`]): about 5 % of its time.
 const PAUSE: Duration = Duration::from_micros(20);
 
 /// Counts a thread's CPU time and pauses it once [`PACE_EVERY_CPU`] has gone by.
@@ -34,7 +36,8 @@ pub struct Pacer<C: FnMut() -> Duration, S: FnMut(Duration)> {
 impl Pacer<fn() -> Duration, fn(Duration)> {
     /// Paces the calling thread (only that thread may call [`Pacer::step`]). Sets its timer
     /// slack to 1 µs, so that a pause lasts about what it asks (the default, 50 µs, would
-    /// more than triple it); the thread is the copy's own and ends with it.
+    /// more than triple it). The slack stays with the thread, which only makes its other
+    /// sleeps more exact.
     pub fn for_this_thread() -> Self {
         // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only the calling thread's
         // timer slack; no memory is passed.
@@ -55,7 +58,7 @@ impl<C: FnMut() -> Duration, S: FnMut(Duration)> Pacer<C, S> {
         }
     }
 
-    /// Between two steps of the copy (with no lock held): pauses if the thread has run for
+    /// Between two steps of the writer (with no lock held): pauses if the thread has run for
     /// [`PACE_EVERY_CPU`] since the last pause. Returns whether it paused.
     pub fn step(&mut self) -> bool {
         if (self.cpu_time)().saturating_sub(self.since) < PACE_EVERY_CPU {
@@ -76,7 +79,7 @@ fn thread_cpu_time() -> Duration {
     // SAFETY: clock_gettime writes one timespec, which `ts` is, and keeps no pointer.
     let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     if r != 0 {
-        // Cannot happen for this clock on Linux; a copy that cannot pace goes on unpaced.
+        // Cannot happen for this clock on Linux; a writer that cannot pace goes on unpaced.
         return Duration::ZERO;
     }
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
