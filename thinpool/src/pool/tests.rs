@@ -981,6 +981,55 @@ fn deleting_a_device_punches_the_blocks_no_other_device_shares() {
     assert!(b[512..].iter().all(|&x| x == 1));
 }
 
+/// A data device that records the length of every punch.
+struct PunchLog(MemStorage, Mutex<Vec<u64>>);
+
+impl Storage for PunchLog {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<crate::storage::Punched> {
+        self.1.lock().unwrap().push(len);
+        self.0.punch(offset, len)
+    }
+    fn holes(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        self.0.holes()
+    }
+}
+
+#[test]
+fn a_large_free_is_given_back_in_pieces_that_each_hold_the_file_briefly() {
+    // A file's hole punch holds its inode lock throughout, and the guests' writes into the
+    // same file wait for it: a deleted device of many contiguous blocks must not be one
+    // punch.
+    let blocks = 3 * PUNCH_PIECE_BYTES / BS + 5;
+    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(PunchLog(MemStorage::new(blocks * BS), Mutex::default()));
+    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.write(0, 0, &vec![7u8; (blocks * BS) as usize]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(data.0.allocated_bytes(), blocks * BS);
+    p.delete(0).unwrap();
+    p.commit().unwrap();
+    let punches = data.1.lock().unwrap().clone();
+    assert_eq!(data.0.allocated_bytes(), 0, "all given back: {punches:?}");
+    assert_eq!(punches.iter().sum::<u64>(), blocks * BS);
+    assert!(
+        punches.iter().all(|&n| n <= PUNCH_PIECE_BYTES),
+        "punches of at most {PUNCH_PIECE_BYTES} bytes each: {punches:?}"
+    );
+}
+
 #[test]
 fn a_failed_punch_keeps_the_pool_working_and_the_block_counts_as_written() {
     let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
