@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2034,SC2154  # variables set by and for the sourcing script
-# Shared by ci/bench-migrate.sh and ci/bench-snapshot.sh (sourced, not run): release
-# binaries, a work directory removed at exit unless --keep, the disk size in bytes, and the
-# 4 KiB random-write load whose latency both report.
+# Shared by ci/bench-migrate.sh, ci/bench-snapshot.sh and ci/bench-receive.sh (sourced, not
+# run): release binaries, a work directory removed at exit unless --keep, the disk size in
+# bytes, and the 4 KiB random-write load whose latency they report.
 #
 # The sourcing script sets: name (for messages and the work directory), size, runtime,
 # keep, generator (ours: bench/'s vhost-thin-bench; blkio: bench-blkio/'s

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# A guest's write latency while a snapshot stream is received into its pool: the receive
+# writes into the same data file as the guest (and so takes the same inode lock).
+#   1. pool a holds disk src, filled once (128 KiB sequential) and snapshotted as src@s,
+#      which is sent to a stream file; pool b holds disk0, filled once as well;
+#   2. vhost-thin-bench (or libblkio's generator) writes 4 KiB at random offsets of disk0,
+#      QD32, verified, for a run without a receive, a run with one (`ctl receive` of the
+#      stream into pool b, started --at seconds into the run), and a run in which the
+#      received snapshot is deleted (--at seconds in): the pool's next commit gives its
+#      blocks back to the host (discard passdown: holes punched in the data file, which also
+#      takes the file's inode lock).
+# Printed: the generator's IOPS and latency for each run, how long the receive took, and
+# how much of pool b's data file was allocated before and after the deletion.
+# There is no peer for this in qemu-storage-daemon: the run without the receive is the
+# comparison, and THIN= runs another build of the daemon against the same load (to compare
+# two versions, interleave their runs).
+#
+#   ci/bench-receive.sh [--size SIZE] [--runtime SECS] [--at SECS] [--generator ours|blkio]
+#                       [--keep]
+#
+#   --size SIZE    size of each disk, and so of the stream (default 1GiB)
+#   --runtime S    seconds of load per run (default 20)
+#   --at S         start the receive, and the deletion, this many seconds into their runs
+#                  (default 3)
+#   --keep         keep the work directory
+# Environment: BENCH_DIR (parent of the work directory, default /var/tmp); THIN (a vhost-thin
+# binary to measure instead of the one built here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=1GiB runtime=20 at=3 keep=0 generator=ours log_slow=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) size=$2; shift ;;
+    --runtime) runtime=$2; shift ;;
+    --at) at=$2; shift ;;
+    --generator) generator=$2; shift ;;
+    --keep) keep=1 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+name=receive
+# shellcheck source=ci/bench-lib.sh
+. ci/bench-lib.sh
+echo "machine: $(nproc) CPUs; disk $size_bytes bytes; load: 4 KiB random writes, QD32, $runtime s; receive at ${at} s"
+
+cat >"$work/cfg.yaml" <<EOF
+pools:
+  - name: a
+    metadata: $work/a.meta
+    data: $work/a.data
+    create: {data-size: $((size_bytes * 2))}
+  - name: b
+    metadata: $work/b.meta
+    data: $work/b.data
+    create: {data-size: $((size_bytes * 3))}
+disks:
+  - name: src
+    pool: a
+    size: $size_bytes
+    socket: $work/src.sock
+  - name: disk0
+    pool: b
+    size: $size_bytes
+    socket: $sock
+management:
+  socket: $work/qmp.sock
+logging:
+  level: warn
+EOF
+ctl() { "$thin" ctl -s "$work/qmp.sock" "$@"; }
+"$thin" serve --config "$work/cfg.yaml" >>"$work/ours.log" 2>&1 &
+pid=$!
+wait_socket "$sock" "$work/ours.log"
+"$bench" --socket "$work/src.sock" --rw write --bs 128k --iodepth 8 --single-pass --runtime 600 \
+  --verify >/dev/null
+ctl snapshot src@s >/dev/null
+ctl send src@s --file "$work/s.stream" >/dev/null
+echo "stream: $(stat -c %s "$work/s.stream") bytes ($work/s.stream, on $(df --output=source "$work" | tail -1))"
+prefill
+echo "== vhost-thin: guest writes on pool b, with and without a receive into pool b"
+load "$work/base.json"
+report "without a receive" "$work/base.json"
+load "$work/recv.json" &
+lpid=$!
+sleep "$at"
+t0=$(date +%s.%N)
+ctl receive "$work/s.stream" --pool b --name r >/dev/null
+t1=$(date +%s.%N)
+wait "$lpid" || { echo "bench-receive: the load failed during the receive:" >&2; cat "$work/recv.json.err" >&2; exit 1; }
+report "with the receive" "$work/recv.json"
+python3 -c "
+import sys; t = float(sys.argv[2]) - float(sys.argv[1]); n = int(sys.argv[3])
+print(f'  the receive took {t:.2f} s ({n / t / 2**20:.0f} MiB/s of stream)')" "$t0" "$t1" \
+  "$(stat -c %s "$work/s.stream")"
+alloc() { echo $(( $(stat -c %b "$work/b.data") * $(stat -c %B "$work/b.data") >> 20 )); }
+before=$(alloc)
+load "$work/del.json" &
+lpid=$!
+sleep "$at"
+ctl delete-snapshot r >/dev/null
+wait "$lpid" || { echo "bench-receive: the load failed during the deletion:" >&2; cat "$work/del.json.err" >&2; exit 1; }
+report "with the receive deleted" "$work/del.json"
+echo "  pool b's data file: $before MiB allocated before the deletion, $(alloc) MiB after the run (its blocks given back to the host: discard passdown)"
+stop
+"$thin" pool check -m "$work/b.meta" -d "$work/b.data" >/dev/null || { echo "bench-receive: pool b does not check clean" >&2; exit 1; }
