@@ -9,8 +9,9 @@
 #      received snapshot is deleted (--at seconds in): the pool's next commit gives its
 #      blocks back to the host (discard passdown: holes punched in the data file, which also
 #      takes the file's inode lock).
-# Printed: the generator's IOPS and latency for each run, how long the receive took, and
-# how much of pool b's data file was allocated before and after the deletion.
+# Printed: the generator's IOPS and latency for each run, how long the receive and the
+# deletion took (the deletion's commit gives the space back), and how much of pool b's data
+# file was allocated before and after it.
 # There is no peer for this in qemu-storage-daemon: the run without the receive is the
 # comparison, and THIN= runs another build of the daemon against the same load (to compare
 # two versions, interleave their runs).
@@ -28,6 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# (log_slow: read by bench-lib's load; this script lists no slow requests.)
 size=1GiB runtime=20 at=3 keep=0 generator=ours log_slow=
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
     --at) at=$2; shift ;;
     --generator) generator=$2; shift ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -94,16 +96,21 @@ wait "$lpid" || { echo "bench-receive: the load failed during the receive:" >&2;
 report "with the receive" "$work/recv.json"
 python3 -c "
 import sys; t = float(sys.argv[2]) - float(sys.argv[1]); n = int(sys.argv[3])
-print(f'  the receive took {t:.2f} s ({n / t / 2**20:.0f} MiB/s of stream)')" "$t0" "$t1" \
-  "$(stat -c %s "$work/s.stream")"
+print(f'  the receive took {t:.2f} s ({n / t / 2**20:.0f} MiB/s of stream)')
+if t > float(sys.argv[4]) - float(sys.argv[5]):
+    print('  (it outlasted the load: the run above saw only part of it; raise --runtime)')
+" "$t0" "$t1" "$(stat -c %s "$work/s.stream")" "$runtime" "$at"
 alloc() { echo $(( $(stat -c %b "$work/b.data") * $(stat -c %B "$work/b.data") >> 20 )); }
 before=$(alloc)
 load "$work/del.json" &
 lpid=$!
 sleep "$at"
+t0=$(date +%s.%N)
 ctl delete-snapshot r >/dev/null
+t1=$(date +%s.%N)
 wait "$lpid" || { echo "bench-receive: the load failed during the deletion:" >&2; cat "$work/del.json.err" >&2; exit 1; }
 report "with the receive deleted" "$work/del.json"
 echo "  pool b's data file: $before MiB allocated before the deletion, $(alloc) MiB after the run (its blocks given back to the host: discard passdown)"
+python3 -c "import sys; print(f'  delete-snapshot took {float(sys.argv[2]) - float(sys.argv[1]):.3f} s (its commit gives the space back)')" "$t0" "$t1"
 stop
 "$thin" pool check -m "$work/b.meta" -d "$work/b.data" >/dev/null || { echo "bench-receive: pool b does not check clean" >&2; exit 1; }

@@ -233,16 +233,19 @@ impl CommitHold<'_> {
     }
 }
 
-/// The most one punch gives back at a time (discard passdown): a file's hole punch holds its
-/// inode lock throughout, which the guests' writes into the file wait for, and punching
-/// costs about a quarter of a millisecond per MiB on ext4 (a 1 GiB run in one punch held
-/// them for 240–285 ms: docs/BENCHMARKS.md, "A receive into a busy pool").
+/// The most one punch gives back at a time (discard passdown) where the storage is a file: a
+/// hole punch holds the file's inode lock throughout, which the guests' writes into the
+/// file wait for, and punching costs about a quarter of a millisecond per MiB on ext4 (a
+/// 1 GiB run in one punch held them for 180–295 ms: docs/BENCHMARKS.md, "A receive into a
+/// busy pool").
 pub const PUNCH_PIECE_BYTES: u64 = 1 << 20;
 
 /// Punches go on back to back for this long, then pause for [`PUNCH_PAUSE`]: a writer that
 /// waited for the file's lock is woken when a punch lets it go, but the next punch takes
 /// the lock again before that writer has run. Many small runs (a device of scattered
-/// blocks) then cost no more than a pause per half millisecond of punching.
+/// blocks) then cost no more than a pause per half millisecond of punching. A pause lasts
+/// at least [`PUNCH_PAUSE`]: about twice that with the default timer slack of the thread
+/// that commits.
 const PUNCH_RUN: Duration = Duration::from_micros(500);
 const PUNCH_PAUSE: Duration = Duration::from_micros(50);
 
@@ -454,7 +457,7 @@ impl Pool {
         if freed.is_empty() {
             return;
         }
-        let holes = self.punch(g.mode, &freed);
+        let holes = self.punch(g.mode, &freed, true);
         Self::passed_down(g, &freed, &holes);
     }
 
@@ -462,28 +465,36 @@ impl Pool {
     /// runs that are holes now. The blocks must be free since a durable commit and kept
     /// from allocation until the punches are over: nothing may write them meanwhile, and
     /// no crash may bring back a mapping to them. A failure is logged, not returned: the
-    /// space is only not given back.
-    fn punch(&self, mode: PoolMode, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    /// space is only not given back. `locked`: the caller holds the metadata lock, which
+    /// every guest request waits for anyway, so the punches do not pause for them.
+    fn punch(&self, mode: PoolMode, runs: &[(u64, u64)], locked: bool) -> Vec<(u64, u64)> {
         let bs = self.block_bytes;
         let mut holes = Vec::new();
         if mode == PoolMode::Fail {
             return holes;
         }
-        // A piece at a time (at least a block), so that the file's lock is let go between,
+        // A file: a piece at a time (at least a block), so that its lock is let go between,
         // and now and then for long enough that a writer waiting for it takes it.
-        let piece = (PUNCH_PIECE_BYTES / bs).max(1);
+        let pieces = self.data.punch_blocks_writes();
+        let piece = if pieces {
+            (PUNCH_PIECE_BYTES / bs).max(1)
+        } else {
+            u64::MAX
+        };
         let mut since_pause = Instant::now();
         for &(start, end) in runs {
             let mut at = start;
             while at < end {
-                if since_pause.elapsed() >= PUNCH_RUN {
+                if pieces && !locked && since_pause.elapsed() >= PUNCH_RUN {
                     std::thread::sleep(PUNCH_PAUSE);
                     since_pause = Instant::now();
                 }
-                let to = (at + piece).min(end);
+                let to = at.saturating_add(piece).min(end);
                 match self.data.punch(at * bs, (to - at) * bs) {
                     Ok(crate::storage::Punched::Hole) => holes.push((at, to)),
-                    Ok(_) => {}
+                    Ok(crate::storage::Punched::Discarded) => {}
+                    // Nor will the rest be.
+                    Ok(crate::storage::Punched::Unsupported) => return holes,
                     Err(e) => {
                         tracing::warn!(
                             "discard passdown of data blocks {at}..{end} failed: {e}; their space stays allocated"
@@ -1236,7 +1247,7 @@ impl Pool {
         if !freed.is_empty() {
             let mode = g.mode;
             drop(g);
-            let holes = self.punch(mode, &freed);
+            let holes = self.punch(mode, &freed, false);
             Self::passed_down(&mut self.lock(), &freed, &holes);
         }
         r

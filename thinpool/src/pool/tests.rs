@@ -981,28 +981,57 @@ fn deleting_a_device_punches_the_blocks_no_other_device_shares() {
     assert!(b[512..].iter().all(|&x| x == 1));
 }
 
-/// A data device that records the length of every punch.
-struct PunchLog(MemStorage, Mutex<Vec<u64>>);
+/// A data device that records the length of every punch, and can make each take a while
+/// (so that the writes racing them find the moment between a commit's flip and the end of
+/// its punches).
+struct WatchedPunches {
+    store: MemStorage,
+    delay: Option<std::time::Duration>,
+    lengths: Mutex<Vec<u64>>,
+    /// Whether it is a file (a punch holds the lock its writes take) or a block device.
+    file: bool,
+}
 
-impl Storage for PunchLog {
+impl WatchedPunches {
+    fn new(store: MemStorage, delay: Option<std::time::Duration>) -> Self {
+        WatchedPunches {
+            store,
+            delay,
+            lengths: Mutex::default(),
+            file: true,
+        }
+    }
+
+    fn lengths(&self) -> Vec<u64> {
+        self.lengths.lock().unwrap().clone()
+    }
+}
+
+impl Storage for WatchedPunches {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
+        self.store.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
+        self.store.write_at(buf, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
-        self.0.sync()
+        self.store.sync()
     }
     fn len(&self) -> u64 {
-        self.0.len()
+        self.store.len()
     }
     fn punch(&self, offset: u64, len: u64) -> std::io::Result<crate::storage::Punched> {
-        self.1.lock().unwrap().push(len);
-        self.0.punch(offset, len)
+        if let Some(d) = self.delay {
+            std::thread::sleep(d);
+        }
+        self.lengths.lock().unwrap().push(len);
+        self.store.punch(offset, len)
+    }
+    fn punch_blocks_writes(&self) -> bool {
+        self.file
     }
     fn holes(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
-        self.0.holes()
+        self.store.holes()
     }
 }
 
@@ -1010,24 +1039,36 @@ impl Storage for PunchLog {
 fn a_large_free_is_given_back_in_pieces_that_each_hold_the_file_briefly() {
     // A file's hole punch holds its inode lock throughout, and the guests' writes into the
     // same file wait for it: a deleted device of many contiguous blocks must not be one
-    // punch.
-    let blocks = 3 * PUNCH_PIECE_BYTES / BS + 5;
-    let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-    let data = Arc::new(PunchLog(MemStorage::new(blocks * BS), Mutex::default()));
-    let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
-    p.create_thin(0).unwrap();
-    p.write(0, 0, &vec![7u8; (blocks * BS) as usize]).unwrap();
-    p.commit().unwrap();
-    assert_eq!(data.0.allocated_bytes(), blocks * BS);
-    p.delete(0).unwrap();
-    p.commit().unwrap();
-    let punches = data.1.lock().unwrap().clone();
-    assert_eq!(data.0.allocated_bytes(), 0, "all given back: {punches:?}");
-    assert_eq!(punches.iter().sum::<u64>(), blocks * BS);
-    assert!(
-        punches.iter().all(|&n| n <= PUNCH_PIECE_BYTES),
-        "punches of at most {PUNCH_PIECE_BYTES} bytes each: {punches:?}"
-    );
+    // punch. A block device's discard holds no such lock and goes whole.
+    for file in [true, false] {
+        let blocks = 3 * PUNCH_PIECE_BYTES / BS + 5;
+        let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
+        let mut watched = WatchedPunches::new(MemStorage::new(blocks * BS), None);
+        watched.file = file;
+        let data = Arc::new(watched);
+        let p = Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap();
+        p.create_thin(0).unwrap();
+        p.write(0, 0, &vec![7u8; (blocks * BS) as usize]).unwrap();
+        p.commit().unwrap();
+        assert_eq!(data.store.allocated_bytes(), blocks * BS);
+        p.delete(0).unwrap();
+        p.commit().unwrap();
+        let punches = data.lengths();
+        assert_eq!(
+            data.store.allocated_bytes(),
+            0,
+            "all given back: {punches:?}"
+        );
+        assert_eq!(punches.iter().sum::<u64>(), blocks * BS);
+        if file {
+            assert!(
+                punches.iter().all(|&n| n <= PUNCH_PIECE_BYTES),
+                "punches of at most {PUNCH_PIECE_BYTES} bytes each: {punches:?}"
+            );
+        } else {
+            assert_eq!(punches, [blocks * BS], "one discard");
+        }
+    }
 }
 
 #[test]
@@ -1080,37 +1121,13 @@ fn with_passdown_off_freed_blocks_keep_their_space() {
     assert_eq!(data.allocated_bytes(), 2 * BS);
 }
 
-/// A data device whose punches take a while, so that the writes racing them find the
-/// moment between a commit's flip and the end of its punches.
-struct SlowPunch(MemStorage, std::sync::atomic::AtomicUsize);
-
-impl Storage for SlowPunch {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.0.sync()
-    }
-    fn len(&self) -> u64 {
-        self.0.len()
-    }
-    fn punch(&self, offset: u64, len: u64) -> std::io::Result<crate::storage::Punched> {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-        self.1.fetch_add(1, Ordering::SeqCst);
-        self.0.punch(offset, len)
-    }
-    fn holes(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
-        self.0.holes()
-    }
-}
-
 #[test]
 fn a_punch_never_hits_a_block_reused_while_it_runs() {
     let meta: Arc<dyn Storage> = Arc::new(MemStorage::new(4 << 20));
-    let data = Arc::new(SlowPunch(MemStorage::new(12 * BS), Default::default()));
+    let data = Arc::new(WatchedPunches::new(
+        MemStorage::new(12 * BS),
+        Some(std::time::Duration::from_millis(1)),
+    ));
     let p = Arc::new(Pool::create(meta, data.clone(), 128, PoolOptions::default()).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let committer = {
@@ -1161,7 +1178,7 @@ fn a_punch_never_hits_a_block_reused_while_it_runs() {
     }
     stop.store(true, Ordering::SeqCst);
     committer.join().unwrap();
-    let punches = data.1.load(Ordering::SeqCst);
+    let punches = data.lengths().len();
     assert!(punches >= 100, "{punches} punches");
 }
 

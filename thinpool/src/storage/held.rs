@@ -108,6 +108,9 @@ impl<S: Storage> Storage for HeldWrite<S> {
         self.before(true);
         self.inner.punch(offset, len)
     }
+    fn punch_blocks_writes(&self) -> bool {
+        self.inner.punch_blocks_writes()
+    }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.before(false);
         self.inner.zero_range(offset, len)

@@ -71,6 +71,13 @@ pub trait Storage: Send + Sync {
         Ok(Punched::Unsupported)
     }
 
+    /// Whether a [`Storage::punch`] holds a lock that writes to the storage wait for (a
+    /// file's inode lock, which a hole punch holds throughout): long runs are then given back
+    /// in pieces (see `Pool`). A block device's discard holds none, and is best sent whole.
+    fn punch_blocks_writes(&self) -> bool {
+        false
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes without writing them, where the
     /// storage can (a file's `FALLOC_FL_ZERO_RANGE`); false, doing nothing, where it
     /// cannot: the caller writes zeroes instead.
@@ -242,6 +249,10 @@ impl Storage for FileStorage {
             Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(Punched::Unsupported),
             _ => Err(e),
         }
+    }
+
+    fn punch_blocks_writes(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.file_type().is_file())
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
@@ -520,6 +531,10 @@ impl Storage for MemStorage {
     }
 
     /// As a file's: the range reads as zeroes and takes space (unwritten extents).
+    /// A model of a sparse file.
+    fn punch_blocks_writes(&self) -> bool {
+        true
+    }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         check_range(offset, len as usize, g.bytes.len() as u64)?;
@@ -574,6 +589,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn punch(&self, offset: u64, len: u64) -> io::Result<Punched> {
         (**self).punch(offset, len)
+    }
+    fn punch_blocks_writes(&self) -> bool {
+        (**self).punch_blocks_writes()
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
         (**self).zero_range(offset, len)

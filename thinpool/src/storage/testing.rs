@@ -106,6 +106,9 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.tick(FaultOp::Punch)?;
         self.inner.punch(offset, len)
     }
+    fn punch_blocks_writes(&self) -> bool {
+        self.inner.punch_blocks_writes()
+    }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.tick(FaultOp::Write)?;
         self.inner.zero_range(offset, len)
