@@ -475,17 +475,18 @@ impl Pool {
         }
         // A file: a piece at a time (at least a block), so that its lock is let go between,
         // and now and then for long enough that a writer waiting for it takes it.
-        let pieces = self.data.punch_blocks_writes();
-        let piece = if pieces {
+        let file = self.data.punch_blocks_writes();
+        let piece = if file {
             (PUNCH_PIECE_BYTES / bs).max(1)
         } else {
             u64::MAX
         };
+        let paced = file && !locked;
         let mut since_pause = Instant::now();
         for &(start, end) in runs {
             let mut at = start;
             while at < end {
-                if pieces && !locked && since_pause.elapsed() >= PUNCH_RUN {
+                if paced && since_pause.elapsed() >= PUNCH_RUN {
                     std::thread::sleep(PUNCH_PAUSE);
                     since_pause = Instant::now();
                 }

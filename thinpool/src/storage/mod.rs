@@ -223,7 +223,7 @@ impl Storage for FileStorage {
     fn punch(&self, offset: u64, len: u64) -> io::Result<Punched> {
         check_range(offset, len as usize, self.len())?;
         let fd = self.file.as_raw_fd();
-        if self.file.metadata()?.file_type().is_file() {
+        if self.is_file {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             // SAFETY: fallocate only reads its scalar arguments; the descriptor is open.
             let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
@@ -252,7 +252,7 @@ impl Storage for FileStorage {
     }
 
     fn punch_blocks_writes(&self) -> bool {
-        self.file.metadata().is_ok_and(|m| m.file_type().is_file())
+        self.is_file
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
@@ -282,7 +282,7 @@ impl Storage for FileStorage {
     }
 
     fn holes(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
-        if !self.file.metadata()?.file_type().is_file() {
+        if !self.is_file {
             return Ok(None);
         }
         let (fd, len) = (self.file.as_raw_fd(), self.len());
@@ -530,11 +530,12 @@ impl Storage for MemStorage {
         Ok(Punched::Hole)
     }
 
-    /// As a file's: the range reads as zeroes and takes space (unwritten extents).
     /// A model of a sparse file.
     fn punch_blocks_writes(&self) -> bool {
         true
     }
+
+    /// As a file's: the range reads as zeroes and takes space (unwritten extents).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<bool> {
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         check_range(offset, len as usize, g.bytes.len() as u64)?;
