@@ -6,12 +6,15 @@
 #   2. vhost-thin-bench (or libblkio's generator) writes 4 KiB at random offsets of disk0,
 #      QD32, verified, for a run without a receive, a run with one (`ctl receive` of the
 #      stream into pool b, started --at seconds into the run), and a run in which the
-#      received snapshot is deleted (--at seconds in): the pool's next commit gives its
-#      blocks back to the host (discard passdown: holes punched in the data file, which also
-#      takes the file's inode lock).
-# Printed: the generator's IOPS and latency for each run, how long the receive and the
-# deletion took (the deletion's commit gives the space back), and how much of pool b's data
-# file was allocated before and after it.
+#      received snapshot is deleted (--at seconds in): once its commit is durable, the
+#      daemon gives its blocks back to the host (discard passdown: holes punched in the data
+#      file, which also takes the file's inode lock);
+#   3. in the runs without a receive and with the deletion, a FLUSH probe on another disk of
+#      pool b (disk probe) does short write runs of its own, each ending in a FLUSH, which
+#      needs a commit of pool b: from the deletion's start to the end of the load.
+# Printed: the generator's IOPS and latency for each run, the probe's FLUSH times, how long
+# the receive and the deletion took and when the space was back, and how much of pool b's
+# data file was allocated before and after it.
 # There is no peer for this in qemu-storage-daemon: the run without the receive is the
 # comparison, and THIN= runs another build of the daemon against the same load (to compare
 # two versions, interleave their runs).
@@ -68,6 +71,10 @@ disks:
     pool: b
     size: $size_bytes
     socket: $sock
+  - name: probe
+    pool: b
+    size: 256MiB
+    socket: $work/probe.sock
 management:
   socket: $work/qmp.sock
 logging:
@@ -83,9 +90,36 @@ ctl snapshot src@s >/dev/null
 ctl send src@s --file "$work/s.stream" >/dev/null
 echo "stream: $(stat -c %s "$work/s.stream") bytes ($work/s.stream, on $(df --output=source "$work" | tail -1))"
 prefill
+# FLUSH probe: short runs of 4 KiB writes (one pool block each, so each run maps new blocks
+# and its FLUSH needs a commit) on disk probe until OUT.stop exists; each FLUSH's ms to OUT.
+probe() { # OUT
+  : >"$1"
+  while [ ! -e "$1.stop" ]; do
+    "$bench" --socket "$work/probe.sock" --json --rw randwrite --bs 4k --align 64k \
+      --iodepth 1 --runtime 0.05 --end-fsync --seed "$RANDOM" | python3 -c \
+      'import json, sys; print(json.load(sys.stdin)["flush_ms"])' >>"$1"
+  done
+}
+probe_report() { # OUT
+  python3 -c "
+import sys; ms = sorted(float(l) for l in open(sys.argv[1]) if l.strip() not in ('', 'None'))
+print(f'  FLUSH probe on disk probe:   {len(ms)} FLUSHes, median {ms[len(ms) // 2]:.1f} ms, max {ms[-1]:.1f} ms' if ms else '  FLUSH probe: no FLUSH completed')
+" "$1"
+}
+with_probe() { # OUT PROBE_OUT: the load, the probe from --at seconds in to the end
+  load "$1" &
+  local l=$!
+  sleep "$at"
+  probe "$2" &
+  local p=$!
+  wait "$l" || { echo "bench-receive: the load failed:" >&2; cat "$1.err" >&2; exit 1; }
+  touch "$2.stop"
+  wait "$p"
+}
 echo "== vhost-thin: guest writes on pool b, with and without a receive into pool b"
-load "$work/base.json"
+with_probe "$work/base.json" "$work/base.probe"
 report "without a receive" "$work/base.json"
+probe_report "$work/base.probe"
 load "$work/recv.json" &
 lpid=$!
 sleep "$at"
@@ -102,15 +136,23 @@ if t > float(sys.argv[4]) - float(sys.argv[5]):
 " "$t0" "$t1" "$(stat -c %s "$work/s.stream")" "$runtime" "$at"
 alloc() { echo $(( $(stat -c %b "$work/b.data") * $(stat -c %B "$work/b.data") >> 20 )); }
 before=$(alloc)
-load "$work/del.json" &
-lpid=$!
+with_probe "$work/del.json" "$work/del.probe" &
+wpid=$!
 sleep "$at"
 t0=$(date +%s.%N)
 ctl delete-snapshot r >/dev/null
 t1=$(date +%s.%N)
-wait "$lpid" || { echo "bench-receive: the load failed during the deletion:" >&2; cat "$work/del.json.err" >&2; exit 1; }
+# Back: the data file down by nine tenths of the snapshot (the load keeps writing).
+while [ $(( (before - $(alloc)) * 10 )) -lt $(( (size_bytes >> 20) * 9 )) ] && kill -0 "$wpid" 2>/dev/null; do
+  sleep 0.05
+done
+t2=$(date +%s.%N)
+wait "$wpid"
 report "with the receive deleted" "$work/del.json"
+probe_report "$work/del.probe"
 echo "  pool b's data file: $before MiB allocated before the deletion, $(alloc) MiB after the run (its blocks given back to the host: discard passdown)"
-python3 -c "import sys; print(f'  delete-snapshot took {float(sys.argv[2]) - float(sys.argv[1]):.3f} s (its commit gives the space back)')" "$t0" "$t1"
+python3 -c "
+import sys; t0, t1, t2 = map(float, sys.argv[1:4])
+print(f'  delete-snapshot took {t1 - t0:.3f} s; the space was back {t2 - t0:.2f} s after it began')" "$t0" "$t1" "$t2"
 stop
 "$thin" pool check -m "$work/b.meta" -d "$work/b.data" >/dev/null || { echo "bench-receive: pool b does not check clean" >&2; exit 1; }

@@ -98,7 +98,8 @@ fn wait_for_signal() -> i32 {
     }
 }
 
-/// Runs until SIGTERM or SIGINT: commit timers, the pool monitor, the management socket.
+/// Runs until SIGTERM or SIGINT: commit timers, discard passdown, the pool monitor, the
+/// management socket.
 /// Call [`block_signals`] first, before any thread starts. On the signal, requests being
 /// executed finish, new ones wait, every pool is committed.
 pub fn run(
@@ -108,7 +109,7 @@ pub fn run(
 ) -> Result<()> {
     let stopping = Arc::new(AtomicBool::new(false));
     for p in manager.pools.values() {
-        let (pool, stopping) = (p.pool().clone(), stopping.clone());
+        let (pool, stop) = (p.pool().clone(), stopping.clone());
         std::thread::Builder::new()
             .name(format!("commit-{}", p.name))
             .spawn(move || {
@@ -117,7 +118,7 @@ pub fn run(
                 // A failure is logged once until it changes: a failed pool with changes
                 // fails every commit, and the log is no place for one line a second.
                 let mut last_error = None;
-                while !stopping.load(Ordering::SeqCst) {
+                while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(commit_interval);
                     match pool.commit_if_changed() {
                         Ok(()) => last_error = None,
@@ -128,6 +129,19 @@ pub fn run(
                                 last_error = Some(text);
                             }
                         }
+                    }
+                }
+            })?;
+        // The space a commit frees is given back to the host here, not by the commit
+        // (a guest's FLUSH, the periodic one), which would then wait for it: a deleted
+        // snapshot of many GiB takes seconds to punch.
+        let (pool, stop) = (p.pool().clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name(format!("passdown-{}", p.name))
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if pool.wait_for_freed_space(commit_interval) {
+                        pool.pass_down();
                     }
                 }
             })?;

@@ -19,7 +19,7 @@
 //! provisions zeroed blocks where unmapping would bring the origin's bytes back.
 //!
 //! Discard passdown: the data blocks a commit frees are given back to the host once the
-//! commit is durable (see [`Pool::commit_held`] and [`crate::storage::Storage::punch`]).
+//! commit is durable, by [`Pool::pass_down`], outside the commit (see [`passdown`]).
 //!
 //! Failures: a metadata error aborts the transaction back to the last commit, sets
 //! NEEDS_CHECK and leaves the pool read-only (reads and in-place writes still work); if
@@ -36,6 +36,7 @@ use crate::thin::metadata::{MetadataOptions, SpaceUsage, ThinMetadata};
 use crate::{Error, Result};
 use gate::DeviceGate;
 pub use gate::EarlierWrites;
+pub use passdown::PUNCH_PIECE_BYTES;
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -225,7 +226,8 @@ impl CommitHold<'_> {
         self.pool
     }
 
-    /// Commits, as [`Pool::commit`]; the hold goes on.
+    /// Commits, as [`Pool::flush`] (the space it frees is given back later, not with
+    /// commits held); the hold goes on.
     pub fn commit(&self) -> Result<()> {
         self.pool
             .write_back()
@@ -233,27 +235,16 @@ impl CommitHold<'_> {
     }
 }
 
-/// The most one punch gives back at a time (discard passdown) where the storage is a file: a
-/// hole punch holds the file's inode lock throughout, which the guests' writes into the
-/// file wait for, and punching costs about a quarter of a millisecond per MiB on ext4 (a
-/// 1 GiB run in one punch held them for 180–295 ms: docs/BENCHMARKS.md, "A receive into a
-/// busy pool").
-pub const PUNCH_PIECE_BYTES: u64 = 1 << 20;
-
-/// Punches go on back to back for this long, then pause for [`PUNCH_PAUSE`]: a writer that
-/// waited for the file's lock is woken when a punch lets it go, but the next punch takes
-/// the lock again before that writer has run. Many small runs (a device of scattered
-/// blocks) then cost no more than a pause per half millisecond of punching. A pause lasts
-/// at least [`PUNCH_PAUSE`]: about twice that with the default timer slack of the thread
-/// that commits.
-const PUNCH_RUN: Duration = Duration::from_micros(500);
-const PUNCH_PAUSE: Duration = Duration::from_micros(50);
-
 pub struct Pool {
     inner: Mutex<Inner>,
     commit_lock: Mutex<()>,
-    /// Signalled with `commits_ended` bumped.
+    /// Signalled with `commits_ended` bumped, and when a piece of withheld space is
+    /// released while a write waits for space (see [`passdown`]).
     commit_ended: Condvar,
+    /// Held by the thread giving freed space back to the host ([`Pool::pass_down`]).
+    passdown: Mutex<()>,
+    /// Signalled when a durable commit freed data blocks ([`Pool::wait_for_freed_space`]).
+    freed: Condvar,
     /// Data was written since the last flush of the data device.
     data_written: AtomicBool,
     /// One flush of the data device at a time (see [`Pool::flush_device`]).
@@ -414,7 +405,7 @@ impl Pool {
         let mut pool = Self::assemble(md, data, opts, mode, reason);
         pool.replayed = replayed;
         // Blocks the replay's commit freed, then what the data file says.
-        pool.pass_down_locked(&mut pool.lock());
+        pool.pass_down();
         pool.learn_holes(0);
         Ok(pool)
     }
@@ -448,75 +439,6 @@ impl Pool {
         }
     }
 
-    /// Discard passdown with the metadata lock held throughout (at open, and for the
-    /// commit a full pool makes): the data blocks durable commits freed, withheld from
-    /// allocation since, are punched, and released. [`Pool::commit_held`] does the same
-    /// without holding the lock during the punches.
-    fn pass_down_locked(&self, g: &mut Inner) {
-        let freed = g.md.take_freed_data();
-        if freed.is_empty() {
-            return;
-        }
-        let holes = self.punch(g.mode, &freed, true);
-        Self::passed_down(g, &freed, &holes);
-    }
-
-    /// Gives the space of the data blocks in `runs` back to the host, and returns the
-    /// runs that are holes now. The blocks must be free since a durable commit and kept
-    /// from allocation until the punches are over: nothing may write them meanwhile, and
-    /// no crash may bring back a mapping to them. A failure is logged, not returned: the
-    /// space is only not given back. `locked`: the caller holds the metadata lock, which
-    /// every guest request waits for anyway, so the punches do not pause for them.
-    fn punch(&self, mode: PoolMode, runs: &[(u64, u64)], locked: bool) -> Vec<(u64, u64)> {
-        let bs = self.block_bytes;
-        let mut holes = Vec::new();
-        if mode == PoolMode::Fail {
-            return holes;
-        }
-        // A file: a piece at a time (at least a block), so that its lock is let go between,
-        // and now and then for long enough that a writer waiting for it takes it.
-        let file = self.data.punch_blocks_writes();
-        let piece = if file {
-            (PUNCH_PIECE_BYTES / bs).max(1)
-        } else {
-            u64::MAX
-        };
-        let paced = file && !locked;
-        let mut since_pause = Instant::now();
-        for &(start, end) in runs {
-            let mut at = start;
-            while at < end {
-                if paced && since_pause.elapsed() >= PUNCH_RUN {
-                    std::thread::sleep(PUNCH_PAUSE);
-                    since_pause = Instant::now();
-                }
-                let to = at.saturating_add(piece).min(end);
-                match self.data.punch(at * bs, (to - at) * bs) {
-                    Ok(crate::storage::Punched::Hole) => holes.push((at, to)),
-                    Ok(crate::storage::Punched::Discarded) => {}
-                    // Nor will the rest be.
-                    Ok(crate::storage::Punched::Unsupported) => return holes,
-                    Err(e) => {
-                        tracing::warn!(
-                            "discard passdown of data blocks {at}..{end} failed: {e}; their space stays allocated"
-                        );
-                        break;
-                    }
-                }
-                at = to;
-            }
-        }
-        holes
-    }
-
-    /// After [`Self::punch`]: the holes are noted and every run may be allocated again.
-    fn passed_down(g: &mut Inner, runs: &[(u64, u64)], holes: &[(u64, u64)]) {
-        for &(start, end) in holes {
-            g.holes.set_range(start, end);
-        }
-        g.md.release_withheld_data(runs);
-    }
-
     fn assemble(
         md: ThinMetadata,
         data: Arc<dyn Storage>,
@@ -545,6 +467,8 @@ impl Pool {
             }),
             commit_lock: Mutex::new(()),
             commit_ended: Condvar::new(),
+            passdown: Mutex::new(()),
+            freed: Condvar::new(),
             data,
             block_bytes,
             cells: CellTable::default(),
@@ -740,7 +664,7 @@ impl Pool {
             Self::metadata_failed(inner, e);
         }
         r?;
-        self.pass_down_locked(inner);
+        self.note_freed(inner);
         Ok(true)
     }
 
@@ -986,21 +910,25 @@ impl Pool {
     }
 
     pub fn reserve_metadata_snap(&self) -> Result<u64> {
-        // It commits: not while another commit writes its superblock.
-        let _one_at_a_time = self.hold_commits();
-        let mut g = self.lock();
-        self.flush_data(&mut g)?;
-        let r = self.meta(&mut g, |md| md.reserve_metadata_snap());
-        self.pass_down_locked(&mut g);
+        let r = self.commit_with(|md| md.reserve_metadata_snap());
+        self.pass_down();
         r
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
+        let r = self.commit_with(|md| md.release_metadata_snap());
+        self.pass_down();
+        r
+    }
+
+    /// A metadata change that commits (with the data flushed first), as a whole.
+    fn commit_with<T>(&self, f: impl FnMut(&mut ThinMetadata) -> Result<T>) -> Result<T> {
+        // Not while another commit writes its superblock.
         let _one_at_a_time = self.hold_commits();
         let mut g = self.lock();
         self.flush_data(&mut g)?;
-        let r = self.meta(&mut g, |md| md.release_metadata_snap());
-        self.pass_down_locked(&mut g);
+        let r = self.meta(&mut g, f);
+        self.note_freed(&g);
         r
     }
 
@@ -1078,13 +1006,20 @@ impl Pool {
         }
     }
 
-    /// Flushes the data device, then commits the metadata. Does nothing when nothing
-    /// changed since the last commit.
-    ///
-    /// The data flush runs without the metadata lock, so lookups and in-place writes go on
-    /// during it; only new mappings wait (their data might otherwise miss the flush while
-    /// their mapping makes the commit). The metadata writes then run under the lock.
+    /// [`flush`](Self::flush), then gives the space the commit freed back to the host
+    /// ([`pass_down`](Self::pass_down): unless another thread is at it, which then does).
     pub fn commit(&self) -> Result<()> {
+        self.flush()?;
+        self.pass_down();
+        Ok(())
+    }
+
+    /// Flushes the data device, then commits the metadata (see
+    /// [`commit_held`](Self::commit_held)): every write completed before the call is
+    /// durable after it. Does nothing when nothing changed since the last commit. It waits
+    /// for nothing more: the space the commit frees is given back to the host later
+    /// ([`pass_down`](Self::pass_down)), as dm-thin's FLUSH does not wait for its passdown.
+    pub fn flush(&self) -> Result<()> {
         // Written back before taking the commit lock: a change that holds commits (and
         // perhaps a guest's writes) while it waits for this one then waits for a short flush,
         // not for all the data written since the last commit.
@@ -1100,12 +1035,14 @@ impl Pool {
     /// on time only what changed in the transaction. (A sync of the whole data file every
     /// second, under an overwriting guest, is a second's worth of its writes written back
     /// while it writes on.) An operation that changes the metadata just after the check
-    /// is the next period's.
+    /// is the next period's. Like a FLUSH ([`flush`](Self::flush)) it leaves the space it
+    /// frees to [`pass_down`](Self::pass_down), so that a large passdown does not hold the
+    /// next period's commit back.
     pub fn commit_if_changed(&self) -> Result<()> {
         if !self.lock().md.is_dirty() {
             return Ok(());
         }
-        self.commit()
+        self.flush()
     }
 
     /// Keeps every other commit (periodic, a guest's FLUSH, …) out until the hold is
@@ -1234,9 +1171,9 @@ impl Pool {
         tracing::debug!(
             "commit: transaction frozen in {t_frozen:?} (metadata locked), durable after {t_written:?}"
         );
-        // The data blocks this commit freed, withheld from allocation: punched without
-        // the lock (the commit lock keeps any other commit, and a deliberate abort, out).
-        let freed = g.md.take_freed_data();
+        // The data blocks this commit freed are withheld from allocation until given back
+        // to the host (`pass_down`), outside the commit.
+        self.note_freed(&g);
         if let Some(why) = g.failed_while_flipping.take() {
             // The rollback that failure called for (unless the commit failed too: then the
             // pool has failed, or has rolled back already). The blocks stay free in what
@@ -1244,12 +1181,6 @@ impl Pool {
             if r.is_ok() {
                 Self::metadata_failed(&mut g, &Error::Failed(why));
             }
-        }
-        if !freed.is_empty() {
-            let mode = g.mode;
-            drop(g);
-            let holes = self.punch(mode, &freed, false);
-            Self::passed_down(&mut self.lock(), &freed, &holes);
         }
         r
     }
@@ -1442,26 +1373,29 @@ impl Pool {
     ) -> (MutexGuard<'a, Inner>, Result<u64>) {
         let ood = |r: &Result<u64>| matches!(r, Err(Error::OutOfDataSpace { .. }));
         let mut r = self.meta(&mut g, |md| md.alloc_data_block());
-        if ood(&r) && g.md.withheld_data_blocks() > 0 {
-            // Blocks freed by a durable commit wait for their passdown: done here, or by
-            // the commit under way (waited for), then they are free.
-            self.pass_down_locked(&mut g);
-            let generation = g.generation;
-            while g.md.withheld_data_blocks() > 0 && g.generation == generation {
-                g = self.wait_for_a_commit_to_end(g, |_| false);
-            }
-            if g.generation != generation {
-                return (g, Err(Error::ReadOnly("the transaction was rolled back")));
-            }
-            r = self.meta(&mut g, |md| md.alloc_data_block());
+        if ood(&r) && g.md.has_freed_data() {
+            r = self.take_back_freed(&mut g);
         }
         if ood(&r) && g.md.pending_data_frees() > 0 {
             // Blocks freed in this transaction become usable once it is committed.
             r = match self.commit_locked(&mut g) {
-                Ok(true) => self.meta(&mut g, |md| md.alloc_data_block()),
+                Ok(true) => self.take_back_freed(&mut g),
                 Ok(false) => r,
                 Err(e) => Err(e),
             };
+        }
+        // The rest of the freed blocks are being punched by another thread: each becomes
+        // usable when its piece is over.
+        let generation = g.generation;
+        while ood(&r) && g.md.withheld_data_blocks() > 0 {
+            let withheld = g.md.withheld_data_blocks();
+            g = self.wait_for_a_commit_to_end(g, |g| {
+                g.md.withheld_data_blocks() < withheld || g.generation != generation
+            });
+            if g.generation != generation {
+                return (g, Err(Error::ReadOnly("the transaction was rolled back")));
+            }
+            r = self.meta(&mut g, |md| md.alloc_data_block());
         }
         (g, r)
     }
@@ -1747,5 +1681,6 @@ fn slices_mut<'a>(
 mod gate;
 #[cfg(test)]
 mod origin_tests;
+mod passdown;
 #[cfg(test)]
 mod tests;

@@ -41,14 +41,15 @@ pub struct NeedsSpace {
     pub timeout: Option<Duration>,
 }
 
-/// A FLUSH: commits the pool, which makes every write completed before it durable, and
+/// A FLUSH: commits the pool ([`Pool::flush`], which leaves the space the commit frees to
+/// the pool's passdown thread), which makes every write completed before it durable, and
 /// the mirror's pool when the disk is mirrored (a migration): whichever of the two a
 /// restart finds the disk in then has the write. The mirror's failure is the mirror's to
 /// judge ([`Mirror::commit`]). Callers run it without the disk's I/O gate (see
 /// `BlkBackend::run`).
 pub fn flush(disk: &Disk, pool: &Pool, mirror: Option<&Mirror>) -> Done {
     let r = pool
-        .commit()
+        .flush()
         .map_err(MirrorError::Primary)
         .and_then(|()| mirror.map_or(Ok(()), Mirror::commit));
     match r {

@@ -279,7 +279,7 @@ impl Mirror {
     /// follows [`OnError`]: forward, the old pool (where the disk stays) already holds it
     /// all, so the mirror is given up and the FLUSH succeeds; backward, it fails.
     pub fn commit(&self) -> Result<(), MirrorError> {
-        self.secondary("flush", |p, _| p.commit())
+        self.secondary("flush", |p, _| p.flush())
     }
 
     /// A guest write: `primary` (the disk's own device in `pool`) then the secondary, with

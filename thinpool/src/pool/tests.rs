@@ -885,6 +885,69 @@ fn a_write_waiting_for_a_commits_freed_blocks_lets_an_abort_in() {
     aborted.unwrap();
 }
 
+/// Giving back the space a commit freed takes a while (a punch per MiB of a file, so a
+/// deleted snapshot of 100 GiB takes minutes): the pool's other commits go on meanwhile,
+/// above all a FLUSH, and a change holding commits (a snapshot being made).
+#[test]
+fn commits_go_on_while_the_space_a_commit_freed_is_given_back() {
+    let (p, data) = held_pool(8);
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    data.hold_next_punch();
+    let giver = spawn_on(&p, |p| p.commit());
+    data.wait_until_holding();
+    let done = within_a_minute("commits while a punch is held", {
+        let p = p.clone();
+        move || -> Result<()> {
+            p.write(0, 2 * BS, &[2u8; 4096])?;
+            p.flush()?;
+            // Another commit leaves the space to the thread giving it back.
+            p.write(0, 3 * BS, &[3u8; 4096])?;
+            p.commit()?;
+            let hold = p.hold_commits();
+            p.create_snap(1, 0)?;
+            hold.commit()
+        }
+    });
+    data.release();
+    giver.join().unwrap().unwrap();
+    done.unwrap();
+    assert_eq!(read_vec(&p, 1, 2 * BS, 4096), vec![2u8; 4096]);
+    assert_eq!(read_vec(&p, 1, 3 * BS, 4096), vec![3u8; 4096]);
+    assert_eq!(read_vec(&p, 0, 0, 4096), vec![0u8; 4096]);
+}
+
+/// The blocks being given back stay out of allocation until their punch is over, across
+/// an abort too, which reloads the space map from the disk, where they are free: a write
+/// landing in one would be punched away.
+#[test]
+fn blocks_being_given_back_stay_out_of_reach_across_an_abort() {
+    let (p, data) = held_pool(2);
+    p.write(0, 0, &[1u8; 4096]).unwrap();
+    p.write(0, BS, &[2u8; 4096]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    data.hold_next_punch();
+    let giver = spawn_on(&p, |p| p.commit());
+    data.wait_until_holding();
+    within_a_minute("an abort while a punch is held", {
+        let p = p.clone();
+        move || p.abort()
+    })
+    .unwrap();
+    // The one free block is the one being punched: a write that needs a block waits.
+    let writer = spawn_on(&p, |p| p.write(0, 2 * BS, &[3u8; 4096]));
+    while !writer.is_finished() && p.lock().waiting_for_commit == 0 {
+        std::thread::yield_now();
+    }
+    data.release();
+    giver.join().unwrap().unwrap();
+    writer.join().unwrap().unwrap();
+    assert_eq!(read_vec(&p, 0, 2 * BS, 4096), vec![3u8; 4096]);
+    assert_eq!(read_vec(&p, 0, BS, 4096), vec![2u8; 4096]);
+}
+
 #[test]
 fn a_first_write_to_a_block_that_is_a_hole_writes_only_its_own_bytes() {
     let (p, data) = sparse_pool(16, PoolOptions::default());
@@ -1143,7 +1206,7 @@ fn a_punch_never_hits_a_block_reused_while_it_runs() {
             p.create_thin(dev).unwrap();
             let p = p.clone();
             std::thread::spawn(move || {
-                for round in 0..300u32 {
+                for round in 0..1000u32 {
                     let vb = (round % 2) as u64;
                     let byte = (dev * 100 + round % 97 + 1) as u8;
                     let len = if round % 3 == 0 { BS as usize } else { 4096 };
@@ -1156,9 +1219,9 @@ fn a_punch_never_hits_a_block_reused_while_it_runs() {
                         }
                     }
                     // A guest's FLUSH: the block is committed, its discard frees it for
-                    // the next commit to punch. It waits for the commit under way, and so
-                    // for the punches that commit makes.
-                    p.commit().unwrap();
+                    // the committer to punch after its next commit (or for a write that
+                    // finds the pool full to take back unpunched).
+                    p.flush().unwrap();
                     let got = read_vec(&p, dev, vb * BS, BS as usize);
                     assert!(
                         got[..len].iter().all(|&x| x == byte),
@@ -1179,7 +1242,7 @@ fn a_punch_never_hits_a_block_reused_while_it_runs() {
     stop.store(true, Ordering::SeqCst);
     committer.join().unwrap();
     let punches = data.lengths().len();
-    assert!(punches >= 100, "{punches} punches");
+    assert!(punches >= 40, "{punches} punches");
 }
 
 /// A data device whose punches wait for the test's word.

@@ -379,6 +379,14 @@ impl ThinMetadata {
         self.tm.data_sm.take_freed()
     }
 
+    /// Whether durable commits freed data blocks that
+    /// [`take_freed_data`](Self::take_freed_data) has not listed yet.
+    pub fn has_freed_data(&self) -> bool {
+        self.tm.data_sm.has_freed()
+    }
+
+    /// Makes allocatable again the runs (or the first part of runs) that
+    /// [`take_freed_data`](Self::take_freed_data) listed.
     pub fn release_withheld_data(&mut self, runs: &[(u64, u64)]) {
         self.tm.data_sm.release_withheld(runs)
     }
@@ -1024,10 +1032,13 @@ impl ThinMetadata {
         });
         match fresh {
             Ok(fresh) => {
-                let withhold = self.tm.data_sm.withholds_freed();
+                // Blocks freed by durable commits and not given back yet (or being given
+                // back now) stay withheld: free on the disk, they must not be allocated
+                // before their punch is over.
+                let withheld = self.tm.data_sm.take_withheld();
                 *self = fresh;
                 self.journal = journal;
-                self.tm.data_sm.set_withhold_freed(withhold);
+                self.tm.data_sm.restore_withheld(withheld);
                 Ok(())
             }
             Err(e) => {

@@ -97,6 +97,13 @@ pub struct SpaceMap {
     freed: Vec<(u64, u64)>,
 }
 
+/// The withheld state of a map (see [`SpaceMap::take_withheld`]).
+pub struct Withheld {
+    on: bool,
+    runs: BTreeMap<u64, u64>,
+    freed: Vec<(u64, u64)>,
+}
+
 impl SpaceMap {
     /// A space map with every block free, as created by a format.
     pub fn new(name: &'static str, nr_blocks: u64) -> Self {
@@ -228,15 +235,66 @@ impl SpaceMap {
         std::mem::take(&mut self.freed)
     }
 
-    /// Makes runs [`take_freed`](Self::take_freed) gave allocatable again. (Runs no longer
-    /// withheld, after an abort reloaded the map, are ignored.)
+    /// Whether durable transactions freed runs that [`take_freed`](Self::take_freed) has
+    /// not given yet.
+    pub fn has_freed(&self) -> bool {
+        !self.freed.is_empty()
+    }
+
+    /// Makes allocatable again each run `[start, end)` given by
+    /// [`take_freed`](Self::take_freed), or the first part of one (a run given back a
+    /// piece at a time: the rest, from `end`, stays withheld). A run not withheld is
+    /// ignored.
     pub fn release_withheld(&mut self, runs: &[(u64, u64)]) {
         for &(start, end) in runs {
-            if self.withheld.get(&start) == Some(&end) {
-                self.withheld.remove(&start);
-                self.withheld_blocks -= end - start;
+            let Some(&until) = self.withheld.get(&start) else {
+                continue;
+            };
+            if end > until || end <= start {
+                continue;
+            }
+            self.withheld.remove(&start);
+            if end < until {
+                self.withheld.insert(end, until);
+            }
+            self.withheld_blocks -= end - start;
+        }
+    }
+
+    /// Takes what is withheld, for [`restore_withheld`](Self::restore_withheld) into the
+    /// map an abort reloads from the disk: the blocks are free there too (durable commits
+    /// freed them), and some may be being punched.
+    pub fn take_withheld(&mut self) -> Withheld {
+        self.withheld_blocks = 0;
+        Withheld {
+            on: self.withhold_freed,
+            runs: std::mem::take(&mut self.withheld),
+            freed: std::mem::take(&mut self.freed),
+        }
+    }
+
+    /// See [`take_withheld`](Self::take_withheld). A run this map does not hold free
+    /// (which no durable commit allows) is dropped, and logged.
+    pub fn restore_withheld(&mut self, w: Withheld) {
+        self.withhold_freed = w.on;
+        for (start, end) in w.runs {
+            if (start..end).all(|b| self.get(b).is_ok_and(|c| c == 0)) {
+                self.withheld.insert(start, end);
+                self.withheld_blocks += end - start;
+            } else {
+                tracing::error!(
+                    "{} blocks {start}..{end} were withheld as free, but are not free on the \
+                     disk: no longer withheld",
+                    self.name
+                );
             }
         }
+        let kept = &self.withheld;
+        self.freed = w
+            .freed
+            .into_iter()
+            .filter(|(start, end)| kept.get(start) == Some(end))
+            .collect();
     }
 
     /// Blocks withheld now.
@@ -637,6 +695,58 @@ mod tests {
         assert_eq!(sm.nr_allocatable(), 98);
         sm.cursor = 0;
         assert_eq!(sm.alloc().unwrap(), a);
+    }
+
+    #[test]
+    fn withheld_runs_are_released_a_piece_at_a_time_and_survive_a_reload() {
+        let mut sm = SpaceMap::new("test", 100);
+        sm.set_withhold_freed(true);
+        for _ in 0..10 {
+            sm.alloc().unwrap();
+        }
+        sm.commit_done();
+        for b in 0..8 {
+            sm.dec(b).unwrap();
+        }
+        sm.freeze();
+        sm.durable();
+        assert!(sm.has_freed());
+        // A reload from the disk (an abort) before anything was taken, with block 9 in use
+        // there; then a run the disk has in use, which is dropped.
+        let mut reloaded = SpaceMap::new("test", 100);
+        for _ in 0..10 {
+            reloaded.alloc().unwrap();
+        }
+        for b in 0..8 {
+            reloaded.dec(b).unwrap();
+        }
+        reloaded.commit_done();
+        let mut w = sm.take_withheld();
+        w.runs.insert(9, 10);
+        reloaded.restore_withheld(w);
+        let mut sm = reloaded;
+        assert!(sm.withholds_freed());
+        assert_eq!(
+            sm.nr_withheld(),
+            8,
+            "the run in use on the disk was dropped"
+        );
+        let runs = sm.take_freed();
+        assert_eq!(runs, vec![(0, 8)]);
+        assert!(!sm.has_freed());
+        // The first 3 blocks given back: only they become allocatable.
+        sm.release_withheld(&[(0, 3)]);
+        assert_eq!(sm.nr_withheld(), 5);
+        sm.cursor = 0;
+        let got: Vec<u64> = (0..4).map(|_| sm.alloc().unwrap()).collect();
+        assert_eq!(got, vec![0, 1, 2, 10]);
+        // A piece that does not start the withheld run is ignored; the rest goes whole.
+        sm.release_withheld(&[(4, 8)]);
+        assert_eq!(sm.nr_withheld(), 5);
+        sm.release_withheld(&[(3, 8)]);
+        assert_eq!(sm.nr_withheld(), 0);
+        sm.cursor = 0;
+        assert_eq!(sm.alloc().unwrap(), 3);
     }
 
     #[test]
