@@ -11,7 +11,9 @@
 #      file, which also takes the file's inode lock);
 #   3. in the runs without a receive and with the deletion, a FLUSH probe on another disk of
 #      pool b (disk probe) does short write runs of its own, each ending in a FLUSH, which
-#      needs a commit of pool b: from the deletion's start to the end of the load.
+#      needs a commit of pool b: from --at seconds in to the end of the load. A FLUSH there
+#      also writes back what disk0's load wrote, so the stream is received once more and
+#      deleted with the probe alone: its FLUSHes then wait only for the deletion's work.
 # Printed: the generator's IOPS and latency for each run, the probe's FLUSH times, how long
 # the receive and the deletion took and when the space was back, and how much of pool b's
 # data file was allocated before and after it.
@@ -151,6 +153,26 @@ wait "$wpid"
 report "with the receive deleted" "$work/del.json"
 probe_report "$work/del.probe"
 echo "  pool b's data file: $before MiB allocated before the deletion, $(alloc) MiB after the run (its blocks given back to the host: discard passdown)"
+python3 -c "
+import sys; t0, t1, t2 = map(float, sys.argv[1:4])
+print(f'  delete-snapshot took {t1 - t0:.3f} s; the space was back {t2 - t0:.2f} s after it began')" "$t0" "$t1" "$t2"
+echo "== the same deletion with no load on pool b but the FLUSH probe"
+ctl receive "$work/s.stream" --pool b --name r2 >/dev/null
+before=$(alloc)
+probe "$work/idle.probe" &
+ppid=$!
+sleep 1
+t0=$(date +%s.%N)
+ctl delete-snapshot r2 >/dev/null
+t1=$(date +%s.%N)
+while [ $(( (before - $(alloc)) * 10 )) -lt $(( (size_bytes >> 20) * 9 )) ] && [ "$(date +%s)" -lt $(( ${t0%.*} + 60 )) ]; do
+  sleep 0.05
+done
+t2=$(date +%s.%N)
+sleep 1
+touch "$work/idle.probe.stop"
+wait "$ppid"
+probe_report "$work/idle.probe"
 python3 -c "
 import sys; t0, t1, t2 = map(float, sys.argv[1:4])
 print(f'  delete-snapshot took {t1 - t0:.3f} s; the space was back {t2 - t0:.2f} s after it began')" "$t0" "$t1" "$t2"
