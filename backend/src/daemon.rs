@@ -134,11 +134,26 @@ pub fn run(
             })?;
         // The space a commit frees is given back to the host here, not by the commit
         // (a guest's FLUSH, the periodic one), which would then wait for it: a deleted
-        // snapshot of many GiB takes seconds to punch.
-        let (pool, stop) = (p.pool().clone(), stopping.clone());
+        // snapshot of many GiB takes seconds to punch. First, a few runs at a time, the
+        // free space the data file still holds: what the last run of the daemon did not
+        // give back (its stop does not wait for a passdown).
+        let (pool, stop, name) = (p.pool().clone(), stopping.clone(), p.name.clone());
         std::thread::Builder::new()
             .name(format!("passdown-{}", p.name))
             .spawn(move || {
+                let (mut from, mut reclaimed) = (Some(0), 0);
+                while let Some(at) = from.filter(|_| !stop.load(Ordering::SeqCst)) {
+                    let (blocks, next) = pool.reclaim_free_space(at);
+                    pool.pass_down_waiting();
+                    (from, reclaimed) = (next, reclaimed + blocks);
+                }
+                if reclaimed > 0 {
+                    tracing::info!(
+                        "pool {name}: gave back the space of {} MiB of free blocks the data \
+                         file still held",
+                        (reclaimed * pool.block_bytes()) >> 20
+                    );
+                }
                 while !stop.load(Ordering::SeqCst) {
                     if pool.wait_for_freed_space(commit_interval) {
                         pool.pass_down();

@@ -34,12 +34,14 @@ fn zeroing_and_discard_of_a_pool_are_applied() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     let cfg = dir.path().join("c.yaml");
-    // Pool `fast` skips zeroing and ignores discards; pool `safe` has the defaults.
+    // Pool `fast` skips zeroing, ignores discards and keeps freed space allocated (with
+    // passdown the daemon would give back the free space the stale bytes below take);
+    // pool `safe` has the defaults.
     std::fs::write(
         &cfg,
         format!(
             "pools:\n\
-             \x20 - name: fast\n    metadata: {d}/f.meta\n    data: {d}/f.data\n    create:\n      data-size: 16MiB\n    zeroing: false\n    discard: ignore\n\
+             \x20 - name: fast\n    metadata: {d}/f.meta\n    data: {d}/f.data\n    create:\n      data-size: 16MiB\n    zeroing: false\n    discard: ignore\n    discard-passdown: false\n\
              \x20 - name: safe\n    metadata: {d}/s.meta\n    data: {d}/s.data\n    create:\n      data-size: 16MiB\n\
              disks:\n\
              \x20 - name: f\n    pool: fast\n    size: 8MiB\n    socket: {d}/f.sock\n\
@@ -197,6 +199,66 @@ fn a_guest_discard_gives_the_space_back_to_the_host_after_the_flush_unless_passd
     assert_eq!(allocated(&data), before, "discard-passdown: false punched");
     stop(c);
     assert_eq!(allocated(&data), before, "discard-passdown: false punched");
+}
+
+/// Free blocks whose space the data file still holds (a passdown a stop or a crash cut
+/// short, or a file allocated whole) are given back once the daemon has started, unless
+/// passdown is off; the disks read and write as before.
+#[test]
+fn serve_gives_back_the_space_of_free_blocks_the_data_file_still_holds() {
+    for passdown in [false, true] {
+        let p = common::new_pool("32MiB");
+        common::cli(&[
+            "thin", "create", "-m", &p.m, "-d", &p.d, "--id", "0", "--size", "16MiB",
+        ]);
+        let sock = p.root.join("d.sock");
+        let disk = format!("id=0,socket={}", sock.display());
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "-m", &p.m, "-d", &p.d, "--disk", &disk]);
+        if !passdown {
+            cmd.arg("--no-discard-passdown");
+        }
+        let mut g = {
+            let c = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            wait_for(&sock);
+            let mut g = Guest::connect(&sock, 1);
+            assert_eq!(g.write(0, 0, &[0x11u8; 4096], 1), 0);
+            assert_eq!(g.simple(0, VIRTIO_BLK_T_FLUSH), 0);
+            drop(g);
+            stop(c);
+            // Every byte of the data file allocated, the written block's too.
+            let mut all = std::fs::read(&p.d).unwrap();
+            all[64 << 10..].fill(0x77);
+            std::fs::write(&p.d, &all).unwrap();
+            assert_eq!(allocated(Path::new(&p.d)), 32 << 20);
+            let c = cmd.spawn().unwrap();
+            wait_for(&sock);
+            (Guest::connect(&sock, 1), c)
+        };
+        let (st, got) = g.0.read(0, 0, 4096);
+        assert_eq!(st, 0);
+        assert!(got.iter().all(|&b| b == 0x11), "the written block");
+        let (st, got) = g.0.read(0, 128, 4096);
+        assert_eq!(st, 0);
+        assert!(got.iter().all(|&b| b == 0), "an unmapped block");
+        if passdown {
+            let after = allocated_once(Path::new(&p.d), |now| now <= 64 << 10);
+            assert_eq!(after, 64 << 10, "all but the one block in use given back");
+        }
+        drop(g.0);
+        stop(g.1);
+        if !passdown {
+            assert_eq!(
+                allocated(Path::new(&p.d)),
+                32 << 20,
+                "--no-discard-passdown punched"
+            );
+        }
+    }
 }
 
 #[test]

@@ -193,7 +193,7 @@ impl Catalog {
         // the caller is told of does not change, a host crash included.
         drop(hold);
         if devices.settle() {
-            self.pool.commit().map_err(CatalogError::from)?;
+            self.pool.flush().map_err(CatalogError::from)?;
         }
         r
     }

@@ -162,6 +162,8 @@ struct Inner {
     origins: HashMap<u32, Arc<ExternalOrigin>>,
     /// Data blocks known to be holes in the data file (see [`Holes`]).
     holes: Holes,
+    /// A thread is giving freed data blocks back to the host ([`Pool::pass_down`]).
+    passing_down: bool,
 }
 
 /// Data blocks known to be holes in the data device: free, and their whole range in the
@@ -183,6 +185,12 @@ impl Holes {
         for b in start..end {
             self.bits[(b / 64) as usize] |= 1 << (b % 64);
         }
+    }
+
+    fn contains(&self, b: u64) -> bool {
+        self.bits
+            .get((b / 64) as usize)
+            .is_some_and(|w| w & (1 << (b % 64)) != 0)
     }
 
     /// Whether `b` was known to be a hole; it is not from now on.
@@ -241,9 +249,8 @@ pub struct Pool {
     /// Signalled with `commits_ended` bumped, and when a piece of withheld space is
     /// released while a write waits for space (see [`passdown`]).
     commit_ended: Condvar,
-    /// Held by the thread giving freed space back to the host ([`Pool::pass_down`]).
-    passdown: Mutex<()>,
-    /// Signalled when a durable commit freed data blocks ([`Pool::wait_for_freed_space`]).
+    /// Signalled when a durable commit freed data blocks, and when a thread stops giving
+    /// them back ([`Pool::wait_for_freed_space`]).
     freed: Condvar,
     /// Data was written since the last flush of the data device.
     data_written: AtomicBool,
@@ -464,10 +471,10 @@ impl Pool {
                 rolled_back: None,
                 origins: HashMap::new(),
                 holes: Holes::default(),
+                passing_down: false,
             }),
             commit_lock: Mutex::new(()),
             commit_ended: Condvar::new(),
-            passdown: Mutex::new(()),
             freed: Condvar::new(),
             data,
             block_bytes,
@@ -910,18 +917,15 @@ impl Pool {
     }
 
     pub fn reserve_metadata_snap(&self) -> Result<u64> {
-        let r = self.commit_with(|md| md.reserve_metadata_snap());
-        self.pass_down();
-        r
+        self.commit_with(|md| md.reserve_metadata_snap())
     }
 
     pub fn release_metadata_snap(&self) -> Result<()> {
-        let r = self.commit_with(|md| md.release_metadata_snap());
-        self.pass_down();
-        r
+        self.commit_with(|md| md.release_metadata_snap())
     }
 
-    /// A metadata change that commits (with the data flushed first), as a whole.
+    /// A metadata change that commits (with the data flushed first), as a whole, as
+    /// [`flush`](Self::flush) does: the space it frees is given back later.
     fn commit_with<T>(&self, f: impl FnMut(&mut ThinMetadata) -> Result<T>) -> Result<T> {
         // Not while another commit writes its superblock.
         let _one_at_a_time = self.hold_commits();
@@ -1372,32 +1376,43 @@ impl Pool {
         mut g: MutexGuard<'a, Inner>,
     ) -> (MutexGuard<'a, Inner>, Result<u64>) {
         let ood = |r: &Result<u64>| matches!(r, Err(Error::OutOfDataSpace { .. }));
-        let mut r = self.meta(&mut g, |md| md.alloc_data_block());
-        if ood(&r) && g.md.has_freed_data() {
-            r = self.take_back_freed(&mut g);
-        }
-        if ood(&r) && g.md.pending_data_frees() > 0 {
-            // Blocks freed in this transaction become usable once it is committed.
-            r = match self.commit_locked(&mut g) {
-                Ok(true) => self.take_back_freed(&mut g),
-                Ok(false) => r,
-                Err(e) => Err(e),
-            };
-        }
-        // The rest of the freed blocks are being punched by another thread: each becomes
-        // usable when its piece is over.
         let generation = g.generation;
-        while ood(&r) && g.md.withheld_data_blocks() > 0 {
+        loop {
+            let r = self.meta(&mut g, |md| md.alloc_data_block());
+            if !ood(&r) {
+                return (g, r);
+            }
+            if g.md.has_freed_data() {
+                // Freed by a durable commit, waiting to be given back to the host.
+                return {
+                    let r = self.take_back_a_freed_block(&mut g);
+                    (g, r)
+                };
+            }
+            if g.md.pending_data_frees() > 0 {
+                // Blocks freed in this transaction become usable once it is committed
+                // (withheld then, and taken back above).
+                match self.commit_locked(&mut g) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => return (g, Err(e)),
+                }
+            }
+            if g.md.withheld_data_blocks() == 0 {
+                return (g, r);
+            }
+            // Freed blocks being punched by another thread: each becomes usable when its
+            // piece is over.
             let withheld = g.md.withheld_data_blocks();
             g = self.wait_for_a_commit_to_end(g, |g| {
-                g.md.withheld_data_blocks() < withheld || g.generation != generation
+                g.md.withheld_data_blocks() < withheld
+                    || g.md.has_freed_data()
+                    || g.generation != generation
             });
             if g.generation != generation {
                 return (g, Err(Error::ReadOnly("the transaction was rolled back")));
             }
-            r = self.meta(&mut g, |md| md.alloc_data_block());
         }
-        (g, r)
     }
 
     #[allow(clippy::too_many_arguments)]

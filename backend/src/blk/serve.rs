@@ -196,7 +196,7 @@ fn serve_loop(
         // After the commit: whoever hears of it may take the disk's writes as durable
         // (copy the files, start the guest elsewhere).
         let pool = disk.target().pool.clone();
-        let committed = match pool.commit() {
+        let committed = match pool.flush() {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!("{}: commit after disconnect failed: {e}", disk.name);

@@ -285,7 +285,7 @@ fn insert_marked(reg: &mut Registry, id: u32, mut entry: DeviceEntry, mark: Migr
 fn helper_snapshot(p: &PoolHandle, disk: u32, job: &str, n: usize) -> R<u32> {
     // Its change commits, and a commit holds new mappings while it flushes: a commit first,
     // with nothing held, leaves that one little to flush (the guest goes on writing).
-    p.pool().commit()?;
+    p.pool().flush()?;
     p.change(|devices, reg| {
         let id = devices.next_id(reg);
         devices.create_snap(id, disk)?;
@@ -498,7 +498,7 @@ impl Manager {
     ) -> R<Switched> {
         let (src, dst) = (sw.src, sw.dst);
         // As for a snapshot: committed first, so the commits with writes held are short.
-        src.pool().commit()?;
+        src.pool().flush()?;
         let mut gate = served.map(|d| d.drain());
         let t0 = Instant::now();
         let tf = helper_snapshot(src, sw.disk, sw.job, 0)?;
@@ -599,7 +599,7 @@ impl Manager {
         );
         // The new pool made durable with nothing held, so that the switch's commit has
         // only what the guest wrote meanwhile to flush.
-        dst.pool().commit()?;
+        dst.pool().flush()?;
         tracing::info!("migrate {}: pool {} committed", sw.name, dst.name);
         ctx.check()?;
         // The switch: one commit of the new pool's registry. The guest's writes are held

@@ -736,9 +736,11 @@ impl Manager {
             .iter()
             .map(|d| d.io_gate.write().unwrap_or_else(|p| p.into_inner()))
             .collect();
+        // Without the passdown of what it frees, which may take minutes: the next start
+        // gives that space back (`Pool::reclaim_free_space`).
         for p in self.pools.values() {
             p.pool()
-                .commit()
+                .flush()
                 .map_err(|e| anyhow::anyhow!("final commit of pool {}: {e}", p.name))?;
         }
         // Never released. Released, the I/O gates would let the requests waiting at them
@@ -1458,7 +1460,7 @@ impl Manager {
     }
 
     pub fn pool_commit(&self, pool: Option<&str>) -> R<Done> {
-        self.pool(pool)?.pool().commit()?;
+        self.pool(pool)?.pool().flush()?;
         Ok(Done {})
     }
 
@@ -1481,7 +1483,7 @@ impl Manager {
         let p = self.pool(pool)?;
         let blocks = p.pool().grow_data()?;
         let meta = p.pool().grow_metadata()?;
-        p.pool().commit()?;
+        p.pool().flush()?;
         p.space.space_available();
         tracing::info!(
             "pool {}: {} of data, {} of metadata in use",

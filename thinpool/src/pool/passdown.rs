@@ -17,7 +17,6 @@
 use super::{Inner, Pool, PoolMode};
 use crate::storage::Punched;
 use crate::Result;
-use std::sync::TryLockError;
 use std::time::{Duration, Instant};
 
 /// The most one punch gives back at a time (discard passdown) where the storage is a file: a
@@ -44,43 +43,104 @@ impl Drop for Pool {
     }
 }
 
+/// The most runs of free blocks [`Pool::reclaim_free_space`] withholds at a time: an
+/// allocation steps over every withheld run past the space map's cursor, and the free space
+/// of a pool can be in millions of runs.
+const RECLAIM_RUNS: usize = 64;
+
+/// Lowers [`Inner::passing_down`] if [`Pool::pass_down`] unwinds.
+struct PassingDown<'a>(Option<&'a Pool>);
+
+impl Drop for PassingDown<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0 {
+            pool.lock().passing_down = false;
+            pool.freed.notify_all();
+        }
+    }
+}
+
 impl Pool {
     /// Gives the space of the data blocks durable commits freed back to the host, unless
     /// another thread is at it: that one then gives back these too. Commits, a FLUSH among
     /// them, go on meanwhile. A failed punch is logged, not returned: the space is only not
     /// given back.
     pub fn pass_down(&self) {
-        loop {
-            let giving_back = match self.passdown.try_lock() {
-                Ok(g) => g,
-                Err(TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(TryLockError::WouldBlock) => return,
-            };
-            loop {
-                let runs = self.lock().md.take_freed_data();
-                if runs.is_empty() {
-                    break;
-                }
-                self.give_back(&runs);
-            }
-            drop(giving_back);
-            // Freed after the last look, by a commit that found this thread at it.
-            if !self.lock().md.has_freed_data() {
+        {
+            let mut g = self.lock();
+            if g.passing_down {
                 return;
             }
+            g.passing_down = true;
+        }
+        let mut unwinding = PassingDown(Some(self));
+        loop {
+            let runs = {
+                let mut g = self.lock();
+                let runs = g.md.take_freed_data();
+                if runs.is_empty() {
+                    // With the last look: a commit that frees more after it finds the
+                    // flag down, and passes down itself (or wakes the thread waiting).
+                    g.passing_down = false;
+                    self.freed.notify_all();
+                    unwinding.0 = None;
+                    return;
+                }
+                runs
+            };
+            self.give_back(&runs);
         }
     }
 
-    /// Waits until a durable commit has freed data blocks not given back yet, or `timeout`
-    /// passes; whether there are (for a thread that calls [`pass_down`](Self::pass_down)
-    /// when there are, so that the commits themselves need not).
+    /// [`pass_down`](Self::pass_down), after waiting for a thread at it to end: for the
+    /// thread that gives back what [`reclaim_free_space`](Self::reclaim_free_space) lists,
+    /// a batch at a time.
+    pub fn pass_down_waiting(&self) {
+        drop(
+            self.freed
+                .wait_while(self.lock(), |g| g.passing_down)
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        self.pass_down();
+    }
+
+    /// Lists for [`pass_down`](Self::pass_down) free data blocks from `from` on whose
+    /// range in the data file is not known to be a hole (see [`RECLAIM_RUNS`]): space a
+    /// passdown did not finish (a daemon stops without waiting for it, and a crash stops
+    /// it too; what was listed is in memory only), or that the file held when the pool was
+    /// made. Returns how many blocks, and where to go on once they are given back (None:
+    /// all done). For a pool that passes down, in write mode, on storage that can tell its
+    /// holes (a file); nothing otherwise. Until given back the blocks are withheld, as
+    /// freed ones are: a write in a full pool takes one back.
+    pub fn reclaim_free_space(&self, from: u64) -> (u64, Option<u64>) {
+        if self.opts.read_only || !self.opts.discard_passdown {
+            return (0, None);
+        }
+        // Asked once (it scans the file): the pool's holes were learnt at open.
+        if from == 0 && !matches!(self.data.holes(), Ok(Some(_))) {
+            return (0, None);
+        }
+        let mut g = self.lock();
+        if g.mode != PoolMode::Write {
+            return (0, None);
+        }
+        let Inner { md, holes, .. } = &mut *g;
+        let r = md.withhold_free_data(from, RECLAIM_RUNS, |b| !holes.contains(b));
+        self.note_freed(&g);
+        r
+    }
+
+    /// Waits until durable commits have freed data blocks that no thread is giving back,
+    /// or `timeout` passes; whether there are (for a thread that calls
+    /// [`pass_down`](Self::pass_down) then, so that the commits themselves need not).
     pub fn wait_for_freed_space(&self, timeout: Duration) -> bool {
+        let work = |g: &Inner| g.md.has_freed_data() && !g.passing_down;
         let g = self.lock();
         let (g, _) = self
             .freed
-            .wait_timeout_while(g, timeout, |g| !g.md.has_freed_data())
+            .wait_timeout_while(g, timeout, |g| !work(g))
             .unwrap_or_else(|p| p.into_inner());
-        g.md.has_freed_data()
+        work(&g)
     }
 
     /// After a commit: wakes [`wait_for_freed_space`](Self::wait_for_freed_space) if it
@@ -91,12 +151,11 @@ impl Pool {
         }
     }
 
-    /// For a write in a full pool: the blocks durable commits freed that no thread is
-    /// punching yet become allocatable at once, unpunched (the write takes their space
-    /// again anyway); then one is allocated.
-    pub(super) fn take_back_freed(&self, g: &mut Inner) -> Result<u64> {
-        let runs = g.md.take_freed_data();
-        g.md.release_withheld_data(&runs);
+    /// For a write in a full pool: one of the blocks durable commits freed that no thread
+    /// is punching yet becomes allocatable at once, unpunched (the write takes its space
+    /// again anyway), and is allocated. The rest stay to be given back.
+    pub(super) fn take_back_a_freed_block(&self, g: &mut Inner) -> Result<u64> {
+        g.md.take_back_a_freed_data_block();
         self.meta(g, |md| md.alloc_data_block())
     }
 

@@ -948,6 +948,115 @@ fn blocks_being_given_back_stay_out_of_reach_across_an_abort() {
     assert_eq!(read_vec(&p, 0, BS, 4096), vec![2u8; 4096]);
 }
 
+/// The daemon's passdown thread waits for freed space no other thread is giving back:
+/// while a commit's caller punches, a FLUSH that frees more leaves it to that caller,
+/// and the thread goes on waiting instead of finding work it cannot do, over and over.
+#[test]
+fn freed_space_another_thread_is_giving_back_is_not_waited_for_again() {
+    let (p, data) = held_pool(8);
+    p.write(0, 0, &vec![1u8; 3 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    data.hold_next_punch();
+    let giver = spawn_on(&p, |p| p.commit());
+    data.wait_until_holding();
+    p.discard(0, BS, BS).unwrap();
+    p.flush().unwrap();
+    assert!(p.lock().md.has_freed_data());
+    assert!(
+        !p.wait_for_freed_space(std::time::Duration::from_millis(20)),
+        "work another thread is at"
+    );
+    data.release();
+    giver.join().unwrap().unwrap();
+    // The giver took the second block too before it stopped.
+    assert!(!p.wait_for_freed_space(std::time::Duration::ZERO));
+    assert_eq!(p.status().usage.data_used, 1);
+    assert_eq!(p.lock().md.withheld_data_blocks(), 0);
+}
+
+/// A write in a full pool takes back one block freed and not given back yet, unpunched;
+/// the rest of the freed space still goes back to the host.
+#[test]
+fn a_full_pool_takes_back_one_freed_block_and_gives_the_rest_back() {
+    let (p, data) = sparse_pool(16, PoolOptions::default());
+    p.create_thin(1).unwrap();
+    p.write(0, 0, &vec![1u8; 8 * BS as usize]).unwrap();
+    p.write(1, 0, &vec![2u8; 8 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.delete(1).unwrap();
+    // A FLUSH: the space is left to whoever passes down.
+    p.flush().unwrap();
+    p.write(0, 8 * BS, &vec![3u8; BS as usize]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(p.status().usage.data_used, 9);
+    assert_eq!(data.allocated_bytes(), 9 * BS, "the rest was given back");
+    assert_eq!(read_vec(&p, 0, 8 * BS, 4096), vec![3u8; 4096]);
+}
+
+/// A write that waited for a block being punched and lost it to another write commits,
+/// when that frees a block, rather than fail out of space.
+#[test]
+fn a_write_that_loses_a_punched_block_commits_to_free_another() {
+    let (p, data) = held_pool(3);
+    p.write(0, 0, &vec![1u8; 3 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.discard(0, 0, BS).unwrap();
+    data.hold_next_punch();
+    let giver = spawn_on(&p, |p| p.commit());
+    data.wait_until_holding();
+    let w1 = spawn_on(&p, |p| p.write(0, 10 * BS, &[3u8; 4096]));
+    let w2 = spawn_on(&p, |p| p.write(0, 11 * BS, &[4u8; 4096]));
+    while p.lock().waiting_for_commit < 2 {
+        std::thread::yield_now();
+    }
+    p.discard(0, BS, BS).unwrap();
+    assert_eq!(p.with_metadata(|m| m.pending_data_frees()), 1);
+    data.release();
+    giver.join().unwrap().unwrap();
+    let (r1, r2) = (w1.join().unwrap(), w2.join().unwrap());
+    assert!(r1.is_ok() && r2.is_ok(), "{r1:?} {r2:?}");
+    assert_eq!(read_vec(&p, 0, 10 * BS, 4096), vec![3u8; 4096]);
+    assert_eq!(read_vec(&p, 0, 11 * BS, 4096), vec![4u8; 4096]);
+}
+
+/// The list of freed blocks to give back is in memory only: a process that ends before
+/// its passdown (a daemon's stop does not wait for it) leaves their space allocated, and
+/// the next open knows nothing of it. Asked to, the pool finds it again: free blocks that
+/// are not holes.
+#[test]
+fn space_a_passdown_left_allocated_is_found_and_given_back_after_the_next_open() {
+    let meta = Arc::new(MemStorage::new(4 << 20));
+    let data = Arc::new(MemStorage::new(16 * BS));
+    let p = Pool::create(meta.clone(), data.clone(), 128, PoolOptions::default()).unwrap();
+    p.create_thin(0).unwrap();
+    p.create_thin(1).unwrap();
+    p.write(0, 0, &vec![1u8; 2 * BS as usize]).unwrap();
+    p.write(1, 0, &vec![2u8; 4 * BS as usize]).unwrap();
+    p.commit().unwrap();
+    p.delete(1).unwrap();
+    p.flush().unwrap();
+    std::mem::forget(p);
+    assert_eq!(data.allocated_bytes(), 6 * BS);
+    for opts in [no_passdown(), PoolOptions::default()] {
+        let p = Pool::open(meta.clone(), data.clone(), opts.clone()).unwrap();
+        assert_eq!(data.allocated_bytes(), 6 * BS, "the open knew nothing");
+        if !opts.discard_passdown {
+            assert_eq!(p.reclaim_free_space(0), (0, None), "passdown is off");
+            continue;
+        }
+        assert_eq!(p.reclaim_free_space(0), (4, None));
+        p.pass_down();
+        assert_eq!(data.allocated_bytes(), 2 * BS);
+        assert_eq!(p.reclaim_free_space(0), (0, None), "nothing left");
+        assert_eq!(
+            read_vec(&p, 0, 0, 2 * BS as usize),
+            vec![1u8; 2 * BS as usize]
+        );
+        assert_eq!(p.status().usage.data_used, 2);
+    }
+}
+
 #[test]
 fn a_first_write_to_a_block_that_is_a_hole_writes_only_its_own_bytes() {
     let (p, data) = sparse_pool(16, PoolOptions::default());

@@ -385,6 +385,25 @@ impl ThinMetadata {
         self.tm.data_sm.has_freed()
     }
 
+    /// Withholds, and lists for [`take_freed_data`](Self::take_freed_data), free data
+    /// blocks for which `pick` holds (see [`SpaceMap::withhold_free`]).
+    ///
+    /// [`SpaceMap::withhold_free`]: crate::pdata::space_map::SpaceMap::withhold_free
+    pub fn withhold_free_data(
+        &mut self,
+        from: u64,
+        max_runs: usize,
+        pick: impl Fn(u64) -> bool,
+    ) -> (u64, Option<u64>) {
+        self.tm.data_sm.withhold_free(from, max_runs, pick)
+    }
+
+    /// Makes one of the data blocks [`take_freed_data`](Self::take_freed_data) would list
+    /// allocatable again, unpunched.
+    pub fn take_back_a_freed_data_block(&mut self) {
+        self.tm.data_sm.take_back_a_freed_block()
+    }
+
     /// Makes allocatable again the runs (or the first part of runs) that
     /// [`take_freed_data`](Self::take_freed_data) listed.
     pub fn release_withheld_data(&mut self, runs: &[(u64, u64)]) {

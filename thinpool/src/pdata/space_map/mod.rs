@@ -261,6 +261,64 @@ impl SpaceMap {
         }
     }
 
+    /// Withholds, and lists for [`take_freed`](Self::take_freed), blocks from `from` on
+    /// that are free now and at the last commit, not withheld yet, and for which `pick`
+    /// holds: at most `max_runs` runs of them, since every allocation steps over the
+    /// withheld runs it meets. Returns how many blocks, and where the next call goes on
+    /// (None: the end was reached).
+    pub fn withhold_free(
+        &mut self,
+        from: u64,
+        max_runs: usize,
+        pick: impl Fn(u64) -> bool,
+    ) -> (u64, Option<u64>) {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut at = from;
+        let mut next = None;
+        while let Some(b) = self.find_allocatable(at, self.nr_blocks) {
+            if pick(b) {
+                let full = runs.len() == max_runs;
+                match runs.last_mut() {
+                    Some(last) if last.1 == b => last.1 = b + 1,
+                    _ if full => {
+                        next = Some(b);
+                        break;
+                    }
+                    _ => runs.push((b, b + 1)),
+                }
+            }
+            at = b + 1;
+        }
+        let mut n = 0;
+        for &(start, end) in &runs {
+            self.withheld.insert(start, end);
+            n += end - start;
+        }
+        self.withheld_blocks += n;
+        self.freed.extend(runs);
+        (n, next)
+    }
+
+    /// Makes one block of the runs [`take_freed`](Self::take_freed) would give allocatable
+    /// again, unpunched (for a write in a full pool): the last of the last run. The rest
+    /// stay withheld and listed.
+    pub fn take_back_a_freed_block(&mut self) {
+        let Some(&(start, end)) = self.freed.last() else {
+            return;
+        };
+        self.freed.pop();
+        if self.withheld.get(&start) != Some(&end) {
+            return;
+        }
+        self.withheld_blocks -= 1;
+        if end - 1 == start {
+            self.withheld.remove(&start);
+        } else {
+            self.withheld.insert(start, end - 1);
+            self.freed.push((start, end - 1));
+        }
+    }
+
     /// Takes what is withheld, for [`restore_withheld`](Self::restore_withheld) into the
     /// map an abort reloads from the disk: the blocks are free there too (durable commits
     /// freed them), and some may be being punched.
@@ -747,6 +805,54 @@ mod tests {
         assert_eq!(sm.nr_withheld(), 0);
         sm.cursor = 0;
         assert_eq!(sm.alloc().unwrap(), 3);
+    }
+
+    #[test]
+    fn free_blocks_are_withheld_a_few_runs_at_a_time() {
+        let mut sm = SpaceMap::new("test", 10);
+        sm.set_withhold_freed(true);
+        // In use: 2 and 6; blocks 8 and 9 are holes (not picked).
+        for _ in 0..10 {
+            sm.alloc().unwrap();
+        }
+        for b in [0, 1, 3, 4, 5, 7, 8, 9] {
+            sm.dec(b).unwrap();
+        }
+        sm.commit_done();
+        let pick = |b: u64| b < 8;
+        assert_eq!(sm.withhold_free(0, 2, pick), (5, Some(7)));
+        assert_eq!(sm.take_freed(), vec![(0, 2), (3, 6)]);
+        assert_eq!(sm.withhold_free(7, 2, pick), (1, None));
+        assert_eq!(sm.take_freed(), vec![(7, 8)]);
+        assert_eq!(sm.nr_withheld(), 6);
+        sm.cursor = 0;
+        assert_eq!(sm.alloc(), Some(8));
+    }
+
+    #[test]
+    fn a_freed_block_is_taken_back_one_at_a_time() {
+        let mut sm = SpaceMap::new("test", 4);
+        sm.set_withhold_freed(true);
+        for _ in 0..4 {
+            sm.alloc().unwrap();
+        }
+        sm.commit_done();
+        for b in [0, 2, 3] {
+            sm.dec(b).unwrap();
+        }
+        sm.freeze();
+        sm.durable();
+        assert_eq!(sm.nr_allocatable(), 0);
+        sm.take_back_a_freed_block();
+        assert_eq!(sm.nr_withheld(), 2);
+        assert_eq!(sm.alloc(), Some(3));
+        assert_eq!(sm.alloc(), None);
+        sm.take_back_a_freed_block();
+        sm.take_back_a_freed_block();
+        assert_eq!(sm.nr_withheld(), 0);
+        assert!(!sm.has_freed());
+        sm.take_back_a_freed_block();
+        assert_eq!(sm.nr_allocatable(), 2);
     }
 
     #[test]
