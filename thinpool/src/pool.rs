@@ -39,7 +39,7 @@ pub use gate::EarlierWrites;
 pub use passdown::PUNCH_PIECE_BYTES;
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -254,8 +254,11 @@ pub struct Pool {
     freed: Condvar,
     /// Data was written since the last flush of the data device.
     data_written: AtomicBool,
-    /// One flush of the data device at a time (see [`Pool::flush_device`]).
+    /// One flush of the data device at a time (see [`Pool::flush_device`]), and no hole
+    /// punch during one (see [`passdown`]).
     data_flush: Mutex<()>,
+    /// Flushes waiting for `data_flush`: the passdown lets them go first.
+    flushes_waiting: AtomicUsize,
     /// A flush of the data device failed: none may vouch for its data again.
     data_flush_failed: AtomicBool,
     /// The data device has not refused [`Storage::zero_range`] yet.
@@ -485,6 +488,7 @@ impl Pool {
             data_written: AtomicBool::new(false),
             data_flush: Mutex::new(()),
             data_flush_failed: AtomicBool::new(false),
+            flushes_waiting: AtomicUsize::new(0),
             zero_range_works: AtomicBool::new(true),
             io_epoch: RwLock::new(()),
             replayed: 0,
@@ -751,7 +755,9 @@ impl Pool {
         &self,
         f: impl FnOnce(&dyn Storage) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
+        self.flushes_waiting.fetch_add(1, Ordering::SeqCst);
         let _one_at_a_time = self.data_flush.lock().unwrap_or_else(|p| p.into_inner());
+        self.flushes_waiting.fetch_sub(1, Ordering::SeqCst);
         if self.data_flush_failed.load(Ordering::SeqCst) {
             return Err(std::io::Error::other(
                 "an earlier flush of the data device failed",

@@ -5,11 +5,15 @@
 //! A durable commit withholds the data blocks it freed from allocation
 //! ([`ThinMetadata::set_withhold_freed_data`]): nothing writes them until they are punched,
 //! and no crash can bring back a mapping to them. [`Pool::pass_down`] punches them and
-//! releases them a piece at a time. It runs outside the commit and holds no lock a commit
-//! or a guest's request waits for (only the metadata lock, briefly, per piece), so a large
-//! deletion given back over seconds holds no FLUSH; a full pool takes back the blocks not
-//! yet being punched at once, unpunched, and waits for the piece being punched
-//! (`Pool::alloc_data`). An abort keeps them withheld ([`ThinMetadata::abort`]).
+//! releases them a piece at a time. It runs outside the commit: a commit, a FLUSH among
+//! them ([`Pool::flush`] never punches), waits for the piece being punched at most (no
+//! punch runs during a flush of the data device), and a guest's request only for the
+//! metadata lock, briefly, per piece. A large deletion given back over seconds or minutes
+//! holds nothing up for longer than that. A full
+//! pool takes back a block not being punched yet, unpunched, for each new block it needs,
+//! and waits for the piece being punched if that is all (`Pool::alloc_data`). An abort
+//! keeps them withheld ([`ThinMetadata::abort`]). What a stopped process did not give
+//! back is found again by [`Pool::reclaim_free_space`].
 //!
 //! [`ThinMetadata::set_withhold_freed_data`]: crate::thin::metadata::ThinMetadata::set_withhold_freed_data
 //! [`ThinMetadata::abort`]: crate::thin::metadata::ThinMetadata::abort
@@ -17,6 +21,7 @@
 use super::{Inner, Pool, PoolMode};
 use crate::storage::Punched;
 use crate::Result;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The most one punch gives back at a time (discard passdown) where the storage is a file: a
@@ -36,7 +41,7 @@ const PUNCH_RUN: Duration = Duration::from_micros(500);
 const PUNCH_PAUSE: Duration = Duration::from_micros(50);
 
 /// A pool closed gives back the space its durable commits freed that nobody gave back
-/// yet (a change that held commits leaves it, see [`crate::pool::CommitHold::commit`]).
+/// yet ([`Pool::flush`] and [`crate::pool::CommitHold::commit`] leave it).
 impl Drop for Pool {
     fn drop(&mut self) {
         self.pass_down();
@@ -192,7 +197,18 @@ impl Pool {
                         std::thread::sleep(PUNCH_PAUSE);
                         since_pause = Instant::now();
                     }
-                    match self.data.punch(at * bs, (to - at) * bs) {
+                    // Not during a flush of the data device, and after those waiting: on
+                    // ext4 a punch started during a sync waits for the sync's journal
+                    // commit with the file's lock held, and every guest write with it
+                    // (docs/BENCHMARKS.md, "The passdown outside the commit"). A flush
+                    // then waits for one piece at most.
+                    while self.flushes_waiting.load(Ordering::SeqCst) > 0 {
+                        std::thread::sleep(PUNCH_PAUSE);
+                    }
+                    let no_flush = self.data_flush.lock().unwrap_or_else(|p| p.into_inner());
+                    let punched = self.data.punch(at * bs, (to - at) * bs);
+                    drop(no_flush);
+                    match punched {
                         Ok(Punched::Hole) => hole = true,
                         Ok(Punched::Discarded) => {}
                         Ok(Punched::Unsupported) => punching = false,

@@ -40,6 +40,7 @@ impl<S: Storage> HeldWrite<S> {
     }
 
     /// Holds the next punch (discard passdown) until [`Self::release`]; writes go through.
+    /// Called while one is held, lets that one go.
     pub fn hold_next_punch(&self) {
         self.set(Hold::Armed { punch: true });
     }
@@ -73,7 +74,10 @@ impl<S: Storage> HeldWrite<S> {
         while *h == Hold::Holding {
             h = self.changed.wait(h).unwrap_or_else(|p| p.into_inner());
         }
-        *h = Hold::Off;
+        // Armed again meanwhile: let go, and the next one is held.
+        if *h == Hold::Released {
+            *h = Hold::Off;
+        }
     }
 }
 
