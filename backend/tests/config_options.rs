@@ -201,6 +201,17 @@ fn a_guest_discard_gives_the_space_back_to_the_host_after_the_flush_unless_passd
     assert_eq!(allocated(&data), before, "discard-passdown: false punched");
 }
 
+/// `serve` of pool `p` with one disk, `--no-discard-passdown` unless `passdown`.
+fn serve_one_disk(p: &common::PoolFiles, disk: &str, passdown: bool) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "-m", &p.m, "-d", &p.d, "--disk", disk]);
+    if !passdown {
+        cmd.arg("--no-discard-passdown");
+    }
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    cmd
+}
+
 /// Free blocks whose space the data file still holds (a passdown a stop or a crash cut
 /// short, or a file allocated whole) are given back once the daemon has started, unless
 /// passdown is off; the disks read and write as before.
@@ -213,17 +224,9 @@ fn serve_gives_back_the_space_of_free_blocks_the_data_file_still_holds() {
         ]);
         let sock = p.root.join("d.sock");
         let disk = format!("id=0,socket={}", sock.display());
-        let mut cmd = Command::new(bin());
-        cmd.args(["serve", "-m", &p.m, "-d", &p.d, "--disk", &disk]);
-        if !passdown {
-            cmd.arg("--no-discard-passdown");
-        }
+        let mut cmd = serve_one_disk(&p, &disk, passdown);
         let mut g = {
-            let c = cmd
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            let c = cmd.spawn().unwrap();
             wait_for(&sock);
             let mut g = Guest::connect(&sock, 1);
             assert_eq!(g.write(0, 0, &[0x11u8; 4096], 1), 0);
@@ -270,16 +273,7 @@ fn serve_with_no_discard_passdown_keeps_the_space_of_discarded_blocks() {
     let sock = p.root.join("d.sock");
     let disk = format!("id=0,socket={}", sock.display());
     for passdown in [false, true] {
-        let mut cmd = Command::new(bin());
-        cmd.args(["serve", "-m", &p.m, "-d", &p.d, "--disk", &disk]);
-        if !passdown {
-            cmd.arg("--no-discard-passdown");
-        }
-        let c = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let c = serve_one_disk(&p, &disk, passdown).spawn().unwrap();
         wait_for(&sock);
         let mut g = Guest::connect(&sock, 1);
         let chunk = vec![0x11u8; 512 << 10];

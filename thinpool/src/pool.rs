@@ -259,6 +259,9 @@ pub struct Pool {
     data_flush: Mutex<()>,
     /// Flushes waiting for `data_flush`: the passdown lets them go first.
     flushes_waiting: AtomicUsize,
+    /// Dropping the pool gives back the freed space nobody gave back yet (see
+    /// [`Pool::leave_passdown_to_next_start`]).
+    pass_down_on_drop: AtomicBool,
     /// A flush of the data device failed: none may vouch for its data again.
     data_flush_failed: AtomicBool,
     /// The data device has not refused [`Storage::zero_range`] yet.
@@ -489,6 +492,7 @@ impl Pool {
             data_flush: Mutex::new(()),
             data_flush_failed: AtomicBool::new(false),
             flushes_waiting: AtomicUsize::new(0),
+            pass_down_on_drop: AtomicBool::new(true),
             zero_range_works: AtomicBool::new(true),
             io_epoch: RwLock::new(()),
             replayed: 0,

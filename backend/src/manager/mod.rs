@@ -739,6 +739,7 @@ impl Manager {
         // Without the passdown of what it frees, which may take minutes: the next start
         // gives that space back (`Pool::reclaim_free_space`).
         for p in self.pools.values() {
+            p.pool().leave_passdown_to_next_start();
             p.pool()
                 .flush()
                 .map_err(|e| anyhow::anyhow!("final commit of pool {}: {e}", p.name))?;

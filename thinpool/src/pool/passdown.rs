@@ -44,7 +44,9 @@ const PUNCH_PAUSE: Duration = Duration::from_micros(50);
 /// yet ([`Pool::flush`] and [`crate::pool::CommitHold::commit`] leave it).
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.pass_down();
+        if self.pass_down_on_drop.load(Ordering::SeqCst) {
+            self.pass_down();
+        }
     }
 }
 
@@ -52,6 +54,14 @@ impl Drop for Pool {
 /// allocation steps over every withheld run past the space map's cursor, and the free space
 /// of a pool can be in millions of runs.
 const RECLAIM_RUNS: usize = 64;
+
+/// The most free blocks [`Pool::reclaim_free_space`] looks at per call, with the metadata
+/// lock held (every guest request waits for it): a few milliseconds' worth.
+const RECLAIM_SCAN: u64 = 1 << 16;
+
+/// How long a punch lets flushes of the data device waiting go first, at most: a steady
+/// stream of them must not keep the space from coming back.
+const FLUSHES_FIRST: Duration = Duration::from_millis(10);
 
 /// Lowers [`Inner::passing_down`] if [`Pool::pass_down`] unwinds.
 struct PassingDown<'a>(Option<&'a Pool>);
@@ -97,6 +107,13 @@ impl Pool {
         }
     }
 
+    /// Dropping the pool leaves the freed space nobody gave back yet, which may take
+    /// minutes to punch, to the next open's [`reclaim_free_space`](Self::reclaim_free_space):
+    /// for a daemon stopping.
+    pub fn leave_passdown_to_next_start(&self) {
+        self.pass_down_on_drop.store(false, Ordering::SeqCst);
+    }
+
     /// [`pass_down`](Self::pass_down), after waiting for a thread at it to end: for the
     /// thread that gives back what [`reclaim_free_space`](Self::reclaim_free_space) lists,
     /// a batch at a time.
@@ -130,7 +147,7 @@ impl Pool {
             return (0, None);
         }
         let Inner { md, holes, .. } = &mut *g;
-        let r = md.withhold_free_data(from, RECLAIM_RUNS, |b| !holes.contains(b));
+        let r = md.withhold_free_data(from, RECLAIM_RUNS, RECLAIM_SCAN, |b| !holes.contains(b));
         self.note_freed(&g);
         r
     }
@@ -192,20 +209,29 @@ impl Pool {
                     end
                 };
                 let mut hole = false;
+                // A run no longer withheld (an abort's reload found its blocks not free,
+                // which no durable commit allows) is left alone.
+                this_run &= self.lock().md.withheld_data_run_at(at);
                 if this_run {
                     if file && since_pause.elapsed() >= PUNCH_RUN {
                         std::thread::sleep(PUNCH_PAUSE);
                         since_pause = Instant::now();
                     }
-                    // Not during a flush of the data device, and after those waiting: on
-                    // ext4 a punch started during a sync waits for the sync's journal
-                    // commit with the file's lock held, and every guest write with it
-                    // (docs/BENCHMARKS.md, "The passdown outside the commit"). A flush
-                    // then waits for one piece at most.
-                    while self.flushes_waiting.load(Ordering::SeqCst) > 0 {
-                        std::thread::sleep(PUNCH_PAUSE);
-                    }
-                    let no_flush = self.data_flush.lock().unwrap_or_else(|p| p.into_inner());
+                    // On a file, not during a flush of the data device, and after those
+                    // waiting: on ext4 a punch started during a sync waits for the sync's
+                    // journal commit with the file's lock held, and every guest write with
+                    // it (docs/BENCHMARKS.md, "The passdown outside the commit"). A flush
+                    // then waits for one piece at most. A block device's discard goes
+                    // whole, and takes no lock a flush needs.
+                    let no_flush = file.then(|| {
+                        let since = Instant::now();
+                        while self.flushes_waiting.load(Ordering::SeqCst) > 0
+                            && since.elapsed() < FLUSHES_FIRST
+                        {
+                            std::thread::sleep(PUNCH_PAUSE);
+                        }
+                        self.data_flush.lock().unwrap_or_else(|p| p.into_inner())
+                    });
                     let punched = self.data.punch(at * bs, (to - at) * bs);
                     drop(no_flush);
                     match punched {

@@ -393,9 +393,17 @@ impl ThinMetadata {
         &mut self,
         from: u64,
         max_runs: usize,
+        max_scan: u64,
         pick: impl Fn(u64) -> bool,
     ) -> (u64, Option<u64>) {
-        self.tm.data_sm.withhold_free(from, max_runs, pick)
+        self.tm
+            .data_sm
+            .withhold_free(from, max_runs, max_scan, pick)
+    }
+
+    /// Whether a withheld run of data blocks starts at `b`.
+    pub fn withheld_data_run_at(&self, b: u64) -> bool {
+        self.tm.data_sm.withheld_run_at(b)
     }
 
     /// Makes one of the data blocks [`take_freed_data`](Self::take_freed_data) would list

@@ -264,18 +264,25 @@ impl SpaceMap {
     /// Withholds, and lists for [`take_freed`](Self::take_freed), blocks from `from` on
     /// that are free now and at the last commit, not withheld yet, and for which `pick`
     /// holds: at most `max_runs` runs of them, since every allocation steps over the
-    /// withheld runs it meets. Returns how many blocks, and where the next call goes on
-    /// (None: the end was reached).
+    /// withheld runs it meets, among at most `max_scan` free blocks looked at. Returns how
+    /// many blocks, and where the next call goes on (None: the end was reached).
     pub fn withhold_free(
         &mut self,
         from: u64,
         max_runs: usize,
+        max_scan: u64,
         pick: impl Fn(u64) -> bool,
     ) -> (u64, Option<u64>) {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut at = from;
         let mut next = None;
+        let mut scanned = 0;
         while let Some(b) = self.find_allocatable(at, self.nr_blocks) {
+            if scanned == max_scan {
+                next = Some(b);
+                break;
+            }
+            scanned += 1;
             if pick(b) {
                 let full = runs.len() == max_runs;
                 match runs.last_mut() {
@@ -297,6 +304,12 @@ impl SpaceMap {
         self.withheld_blocks += n;
         self.freed.extend(runs);
         (n, next)
+    }
+
+    /// Whether a withheld run starts at `b` (a run being given back a piece at a time starts
+    /// at the piece to come).
+    pub fn withheld_run_at(&self, b: u64) -> bool {
+        self.withheld.contains_key(&b)
     }
 
     /// Makes one block of the runs [`take_freed`](Self::take_freed) would give allocatable
@@ -820,9 +833,11 @@ mod tests {
         }
         sm.commit_done();
         let pick = |b: u64| b < 8;
-        assert_eq!(sm.withhold_free(0, 2, pick), (5, Some(7)));
+        assert_eq!(sm.withhold_free(0, 2, 100, pick), (5, Some(7)));
         assert_eq!(sm.take_freed(), vec![(0, 2), (3, 6)]);
-        assert_eq!(sm.withhold_free(7, 2, pick), (1, None));
+        // At most 1 free block looked at: 8 is not picked.
+        assert_eq!(sm.withhold_free(8, 2, 1, pick), (0, Some(9)));
+        assert_eq!(sm.withhold_free(7, 2, 100, pick), (1, None));
         assert_eq!(sm.take_freed(), vec![(7, 8)]);
         assert_eq!(sm.nr_withheld(), 6);
         sm.cursor = 0;
