@@ -175,6 +175,8 @@ struct Inner {
 #[derive(Default)]
 struct Holes {
     bits: Vec<u64>,
+    /// The data device could tell its holes when the pool was opened (a file).
+    known: bool,
 }
 
 impl Holes {
@@ -441,6 +443,7 @@ impl Pool {
         };
         let bs = self.block_bytes;
         let mut g = self.lock();
+        g.holes.known = true;
         let nr = g.md.usage().data_blocks;
         for (start, end) in holes {
             let (first, end) = (start.div_ceil(bs).max(from), (end / bs).min(nr));
@@ -1033,6 +1036,10 @@ impl Pool {
     /// durable after it. Does nothing when nothing changed since the last commit. It waits
     /// for nothing more: the space the commit frees is given back to the host later
     /// ([`pass_down`](Self::pass_down)), as dm-thin's FLUSH does not wait for its passdown.
+    ///
+    /// The data flush runs without the metadata lock, so lookups and in-place writes go on
+    /// during it; only new mappings wait (their data might otherwise miss the flush while
+    /// their mapping makes the commit). The metadata writes then run under the lock.
     pub fn flush(&self) -> Result<()> {
         // Written back before taking the commit lock: a change that holds commits (and
         // perhaps a guest's writes) while it waits for this one then waits for a short flush,
@@ -1254,11 +1261,13 @@ impl Pool {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         check_span(offset, total)?;
         let bs = self.block_bytes;
-        let mut pos = 0u64;
-        while pos < total {
-            let off = offset + pos;
-            let (vb, within) = (off / bs, off % bs);
-            let n = (bs - within).min(total - pos);
+        for BlockPiece {
+            pos,
+            vb,
+            within,
+            len: n,
+        } in block_pieces(bs, offset, total)
+        {
             // One buffer (the common case: a request's one data segment): the piece of it
             // for this block, on the stack; several: a Vec of the pieces.
             let (mut one, mut many);
@@ -1291,7 +1300,6 @@ impl Pool {
                 }
                 (None, None) => segs.iter_mut().for_each(|s| s.fill(0)),
             }
-            pos += n;
         }
         Ok(())
     }
@@ -1307,11 +1315,13 @@ impl Pool {
         let gate = self.gate(dev);
         let _in_flight = Self::enter_gate(&gate, dev)?;
         let bs = self.block_bytes;
-        let mut pos = 0u64;
-        while pos < total {
-            let off = offset + pos;
-            let (vb, within) = (off / bs, off % bs);
-            let n = (bs - within).min(total - pos);
+        for BlockPiece {
+            pos,
+            vb,
+            within,
+            len: n,
+        } in block_pieces(bs, offset, total)
+        {
             // As in read_vectored: one buffer needs no Vec of pieces.
             let (one, many);
             let segs: &[IoSlice<'_>] = if let [b] = bufs {
@@ -1322,7 +1332,6 @@ impl Pool {
                 &many
             };
             self.write_block(dev, vb, within, segs, false)?;
-            pos += n;
         }
         Ok(())
     }
@@ -1394,10 +1403,8 @@ impl Pool {
             }
             if g.md.has_freed_data() {
                 // Freed by a durable commit, waiting to be given back to the host.
-                return {
-                    let r = self.take_back_a_freed_block(&mut g);
-                    (g, r)
-                };
+                let r = self.take_back_a_freed_block(&mut g);
+                return (g, r);
             }
             if g.md.pending_data_frees() > 0 {
                 // Blocks freed in this transaction become usable once it is committed
@@ -1642,6 +1649,36 @@ impl Pool {
         }
         Ok(())
     }
+}
+
+/// A piece of a byte range that falls in one pool block (see [`block_pieces`]).
+pub struct BlockPiece {
+    /// Bytes of the range before the piece.
+    pub pos: u64,
+    /// The virtual block, and where in it the piece begins.
+    pub vb: u64,
+    pub within: u64,
+    pub len: u64,
+}
+
+/// The pieces, in order, of the `len` bytes at `offset` that fall in one block of
+/// `block_bytes` each.
+pub fn block_pieces(block_bytes: u64, offset: u64, len: u64) -> impl Iterator<Item = BlockPiece> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        (pos < len).then(|| {
+            let off = offset + pos;
+            let (vb, within) = (off / block_bytes, off % block_bytes);
+            let piece = BlockPiece {
+                pos,
+                vb,
+                within,
+                len: (block_bytes - within).min(len - pos),
+            };
+            pos += piece.len;
+            piece
+        })
+    })
 }
 
 /// The largest thin device served, in bytes: 4 EiB (2^62). Every byte range a device is

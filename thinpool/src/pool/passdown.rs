@@ -138,12 +138,8 @@ impl Pool {
         if self.opts.read_only || !self.opts.discard_passdown {
             return (0, None);
         }
-        // Asked once (it scans the file): the pool's holes were learnt at open.
-        if from == 0 && !matches!(self.data.holes(), Ok(Some(_))) {
-            return (0, None);
-        }
         let mut g = self.lock();
-        if g.mode != PoolMode::Write {
+        if g.mode != PoolMode::Write || !g.holes.known {
             return (0, None);
         }
         let Inner { md, holes, .. } = &mut *g;
@@ -197,21 +193,25 @@ impl Pool {
         } else {
             u64::MAX
         };
-        let mut punching = self.lock().mode != PoolMode::Fail;
+        // False once the storage said it cannot.
+        let mut punching = true;
         let mut since_pause = Instant::now();
+        // Whether to punch the piece at `at` of a run: not in a failed pool, nor where the
+        // run is no longer withheld (an abort's reload found its blocks not free, which no
+        // durable commit allows). Asked with the lock that releases the piece before.
+        let may_punch =
+            |g: &Inner, at: u64| g.mode != PoolMode::Fail && g.md.withheld_data_run_at(at);
         for &(start, end) in runs {
-            let mut this_run = punching;
+            let mut this_run = may_punch(&self.lock(), start);
             let mut at = start;
             while at < end {
+                this_run &= punching;
                 let to = if this_run {
                     at.saturating_add(piece).min(end)
                 } else {
                     end
                 };
                 let mut hole = false;
-                // A run no longer withheld (an abort's reload found its blocks not free,
-                // which no durable commit allows) is left alone.
-                this_run &= self.lock().md.withheld_data_run_at(at);
                 if this_run {
                     if file && since_pause.elapsed() >= PUNCH_RUN {
                         std::thread::sleep(PUNCH_PAUSE);
@@ -252,8 +252,7 @@ impl Pool {
                     g.holes.set_range(at, to);
                 }
                 g.md.release_withheld_data(&[(at, to)]);
-                punching &= g.mode != PoolMode::Fail;
-                this_run &= punching;
+                this_run &= to == end || may_punch(&g, to);
                 // A write in a full pool may be waiting for the piece (`alloc_data`).
                 if g.waiting_for_commit > 0 {
                     self.commit_ended.notify_all();

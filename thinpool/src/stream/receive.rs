@@ -11,6 +11,7 @@
 use super::format::{Record, StreamHeader, StreamReader};
 use super::{ResumeToken, StreamError};
 use crate::catalog::Catalog;
+use crate::pool::{block_pieces, BlockPiece};
 use crate::registry::{PartialReceive, Registry};
 use std::io::Read;
 
@@ -294,14 +295,11 @@ pub fn receive<R: Read>(
                 // A block at a time, each followed by `progress`: a caller that pauses there
                 // (to let the pool's guests at its data file) does so as often as a block.
                 Record::Data { offset, data } => {
-                    let bs = pool.block_bytes();
-                    let mut at = 0usize;
-                    while at < data.len() {
-                        let off = offset + at as u64;
-                        let n = ((bs - off % bs) as usize).min(data.len() - at);
-                        pool.write(id, off, &data[at..at + n])?;
-                        at += n;
-                        progress(off + n as u64, h.snapshot.size);
+                    let pieces = block_pieces(pool.block_bytes(), *offset, data.len() as u64);
+                    for BlockPiece { pos, len, .. } in pieces {
+                        let (at, end) = (pos as usize, (pos + len) as usize);
+                        pool.write(id, offset + pos, &data[at..end])?;
+                        progress(offset + pos + len, h.snapshot.size);
                     }
                 }
                 Record::Zero { offset, length } => {

@@ -330,6 +330,8 @@ impl SpaceMap {
             self.withheld.insert(start, end - 1);
             self.freed.push((start, end - 1));
         }
+        // The next allocation finds it first, without stepping over the withheld runs.
+        self.cursor = end - 1;
     }
 
     /// Takes what is withheld, for [`restore_withheld`](Self::restore_withheld) into the
