@@ -2,7 +2,7 @@
 //! zeroing, discard support and passdown, the queue size.
 
 mod common;
-use common::{bin, sigterm, wait_for, Guest};
+use common::{allocated, allocated_once, bin, sigterm, wait_for, Guest};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use virtio_bindings::virtio_blk::{
@@ -110,35 +110,6 @@ fn the_queue_size_of_a_disk_is_honoured_from_the_first_start() {
     }
 }
 
-/// The bytes of a file that are not holes (`SEEK_DATA`/`SEEK_HOLE`): the space `du`
-/// counts, less the filesystem's own blocks for the file (ext4 keeps an extent tree's
-/// index block after the extents it indexed were punched away).
-fn allocated(p: &Path) -> u64 {
-    use thinpool::storage::Storage;
-    let f = thinpool::storage::FileStorage::open_read_only(p).unwrap();
-    let holes: u64 = f
-        .holes()
-        .unwrap()
-        .unwrap()
-        .iter()
-        .map(|(start, end)| end - start)
-        .sum();
-    f.len() - holes
-}
-
-/// [`allocated`] once `given_back` holds for it (the daemon gives the space back after the
-/// commit, on a thread of its own), or after a minute.
-fn allocated_once(p: &Path, given_back: impl Fn(u64) -> bool) -> u64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let now = allocated(p);
-        if given_back(now) || std::time::Instant::now() > deadline {
-            return now;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn a_guest_discard_gives_the_space_back_to_the_host_after_the_flush_unless_passdown_is_off() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,9 +205,7 @@ fn serve_gives_back_the_space_of_free_blocks_the_data_file_still_holds() {
             drop(g);
             stop(c);
             // Every byte of the data file allocated, the written block's too.
-            let mut all = std::fs::read(&p.d).unwrap();
-            all[64 << 10..].fill(0x77);
-            std::fs::write(&p.d, &all).unwrap();
+            common::fill_holes(Path::new(&p.d), 0x77);
             assert_eq!(allocated(Path::new(&p.d)), 32 << 20);
             let c = cmd.spawn().unwrap();
             wait_for(&sock);

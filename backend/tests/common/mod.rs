@@ -147,6 +147,58 @@ pub fn new_pool_with(args: &[&str]) -> PoolFiles {
     }
 }
 
+/// The bytes of a file that are not holes (`SEEK_DATA`/`SEEK_HOLE`): the space `du`
+/// counts, less the filesystem's own blocks for the file (ext4 keeps an extent tree's
+/// index block after the extents it indexed were punched away).
+pub fn allocated(p: &Path) -> u64 {
+    use thinpool::storage::Storage;
+    let f = thinpool::storage::FileStorage::open_read_only(p).unwrap();
+    let holes: u64 = f
+        .holes()
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|(start, end)| end - start)
+        .sum();
+    f.len() - holes
+}
+
+/// [`allocated`] once `given_back` holds for it (the daemon gives the space back after the
+/// commit, on a thread of its own), or after a minute.
+pub fn allocated_once(p: &Path, given_back: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = allocated(p);
+        if given_back(now) || Instant::now() > deadline {
+            return now;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes `byte` over every hole of the file at `p`: its free blocks' ranges then hold data,
+/// as a passdown cut short leaves them. Real writes, not `fallocate`: ext4 and XFS report
+/// a range allocated by `fallocate` and never written as a hole.
+pub fn fill_holes(p: &Path, byte: u8) {
+    use std::os::unix::fs::FileExt;
+    use thinpool::storage::Storage;
+    let holes = thinpool::storage::FileStorage::open_read_only(p)
+        .unwrap()
+        .holes()
+        .unwrap()
+        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    let chunk = vec![byte; 1 << 20];
+    for (start, end) in holes {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(chunk.len() as u64) as usize;
+            f.write_all_at(&chunk[..n], at).unwrap();
+            at += n as u64;
+        }
+    }
+}
+
 /// Test data: `len` bytes that differ with `seed` and along the buffer.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
