@@ -9,6 +9,7 @@ pub mod execute;
 pub mod inflight;
 pub mod mirror;
 pub mod park;
+pub mod poll;
 pub mod relay;
 pub mod request;
 pub mod serve;

@@ -991,3 +991,30 @@ fn advertised_segments_stay_within_what_the_parser_takes() {
     let p = parse(&descs, &Zeroes, &limits);
     assert!(p.request.is_ok(), "{:?}", p.request.err());
 }
+
+/// A ring the frontend stopped (GET_VRING_BASE: no longer ready) with requests still
+/// offered pops nothing: the worker watching it goes back to its event loop instead of
+/// watching and passing for ever (it would never see its exit event, and the disconnect,
+/// which joins it, would hang).
+#[test]
+fn a_stopped_ring_with_requests_offered_is_not_watched_for_ever() {
+    for event_idx in [true, false] {
+        let d = disk(false);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 64);
+        let (b, vring, _call) = signalling_backend(&d, &mem, &vq, event_idx);
+        b.open_poll_window(0);
+        vq.add_desc_chains(&request(&mem, 0, VIRTIO_BLK_T_IN, 0, 0), 0)
+            .unwrap();
+        vring.set_queue_ready(false);
+        let (worker, ended) = serve_in_thread(&b, &vring);
+        assert!(
+            ended
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_ok(),
+            "the worker kept watching a stopped ring (EVENT_IDX {event_idx})"
+        );
+        worker.join().unwrap();
+        assert!(used_ids(&mem, &vq).is_empty(), "nothing served");
+    }
+}
