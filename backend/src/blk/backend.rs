@@ -332,9 +332,7 @@ impl BlkBackend {
         } else if self.queue_is_sound(vring, &atomic.memory(), index) {
             self.process_queue(vring, index)?;
             // Not when the pass's completions were all signalled within it already.
-            if self.take_unsignalled(index) | self.first_event(index) {
-                vring.signal_used_queue()?;
-            }
+            self.signal_pass(vring, index, false).map_err(e)?;
         }
         Ok(())
     }

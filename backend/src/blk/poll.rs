@@ -91,11 +91,6 @@ impl PollWindow {
         self.next_within(MAX_NS.load(Ordering::Relaxed))
     }
 
-    /// What the watch of [`PollWindow::after_pass`]'s window found.
-    pub fn watched(&mut self, found: bool) {
-        self.watched_within(found);
-    }
-
     /// A window open already, as after a watch that found work.
     #[cfg(test)]
     pub fn opened() -> PollWindow {
@@ -120,7 +115,8 @@ impl PollWindow {
         Duration::from_nanos(max)
     }
 
-    fn watched_within(&mut self, found: bool) {
+    /// What the watch of [`PollWindow::after_pass`]'s window found.
+    pub fn watched(&mut self, found: bool) {
         if found {
             (self.open, self.count) = (true, 0);
         } else if self.open {
@@ -154,7 +150,7 @@ mod tests {
             MAX,
             "the probe watches the limit"
         );
-        w.watched_within(true);
+        w.watched(true);
         assert_eq!(
             windows(&mut w, 3),
             [MAX, MAX, MAX],
@@ -165,16 +161,16 @@ mod tests {
     #[test]
     fn empty_watches_in_a_row_close_the_window_and_one_that_finds_work_resets_the_count() {
         let mut w = PollWindow::default();
-        w.watched_within(true);
+        w.watched(true);
         for _ in 0..EMPTY_TO_CLOSE - 1 {
-            w.watched_within(false);
+            w.watched(false);
         }
-        w.watched_within(true);
+        w.watched(true);
         for _ in 0..EMPTY_TO_CLOSE - 1 {
-            w.watched_within(false);
+            w.watched(false);
             assert_eq!(w.next_within(MAX), Duration::from_nanos(MAX));
         }
-        w.watched_within(false);
+        w.watched(false);
         assert_eq!(w.next_within(MAX), Duration::ZERO, "closed");
     }
 
@@ -185,7 +181,7 @@ mod tests {
         for _ in 0..PROBE_EVERY * 10 {
             if !w.next_within(MAX).is_zero() {
                 watched += 1;
-                w.watched_within(false);
+                w.watched(false);
             }
         }
         assert_eq!(watched, 10, "a probe that finds nothing does not open it");
@@ -194,7 +190,7 @@ mod tests {
     #[test]
     fn a_limit_of_zero_never_watches() {
         let mut w = PollWindow::default();
-        w.watched_within(true);
+        w.watched(true);
         for _ in 0..PROBE_EVERY * 2 {
             assert_eq!(w.next_within(0), Duration::ZERO);
         }
@@ -219,7 +215,7 @@ mod tests {
     #[test]
     fn a_lower_limit_caps_a_window_already_open() {
         let mut w = PollWindow::default();
-        w.watched_within(true);
+        w.watched(true);
         assert_eq!(w.next_within(6_000), Duration::from_micros(6));
     }
 }
